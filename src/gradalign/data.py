@@ -1,0 +1,238 @@
+"""MNIST-1D: local generation, an on-disk cache, and fixed train/val/test splits as tensors.
+
+The data is always generated with ``mnist1d.data.make_dataset`` (never downloaded) and cached in
+``cache_dir``. The cache file name is a hash of every generation argument the caller sets plus the
+installed mnist1d version (which fixes the defaults of the others), so ``shuffle_seq`` and every
+other argument select their own file; mnist1d's own cache ignores ``shuffle_seq``. Resolving the
+defaults themselves would mean importing mnist1d, which imports matplotlib and scipy (~0.8 s), on
+every cache hit; the import happens only when the data must be generated.
+
+The validation split is carved from mnist1d's train set (a fixed, stratified fraction of each
+class); the test set is returned untouched, for reporting only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.metadata
+import json
+import os
+import random
+import tempfile
+import warnings
+import zipfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+# Names of mnist1d's generation arguments (the keys of get_dataset_args() except the download
+# `url`). Only the names live here; their defaults come from mnist1d at generation time.
+GENERATION_KEYS = (
+    "num_samples",
+    "train_split",
+    "template_len",
+    "padding",
+    "scale_coeff",
+    "max_translation",
+    "corr_noise_scale",
+    "iid_noise_scale",
+    "shear_scale",
+    "shuffle_seq",
+    "final_seq_length",
+    "seed",
+)
+# Bump when the layout of the cache file changes, so old files are not read as new ones.
+_CACHE_FORMAT = 1
+_ARRAY_KEYS = ("x", "y", "x_test", "y_test")
+
+
+@dataclasses.dataclass(frozen=True)
+class Splits:
+    """Train/val/test tensors: x float32 of shape (N, length), y int64 labels of shape (N,)."""
+
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_val: torch.Tensor
+    y_val: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+
+    @property
+    def input_dim(self) -> int:
+        """Length of one input sequence (40 for the standard mnist1d)."""
+        return self.x_train.shape[1]
+
+    @property
+    def n_classes(self) -> int:
+        """Number of classes: one more than the largest label in any split."""
+        return 1 + int(max(y.max() for y in (self.y_train, self.y_val, self.y_test)))
+
+    def to(self, device: torch.device | str) -> Splits:
+        """Return the same splits with every tensor on ``device``."""
+        moved = {f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)}
+        return Splits(**moved)
+
+
+def load_mnist1d(
+    generation: Mapping[str, Any],
+    *,
+    val_fraction: float,
+    split_seed: int,
+    cache_dir: str | os.PathLike,
+) -> Splits:
+    """Load (generating and caching on first use) mnist1d and split it into train/val/test.
+
+    ``generation`` overrides mnist1d's generation arguments (see ``GENERATION_KEYS``); unset keys
+    take mnist1d's defaults. ``val_fraction`` of each class of the mnist1d train set, chosen by a
+    numpy generator seeded with ``split_seed``, becomes the validation set.
+    """
+    if not isinstance(val_fraction, (int, float)) or isinstance(val_fraction, bool) or not (
+        0.0 < val_fraction < 1.0
+    ):
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
+    overrides = _plain_overrides(generation)
+    key = _cache_key(overrides)
+    path = Path(cache_dir) / f"mnist1d-{key[:16]}.npz"
+    arrays = _read_cache(path, key)
+    if arrays is None:
+        arrays = _generate(overrides)
+        _write_cache(path, key, overrides, arrays)
+    return _split(arrays, val_fraction=val_fraction, split_seed=split_seed)
+
+
+def _plain_overrides(generation: Mapping[str, Any]) -> dict[str, Any]:
+    """Check the keys and turn the values (possibly OmegaConf containers) into JSON values."""
+    unknown = sorted(set(generation) - set(GENERATION_KEYS))
+    if unknown:
+        raise ValueError(
+            f"unknown mnist1d generation argument(s) {unknown}; allowed: {list(GENERATION_KEYS)}"
+        )
+    overrides = {}
+    for name, value in generation.items():
+        if isinstance(value, Sequence) and not isinstance(value, str):
+            value = list(value)
+        try:
+            json.dumps(value)
+        except TypeError:
+            raise ValueError(
+                f"mnist1d generation argument {name}={value!r} is not a plain value"
+            ) from None
+        overrides[name] = value
+    return overrides
+
+
+def _cache_key(overrides: Mapping[str, Any]) -> str:
+    """Hash of the generation arguments, the mnist1d version and the cache file layout."""
+    identity = {
+        "format": _CACHE_FORMAT,
+        "mnist1d": importlib.metadata.version("mnist1d"),
+        "generation": overrides,
+    }
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+def _generate(overrides: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Generate the raw mnist1d train/test arrays with ``make_dataset`` (no download).
+
+    mnist1d seeds Python's and numpy's global generators; their states are restored afterwards
+    so that a cache miss leaves the process in the same state as a cache hit.
+    """
+    os.environ.setdefault("MPLBACKEND", "Agg")  # mnist1d imports matplotlib.pyplot
+    import mnist1d.data
+
+    args = mnist1d.data.get_dataset_args(as_dict=True)
+    missing = sorted(set(GENERATION_KEYS) - set(args))
+    if missing:
+        raise RuntimeError(f"installed mnist1d lacks generation arguments {missing}")
+    args.update(overrides)
+    py_state, np_state = random.getstate(), np.random.get_state()
+    try:
+        data = mnist1d.data.make_dataset(mnist1d.utils.ObjectView(args))
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+    return {
+        "x": data["x"].astype(np.float32),
+        "y": data["y"].astype(np.int64),
+        "x_test": data["x_test"].astype(np.float32),
+        "y_test": data["y_test"].astype(np.int64),
+    }
+
+
+def _read_cache(path: Path, key: str) -> dict[str, np.ndarray] | None:
+    """Return the cached arrays, or None if absent; warn and return None if the file is bad."""
+    if not path.exists():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {name: npz[name] for name in _ARRAY_KEYS}
+            stored_key = str(npz["key"])
+        _check_arrays(arrays)
+        if stored_key != key:
+            raise ValueError("its key does not match the generation arguments")
+    except (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile) as error:
+        warnings.warn(f"ignoring unusable mnist1d cache {path} ({error}); regenerating",
+                      RuntimeWarning, stacklevel=3)
+        return None
+    return arrays
+
+
+def _check_arrays(arrays: Mapping[str, np.ndarray]) -> None:
+    """Raise ValueError unless the arrays have the shapes and dtypes of a generated dataset."""
+    for x_name, y_name in (("x", "y"), ("x_test", "y_test")):
+        x, y = arrays[x_name], arrays[y_name]
+        if x.dtype != np.float32 or y.dtype != np.int64:
+            raise ValueError(f"unexpected dtypes {x.dtype}/{y.dtype} for {x_name}/{y_name}")
+        if x.ndim != 2 or y.shape != (x.shape[0],) or x.shape[0] == 0:
+            raise ValueError(f"unexpected shapes {x.shape}/{y.shape} for {x_name}/{y_name}")
+    if arrays["x"].shape[1] != arrays["x_test"].shape[1]:
+        raise ValueError("train and test sequence lengths differ")
+
+
+def _write_cache(
+    path: Path, key: str, overrides: Mapping[str, Any], arrays: Mapping[str, np.ndarray]
+) -> None:
+    """Write the arrays atomically: a temporary file in the same folder, then os.replace."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            np.savez(handle, key=np.array(key), generation=np.array(json.dumps(overrides)),
+                     **arrays)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _split(arrays: Mapping[str, np.ndarray], *, val_fraction: float, split_seed: int) -> Splits:
+    """Carve a stratified validation set from the train arrays: round(val_fraction * count) of
+    each class, chosen by a numpy generator seeded with ``split_seed``; both keep data order."""
+    x, y = arrays["x"], arrays["y"]
+    rng = np.random.default_rng(split_seed)
+    val_parts = []
+    for label in np.unique(y):
+        members = np.flatnonzero(y == label)
+        n_val = round(val_fraction * len(members))
+        val_parts.append(rng.choice(members, size=n_val, replace=False))
+    val_idx = np.sort(np.concatenate(val_parts))
+    if len(val_idx) == 0 or len(val_idx) == len(y):
+        raise ValueError(
+            f"val_fraction={val_fraction!r} leaves an empty train or val split of {len(y)} samples"
+        )
+    is_val = np.zeros(len(y), dtype=bool)
+    is_val[val_idx] = True
+    return Splits(
+        x_train=torch.from_numpy(x[~is_val]),
+        y_train=torch.from_numpy(y[~is_val]),
+        x_val=torch.from_numpy(x[is_val]),
+        y_val=torch.from_numpy(y[is_val]),
+        x_test=torch.from_numpy(arrays["x_test"]),
+        y_test=torch.from_numpy(arrays["y_test"]),
+    )
