@@ -1,0 +1,196 @@
+"""The training loop: fit a classifier on in-memory splits and return its per-epoch history.
+
+This is the hot path of every sweep trial, so the loop does only what a bare loop does plus one
+``detach`` per step (and one ``add_`` per step for optimizers exposing ``last_scales``): losses
+stay on the device and each epoch ends with a single host synchronisation that fetches all of its
+metrics at once. It knows nothing of Hydra or MLflow; callers observe epochs through ``on_epoch``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from gradalign.data import Splits
+
+
+@dataclasses.dataclass
+class EpochMetrics:
+    """Metrics of one completed epoch (``epoch`` is 1-based; times in seconds).
+
+    ``alignment`` maps parameter names to the mean GAO scale over the epoch's steps ({} for
+    optimizers without ``last_scales``); a NaN scale (no gradient in a step) makes the mean NaN.
+    """
+
+    epoch: int
+    train_loss: float
+    val_loss: float
+    val_acc: float
+    test_loss: float
+    test_acc: float
+    epoch_time: float
+    alignment: dict[str, float]
+
+
+@dataclasses.dataclass
+class History:
+    """The completed epochs of a fit; if it diverged, why (the diverged epoch is not included)."""
+
+    epochs: list[EpochMetrics]
+    diverged: bool
+    reason: str | None
+
+    def objective(self, kind: str) -> float:
+        """Val loss of the last epoch ("last") or the minimum over epochs ("best").
+
+        math.inf when the run diverged or has no epochs, so that a sweep ranks it last.
+        """
+        if kind not in ("last", "best"):
+            raise ValueError(f"unknown objective kind {kind!r}; allowed: ['best', 'last']")
+        if self.diverged or not self.epochs:
+            return math.inf
+        return self.epochs[-1].val_loss if kind == "last" else self.best_val_loss
+
+    @property
+    def best_val_loss(self) -> float:
+        """Minimum val loss over the completed epochs (math.inf if there are none)."""
+        return min((e.val_loss for e in self.epochs), default=math.inf)
+
+    @property
+    def best_epoch(self) -> int:
+        """1-based epoch of the minimum val loss (the first one on ties); 0 if there are none."""
+        if not self.epochs:
+            return 0
+        return min(self.epochs, key=lambda e: e.val_loss).epoch
+
+
+def fit(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    splits: Splits,
+    *,
+    epochs: int,
+    batch_size: int,
+    data_seed: int,
+    device: torch.device | str,
+    scheduler: Any = None,
+    on_epoch: Callable[[EpochMetrics], None] | None = None,
+) -> History:
+    """Train ``model`` with cross-entropy for ``epochs`` epochs and return its history.
+
+    The model (already initialised by the caller) is moved to ``device`` in place, so the
+    optimizer's parameter references stay valid. Each epoch visits every training sample once in
+    the order of one ``torch.randperm`` drawn from a CPU generator seeded with ``data_seed``
+    (independent of the global RNG), in batches of ``batch_size`` with the last one partial.
+    ``scheduler.step()`` (no argument) is called once per epoch after its optimizer steps.
+    Val and test metrics are full-batch, in eval mode, without gradients. ``on_epoch`` receives
+    each completed epoch's metrics. A non-finite train loss (checked once per epoch, on the
+    epoch's accumulated loss) or val loss ends the fit with ``History(diverged=True, reason)``;
+    nothing is raised and the diverged epoch is neither recorded nor passed to ``on_epoch``.
+    """
+    for what, value in (("epochs", epochs), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{what} must be a positive int, got {value!r}")
+    model.to(device)
+    data = splits.to(device)
+    n_train = len(data.y_train)
+    if n_train == 0:
+        raise ValueError("splits has no training samples")
+    batch_sizes = torch.full(((n_train + batch_size - 1) // batch_size,), float(batch_size))
+    batch_sizes[-1] = n_train - batch_size * (len(batch_sizes) - 1)
+    batch_sizes = batch_sizes.to(device)
+    generator = torch.Generator().manual_seed(data_seed)
+    names = _parameter_names(model, optimizer) if hasattr(optimizer, "last_scales") else None
+    completed: list[EpochMetrics] = []
+
+    model.train()
+    for epoch in range(1, epochs + 1):
+        start = time.perf_counter()
+        order = torch.randperm(n_train, generator=generator).to(device)
+        losses = []
+        scale_sum, scale_steps = None, 0
+        for idx in order.split(batch_size):
+            optimizer.zero_grad()
+            loss = F.cross_entropy(model(data.x_train[idx]), data.y_train[idx])
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.detach())
+            if names is not None and (scales := optimizer.last_scales) is not None:
+                if scale_sum is None:
+                    scale_sum = torch.zeros_like(scales)
+                scale_sum.add_(scales)
+                scale_steps += 1
+        if scheduler is not None:
+            scheduler.step()
+
+        step_losses = torch.stack(losses)
+        parts = [((step_losses * batch_sizes).sum() / n_train).view(1)]
+        model.eval()
+        with torch.no_grad():
+            parts.append(_evaluate(model, data.x_val, data.y_val))
+            parts.append(_evaluate(model, data.x_test, data.y_test))
+        model.train()
+        if scale_sum is not None:
+            parts.append(scale_sum / scale_steps)
+        values = torch.cat(parts).tolist()  # the epoch's single host synchronisation
+        train_loss, val_loss, val_acc, test_loss, test_acc, *scales_mean = values
+
+        if not math.isfinite(train_loss):
+            return History(completed, True, _train_divergence(epoch, step_losses))
+        if not math.isfinite(val_loss):
+            return History(completed, True, f"non-finite val loss at epoch {epoch}")
+        metrics = EpochMetrics(
+            epoch=epoch,
+            train_loss=train_loss,
+            val_loss=val_loss,
+            val_acc=val_acc,
+            test_loss=test_loss,
+            test_acc=test_acc,
+            epoch_time=time.perf_counter() - start,
+            alignment=_alignment(names, scales_mean),
+        )
+        completed.append(metrics)
+        if on_epoch is not None:
+            on_epoch(metrics)
+    return History(completed, False, None)
+
+
+def _evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Full-batch [mean cross-entropy, accuracy] as one tensor on the device."""
+    logits = model(x)
+    loss = F.cross_entropy(logits, y)
+    accuracy = (logits.argmax(dim=1) == y).to(loss.dtype).mean()
+    return torch.stack([loss, accuracy])
+
+
+def _train_divergence(epoch: int, step_losses: torch.Tensor) -> str:
+    """Reason for a non-finite epoch train loss, naming the first non-finite step (1-based)."""
+    bad = torch.nonzero(~torch.isfinite(step_losses)).flatten().tolist()
+    if not bad:  # every step finite, but their sum overflowed
+        return f"non-finite train loss at epoch {epoch} (sum of finite step losses overflowed)"
+    return f"non-finite train loss at epoch {epoch} step {bad[0] + 1}"
+
+
+def _parameter_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """Names of the optimizer's parameters in param_groups order (``param<i>`` if not in model)."""
+    by_id = {id(p): name for name, p in model.named_parameters()}
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    return [by_id.get(id(p), f"param{i}") for i, p in enumerate(params)]
+
+
+def _alignment(names: list[str] | None, scales_mean: list[float]) -> dict[str, float]:
+    """Map the epoch's mean scales to parameter names ({} when nothing was recorded)."""
+    if names is None or not scales_mean:
+        return {}
+    if len(scales_mean) != len(names):
+        raise ValueError(
+            f"optimizer.last_scales has {len(scales_mean)} entries for {len(names)} parameters"
+        )
+    return dict(zip(names, scales_mean, strict=True))

@@ -1,0 +1,292 @@
+"""gradalign.training: the history, determinism, data order, divergence, alignment, schedulers."""
+
+import dataclasses
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from gradalign.data import Splits, load_mnist1d
+from gradalign.models import build_model
+from gradalign.training import EpochMetrics, History, fit
+
+N_TRAIN, BATCH = 230, 50  # 5 steps per epoch, the last one partial (30 samples)
+
+
+def make_splits(seed=0, n_train=N_TRAIN, n_eval=60, dim=12, n_classes=4):
+    """Gaussian inputs labelled by a random linear teacher: small and learnable."""
+    g = torch.Generator().manual_seed(seed)
+    teacher = torch.randn(dim, n_classes, generator=g)
+
+    def part(n):
+        x = torch.randn(n, dim, generator=g)
+        return x, (x @ teacher).argmax(dim=1)
+
+    return Splits(*part(n_train), *part(n_eval), *part(n_eval))
+
+
+@pytest.fixture(scope="module")
+def splits():
+    return make_splits()
+
+
+def model(seed=0, hidden=(16,)):
+    torch.manual_seed(seed)
+    return build_model("mlp", input_dim=12, n_classes=4, hidden=list(hidden), residual=False)
+
+
+def run(net, optimizer, data, epochs=3, data_seed=0, **kwargs):
+    return fit(net, optimizer, data, epochs=epochs, batch_size=BATCH, data_seed=data_seed,
+               device="cpu", **kwargs)
+
+
+def losses(history):
+    return [(e.train_loss, e.val_loss, e.val_acc, e.test_loss, e.test_acc) for e in history.epochs]
+
+
+def test_history_has_one_complete_entry_per_epoch(splits):
+    net = model()
+    seen = []
+    history = run(net, torch.optim.Adam(net.parameters(), lr=1e-2), splits, epochs=4,
+                  on_epoch=seen.append)
+    assert not history.diverged and history.reason is None
+    assert [e.epoch for e in history.epochs] == [1, 2, 3, 4]
+    assert seen == history.epochs
+    for e in history.epochs:
+        assert isinstance(e, EpochMetrics)
+        values = [e.train_loss, e.val_loss, e.val_acc, e.test_loss, e.test_acc, e.epoch_time]
+        assert all(isinstance(v, float) and math.isfinite(v) for v in values)
+        assert 0.0 <= e.val_acc <= 1.0 and 0.0 <= e.test_acc <= 1.0 and e.epoch_time > 0
+        assert e.alignment == {}
+    val = [e.val_loss for e in history.epochs]
+    assert history.objective("last") == val[-1]
+    assert history.objective("best") == history.best_val_loss == min(val)
+    assert history.best_epoch == 1 + val.index(min(val))
+
+
+def test_metrics_are_sample_means(splits):
+    """With lr 0 the weights stay put: train loss is the mean over all samples (the last partial
+    batch weighted by its size) and val/test metrics are the full-split ones."""
+    net = model()
+    history = run(net, torch.optim.SGD(net.parameters(), lr=0.0), splits, epochs=1)
+    (e,) = history.epochs
+    with torch.no_grad():
+        for x, y, loss, acc in [(splits.x_train, splits.y_train, e.train_loss, None),
+                                (splits.x_val, splits.y_val, e.val_loss, e.val_acc),
+                                (splits.x_test, splits.y_test, e.test_loss, e.test_acc)]:
+            logits = net(x)
+            assert loss == pytest.approx(F.cross_entropy(logits, y).item(), rel=1e-6)
+            if acc is not None:
+                assert acc == pytest.approx((logits.argmax(1) == y).float().mean().item())
+
+
+class Recorder(nn.Module):
+    """Wraps a model and records the inputs it sees in train mode, and whether grads were on."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+        self.train_batches, self.eval_grad_enabled = [], []
+
+    def forward(self, x):
+        if self.training:
+            self.train_batches.append(x.clone())
+        else:
+            self.eval_grad_enabled.append(torch.is_grad_enabled())
+        return self.inner(x)
+
+
+def test_each_epoch_visits_every_sample_once_in_batches(splits):
+    net = Recorder(model())
+    run(net, torch.optim.SGD(net.parameters(), lr=0.1), splits, epochs=2)
+    assert [len(b) for b in net.train_batches] == [50, 50, 50, 50, 30] * 2
+    expected = sorted(map(tuple, splits.x_train.tolist()))
+    first, second = torch.cat(net.train_batches[:5]), torch.cat(net.train_batches[5:])
+    assert sorted(map(tuple, first.tolist())) == expected
+    assert sorted(map(tuple, second.tolist())) == expected
+    assert not torch.equal(first, second)  # a fresh permutation each epoch
+    assert net.eval_grad_enabled == [False] * 4  # val + test per epoch, without gradients
+    assert net.training  # left in train mode
+
+
+def test_same_seeds_give_identical_histories(splits):
+    histories = []
+    for _ in range(2):
+        net = model(seed=3)
+        histories.append(run(net, torch.optim.Adam(net.parameters(), lr=1e-2), splits,
+                             data_seed=5))
+    assert losses(histories[0]) == losses(histories[1])  # bitwise
+
+
+def test_data_order_ignores_the_global_rng(splits):
+    histories = []
+    for global_seed in (1, 2):
+        net = model(seed=3)
+        torch.manual_seed(global_seed)
+        histories.append(run(net, torch.optim.Adam(net.parameters(), lr=1e-2), splits))
+    assert losses(histories[0]) == losses(histories[1])
+
+
+def test_data_seed_changes_the_order_not_the_initial_weights(splits):
+    nets = [model(seed=3), model(seed=3)]
+    for a, b in zip(nets[0].parameters(), nets[1].parameters(), strict=True):
+        assert torch.equal(a, b)
+    h0, h1 = (run(net, torch.optim.Adam(net.parameters(), lr=1e-2), splits, data_seed=seed)
+              for net, seed in zip(nets, (0, 1), strict=True))
+    assert h0.epochs[0].train_loss != h1.epochs[0].train_loss
+
+
+def test_adam_lowers_val_loss_on_mnist1d(tmp_path):
+    data = load_mnist1d({"num_samples": 2000}, val_fraction=0.2, split_seed=0, cache_dir=tmp_path)
+    torch.manual_seed(0)
+    net = build_model("mlp", input_dim=data.input_dim, n_classes=data.n_classes,
+                      hidden=[100, 100], residual=True)
+    with torch.no_grad():
+        initial = F.cross_entropy(net(data.x_val), data.y_val).item()
+    history = fit(net, torch.optim.Adam(net.parameters(), lr=1e-2), data, epochs=5,
+                  batch_size=100, data_seed=0, device="cpu")
+    assert history.best_val_loss < initial - 0.5
+    assert max(e.val_acc for e in history.epochs) > 0.35  # chance is 0.1
+
+
+class FailsAt(nn.Module):
+    """A model whose output becomes +inf from a given train step (or NaN in eval mode)."""
+
+    def __init__(self, inner, step=None, eval_nan=False):
+        super().__init__()
+        self.inner, self.step, self.eval_nan, self.calls = inner, step, eval_nan, 0
+
+    def forward(self, x):
+        out = self.inner(x)
+        if self.training:
+            self.calls += 1
+            if self.step is not None and self.calls >= self.step:
+                return out * math.inf
+        elif self.eval_nan:
+            return out * math.nan
+        return out
+
+
+def test_non_finite_train_loss_stops_without_raising(splits):
+    net = FailsAt(model(), step=8)  # epoch 2, step 3 of 5
+    seen = []
+    history = run(net, torch.optim.Adam(net.parameters(), lr=1e-2), splits, epochs=5,
+                  on_epoch=seen.append)
+    assert history.diverged
+    assert history.reason == "non-finite train loss at epoch 2 step 3"
+    assert [e.epoch for e in history.epochs] == [1] and seen == history.epochs
+    assert net.calls == 10  # stopped after epoch 2
+    assert history.objective("last") == history.objective("best") == math.inf
+
+
+def test_huge_learning_rate_diverges(splits):
+    net = model(hidden=(64, 64))
+    history = run(net, torch.optim.SGD(net.parameters(), lr=1e12), splits, epochs=20)
+    assert history.diverged and history.reason.startswith("non-finite train loss at epoch")
+    assert len(history.epochs) < 20
+
+
+def test_non_finite_val_loss_stops(splits):
+    net = FailsAt(model(), eval_nan=True)
+    history = run(net, torch.optim.Adam(net.parameters(), lr=1e-2), splits)
+    assert history.diverged and history.reason == "non-finite val loss at epoch 1"
+    assert history.epochs == []
+    assert history.best_epoch == 0 and history.best_val_loss == math.inf
+
+
+class Scaling:
+    """Stand-in for GradientAlignmentOptimizer: a base optimizer plus ``last_scales``, None before
+    the first step, then one entry per parameter, updated in place by ``scale_of(step)``."""
+
+    def __init__(self, base, scale_of):
+        self.base, self.scale_of, self.steps, self.last_scales = base, scale_of, 0, None
+        self.param_groups = base.param_groups
+
+    def zero_grad(self):
+        self.base.zero_grad()
+
+    def step(self):
+        self.base.step()
+        self.steps += 1
+        if self.last_scales is None:
+            n = sum(len(group["params"]) for group in self.param_groups)
+            self.last_scales = torch.empty(n, device=self.param_groups[0]["params"][0].device)
+        self.last_scales.fill_(self.scale_of(self.steps))
+
+
+def test_constant_alignment_is_reported_per_parameter_name(splits):
+    net = model()
+    history = run(net, Scaling(torch.optim.Adam(net.parameters(), lr=1e-2), lambda s: 0.5),
+                  splits, epochs=2)
+    names = [name for name, _ in net.named_parameters()]
+    for e in history.epochs:
+        assert e.alignment == {name: 0.5 for name in names}
+
+
+def test_alignment_is_the_mean_over_each_epochs_steps(splits):
+    net = model()
+    extra = nn.Parameter(torch.zeros(3))  # optimised but not part of the model
+    base = torch.optim.SGD([{"params": net.parameters()}, {"params": [extra]}], lr=0.1)
+    history = run(net, Scaling(base, float), splits, epochs=2)
+    names = [name for name, _ in net.named_parameters()] + ["param4"]
+    # steps 1..5 in epoch 1 (mean 3), 6..10 in epoch 2 (mean 8)
+    assert [e.alignment for e in history.epochs] == [dict.fromkeys(names, 3.0),
+                                                     dict.fromkeys(names, 8.0)]
+
+
+def test_scheduler_steps_once_per_epoch_after_its_steps(splits):
+    net = model()
+    optimizer = torch.optim.Adam(net.parameters(), lr=0.1)
+    first = next(net.parameters())
+    steps_seen = []
+
+    class Counting:
+        def step(self):
+            steps_seen.append(int(optimizer.state[first]["step"]))
+
+    run(net, optimizer, splits, epochs=3, scheduler=Counting())
+    assert steps_seen == [5, 10, 15]
+
+
+def test_lr_scheduler_sets_each_epochs_learning_rate(splits):
+    net = model()
+    optimizer = torch.optim.Adam(net.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+    lrs = []
+    run(net, optimizer, splits, epochs=3, scheduler=scheduler,
+        on_epoch=lambda e: lrs.append(optimizer.param_groups[0]["lr"]))
+    assert lrs == pytest.approx([0.05, 0.025, 0.0125])
+
+
+def test_history_objective():
+    epoch = EpochMetrics(1, 1.0, 2.0, 0.5, 2.1, 0.4, 0.01, {})
+    later = dataclasses.replace(epoch, epoch=2, val_loss=3.0)
+    history = History([epoch, later], diverged=False, reason=None)
+    assert (history.objective("last"), history.objective("best")) == (3.0, 2.0)
+    assert history.best_epoch == 1
+    with pytest.raises(ValueError, match="'mean'"):
+        history.objective("mean")
+    assert History([epoch], diverged=True, reason="x").objective("best") == math.inf
+
+
+@pytest.mark.parametrize(("epochs", "batch_size"), [(0, 10), (3, 0), (3, 2.5), (True, 10)])
+def test_bad_arguments_are_rejected(splits, epochs, batch_size):
+    net = model()
+    with pytest.raises(ValueError, match="must be a positive int"):
+        fit(net, torch.optim.SGD(net.parameters(), lr=0.1), splits, epochs=epochs,
+            batch_size=batch_size, data_seed=0, device="cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fit_on_cuda_matches_its_own_rerun(splits):
+    histories = []
+    for _ in range(2):
+        net = model(seed=3)
+        optimizer = Scaling(torch.optim.Adam(net.parameters(), lr=1e-2), lambda s: 0.5)
+        histories.append(fit(net, optimizer, splits, epochs=3, batch_size=BATCH, data_seed=5,
+                             device="cuda"))
+        assert next(net.parameters()).is_cuda
+    assert not histories[0].diverged and histories[0].epochs[-1].alignment["layers.0.weight"] == 0.5
+    assert losses(histories[0]) == pytest.approx(losses(histories[1]), rel=1e-5)
