@@ -64,7 +64,7 @@ def _validate(beta: float, target: str, granularity: str, min_scale: float, eps:
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
-    """View a tensor as (output units, rest): one row per slice along dim 0; 0/1-d tensors are one row."""
+    """View ``t`` as (output units, rest): one row per slice along dim 0; 0/1-d: one row."""
     return t.reshape(t.shape[0], -1) if t.dim() >= 2 else t.reshape(1, -1)
 
 
@@ -206,16 +206,11 @@ class GradientAlignmentOptimizer(Optimizer):
         self.base.load_state_dict({**state_dict, "state": base_state})
         params = self._params()
         self._ema = {
-            params[i]: ema.to(device=params[i].device, dtype=self._ema_dtype(params[i]), copy=True)
+            params[i]: ema.to(device=params[i].device, dtype=_ema_dtype(params[i]), copy=True)
             for i, ema in emas.items()
         }
 
     # --- the step ---------------------------------------------------------------------------
-    @staticmethod
-    def _ema_dtype(p: torch.Tensor) -> torch.dtype:
-        # A bfloat16 EMA with beta=0.99 loses the (1 - beta) * g increments to rounding.
-        return torch.float32 if p.dtype in _LOW_PRECISION else p.dtype
-
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Evaluate ``closure`` (if any), compute the alignment scales, and step the base."""
@@ -225,12 +220,15 @@ class GradientAlignmentOptimizer(Optimizer):
                 loss = closure()
         params, scales = self._align()
         if self.target == "grad":
-            _scale_tensors([p.grad for p in params], scales)
+            if params:
+                torch._foreach_mul_([p.grad for p in params], scales)
             self.base.step()
         else:
             before = torch._foreach_clone(params) if params else []
             self.base.step()
-            _scale_changes(params, before, scales)
+            if params:
+                weights = [(1.0 - s).to(p.dtype) for p, s in zip(params, scales, strict=True)]
+                torch._foreach_lerp_(params, before, weights)  # before + s * (after - before)
         return loss
 
     def _align(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -253,52 +251,59 @@ class GradientAlignmentOptimizer(Optimizer):
             indices.append(index)
         if not params:
             return [], []
-        grads, emas = [], []
-        for p in params:
-            ema = self._ema.get(p)
-            if ema is None:
-                ema = self._ema[p] = torch.zeros_like(
-                    p, dtype=self._ema_dtype(p), memory_format=torch.preserve_format
-                )
-            grads.append(p.grad if p.grad.dtype == ema.dtype else p.grad.to(ema.dtype))
-            emas.append(ema)
+        emas = [self._ema_of(p) for p in params]
+        grads = [p.grad.to(m.dtype) for p, m in zip(params, emas, strict=True)]
         torch._foreach_lerp_(emas, grads, 1.0 - self.beta)
         if self.granularity == "row":
-            scales = self._row_scales(grads, emas)
+            scales = [self._row_scale(g, m) for g, m in zip(grads, emas, strict=True)]
             means = torch.stack([s.mean() for s in scales])
         else:
             scales, means = self._tensor_scales(grads, emas)
         self._record(means, indices, len(all_params))
         return params, scales
 
+    def _ema_of(self, p: torch.Tensor) -> torch.Tensor:
+        ema = self._ema.get(p)
+        if ema is None:
+            ema = self._ema[p] = torch.zeros_like(
+                p, dtype=_ema_dtype(p), memory_format=torch.preserve_format
+            )
+        return ema
+
     def _tensor_scales(
         self, grads: list[torch.Tensor], emas: list[torch.Tensor]
     ) -> tuple[list[torch.Tensor], torch.Tensor]:
-        # One multi-tensor norm call gives |g|, |m| and |g + m| for every tensor; the dot product
-        # follows from the polarisation identity 2<g, m> = |g + m|^2 - |g|^2 - |m|^2.
-        sums = torch._foreach_add(grads, emas)
-        norms = torch.stack(torch._foreach_norm([*grads, *emas, *sums])).view(3, -1)
-        squares = norms.square()
+        """One scale per tensor (or one for all) in few kernels, with no host synchronisation.
+
+        On small models a step costs its number of kernels rather than its arithmetic, so the
+        norms come from one multi-tensor call and the dot products from BLAS.
+        """
+        devices = {g.device for g in grads}
+        if len(devices) > 1:
+            raise RuntimeError(
+                "GradientAlignmentOptimizer needs all parameters with gradients on one device, "
+                f"got {sorted(map(str, devices))}"
+            )
+        dot = torch.stack(
+            [torch.dot(g.reshape(-1), m.reshape(-1)) for g, m in zip(grads, emas, strict=True)]
+        )
+        norms = torch.stack(torch._foreach_norm([*grads, *emas])).view(2, -1)
         if self.granularity == "global":
-            squares = squares.sum(1, keepdim=True)
-            norms = squares[:2].sqrt()
-        dot = (squares[2] - squares[0] - squares[1]).mul_(0.5)
-        scale = self._cosine_to_scale(dot, norms[0] * norms[1])
-        if self.granularity == "global":
-            return [scale[0]] * len(grads), scale.expand(len(grads))
+            scale = self._scale(dot.sum(), norms.square().sum(1).sqrt())
+            return [scale] * len(grads), scale.expand(len(grads))
+        scale = self._scale(dot, norms)
         return list(scale.unbind(0)), scale
 
-    def _row_scales(self, grads: list[torch.Tensor], emas: list[torch.Tensor]) -> list[torch.Tensor]:
-        scales = []
-        for g, m in zip(grads, emas, strict=True):
-            g_rows, m_rows = _rows(g), _rows(m)
-            dot = (g_rows * m_rows).sum(1)
-            norms = torch.linalg.vector_norm(g_rows, dim=1) * torch.linalg.vector_norm(m_rows, dim=1)
-            scales.append(self._cosine_to_scale(dot, norms).reshape(_row_shape(g)))
-        return scales
+    def _row_scale(self, g: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        """One scale per output unit, shaped to broadcast over ``g``."""
+        g_rows, m_rows = _rows(g), _rows(m)
+        dot = (g_rows * m_rows).sum(1)
+        norms = torch.stack([torch.linalg.vector_norm(r, dim=1) for r in (g_rows, m_rows)])
+        return self._scale(dot, norms).reshape(_row_shape(g))
 
-    def _cosine_to_scale(self, dot: torch.Tensor, norm_product: torch.Tensor) -> torch.Tensor:
-        return (dot / norm_product.clamp_min(self.eps)).clamp_(self.min_scale, 1.0)
+    def _scale(self, dot: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
+        """clamp(dot / (|g| |m|), min_scale, 1), with ``norms`` stacked as [|g|, |m|]."""
+        return (dot / (norms[0] * norms[1]).clamp_min(self.eps)).clamp_(self.min_scale, 1.0)
 
     def _record(self, means: torch.Tensor, indices: list[int], n_params: int) -> None:
         means = means.float()
@@ -310,16 +315,6 @@ class GradientAlignmentOptimizer(Optimizer):
         self.last_scales = last
 
 
-def _scale_tensors(tensors: list[torch.Tensor], scales: list[torch.Tensor]) -> None:
-    """tensors[i] *= scales[i], in place, in as few kernels as the shapes allow."""
-    if tensors:
-        torch._foreach_mul_(tensors, scales)
-
-
-def _scale_changes(
-    params: list[torch.Tensor], before: list[torch.Tensor], scales: list[torch.Tensor]
-) -> None:
-    """Move each parameter to ``before + s * (after - before)``: the base's change, scaled by s."""
-    if params:
-        weights = [(1.0 - s).to(p.dtype) for p, s in zip(params, scales, strict=True)]
-        torch._foreach_lerp_(params, before, weights)
+def _ema_dtype(p: torch.Tensor) -> torch.dtype:
+    # A bfloat16 EMA with beta=0.99 would lose the (1 - beta) * g increments to rounding.
+    return torch.float32 if p.dtype in _LOW_PRECISION else p.dtype

@@ -1,0 +1,166 @@
+"""Cost of GAO on top of its base optimizer, measured side by side in one process.
+
+Prints ratios against plain Adam for
+  1. a whole training step (forward, backward, step) of the seed's MLP (mnist1d paper's MLP,
+     40-100-100-10, residual) at batch 100, and a whole epoch of 4000 samples;
+  2. the optimizer step alone on a model of >= 10 M parameters;
+and the speedup over a naive per-tensor Python loop (what the research note's optimizer.py most
+likely was). Variants are interleaved round-robin and the median over rounds is reported, so a
+noisy shared machine slows all of them alike.
+
+    python benchmarks/bench_optim.py            # 1 thread, as the issue's targets are stated
+    python benchmarks/bench_optim.py --threads 2 --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gradalign import GradientAlignmentOptimizer
+
+
+class NaiveGAO:
+    """The note's algorithm as a plain per-tensor loop: one small kernel chain per parameter."""
+
+    def __init__(self, base: torch.optim.Optimizer, beta: float) -> None:
+        self.base, self.beta, self.ema = base, beta, {}
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.base.zero_grad(set_to_none)
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for group in self.base.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                m = self.ema.setdefault(p, torch.zeros_like(p))
+                m.mul_(self.beta).add_(p.grad, alpha=1 - self.beta)
+                cos = F.cosine_similarity(p.grad.flatten(), m.flatten(), dim=0)
+                p.grad.mul_(cos.clamp(0, 1))
+        self.base.step()
+
+
+class SeedMLP(nn.Module):
+    """mnist1d's MLPBase: h = relu(L1 x); h = h + relu(L2 h); out = L3 h."""
+
+    def __init__(self, width: int = 100) -> None:
+        super().__init__()
+        self.l1, self.l2, self.l3 = nn.Linear(40, width), nn.Linear(width, width), nn.Linear(width, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.l1(x))
+        return self.l3(h + F.relu(self.l2(h)))
+
+
+def make_optimizer(kind: str, params, lr: float = 1e-3):
+    if kind == "adam":
+        return torch.optim.Adam(params, lr=lr)
+    if kind == "adam_fused":
+        return torch.optim.Adam(params, lr=lr, fused=True)
+    if kind.startswith("gao_"):
+        return GradientAlignmentOptimizer(params, "Adam", lr=lr, beta=0.99, target=kind[4:])
+    if kind == "naive":
+        return NaiveGAO(torch.optim.Adam(params, lr=lr), beta=0.99)
+    raise ValueError(kind)
+
+
+def interleaved(runs: dict[str, Callable[[], None]], rounds: int) -> dict[str, float]:
+    """Median seconds per call of each runner, calling them round-robin."""
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def bench_training(kinds: list[str], device: torch.device, rounds: int) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(4000, 40, device=device)
+    y = torch.randint(0, 10, (4000,), device=device)
+    model0 = SeedMLP().to(device)
+    steps_per_call = 40
+    runners = {}
+    for kind in kinds:
+        model = copy.deepcopy(model0)
+        opt = make_optimizer(kind, model.parameters())
+
+        def run(model=model, opt=opt) -> None:
+            for i in range(steps_per_call):
+                xb, yb = x[i * 100 % 4000 :][:100], y[i * 100 % 4000 :][:100]
+                loss = F.cross_entropy(model(xb), yb)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            sync(device)
+
+        run()  # warm-up: lazy state, allocator
+        runners[kind] = run
+    medians = interleaved(runners, rounds)
+    base = medians["adam"]
+    print(f"\n[1] seed MLP (40-100-100-10, residual), batch 100, whole training step, {device}")
+    for kind, t in medians.items():
+        per_step = t / steps_per_call * 1e6
+        epoch_ms = t / steps_per_call * 40 * 1e3
+        print(f"  {kind:11s} {per_step:8.1f} us/step  {epoch_ms:7.2f} ms/epoch  ratio to adam {t / base:5.3f}")
+
+
+def bench_step_only(kinds: list[str], device: torch.device, rounds: int) -> None:
+    torch.manual_seed(0)
+    shapes = [(2048, 2048), (2048,), (2048, 2048), (2048,), (1024, 2048), (1024,)]
+    n = sum(torch.Size(s).numel() for s in shapes)
+    runners = {}
+    for kind in kinds:
+        params = [torch.zeros(s, device=device, requires_grad=True) for s in shapes]
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt = make_optimizer(kind, params)
+
+        def run(opt=opt) -> None:
+            opt.step()
+            sync(device)
+
+        run()
+        runners[kind] = run
+    medians = interleaved(runners, rounds)
+    base = medians["adam"]
+    print(f"\n[2] optimizer step alone, {n / 1e6:.1f} M parameters in {len(shapes)} tensors, {device}")
+    for kind, t in medians.items():
+        print(f"  {kind:11s} {t * 1e3:8.2f} ms/step  ratio to adam {t / base:5.3f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--rounds", type=int, default=30)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    print(f"torch {torch.__version__}, {args.threads} thread(s), {args.rounds} interleaved rounds")
+    kinds = ["adam", "gao_grad", "gao_update", "naive"]
+    if device.type == "cpu":
+        kinds.insert(1, "adam_fused")
+    bench_training(kinds, device, args.rounds)
+    bench_step_only(kinds, device, max(5, args.rounds // 3))
+    print("\nratios are medians of interleaved rounds; 'naive' is a per-tensor Python loop of the "
+          "same algorithm")
+
+
+if __name__ == "__main__":
+    main()
