@@ -252,7 +252,10 @@ class GradientAlignmentOptimizer(Optimizer):
         if not params:
             return [], []
         emas = [self._ema_of(p) for p in params]
-        grads = [p.grad.to(m.dtype) for p, m in zip(params, emas, strict=True)]
+        grads = [
+            p.grad if p.grad.dtype == m.dtype else p.grad.to(m.dtype)
+            for p, m in zip(params, emas, strict=True)
+        ]
         torch._foreach_lerp_(emas, grads, 1.0 - self.beta)
         if self.granularity == "row":
             scales = [self._row_scale(g, m) for g, m in zip(grads, emas, strict=True)]
