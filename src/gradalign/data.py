@@ -196,7 +196,8 @@ def _check_arrays(arrays: Mapping[str, np.ndarray]) -> None:
 def _write_cache(
     path: Path, key: str, overrides: Mapping[str, Any], arrays: Mapping[str, np.ndarray]
 ) -> None:
-    """Write the arrays atomically: a temporary file in the same folder, then os.replace."""
+    """Write the arrays, the key and the overrides (for provenance) atomically: a temporary file
+    in the same folder, then os.replace, so readers never see a partial file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     try:

@@ -12,7 +12,6 @@ import dataclasses
 import math
 import time
 from collections.abc import Callable
-from typing import Any
 
 import torch
 from torch import nn
@@ -80,7 +79,7 @@ def fit(
     batch_size: int,
     data_seed: int,
     device: torch.device | str,
-    scheduler: Any = None,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     on_epoch: Callable[[EpochMetrics], None] | None = None,
 ) -> History:
     """Train ``model`` with cross-entropy for ``epochs`` epochs and return its history.
