@@ -1,0 +1,981 @@
+"""gradalign.optim: GradientAlignmentOptimizer against a plain per-tensor reference, and as a
+first-class torch.optim optimizer (schedulers, closures, hooks, GradScaler, checkpoints, dtypes).
+
+Only the public behaviour is tested: the internals (flat buffers, fast and per-tensor paths) are
+free to change. The reference below is deliberately naive: one Python loop per parameter (and per
+row), cosines computed in float64 from the EMA kept in the parameter's dtype.
+"""
+
+import copy
+import math
+import re
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from gradalign import GradientAlignmentOptimizer as GAO
+
+TARGETS = ["grad", "update"]
+GRANULARITIES = ["tensor", "global", "row"]
+# Shapes cover 0-d, 1-d (biases), 2-d and 3-d tensors, with a 1-row matrix among them.
+SHAPES = [(5, 4), (5,), (3, 2, 2), (), (1, 6), (7,)]
+BASES = {
+    "Adam": (torch.optim.Adam, {"lr": 1e-2}),
+    "AdamW": (torch.optim.AdamW, {"lr": 1e-2, "weight_decay": 0.1}),
+    "SGD": (torch.optim.SGD, {"lr": 0.1, "momentum": 0.9}),
+    "RMSprop": (torch.optim.RMSprop, {"lr": 1e-2}),
+}
+TOL = {torch.float64: {"rtol": 1e-10, "atol": 1e-12}, torch.float32: {"rtol": 1e-5, "atol": 1e-6}}
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda",
+        marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here"),
+    ),
+]
+
+
+# --- the reference ------------------------------------------------------------------------------
+def _cos(g, m, min_scale):
+    """clamp(cos(g, m), min_scale, 1) in float64; 0 when a norm is 0."""
+    g, m = g.double().reshape(-1), m.double().reshape(-1)
+    ng, nm = float(g.norm()), float(m.norm())
+    if ng == 0.0 or nm == 0.0:
+        return 0.0
+    return min(max(float(g @ m) / (ng * nm), min_scale), 1.0)
+
+
+class Reference:
+    """GAO written plainly: a loop over the parameters that have a gradient, then the base step."""
+
+    def __init__(self, base, beta, target, granularity, min_scale):
+        self.base = base  # a plain base optimizer over the reference's own parameters
+        self.params = [p for group in base.param_groups for p in group["params"]]
+        self.beta, self.target, self.granularity, self.min_scale = (
+            beta,
+            target,
+            granularity,
+            min_scale,
+        )
+        self.ema = {p: torch.zeros_like(p, dtype=_ema_dtype(p)) for p in self.params}
+        self.last_scales = None
+
+    @torch.no_grad()
+    def step(self):
+        present = [p for p in self.params if p.grad is not None]
+        for p in present:
+            m = self.ema[p]
+            m.copy_(self.beta * m + (1 - self.beta) * p.grad.to(m.dtype))
+        scales = {}  # float64 tensors broadcastable over the parameter
+        if self.granularity == "global":
+            g = torch.cat([p.grad.double().reshape(-1) for p in present])
+            m = torch.cat([self.ema[p].double().reshape(-1) for p in present])
+            s = _cos(g, m, self.min_scale)
+            scales = {p: torch.tensor(s, dtype=torch.float64) for p in present}
+        elif self.granularity == "tensor":
+            for p in present:
+                scales[p] = torch.tensor(
+                    _cos(p.grad, self.ema[p], self.min_scale), dtype=torch.float64
+                )
+        else:
+            for p in present:
+                if p.dim() >= 2:
+                    rows = [
+                        _cos(p.grad[i], self.ema[p][i], self.min_scale) for i in range(p.shape[0])
+                    ]
+                    shape = (p.shape[0],) + (1,) * (p.dim() - 1)
+                    scales[p] = torch.tensor(rows, dtype=torch.float64).reshape(shape)
+                else:
+                    scales[p] = torch.tensor(
+                        _cos(p.grad, self.ema[p], self.min_scale), dtype=torch.float64
+                    )
+        if self.target == "grad":
+            for p in present:
+                p.grad.copy_(p.grad.double() * scales[p])
+            self.base.step()
+        else:
+            before = {p: p.detach().clone() for p in present}
+            self.base.step()
+            for p in present:
+                b = before[p].double()
+                p.copy_(b + scales[p] * (p.double() - b))
+        self.last_scales = torch.tensor(
+            [float(scales[p].mean()) if p in scales else math.nan for p in self.params],
+            dtype=torch.float64,
+        )
+
+
+def _ema_dtype(p):
+    return torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype
+
+
+# --- helpers ------------------------------------------------------------------------------------
+def make_params(shapes=SHAPES, dtype=torch.float64, seed=0, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    return [
+        nn.Parameter(torch.randn(s, generator=g, dtype=torch.float64).to(dtype).to(device))
+        for s in shapes
+    ]
+
+
+def clone_params(params):
+    return [nn.Parameter(p.detach().clone()) for p in params]
+
+
+AMPLITUDES = [1.0, 0.8, -0.5, 1.2, -0.3, 1.0, 0.1, -1.0]
+
+
+def grad_sequence(shapes, steps, seed=1, dtype=torch.float64):
+    """Gradients along a fixed direction with amplitudes that flip sign, plus noise, so that the
+    cosines with the EMA span [-1, 1] (clamped at 0 and at 0.3 for every granularity)."""
+    g = torch.Generator().manual_seed(seed)
+    direction = [torch.randn(s, generator=g, dtype=torch.float64) for s in shapes]
+    seq = []
+    for step in range(steps):
+        amp = AMPLITUDES[step % len(AMPLITUDES)]
+        seq.append(
+            [
+                (amp * d + 0.7 * torch.randn(s, generator=g, dtype=torch.float64)).to(dtype)
+                for d, s in zip(direction, shapes, strict=True)
+            ]
+        )
+    return seq
+
+
+def set_grads(params, grads):
+    for p, g in zip(params, grads, strict=True):
+        p.grad = None if g is None else g.clone().to(p.device)
+
+
+def mlp(seed=0, dtype=torch.float32, sizes=(12, 16, 16, 4)):
+    torch.manual_seed(seed)
+    layers = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+        layers.append(nn.Linear(a, b))
+        if i < len(sizes) - 2:
+            layers.append(nn.Tanh())
+    return nn.Sequential(*layers).to(dtype)
+
+
+def batch(step, n=32, dtype=torch.float32, in_dim=12, n_classes=4):
+    g = torch.Generator().manual_seed(1000 + step)
+    x = torch.randn(n, in_dim, generator=g).to(dtype)
+    return x, torch.randint(0, n_classes, (n,), generator=g)
+
+
+def train_step(model, opt, step, dtype=torch.float32):
+    x, y = batch(step, dtype=dtype)
+    opt.zero_grad()
+    loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    opt.step()
+    return loss
+
+
+def assert_params_close(actual, expected, dtype):
+    for a, e in zip(actual, expected, strict=True):
+        torch.testing.assert_close(a.detach(), e.detach(), **TOL[dtype])
+
+
+# --- 1. against the reference -------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("base", list(BASES))
+@pytest.mark.parametrize("min_scale", [0.0, 0.3])
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+@pytest.mark.parametrize("target", TARGETS)
+def test_matches_reference(target, granularity, min_scale, base, dtype):
+    base_cls, kwargs = BASES[base]
+    params = make_params(dtype=dtype)
+    ref_params = clone_params(params)
+    opt = GAO(
+        base_cls(params, **kwargs),
+        beta=0.8,
+        target=target,
+        granularity=granularity,
+        min_scale=min_scale,
+    )
+    ref = Reference(base_cls(ref_params, **kwargs), 0.8, target, granularity, min_scale)
+    seen = []
+    for grads in grad_sequence(SHAPES, steps=6, dtype=dtype):
+        set_grads(params, grads)
+        set_grads(ref_params, grads)
+        opt.step()
+        ref.step()
+        assert_params_close(params, ref_params, dtype)
+        for p, q in zip(params, ref_params, strict=True):
+            torch.testing.assert_close(opt.ema_state[p], ref.ema[q], **TOL[dtype])
+        assert opt.last_scales.shape == (len(params),)
+        torch.testing.assert_close(
+            opt.last_scales.cpu().double(), ref.last_scales, rtol=1e-5, atol=1e-6
+        )
+        seen.append(ref.last_scales)
+    seen = torch.stack(seen)
+    # The sequence exercises the clamp at both ends and the interior.
+    assert (seen == min_scale).any() or granularity == "row"
+    assert ((seen > min_scale) & (seen < 1.0)).any()
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 0.99])
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+@pytest.mark.parametrize("target", TARGETS)
+def test_matches_reference_with_missing_grads(target, granularity, beta):
+    """Steps where some gradients are None (per-tensor path) interleaved with full steps."""
+    base_cls, kwargs = BASES["Adam"]
+    params = make_params()
+    ref_params = clone_params(params)
+    opt = GAO(base_cls(params, **kwargs), beta=beta, target=target, granularity=granularity)
+    ref = Reference(base_cls(ref_params, **kwargs), beta, target, granularity, 0.0)
+    masks = [
+        [1, 1, 1, 1, 1, 1],
+        [1, 0, 1, 0, 1, 1],
+        [0, 1, 0, 1, 1, 0],
+        [1, 1, 1, 1, 1, 1],
+        [0, 0, 1, 0, 0, 0],
+        [1, 1, 1, 1, 1, 1],
+    ]
+    for mask, grads in zip(masks, grad_sequence(SHAPES, steps=len(masks)), strict=True):
+        grads = [g if keep else None for g, keep in zip(grads, mask, strict=True)]
+        set_grads(params, grads)
+        set_grads(ref_params, grads)
+        opt.step()
+        ref.step()
+        assert_params_close(params, ref_params, torch.float64)
+        for p, q in zip(params, ref_params, strict=True):
+            torch.testing.assert_close(opt.ema_state[p], ref.ema[q], **TOL[torch.float64])
+        torch.testing.assert_close(
+            opt.last_scales.double(), ref.last_scales, rtol=1e-6, atol=1e-7, equal_nan=True
+        )
+        assert [bool(math.isnan(s)) for s in opt.last_scales.tolist()] == [not k for k in mask]
+
+
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+@pytest.mark.parametrize("target", TARGETS)
+def test_matches_reference_with_mixed_dtypes_and_groups(target, granularity):
+    """float32 and float64 parameters in two param groups with different learning rates."""
+    shapes = [(4, 3), (4,), (2, 5), (5,)]
+    params = [
+        p.to(dt)
+        for p, dt in zip(
+            make_params(shapes),
+            [torch.float64, torch.float32, torch.float32, torch.float64],
+            strict=True,
+        )
+    ]
+    params = [nn.Parameter(p.detach()) for p in params]
+    ref_params = clone_params(params)
+
+    def groups(ps):
+        return [{"params": ps[:2]}, {"params": ps[2:], "lr": 3e-2}]
+
+    opt = GAO(
+        groups(params), torch.optim.Adam, lr=1e-2, beta=0.7, target=target, granularity=granularity
+    )
+    ref = Reference(torch.optim.Adam(groups(ref_params), lr=1e-2), 0.7, target, granularity, 0.0)
+    for i, grads in enumerate(grad_sequence(shapes, steps=5)):
+        if i == 2:
+            grads[1] = None
+        grads = [None if g is None else g.to(p.dtype) for g, p in zip(grads, params, strict=True)]
+        set_grads(params, grads)
+        set_grads(ref_params, grads)
+        opt.step()
+        ref.step()
+        assert_params_close(params, ref_params, torch.float32)
+        torch.testing.assert_close(
+            opt.last_scales.double(), ref.last_scales, rtol=1e-5, atol=1e-6, equal_nan=True
+        )
+    assert [opt.ema_state[p].dtype for p in params] == [p.dtype for p in params]
+
+
+# --- 2. invariants ------------------------------------------------------------------------------
+@pytest.mark.parametrize("min_scale", [0.0, 0.3])
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_scales_stay_in_range(granularity, min_scale):
+    params = make_params(dtype=torch.float32)
+    opt = GAO(params, "Adam", lr=1e-2, beta=0.9, granularity=granularity, min_scale=min_scale)
+    for grads in grad_sequence(SHAPES, steps=12, dtype=torch.float32):
+        set_grads(params, grads)
+        opt.step()
+        s = opt.last_scales
+        assert s.dtype == torch.float32 and torch.isfinite(s).all()
+        assert (s >= min_scale).all() and (s <= 1.0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+@pytest.mark.parametrize("beta", [0.0, 0.9, 0.999])
+def test_first_step_scale_is_one(beta, granularity, dtype):
+    params = make_params(dtype=dtype)
+    opt = GAO(params, "SGD", lr=0.1, beta=beta, granularity=granularity)
+    set_grads(params, grad_sequence(SHAPES, 1, dtype=dtype)[0])
+    opt.step()
+    torch.testing.assert_close(opt.last_scales, torch.ones(len(params)), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("min_scale", [0.0, 0.3])
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_gradient_opposite_to_ema_gets_min_scale(granularity, min_scale):
+    """g, then -k*g with k < beta: the EMA still points along g, so cos = -1 and s = min_scale.
+
+    (With k > beta the new gradient dominates the EMA and cos = +1.)
+    """
+    params = make_params(dtype=torch.float64)
+    grads = grad_sequence(SHAPES, 1)[0]
+    opt = GAO(params, "SGD", lr=0.1, beta=0.9, granularity=granularity, min_scale=min_scale)
+    set_grads(params, grads)
+    opt.step()
+    set_grads(params, [-0.5 * g for g in grads])
+    opt.step()
+    torch.testing.assert_close(
+        opt.last_scales, torch.full((len(params),), min_scale), rtol=0, atol=1e-7
+    )
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_zero_gradient_gives_zero_scale_and_no_nan(granularity, target):
+    params = make_params(dtype=torch.float32)
+    opt = GAO(params, "Adam", lr=1e-2, beta=0.9, target=target, granularity=granularity)
+    set_grads(params, [torch.zeros_like(p) for p in params])  # EMA and gradient both zero
+    opt.step()
+    assert torch.equal(opt.last_scales, torch.zeros(len(params)))
+    set_grads(params, grad_sequence(SHAPES, 1, dtype=torch.float32)[0])
+    opt.step()
+    set_grads(params, [torch.zeros_like(p) for p in params])  # gradient zero, EMA not
+    opt.step()
+    assert torch.equal(opt.last_scales, torch.zeros(len(params)))
+    for p in params:
+        assert torch.isfinite(p).all() and torch.isfinite(opt.ema_state[p]).all()
+
+
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_zero_gradient_scale_is_zero_even_with_min_scale(granularity):
+    """The docstring: "a zero gradient or EMA gives s = 0 whatever eps is"; DESIGN §2: "s = 0
+    when a norm is 0". min_scale is the clamp of the cosine, it must not turn "no gradient
+    information" into a positive step. This matters for target="update" (Adam's momentum keeps
+    moving a parameter whose gradient is zero, e.g. a dead ReLU unit's row)."""
+    params = make_params(dtype=torch.float64)
+    opt = GAO(
+        params, "Adam", lr=1e-2, beta=0.9, target="update", granularity=granularity, min_scale=0.3
+    )
+    set_grads(params, grad_sequence(SHAPES, 1)[0])
+    opt.step()
+    before = [p.detach().clone() for p in params]
+    set_grads(params, [torch.zeros_like(p) for p in params])
+    opt.step()
+    assert torch.equal(opt.last_scales, torch.zeros(len(params)))
+    for p, b in zip(params, before, strict=True):
+        assert torch.equal(p.detach(), b)  # s = 0 with target="update": no change at all
+
+
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+@pytest.mark.parametrize("base", list(BASES))
+def test_update_target_with_beta_zero_is_the_base_bit_for_bit(base, granularity):
+    """beta=0 makes m = g, so s = 1 and the update is exactly the base optimizer's.
+
+    This needs cos(g, g) == 1.0 exactly: dot / sqrt(g.g * m.m) with the three dot products taken
+    by the same kernel gives it (sqrt(fl(x * x)) == x in IEEE arithmetic); dot / (|g| * |m|) is
+    1 +- 1 ulp, and a scale of 1 - 1 ulp moves parameters near zero by one ulp."""
+    base_cls, kwargs = BASES[base]
+    for dtype in (torch.float32, torch.float64):
+        params = make_params(dtype=dtype)
+        plain_params = clone_params(params)
+        opt = GAO(base_cls(params, **kwargs), beta=0.0, target="update", granularity=granularity)
+        plain = base_cls(plain_params, **kwargs)
+        for grads in grad_sequence(SHAPES, steps=8, dtype=dtype):
+            set_grads(params, grads)
+            set_grads(plain_params, grads)
+            opt.step()
+            plain.step()
+            for p, q in zip(params, plain_params, strict=True):
+                assert torch.equal(p, q), (dtype, (p - q).abs().max())
+
+
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+@pytest.mark.parametrize("base", list(BASES))
+def test_grad_target_with_constant_direction_is_the_base(base, granularity):
+    """Gradients c_t * d with c_t > 0 keep the EMA along d: s = 1 up to rounding."""
+    base_cls, kwargs = BASES[base]
+    params = make_params()
+    plain_params = clone_params(params)
+    opt = GAO(base_cls(params, **kwargs), beta=0.9, target="grad", granularity=granularity)
+    plain = base_cls(plain_params, **kwargs)
+    direction = grad_sequence(SHAPES, 1)[0]
+    for c in (1.0, 0.3, 2.0, 0.01, 5.0):
+        set_grads(params, [c * d for d in direction])
+        set_grads(plain_params, [c * d for d in direction])
+        opt.step()
+        plain.step()
+        torch.testing.assert_close(opt.last_scales, torch.ones(len(params)), rtol=0, atol=1e-6)
+    assert_params_close(params, plain_params, torch.float64)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+@pytest.mark.parametrize("factor", [1e-6, 1e6])
+def test_scales_do_not_depend_on_gradient_magnitude(factor, granularity, dtype):
+    """The cosine is scale-invariant: eps must only guard the division, not bias small grads."""
+    seq = grad_sequence(SHAPES, steps=4, dtype=dtype)
+    scales = []
+    for c in (1.0, factor):
+        params = make_params(dtype=dtype)
+        opt = GAO(params, "SGD", lr=0.0, beta=0.8, granularity=granularity)
+        for grads in seq:
+            set_grads(params, [c * g for g in grads])
+            opt.step()
+        scales.append(opt.last_scales)
+    torch.testing.assert_close(scales[0], scales[1], rtol=1e-5, atol=1e-6)
+
+
+# --- 3. construction ----------------------------------------------------------------------------
+def test_construct_from_instance():
+    params = make_params()
+    base = torch.optim.Adam(params, lr=1e-3)
+    opt = GAO(base, beta=0.99)
+    assert opt.base is base and opt.beta == 0.99
+    assert (opt.target, opt.granularity, opt.min_scale) == ("grad", "tensor", 0.0)
+    assert opt.eps > 0
+
+
+@pytest.mark.parametrize("base", [torch.optim.SGD, "SGD", "torch.optim.SGD"])
+def test_construct_from_params_and_class_or_name(base):
+    params = make_params()
+    opt = GAO(
+        params,
+        base,
+        lr=0.05,
+        momentum=0.5,
+        beta=0.5,
+        target="update",
+        granularity="row",
+        min_scale=0.2,
+        eps=1e-12,
+    )
+    assert type(opt.base) is torch.optim.SGD
+    assert opt.param_groups[0]["lr"] == 0.05 and opt.param_groups[0]["momentum"] == 0.5
+    assert opt.param_groups[0]["params"] == params
+    assert (opt.beta, opt.target, opt.granularity, opt.min_scale, opt.eps) == (
+        0.5,
+        "update",
+        "row",
+        0.2,
+        1e-12,
+    )
+
+
+def test_construct_from_name_adam():
+    opt = GAO(make_params(), "Adam", lr=1e-3, betas=(0.8, 0.9))
+    assert type(opt.base) is torch.optim.Adam and opt.param_groups[0]["betas"] == (0.8, 0.9)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "shown"),
+    [
+        ({"beta": -0.1}, "-0.1"),
+        ({"beta": 1.0}, "1.0"),
+        ({"beta": 1.5}, "1.5"),
+        ({"target": "weights"}, "weights"),
+        ({"granularity": "layer"}, "layer"),
+        ({"min_scale": -0.1}, "-0.1"),
+        ({"min_scale": 1.5}, "1.5"),
+        ({"eps": 0}, "0"),
+        ({"eps": -1e-8}, "-1e-08"),
+    ],
+)
+def test_invalid_options_raise_value_error_naming_the_value(kwargs, shown):
+    name = next(iter(kwargs))
+    with pytest.raises(ValueError, match=rf"{name}.*{re.escape(shown)}"):
+        GAO(make_params(), "Adam", lr=1e-3, **kwargs)
+    with pytest.raises(ValueError, match=re.escape(shown)):
+        GAO(torch.optim.Adam(make_params(), lr=1e-3), **kwargs)
+
+
+@pytest.mark.parametrize(
+    "base", ["NoSuchOptimizer", "torch.optim.NoSuch", "nosuchpkg.Adam", None, nn.Linear, 3]
+)
+def test_unknown_base_raises_value_error(base):
+    with pytest.raises(ValueError, match=re.escape(repr(base))):
+        GAO(make_params(), base, lr=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("base", "kwargs"), [(None, {"lr": 0.1}), ("SGD", {}), (torch.optim.SGD, {"lr": 0.1})]
+)
+def test_instance_with_base_or_base_kwargs_is_a_type_error(base, kwargs):
+    with pytest.raises(TypeError):
+        GAO(torch.optim.SGD(make_params(), lr=0.1), base, **kwargs)
+
+
+# --- 4. first-class behaviour -------------------------------------------------------------------
+SCHEDULERS = {
+    "StepLR": lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=2, gamma=0.5),
+    "CosineAnnealingLR": lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=6),
+    "OneCycleLR": lambda o: torch.optim.lr_scheduler.OneCycleLR(
+        o, max_lr=0.2, total_steps=10, cycle_momentum=False
+    ),
+    "LambdaLR": lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda e: 1.0 / (1 + e)),
+    "ExponentialLR": lambda o: torch.optim.lr_scheduler.ExponentialLR(o, gamma=0.8),
+    "LinearLR": lambda o: torch.optim.lr_scheduler.LinearLR(o, start_factor=0.25, total_iters=4),
+    "SequentialLR": lambda o: torch.optim.lr_scheduler.SequentialLR(
+        o,
+        [
+            torch.optim.lr_scheduler.ConstantLR(o, factor=0.5, total_iters=3),
+            torch.optim.lr_scheduler.ExponentialLR(o, gamma=0.7),
+        ],
+        milestones=[3],
+    ),
+    "ReduceLROnPlateau": lambda o: torch.optim.lr_scheduler.ReduceLROnPlateau(
+        o, factor=0.5, patience=0
+    ),
+}
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("name", list(SCHEDULERS))
+def test_schedulers_drive_the_base_lr(name, target):
+    p = nn.Parameter(torch.randn(6, dtype=torch.float64))
+    g = torch.randn(6, dtype=torch.float64)
+    opt = GAO(torch.optim.SGD([p], lr=0.1), beta=0.9, target=target)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sched = SCHEDULERS[name](opt)
+        lrs = []
+        for step in range(8):
+            lr = opt.base.param_groups[0]["lr"]
+            lrs.append(lr)
+            before = p.detach().clone()
+            p.grad = g.clone()
+            opt.step()
+            # Constant gradient: s = 1 (up to rounding), so the SGD step is exactly -lr * g.
+            torch.testing.assert_close(opt.last_scales, torch.ones(1), rtol=0, atol=1e-6)
+            torch.testing.assert_close(p.detach() - before, -lr * g, rtol=1e-6, atol=1e-12)
+            if name == "ReduceLROnPlateau":
+                sched.step(float(step))  # a loss that never improves
+            else:
+                sched.step()
+            assert opt.base.param_groups[0]["lr"] == sched.get_last_lr()[0]
+            assert opt.param_groups[0]["lr"] == sched.get_last_lr()[0]
+    assert len(set(lrs)) > 2  # the schedule really moved the lr
+
+
+def test_scheduler_order_warning_still_fires_when_misused():
+    """The wrapper must not hide torch's own check (it proves the test above can fail)."""
+    opt = GAO([nn.Parameter(torch.randn(3))], "SGD", lr=0.1)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1)
+    with pytest.warns(UserWarning, match=re.escape("before `optimizer.step()`")):
+        sched.step()
+
+
+def test_one_cycle_cycles_the_base_momentum():
+    opt = GAO(make_params(), "Adam", lr=1e-3)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=10)
+    betas = [opt.base.param_groups[0]["betas"][0]]
+    for _ in range(3):
+        set_grads(opt.param_groups[0]["params"], grad_sequence(SHAPES, 1)[0])
+        opt.step()
+        sched.step()
+        betas.append(opt.base.param_groups[0]["betas"][0])
+    assert len(set(betas)) == len(betas)
+
+
+def test_is_an_optimizer_sharing_the_base_groups_and_state():
+    params = make_params()
+    opt = GAO(params, "Adam", lr=1e-3)
+    assert isinstance(opt, torch.optim.Optimizer)
+    assert opt.param_groups is opt.base.param_groups
+    assert opt.state is opt.base.state
+    assert opt.defaults == opt.base.defaults
+    opt.param_groups[0]["lr"] = 0.5
+    assert opt.base.param_groups[0]["lr"] == 0.5
+
+
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+@pytest.mark.parametrize("target", TARGETS)
+def test_add_param_group(target, granularity):
+    params = make_params(SHAPES[:2])
+    opt = GAO(params, "Adam", lr=1e-2, target=target, granularity=granularity)
+    set_grads(params, grad_sequence(SHAPES[:2], 1)[0])
+    opt.step()
+    ema_before = [opt.ema_state[p].clone() for p in params]
+    new = make_params([(3, 4), (4,)], seed=5)
+    opt.add_param_group({"params": new, "lr": 0.05})
+    assert len(opt.base.param_groups) == 2 and opt.base.param_groups[1]["lr"] == 0.05
+    assert opt.base.param_groups[1]["params"] == new
+    before = [p.detach().clone() for p in new]
+    set_grads(params, [None, None])
+    set_grads(new, grad_sequence([(3, 4), (4,)], 1)[0])
+    opt.step()
+    for p, b in zip(new, before, strict=True):
+        assert not torch.equal(p, b)
+        assert opt.ema_state[p].shape == p.shape and opt.ema_state[p].abs().sum() > 0
+        assert p in opt.state
+    for p, e in zip(params, ema_before, strict=True):
+        assert torch.equal(opt.ema_state[p], e)
+    assert opt.last_scales.shape == (4,)
+    assert opt.last_scales[:2].isnan().all() and not opt.last_scales[2:].isnan().any()
+    # Now all four together.
+    set_grads(params + new, grad_sequence(SHAPES[:2] + [(3, 4), (4,)], 1, seed=9)[0])
+    opt.step()
+    assert not opt.last_scales.isnan().any()
+
+
+def test_zero_grad():
+    params = make_params()
+    opt = GAO(params, "SGD", lr=0.1)
+    set_grads(params, grad_sequence(SHAPES, 1)[0])
+    grads = [p.grad for p in params]
+    opt.zero_grad(set_to_none=False)
+    for p, g in zip(params, grads, strict=True):
+        assert p.grad is g and torch.equal(g, torch.zeros_like(g))
+    opt.zero_grad(set_to_none=True)
+    assert all(p.grad is None for p in params)
+    set_grads(params, grad_sequence(SHAPES, 1)[0])
+    opt.zero_grad()  # torch's default: set_to_none=True
+    assert all(p.grad is None for p in params)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_closure_is_evaluated_once_before_the_modulation(target):
+    """The closure's gradient (not the one present before the call) feeds the EMA and the step."""
+    p = nn.Parameter(torch.tensor([1.0, 2.0, -1.0], dtype=torch.float64))
+    opt = GAO([p], "SGD", lr=0.1, beta=0.5, target=target)
+    g1 = torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64)
+    g2 = torch.tensor([0.0, 1.0, 1.0], dtype=torch.float64)
+    p.grad = g1.clone()
+    opt.step()
+    calls = []
+
+    def closure():
+        calls.append(1)
+        opt.zero_grad()
+        loss = (p * g2).sum()  # gradient g2
+        loss.backward()
+        return loss
+
+    p.grad = -100 * g1  # a stale gradient the closure replaces
+    before = p.detach().clone()
+    loss = opt.step(closure)
+    assert len(calls) == 1 and isinstance(loss, torch.Tensor)
+    torch.testing.assert_close(loss, (before * g2).sum())
+    # m = 0.5 * 0.5 * g1 + 0.5 * g2 -> cos(g2, m) = 0.5*2 / (sqrt(2) * sqrt(0.0625 + 0.5))
+    s = 1.0 / (math.sqrt(2.0) * math.sqrt(0.5625))
+    torch.testing.assert_close(opt.last_scales, torch.tensor([s]))
+    torch.testing.assert_close(p.detach(), before - 0.1 * s * g2)
+
+
+def test_closure_returning_a_float_is_passed_through():
+    p = nn.Parameter(torch.randn(3))
+
+    def closure():
+        p.grad = torch.ones(3)
+        return 1.25
+
+    assert GAO([p], "SGD", lr=0.1).step(closure) == 1.25
+
+
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+@pytest.mark.parametrize("target", TARGETS)
+def test_parameters_without_grad_are_skipped(target, granularity):
+    params = make_params()
+    opt = GAO(params, "Adam", lr=1e-2, target=target, granularity=granularity)
+    set_grads(params, grad_sequence(SHAPES, 1)[0])
+    opt.step()
+    skipped = {1, 3}
+    ema = {i: opt.ema_state[params[i]].clone() for i in skipped}
+    values = {i: params[i].detach().clone() for i in skipped}
+    others = {i: params[i].detach().clone() for i in range(len(params)) if i not in skipped}
+    grads = grad_sequence(SHAPES, 1, seed=3)[0]
+    set_grads(params, [None if i in skipped else g for i, g in enumerate(grads)])
+    opt.step()
+    for i in skipped:
+        assert torch.equal(params[i].detach(), values[i])
+        assert torch.equal(opt.ema_state[params[i]], ema[i])
+        assert math.isnan(opt.last_scales[i])
+    for i, v in others.items():
+        assert not torch.equal(params[i].detach(), v)
+        assert 0.0 <= float(opt.last_scales[i]) <= 1.0
+
+
+def test_frozen_parameters_are_untouched():
+    model = mlp()
+    model[0].weight.requires_grad_(False)
+    frozen = model[0].weight.detach().clone()
+    opt = GAO(model.parameters(), "Adam", lr=1e-2)
+    for step in range(3):
+        train_step(model, opt, step)
+    assert torch.equal(model[0].weight.detach(), frozen)
+    assert model[0].weight not in opt.state
+    ema = opt.ema_state.get(model[0].weight)
+    assert ema is None or not ema.any()
+    assert math.isnan(opt.last_scales[0])
+    assert not opt.last_scales[1:].isnan().any()
+
+
+def _sparse_model(dense_dtype=torch.float32):
+    torch.manual_seed(0)
+    dense = nn.Linear(4, 2).to(dense_dtype)
+    emb = nn.Embedding(10, 4, sparse=True)
+    return dense, emb
+
+
+@pytest.mark.parametrize("dense_dtype", [torch.float32, torch.float64])
+def test_sparse_gradient_is_a_clear_error_that_changes_nothing(dense_dtype):
+    dense, emb = _sparse_model(dense_dtype)
+    params = list(dense.parameters()) + list(emb.parameters())
+    opt = GAO(params, "SGD", lr=0.1)
+    for p in params:  # a dense step first, so that there are EMAs to keep
+        p.grad = torch.ones_like(p)
+    opt.step()
+    opt.zero_grad()
+    state = [p.detach().clone() for p in params]
+    ema = [opt.ema_state[p].clone() for p in params]
+    out = dense(emb(torch.tensor([1, 2, 3])).to(dense_dtype)).sum()
+    out.backward()
+    assert emb.weight.grad.is_sparse
+    with pytest.raises(RuntimeError, match="sparse"):
+        opt.step()
+    for p, s, e in zip(params, state, ema, strict=True):
+        assert torch.equal(p.detach(), s)
+        assert torch.equal(opt.ema_state[p], e), "a failed step must not advance any EMA"
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_grad_scaler_skips_inf_steps_and_leaves_the_ema(target):
+    model = mlp()
+    twin = copy.deepcopy(model)
+    opt = GAO(model.parameters(), "Adam", lr=1e-2, beta=0.9, target=target)
+    twin_opt = GAO(twin.parameters(), "Adam", lr=1e-2, beta=0.9, target=target)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    assert scaler.is_enabled()
+
+    def scaled_step(step, poison=False):
+        x, y = batch(step)
+        opt.zero_grad()
+        scaler.scale(F.cross_entropy(model(x), y)).backward()
+        if poison:
+            model[0].weight.grad[0, 0] = math.inf
+        scaler.step(opt)
+        scaler.update()
+
+    scaled_step(0)
+    train_step(twin, twin_opt, 0)
+    params = [p.detach().clone() for p in model.parameters()]
+    ema = [opt.ema_state[p].clone() for p in model.parameters()]
+    base_state = copy.deepcopy(opt.state_dict()["state"])
+    scale = scaler.get_scale()
+    scaled_step(1, poison=True)
+    assert scaler.get_scale() < scale
+    for p, b, e in zip(model.parameters(), params, ema, strict=True):
+        assert torch.equal(p.detach(), b)
+        assert torch.equal(opt.ema_state[p], e)
+    after = opt.state_dict()["state"]
+    for i, entry in base_state.items():
+        for k, v in entry.items():
+            assert torch.equal(after[i][k], v), (i, k)
+    scaled_step(2)
+    train_step(twin, twin_opt, 2)  # the scaled run equals an unscaled run without step 1
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(opt.ema_state[p], twin_opt.ema_state[q], rtol=1e-5, atol=1e-7)
+
+
+def test_step_hooks_are_called():
+    params = make_params()
+    opt = GAO(params, "SGD", lr=0.1)
+    calls = []
+    seen_grad = {}
+
+    def pre(optimizer, args, kwargs):
+        calls.append(("pre", optimizer))
+        seen_grad["pre"] = params[0].grad.clone()
+
+    def post(optimizer, args, kwargs):
+        calls.append(("post", optimizer))
+
+    h1 = opt.register_step_pre_hook(pre)
+    h2 = opt.register_step_post_hook(post)
+    grads = grad_sequence(SHAPES, 2)
+    set_grads(params, grads[0])
+    opt.step()
+    assert calls == [("pre", opt), ("post", opt)]
+    assert torch.equal(seen_grad["pre"], grads[0][0])  # before the modulation
+    h1.remove()
+    h2.remove()
+    set_grads(params, grads[1])
+    opt.step()
+    assert len(calls) == 2
+
+
+def test_deepcopy_gives_an_independent_working_optimizer():
+    params = make_params()
+    opt = GAO(params, "Adam", lr=1e-2, beta=0.8)
+    set_grads(params, grad_sequence(SHAPES, 1)[0])
+    opt.step()
+    clone = copy.deepcopy(opt)
+    assert isinstance(clone, GAO) and clone.beta == 0.8
+    clone_params_ = clone.param_groups[0]["params"]
+    assert clone_params_[0] is not params[0]
+    for p, q in zip(params, clone_params_, strict=True):
+        assert torch.equal(opt.ema_state[p], clone.ema_state[q])
+    before = [p.detach().clone() for p in params]
+    ema = [opt.ema_state[p].clone() for p in params]
+    set_grads(clone_params_, grad_sequence(SHAPES, 2)[1])
+    clone.step()
+    for p, b, e in zip(params, before, ema, strict=True):
+        assert torch.equal(p.detach(), b) and torch.equal(opt.ema_state[p], e)
+
+
+# --- 5. checkpointing ---------------------------------------------------------------------------
+K = 5
+
+
+def _make_run(seed, target, granularity):
+    model = mlp(seed)
+    opt = GAO(model.parameters(), "Adam", lr=1e-2, beta=0.9, target=target, granularity=granularity)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=2 * K)
+    return model, opt, sched
+
+
+def _advance(model, opt, sched, steps):
+    for step in steps:
+        train_step(model, opt, step)
+        sched.step()
+
+
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+@pytest.mark.parametrize("target", TARGETS)
+def test_resume_is_bit_identical(tmp_path, target, granularity):
+    model, opt, sched = _make_run(0, target, granularity)
+    _advance(model, opt, sched, range(K))
+    path = tmp_path / "ckpt.pt"
+    torch.save(
+        {"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict()}, path
+    )
+    _advance(model, opt, sched, range(K, 2 * K))
+
+    model2, opt2, sched2 = _make_run(1, target, granularity)  # different initial weights
+    ckpt = torch.load(path, weights_only=True)
+    model2.load_state_dict(ckpt["model"])
+    opt2.load_state_dict(ckpt["opt"])
+    sched2.load_state_dict(ckpt["sched"])
+    _advance(model2, opt2, sched2, range(K, 2 * K))
+
+    assert opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
+    for p, q in zip(model.parameters(), model2.parameters(), strict=True):
+        assert torch.equal(p, q)
+        assert torch.equal(opt.ema_state[p], opt2.ema_state[q])
+        assert opt.state[p].keys() == opt2.state[q].keys()
+        for key, value in opt.state[p].items():
+            assert torch.equal(value, opt2.state[q][key]), key
+    assert torch.equal(opt.last_scales, opt2.last_scales)
+
+
+def test_state_dict_holds_the_ema_and_round_trips(tmp_path):
+    model = mlp()
+    opt = GAO(model.parameters(), "Adam", lr=1e-2, beta=0.9)
+    for step in range(3):
+        train_step(model, opt, step)
+    sd = opt.state_dict()
+    params = list(model.parameters())
+    assert set(sd["state"]) == set(range(len(params)))
+    for i, p in enumerate(params):
+        assert torch.equal(sd["state"][i]["gao_ema"], opt.ema_state[p])
+        assert {"exp_avg", "exp_avg_sq", "step"} <= set(sd["state"][i])
+    torch.save(sd, tmp_path / "opt.pt")
+    loaded = torch.load(tmp_path / "opt.pt", weights_only=True)
+    fresh = GAO(mlp(1).parameters(), "Adam", lr=0.5, beta=0.9)
+    fresh.load_state_dict(loaded)
+    assert fresh.param_groups[0]["lr"] == 1e-2
+    again = fresh.state_dict()
+    for i in sd["state"]:
+        assert sd["state"][i].keys() == again["state"][i].keys()
+        for key, value in sd["state"][i].items():
+            assert torch.equal(value, again["state"][i][key]), (i, key)
+    # The loaded EMA is a copy: stepping the fresh optimizer leaves the saved one alone.
+    saved = loaded["state"][0]["gao_ema"].clone()
+    fresh_params = fresh.param_groups[0]["params"]
+    set_grads(fresh_params, [torch.ones_like(p) for p in fresh_params])
+    fresh.step()
+    assert torch.equal(loaded["state"][0]["gao_ema"], saved)
+
+
+def test_state_dict_has_no_ema_before_the_first_step():
+    opt = GAO(make_params(), "Adam", lr=1e-2)
+    sd = opt.state_dict()
+    assert all("gao_ema" not in entry for entry in sd["state"].values())
+    GAO(make_params(), "Adam", lr=1e-2).load_state_dict(sd)
+
+
+def test_load_casts_a_float64_checkpoint_to_float32_params():
+    model = mlp(dtype=torch.float64)
+    opt = GAO(model.parameters(), "Adam", lr=1e-2)
+    for step in range(2):
+        train_step(model, opt, step, dtype=torch.float64)
+    model32 = mlp(dtype=torch.float32)
+    opt32 = GAO(model32.parameters(), "Adam", lr=1e-2)
+    opt32.load_state_dict(opt.state_dict())
+    for p, q in zip(model.parameters(), model32.parameters(), strict=True):
+        assert opt32.ema_state[q].dtype == torch.float32
+        torch.testing.assert_close(opt32.ema_state[q], opt.ema_state[p].float())
+        assert opt32.state[q]["exp_avg"].dtype == torch.float32
+    train_step(model32, opt32, 2)  # and it steps
+    assert all(torch.isfinite(p).all() for p in model32.parameters())
+
+
+# --- 6. dtypes and devices ----------------------------------------------------------------------
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.float64, torch.bfloat16], ids=["f32", "f64", "bf16"]
+)
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+@pytest.mark.parametrize("target", TARGETS)
+def test_dtypes_and_devices(target, granularity, dtype, device):
+    params = make_params(dtype=dtype, device=device)
+    opt = GAO(params, "Adam", lr=1e-2, beta=0.9, target=target, granularity=granularity)
+    start = [p.detach().clone() for p in params]
+    for grads in grad_sequence(SHAPES, steps=4, dtype=dtype):
+        set_grads(params, grads)
+        opt.step()
+        s = opt.last_scales
+        assert s.device.type == device and s.dtype == torch.float32
+        assert torch.isfinite(s).all() and (s >= 0).all() and (s <= 1).all()
+    for p in params:
+        assert p.dtype == dtype and p.device.type == device and torch.isfinite(p).all()
+        ema = opt.ema_state[p]
+        assert ema.dtype == (torch.float32 if dtype == torch.bfloat16 else dtype)
+        assert ema.shape == p.shape and ema.device == p.device
+    assert any(not torch.equal(p, b) for p, b in zip(params, start, strict=True))
+
+
+def test_bfloat16_ema_keeps_small_increments():
+    """With beta=0.999 a bfloat16 EMA would round the (1 - beta) * g increments away."""
+    p = nn.Parameter(torch.zeros(4, dtype=torch.bfloat16))
+    opt = GAO([p], "SGD", lr=0.0, beta=0.999)
+    for _ in range(10):
+        p.grad = torch.ones(4, dtype=torch.bfloat16)
+        opt.step()
+    expected = 1 - 0.999**10
+    torch.testing.assert_close(opt.ema_state[p], torch.full((4,), expected), rtol=1e-5, atol=0)
+
+
+# --- 7. memory ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+@pytest.mark.parametrize("target", TARGETS)
+def test_state_is_one_ema_per_parameter_plus_the_base_state(target, granularity):
+    model, twin = mlp(), mlp()
+    opt = GAO(model.parameters(), "Adam", lr=1e-2, target=target, granularity=granularity)
+    plain = torch.optim.Adam(twin.parameters(), lr=1e-2)
+    for step in range(3):
+        train_step(model, opt, step)
+        train_step(twin, plain, step)
+    params = list(model.parameters())
+    assert len(opt.ema_state) == len(params)
+    assert set(opt.ema_state) == set(params)
+    for p in params:
+        assert opt.ema_state[p].shape == p.shape
+    assert len(opt.state) == len(plain.state) == len(params)
+    for p, q in zip(params, twin.parameters(), strict=True):
+        assert set(opt.state[p]) == set(plain.state[q])
+    assert set(opt.state_dict()["state"][0]) == set(plain.state_dict()["state"][0]) | {"gao_ema"}
