@@ -40,7 +40,10 @@ def _resolve_base(base: type[Optimizer] | str | None) -> type[Optimizer]:
         return base
     if isinstance(base, str):
         module_name, _, attr = base.rpartition(".")
-        module = importlib.import_module(module_name or "torch.optim")
+        try:
+            module = importlib.import_module(module_name or "torch.optim")
+        except ImportError:
+            module = None
         found = getattr(module, attr, None)
         if isinstance(found, type) and issubclass(found, Optimizer):
             return found
@@ -179,6 +182,13 @@ class GradientAlignmentOptimizer(Optimizer):
             f"base={self.base!r})"
         )
 
+    def __getstate__(self) -> dict[str, Any]:
+        # Optimizer's own pickling keeps only defaults/state/param_groups, which live on the base.
+        return self.__dict__.copy()
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
     # --- checkpointing ---------------------------------------------------------------------
     def _params(self) -> list[torch.Tensor]:
         return [p for group in self.param_groups for p in group["params"]]
@@ -276,37 +286,43 @@ class GradientAlignmentOptimizer(Optimizer):
     def _tensor_scales(
         self, grads: list[torch.Tensor], emas: list[torch.Tensor]
     ) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """One scale per tensor (or one for all) in few kernels, with no host synchronisation.
-
-        On small models a step costs its number of kernels rather than its arithmetic, so the
-        norms come from one multi-tensor call and the dot products from BLAS.
-        """
+        """One scale per tensor (or one for all), with no host synchronisation."""
         devices = {g.device for g in grads}
         if len(devices) > 1:
             raise RuntimeError(
                 "GradientAlignmentOptimizer needs all parameters with gradients on one device, "
                 f"got {sorted(map(str, devices))}"
             )
-        dot = torch.stack(
-            [torch.dot(g.reshape(-1), m.reshape(-1)) for g, m in zip(grads, emas, strict=True)]
-        )
-        norms = torch.stack(torch._foreach_norm([*grads, *emas])).view(2, -1)
+        flat = [(g.reshape(-1), m.reshape(-1)) for g, m in zip(grads, emas, strict=True)]
+        products = torch.stack(
+            [torch.dot(g, m) for g, m in flat]
+            + [torch.dot(g, g) for g, _ in flat]
+            + [torch.dot(m, m) for _, m in flat]
+        ).view(3, -1)
         if self.granularity == "global":
-            scale = self._scale(dot.sum(), norms.square().sum(1).sqrt())
+            scale = self._scale(products.sum(1))
             return [scale] * len(grads), scale.expand(len(grads))
-        scale = self._scale(dot, norms)
+        scale = self._scale(products)
         return list(scale.unbind(0)), scale
 
     def _row_scale(self, g: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
         """One scale per output unit, shaped to broadcast over ``g``."""
         g_rows, m_rows = _rows(g), _rows(m)
-        dot = (g_rows * m_rows).sum(1)
-        norms = torch.stack([torch.linalg.vector_norm(r, dim=1) for r in (g_rows, m_rows)])
-        return self._scale(dot, norms).reshape(_row_shape(g))
+        products = torch.stack(
+            [(g_rows * m_rows).sum(1), g_rows.square().sum(1), m_rows.square().sum(1)]
+        )
+        return self._scale(products).reshape(_row_shape(g))
 
-    def _scale(self, dot: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
-        """clamp(dot / (|g| |m|), min_scale, 1), with ``norms`` stacked as [|g|, |m|]."""
-        return (dot / (norms[0] * norms[1]).clamp_min(self.eps)).clamp_(self.min_scale, 1.0)
+    def _scale(self, products: torch.Tensor) -> torch.Tensor:
+        """clamp(cos(g, m), min_scale, 1) from stacked products [g.m, g.g, m.m]; 0 if a norm is 0.
+
+        All three products come from the same kernel and the cosine is g.m / sqrt(g.g * m.m), so
+        m == g gives exactly 1 (sqrt(x * x) == x); float64 keeps g.g * m.m from underflowing.
+        """
+        wide = products.double()
+        norm_product = (wide[1] * wide[2]).sqrt()
+        scale = (wide[0] / norm_product.clamp_min(self.eps)).clamp_(self.min_scale, 1.0)
+        return scale.masked_fill_(norm_product == 0, 0.0).to(products.dtype)
 
     def _record(self, means: torch.Tensor, indices: list[int], n_params: int) -> None:
         means = means.float()
