@@ -234,7 +234,7 @@ class GradientAlignmentOptimizer(Optimizer):
                 torch._foreach_mul_([p.grad for p in params], scales)
             self.base.step()
         else:
-            before = torch._foreach_clone(params) if params else []
+            before = [p.clone() for p in params]
             self.base.step()
             if params:
                 weights = [(1.0 - s).to(p.dtype) for p, s in zip(params, scales, strict=True)]
