@@ -66,16 +66,6 @@ def _validate(beta: float, target: str, granularity: str, min_scale: float, eps:
         raise ValueError(f"eps={eps!r} must be > 0")
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    """View ``t`` as (output units, rest): one row per slice along dim 0; 0/1-d: one row."""
-    return t.reshape(t.shape[0], -1) if t.dim() >= 2 else t.reshape(1, -1)
-
-
-def _row_shape(t: torch.Tensor) -> tuple[int, ...]:
-    """Shape that broadcasts one scale per row of ``t`` (see ``_rows``) over ``t``."""
-    return (t.shape[0],) + (1,) * (t.dim() - 1) if t.dim() >= 2 else ()
-
-
 class GradientAlignmentOptimizer(Optimizer):
     """Scale a base optimizer's step by the alignment of each gradient with its moving average.
 
@@ -166,8 +156,8 @@ class GradientAlignmentOptimizer(Optimizer):
 
     @property
     def ema_state(self) -> dict[torch.Tensor, torch.Tensor]:
-        """The gradient EMA per parameter, the only state GAO keeps between steps."""
-        return self._ema
+        """The gradient EMA per parameter (a view, shaped like it): all the state GAO keeps."""
+        return {p: ema.view(p.shape) for p, ema in self._ema.items()}
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         self.base.add_param_group(param_group)
@@ -200,7 +190,7 @@ class GradientAlignmentOptimizer(Optimizer):
         for index, p in enumerate(self._params()):
             ema = self._ema.get(p)
             if ema is not None:
-                state[index] = {**state.get(index, {}), _EMA_KEY: ema}
+                state[index] = {**state.get(index, {}), _EMA_KEY: ema.view(p.shape)}
         return {**state_dict, "state": state}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -216,7 +206,9 @@ class GradientAlignmentOptimizer(Optimizer):
         self.base.load_state_dict({**state_dict, "state": base_state})
         params = self._params()
         self._ema = {
-            params[i]: ema.to(device=params[i].device, dtype=_ema_dtype(params[i]), copy=True)
+            params[i]: ema.to(device=params[i].device, dtype=_ema_dtype(params[i]))
+            .flatten()
+            .clone()
             for i, ema in emas.items()
         }
 
@@ -261,43 +253,47 @@ class GradientAlignmentOptimizer(Optimizer):
             indices.append(index)
         if not params:
             return [], []
-        emas = [self._ema_of(p) for p in params]
+        emas = [self._flat_ema(p) for p in params]
         grads = [
-            p.grad if p.grad.dtype == m.dtype else p.grad.to(m.dtype)
+            p.grad.reshape(-1) if p.grad.dtype == m.dtype else p.grad.reshape(-1).to(m.dtype)
             for p, m in zip(params, emas, strict=True)
         ]
         torch._foreach_lerp_(emas, grads, 1.0 - self.beta)
         if self.granularity == "row":
-            scales = [self._row_scale(g, m) for g, m in zip(grads, emas, strict=True)]
+            scales = [
+                self._row_scale(g, m, p.shape) for g, m, p in zip(grads, emas, params, strict=True)
+            ]
             means = torch.stack([s.mean() for s in scales])
         else:
             scales, means = self._tensor_scales(grads, emas)
         self._record(means, indices, len(all_params))
         return params, scales
 
-    def _ema_of(self, p: torch.Tensor) -> torch.Tensor:
+    def _flat_ema(self, p: torch.Tensor) -> torch.Tensor:
+        """The EMA of ``p``, created at zero on first use; kept flat so a step needs no reshape."""
         ema = self._ema.get(p)
         if ema is None:
-            ema = self._ema[p] = torch.zeros_like(
-                p, dtype=_ema_dtype(p), memory_format=torch.preserve_format
-            )
+            ema = self._ema[p] = torch.zeros(p.numel(), dtype=_ema_dtype(p), device=p.device)
         return ema
 
     def _tensor_scales(
         self, grads: list[torch.Tensor], emas: list[torch.Tensor]
     ) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """One scale per tensor (or one for all), with no host synchronisation."""
+        """One scale per tensor (or one for all), with no host synchronisation.
+
+        On small models a step costs its number of torch calls, not its arithmetic: every call
+        here is one per step or one per tensor, on flat views.
+        """
         devices = {g.device for g in grads}
         if len(devices) > 1:
             raise RuntimeError(
                 "GradientAlignmentOptimizer needs all parameters with gradients on one device, "
                 f"got {sorted(map(str, devices))}"
             )
-        flat = [(g.reshape(-1), m.reshape(-1)) for g, m in zip(grads, emas, strict=True)]
         products = torch.stack(
-            [torch.dot(g, m) for g, m in flat]
-            + [torch.dot(g, g) for g, _ in flat]
-            + [torch.dot(m, m) for _, m in flat]
+            [torch.dot(g, m) for g, m in zip(grads, emas, strict=True)]
+            + [torch.dot(g, g) for g in grads]
+            + [torch.dot(m, m) for m in emas]
         ).view(3, -1)
         if self.granularity == "global":
             scale = self._scale(products.sum(1))
@@ -305,13 +301,14 @@ class GradientAlignmentOptimizer(Optimizer):
         scale = self._scale(products)
         return list(scale.unbind(0)), scale
 
-    def _row_scale(self, g: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-        """One scale per output unit, shaped to broadcast over ``g``."""
-        g_rows, m_rows = _rows(g), _rows(m)
+    def _row_scale(self, g: torch.Tensor, m: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        """One scale per output unit (slice along dim 0), shaped to broadcast over the parameter."""
+        rows = shape[0] if len(shape) >= 2 else 1
+        g_rows, m_rows = g.view(rows, -1), m.view(rows, -1)
         products = torch.stack(
             [(g_rows * m_rows).sum(1), g_rows.square().sum(1), m_rows.square().sum(1)]
         )
-        return self._scale(products).reshape(_row_shape(g))
+        return self._scale(products).view((rows,) + (1,) * (len(shape) - 1) if rows > 1 else ())
 
     def _scale(self, products: torch.Tensor) -> torch.Tensor:
         """clamp(cos(g, m), min_scale, 1) from stacked products [g.m, g.g, m.m]; 0 if a norm is 0.
@@ -319,10 +316,12 @@ class GradientAlignmentOptimizer(Optimizer):
         All three products come from the same kernel and the cosine is g.m / sqrt(g.g * m.m), so
         m == g gives exactly 1 (sqrt(x * x) == x); float64 keeps g.g * m.m from underflowing.
         """
-        wide = products.double()
-        norm_product = (wide[1] * wide[2]).sqrt()
-        scale = (wide[0] / norm_product.clamp_min(self.eps)).clamp_(self.min_scale, 1.0)
-        return scale.masked_fill_(norm_product == 0, 0.0).to(products.dtype)
+        dot, grad_square, ema_square = products.double().unbind(0)
+        norm_product = (grad_square * ema_square).sqrt()
+        scale = (dot / norm_product.clamp_min(self.eps)).clamp_(self.min_scale, 1.0)
+        if self.min_scale > 0:  # with min_scale = 0 the clamp already gives 0 for a zero norm
+            scale.masked_fill_(norm_product == 0, 0.0)
+        return scale
 
     def _record(self, means: torch.Tensor, indices: list[int], n_params: int) -> None:
         means = means.float()
