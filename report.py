@@ -1,0 +1,43 @@
+"""Compare the optimizers' best sweep runs over several seeds: figure, statistics, verdict.
+
+    python report.py                       # conf/report.yaml: adam vs gao, 5 seeds x 100 epochs
+    python report.py --optimizers adam gao gao_update --seeds 0 1 2 -- model=cnn
+    python report.py -- tracking.experiment=gradient-alignment-quick trainer.epochs=3
+
+Needs a finished sweep per optimizer (python train.py optimizer=<name> -m, with the same
+overrides). Writes outputs/report/<name>/{report.md,convergence_comparison.png}, also logged to
+MLflow; final runs already tracked for the same configuration and seed are reused.
+"""
+
+import argparse
+import logging
+import shlex
+import sys
+from pathlib import Path
+
+from gradalign.report import make_report
+from gradalign.report_runs import MissingSweepError
+from gradalign.report_settings import add_report_arguments, report_settings_from_args
+
+ROOT = Path(__file__).resolve().parent
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_report_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        settings = report_settings_from_args(ROOT, args, shlex.join(["python", "report.py", *argv]))
+        out_dir = make_report(settings)
+    except (ValueError, MissingSweepError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(out_dir / "report.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,119 @@
+"""Training configs of the report, composed from conf/ as train.py composes them.
+
+A final run is its optimizer's best sweep run with three things changed: the budget
+(trainer.epochs), the seeds, and one thread per process. Everything else comes from the same
+composition (``optimizer=<name>`` plus the user's overrides) with the best run's logged optimizer
+params as overrides, and is checked to reproduce them exactly. The same composition defines the
+*context* a sweep run must share to count: every hashed setting outside ``optimizer.*``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException
+from omegaconf import DictConfig, OmegaConf
+
+from gradalign.config import NOT_HASHED, flatten, validate
+
+OPTIMIZER_PREFIX = "optimizer."
+# One thread per process: results do not depend on the core count, and parallel runs do not
+# oversubscribe the cores. Placed before the user's overrides, so trainer.threads=N still wins.
+DEFAULT_OVERRIDES = ("trainer.threads=1",)
+
+
+def compose_config(conf_dir: Path, overrides: Sequence[str]) -> DictConfig:
+    """conf/config.yaml composed with ``overrides`` (no hydra node), resolved and validated."""
+    with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
+        try:
+            cfg = compose("config", overrides=list(overrides))
+        except HydraException as error:
+            raise ValueError(
+                f"invalid training-config overrides {list(overrides)}: {error}"
+            ) from None
+    OmegaConf.resolve(cfg)  # concrete values: the config can go to a worker process as is
+    validate(cfg)
+    return cfg
+
+
+def base_overrides(optimizer: str, overrides: Sequence[str]) -> list[str]:
+    """Overrides of an optimizer's runs in the study: its config group, then the user's."""
+    return [f"optimizer={optimizer}", *DEFAULT_OVERRIDES, *overrides]
+
+
+def _hashed(key: str) -> bool:
+    return not any(key == x or key.startswith(f"{x}.") for x in NOT_HASHED)
+
+
+def run_context(params: Mapping[str, str]) -> dict[str, str]:
+    """The logged params of a run that a comparable run must share: hashed and non-optimizer."""
+    return {k: v for k, v in params.items() if _hashed(k) and not k.startswith(OPTIMIZER_PREFIX)}
+
+
+def config_context(cfg: DictConfig) -> dict[str, str]:
+    """``run_context`` of the params a run of ``cfg`` logs (values as MLflow stores them: str)."""
+    return run_context({key: str(value) for key, value in flatten(cfg).items()})
+
+
+def optimizer_params(params: Mapping[str, str]) -> dict[str, str]:
+    """The ``optimizer.*`` entries of a run's logged params."""
+    return {k: v for k, v in params.items() if k.startswith(OPTIMIZER_PREFIX)}
+
+
+def tuned_overrides(cfg: DictConfig, best: Mapping[str, str]) -> dict[str, str]:
+    """The best run's optimizer params that differ from ``cfg``'s (the tuned hyperparameters).
+
+    Raises ValueError if the run's optimizer keys are not the config's: the optimizer's config
+    changed since the sweep, so its best run cannot be reproduced.
+    """
+    current = optimizer_params({k: str(v) for k, v in flatten(cfg).items()})
+    if set(current) != set(best):
+        raise ValueError(
+            f"the best sweep run of optimizer {cfg.optimizer.name!r} logged optimizer keys "
+            f"{sorted(best)} but conf/optimizer/{cfg.optimizer.name}.yaml now has "
+            f"{sorted(current)}: rerun its sweep: python train.py optimizer={cfg.optimizer.name} -m"
+        )
+    return {key: value for key, value in best.items() if current[key] != value}
+
+
+def hyperparameters(conf_dir: Path, base: Sequence[str], best: Mapping[str, str]) -> dict[str, str]:
+    """The best run's values of the keys its sweep searched (hydra.sweeper.params of the
+    composition ``base``) and of any other optimizer key that differs from the config file."""
+    with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
+        searched = set(compose("config", list(base), return_hydra_config=True).hydra.sweeper.params)
+    changed = tuned_overrides(compose_config(conf_dir, base), best)
+    return {key: value for key, value in best.items() if key in searched or key in changed}
+
+
+def final_config(
+    conf_dir: Path, base: Sequence[str], best: Mapping[str, str], *, epochs: int
+) -> DictConfig:
+    """The final-run config: the composition ``base`` (see ``base_overrides``) with the best
+    run's optimizer params ``best`` and ``epochs`` epochs; seeds are set by ``seeded``.
+
+    Raises ValueError unless the composed config logs exactly the params in ``best``.
+    """
+    tuned = tuned_overrides(compose_config(conf_dir, base), best)
+    cfg = compose_config(
+        conf_dir, [*base, *(f"{k}={v}" for k, v in tuned.items()), f"trainer.epochs={epochs}"]
+    )
+    got = optimizer_params({k: str(v) for k, v in flatten(cfg).items()})
+    if got != dict(best):
+        diff = {k: (best.get(k), got.get(k)) for k in sorted(set(best) | set(got))}
+        diff = {k: pair for k, pair in diff.items() if pair[0] != pair[1]}
+        raise ValueError(
+            f"cannot reproduce the best run's params {{key: (logged, composed)}}: {diff}"
+        )
+    return cfg
+
+
+def seeded(cfg: DictConfig, seed: int) -> DictConfig:
+    """A copy of ``cfg`` with seed.model = seed.data = ``seed``: for a given seed every optimizer
+    starts from the same weights and sees the same mini-batch order."""
+    copy = cfg.copy()
+    copy.seed.model = seed
+    copy.seed.data = seed
+    validate(copy)
+    return copy

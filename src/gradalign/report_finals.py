@@ -1,0 +1,120 @@
+"""Final runs: the best configuration of each optimizer trained for the final budget per seed,
+in parallel worker processes when there are several to train.
+
+Every final run carries tag ``init_hash``, a hash of the model's initial state_dict computed from
+its config, so the report can check that all optimizers of a seed started from the same weights.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import hashlib
+import logging
+import multiprocessing
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from gradalign.data import load_mnist1d
+from gradalign.experiment import run_experiment
+from gradalign.models import build_model
+
+log = logging.getLogger(__name__)
+# Measured here: a spawned worker imports torch, MLflow and Hydra for ~4-5 s before its first run.
+WORKER_START_S = 5.0
+
+
+@dataclasses.dataclass(frozen=True)
+class FinalJob:
+    """One final run to train: a resolved config (seeds set), the tags it is logged with, and an
+    estimate of its wall time (which decides whether worker processes pay off)."""
+
+    optimizer: str
+    seed: int
+    cfg: DictConfig
+    tags: dict[str, str]
+    estimate_s: float
+
+
+@dataclasses.dataclass(frozen=True)
+class FinalResult:
+    """A final run as the report uses it: where it is, whether this report trained it, its
+    per-epoch curves and its per-seed outcomes (report_stats.outcomes)."""
+
+    optimizer: str
+    seed: int
+    run_id: str
+    reused: bool
+    diverged: bool
+    curves: dict[str, list[float]]
+    outcomes: dict[str, float]
+
+
+def init_hash(cfg: DictConfig) -> str:
+    """12 hex digits of the initial weights a run of ``cfg`` starts from.
+
+    Built as run_experiment builds its model: ``torch.manual_seed(seed.model)`` then
+    ``build_model`` with the dataset's dimensions; the global RNG is left as it was.
+    """
+    splits = load_mnist1d(
+        OmegaConf.to_container(cfg.dataset.generation, resolve=True),
+        val_fraction=cfg.dataset.val_fraction,
+        split_seed=cfg.dataset.split_seed,
+        cache_dir=cfg.paths.data_cache,
+    )
+    options: dict[str, Any] = OmegaConf.to_container(cfg.model, resolve=True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed.model)
+        model = build_model(
+            options.pop("name"), input_dim=splits.input_dim, n_classes=splits.n_classes, **options
+        )
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:12]
+
+
+def _train(job: FinalJob, parent_run_id: str) -> str:
+    """Train one final run (in this or a worker process); its MLflow run id."""
+    _, run_id = run_experiment(
+        job.cfg, stage="final", parent_run_id=parent_run_id, extra_tags=job.tags
+    )
+    return run_id
+
+
+def workers_worth_starting(estimates_s: Sequence[float], workers: int) -> int:
+    """How many processes to train jobs of these estimated durations in: ``workers`` (at most
+    one per job) when that saves more time than starting them costs, else 1 (this process)."""
+    workers = min(workers, len(estimates_s))
+    if workers <= 1:
+        return 1
+    saved = sum(estimates_s) * (1 - 1 / workers)
+    return workers if saved > WORKER_START_S else 1
+
+
+def train(jobs: Sequence[FinalJob], *, parent_run_id: str, workers: int) -> list[str]:
+    """Train ``jobs`` nested under ``parent_run_id``; their run ids, in order.
+
+    In this process, one after another, unless ``workers_worth_starting`` says otherwise; then in
+    spawned processes (spawn, not fork: this process holds an open SQLite connection and torch's
+    thread pool, neither of which survives a fork).
+    """
+    workers = workers_worth_starting([job.estimate_s for job in jobs], workers)
+    if workers == 1:
+        run_ids = []
+        for i, job in enumerate(jobs, 1):
+            run_ids.append(_train(job, parent_run_id))
+            log.info("final run %d/%d done: %s seed %d", i, len(jobs), job.optimizer, job.seed)
+        return run_ids
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+        futures = {pool.submit(_train, job, parent_run_id): job for job in jobs}
+        for i, future in enumerate(concurrent.futures.as_completed(futures), 1):
+            job = futures[future]
+            future.result()  # re-raise a worker's error here
+            log.info("final run %d/%d done: %s seed %d", i, len(jobs), job.optimizer, job.seed)
+        return [future.result() for future in futures]

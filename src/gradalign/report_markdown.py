@@ -1,0 +1,217 @@
+"""report.md: the verdict first, then how it was reached: the selected hyperparameters, the
+outcomes over seeds, the paired tests, every per-seed value, and the caveats of a small n."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+from gradalign.report_finals import FinalResult
+from gradalign.report_plots import BAND
+from gradalign.report_runs import SweepChoice
+from gradalign.report_settings import ReportSettings
+from gradalign.report_stats import (
+    OUTCOMES,
+    TESTED,
+    Comparison,
+    Summary,
+    detectable_effect,
+    min_wilcoxon_p,
+)
+
+ACCURACY = ("test_acc_at_best", "final_test_acc")
+
+
+def _value(outcome: str, x: float) -> str:
+    if not math.isfinite(x):
+        return "—"
+    if outcome in ACCURACY:
+        return f"{100 * x:.2f}%"
+    return f"{x:.1f}" if outcome == "best_epoch" else f"{x:.4f}"
+
+
+def _summary(outcome: str, s: Summary, n_total: int) -> str:
+    text = f"{_value(outcome, s.mean)} ± {_value(outcome, s.std)}"
+    return text if s.n == n_total else f"{text} (n={s.n})"
+
+
+def _number(x: float) -> str:
+    return "—" if not math.isfinite(x) else f"{x:.3g}"
+
+
+def _param(value: str) -> str:
+    try:
+        return f"{float(value):.4g}"
+    except ValueError:
+        return value
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def render(
+    *,
+    settings: ReportSettings,
+    header: Mapping[str, str],
+    choices: Mapping[str, SweepChoice],
+    hyperparameters: Mapping[str, Mapping[str, str]],
+    finals: Sequence[FinalResult],
+    summaries: Mapping[str, Mapping[str, Summary]],
+    comparisons: Sequence[Comparison],
+    figure: str,
+) -> str:
+    """The markdown of the report.
+
+    ``header``: title and provenance lines (label -> value); ``hyperparameters``: per optimizer,
+    the best run's searched params (report_configs.hyperparameters); ``summaries``: optimizer ->
+    outcome -> Summary.
+    """
+    n = len(settings.seeds)
+    primary = OUTCOMES[settings.primary].label
+    lines = [f"# {header['title']}", ""]
+    lines += [f"- {label}: {value}" for label, value in header.items() if label != "title"]
+
+    lines += [
+        "",
+        f"## Verdict (primary outcome: {primary}, paired t-test, alpha = {settings.alpha:g})",
+        "",
+    ]
+    lines += [f"- {c.verdict}" for c in comparisons]
+    shared = sorted({s for c in choices.values() for s in c.seeds} & set(settings.seeds))
+    if shared:
+        lines += [
+            "",
+            f"**Caution:** seed(s) {shared} also ran the sweeps, so the hyperparameters were "
+            "picked on those seeds' first epochs and their final runs favour the picked "
+            "configurations. "
+            "Use final seeds disjoint from the sweeps' (--seeds).",
+        ]
+    floor = min_wilcoxon_p(n)
+    lines += [
+        "",
+        f"With n = {n} seeds, a two-sided paired t-test at alpha = {settings.alpha:g} has 80% "
+        "power "
+        f"only for effects |d_z| >= {detectable_effect(n, settings.alpha):.2f}: a smaller true "
+        'difference is likely to be missed, so "no significant difference" is not evidence of '
+        f"equality. The exact Wilcoxon signed-rank test cannot give p below 2/2^n = {floor:.4g}"
+        + (" with this n, so it cannot reach significance." if floor >= settings.alpha else "."),
+    ]
+
+    lines += ["", "## Selected hyperparameters (best sweep run per optimizer)", ""]
+    lines.append(
+        f"Best FINISHED sweep run by `{settings.metric}` ({settings.direction}) among the runs "
+        "made "
+        "with this report's settings; failed, killed, unfinished runs and runs without a finite "
+        "metric are skipped."
+    )
+    lines.append("")
+    rows = []
+    for name, choice in choices.items():
+        params = ", ".join(
+            f"{k.split('.', 1)[1]}={_param(v)}" for k, v in hyperparameters[name].items()
+        )
+        counts = choice.counts
+        rows.append(
+            [
+                name,
+                params or "(config defaults)",
+                f"{choice.value:.4f}",
+                f"`{choice.run_id}`",
+                str(counts["finished"]),
+                str(counts["failed"]),
+                str(counts["killed"]),
+                str(counts["unfinished"] + counts["no metric"]),
+                str(choice.other_settings),
+            ]
+        )
+    lines += _table(
+        [
+            "optimizer",
+            "hyperparameters",
+            settings.metric,
+            "run",
+            "finished",
+            "failed",
+            "killed",
+            "unfinished / no metric",
+            "other settings (ignored)",
+        ],
+        rows,
+    )
+
+    lines += [
+        "",
+        f"## Final runs: {settings.final_epochs} epochs, seeds {list(settings.seeds)} "
+        "(mean ± std over seeds)",
+        "",
+    ]
+    rows = []
+    for name in choices:
+        diverged = sum(r.diverged for r in finals if r.optimizer == name)
+        rows.append([name, *(_summary(o, summaries[name][o], n) for o in OUTCOMES), str(diverged)])
+    lines += _table(["optimizer", *(OUTCOMES[o].label for o in OUTCOMES), "diverged"], rows)
+
+    lines += [
+        "",
+        f"## Paired tests against {settings.baseline} "
+        f"(difference = optimizer - {settings.baseline})",
+        "",
+    ]
+    rows = []
+    for c in comparisons:
+        for outcome in TESTED:
+            t = c.tests[outcome]
+            marker = " (primary)" if outcome == settings.primary else ""
+            rows.append(
+                [
+                    c.optimizer,
+                    OUTCOMES[outcome].label + marker,
+                    str(t.n),
+                    f"{t.mean_diff:+.4g}",
+                    f"[{t.ci[0]:+.4g}, {t.ci[1]:+.4g}]",
+                    _number(t.t),
+                    _number(t.p_t),
+                    _number(t.w),
+                    _number(t.p_w),
+                    _number(t.d_z),
+                ]
+            )
+    level = f"{1 - settings.alpha:.0%} CI"
+    lines += _table(
+        ["optimizer", "outcome", "n", "mean diff", level, "t", "p (t)", "W", "p (Wilcoxon)", "d_z"],
+        rows,
+    )
+    lines += [
+        "",
+        "Only the primary outcome decides the verdict; the other rows are descriptive and not "
+        "corrected for multiple comparisons. Lower loss and higher accuracy are better.",
+    ]
+
+    lines += ["", "## Figure", "", f"![convergence comparison]({figure})", ""]
+    lines.append(
+        f"Mean over seeds, band: {BAND}. Bottom right: GAO's mean alignment scale per parameter "
+        "tensor (thin) and over tensors (thick)."
+    )
+
+    lines += ["", "## Per-seed values", ""]
+    rows = [
+        [
+            r.optimizer,
+            str(r.seed),
+            f"`{r.run_id}`",
+            "reused" if r.reused else "trained",
+            *(_value(o, r.outcomes[o]) for o in OUTCOMES),
+        ]
+        for r in finals
+    ]
+    lines += _table(["optimizer", "seed", "run", "", *(OUTCOMES[o].label for o in OUTCOMES)], rows)
+    lines += [
+        "",
+        "For each seed s every optimizer ran with seed.model = seed.data = s: identical initial "
+        "weights (checked: equal `init_hash` tags, a hash of the initial state_dict) and "
+        "mini-batch order.",
+        "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,161 @@
+"""What the report reads from MLflow: each optimizer's best sweep run, the final runs that already
+exist for a configuration, and the per-epoch curves of a run.
+
+Writing stays in gradalign.tracking; this module only searches and reads, through the client
+tracking caches per store.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+import shlex
+from collections.abc import Iterator, Mapping, Sequence
+
+from mlflow.entities import Run, ViewType
+from mlflow.tracking import MlflowClient
+
+from gradalign.report_configs import optimizer_params, run_context
+
+# Per-epoch metric keys the report reads (GAO runs add alignment/<param>).
+EPOCH_METRICS = ("train_loss", "val_loss", "val_acc", "test_loss", "test_acc")
+ALIGNMENT_PREFIX = "alignment/"
+
+
+class MissingSweepError(LookupError):
+    """An optimizer has no usable sweep run; the message names the command that makes one."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepChoice:
+    """The best sweep run of one optimizer, and what the search over its runs found.
+
+    ``counts``: sweep runs with this configuration by outcome (``finished`` runs with a finite
+    metric are the candidates; ``failed``, ``killed``, ``unfinished`` and ``no metric`` are
+    skipped); ``other_settings``: sweep runs of this optimizer made with other settings;
+    ``seconds_per_epoch``: the best run's wall time per epoch, all overheads included;
+    ``seeds``: the best run's (seed.model, seed.data).
+    """
+
+    optimizer: str
+    run_id: str
+    value: float
+    params: dict[str, str]
+    counts: dict[str, int]
+    other_settings: int
+    seconds_per_epoch: float
+    seeds: tuple[int, int]
+
+
+def search(client: MlflowClient, experiment_id: str, filter_string: str) -> Iterator[Run]:
+    """Every active run of the experiment matching ``filter_string``, page by page."""
+    token = None
+    while True:
+        page = client.search_runs(
+            [experiment_id], filter_string, ViewType.ACTIVE_ONLY, max_results=1000, page_token=token
+        )
+        yield from page
+        token = page.token
+        if not token:
+            return
+
+
+def sweep_command(optimizer: str, overrides: Sequence[str]) -> str:
+    """The command that runs ``optimizer``'s sweep with the study's overrides."""
+    return shlex.join(["python", "train.py", f"optimizer={optimizer}", *overrides, "-m"])
+
+
+def _outcome(run: Run, metric: str) -> str:
+    status = run.info.status
+    if status == "FINISHED":
+        value = run.data.metrics.get(metric)
+        return "finished" if value is not None and math.isfinite(value) else "no metric"
+    return {"FAILED": "failed", "KILLED": "killed"}.get(status, "unfinished")
+
+
+def best_sweep_run(
+    client: MlflowClient,
+    experiment_id: str,
+    optimizer: str,
+    context: Mapping[str, str],
+    *,
+    metric: str,
+    direction: str,
+    overrides: Sequence[str] = (),
+) -> SweepChoice:
+    """The FINISHED sweep run of ``optimizer`` with a finite ``metric``, best in ``direction``,
+    among the runs whose settings match ``context`` (see report_configs.run_context).
+
+    Ties go to the earliest run. Raises MissingSweepError (naming the sweep command, and the
+    settings in which other sweeps of the optimizer differ) when there is no candidate.
+    """
+    counts: collections.Counter[str] = collections.Counter()
+    candidates: list[Run] = []
+    differing: set[str] = set()
+    other = 0
+    filter_string = f"tags.stage = 'sweep' and tags.optimizer = '{optimizer}'"
+    for run in search(client, experiment_id, filter_string):
+        settings = run_context(run.data.params)
+        if settings != context:
+            other += 1
+            differing |= {
+                k for k in set(settings) | set(context) if settings.get(k) != context.get(k)
+            }
+            continue
+        outcome = _outcome(run, metric)
+        counts[outcome] += 1
+        if outcome == "finished":
+            candidates.append(run)
+    if not candidates:
+        found = f"{sum(counts.values())} sweep run(s), none FINISHED with a finite {metric!r}"
+        if other:
+            found += f"; {other} more made with other settings (differing in {sorted(differing)})"
+        raise MissingSweepError(
+            f"no usable sweep of optimizer {optimizer!r} ({found}). "
+            f"Make one with: {sweep_command(optimizer, overrides)}"
+        )
+    sign = 1 if direction == "minimize" else -1
+    best = min(candidates, key=lambda r: (sign * r.data.metrics[metric], r.info.start_time))
+    return SweepChoice(
+        optimizer=optimizer,
+        run_id=best.info.run_id,
+        value=best.data.metrics[metric],
+        params=optimizer_params(best.data.params),
+        counts={
+            key: counts[key] for key in ("finished", "failed", "killed", "unfinished", "no metric")
+        },
+        other_settings=other,
+        seconds_per_epoch=(best.info.end_time - best.info.start_time)
+        / 1000
+        / int(best.data.params["trainer.epochs"]),
+        seeds=(int(best.data.params["seed.model"]), int(best.data.params["seed.data"])),
+    )
+
+
+def final_runs(client: MlflowClient, experiment_id: str, config_hash: str) -> dict[int, Run]:
+    """FINISHED final runs of the configuration ``config_hash`` by seed (seed.model = seed.data);
+    the latest one when a seed has several."""
+    runs: dict[int, Run] = {}
+    filter_string = (
+        f"tags.stage = 'final' and tags.config_hash = '{config_hash}' "
+        "and attributes.status = 'FINISHED'"
+    )
+    for run in search(client, experiment_id, filter_string):
+        params = run.data.params
+        if params.get("seed.model") != params.get("seed.data"):
+            continue
+        seed = int(params["seed.model"])
+        if seed not in runs or run.info.start_time > runs[seed].info.start_time:
+            runs[seed] = run
+    return runs
+
+
+def curves(client: MlflowClient, run: Run) -> dict[str, list[float]]:
+    """The run's per-epoch metrics (EPOCH_METRICS and alignment/*), each ordered by epoch."""
+    keys = [*EPOCH_METRICS, *sorted(k for k in run.data.metrics if k.startswith(ALIGNMENT_PREFIX))]
+    result = {}
+    for key in keys:
+        history = sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)
+        result[key] = [m.value for m in history]
+    return result

@@ -1,0 +1,211 @@
+"""Settings of the report and of the study: conf/report.yaml and conf/study.yaml, overridden by
+command-line flags, checked before anything is composed, queried or trained.
+
+A bad value fails here, in milliseconds, with a message naming the key, the value and what is
+allowed, rather than after minutes of sweeps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import numbers
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from gradalign.report_stats import TESTED
+
+DIRECTIONS = ("minimize", "maximize")
+
+
+@dataclasses.dataclass(frozen=True)
+class ReportSettings:
+    """What the report compares and how (see conf/report.yaml for the meaning of each field).
+
+    ``overrides`` are training-config overrides (``model=cnn``); ``name`` is the report folder's
+    name under ``<paths.outputs>/report/`` (None: a timestamp); ``command`` is the command line
+    recorded in report.md.
+    """
+
+    root: Path
+    optimizers: tuple[str, ...]
+    baseline: str
+    seeds: tuple[int, ...]
+    final_epochs: int
+    metric: str
+    direction: str
+    primary: str
+    alpha: float
+    jobs: int
+    overrides: tuple[str, ...] = ()
+    name: str | None = None
+    command: str = ""
+
+    @property
+    def conf_dir(self) -> Path:
+        return self.root / "conf"
+
+
+@dataclasses.dataclass(frozen=True)
+class StudySettings:
+    """The sweeps of the study (trials per optimizer) and the report that follows them."""
+
+    trials: int
+    report: ReportSettings
+
+
+def available_optimizers(root: Path) -> list[str]:
+    """Names of the optimizer configs, conf/optimizer/<name>.yaml."""
+    return sorted(path.stem for path in (Path(root) / "conf" / "optimizer").glob("*.yaml"))
+
+
+def add_report_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags for the keys of conf/report.yaml (unset flags keep the file's values), ``--name``,
+    and the training-config overrides after ``--``."""
+    parser.add_argument("--optimizers", nargs="+", metavar="NAME", help="conf/optimizer names")
+    parser.add_argument(
+        "--baseline", metavar="NAME", help="the optimizer the others are tested against"
+    )
+    parser.add_argument("--seeds", nargs="+", type=int, metavar="S", help="seeds of the final runs")
+    parser.add_argument("--final-epochs", type=int, metavar="N", help="epochs of each final run")
+    parser.add_argument("--metric", help="sweep-run metric that picks the best run")
+    parser.add_argument("--direction", choices=DIRECTIONS, help="of --metric")
+    parser.add_argument("--primary", choices=TESTED, help="outcome the verdict is about")
+    parser.add_argument("--alpha", type=float, help="significance level (two-sided)")
+    parser.add_argument("--jobs", type=int, metavar="N", help="trainings at once (default: cores)")
+    parser.add_argument("--name", help="report folder name under outputs/report/ (default: time)")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="OVERRIDE",
+        help="after --: training-config overrides, e.g. model=cnn tracking.experiment=NAME",
+    )
+
+
+def _report_flags(args: argparse.Namespace) -> dict[str, Any]:
+    keys = ("optimizers", "baseline", "seeds", "final_epochs", "metric", "direction", "primary")
+    flags = {key: getattr(args, key) for key in (*keys, "alpha", "jobs")}
+    return {key: value for key, value in flags.items() if value is not None}
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _fail(key: str, value: Any, allowed: str) -> None:
+    raise ValueError(f"invalid setting {key}={value!r}: must be {allowed}")
+
+
+def _check_names(value: Any, allowed: Sequence[str]) -> tuple[str, ...]:
+    if isinstance(value, str) or not isinstance(value, Sequence):
+        _fail("optimizers", value, f"a list of names from {list(allowed)}")
+    names = tuple(value)
+    unknown = [name for name in names if name not in allowed]
+    if unknown:
+        _fail("optimizers", list(names), f"names from {list(allowed)} (unknown: {unknown})")
+    if len(names) < 2 or len(set(names)) != len(names):
+        _fail("optimizers", list(names), "at least 2 distinct names (a baseline and a challenger)")
+    return names
+
+
+def _check_seeds(value: Any) -> tuple[int, ...]:
+    if isinstance(value, str) or not isinstance(value, Sequence):
+        _fail("seeds", value, "a list of at least 2 distinct integers >= 0")
+    seeds = tuple(value)
+    if (
+        len(seeds) < 2
+        or len(set(seeds)) != len(seeds)
+        or not all(_is_int(s) and s >= 0 for s in seeds)
+    ):
+        _fail("seeds", list(seeds), "a list of at least 2 distinct integers >= 0 (paired tests)")
+    return seeds
+
+
+def report_settings(
+    root: str | os.PathLike,
+    values: Mapping[str, Any] | None = None,
+    *,
+    overrides: Sequence[str] = (),
+    name: str | None = None,
+    command: str = "",
+) -> ReportSettings:
+    """conf/report.yaml under ``root`` updated with ``values``, validated.
+
+    Raises ValueError naming the first bad key, its value and what is allowed.
+    """
+    root = Path(root).resolve()
+    raw = OmegaConf.to_container(OmegaConf.load(root / "conf" / "report.yaml"))
+    unknown = set(values or {}) - set(raw)
+    if unknown:
+        raise ValueError(f"unknown report settings {sorted(unknown)}; allowed: {sorted(raw)}")
+    raw.update(values or {})
+
+    optimizers = _check_names(raw["optimizers"], available_optimizers(root))
+    if raw["baseline"] not in optimizers:
+        _fail("baseline", raw["baseline"], f"one of the optimizers {list(optimizers)}")
+    seeds = _check_seeds(raw["seeds"])
+    if not (_is_int(raw["final_epochs"]) and raw["final_epochs"] >= 1):
+        _fail("final_epochs", raw["final_epochs"], "an integer >= 1")
+    if not (isinstance(raw["metric"], str) and raw["metric"]):
+        _fail("metric", raw["metric"], "a metric name, e.g. objective")
+    if raw["direction"] not in DIRECTIONS:
+        _fail("direction", raw["direction"], f"one of {list(DIRECTIONS)}")
+    if raw["primary"] not in TESTED:
+        _fail("primary", raw["primary"], f"one of {list(TESTED)}")
+    alpha = raw["alpha"]
+    if not (isinstance(alpha, numbers.Real) and not isinstance(alpha, bool) and 0 < alpha < 1):
+        _fail("alpha", alpha, "a number in (0, 1)")
+    jobs = raw["jobs"] if raw["jobs"] is not None else (os.cpu_count() or 1)
+    if not (_is_int(jobs) and jobs >= 1):
+        _fail("jobs", jobs, "null or an integer >= 1")
+    if name is not None and (not name or name in (".", "..") or "/" in name or "\\" in name):
+        _fail("name", name, "a folder name (no path separators)")
+    return ReportSettings(
+        root=root,
+        optimizers=optimizers,
+        baseline=raw["baseline"],
+        seeds=seeds,
+        final_epochs=raw["final_epochs"],
+        metric=raw["metric"],
+        direction=raw["direction"],
+        primary=raw["primary"],
+        alpha=float(alpha),
+        jobs=jobs,
+        overrides=tuple(overrides),
+        name=name,
+        command=command,
+    )
+
+
+def report_settings_from_args(
+    root: str | os.PathLike, args: argparse.Namespace, command: str
+) -> ReportSettings:
+    """ReportSettings from the flags of ``add_report_arguments``."""
+    return report_settings(
+        root, _report_flags(args), overrides=args.overrides, name=args.name, command=command
+    )
+
+
+def study_settings_from_args(
+    root: str | os.PathLike, args: argparse.Namespace, command: str
+) -> StudySettings:
+    """StudySettings from conf/study.yaml and the flags of ``add_report_arguments`` plus
+    ``--trials`` and ``--quick``.
+
+    ``--quick`` takes trials, seeds, final_epochs and leading overrides from conf/study.yaml's
+    ``quick`` block; explicit flags and the user's overrides still win.
+    """
+    study = OmegaConf.to_container(OmegaConf.load(Path(root) / "conf" / "study.yaml"))
+    quick = study["quick"] if args.quick else {}
+    values = {key: quick[key] for key in ("seeds", "final_epochs") if key in quick}
+    values.update(_report_flags(args))
+    overrides = [*quick.get("overrides", []), *args.overrides]
+    report = report_settings(root, values, overrides=overrides, name=args.name, command=command)
+    trials = args.trials if args.trials is not None else quick.get("trials", study["trials"])
+    if not (_is_int(trials) and trials >= 1):
+        _fail("trials", trials, "an integer >= 1")
+    return StudySettings(trials=trials, report=report)

@@ -1,0 +1,224 @@
+"""Per-seed outcomes of the final runs and the paired statistics the verdict rests on.
+
+Each final run is reduced to a few numbers (min val loss, its epoch, final val loss, test
+accuracy); optimizers are compared with the baseline seed by seed, because runs of the same seed
+share initial weights and data order: the paired t-test (mean(d) / (sd(d) / sqrt(n)), d = other
+minus baseline), the exact Wilcoxon signed-rank test as a check that needs no normality, and
+Cohen's d_z = mean(d) / sd(d). The verdict is decided by the paired t-test on one primary
+outcome, stated before looking (conf/report.yaml), so that reporting several outcomes does not
+become a search for a significant one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+from scipy import integrate, optimize, stats
+
+
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+    """A per-seed number: its label, and whether higher is better (None: described, not tested)."""
+
+    label: str
+    higher_is_better: bool | None
+
+
+OUTCOMES: dict[str, Outcome] = {
+    "best_val_loss": Outcome("min val loss", False),
+    "best_epoch": Outcome("epoch of min val loss", None),
+    "final_val_loss": Outcome("final val loss", False),
+    "test_acc_at_best": Outcome("test acc at min val loss", True),
+    "final_test_acc": Outcome("final test acc", True),
+}
+TESTED = tuple(name for name, outcome in OUTCOMES.items() if outcome.higher_is_better is not None)
+
+
+def outcomes(
+    val_loss: Sequence[float], test_acc: Sequence[float], diverged: bool
+) -> dict[str, float]:
+    """The OUTCOMES of one run from its per-epoch val loss and test accuracy.
+
+    The minimum is over the completed epochs (the first on ties, epochs 1-based); a diverged run
+    has no final values (NaN), and a run without epochs has none at all.
+    """
+    if not val_loss:
+        return dict.fromkeys(OUTCOMES, math.nan)
+    best = int(np.argmin(val_loss))
+    return {
+        "best_val_loss": float(val_loss[best]),
+        "best_epoch": float(best + 1),
+        "final_val_loss": math.nan if diverged else float(val_loss[-1]),
+        "test_acc_at_best": float(test_acc[best]),
+        "final_test_acc": math.nan if diverged else float(test_acc[-1]),
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class Summary:
+    """Mean and sample standard deviation (ddof=1) of the finite values; n counts them."""
+
+    n: int
+    mean: float
+    std: float
+
+
+def summarize(values: Sequence[float]) -> Summary:
+    """Summary of ``values``, ignoring NaN and inf (a diverged run); std is NaN below 2 values."""
+    finite = np.asarray([v for v in values if math.isfinite(v)], dtype=float)
+    if finite.size == 0:
+        return Summary(0, math.nan, math.nan)
+    std = float(finite.std(ddof=1)) if finite.size > 1 else math.nan
+    return Summary(int(finite.size), float(finite.mean()), std)
+
+
+@dataclasses.dataclass(frozen=True)
+class PairedTest:
+    """Paired comparison of ``other`` with ``baseline`` over the seeds where both are finite.
+
+    Differences are other minus baseline. ``ci`` is the (1 - alpha) t-interval of their mean.
+    Statistics that are undefined (fewer than 2 pairs, or all differences equal) are NaN.
+    """
+
+    n: int
+    mean_diff: float
+    sd_diff: float
+    ci: tuple[float, float]
+    t: float
+    p_t: float
+    w: float
+    p_w: float
+    d_z: float
+
+
+def paired_test(baseline: Sequence[float], other: Sequence[float], alpha: float) -> PairedTest:
+    """Paired t-test, exact Wilcoxon signed-rank test (two-sided) and Cohen's d_z."""
+    if len(baseline) != len(other):
+        raise ValueError(f"paired samples differ in length: {len(baseline)} and {len(other)}")
+    pairs = [(b, o) for b, o in zip(baseline, other, strict=True) if math.isfinite(b + o)]
+    n = len(pairs)
+    nan = math.nan
+    if n < 2:
+        return PairedTest(n, nan, nan, (nan, nan), nan, nan, nan, nan, nan)
+    base, oth = (np.asarray(side, dtype=float) for side in zip(*pairs, strict=True))
+    d = oth - base
+    mean, sd = float(d.mean()), float(d.std(ddof=1))
+    if sd == 0:  # every seed moved by the same amount: no variance to test against
+        return PairedTest(n, mean, sd, (mean, mean), nan, nan, nan, nan, nan)
+    t_res = stats.ttest_rel(oth, base)
+    ci = t_res.confidence_interval(1 - alpha)
+    w_res = stats.wilcoxon(oth, base)
+    return PairedTest(
+        n=n,
+        mean_diff=mean,
+        sd_diff=sd,
+        ci=(float(ci.low), float(ci.high)),
+        t=float(t_res.statistic),
+        p_t=float(t_res.pvalue),
+        w=float(w_res.statistic),
+        p_w=float(w_res.pvalue),
+        d_z=mean / sd,
+    )
+
+
+def min_wilcoxon_p(n: int) -> float:
+    """Smallest two-sided p-value the exact signed-rank test can give with n untied pairs: 2 / 2**n
+    (all differences of one sign). 0.0625 for n = 5: such a test cannot reach p < 0.05."""
+    return min(1.0, 2.0 ** (1 - n))
+
+
+def t_test_power(d_z: float, n: int, alpha: float) -> float:
+    """Power of the two-sided paired t-test with n pairs at true effect ``d_z``.
+
+    P(|T| > t_crit) with T = (Z + d_z sqrt(n)) / sqrt(V / (n-1)), V ~ chi2(n-1), integrated over
+    V's quantiles: scipy's noncentral t returns NaN for large noncentralities.
+    """
+    df = n - 1
+    critical = stats.t.ppf(1 - alpha / 2, df)
+    shift = d_z * math.sqrt(n)
+
+    def given(u: float) -> float:
+        scaled = critical * math.sqrt(stats.chi2.ppf(u, df) / df)
+        return stats.norm.sf(scaled - shift) + stats.norm.cdf(-scaled - shift)
+
+    return integrate.quad(given, 0, 1, limit=200)[0]
+
+
+def detectable_effect(n: int, alpha: float, power: float = 0.8) -> float:
+    """Smallest |d_z| a two-sided paired t-test with n pairs detects with the given power
+    (1.68 for n = 5, alpha = 0.05, power 0.8)."""
+    if n < 2:
+        return math.inf
+    return float(optimize.brentq(lambda d: t_test_power(d, n, alpha) - power, 1e-6, 1e3))
+
+
+def verdict(optimizer: str, baseline: str, outcome: str, test: PairedTest, alpha: float) -> str:
+    """One plain-words sentence: does ``optimizer`` differ from ``baseline`` on ``outcome``?
+
+    Significance is the paired t-test's p < alpha; the Wilcoxon p and, when the rank test cannot
+    reach alpha at this n, that fact are stated beside it.
+    """
+    spec = OUTCOMES[outcome]
+    if spec.higher_is_better is None:
+        raise ValueError(f"outcome {outcome!r} is descriptive; allowed: {list(TESTED)}")
+    if test.n < 2:
+        return (
+            f"{optimizer} vs {baseline}: not testable on {spec.label} "
+            f"({test.n} seed(s) where both runs completed)."
+        )
+    if math.isnan(test.p_t):
+        return (
+            f"{optimizer} vs {baseline}: {spec.label} differs by exactly {test.mean_diff:+.4g} "
+            f"on every one of {test.n} seeds; no variance, so no test."
+        )
+    level = f"{1 - alpha:.0%} CI"
+    numbers = (
+        f"mean difference {optimizer} - {baseline} = {test.mean_diff:+.4g} "
+        f"({level} [{test.ci[0]:+.4g}, {test.ci[1]:+.4g}]), paired t p = {test.p_t:.3g}, "
+        f"Wilcoxon p = {test.p_w:.3g}, d_z = {test.d_z:+.2f}, n = {test.n}"
+    )
+    floor = min_wilcoxon_p(test.n)
+    if floor >= alpha:
+        numbers += f"; Wilcoxon cannot go below p = {floor:.3g} with {test.n} seeds"
+    if test.p_t >= alpha:
+        return (
+            f"No significant difference in {spec.label} between {optimizer} and {baseline} "
+            f"at alpha = {alpha:g} ({numbers})."
+        )
+    better = (test.mean_diff > 0) == spec.higher_is_better
+    word = "better" if better else "worse"
+    return f"{optimizer} is significantly {word} than {baseline} on {spec.label} ({numbers})."
+
+
+@dataclasses.dataclass(frozen=True)
+class Comparison:
+    """One optimizer against the baseline: a paired test per TESTED outcome, and the verdict on
+    the primary one."""
+
+    optimizer: str
+    tests: dict[str, PairedTest]
+    verdict: str
+
+
+def compare(
+    per_seed: Mapping[str, Mapping[str, Sequence[float]]],
+    baseline: str,
+    primary: str,
+    alpha: float,
+) -> list[Comparison]:
+    """Every optimizer of ``per_seed`` (optimizer -> outcome -> values in seed order) but the
+    baseline, tested against it on every TESTED outcome."""
+    comparisons = []
+    for optimizer, values in per_seed.items():
+        if optimizer == baseline:
+            continue
+        tests = {
+            outcome: paired_test(per_seed[baseline][outcome], values[outcome], alpha)
+            for outcome in TESTED
+        }
+        sentence = verdict(optimizer, baseline, primary, tests[primary], alpha)
+        comparisons.append(Comparison(optimizer, tests, sentence))
+    return comparisons

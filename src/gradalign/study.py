@@ -1,0 +1,121 @@
+"""The seed study end to end: one Optuna sweep per optimizer through ``train.py -m``, run as
+parallel subprocesses, then the report (gradalign.report) in this process.
+
+The sweeps are plain train.py commands, the same a user would type, so the study adds nothing a
+single sweep does not already do; each one's output goes to a log file beside its sweep folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import logging
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from gradalign import tracking
+from gradalign.config import register_resolvers
+from gradalign.report import make_report
+from gradalign.report_configs import DEFAULT_OVERRIDES, base_overrides, compose_config
+from gradalign.report_settings import StudySettings
+
+log = logging.getLogger(__name__)
+TAIL = 40  # lines of a failed sweep's log shown
+
+
+def sweep_commands(settings: StudySettings, sweep_root: Path) -> dict[str, list[str]]:
+    """The train.py command of each optimizer's sweep, writing under ``sweep_root/<optimizer>``."""
+    report = settings.report
+    return {
+        name: [
+            sys.executable,
+            str(report.root / "train.py"),
+            "-m",
+            f"optimizer={name}",
+            *DEFAULT_OVERRIDES,
+            *report.overrides,
+            f"hydra.sweeper.n_trials={settings.trials}",
+            f"hydra.sweep.dir={sweep_root / name}",
+        ]
+        for name in report.optimizers
+    }
+
+
+def _stop(running: dict[str, subprocess.Popen]) -> None:
+    for process in running.values():
+        process.terminate()
+    for process in running.values():
+        process.wait()
+
+
+def run_sweeps(commands: dict[str, list[str]], logs: Path, jobs: int) -> None:
+    """Run ``commands`` (optimizer -> argv), at most ``jobs`` at once, output to logs/<name>.log.
+
+    If one fails, the others are stopped (their MLflow runs end KILLED) and RuntimeError shows
+    the tail of its log.
+    """
+    pending = list(commands)
+    running: dict[str, subprocess.Popen] = {}
+    handles = {}
+    try:
+        while pending or running:
+            while pending and len(running) < jobs:
+                name = pending.pop(0)
+                handles[name] = open(logs / f"{name}.log", "w")  # noqa: SIM115 (closed below)
+                running[name] = subprocess.Popen(
+                    commands[name], stdout=handles[name], stderr=subprocess.STDOUT
+                )
+                log.info("sweep %s started: %s", name, logs / f"{name}.log")
+            time.sleep(0.1)
+            for name, process in list(running.items()):
+                if process.poll() is None:
+                    continue
+                del running[name]
+                handles[name].close()
+                if process.returncode != 0:
+                    _stop(running)
+                    tail = (logs / f"{name}.log").read_text().splitlines()[-TAIL:]
+                    raise RuntimeError(
+                        f"sweep of {name} failed (exit {process.returncode}); "
+                        f"{logs / f'{name}.log'} ends:\n" + "\n".join(tail)
+                    )
+                log.info("sweep %s done", name)
+    except BaseException:
+        _stop(running)
+        raise
+    finally:
+        for handle in handles.values():
+            handle.close()
+
+
+def run_study(settings: StudySettings) -> Path:
+    """Sweep every optimizer, then report; the report folder.
+
+    Every configuration is composed and validated first, and the MLflow store and experiment
+    are created once here, so parallel sweeps neither fail late on a typo nor race to create them.
+    """
+    report = settings.report
+    register_resolvers(report.root)
+    cfgs = [
+        compose_config(report.conf_dir, base_overrides(name, report.overrides))
+        for name in report.optimizers
+    ]
+    cfg = cfgs[0]
+    tracking._experiment_id(tracking.tracking_uri(cfg.tracking), cfg.tracking.experiment)
+    name = report.name or datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    sweep_root = Path(cfg.paths.outputs) / "multirun" / f"study-{name}"
+    sweep_root.mkdir(parents=True, exist_ok=False)
+
+    start = time.perf_counter()
+    run_sweeps(sweep_commands(settings, sweep_root), sweep_root, report.jobs)
+    swept = time.perf_counter()
+    log.info("sweeps: %.1f s", swept - start)
+    out_dir = make_report(dataclasses.replace(report, name=name))
+    log.info(
+        "report: %.1f s (study total %.1f s)",
+        time.perf_counter() - swept,
+        time.perf_counter() - start,
+    )
+    return out_dir

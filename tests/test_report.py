@@ -1,0 +1,265 @@
+"""The report against small MLflow stores built in each test: best-run selection (failed, killed,
+metric-less and other-settings runs skipped), the missing-sweep error, final configs rebuilt from
+logged params, a whole report with tiny final runs, and its rerun that trains nothing."""
+
+import math
+from pathlib import Path
+
+import pytest
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+from gradalign import report_finals, tracking
+from gradalign.config import flatten
+from gradalign.report import FIGURE, MARKDOWN, make_report
+from gradalign.report_configs import (
+    base_overrides,
+    compose_config,
+    config_context,
+    final_config,
+    seeded,
+    tuned_overrides,
+)
+from gradalign.report_finals import init_hash, workers_worth_starting
+from gradalign.report_runs import MissingSweepError, best_sweep_run
+from gradalign.report_settings import report_settings
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CONF = REPO_ROOT / "conf"
+
+
+@pytest.fixture
+def store(tmp_path, tiny):
+    """Training overrides pointing MLflow and outputs into tmp_path, on tiny data and budgets."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    overrides = [f"tracking.uri={uri}", f"paths.outputs={tmp_path / 'out'}", *tiny]
+    return uri, overrides
+
+
+def experiment_id(uri):
+    return tracking._experiment_id(uri, "gradient-alignment")
+
+
+def log_sweep_run(uri, cfg, *, lr, objective=None, status="FINISHED", **params):
+    """A sweep run as train.py -m logs it: flattened params (lr and ``params`` replaced), tags,
+    the objective metric and a final status."""
+    client = MlflowClient(uri)
+    tags = {"stage": "sweep", "optimizer": cfg.optimizer.name, "sweep_id": "s"}
+    run = client.create_run(experiment_id(uri), tags=tags)
+    logged = {k: str(v) for k, v in flatten(cfg).items()} | {"optimizer.lr": str(lr)}
+    logged |= {k: str(v) for k, v in params.items()}
+    metrics = [] if objective is None else [Metric("objective", objective, 0, 0)]
+    client.log_batch(
+        run.info.run_id,
+        metrics=metrics,
+        params=[Param(k, v) for k, v in logged.items()],
+        tags=[RunTag("unused", "")],
+    )
+    client.set_terminated(run.info.run_id, status)
+    return run.info.run_id
+
+
+def sweep(uri, overrides, name, lrs):
+    """A finished sweep of ``name``: one run per lr, objective = lr (so the smallest lr wins)."""
+    cfg = compose_config(CONF, base_overrides(name, overrides))
+    return [log_sweep_run(uri, cfg, lr=lr, objective=lr) for lr in lrs]
+
+
+def settings(overrides, **values):
+    values = {"seeds": [1, 2], "final_epochs": 2, "jobs": 1} | values
+    return report_settings(REPO_ROOT, values, overrides=overrides, name=values.pop("name", None))
+
+
+def test_best_sweep_run_skips_failed_killed_metricless_and_other_settings(store):
+    uri, overrides = store
+    cfg = compose_config(CONF, base_overrides("adam", overrides))
+    chosen = log_sweep_run(uri, cfg, lr=0.01, objective=1.2)
+    log_sweep_run(uri, cfg, lr=0.02, objective=1.5)
+    log_sweep_run(uri, cfg, lr=0.03, objective=0.9, status="KILLED")  # better, but killed
+    log_sweep_run(uri, cfg, lr=0.04, objective=0.8, status="FAILED")
+    log_sweep_run(uri, cfg, lr=0.05)  # finished without an objective
+    log_sweep_run(uri, cfg, lr=0.06, objective=0.1, **{"model.hidden": [10]})  # another model
+    client = MlflowClient(uri)
+
+    choice = best_sweep_run(
+        client,
+        experiment_id(uri),
+        "adam",
+        config_context(cfg),
+        metric="objective",
+        direction="minimize",
+    )
+    assert (choice.run_id, choice.value, choice.params["optimizer.lr"]) == (chosen, 1.2, "0.01")
+    assert choice.counts == {
+        "finished": 2,
+        "failed": 1,
+        "killed": 1,
+        "unfinished": 0,
+        "no metric": 1,
+    }
+    assert choice.other_settings == 1
+    highest = best_sweep_run(
+        client,
+        experiment_id(uri),
+        "adam",
+        config_context(cfg),
+        metric="objective",
+        direction="maximize",
+    )
+    assert highest.value == 1.5
+
+
+def test_missing_sweep_names_the_command_and_writes_nothing(store, tmp_path):
+    uri, overrides = store
+    with pytest.raises(MissingSweepError, match="no MLflow experiment") as error:
+        make_report(settings(overrides))
+    assert "python train.py optimizer=adam" in str(error.value)
+
+    sweep(uri, overrides, "adam", [0.01])
+    with pytest.raises(MissingSweepError) as error:
+        make_report(settings(overrides))
+    message = str(error.value)
+    assert "optimizer 'gao'" in message and "'adam'" not in message
+    assert "python train.py optimizer=gao" in message and message.endswith(" -m")
+    assert "trainer.epochs=2" in message  # the study's overrides, so the sweep matches
+    assert not (tmp_path / "out" / "report").exists()
+
+
+def test_final_config_reproduces_the_best_runs_params(store):
+    _, overrides = store
+    base = base_overrides("gao", overrides)
+    best = {
+        k: str(v)
+        for k, v in flatten(compose_config(CONF, base)).items()
+        if k.startswith("optimizer.")
+    }
+    best |= {"optimizer.lr": "0.0012345678901234567", "optimizer.beta": "0.97"}
+    cfg = final_config(CONF, base, best, epochs=7)
+    assert (cfg.optimizer.lr, cfg.optimizer.beta, cfg.trainer.epochs) == (
+        0.0012345678901234567,
+        0.97,
+        7,
+    )
+    assert tuned_overrides(compose_config(CONF, base), best) == {
+        "optimizer.lr": "0.0012345678901234567",
+        "optimizer.beta": "0.97",
+    }
+    with pytest.raises(ValueError, match="rerun its sweep"):
+        final_config(CONF, base, best | {"optimizer.gone": "1"}, epochs=7)
+    a, b = seeded(cfg, 3), seeded(compose_config(CONF, base_overrides("adam", overrides)), 3)
+    assert (a.seed.model, a.seed.data) == (3, 3)
+    assert init_hash(a) == init_hash(b) != init_hash(seeded(cfg, 4))
+
+
+@pytest.mark.parametrize(
+    "name,target,granularity",
+    [
+        ("gao_update", "update", "tensor"),
+        ("gao_global", "grad", "global"),
+        ("gao_row", "grad", "row"),
+    ],
+)
+def test_gao_variants_are_gao_with_one_option_changed(name, target, granularity):
+    cfg = compose_config(CONF, [f"optimizer={name}"])
+    gao = compose_config(CONF, ["optimizer=gao"])
+    assert (cfg.optimizer.name, cfg.optimizer.target, cfg.optimizer.granularity) == (
+        name,
+        target,
+        granularity,
+    )
+    assert (cfg.optimizer.lr, cfg.optimizer.beta) == (gao.optimizer.lr, gao.optimizer.beta)
+
+
+def test_report_trains_finals_once_and_a_rerun_reuses_them(store, tmp_path, monkeypatch):
+    uri, overrides = store
+    sweep(uri, overrides, "adam", [0.02, 0.01, 0.03])
+    sweep(uri, overrides, "gao", [0.005, 0.02])
+    calls = []
+    real = report_finals.run_experiment
+
+    def counting(cfg, **kwargs):
+        calls.append((cfg.optimizer.name, cfg.seed.model, cfg.seed.data, cfg.trainer.epochs))
+        return real(cfg, **kwargs)
+
+    monkeypatch.setattr(report_finals, "run_experiment", counting)
+    first = make_report(settings(overrides, name="first"))
+    assert sorted(calls) == [
+        ("adam", 1, 1, 2),
+        ("adam", 2, 2, 2),
+        ("gao", 1, 1, 2),
+        ("gao", 2, 2, 2),
+    ]
+
+    text = (first / MARKDOWN).read_text()
+    assert (first / FIGURE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for name in ("adam", "gao"):
+        assert f"| {name} |" in text
+    assert "| adam | lr=0.01 |" in text and "| gao | lr=0.005, beta=0.9 |" in text  # the best
+    assert "## Verdict" in text and "gao" in text.split("## Verdict")[1].split("##")[0]
+    assert "4 trained by this report, 0 reused" in text
+
+    client = MlflowClient(uri)
+    exp = experiment_id(uri)
+    [report_run] = client.search_runs([exp], "tags.stage = 'report'")
+    finals = client.search_runs([exp], "tags.stage = 'final'")
+    assert len(finals) == 4
+    assert {r.data.tags["mlflow.parentRunId"] for r in finals} == {report_run.info.run_id}
+    for seed in ("1", "2"):
+        hashes = {r.data.tags["init_hash"] for r in finals if r.data.params["seed.model"] == seed}
+        assert len(hashes) == 1  # same initial weights for every optimizer
+    artifacts = {a.path for a in client.list_artifacts(report_run.info.run_id)}
+    assert {FIGURE, MARKDOWN} <= artifacts
+    assert report_run.data.tags["verdict/gao"]
+    assert math.isfinite(report_run.data.metrics["gao/best_val_loss/mean"])
+
+    calls.clear()
+    second = make_report(settings(overrides, name="second"))
+    assert calls == []  # nothing trained
+    assert len(client.search_runs([exp], "tags.stage = 'final'")) == 4
+    again = (second / MARKDOWN).read_text()
+    assert "0 trained by this report, 4 reused" in again
+    assert (
+        again.split("## Per-seed values")[1].replace("reused", "trained")
+        == text.split("## Per-seed values")[1]
+    )  # the same runs and numbers
+    assert (first / MARKDOWN).read_text() == text  # the first report is left as it was
+    with pytest.raises(ValueError, match="exists"):
+        make_report(settings(overrides, name="second"))
+
+
+@pytest.mark.parametrize(
+    "values,match",
+    [
+        (
+            {"optimizers": ["adam", "adamm"]},
+            r"optimizers=\['adam', 'adamm'\].*unknown: \['adamm'\]",
+        ),
+        ({"optimizers": ["adam"]}, "at least 2 distinct"),
+        ({"baseline": "sgd"}, "baseline='sgd': must be one of the optimizers"),
+        ({"seeds": [1]}, "seeds=\\[1\\]"),
+        ({"seeds": [1, 1]}, "distinct"),
+        ({"final_epochs": 0}, "final_epochs=0"),
+        ({"direction": "down"}, "direction='down'"),
+        ({"primary": "best_epoch"}, "primary='best_epoch'"),
+        ({"alpha": 1.5}, "alpha=1.5"),
+        ({"jobs": 0}, "jobs=0"),
+        ({"nope": 1}, "unknown report settings"),
+    ],
+)
+def test_bad_settings_name_the_value_and_what_is_allowed(values, match):
+    with pytest.raises(ValueError, match=match):
+        report_settings(REPO_ROOT, values)
+
+
+def test_bad_training_overrides_fail_before_any_query(store):
+    _, overrides = store
+    with pytest.raises(ValueError, match="invalid training-config overrides"):
+        make_report(settings([*overrides, "model=transformer"]))
+    with pytest.raises(ValueError, match="trainer.epochs=-1"):
+        make_report(settings([*overrides, "trainer.epochs=-1"]))
+
+
+def test_worker_processes_only_when_they_save_more_than_they_cost():
+    assert workers_worth_starting([0.5] * 4, 2) == 1  # a quick study: seconds of training
+    assert workers_worth_starting([3.0] * 10, 2) == 2  # the full study: ~30 s of training
+    assert workers_worth_starting([100.0], 4) == 1  # one job needs one process
