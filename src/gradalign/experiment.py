@@ -1,0 +1,169 @@
+"""One experiment from a composed config: data, seeded model, optimizer, fit, MLflow run.
+
+Used by train.py (single runs and sweep trials) and by the report (final runs). Everything that
+can be wrong with the config fails here before a run is opened in MLflow.
+"""
+
+from __future__ import annotations
+
+import functools
+import subprocess
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from gradalign import tracking
+from gradalign.config import config_hash, flatten, validate
+from gradalign.data import load_mnist1d
+from gradalign.models import build_model
+from gradalign.progress import EpochProgress
+from gradalign.training import EpochMetrics, History, fit
+
+
+def resolve_device(device: str) -> torch.device:
+    """trainer.device as a torch.device ("auto": cuda when available); cuda must be available."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("trainer.device=cuda but CUDA is not available: use auto or cpu")
+    return torch.device(device)
+
+
+def build_optimizer(
+    optimizer: DictConfig, params: Iterable[torch.nn.Parameter]
+) -> torch.optim.Optimizer:
+    """Instantiate ``optimizer._target_`` with ``params`` and the other keys except ``name``.
+
+    ``name`` is the label used in tags (adam, gao, ...); everything else is a constructor argument,
+    e.g. GradientAlignmentOptimizer(params, base="Adam", lr=..., beta=..., target=..., ...).
+    """
+    spec = OmegaConf.to_container(optimizer, resolve=True)
+    spec.pop("name")
+    return instantiate(spec, params, _convert_="all")
+
+
+@functools.cache
+def git_tags(root: str) -> dict[str, str]:
+    """git_commit of the checkout at ``root`` and whether tracked files differ from it."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=root, capture_output=True, text=True, check=True, timeout=10
+        ).stdout.strip()
+
+    try:
+        return {
+            "git_commit": git("rev-parse", "HEAD"),
+            "git_dirty": str(bool(git("status", "--porcelain", "--untracked-files=no"))).lower(),
+        }
+    except (OSError, subprocess.SubprocessError):
+        return {"git_commit": "unknown"}
+
+
+def _hydra_config_dir() -> Path | None:
+    """The running Hydra job's .hydra/ directory (composed config, overrides), if there is one."""
+    if not HydraConfig.initialized():
+        return None
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.output_subdir is None:
+        return None
+    path = Path(hydra_cfg.runtime.output_dir) / hydra_cfg.output_subdir
+    return path if path.is_dir() else None
+
+
+def sweep_parent_run(cfg: DictConfig, *, sweep_dir: Path, sweeper: DictConfig) -> tuple[str, str]:
+    """(sweep id, run id) of the MLflow parent run of the sweep writing to ``sweep_dir``.
+
+    The sweep id is the sweep directory relative to the repository root (absolute if outside);
+    the parent's params are the sweeper settings (search space, n_trials, sampler, storage).
+    """
+    root = Path(cfg.paths.root)
+    sweep_dir = sweep_dir.resolve()
+    sweep_id = str(sweep_dir.relative_to(root) if sweep_dir.is_relative_to(root) else sweep_dir)
+    run_id = tracking.sweep_parent(
+        cfg.tracking,
+        sweep_id=sweep_id,
+        lock_dir=sweep_dir,
+        run_name=f"{cfg.optimizer.name}-sweep {sweep_dir.name}",
+        tags={"optimizer": cfg.optimizer.name, **git_tags(str(root))},
+        params={f"sweeper.{k}": v for k, v in flatten(sweeper, exclude=()).items()},
+    )
+    return sweep_id, run_id
+
+
+def run_experiment(
+    cfg: DictConfig,
+    *,
+    stage: str = "single",
+    parent_run_id: str | None = None,
+    extra_tags: Mapping[str, str] | None = None,
+) -> tuple[History, str]:
+    """Train as ``cfg`` says and track it in MLflow; return the history and the MLflow run id.
+
+    The model is initialised right after ``torch.manual_seed(cfg.seed.model)`` (on the CPU, so
+    equal seeds give equal weights on any device); ``cfg.seed.data`` orders the mini-batches.
+    """
+    validate(cfg)
+    device = resolve_device(cfg.trainer.device)
+    if cfg.trainer.threads is not None:
+        torch.set_num_threads(cfg.trainer.threads)
+    splits = load_mnist1d(
+        OmegaConf.to_container(cfg.dataset.generation, resolve=True),
+        val_fraction=cfg.dataset.val_fraction,
+        split_seed=cfg.dataset.split_seed,
+        cache_dir=cfg.paths.data_cache,
+    )
+    model_options: dict[str, Any] = OmegaConf.to_container(cfg.model, resolve=True)
+    torch.manual_seed(cfg.seed.model)
+    model = build_model(
+        model_options.pop("name"),
+        input_dim=splits.input_dim,
+        n_classes=splits.n_classes,
+        **model_options,
+    )
+    optimizer = build_optimizer(cfg.optimizer, model.parameters())
+
+    tags = {
+        "optimizer": cfg.optimizer.name,
+        "stage": stage,
+        "config_hash": config_hash(cfg),
+        **git_tags(str(cfg.paths.root)),
+        **(extra_tags or {}),
+    }
+    job = tags.get("hydra_job_num")
+    run_name = f"{cfg.optimizer.name}-{stage}" + (f"-{job}" if job is not None else "")
+    progress = EpochProgress(run_name, cfg.trainer.epochs)
+
+    with tracking.start_run(
+        cfg.tracking,
+        run_name=run_name,
+        tags=tags,
+        params=flatten(cfg),
+        parent_run_id=parent_run_id,
+        artifacts_dir=_hydra_config_dir(),
+    ) as run:
+
+        def on_epoch(metrics: EpochMetrics) -> None:
+            run.log_epoch(metrics)
+            progress.update(metrics)
+
+        try:
+            history = fit(
+                model,
+                optimizer,
+                splits,
+                epochs=cfg.trainer.epochs,
+                batch_size=cfg.trainer.batch_size,
+                data_seed=cfg.seed.data,
+                device=device,
+                on_epoch=on_epoch,
+            )
+        finally:
+            progress.close()
+        run.finish(history, history.objective(cfg.objective))
+    return history, run.run_id
