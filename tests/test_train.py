@@ -1,0 +1,226 @@
+"""run_experiment and train.py: short runs per model and optimizer, checked in MLflow; the
+divergence, error, interrupt and SIGTERM paths; early config errors; the batching contract."""
+
+import io
+import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from gradalign import experiment, tracking
+from gradalign.progress import EpochProgress
+from gradalign.training import EpochMetrics
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+EPOCH_METRICS = {"train_loss", "val_loss", "val_acc", "test_loss", "test_acc", "epoch_time"}
+
+
+@pytest.fixture(scope="module")
+def client(mlflow_uri):
+    return MlflowClient(mlflow_uri)
+
+
+def n_runs(client):
+    experiment_ = client.get_experiment_by_name("gradient-alignment")
+    return 0 if experiment_ is None else len(client.search_runs([experiment_.experiment_id]))
+
+
+@pytest.mark.parametrize("model", ["mlp", "cnn"])
+@pytest.mark.parametrize("optimizer", ["adam", "gao", "adamw", "sgd"])
+def test_short_run_is_tracked(compose_cfg, tiny, client, model, optimizer):
+    cfg = compose_cfg(f"model={model}", f"optimizer={optimizer}", *tiny)
+    history, run_id = experiment.run_experiment(cfg)
+
+    assert not history.diverged and [e.epoch for e in history.epochs] == [1, 2]
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.info.run_name == f"{optimizer}-single"
+    tags = run.data.tags
+    assert (tags["optimizer"], tags["stage"]) == (optimizer, "single")
+    assert len(tags["config_hash"]) == 12 and tags["git_commit"]
+    params = run.data.params
+    assert params["optimizer.lr"] == str(cfg.optimizer.lr)
+    assert params["model.name"] == model and params["seed.model"] == "0"
+    assert not [k for k in params if k.startswith(("paths.", "tracking."))]
+    metrics = run.data.metrics
+    assert metrics["objective"] == pytest.approx(history.objective("last"))
+    assert metrics["best_val_loss"] == pytest.approx(history.best_val_loss)
+    assert metrics["best_epoch"] == history.best_epoch
+    for key in EPOCH_METRICS:
+        steps = [m.step for m in client.get_metric_history(run_id, key)]
+        assert sorted(steps) == [1, 2], key
+    alignment = {k for k in metrics if k.startswith("alignment/")}
+    if optimizer == "gao":
+        names = {f"alignment/{name}" for name in history.epochs[0].alignment}
+        assert alignment == names and names
+    else:
+        assert not alignment
+
+
+def test_objective_kind_and_seeds(compose_cfg, tiny):
+    best, _ = experiment.run_experiment(compose_cfg("objective=best", *tiny))
+    again, _ = experiment.run_experiment(compose_cfg("objective=best", *tiny))
+    other_data, _ = experiment.run_experiment(compose_cfg("seed.data=1", *tiny))
+    other_init, _ = experiment.run_experiment(compose_cfg("seed.model=1", *tiny))
+    losses = [[e.train_loss for e in h.epochs] for h in (best, again, other_data, other_init)]
+    assert losses[0] == losses[1]  # same seeds: same run
+    assert losses[2] != losses[0] and losses[3] != losses[0]
+
+
+def test_parent_and_extra_tags_nest_the_run(compose_cfg, tiny, client):
+    cfg = compose_cfg(*tiny)
+    parent = client.create_run(client.get_experiment_by_name("gradient-alignment").experiment_id)
+    _, run_id = experiment.run_experiment(
+        cfg, stage="sweep", parent_run_id=parent.info.run_id,
+        extra_tags={"sweep_id": "s1", "hydra_job_num": "4"},
+    )
+    tags = client.get_run(run_id).data.tags
+    assert tags["mlflow.parentRunId"] == parent.info.run_id
+    assert (tags["stage"], tags["sweep_id"], tags["hydra_job_num"]) == ("sweep", "s1", "4")
+    assert client.get_run(run_id).info.run_name == "adam-sweep-4"
+    assert client.get_run(parent.info.run_id).info.status == "FINISHED"
+
+
+def test_diverged_run_ends_failed_with_reason(compose_cfg, tiny, client):
+    cfg = compose_cfg("optimizer=sgd", "optimizer.lr=1e6", *tiny)
+    history, run_id = experiment.run_experiment(cfg)
+    assert history.diverged and history.objective("last") == math.inf
+    run = client.get_run(run_id)
+    assert run.info.status == "FAILED"
+    assert run.data.tags["failure_reason"].startswith("non-finite train loss at epoch 1")
+    assert "objective" not in run.data.metrics  # a diverged run has no objective
+
+
+@pytest.mark.parametrize(
+    "override", ["optimizer.lr=-1", "trainer.epochs=0", "trainer.batch_size=0", "objective=x"]
+)
+def test_bad_config_fails_before_any_run(compose_cfg, tiny, client, override):
+    before = n_runs(client)
+    with pytest.raises(ValueError, match=override.split("=")[0]):
+        experiment.run_experiment(compose_cfg(*tiny, override))
+    assert n_runs(client) == before
+
+
+def test_bad_optimizer_argument_fails_before_any_run(compose_cfg, tiny, client):
+    before = n_runs(client)
+    with pytest.raises(Exception, match="granularity"):
+        experiment.run_experiment(compose_cfg("optimizer=gao", "optimizer.granularity=x", *tiny))
+    assert n_runs(client) == before
+
+
+def raise_in_first_epoch(monkeypatch, exception):
+    """Make fit raise ``exception`` from its first on_epoch call (after metrics were logged)."""
+    real_fit = experiment.fit
+
+    def fit(*args, on_epoch, **kwargs):
+        def raising(metrics):
+            on_epoch(metrics)
+            raise exception
+
+        return real_fit(*args, on_epoch=raising, **kwargs)
+
+    monkeypatch.setattr(experiment, "fit", fit)
+
+
+def last_run(client):
+    experiment_id = client.get_experiment_by_name("gradient-alignment").experiment_id
+    return client.search_runs([experiment_id], order_by=["attributes.start_time DESC"])[0]
+
+
+def test_error_ends_run_failed_and_propagates(compose_cfg, tiny, client, monkeypatch):
+    raise_in_first_epoch(monkeypatch, RuntimeError("disk on fire"))
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        experiment.run_experiment(compose_cfg(*tiny))
+    run = last_run(client)
+    assert run.info.status == "FAILED"
+    assert run.data.tags["failure_reason"] == "RuntimeError: disk on fire"
+    assert len(client.get_metric_history(run.info.run_id, "val_loss")) == 1  # flushed on the way
+
+
+def test_keyboard_interrupt_ends_run_killed_and_propagates(compose_cfg, tiny, client, monkeypatch):
+    raise_in_first_epoch(monkeypatch, KeyboardInterrupt())
+    with pytest.raises(KeyboardInterrupt):
+        experiment.run_experiment(compose_cfg(*tiny))
+    assert last_run(client).info.status == "KILLED"
+
+
+def test_sigterm_ends_run_killed_and_restores_the_handler(compose_cfg, tiny, client, monkeypatch):
+    real_fit = experiment.fit
+
+    def fit(*args, on_epoch, **kwargs):
+        def sigterm(metrics):
+            on_epoch(metrics)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+        return real_fit(*args, on_epoch=sigterm, **kwargs)
+
+    monkeypatch.setattr(experiment, "fit", fit)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(tracking.Terminated):
+        experiment.run_experiment(compose_cfg(*tiny))
+    assert last_run(client).info.status == "KILLED"
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+@pytest.mark.parametrize("interval,expected_calls", [(0, 1 + 5 + 1), (3600, 1 + 1)])
+def test_metrics_go_in_one_batch_per_flush_never_per_metric(
+    compose_cfg, tiny, monkeypatch, interval, expected_calls
+):
+    """Calls: params; one per flush (every epoch with interval 0); the final one (summary)."""
+    calls = []
+    real = MlflowClient.log_batch
+
+    def log_batch(self, run_id, **kwargs):
+        calls.append(kwargs)
+        return real(self, run_id, **kwargs)
+
+    monkeypatch.setattr(MlflowClient, "log_batch", log_batch)
+    for name in ("log_metric", "log_param", "set_tag"):
+        monkeypatch.setattr(MlflowClient, name, lambda *a, **k: pytest.fail("unbatched call"))
+    flush = f"tracking.flush_interval_s={interval}"
+    experiment.run_experiment(compose_cfg(*tiny, "optimizer=gao", "trainer.epochs=5", flush))
+    assert len(calls) == expected_calls
+    assert calls[0]["params"] and not calls[0]["metrics"]
+    assert {m.key for m in calls[-1]["metrics"]} >= {"objective", "best_val_loss", "best_epoch"}
+
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def epoch(n, val_loss=1.5):
+    return EpochMetrics(n, 1.0, val_loss, 0.5, 1.6, 0.4, 0.01, {})
+
+
+def test_progress_line_on_a_terminal_only():
+    terminal, log = Terminal(), io.StringIO()
+    for stream in (terminal, log):
+        progress = EpochProgress("gao-single", 4, stream=stream)
+        progress.update(epoch(1))
+        progress.update(epoch(2, val_loss=1.25))
+        progress.close()
+    assert log.getvalue() == ""
+    lines = terminal.getvalue().split("\r")
+    assert "epoch 2/4 [==========          ]  val_loss 1.2500" in lines[2]
+    assert lines[-1] == "\x1b[K"  # erased at the end
+
+
+@pytest.mark.slow
+def test_train_py_single_run(tmp_path, tiny, client):
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "train.py"), "optimizer=gao", "optimizer.beta=0.5",
+         f"hydra.run.dir={tmp_path}", *tiny],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    run = last_run(client)
+    assert run.info.status == "FINISHED" and run.data.params["optimizer.beta"] == "0.5"
+    artifacts = {f.path for f in client.list_artifacts(run.info.run_id, ".hydra")}
+    assert artifacts == {".hydra/config.yaml", ".hydra/hydra.yaml", ".hydra/overrides.yaml"}
+    assert f"mlflow run {run.info.run_id}" in result.stdout + result.stderr
