@@ -32,7 +32,7 @@ def main(argv: list[str]) -> int:
     try:
         settings = report_settings_from_args(ROOT, args, shlex.join(["python", "report.py", *argv]))
         out_dir = make_report(settings)
-    except (ValueError, MissingSweepError) as error:
+    except (ValueError, MissingSweepError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(out_dir / "report.md")

@@ -13,10 +13,11 @@ from gradalign import report_finals, tracking
 from gradalign.config import flatten
 from gradalign.report import FIGURE, MARKDOWN, make_report
 from gradalign.report_configs import (
-    base_overrides,
     compose_config,
+    compose_optimizer,
     config_context,
     final_config,
+    hyperparameters,
     seeded,
     tuned_overrides,
 )
@@ -61,7 +62,7 @@ def log_sweep_run(uri, cfg, *, lr, objective=None, status="FINISHED", **params):
 
 def sweep(uri, overrides, name, lrs):
     """A finished sweep of ``name``: one run per lr, objective = lr (so the smallest lr wins)."""
-    cfg = compose_config(CONF, base_overrides(name, overrides))
+    cfg = compose_optimizer(CONF, name, overrides).cfg
     return [log_sweep_run(uri, cfg, lr=lr, objective=lr) for lr in lrs]
 
 
@@ -72,7 +73,7 @@ def settings(overrides, **values):
 
 def test_best_sweep_run_skips_failed_killed_metricless_and_other_settings(store):
     uri, overrides = store
-    cfg = compose_config(CONF, base_overrides("adam", overrides))
+    cfg = compose_optimizer(CONF, "adam", overrides).cfg
     chosen = log_sweep_run(uri, cfg, lr=0.01, objective=1.2)
     log_sweep_run(uri, cfg, lr=0.02, objective=1.5)
     log_sweep_run(uri, cfg, lr=0.03, objective=0.9, status="KILLED")  # better, but killed
@@ -127,26 +128,24 @@ def test_missing_sweep_names_the_command_and_writes_nothing(store, tmp_path):
 
 def test_final_config_reproduces_the_best_runs_params(store):
     _, overrides = store
-    base = base_overrides("gao", overrides)
-    best = {
-        k: str(v)
-        for k, v in flatten(compose_config(CONF, base)).items()
-        if k.startswith("optimizer.")
-    }
-    best |= {"optimizer.lr": "0.0012345678901234567", "optimizer.beta": "0.97"}
-    cfg = final_config(CONF, base, best, epochs=7)
+    gao = compose_optimizer(CONF, "gao", overrides)
+    assert gao.searched == {"optimizer.lr", "optimizer.beta"}
+    best = {k: str(v) for k, v in flatten(gao.cfg).items() if k.startswith("optimizer.")}
+    best |= {"optimizer.lr": "0.0012345678901234567", "optimizer.beta": "0.9"}  # beta: default
+    cfg = final_config(CONF, gao, best, epochs=7)
     assert (cfg.optimizer.lr, cfg.optimizer.beta, cfg.trainer.epochs) == (
         0.0012345678901234567,
-        0.97,
+        0.9,
         7,
     )
-    assert tuned_overrides(compose_config(CONF, base), best) == {
+    assert tuned_overrides(gao.cfg, best) == {"optimizer.lr": "0.0012345678901234567"}
+    assert hyperparameters(gao, best) == {  # searched keys, even when equal to the default
         "optimizer.lr": "0.0012345678901234567",
-        "optimizer.beta": "0.97",
+        "optimizer.beta": "0.9",
     }
     with pytest.raises(ValueError, match="rerun its sweep"):
-        final_config(CONF, base, best | {"optimizer.gone": "1"}, epochs=7)
-    a, b = seeded(cfg, 3), seeded(compose_config(CONF, base_overrides("adam", overrides)), 3)
+        final_config(CONF, gao, best | {"optimizer.gone": "1"}, epochs=7)
+    a, b = seeded(cfg, 3), seeded(compose_optimizer(CONF, "adam", overrides).cfg, 3)
     assert (a.seed.model, a.seed.data) == (3, 3)
     assert init_hash(a) == init_hash(b) != init_hash(seeded(cfg, 4))
 

@@ -89,6 +89,7 @@ def test_power_and_the_smallest_detectable_effect():
     d = detectable_effect(5, 0.05)
     assert d == pytest.approx(1.68, abs=0.01)
     assert t_test_power(d, 5, 0.05) == pytest.approx(0.8, abs=1e-6)
+    assert t_test_power(1.0, 5, 0.05) == pytest.approx(0.4014, abs=1e-4)  # scipy's nct agrees
     assert detectable_effect(20, 0.05) < d  # more seeds, smaller detectable effects
 
 

@@ -95,3 +95,9 @@ def test_quick_study_end_to_end(tmp_path):
     )
     assert again.returncode == 0, again.stderr[-3000:]
     assert "0 final run(s) to train, 4 reused" in again.stderr
+
+    taken = subprocess.run(
+        command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert taken.returncode == 2 and "choose another --name" in taken.stderr
+    assert "started" not in taken.stderr  # refused before any sweep started

@@ -25,8 +25,8 @@ from gradalign import tracking
 from gradalign.config import config_hash, register_resolvers
 from gradalign.experiment import git_tags
 from gradalign.report_configs import (
-    base_overrides,
-    compose_config,
+    Composition,
+    compose_optimizer,
     config_context,
     final_config,
     hyperparameters,
@@ -63,7 +63,7 @@ MARKDOWN = "report.md"
 class Plan:
     """What the report will compare, decided before anything is trained or written.
 
-    ``cfgs``: each optimizer's composition (its config file + the overrides); ``finals``: its
+    ``compositions``: each optimizer's config file + the overrides, composed; ``finals``: its
     final-run config (best params, final budget; seeds unset); ``init_hashes``: (optimizer, seed)
     -> hash of the initial weights; ``existing``: optimizer -> seed -> reusable final run.
     """
@@ -71,7 +71,7 @@ class Plan:
     client: MlflowClient
     uri: str
     experiment_id: str
-    cfgs: dict[str, DictConfig]
+    compositions: dict[str, Composition]
     choices: dict[str, SweepChoice]
     finals: dict[str, DictConfig]
     init_hashes: dict[tuple[str, int], str]
@@ -103,11 +103,11 @@ def plan(settings: ReportSettings) -> Plan:
     optimizers would start a seed from different weights.
     """
     register_resolvers(settings.root)
-    cfgs = {
-        name: compose_config(settings.conf_dir, base_overrides(name, settings.overrides))
+    compositions = {
+        name: compose_optimizer(settings.conf_dir, name, settings.overrides)
         for name in settings.optimizers
     }
-    first = cfgs[settings.baseline]
+    first = compositions[settings.baseline].cfg
     uri = tracking.tracking_uri(first.tracking)
     client = tracking._client(uri)
     experiment = client.get_experiment_by_name(first.tracking.experiment)
@@ -122,13 +122,13 @@ def plan(settings: ReportSettings) -> Plan:
     experiment_id = experiment.experiment_id
 
     choices, missing = {}, []
-    for name, cfg in cfgs.items():
+    for name, composition in compositions.items():
         try:
             choices[name] = best_sweep_run(
                 client,
                 experiment_id,
                 name,
-                config_context(cfg),
+                config_context(composition.cfg),
                 metric=settings.metric,
                 direction=settings.direction,
                 overrides=settings.overrides,
@@ -141,7 +141,7 @@ def plan(settings: ReportSettings) -> Plan:
     finals = {
         name: final_config(
             settings.conf_dir,
-            base_overrides(name, settings.overrides),
+            compositions[name],
             choices[name].params,
             epochs=settings.final_epochs,
         )
@@ -162,7 +162,7 @@ def plan(settings: ReportSettings) -> Plan:
     existing = {
         name: final_runs(client, experiment_id, config_hash(cfg)) for name, cfg in finals.items()
     }
-    return Plan(client, uri, experiment_id, cfgs, choices, finals, init_hashes, existing)
+    return Plan(client, uri, experiment_id, compositions, choices, finals, init_hashes, existing)
 
 
 def _result(plan: Plan, name: str, seed: int, run: Run, reused: bool) -> FinalResult:
@@ -225,7 +225,7 @@ def _log_summary(
 def _header(
     settings: ReportSettings, plan: Plan, run_id: str, tags: dict[str, str], trained: int
 ) -> dict[str, str]:
-    first = plan.cfgs[settings.baseline]
+    first = plan.compositions[settings.baseline].cfg
     git = tags.get("git_commit", "unknown")
     if tags.get("git_dirty") == "true":
         git += " (with uncommitted changes)"
@@ -249,7 +249,9 @@ def make_report(settings: ReportSettings) -> Path:
     """
     the_plan = plan(settings)
     jobs = the_plan.jobs(settings.seeds)
-    out_dir = _report_dir(Path(the_plan.cfgs[settings.baseline].paths.outputs), settings.name)
+    out_dir = _report_dir(
+        Path(the_plan.compositions[settings.baseline].cfg.paths.outputs), settings.name
+    )
     log.info(
         "report %s: %d final run(s) to train, %d reused",
         out_dir,
@@ -276,7 +278,7 @@ def make_report(settings: ReportSettings) -> Path:
         **git_tags(str(settings.root)),
     }
     with tracking.start_run(
-        the_plan.cfgs[settings.baseline].tracking,
+        the_plan.compositions[settings.baseline].cfg.tracking,
         run_name=f"report {out_dir.name}",
         tags=tags,
         params=params,
@@ -315,11 +317,7 @@ def make_report(settings: ReportSettings) -> Path:
             title=f"{header['title']}: {settings.final_epochs} epochs, {len(settings.seeds)} seeds",
         )
         hyper = {
-            name: hyperparameters(
-                settings.conf_dir,
-                base_overrides(name, settings.overrides),
-                the_plan.choices[name].params,
-            )
+            name: hyperparameters(the_plan.compositions[name], the_plan.choices[name].params)
             for name in settings.optimizers
         }
         (out_dir / MARKDOWN).write_text(

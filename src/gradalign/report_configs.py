@@ -9,12 +9,13 @@ params as overrides, and is checked to reproduce them exactly. The same composit
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from gradalign.config import NOT_HASHED, flatten, validate
 
@@ -24,23 +25,45 @@ OPTIMIZER_PREFIX = "optimizer."
 DEFAULT_OVERRIDES = ("trainer.threads=1",)
 
 
-def compose_config(conf_dir: Path, overrides: Sequence[str]) -> DictConfig:
-    """conf/config.yaml composed with ``overrides`` (no hydra node), resolved and validated."""
+def _compose(conf_dir: Path, overrides: Sequence[str], hydra: bool = False) -> DictConfig:
     with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
         try:
-            cfg = compose("config", overrides=list(overrides))
+            return compose("config", overrides=list(overrides), return_hydra_config=hydra)
         except HydraException as error:
             raise ValueError(
                 f"invalid training-config overrides {list(overrides)}: {error}"
             ) from None
+
+
+def _finish(cfg: DictConfig) -> DictConfig:
     OmegaConf.resolve(cfg)  # concrete values: the config can go to a worker process as is
     validate(cfg)
     return cfg
 
 
-def base_overrides(optimizer: str, overrides: Sequence[str]) -> list[str]:
-    """Overrides of an optimizer's runs in the study: its config group, then the user's."""
-    return [f"optimizer={optimizer}", *DEFAULT_OVERRIDES, *overrides]
+def compose_config(conf_dir: Path, overrides: Sequence[str]) -> DictConfig:
+    """conf/config.yaml composed with ``overrides`` (no hydra node), resolved and validated."""
+    return _finish(_compose(conf_dir, overrides))
+
+
+@dataclasses.dataclass(frozen=True)
+class Composition:
+    """An optimizer's runs in the study: their overrides (its config group, then the user's),
+    the composed config, and the keys its sweep searches (hydra.sweeper.params)."""
+
+    overrides: tuple[str, ...]
+    cfg: DictConfig
+    searched: frozenset[str]
+
+
+def compose_optimizer(conf_dir: Path, optimizer: str, overrides: Sequence[str]) -> Composition:
+    """The Composition of ``optimizer``'s runs with the user's ``overrides``."""
+    base = (f"optimizer={optimizer}", *DEFAULT_OVERRIDES, *overrides)
+    cfg = _compose(conf_dir, base, hydra=True)
+    searched = frozenset(cfg.hydra.sweeper.params or {})
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return Composition(base, _finish(cfg), searched)
 
 
 def _hashed(key: str) -> bool:
@@ -78,27 +101,23 @@ def tuned_overrides(cfg: DictConfig, best: Mapping[str, str]) -> dict[str, str]:
     return {key: value for key, value in best.items() if current[key] != value}
 
 
-def hyperparameters(conf_dir: Path, base: Sequence[str], best: Mapping[str, str]) -> dict[str, str]:
-    """The best run's values of the keys its sweep searched (hydra.sweeper.params of the
-    composition ``base``) and of any other optimizer key that differs from the config file."""
-    with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
-        searched = set(compose("config", list(base), return_hydra_config=True).hydra.sweeper.params)
-    changed = tuned_overrides(compose_config(conf_dir, base), best)
-    return {key: value for key, value in best.items() if key in searched or key in changed}
+def hyperparameters(composition: Composition, best: Mapping[str, str]) -> dict[str, str]:
+    """The best run's values of the keys its sweep searched and of any other optimizer key that
+    differs from the config file."""
+    changed = tuned_overrides(composition.cfg, best)
+    return {k: v for k, v in best.items() if k in composition.searched or k in changed}
 
 
 def final_config(
-    conf_dir: Path, base: Sequence[str], best: Mapping[str, str], *, epochs: int
+    conf_dir: Path, composition: Composition, best: Mapping[str, str], *, epochs: int
 ) -> DictConfig:
-    """The final-run config: the composition ``base`` (see ``base_overrides``) with the best
-    run's optimizer params ``best`` and ``epochs`` epochs; seeds are set by ``seeded``.
+    """The final-run config: ``composition`` with the best run's optimizer params ``best`` and
+    ``epochs`` epochs; seeds are set by ``seeded``.
 
     Raises ValueError unless the composed config logs exactly the params in ``best``.
     """
-    tuned = tuned_overrides(compose_config(conf_dir, base), best)
-    cfg = compose_config(
-        conf_dir, [*base, *(f"{k}={v}" for k, v in tuned.items()), f"trainer.epochs={epochs}"]
-    )
+    tuned = [f"{k}={v}" for k, v in tuned_overrides(composition.cfg, best).items()]
+    cfg = compose_config(conf_dir, [*composition.overrides, *tuned, f"trainer.epochs={epochs}"])
     got = optimizer_params({k: str(v) for k, v in flatten(cfg).items()})
     if got != dict(best):
         diff = {k: (best.get(k), got.get(k)) for k in sorted(set(best) | set(got))}

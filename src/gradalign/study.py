@@ -18,7 +18,7 @@ from pathlib import Path
 from gradalign import tracking
 from gradalign.config import register_resolvers
 from gradalign.report import make_report
-from gradalign.report_configs import DEFAULT_OVERRIDES, base_overrides, compose_config
+from gradalign.report_configs import DEFAULT_OVERRIDES, compose_optimizer
 from gradalign.report_settings import StudySettings
 
 log = logging.getLogger(__name__)
@@ -98,15 +98,18 @@ def run_study(settings: StudySettings) -> Path:
     """
     report = settings.report
     register_resolvers(report.root)
-    cfgs = [
-        compose_config(report.conf_dir, base_overrides(name, report.overrides))
-        for name in report.optimizers
+    cfgs = [  # composed, and so validated, before any sweep starts
+        compose_optimizer(report.conf_dir, name, report.overrides).cfg for name in report.optimizers
     ]
     cfg = cfgs[0]
     tracking._experiment_id(tracking.tracking_uri(cfg.tracking), cfg.tracking.experiment)
     name = report.name or datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
-    sweep_root = Path(cfg.paths.outputs) / "multirun" / f"study-{name}"
-    sweep_root.mkdir(parents=True, exist_ok=False)
+    outputs = Path(cfg.paths.outputs)
+    sweep_root = outputs / "multirun" / f"study-{name}"
+    for taken in (sweep_root, outputs / "report" / name):  # found now, not after the sweeps
+        if taken.exists():
+            raise ValueError(f"{taken} exists: choose another --name")
+    sweep_root.mkdir(parents=True)
 
     start = time.perf_counter()
     run_sweeps(sweep_commands(settings, sweep_root), sweep_root, report.jobs)
