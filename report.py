@@ -1,7 +1,7 @@
 """Compare the optimizers' best sweep runs over several seeds: figure, statistics, verdict.
 
     python report.py                       # conf/report.yaml: adam vs gao, 5 seeds x 100 epochs
-    python report.py --optimizers adam gao gao_update --seeds 0 1 2 -- model=cnn
+    python report.py --optimizers adam gao gao_update --seeds 1 2 3 -- model=cnn
     python report.py -- tracking.experiment=gradient-alignment-quick trainer.epochs=3
 
 Needs a finished sweep per optimizer (python train.py optimizer=<name> -m, with the same
