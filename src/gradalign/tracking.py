@@ -4,12 +4,12 @@ Store: ``tracking.uri``, else ``$MLFLOW_TRACKING_URI``, else ``tracking.default_
 ``mlruns/``). Experiments created in a SQLite store keep their artifacts beside the database file,
 in ``artifacts/``, so a temporary store (tests) never writes into the repository.
 
-Cost: every MLflow call on SQLite is a transaction of ~5-10 ms, against ~25 ms per epoch of
-training, so a run makes a fixed handful of calls: create, params (<=100 per batch), artifacts,
-then per-epoch metrics buffered and sent in one ``log_batch`` at most every
-``tracking.flush_interval_s`` seconds (0: every epoch), and one final batch with the run's
-summary. Clients and experiment ids are cached per process, so a sweep pays for the ~2 s MLflow
-import and store set-up once.
+Cost: every MLflow call on SQLite takes ~5-10 ms (mostly SQLAlchemy, not disk), against ~25 ms
+per epoch of training, so a run makes a fixed handful of calls: create (with its tags), artifacts,
+then the params and per-epoch metrics buffered and sent in one ``log_batch`` at most every
+``tracking.flush_interval_s`` seconds (0: every epoch), the last batch carrying the run's summary,
+and the status. A 25-epoch trial makes 4 calls (5 in a sweep). Clients and experiment ids are
+cached per process, so a sweep pays for the ~2 s MLflow import and store set-up once.
 
 Sweeps: the first job of a sweep creates a parent run (stage ``sweep_parent``, tag ``sweep_id``)
 under a file lock in the sweep directory; later jobs, in this process or in other processes of a
@@ -168,16 +168,23 @@ def sweep_parent(
 
 
 class Run:
-    """An open MLflow run: per-epoch metrics are buffered and flushed in batches."""
+    """An open MLflow run: params and per-epoch metrics are buffered and flushed in batches."""
 
     def __init__(
-        self, client: MlflowClient, run_id: str, parent_run_id: str | None, flush_interval_s: float
+        self,
+        client: MlflowClient,
+        run_id: str,
+        *,
+        params: Mapping[str, Any],
+        parent_run_id: str | None,
+        flush_interval_s: float,
     ):
         self.client = client
         self.run_id = run_id
         self.parent_run_id = parent_run_id
         self.flush_interval_s = flush_interval_s
         self.ended = False
+        self._params: Mapping[str, Any] | None = params  # sent with the first flush
         self._pending: list[Metric] = []
         self._last_flush = time.perf_counter()
 
@@ -197,9 +204,9 @@ class Run:
         if time.perf_counter() - self._last_flush >= self.flush_interval_s:
             self._flush()
 
-    def _flush(self, **extra: Any) -> None:
-        _log_batch(self.client, self.run_id, metrics=self._pending, **extra)
-        self._pending = []
+    def _flush(self, tags: Mapping[str, str] | None = None) -> None:
+        _log_batch(self.client, self.run_id, metrics=self._pending, params=self._params, tags=tags)
+        self._pending, self._params = [], None
         self._last_flush = time.perf_counter()
 
     def finish(self, history: History, objective: float) -> None:
@@ -256,7 +263,7 @@ def start_run(
     parent_run_id: str | None = None,
     artifacts_dir: Path | None = None,
 ) -> Iterator[Run]:
-    """Open a run with its tags, params and (if given) ``artifacts_dir`` logged up front.
+    """Open a run with its tags and (if given) ``artifacts_dir``; params go with the first flush.
 
     Leaving the block ends the run: as ``Run.finish`` decided; FINISHED if it was not called;
     KILLED on KeyboardInterrupt or SIGTERM; FAILED with tag failure_reason on any other
@@ -269,10 +276,15 @@ def start_run(
     if parent_run_id is not None:
         run_tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
     info = client.create_run(experiment_id, tags=run_tags, run_name=run_name).info
-    run = Run(client, info.run_id, parent_run_id, tracking.flush_interval_s)
+    run = Run(
+        client,
+        info.run_id,
+        params=params,
+        parent_run_id=parent_run_id,
+        flush_interval_s=tracking.flush_interval_s,
+    )
     with _sigterm_raises():
         try:
-            _log_batch(client, run.run_id, params=params)
             if artifacts_dir is not None:
                 client.log_artifacts(run.run_id, str(artifacts_dir), artifacts_dir.name)
             yield run
