@@ -80,6 +80,12 @@ def test_defaults_are_the_seed_study(compose_cfg):
     assert (sweeper.n_trials, sweeper.direction) == (30, "minimize")
 
 
+def test_basic_sweeper_replaces_optuna_for_grids(compose_cfg):
+    cfg = compose_cfg("hydra/sweeper=basic", "hydra.sweeper.params=null", hydra=True)
+    assert cfg.hydra.sweeper._target_.endswith("BasicSweeper")
+    assert cfg.hydra.sweeper.params is None
+
+
 def test_gao_searches_log_lr_and_beta_below_one(compose_cfg):
     space = search_space(compose_cfg("optimizer=gao", hydra=True))
     assert isinstance(space["optimizer.lr"], LogUniformDistribution)
