@@ -144,11 +144,19 @@ def bench_step_only(kinds: list[str], device: torch.device, rounds: int) -> None
         runners[kind] = run
     medians = interleaved(runners, rounds)
     base = medians["adam"]
+    gao = make_optimizer("gao_grad", params)
+    gao.step()
+    ema_bytes = sum(t.numel() * t.element_size() for t in gao.ema_state.values())
+    param_bytes = sum(p.numel() * p.element_size() for p in params)
     print(
         f"\n[2] optimizer step alone, {n / 1e6:.1f} M parameters in {len(shapes)} tensors, {device}"
     )
     for kind, t in medians.items():
         print(f"  {kind:11s} {t * 1e3:8.2f} ms/step  ratio to adam {t / base:5.3f}")
+    print(
+        f"  GAO state kept between steps: {len(gao.ema_state)} EMA tensors for {len(params)} "
+        f"parameters, {ema_bytes / param_bytes:.2f}x the parameters' bytes"
+    )
 
 
 def main() -> None:
