@@ -10,13 +10,11 @@ MLflow; final runs already tracked for the same configuration and seed are reuse
 """
 
 import argparse
-import logging
-import shlex
 import sys
 from pathlib import Path
 
+from gradalign.cli import run_command
 from gradalign.report import make_report
-from gradalign.report_runs import MissingSweepError
 from gradalign.report_settings import add_report_arguments, report_settings_from_args
 
 ROOT = Path(__file__).resolve().parent
@@ -27,16 +25,7 @@ def main(argv: list[str]) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add_report_arguments(parser)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        settings = report_settings_from_args(ROOT, args, shlex.join(["python", "report.py", *argv]))
-        out_dir = make_report(settings)
-    except (ValueError, MissingSweepError, RuntimeError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print(out_dir / "report.md")
-    return 0
+    return run_command(argv, parser, report_settings_from_args, make_report, ROOT, "report.py")
 
 
 if __name__ == "__main__":

@@ -9,12 +9,10 @@ go to every sweep and to the report's final runs.
 """
 
 import argparse
-import logging
-import shlex
 import sys
 from pathlib import Path
 
-from gradalign.report_runs import MissingSweepError
+from gradalign.cli import run_command
 from gradalign.report_settings import add_report_arguments, study_settings_from_args
 from gradalign.study import run_study
 
@@ -28,16 +26,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--quick", action="store_true", help="conf/study.yaml's quick preset")
     parser.add_argument("--trials", type=int, metavar="N", help="Optuna trials per optimizer")
     add_report_arguments(parser)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        settings = study_settings_from_args(ROOT, args, shlex.join(["python", "study.py", *argv]))
-        out_dir = run_study(settings)
-    except (ValueError, MissingSweepError, RuntimeError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print(out_dir / "report.md")
-    return 0
+    return run_command(argv, parser, study_settings_from_args, run_study, ROOT, "study.py")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,38 @@
+"""The shared body of the report.py and study.py commands."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shlex
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from gradalign.report_runs import MissingSweepError
+
+
+def run_command(
+    argv: Sequence[str],
+    parser: argparse.ArgumentParser,
+    settings_from_args: Callable[[Path, argparse.Namespace, str], Any],
+    run: Callable[[Any], Path],
+    root: Path,
+    script: str,
+) -> int:
+    """The body of report.py and study.py: parse, build the settings, run, print report.md's path.
+
+    A bad setting, a missing sweep or a failed run ends with ``error: ...`` on stderr and exit
+    status 2, not a traceback.
+    """
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        settings = settings_from_args(root, args, shlex.join(["python", script, *argv]))
+        out_dir = run(settings)
+    except (ValueError, MissingSweepError, RuntimeError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(out_dir / "report.md")
+    return 0
