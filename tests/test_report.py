@@ -38,7 +38,7 @@ def store(tmp_path, tiny):
 
 
 def experiment_id(uri):
-    return tracking._experiment_id(uri, "gradient-alignment")
+    return tracking.experiment_id(uri, "gradient-alignment")
 
 
 def log_sweep_run(uri, cfg, *, lr, objective=None, status="FINISHED", **params):

@@ -1,10 +1,18 @@
-"""gradalign.tracking: batching within MLflow's limits, the experiment-creation race, and one
-sweep parent per sweep even when trials run in separate processes."""
+"""gradalign.tracking: batching within MLflow's limits, the experiment-creation race, one sweep
+parent per sweep even when trials run in separate processes, retries while SQLite is locked, the
+probe of a tracking server, and ending the runs of an interrupted sweep."""
 
+import contextlib
+import http.server
 import multiprocessing
+import socket
+import threading
+import time
 
 import pytest
 from mlflow.entities import Metric
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, TEMPORARILY_UNAVAILABLE
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
@@ -43,7 +51,7 @@ def store(tmp_path, experiment="exp"):
 
 def test_sqlite_experiment_keeps_artifacts_beside_the_database(tmp_path):
     cfg = store(tmp_path)
-    experiment_id = tracking._experiment_id(cfg.uri, cfg.experiment)
+    experiment_id = tracking.experiment_id(cfg.uri, cfg.experiment)
     location = MlflowClient(cfg.uri).get_experiment(experiment_id).artifact_location
     assert location.removeprefix("file://") == str(tmp_path / "store" / "artifacts")
 
@@ -59,7 +67,7 @@ def test_experiment_created_concurrently_is_fetched(tmp_path, monkeypatch):
         return None if len(lookups) == 1 else real(self, name)
 
     monkeypatch.setattr(MlflowClient, "get_experiment_by_name", stale_then_real)
-    assert tracking._experiment_id(cfg.uri, cfg.experiment) == other
+    assert tracking.experiment_id(cfg.uri, cfg.experiment) == other
 
 
 def test_deleted_experiment_is_a_clear_error(tmp_path):
@@ -67,7 +75,7 @@ def test_deleted_experiment_is_a_clear_error(tmp_path):
     client = MlflowClient(cfg.uri)
     client.delete_experiment(client.create_experiment("gone"))
     with pytest.raises(ValueError, match="deleted"):
-        tracking._experiment_id(cfg.uri, "gone")
+        tracking.experiment_id(cfg.uri, "gone")
 
 
 def parent(cfg, sweep_dir):
@@ -79,8 +87,8 @@ def parent(cfg, sweep_dir):
 
 def parent_in_fresh_process(cfg, sweep_dir, queue):
     """What a joblib/submitit worker does: no cached client, experiment or parent."""
-    tracking._client.cache_clear()
-    tracking._experiment_id.cache_clear()
+    tracking.client.cache_clear()
+    tracking.experiment_id.cache_clear()
     tracking._parent_runs.clear()
     queue.put(parent(cfg, sweep_dir))
 
@@ -114,3 +122,126 @@ def test_one_parent_per_sweep_across_processes(tmp_path):
 def test_sweep_id_with_a_quote_is_rejected(tmp_path):
     with pytest.raises(ValueError, match="quote"):
         parent(store(tmp_path), tmp_path / "it's")
+
+
+LOCKED = MlflowException("(sqlite3.OperationalError) database is locked", TEMPORARILY_UNAVAILABLE)
+
+
+def test_a_locked_store_is_retried_with_backoff_until_it_answers(monkeypatch):
+    sleeps, calls = [], []
+    monkeypatch.setattr(tracking.time, "sleep", sleeps.append)
+
+    def flaky(value):
+        calls.append(value)
+        if len(calls) < 3:
+            raise LOCKED
+        return value
+
+    assert tracking._retrying(flaky, 7) == 7
+    assert calls == [7, 7, 7]
+    assert len(sleeps) == 2 and sleeps[0] < sleeps[1]  # growing waits (jittered)
+
+
+def test_other_errors_and_a_store_locked_for_good_are_not_hidden(monkeypatch):
+    monkeypatch.setattr(tracking.time, "sleep", lambda s: None)
+
+    def broken():
+        raise MlflowException("no such run", RESOURCE_DOES_NOT_EXIST)
+
+    calls = []
+
+    def locked():
+        calls.append(1)
+        raise LOCKED
+
+    with pytest.raises(MlflowException, match="no such run"):
+        tracking._retrying(broken)
+    with pytest.raises(MlflowException, match="locked"):
+        tracking._retrying(locked)
+    assert len(calls) == len(tracking.RETRY_WAITS_S) + 1
+
+
+def test_the_client_retries_every_call(tmp_path, monkeypatch):
+    cfg = store(tmp_path)
+    client = tracking.client(cfg.uri)
+    real = MlflowClient.search_experiments
+    attempts = []
+
+    def locked_once(self, *args, **kwargs):
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise LOCKED
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(MlflowClient, "search_experiments", locked_once)
+    monkeypatch.setattr(tracking.time, "sleep", lambda s: None)
+    assert client.search_experiments() is not None and len(attempts) == 2
+
+
+@contextlib.contextmanager
+def http_server(status):
+    """A server on 127.0.0.1 (free port) answering every GET with ``status``; its URI."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (the stdlib's name)
+            self.send_response(status)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_a_tracking_server_is_probed_before_use():
+    with http_server(200) as uri:
+        tracking.check_reachable(uri)
+    with http_server(401) as uri:
+        tracking.check_reachable(uri)  # answered; credentials are MLflow's business
+    with http_server(404) as uri, pytest.raises(tracking.TrackingUnavailable, match="HTTP 404"):
+        tracking.check_reachable(uri)
+    uri = f"http://127.0.0.1:{free_port()}"
+    start = time.monotonic()
+    with pytest.raises(tracking.TrackingUnavailable, match=f"{uri} .*unreachable.*Nothing was"):
+        tracking.client(uri)
+    assert time.monotonic() - start < 5
+    tracking.check_reachable("sqlite:///nowhere/mlflow.db")  # not a server: nothing to probe
+
+
+def test_interrupted_sweep_runs_end_killed_with_their_parent(tmp_path):
+    cfg = store(tmp_path)
+    client = MlflowClient(cfg.uri)
+    parent_id = parent(cfg, tmp_path / "sweep")
+    experiment = tracking.experiment_id(cfg.uri, cfg.experiment)
+
+    def trial(number, sweep_id=str(tmp_path / "sweep"), status=None):
+        tags = {"sweep_id": sweep_id, "optuna_trial": str(number)}
+        run_id = client.create_run(experiment, tags=tags).info.run_id
+        if status:
+            client.set_terminated(run_id, status)
+        return run_id
+
+    ours, done, not_ours = trial(3), trial(2, status="FINISHED"), trial(4)
+    other_sweep = trial(3, sweep_id="other")
+    killed = tracking.kill_sweep_runs(
+        cfg, sweep_id=str(tmp_path / "sweep"), trials=[2, 3], reason="interrupted (Terminated)"
+    )
+    assert killed == 1
+    status = {run_id: client.get_run(run_id).info.status for run_id in (ours, done, not_ours)}
+    assert status == {ours: "KILLED", done: "FINISHED", not_ours: "RUNNING"}
+    assert client.get_run(ours).data.tags["failure_reason"] == "interrupted (Terminated)"
+    assert client.get_run(other_sweep).info.status == "RUNNING"
+    assert client.get_run(parent_id).info.status == "KILLED"

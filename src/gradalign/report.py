@@ -109,7 +109,7 @@ def plan(settings: ReportSettings) -> Plan:
     }
     first = compositions[settings.baseline].cfg
     uri = tracking.tracking_uri(first.tracking)
-    client = tracking._client(uri)
+    client = tracking.client(uri)
     experiment = client.get_experiment_by_name(first.tracking.experiment)
     if experiment is None or experiment.lifecycle_stage != "active":
         commands = "\n".join(

@@ -102,7 +102,7 @@ def run_study(settings: StudySettings) -> Path:
         compose_optimizer(report.conf_dir, name, report.overrides).cfg for name in report.optimizers
     ]
     cfg = cfgs[0]
-    tracking._experiment_id(tracking.tracking_uri(cfg.tracking), cfg.tracking.experiment)
+    tracking.connect(cfg.tracking)
     name = report.name or datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     outputs = Path(cfg.paths.outputs)
     sweep_root = outputs / "multirun" / f"study-{name}"

@@ -2,7 +2,9 @@
 
 Store: ``tracking.uri``, else ``$MLFLOW_TRACKING_URI``, else ``tracking.default_uri`` (SQLite in
 ``mlruns/``). Experiments created in a SQLite store keep their artifacts beside the database file,
-in ``artifacts/``, so a temporary store (tests) never writes into the repository.
+in ``artifacts/``, so a temporary store (tests) never writes into the repository. A tracking
+server (``http(s)://``) is probed once per process before anything is written, so an unreachable
+one fails in seconds with its URI in the message instead of after MLflow's minutes of retries.
 
 Cost: every MLflow call on SQLite takes ~5-10 ms (mostly SQLAlchemy, not disk), against ~25 ms
 per epoch of training, so a run makes a fixed handful of calls: create (with its tags), artifacts,
@@ -11,9 +13,14 @@ then the params and per-epoch metrics buffered and sent in one ``log_batch`` at 
 and the status. A 25-epoch trial makes 4 calls (5 in a sweep). Clients and experiment ids are
 cached per process, so a sweep pays for the ~2 s MLflow import and store set-up once.
 
+Concurrency: parallel workers share one SQLite file, which admits one writer at a time; a call
+that still finds it locked after SQLite's own 5 s wait is retried with jittered exponential
+backoff (``client`` wraps every call), so a busy store delays a trial but never loses it.
+
 Sweeps: the first job of a sweep creates a parent run (stage ``sweep_parent``, tag ``sweep_id``)
-under a file lock in the sweep directory; later jobs, in this process or in other processes of a
-parallel launcher, find it by tag. Each trial nests under it and moves its end time forward.
+under a file lock; later jobs, in this process or in other processes (parallel launchers,
+several sweep processes sharing one Optuna study), find it by tag. Each trial nests under it and
+moves its end time forward; an interrupted trial marks it KILLED.
 """
 
 from __future__ import annotations
@@ -21,12 +28,16 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import functools
+import logging
 import math
 import os
+import random
 import signal
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,16 +49,39 @@ from omegaconf import DictConfig
 
 from gradalign.training import EpochMetrics, History
 
+log = logging.getLogger(__name__)
+
 # MLflow's per-call limits (mlflow.utils.validation).
 _MAX_PARAMS_OR_TAGS = 100
 _MAX_ENTITIES = 1000
 _MAX_REASON = 1000  # characters of an exception message kept in the failure_reason tag
 _SQLITE = "sqlite:///"
+_LOCKED = "database is locked"
+# Waits between attempts of a call that found the SQLite store locked (each attempt already
+# waited SQLite's 5 s busy timeout): ~25 s of backoff, ~1 min in all, before giving up.
+RETRY_WAITS_S = (0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 6.4, 12.8)
+# How long the probe of a tracking server may take before the run fails.
+CONNECT_TIMEOUT_S = 10.0
 _parent_runs: dict[tuple[str, str, str], str] = {}
 
 
 class Terminated(BaseException):
     """SIGTERM arrived while a run was open; raised so the run ends KILLED, then propagated."""
+
+
+class TrackingUnavailable(RuntimeError):
+    """The tracking server did not answer; the message names its URI."""
+
+
+class _LockedMessages(logging.Filter):
+    """Drop MLflow's error traceback for a locked SQLite store: the call is retried and
+    ``_retrying`` logs one warning line instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return _LOCKED not in record.getMessage()
+
+
+logging.getLogger("mlflow.store.db.utils").addFilter(_LockedMessages())
 
 
 def tracking_uri(tracking: DictConfig) -> str:
@@ -71,38 +105,99 @@ def _file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def _retrying(call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``call(*args, **kwargs)``, again after a backoff while the SQLite store is locked.
+
+    Safe for writes: a locked SQLite transaction is rolled back whole before MLflow raises.
+    """
+    for attempt, wait in enumerate(RETRY_WAITS_S, 1):
+        try:
+            return call(*args, **kwargs)
+        except MlflowException as error:
+            if _LOCKED not in str(error):
+                raise
+            wait *= 1 + random.random()  # jitter: writers that collided do not retry in step
+            log.warning("MLflow store locked (attempt %d); retrying in %.1f s", attempt, wait)
+            time.sleep(wait)
+    return call(*args, **kwargs)  # the last attempt: its error propagates
+
+
+class _RetryingClient:
+    """An MlflowClient whose every method retries while the SQLite store is locked."""
+
+    def __init__(self, client: MlflowClient):
+        self._client = client
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self._client, name)
+        if not callable(attribute):
+            return attribute
+        return functools.partial(_retrying, attribute)
+
+
+def check_reachable(uri: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
+    """Raise TrackingUnavailable unless the tracking server at ``uri`` answers its ``/health``
+    within ``timeout_s`` (401/403 count as an answer: credentials are MLflow's business);
+    stores that are not servers are not probed."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s).close()
+        return
+    except urllib.error.HTTPError as error:
+        if error.code in (401, 403):
+            return
+        problem = f"HTTP {error.code} on /health: not an MLflow tracking server"
+    except (urllib.error.URLError, OSError) as error:
+        problem = f"unreachable: {getattr(error, 'reason', error)}; waited at most {timeout_s:g} s"
+    raise TrackingUnavailable(
+        f"MLflow tracking server {uri} ({problem}): start it, or point tracking.uri / "
+        "MLFLOW_TRACKING_URI at a running one. Nothing was logged."
+    )
+
+
 @functools.cache
-def _client(uri: str) -> MlflowClient:
-    """A client per store and process. Creating one creates or migrates a SQLite schema, which
-    processes starting together on a fresh store would race on: they take turns."""
+def client(uri: str) -> MlflowClient:
+    """The client of store ``uri`` for this process, retrying while SQLite is locked.
+
+    A server is probed first (check_reachable). Creating a client creates or migrates a SQLite
+    schema, which processes starting together on a fresh store would race on: they take turns.
+    """
+    check_reachable(uri)
     db = _sqlite_file(uri)
     if db is None:
-        return MlflowClient(tracking_uri=uri)
+        return _RetryingClient(MlflowClient(tracking_uri=uri))
     with _file_lock(db.parent / f"{db.name}.lock"):
-        return MlflowClient(tracking_uri=uri)
+        return _RetryingClient(MlflowClient(tracking_uri=uri))
 
 
 @functools.cache
-def _experiment_id(uri: str, name: str) -> str:
+def experiment_id(uri: str, name: str) -> str:
     """Id of experiment ``name``, created if absent (tolerating a concurrent creator)."""
-    client = _client(uri)
-    experiment = client.get_experiment_by_name(name)
+    mlflow = client(uri)
+    experiment = mlflow.get_experiment_by_name(name)
     if experiment is None:
         db = _sqlite_file(uri)
         try:
-            return client.create_experiment(
+            return mlflow.create_experiment(
                 name, artifact_location=str(db.parent / "artifacts") if db else None
             )
         except MlflowException as error:
             if error.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
-            experiment = client.get_experiment_by_name(name)
+            experiment = mlflow.get_experiment_by_name(name)
     if experiment.lifecycle_stage != "active":
         raise ValueError(
             f"MLflow experiment {name!r} is deleted in {uri}: restore it or set "
             "tracking.experiment to another name"
         )
     return experiment.experiment_id
+
+
+def connect(tracking: DictConfig) -> tuple[MlflowClient, str]:
+    """(client, experiment id) of the configured store and experiment; see ``client``."""
+    uri = tracking_uri(tracking)
+    return client(uri), experiment_id(uri, tracking.experiment)
 
 
 def _log_batch(
@@ -130,6 +225,21 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
+def _quoted(value: str) -> str:
+    if "'" in value:
+        raise ValueError(f"{value!r} must not contain a single quote (used in MLflow filters)")
+    return f"'{value}'"
+
+
+def _find_parent(mlflow: MlflowClient, experiment: str, sweep_id: str) -> str | None:
+    found = mlflow.search_runs(
+        [experiment],
+        f"tags.stage = 'sweep_parent' and tags.sweep_id = {_quoted(sweep_id)}",
+        max_results=1,
+    )
+    return found[0].info.run_id if found else None
+
+
 def sweep_parent(
     tracking: DictConfig,
     *,
@@ -139,32 +249,55 @@ def sweep_parent(
     tags: Mapping[str, str],
     params: Mapping[str, Any],
 ) -> str:
-    """Run id of the sweep's parent run, created by the first job of the sweep to get here.
+    """Run id of the parent run of sweep ``sweep_id``, created by the first job to get here.
 
-    Jobs of one sweep share ``lock_dir`` (the sweep directory), so the look-up-or-create is
-    serialised across processes there; the answer is then cached for this process.
+    The look-up-or-create is serialised across processes by a lock beside a SQLite store (every
+    writer of the store can see it), else in ``lock_dir`` (which the caller shares between the
+    jobs that share the parent); the answer is then cached for this process.
     """
-    if "'" in sweep_id:
-        raise ValueError(f"sweep id {sweep_id!r} must not contain a single quote")
     uri = tracking_uri(tracking)
     key = (uri, tracking.experiment, sweep_id)
     if key not in _parent_runs:
-        with _file_lock(lock_dir / ".mlflow_parent.lock"):
-            client = _client(uri)
-            experiment_id = _experiment_id(uri, tracking.experiment)
-            found = client.search_runs(
-                [experiment_id],
-                f"tags.stage = 'sweep_parent' and tags.sweep_id = '{sweep_id}'",
-                max_results=1,
-            )
-            if found:
-                _parent_runs[key] = found[0].info.run_id
-            else:
+        db = _sqlite_file(uri)
+        lock = db.parent / f"{db.name}.parents.lock" if db else lock_dir / ".mlflow_parent.lock"
+        with _file_lock(lock):
+            mlflow, experiment = connect(tracking)
+            run_id = _find_parent(mlflow, experiment, sweep_id)
+            if run_id is None:
                 parent_tags = {**tags, "stage": "sweep_parent", "sweep_id": sweep_id}
-                run = client.create_run(experiment_id, tags=parent_tags, run_name=run_name)
-                _log_batch(client, run.info.run_id, params=params)
-                _parent_runs[key] = run.info.run_id
+                run_id = mlflow.create_run(experiment, tags=parent_tags, run_name=run_name)
+                run_id = run_id.info.run_id
+                _log_batch(mlflow, run_id, params=params)
+            _parent_runs[key] = run_id
     return _parent_runs[key]
+
+
+def kill_sweep_runs(
+    tracking: DictConfig, *, sweep_id: str, trials: Iterable[int], reason: str
+) -> int:
+    """End KILLED, with tag failure_reason ``reason``, the runs of sweep ``sweep_id`` whose
+    ``optuna_trial`` tag is one of ``trials`` and that are still RUNNING (their process was
+    stopped before it could end them), and the sweep's parent run; how many trial runs.
+
+    For the sweeper process, after an interruption: what those runs flushed stays logged.
+    """
+    mlflow, experiment = connect(tracking)
+    numbers = {str(n) for n in trials}
+    running = mlflow.search_runs(
+        [experiment],
+        f"tags.sweep_id = {_quoted(sweep_id)} and attributes.status = 'RUNNING'",
+        max_results=1000,
+    )
+    killed = 0
+    for run in running:
+        if run.data.tags.get("optuna_trial") in numbers:
+            mlflow.set_tag(run.info.run_id, "failure_reason", reason)
+            mlflow.set_terminated(run.info.run_id, "KILLED")
+            killed += 1
+    parent = _find_parent(mlflow, experiment, sweep_id)
+    if parent is not None:
+        mlflow.set_terminated(parent, "KILLED")
+    return killed
 
 
 class Run:
@@ -210,7 +343,8 @@ class Run:
         self._last_flush = time.perf_counter()
 
     def finish(self, history: History, objective: float) -> None:
-        """End the run: FINISHED, or FAILED with tag failure_reason if the fit diverged.
+        """End the run: FINISHED, or FAILED with tags failure_reason and diverged=true if the fit
+        diverged (deterministic for its config and seeds, so a report can reuse it).
 
         Summary metrics objective, best_val_loss, best_epoch are logged when finite (a diverged
         run has no objective; one without a completed epoch has no best).
@@ -223,22 +357,29 @@ class Run:
             Metric(k, v, timestamp, 0) for k, v in summary.items() if math.isfinite(v)
         ]
         if history.diverged:
-            self.end(RunStatus.FAILED, failure_reason=history.reason or "diverged")
+            self.end(RunStatus.FAILED, failure_reason=history.reason or "diverged", diverged=True)
         else:
             self.end(RunStatus.FINISHED)
 
-    def end(self, status: int, failure_reason: str | None = None) -> None:
-        """Send the buffer, set ``status`` (a RunStatus value), move the parent's end time."""
-        self._flush(tags={"failure_reason": failure_reason} if failure_reason else None)
+    def end(self, status: int, failure_reason: str | None = None, diverged: bool = False) -> None:
+        """Send the buffer, set ``status`` (a RunStatus value) and move the parent's end time:
+        the parent ends KILLED with a KILLED trial (its sweep was interrupted), else FINISHED
+        (a failed trial does not stop a sweep)."""
+        tags = {"failure_reason": failure_reason} if failure_reason else {}
+        if diverged:
+            tags["diverged"] = "true"
+        self._flush(tags=tags)
         self.client.set_terminated(self.run_id, RunStatus.to_string(status))
         if self.parent_run_id is not None:
-            self.client.set_terminated(self.parent_run_id, "FINISHED")
+            parent = "KILLED" if status == RunStatus.KILLED else "FINISHED"
+            self.client.set_terminated(self.parent_run_id, parent)
         self.ended = True
 
 
 @contextlib.contextmanager
-def _sigterm_raises() -> Iterator[None]:
-    """Turn SIGTERM into ``Terminated`` in the main thread (signals cannot be set elsewhere)."""
+def sigterm_raises() -> Iterator[None]:
+    """Turn SIGTERM into ``Terminated`` in the main thread (signals cannot be set elsewhere),
+    so that ``finally`` and ``except`` blocks run as they do for Ctrl-C."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -266,31 +407,29 @@ def start_run(
     """Open a run with its tags and (if given) ``artifacts_dir``; params go with the first flush.
 
     Leaving the block ends the run: as ``Run.finish`` decided; FINISHED if it was not called;
-    KILLED on KeyboardInterrupt or SIGTERM; FAILED with tag failure_reason on any other
-    exception. Exceptions are re-raised.
+    KILLED (and its parent too) on KeyboardInterrupt or SIGTERM; FAILED with tag failure_reason
+    on any other exception. What was logged is flushed first. Exceptions are re-raised.
     """
-    uri = tracking_uri(tracking)
-    client = _client(uri)
-    experiment_id = _experiment_id(uri, tracking.experiment)
+    mlflow, experiment = connect(tracking)
     run_tags = dict(tags)
     if parent_run_id is not None:
         run_tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
-    info = client.create_run(experiment_id, tags=run_tags, run_name=run_name).info
+    info = mlflow.create_run(experiment, tags=run_tags, run_name=run_name).info
     run = Run(
-        client,
+        mlflow,
         info.run_id,
         params=params,
         parent_run_id=parent_run_id,
         flush_interval_s=tracking.flush_interval_s,
     )
-    with _sigterm_raises():
+    with sigterm_raises():
         try:
             if artifacts_dir is not None:
-                client.log_artifacts(run.run_id, str(artifacts_dir), artifacts_dir.name)
+                mlflow.log_artifacts(run.run_id, str(artifacts_dir), artifacts_dir.name)
             yield run
-        except (KeyboardInterrupt, Terminated):
+        except (KeyboardInterrupt, Terminated) as error:
             if not run.ended:
-                run.end(RunStatus.KILLED)
+                run.end(RunStatus.KILLED, failure_reason=f"interrupted ({type(error).__name__})")
             raise
         except BaseException as error:
             if not run.ended:
