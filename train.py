@@ -3,13 +3,26 @@
     python train.py                                   # defaults: mnist1d, residual MLP, Adam
     python train.py optimizer=gao optimizer.beta=0.9 trainer.epochs=100 seed.model=3
     python train.py optimizer=gao -m                  # 30-trial TPE study of GAO's lr and beta
+    python train.py optimizer=gao -m parallel=joblib  # the same, two trials at a time
 
-The value returned to the sweeper is the run's objective (cfg.objective of the val loss). A
-diverged run returns math.inf: optuna 2.10 stores it as a COMPLETE trial that TPE ranks below
-every finite one, so the sampler learns to avoid the diverging region. NaN would not do: optuna
-rejects it and hydra-optuna-sweeper 1.3.0 then crashes while marking the trial failed; raising
-would mark the trial FAIL, which TPE ignores, and abort the sweep (max_failure_rate is 0). The
-MLflow run of a diverged fit ends FAILED with tag failure_reason.
+Failed trials, deliberately in two kinds:
+
+- A fit that diverges returns math.inf. Divergence is a property of the hyperparameters (the
+  same config and seeds diverge again), and TPE must learn from it: optuna 2.10's TPE uses only
+  COMPLETE (and PRUNED) trials, so a diverged trial is COMPLETE with value inf, ranked below every
+  finite one, and the sampler moves away from the region. It is still visibly a failure: the
+  MLflow run ends FAILED with tags failure_reason and diverged=true, and the sweeper (gradalign's,
+  conf/hydra/sweeper/optuna_tpe.yaml) sets the trial's user attrs diverged and failure_reason.
+  (NaN would not do: optuna rejects it and hydra-optuna-sweeper 1.3.0 then crashes while marking
+  the trial failed.)
+- A trial that raises (a bug, memory, a store that went away) says nothing about its
+  hyperparameters: the MLflow run ends FAILED with the exception as failure_reason, the Optuna
+  trial is FAIL with the same user attr, TPE ignores it, and the sweep goes on until more than
+  hydra.sweeper.max_failure_rate of its n_trials have failed.
+
+Bad settings (config values, search-space keys, an unreachable tracking server) fail before the
+first trial, not once per trial. Ctrl-C or SIGTERM ends the open MLflow run KILLED, with the
+sweep's parent, after flushing what it logged; a stored study resumes with the same command.
 """
 
 import logging
@@ -21,7 +34,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from gradalign.config import register_resolvers, validate
-from gradalign.experiment import run_experiment, sweep_parent_run
+from gradalign.experiment import TrialResult, run_experiment, sweep_parent_run
 
 register_resolvers(Path(__file__).resolve().parent)
 log = logging.getLogger(__name__)
@@ -33,21 +46,21 @@ def main(cfg: DictConfig) -> float:
     validate(cfg)  # before a sweep's parent run is created
     hydra_cfg = HydraConfig.get()
     if hydra_cfg.mode == RunMode.MULTIRUN:
-        sweep_id, parent_run_id = sweep_parent_run(
+        tags, parent_run_id = sweep_parent_run(
             cfg, sweep_dir=Path(hydra_cfg.sweep.dir), sweeper=hydra_cfg.sweeper
         )
+        tags["hydra_job_num"] = str(hydra_cfg.job.num)
+        if cfg.tracking.optuna_trial is not None:
+            tags["optuna_trial"] = str(cfg.tracking.optuna_trial)
         history, run_id = run_experiment(
-            cfg,
-            stage="sweep",
-            parent_run_id=parent_run_id,
-            extra_tags={"sweep_id": sweep_id, "hydra_job_num": str(hydra_cfg.job.num)},
+            cfg, stage="sweep", parent_run_id=parent_run_id, extra_tags=tags
         )
     else:
         history, run_id = run_experiment(cfg)
     objective = history.objective(cfg.objective)
     outcome = f"diverged ({history.reason})" if history.diverged else f"objective={objective:.4f}"
     log.info("%s  mlflow run %s", outcome, run_id)
-    return objective
+    return TrialResult(objective, run_id=run_id, failure_reason=history.reason)
 
 
 if __name__ == "__main__":

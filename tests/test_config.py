@@ -2,6 +2,7 @@
 defaults are the seed study's, bad values fail early, and paths are anchored at the repo root."""
 
 import itertools
+import os
 import re
 from pathlib import Path
 
@@ -47,6 +48,7 @@ def search_space(cfg):
 def test_groups_have_the_expected_options():
     assert options("dataset") == ["mnist1d", "mnist1d_shuffled"]
     assert options("model") == ["cnn", "mlp"]
+    assert options("parallel") == ["joblib", "serial", "slurm", "submitit_local"]
     assert set(options("optimizer")) >= set(SEARCHED)
 
 
@@ -78,6 +80,33 @@ def test_defaults_are_the_seed_study(compose_cfg):
     assert sweeper.sampler._target_ == "gradalign.sampler.ResumableTPESampler"
     assert isinstance(sweeper.sampler.seed, int)
     assert (sweeper.n_trials, sweeper.direction) == (30, "minimize")
+
+
+LAUNCHERS = {
+    "serial": "BasicLauncher",
+    "joblib": "JoblibLauncher",
+    "submitit_local": "LocalLauncher",
+    "slurm": "SlurmLauncher",
+}
+
+
+@pytest.mark.parametrize("preset", sorted(LAUNCHERS))
+def test_parallel_presets_size_the_launcher_and_optuna_batches_together(compose_cfg, preset):
+    cfg = compose_cfg(f"parallel={preset}", hydra=True)
+    launcher, sweeper = cfg.hydra.launcher, cfg.hydra.sweeper
+    assert launcher._target_.endswith(LAUNCHERS[preset])
+    workers = cfg.parallel.workers
+    assert sweeper.n_jobs == workers and cfg.trainer.threads == 1
+    if preset == "serial":
+        assert workers == 1
+    elif preset == "slurm":
+        assert launcher.array_parallelism == workers and launcher.cpus_per_task == 1
+    else:  # one worker per core this process may use, unless told otherwise
+        assert workers == len(os.sched_getaffinity(0))
+    if preset == "joblib":
+        assert launcher.n_jobs == workers
+        resized = compose_cfg("parallel=joblib", "parallel.workers=5", hydra=True)
+        assert resized.hydra.launcher.n_jobs == resized.hydra.sweeper.n_jobs == 5
 
 
 def test_basic_sweeper_replaces_optuna_for_grids(compose_cfg):
@@ -132,6 +161,8 @@ def test_common_overrides(compose_cfg):
         (["trainer.threads=0"], "trainer.threads"),
         (["objective=worst"], "objective"),
         (["dataset.val_fraction=1.0"], "dataset.val_fraction"),
+        (["parallel=joblib", "parallel.workers=0"], "parallel.workers"),
+        (["tracking.optuna_trial=-1"], "tracking.optuna_trial"),
     ],
 )
 def test_bad_values_name_the_key_value_and_what_is_allowed(compose_cfg, overrides, key):
@@ -165,13 +196,14 @@ def test_params_are_the_flattened_config_without_paths_and_tracking(compose_cfg)
     assert params["model.hidden"] == [100, 100]
     assert params["optimizer.beta"] == 0.9 and params["seed.model"] == 0
     assert params["dataset.generation.num_samples"] == 5000
-    assert not [k for k in params if k.startswith(("paths.", "tracking."))]
+    assert not [k for k in params if k.startswith(("paths.", "tracking.", "parallel."))]
 
 
 def test_config_hash_ignores_seeds_and_where_things_go_but_not_what_is_computed(compose_cfg):
     base = config_hash(compose_cfg())
     same = ["seed.model=3", "seed.data=4", "tracking.experiment=x", "trainer.threads=1",
-            "trainer.device=cpu", "paths.data_cache=/elsewhere"]
+            "trainer.device=cpu", "paths.data_cache=/elsewhere", "parallel=joblib",
+            "tracking.optuna_trial=5"]
     for override in same:
         assert config_hash(compose_cfg(override)) == base, override
     for override in ["optimizer.lr=0.1", "model=cnn", "trainer.epochs=3", "optimizer=gao"]:

@@ -1,23 +1,30 @@
-"""Optuna sweeps through train.py: one MLflow parent per sweep with the trials nested under it,
-the chosen optimizer's search space, and studies that resume without repeating trials."""
+"""Optuna sweeps through train.py, in this process (fast; test_scale.py runs them as real
+processes): the sampler that resumes without replaying, failed and diverged trials recorded in
+Optuna and MLflow while the sweep goes on, the failure budget, checks before the first trial,
+and one sweep directory per sweep process."""
 
+import math
 import os
-import signal
-import subprocess
+import pickle
+import re
+import runpy
+import socket
 import sys
-import time
 from pathlib import Path
 
 import optuna
 import pytest
 from mlflow.tracking import MlflowClient
+from optuna.distributions import CategoricalDistribution, UniformDistribution
 from optuna.samplers import TPESampler
 from optuna.trial import TrialState
 
+from gradalign import experiment
+from gradalign.experiment import TrialResult
 from gradalign.sampler import ResumableTPESampler
+from gradalign.sweep import CLAIM, check_search_space, claim_sweep_dir
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SEARCHED = {"adam": {"optimizer.lr"}, "gao": {"optimizer.lr", "optimizer.beta"}}
 
 
 def suggestions(study, sampler, n):
@@ -42,108 +49,171 @@ def test_resumed_study_continues_the_seeded_stream_instead_of_replaying_it():
     assert replayed == first
 
 
-def sweep_command(sweep_dir, *overrides):
-    return [
-        sys.executable, str(REPO_ROOT / "train.py"), "-m", f"hydra.sweep.dir={sweep_dir}",
-        "dataset.generation.num_samples=1000", f"paths.data_cache={sweep_dir.parent / 'data'}",
-        *overrides,
-    ]
-
-
-def environment(tmp_path):
-    return {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
-
-
-def runs(tmp_path, stage):
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    experiment_id = client.get_experiment_by_name("gradient-alignment").experiment_id
-    return client, client.search_runs([experiment_id], f"tags.stage = '{stage}'")
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("optimizer", ["adam", "gao"])
-def test_three_trial_sweep_nests_trials_under_one_parent(tmp_path, optimizer):
-    sweep_dir = tmp_path / "sweep"
-    command = sweep_command(
-        sweep_dir, f"optimizer={optimizer}", "hydra.sweeper.n_trials=3", "trainer.epochs=2"
-    )
-    result = subprocess.run(
-        command, env=environment(tmp_path), capture_output=True, text=True, timeout=300
-    )
-    assert result.returncode == 0, result.stderr
-
-    client, (parent,) = runs(tmp_path, "sweep_parent")
-    _, trials = runs(tmp_path, "sweep")
-    assert parent.data.tags["sweep_id"] == str(sweep_dir)
-    assert parent.data.params["sweeper.n_trials"] == "3"
-    assert set(parent.data.params) >= {f"sweeper.params.{key}" for key in SEARCHED[optimizer]}
-    assert len(trials) == 3
-    assert sorted(t.data.tags["hydra_job_num"] for t in trials) == ["0", "1", "2"]
-    for trial in trials:
-        assert trial.info.status == "FINISHED"
-        assert trial.data.tags["mlflow.parentRunId"] == parent.info.run_id
-        assert trial.data.tags["sweep_id"] == str(sweep_dir)
-        assert trial.data.tags["optimizer"] == optimizer
-        assert len(client.get_metric_history(trial.info.run_id, "val_loss")) == 2
-    for key in SEARCHED[optimizer]:  # each trial carries its own suggestion
-        assert len({t.data.params[key] for t in trials}) == 3, key
-    assert "optimizer.beta" not in trials[0].data.params or optimizer == "gao"
-    best = (sweep_dir / "optimization_results.yaml").read_text()
-    assert str(min(t.data.metrics["objective"] for t in trials)) in best
-
-
 def study_trials(storage, name):
     return optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
 
 
-@pytest.mark.slow
-def test_interrupted_study_resumes_without_repeating_finished_trials(tmp_path):
-    """Interrupt a stored study inside its second trial, then run it again with the same
-    command: finished trials stay, new trials are new points, the killed run ends KILLED."""
+def train_in_process(monkeypatch, *argv):
+    """``python train.py *argv`` in this process (so tests can patch it); its exit code."""
+    monkeypatch.setattr(sys, "argv", [str(REPO_ROOT / "train.py"), *argv])
+    try:
+        runpy.run_path(str(REPO_ROOT / "train.py"), run_name="__main__")
+    except SystemExit as exit_:
+        return exit_.code
+    return 0
+
+
+@pytest.fixture
+def stores(tmp_path, tiny):
+    """Overrides for a 1-epoch sweep writing to an MLflow store and an Optuna storage in
+    tmp_path, and readers of both."""
+    mlflow_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     overrides = [
-        "optimizer=gao", "trainer.epochs=100", "tracking.flush_interval_s=0",
-        f"hydra.sweeper.storage={storage}", "hydra.sweeper.study_name=resume",
+        *tiny, "trainer.epochs=1", f"tracking.uri={mlflow_uri}",
+        f"hydra.sweep.dir={tmp_path / 's'}", f"hydra.sweeper.storage={storage}",
+        "hydra.sweeper.study_name=s",
     ]
-    env = environment(tmp_path)
-    first = subprocess.Popen(
-        sweep_command(tmp_path / "first", "hydra.sweeper.n_trials=5", *overrides),
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+
+    def trials():
+        names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
+        return study_trials(storage, "s") if "s" in names else []
+
+    def sweep_runs():
+        client = MlflowClient(mlflow_uri)
+        experiment_ = client.get_experiment_by_name("gradient-alignment")
+        if experiment_ is None:
+            return []
+        found = client.search_runs([experiment_.experiment_id], "tags.stage = 'sweep'")
+        return sorted(found, key=lambda run: int(run.data.tags["optuna_trial"]))
+
+    return overrides, trials, sweep_runs
+
+
+def failing_fits(monkeypatch, *plan):
+    """Make the k-th fit of this process do plan[k]: "ok", "raise" (after logging its first
+    epoch), or "diverge" (its optimizer's lr set to 1e6 first)."""
+    real, calls = experiment.fit, []
+
+    def fit(model, optimizer, *args, on_epoch, **kwargs):
+        what = plan[len(calls)]
+        calls.append(what)
+        if what == "diverge":
+            for group in optimizer.param_groups:
+                group["lr"] = 1e6
+
+        def raising(metrics):
+            on_epoch(metrics)
+            if what == "raise":
+                raise RuntimeError("disk on fire")
+
+        return real(model, optimizer, *args, on_epoch=raising, **kwargs)
+
+    monkeypatch.setattr(experiment, "fit", fit)
+
+
+def test_failed_and_diverged_trials_are_recorded_in_both_systems_and_the_sweep_goes_on(
+    monkeypatch, stores
+):
+    overrides, trials, sweep_runs = stores
+    failing_fits(monkeypatch, "ok", "raise", "diverge")
+    code = train_in_process(
+        monkeypatch, "-m", "optimizer=sgd", "hydra.sweeper.n_trials=3",
+        "hydra.sweeper.max_failure_rate=0.34", *overrides,
     )
-    # Wait until job 1 trains (has logged an epoch). Its directory appears after job 0 ended,
-    # so both stores exist by then and polling them cannot race their schema creation.
-    deadline = time.monotonic() + 240
-    while not (tmp_path / "first" / "1" / ".hydra").is_dir() and time.monotonic() < deadline:
-        time.sleep(0.2)
-    client, _ = runs(tmp_path, "sweep")
-    experiment_id = client.get_experiment_by_name("gradient-alignment").experiment_id
-    while time.monotonic() < deadline:
-        trials = client.search_runs([experiment_id], "tags.hydra_job_num = '1'")
-        if trials and "val_loss" in trials[0].data.metrics:
-            break
-        time.sleep(0.5)
-    first.send_signal(signal.SIGINT)
-    assert first.wait(timeout=60) != 0
+    assert code == 0
+    ok, raised, diverged = trials()
+    assert [t.state for t in (ok, raised, diverged)] == [TrialState.COMPLETE, TrialState.FAIL,
+                                                        TrialState.COMPLETE]
+    assert math.isfinite(ok.value) and "failure_reason" not in ok.user_attrs
+    assert raised.user_attrs["failure_reason"] == "RuntimeError: disk on fire"
+    assert diverged.value == math.inf and diverged.user_attrs["diverged"] is True
+    assert diverged.user_attrs["failure_reason"].startswith("non-finite train loss at epoch 1")
 
-    before = study_trials(storage, "resume")
-    finished = [t for t in before if t.state == TrialState.COMPLETE]
-    assert [t.number for t in finished] == [0]
-    assert [t.state for t in before[1:]] == [TrialState.RUNNING]  # stale; TPE ignores it
+    runs = sweep_runs()
+    assert [r.data.tags["optuna_trial"] for r in runs] == ["0", "1", "2"]
+    assert [r.info.status for r in runs] == ["FINISHED", "FAILED", "FAILED"]
+    assert runs[1].data.tags["failure_reason"] == "RuntimeError: disk on fire"
+    assert "val_loss" in runs[1].data.metrics  # what it logged before raising
+    assert runs[2].data.tags["diverged"] == "true"
+    assert runs[2].data.tags["failure_reason"] == diverged.user_attrs["failure_reason"]
+    assert ok.user_attrs["mlflow_run_id"] == runs[0].info.run_id
+    assert diverged.user_attrs["mlflow_run_id"] == runs[2].info.run_id
+    assert {r.data.tags["sweep_id"] for r in runs} == {"optuna:s"}
 
-    second = subprocess.run(
-        sweep_command(tmp_path / "second", "hydra.sweeper.n_trials=2", *overrides),
-        env=env, capture_output=True, text=True, timeout=300,
+
+def test_the_sweep_stops_once_more_trials_failed_than_the_budget_allows(monkeypatch, stores):
+    overrides, trials, sweep_runs = stores
+    failing_fits(monkeypatch, *["raise"] * 4)
+    code = train_in_process(
+        monkeypatch, "-m", "hydra.sweeper.n_trials=4", "hydra.sweeper.max_failure_rate=0.25",
+        *overrides,
     )
-    assert second.returncode == 0, second.stderr
-    after = study_trials(storage, "resume")
-    assert after[0].params == finished[0].params and after[0].value == finished[0].value
-    new = [t for t in after if t.number >= 2]
-    assert [t.state for t in new] == [TrialState.COMPLETE] * 2
-    assert all(t.params != finished[0].params for t in new)
+    assert code == 1  # 1 failure of 4 allowed: the second stops the sweep
+    assert [t.state for t in trials()] == [TrialState.FAIL, TrialState.FAIL]
+    assert [r.info.status for r in sweep_runs()] == ["FAILED", "FAILED"]
 
-    _, trials = runs(tmp_path, "sweep")
-    statuses = sorted(t.info.status for t in trials)
-    assert statuses == ["FINISHED", "FINISHED", "FINISHED", "KILLED"]
-    _, parents = runs(tmp_path, "sweep_parent")
-    assert len(parents) == 2  # one per invocation (sweep directory)
 
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        (
+            "optimizer.bta=interval(0.1,0.5)",
+            r"search space key 'optimizer.bta' .* not in the config: 'optimizer' has \[.*'beta'",
+        ),
+        ("optimizer.beta=interval(0.5,1.5)", r"beta=1.4999.*: must be a number in \[0, 1\)"),
+        ("optimizer.lr=interval(0,1)", r"optimizer.lr=0.0: must be a number > 0"),
+        ("trainer.epochs=0", r"trainer.epochs=0: must be an integer >= 1"),
+        ("hydra.sweeper.max_failure_rate=2", r"max_failure_rate=2.*\[0, 1\]"),
+        ("tracking.uri=http://127.0.0.1:PORT", r"http://127.0.0.1:PORT \(unreachable"),
+    ],
+)
+def test_bad_settings_fail_before_the_first_trial(monkeypatch, capsys, stores, override, message):
+    overrides, trials, sweep_runs = stores
+    port = str(free_port())
+    monkeypatch.setattr(experiment, "fit", lambda *a, **k: pytest.fail("a trial ran"))
+    code = train_in_process(monkeypatch, "-m", "optimizer=gao", *overrides,
+                            override.replace("PORT", port))
+    assert code == 1
+    assert re.search(message.replace("PORT", port), capsys.readouterr().err)
+    assert trials() == [] and sweep_runs() == []
+
+
+def test_a_search_space_in_the_config_is_checked_like_one_on_the_command_line(compose_cfg):
+    cfg = compose_cfg("optimizer=gao")
+    with pytest.raises(ValueError, match=r"'optimizer.bta' .* 'optimizer' has \["):
+        check_search_space(cfg, {"optimizer.bta": UniformDistribution(0.5, 0.9)}, [])
+    with pytest.raises(ValueError, match="'trainer.epoch' .* 'trainer' has"):
+        check_search_space(cfg, {}, ["trainer.epoch"])  # a fixed value in hydra.sweeper.params
+    check_search_space(  # group choices, appended keys and Hydra's settings pass
+        cfg,
+        {"model": CategoricalDistribution(["mlp", "cnn"]), "+extra": UniformDistribution(0, 1)},
+        ["hydra.job.name"],
+    )
+    with pytest.raises(ValueError, match="reaches 'fast'"):
+        check_search_space(cfg, {"objective": CategoricalDistribution(["last", "fast"])}, [])
+
+
+def test_each_sweep_process_claims_its_own_directory(tmp_path):
+    requested = tmp_path / "multirun" / "2026-01-01_00-00-00"
+    first, second = claim_sweep_dir(requested), claim_sweep_dir(requested)
+    assert first == requested and second == requested.with_name(requested.name + "-1")
+    assert (first / CLAIM).read_text().split()[1] == str(os.getpid())
+    (tmp_path / "empty").mkdir()
+    assert claim_sweep_dir(tmp_path / "empty") == tmp_path / "empty"  # made but not claimed
+
+
+def test_trial_result_is_the_objective_and_survives_pickling():
+    result = TrialResult(math.inf, run_id="abc", failure_reason="non-finite train loss")
+    assert float(result) == math.inf and result > 1e300
+    again = pickle.loads(pickle.dumps(result))  # as launchers return it from workers
+    assert (float(again), again.run_id, again.failure_reason) == (
+        math.inf, "abc", "non-finite train loss"
+    )
+    assert TrialResult(1.5).run_id is None

@@ -5,6 +5,7 @@ import io
 import math
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -42,7 +43,7 @@ def test_short_run_is_tracked(compose_cfg, tiny, client, model, optimizer):
     assert run.info.run_name == f"{optimizer}-single"
     tags = run.data.tags
     assert (tags["optimizer"], tags["stage"]) == (optimizer, "single")
-    assert len(tags["config_hash"]) == 12 and tags["git_commit"]
+    assert len(tags["config_hash"]) == len(tags["init_hash"]) == 12 and tags["git_commit"]
     params = run.data.params
     assert params["optimizer.lr"] == str(cfg.optimizer.lr)
     assert params["model.name"] == model and params["seed.model"] == "0"
@@ -91,7 +92,7 @@ def test_diverged_run_ends_failed_with_reason(compose_cfg, tiny, client):
     history, run_id = experiment.run_experiment(cfg)
     assert history.diverged and history.objective("last") == math.inf
     run = client.get_run(run_id)
-    assert run.info.status == "FAILED"
+    assert run.info.status == "FAILED" and run.data.tags["diverged"] == "true"
     assert run.data.tags["failure_reason"].startswith("non-finite train loss at epoch 1")
     assert "objective" not in run.data.metrics  # a diverged run has no objective
 
@@ -142,11 +143,28 @@ def test_error_ends_run_failed_and_propagates(compose_cfg, tiny, client, monkeyp
     assert len(client.get_metric_history(run.info.run_id, "val_loss")) == 1  # flushed on the way
 
 
-def test_keyboard_interrupt_ends_run_killed_and_propagates(compose_cfg, tiny, client, monkeypatch):
+def test_keyboard_interrupt_ends_run_and_its_parent_killed_and_propagates(
+    compose_cfg, tiny, client, monkeypatch
+):
     raise_in_first_epoch(monkeypatch, KeyboardInterrupt())
+    parent = client.create_run(client.get_experiment_by_name("gradient-alignment").experiment_id)
     with pytest.raises(KeyboardInterrupt):
-        experiment.run_experiment(compose_cfg(*tiny))
-    assert last_run(client).info.status == "KILLED"
+        experiment.run_experiment(compose_cfg(*tiny), parent_run_id=parent.info.run_id)
+    run = last_run(client)
+    assert run.info.status == "KILLED"
+    assert run.data.tags["failure_reason"] == "interrupted (KeyboardInterrupt)"
+    assert len(client.get_metric_history(run.info.run_id, "val_loss")) == 1  # flushed
+    assert client.get_run(parent.info.run_id).info.status == "KILLED"
+
+
+def test_unreachable_tracking_server_fails_fast_before_any_run(compose_cfg, tiny, client):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        uri = f"http://127.0.0.1:{probe.getsockname()[1]}"  # nothing listens there
+    before = n_runs(client)
+    with pytest.raises(tracking.TrackingUnavailable, match=uri):
+        experiment.run_experiment(compose_cfg(*tiny, f"tracking.uri={uri}"))
+    assert n_runs(client) == before
 
 
 def test_sigterm_ends_run_killed_and_restores_the_handler(compose_cfg, tiny, client, monkeypatch):

@@ -10,27 +10,31 @@ from __future__ import annotations
 import hashlib
 import json
 import numbers
+import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-# Keys that say where things go, not what is computed: never logged as params nor hashed.
-NOT_PARAMS = ("paths", "tracking")
+# Keys that say where and how things run, not what is computed: never logged as params nor hashed.
+NOT_PARAMS = ("paths", "tracking", "parallel")
 # Also left out of the config hash: seeds (the report matches them separately) and execution
 # settings that do not change what a run computes.
 NOT_HASHED = (*NOT_PARAMS, "seed", "trainer.device", "trainer.threads")
 
 
 def register_resolvers(repo_root: str | Path) -> None:
-    """Register ``${repo_root:}``, which conf/config.yaml uses to anchor outputs, data and MLflow.
+    """Register ``${repo_root:}``, which conf/config.yaml uses to anchor outputs, data and MLflow,
+    and ``${cpu_count:}``, the cores this process may run on (the parallel presets' default
+    number of workers).
 
     Entry points call this with their own directory, so paths do not depend on the working
     directory nor on Hydra's run directory.
     """
     root = str(Path(repo_root).resolve())
     OmegaConf.register_new_resolver("repo_root", lambda: root, replace=True)
+    OmegaConf.register_new_resolver("cpu_count", lambda: len(os.sched_getaffinity(0)), replace=True)
 
 
 def _is_number(value: Any) -> bool:
@@ -54,6 +58,12 @@ _RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("objective", lambda v: v in ("last", "best"), "one of last, best"),
     ("dataset.val_fraction", lambda v: _is_number(v) and 0 < v < 1, "a number in (0, 1)"),
     ("tracking.flush_interval_s", lambda v: _is_number(v) and v >= 0, "a number >= 0"),
+    (
+        "tracking.optuna_trial",
+        lambda v: v is None or (_is_int(v) and v >= 0),
+        "null or an int >= 0",
+    ),
+    ("parallel.workers", lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
 )
 _ABSENT = object()
 

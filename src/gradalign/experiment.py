@@ -7,6 +7,7 @@ can be wrong with the config fails here before a run is opened in MLflow.
 from __future__ import annotations
 
 import functools
+import hashlib
 import subprocess
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -76,24 +77,65 @@ def _hydra_config_dir() -> Path | None:
     return path if path.is_dir() else None
 
 
-def sweep_parent_run(cfg: DictConfig, *, sweep_dir: Path, sweeper: DictConfig) -> tuple[str, str]:
-    """(sweep id, run id) of the MLflow parent run of the sweep writing to ``sweep_dir``.
+def sweep_id(root: Path, sweep_dir: Path, sweeper: DictConfig) -> str:
+    """The key of a sweep's MLflow parent run: ``optuna:<study_name>`` for an Optuna study kept
+    in a storage (every process sharing the study, and every resumption of it, nests under one
+    parent), else the sweep directory relative to ``root`` (absolute if outside)."""
+    storage = OmegaConf.select(sweeper, "storage")
+    study = OmegaConf.select(sweeper, "study_name")
+    return f"optuna:{study}" if storage and study else _relative(sweep_dir, root)
 
-    The sweep id is the sweep directory relative to the repository root (absolute if outside);
-    the parent's params are the sweeper settings (search space, n_trials, sampler, storage).
+
+def _relative(path: Path, root: Path) -> str:
+    path = path.resolve()
+    return str(path.relative_to(root) if path.is_relative_to(root) else path)
+
+
+def sweep_parent_run(
+    cfg: DictConfig, *, sweep_dir: Path, sweeper: DictConfig
+) -> tuple[dict[str, str], str]:
+    """(tags every trial of the sweep carries, run id of the sweep's MLflow parent run).
+
+    The parent is keyed by ``sweep_id``; its params are the sweeper settings (search space,
+    n_trials, sampler, storage). Trials are tagged ``sweep_id``, ``sweep_dir`` (this process's
+    sweep directory) and, for a stored study, ``optuna_study``.
     """
     root = Path(cfg.paths.root)
-    sweep_dir = sweep_dir.resolve()
-    sweep_id = str(sweep_dir.relative_to(root) if sweep_dir.is_relative_to(root) else sweep_dir)
+    key = sweep_id(root, sweep_dir, sweeper)
+    study = OmegaConf.select(sweeper, "study_name") if key.startswith("optuna:") else None
     run_id = tracking.sweep_parent(
         cfg.tracking,
-        sweep_id=sweep_id,
+        sweep_id=key,
         lock_dir=sweep_dir,
-        run_name=f"{cfg.optimizer.name}-sweep {sweep_dir.name}",
+        run_name=f"{cfg.optimizer.name}-sweep {study or sweep_dir.name}",
         tags={"optimizer": cfg.optimizer.name, **git_tags(str(root))},
         params={f"sweeper.{k}": v for k, v in flatten(sweeper, exclude=()).items()},
     )
-    return sweep_id, run_id
+    tags = {"sweep_id": key, "sweep_dir": _relative(sweep_dir, root)}
+    if study:
+        tags["optuna_study"] = study
+    return tags, run_id
+
+
+def init_hash(model: torch.nn.Module) -> str:
+    """12 hex digits of a model's state (names and values): equal for equal initial weights."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:12]
+
+
+class TrialResult(float):
+    """A run's objective, the value a sweeper optimises, carrying the MLflow run id and, for a
+    diverged fit, why; gradalign's Optuna sweeper records both on the trial, and any other
+    sweeper sees a plain float."""
+
+    def __new__(cls, value: float, run_id: str | None = None, failure_reason: str | None = None):
+        result = super().__new__(cls, value)
+        result.run_id = run_id
+        result.failure_reason = failure_reason
+        return result
 
 
 def run_experiment(
@@ -106,9 +148,11 @@ def run_experiment(
     """Train as ``cfg`` says and track it in MLflow; return the history and the MLflow run id.
 
     The model is initialised right after ``torch.manual_seed(cfg.seed.model)`` (on the CPU, so
-    equal seeds give equal weights on any device); ``cfg.seed.data`` orders the mini-batches.
+    equal seeds give equal weights on any device), and tagged ``init_hash``; ``cfg.seed.data``
+    orders the mini-batches. A bad config or an unreachable store fails before any of it.
     """
     validate(cfg)
+    tracking.connect(cfg.tracking)
     device = resolve_device(cfg.trainer.device)
     if cfg.trainer.threads is not None:
         torch.set_num_threads(cfg.trainer.threads)
@@ -132,6 +176,7 @@ def run_experiment(
         "optimizer": cfg.optimizer.name,
         "stage": stage,
         "config_hash": config_hash(cfg),
+        "init_hash": init_hash(model),
         **git_tags(str(cfg.paths.root)),
         **(extra_tags or {}),
     }

@@ -14,8 +14,9 @@ and the status. A 25-epoch trial makes 4 calls (5 in a sweep). Clients and exper
 cached per process, so a sweep pays for the ~2 s MLflow import and store set-up once.
 
 Concurrency: parallel workers share one SQLite file, which admits one writer at a time; a call
-that still finds it locked after SQLite's own 5 s wait is retried with jittered exponential
-backoff (``client`` wraps every call), so a busy store delays a trial but never loses it.
+that still finds it locked after the 20 s MLflow lets SQLite wait (``busy_timeout``) is retried
+with jittered exponential backoff (``client`` wraps every call), so a busy store delays a trial
+but never loses it.
 
 Sweeps: the first job of a sweep creates a parent run (stage ``sweep_parent``, tag ``sweep_id``)
 under a file lock; later jobs, in this process or in other processes (parallel launchers,
@@ -58,7 +59,7 @@ _MAX_REASON = 1000  # characters of an exception message kept in the failure_rea
 _SQLITE = "sqlite:///"
 _LOCKED = "database is locked"
 # Waits between attempts of a call that found the SQLite store locked (each attempt already
-# waited SQLite's 5 s busy timeout): ~25 s of backoff, ~1 min in all, before giving up.
+# waited MLflow's 20 s SQLite busy_timeout): ~25 s of backoff, ~3.5 min in all, before giving up.
 RETRY_WAITS_S = (0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 6.4, 12.8)
 # How long the probe of a tracking server may take before the run fails.
 CONNECT_TIMEOUT_S = 10.0

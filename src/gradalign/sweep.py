@@ -1,0 +1,262 @@
+"""gradalign's Optuna sweep: hydra-optuna-sweeper 1.3.0's, plus what scaling out needs.
+
+The stock sweeper (``OptunaSweeperImpl``, pinned) asks ``n_jobs`` trials, launches them as one
+batch through the configured launcher, tells Optuna their results, and repeats. This subclass
+keeps that loop and adds:
+
+- checks before the first trial is asked: the job config validates, every searched key exists in
+  it and the ends of its range are valid values, and the MLflow store answers (a typo fails
+  once, in a second, instead of once per trial);
+- a failure budget over the whole sweep: it stops once more than
+  ``max_failure_rate * n_trials`` trials have raised. The stock rule applies the rate to each
+  batch, which with ``n_jobs=1`` means any failure stops the sweep, or none does;
+- each trial's number passed to its job (override ``tracking.optuna_trial``, tagged on the MLflow
+  run), and the job's outcome written on the trial before it is told: user attrs
+  ``mlflow_run_id``, ``diverged``, ``failure_reason``;
+- on Ctrl-C or SIGTERM: the launcher's child processes get SIGTERM (submitit's local jobs end
+  their runs KILLED), the trials in flight are told FAIL (failure_reason ``interrupted``), and
+  their MLflow runs left RUNNING (joblib kills its workers before they can end them; what they
+  flushed stays) and the sweep's parent run end KILLED;
+- a sweep directory of its own: if ``hydra.sweep.dir`` is claimed by another sweep process (two
+  started in the same second), the first free ``<dir>-<n>``.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import os
+import socket
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from hydra.core.utils import JobReturn, JobStatus
+from hydra.types import HydraContext, TaskFunction
+from hydra_plugins.hydra_optuna_sweeper._impl import (
+    OptunaSweeperImpl,
+    create_params_from_overrides,
+)
+from omegaconf import DictConfig, OmegaConf, read_write
+from optuna.distributions import (
+    BaseDistribution,
+    CategoricalDistribution,
+    LogUniformDistribution,
+    UniformDistribution,
+)
+from optuna.trial import Trial, TrialState
+
+from gradalign import processes, tracking
+from gradalign.config import validate
+from gradalign.experiment import sweep_id
+
+log = logging.getLogger(__name__)
+CLAIM = ".sweep_claim"  # created atomically in the sweep directory by the sweep that owns it
+STOP_CHILDREN_S = 30.0  # how long an interrupted sweep waits for its workers to end their runs
+_MISSING = object()
+
+
+def claim_sweep_dir(requested: Path) -> Path:
+    """``requested``, or ``<requested>-<n>`` with the smallest free n: the first directory whose
+    claim file this process creates (atomically, so two processes never share one)."""
+    for n in range(1000):
+        candidate = requested if n == 0 else requested.with_name(f"{requested.name}-{n}")
+        candidate.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(candidate / CLAIM, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            continue
+        with os.fdopen(fd, "w") as claim:
+            claim.write(f"{socket.gethostname()} {os.getpid()}\n")
+        return candidate
+    raise RuntimeError(f"no free sweep directory next to {requested}")
+
+
+def _range_ends(distribution: BaseDistribution) -> list[Any]:
+    """The values a distribution can produce at its extremes (all choices of a categorical).
+
+    Optuna 2.10's float uniform and log-uniform ranges exclude ``high``: its largest value below
+    ``high`` is checked instead."""
+    if isinstance(distribution, CategoricalDistribution):
+        return list(distribution.choices)
+    high = distribution.high
+    if isinstance(distribution, UniformDistribution | LogUniformDistribution):
+        high = math.nextafter(high, distribution.low)
+    return [distribution.low, high]
+
+
+def _hydra_quoted(path: Path) -> str:
+    """``path`` as a quoted value of a Hydra override."""
+    return "'" + str(path).replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _own_key(key: str) -> bool:
+    """False for appended (+) or deleted (~) keys and Hydra's settings, which need no check."""
+    return not key.startswith(("+", "~", "hydra."))
+
+
+def check_search_space(
+    cfg: DictConfig, distributions: dict[str, BaseDistribution], fixed: Iterable[str]
+) -> None:
+    """Raise ValueError if a searched (or ``fixed``) key is not in ``cfg``, or if a value at the
+    end of a searched range is invalid (gradalign.config.validate), naming the key, the range
+    and what is allowed."""
+    for key in filter(_own_key, [*distributions, *fixed]):
+        if OmegaConf.select(cfg, key, default=_MISSING) is _MISSING:
+            parent, _, _ = key.rpartition(".")
+            node = OmegaConf.select(cfg, parent) if parent else cfg
+            known = sorted(k for k in node if k != "hydra") if isinstance(node, DictConfig) else []
+            where = f"{parent!r} has" if parent else "top-level keys are"
+            raise ValueError(
+                f"search space key {key!r} (hydra.sweeper.params or a sweep override) is not in "
+                f"the config: {where} {known}"
+            )
+    for key, distribution in distributions.items():
+        if not _own_key(key) or isinstance(OmegaConf.select(cfg, key), DictConfig):
+            continue  # a config group choice (model=mlp,cnn) composes its own values
+        for value in _range_ends(distribution):
+            trial_cfg = copy.deepcopy(cfg)
+            OmegaConf.update(trial_cfg, key, value, force_add=False)
+            try:
+                validate(trial_cfg)
+            except ValueError as error:
+                raise ValueError(
+                    f"search space of {key} ({distribution}) reaches {value!r}: {error}"
+                ) from None
+
+
+class _RecordingLauncher:
+    """The configured launcher, with each batch's outcomes passed to the sweeper before the
+    stock loop tells Optuna."""
+
+    def __init__(self, launcher: Any, sweeper: SafeOptunaSweeperImpl):
+        self.launcher = launcher
+        self.sweeper = sweeper
+
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Any:
+        returns = self.launcher.launch(job_overrides, initial_job_idx)
+        self.sweeper.record(returns)
+        return returns
+
+
+def _outcome(job: JobReturn) -> tuple[bool, dict[str, Any]]:
+    """(whether the stock loop will tell the job's trial FAIL, user attrs for the trial: its
+    MLflow run, whether and why it failed)."""
+    if job.status == JobStatus.FAILED:
+        error = job._return_value  # the exception; job.return_value would raise it
+        return True, {"failure_reason": f"{type(error).__name__}: {error}"[:1000]}
+    value = job.return_value
+    try:
+        objective = float(value)
+    except (TypeError, ValueError):
+        return True, {"failure_reason": f"return value {value!r} is not a number"}
+    attrs: dict[str, Any] = {}
+    if getattr(value, "run_id", None):
+        attrs["mlflow_run_id"] = value.run_id
+    if not math.isfinite(objective):
+        attrs["diverged"] = True
+        attrs["failure_reason"] = getattr(value, "failure_reason", None) or "non-finite objective"
+    return False, attrs
+
+
+class SafeOptunaSweeperImpl(OptunaSweeperImpl):
+    """OptunaSweeperImpl with the checks, failure budget, trial records, interruption handling
+    and sweep-directory claim described in the module docstring. Same arguments; its
+    ``max_failure_rate`` is the fraction of ``n_trials`` that may raise before the sweep stops."""
+
+    def __init__(self, *, max_failure_rate: float, **kwargs: Any) -> None:
+        super().__init__(max_failure_rate=1.0, **kwargs)  # the stock per-batch rule: never
+        if not 0.0 <= max_failure_rate <= 1.0:
+            raise ValueError(
+                f"invalid config value hydra.sweeper.max_failure_rate={max_failure_rate!r}: "
+                "must be a number in [0, 1]"
+            )
+        self.budget_rate = max_failure_rate
+        self.failures = 0
+        self.in_flight: list[Trial] = []
+
+    def setup(
+        self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig
+    ) -> None:
+        requested = Path(config.hydra.sweep.dir)
+        claimed = claim_sweep_dir(requested)
+        if claimed != requested:
+            log.warning("sweep directory %s is another sweep's: writing to %s", requested, claimed)
+            with read_write(config.hydra):  # jobs recompose hydra.* from hydra.overrides.hydra
+                config.hydra.sweep.dir = str(claimed)
+                config.hydra.overrides.hydra.append(f"hydra.sweep.dir={_hydra_quoted(claimed)}")
+        super().setup(hydra_context=hydra_context, task_function=task_function, config=config)
+        self.launcher = _RecordingLauncher(self.launcher, self)
+
+    def _check(self, arguments: list[str]) -> None:
+        validate(self.config)
+        overrides = [f"{k!s}={v}" for k, v in (self.params or {}).items()] + list(arguments)
+        distributions, fixed = create_params_from_overrides(overrides)
+        check_search_space(self.config, distributions, fixed)
+        tracking.connect(self.config.tracking)  # reachable; the experiment created once, here
+
+    def sweep(self, arguments: list[str]) -> None:
+        self._check(arguments)
+        with tracking.sigterm_raises():
+            try:
+                super().sweep(arguments)
+            except (KeyboardInterrupt, tracking.Terminated) as error:
+                self._interrupted(f"interrupted ({type(error).__name__})")
+                raise
+
+    def _configure_trials(
+        self,
+        trials: list[Trial],
+        search_space_distributions: dict[str, BaseDistribution],
+        fixed_params: dict[str, Any],
+    ) -> Sequence[Sequence[str]]:
+        overrides = super()._configure_trials(trials, search_space_distributions, fixed_params)
+        self.in_flight = list(trials)
+        return [
+            (*override, f"tracking.optuna_trial={trial.number}")
+            for override, trial in zip(overrides, trials, strict=True)
+        ]
+
+    def record(self, returns: Sequence[JobReturn]) -> None:
+        """Write each job's outcome on its trial; past the failure budget, make the stock loop
+        raise the first failure once it has told Optuna this batch."""
+        for trial, job in zip(self.in_flight, returns, strict=True):
+            failed, attrs = _outcome(job)
+            for key, value in attrs.items():
+                trial.set_user_attr(key, value)
+            self.failures += failed
+        allowed = int(self.budget_rate * self.n_trials)
+        if self.failures > allowed:
+            log.error(
+                "stopping the sweep: %d trials failed, more than max_failure_rate=%g of "
+                "n_trials=%d allows (%d)",
+                self.failures,
+                self.budget_rate,
+                self.n_trials,
+                allowed,
+            )
+            self.max_failure_rate = 0.0  # this batch has a failure: the stock check raises it
+
+    def _interrupted(self, reason: str) -> None:
+        """Stop the workers, fail the trials in flight, end their leftover runs KILLED."""
+        left = processes.stop_children(STOP_CHILDREN_S)
+        if left:
+            log.warning("worker processes %s did not stop within %g s", left, STOP_CHILDREN_S)
+        numbers = []
+        for trial in self.in_flight:
+            try:
+                trial.set_user_attr("failure_reason", reason)
+                trial.study.tell(trial, state=TrialState.FAIL)
+                numbers.append(trial.number)
+            except RuntimeError:
+                pass  # told before the interruption
+        cfg = self.config
+        key = sweep_id(Path(cfg.paths.root), Path(cfg.hydra.sweep.dir), cfg.hydra.sweeper)
+        killed = tracking.kill_sweep_runs(cfg.tracking, sweep_id=key, trials=numbers, reason=reason)
+        log.warning(
+            "%s: trials %s marked FAIL in Optuna, %d MLflow run(s) left RUNNING ended KILLED",
+            reason,
+            numbers,
+            killed,
+        )
