@@ -11,6 +11,7 @@ from mlflow.tracking import MlflowClient
 
 from gradalign import report_finals, tracking
 from gradalign.config import flatten
+from gradalign.experiment import run_experiment
 from gradalign.report import FIGURE, MARKDOWN, make_report
 from gradalign.report_configs import (
     compose_config,
@@ -21,8 +22,8 @@ from gradalign.report_configs import (
     seeded,
     tuned_overrides,
 )
-from gradalign.report_finals import init_hash, workers_worth_starting
-from gradalign.report_runs import MissingSweepError, best_sweep_run
+from gradalign.report_finals import workers_worth_starting
+from gradalign.report_runs import MissingSweepError, best_sweep_run, final_runs
 from gradalign.report_settings import report_settings
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -145,9 +146,21 @@ def test_final_config_reproduces_the_best_runs_params(store):
     }
     with pytest.raises(ValueError, match="rerun its sweep"):
         final_config(CONF, gao, best | {"optimizer.gone": "1"}, epochs=7)
-    a, b = seeded(cfg, 3), seeded(compose_optimizer(CONF, "adam", overrides).cfg, 3)
+    a = seeded(cfg, 3)
     assert (a.seed.model, a.seed.data) == (3, 3)
-    assert init_hash(a) == init_hash(b) != init_hash(seeded(cfg, 4))
+
+
+def test_runs_of_one_seed_start_from_the_same_weights_whatever_the_optimizer(store):
+    """run_experiment's init_hash tag: what the report compares across optimizers per seed."""
+    uri, overrides = store
+    gao, adam = (compose_optimizer(CONF, name, overrides).cfg for name in ("gao", "adam"))
+    client = MlflowClient(uri)
+
+    def init_tag(cfg, seed):
+        _, run_id = run_experiment(seeded(cfg, seed))
+        return client.get_run(run_id).data.tags["init_hash"]
+
+    assert init_tag(gao, 3) == init_tag(adam, 3) != init_tag(adam, 4)
 
 
 @pytest.mark.parametrize(
@@ -224,6 +237,32 @@ def test_report_trains_finals_once_and_a_rerun_reuses_them(store, tmp_path, monk
     assert (first / MARKDOWN).read_text() == text  # the first report is left as it was
     with pytest.raises(ValueError, match="exists"):
         make_report(settings(overrides, name="second"))
+
+    gao_seed_1 = next(
+        r for r in finals if (r.data.tags["optimizer"], r.data.params["seed.model"]) == ("gao", "1")
+    )
+    client.set_tag(gao_seed_1.info.run_id, "init_hash", "0" * 12)  # as if the model had changed
+    with pytest.raises(RuntimeError, match="seed 1: .* not start from the same initial weights"):
+        make_report(settings(overrides, name="third"))
+
+
+def test_finals_are_reused_when_finished_or_diverged_but_not_when_failed_or_killed(store):
+    uri, _ = store
+    client = MlflowClient(uri)
+    experiment = experiment_id(uri)
+    kinds = {
+        1: ("FINISHED", {}),
+        2: ("FAILED", {"diverged": "true"}),
+        3: ("FAILED", {}),
+        4: ("KILLED", {}),
+    }
+    for seed, (status, tags) in kinds.items():
+        tags |= {"stage": "final", "config_hash": "h" * 12}
+        run = client.create_run(experiment, tags=tags)
+        for key in ("seed.model", "seed.data"):
+            client.log_param(run.info.run_id, key, seed)
+        client.set_terminated(run.info.run_id, status)
+    assert sorted(final_runs(client, experiment, "h" * 12)) == [1, 2]
 
 
 @pytest.mark.parametrize(

@@ -32,7 +32,7 @@ from gradalign.report_configs import (
     hyperparameters,
     seeded,
 )
-from gradalign.report_finals import FinalJob, FinalResult, init_hash, train
+from gradalign.report_finals import FinalJob, FinalResult, train
 from gradalign.report_markdown import render
 from gradalign.report_plots import plot_convergence
 from gradalign.report_runs import (
@@ -64,8 +64,8 @@ class Plan:
     """What the report will compare, decided before anything is trained or written.
 
     ``compositions``: each optimizer's config file + the overrides, composed; ``finals``: its
-    final-run config (best params, final budget; seeds unset); ``init_hashes``: (optimizer, seed)
-    -> hash of the initial weights; ``existing``: optimizer -> seed -> reusable final run.
+    final-run config (best params, final budget; seeds unset); ``existing``: optimizer -> seed ->
+    reusable final run.
     """
 
     client: MlflowClient
@@ -74,7 +74,6 @@ class Plan:
     compositions: dict[str, Composition]
     choices: dict[str, SweepChoice]
     finals: dict[str, DictConfig]
-    init_hashes: dict[tuple[str, int], str]
     existing: dict[str, dict[int, Run]]
 
     def jobs(self, seeds: tuple[int, ...]) -> list[FinalJob]:
@@ -84,10 +83,7 @@ class Plan:
                 name,
                 seed,
                 seeded(cfg, seed),
-                {
-                    "init_hash": self.init_hashes[name, seed],
-                    "selected_from": self.choices[name].run_id,
-                },
+                {"selected_from": self.choices[name].run_id},
                 estimate_s=self.choices[name].seconds_per_epoch * cfg.trainer.epochs,
             )
             for name, cfg in self.finals.items()
@@ -99,8 +95,7 @@ class Plan:
 def plan(settings: ReportSettings) -> Plan:
     """Select each optimizer's best sweep run and find its reusable final runs.
 
-    Raises MissingSweepError naming the sweep commands to run, and RuntimeError if two
-    optimizers would start a seed from different weights.
+    Raises MissingSweepError naming the sweep commands to run.
     """
     register_resolvers(settings.root)
     compositions = {
@@ -147,36 +142,32 @@ def plan(settings: ReportSettings) -> Plan:
         )
         for name in settings.optimizers
     }
-    init_hashes = {
-        (name, seed): init_hash(seeded(cfg, seed))
-        for name, cfg in finals.items()
-        for seed in settings.seeds
-    }
-    for seed in settings.seeds:
-        per_optimizer = {name: init_hashes[name, seed] for name in finals}
-        if len(set(per_optimizer.values())) != 1:
-            raise RuntimeError(
-                f"seed {seed}: the optimizers' final runs would start from different initial "
-                f"weights (init_hash per optimizer: {per_optimizer})"
-            )
     existing = {
         name: final_runs(client, experiment_id, config_hash(cfg)) for name, cfg in finals.items()
     }
-    return Plan(client, uri, experiment_id, compositions, choices, finals, init_hashes, existing)
+    return Plan(client, uri, experiment_id, compositions, choices, finals, existing)
 
 
 def _result(plan: Plan, name: str, seed: int, run: Run, reused: bool) -> FinalResult:
-    """A final run's curves and outcomes, after checking it started from the expected weights."""
-    found, expected = run.data.tags.get("init_hash"), plan.init_hashes[name, seed]
-    if found != expected:
-        raise RuntimeError(
-            f"final run {run.info.run_id} ({name}, seed {seed}) has init_hash {found!r}, expected "
-            f"{expected!r}: model initialisation changed since it was trained"
-        )
+    """A final run's curves and outcomes."""
     run_curves = curves(plan.client, run)
     diverged = run.info.status != "FINISHED"
     per_seed = outcomes(run_curves["val_loss"], run_curves["test_acc"], diverged)
-    return FinalResult(name, seed, run.info.run_id, reused, diverged, run_curves, per_seed)
+    init = run.data.tags.get("init_hash")
+    return FinalResult(name, seed, run.info.run_id, reused, diverged, init, run_curves, per_seed)
+
+
+def check_same_init(results: list[FinalResult]) -> None:
+    """Raise RuntimeError unless, for each seed, every optimizer's final run started from the
+    same initial weights (equal init_hash tags, as run_experiment logs them)."""
+    for seed in sorted({r.seed for r in results}):
+        hashes = {r.optimizer: r.init_hash for r in results if r.seed == seed}
+        if len(set(hashes.values())) != 1 or None in hashes.values():
+            raise RuntimeError(
+                f"seed {seed}: the optimizers' final runs did not start from the same initial "
+                f"weights (init_hash per optimizer: {hashes}); model initialisation changed "
+                "between them, or a run predates the tag"
+            )
 
 
 def _report_dir(outputs: Path, name: str | None) -> Path:
@@ -298,6 +289,7 @@ def make_report(settings: ReportSettings) -> Path:
             for name in settings.optimizers
             for seed in settings.seeds
         ]
+        check_same_init(results)
         per_seed = {
             name: {o: [r.outcomes[o] for r in results if r.optimizer == name] for o in OUTCOMES}
             for name in settings.optimizers

@@ -1,26 +1,22 @@
 """Final runs: the best configuration of each optimizer trained for the final budget per seed,
 in parallel worker processes when there are several to train.
 
-Every final run carries tag ``init_hash``, a hash of the model's initial state_dict computed from
-its config, so the report can check that all optimizers of a seed started from the same weights.
+Every run carries tag ``init_hash``, a hash of the model's initial state_dict logged by
+run_experiment, so the report can check that all optimizers of a seed started from the same
+weights.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import hashlib
 import logging
 import multiprocessing
 from collections.abc import Sequence
-from typing import Any
 
-import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from gradalign.data import load_mnist1d
 from gradalign.experiment import run_experiment
-from gradalign.models import build_model
 
 log = logging.getLogger(__name__)
 # Measured here: a spawned worker imports torch, MLflow and Hydra for ~4-5 s before its first run.
@@ -41,41 +37,18 @@ class FinalJob:
 
 @dataclasses.dataclass(frozen=True)
 class FinalResult:
-    """A final run as the report uses it: where it is, whether this report trained it, its
-    per-epoch curves and its per-seed outcomes (report_stats.outcomes)."""
+    """A final run as the report uses it: where it is, whether this report trained it, whether it
+    diverged, its initial weights' hash (tag init_hash), its per-epoch curves and its per-seed
+    outcomes (report_stats.outcomes)."""
 
     optimizer: str
     seed: int
     run_id: str
     reused: bool
     diverged: bool
+    init_hash: str | None
     curves: dict[str, list[float]]
     outcomes: dict[str, float]
-
-
-def init_hash(cfg: DictConfig) -> str:
-    """12 hex digits of the initial weights a run of ``cfg`` starts from.
-
-    Built as run_experiment builds its model: ``torch.manual_seed(seed.model)`` then
-    ``build_model`` with the dataset's dimensions; the global RNG is left as it was.
-    """
-    splits = load_mnist1d(
-        OmegaConf.to_container(cfg.dataset.generation, resolve=True),
-        val_fraction=cfg.dataset.val_fraction,
-        split_seed=cfg.dataset.split_seed,
-        cache_dir=cfg.paths.data_cache,
-    )
-    options: dict[str, Any] = OmegaConf.to_container(cfg.model, resolve=True)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed.model)
-        model = build_model(
-            options.pop("name"), input_dim=splits.input_dim, n_classes=splits.n_classes, **options
-        )
-    digest = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()[:12]
 
 
 def _train(job: FinalJob, parent_run_id: str) -> str:

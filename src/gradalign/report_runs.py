@@ -134,16 +134,16 @@ def best_sweep_run(
 
 
 def final_runs(client: MlflowClient, experiment_id: str, config_hash: str) -> dict[int, Run]:
-    """FINISHED final runs of the configuration ``config_hash`` by seed (seed.model = seed.data);
-    the latest one when a seed has several."""
+    """Reusable final runs of the configuration ``config_hash`` by seed (seed.model = seed.data):
+    FINISHED ones, and FAILED ones tagged diverged=true (a divergence is deterministic for the
+    config and seed, so retraining would diverge again); the latest one when a seed has several.
+    Runs that failed otherwise, or were killed, are retrained."""
     runs: dict[int, Run] = {}
-    filter_string = (
-        f"tags.stage = 'final' and tags.config_hash = '{config_hash}' "
-        "and attributes.status = 'FINISHED'"
-    )
+    filter_string = f"tags.stage = 'final' and tags.config_hash = '{config_hash}'"
     for run in search(client, experiment_id, filter_string):
-        params = run.data.params
-        if params.get("seed.model") != params.get("seed.data"):
+        params, status = run.data.params, run.info.status
+        diverged = status == "FAILED" and run.data.tags.get("diverged") == "true"
+        if not (status == "FINISHED" or diverged) or params["seed.model"] != params["seed.data"]:
             continue
         seed = int(params["seed.model"])
         if seed not in runs or run.info.start_time > runs[seed].info.start_time:
