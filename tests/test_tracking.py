@@ -5,6 +5,8 @@ probe of a tracking server, and ending the runs of an interrupted sweep."""
 import contextlib
 import http.server
 import multiprocessing
+import os
+import signal
 import socket
 import threading
 import time
@@ -245,3 +247,25 @@ def test_interrupted_sweep_runs_end_killed_with_their_parent(tmp_path):
     assert client.get_run(ours).data.tags["failure_reason"] == "interrupted (Terminated)"
     assert client.get_run(other_sweep).info.status == "RUNNING"
     assert client.get_run(parent_id).info.status == "KILLED"
+
+
+def test_a_signal_during_a_store_call_is_delivered_after_it():
+    """Ctrl-C must not stop SQLite mid-transaction (the process would then wait on its own
+    lock): the call completes, then the signal reaches the handler that was in place."""
+    done, terminated = [], []
+
+    def call():
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)  # the signals arrive here, inside the call
+        done.append(True)
+        return "logged"
+
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: terminated.append(signum))
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            assert tracking._retrying(call) == "logged"
+        assert done == [True] and terminated == [signal.SIGTERM]
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -106,21 +106,55 @@ def _file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM until the block ends, then deliver them to the handlers in place.
+
+    A Ctrl-C landing inside a store call can stop SQLite mid-transaction and leave this
+    process's own pooled connection holding the write lock: every later call of the process
+    (ending the run KILLED, first of all) then waits for a lock that is never released. Only
+    the main thread receives signals, so elsewhere this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = {
+        signum: signal.signal(signum, lambda signum, frame: received.append(signum))
+        for signum in (signal.SIGINT, signal.SIGTERM)
+        if signal.getsignal(signum) is not None  # None: a handler Python cannot restore
+    }
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if received:  # re-sent while blocked, so a handler that raises cannot stop the others
+            held = set(received)
+            signal.pthread_sigmask(signal.SIG_BLOCK, held)
+            for signum in held:
+                signal.raise_signal(signum)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
+
+
 def _retrying(call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """``call(*args, **kwargs)``, again after a backoff while the SQLite store is locked.
+    """``call(*args, **kwargs)`` with signals held (see ``_signals_held``), again after a
+    backoff while the SQLite store is locked.
 
     Safe for writes: a locked SQLite transaction is rolled back whole before MLflow raises.
     """
     for attempt, wait in enumerate(RETRY_WAITS_S, 1):
         try:
-            return call(*args, **kwargs)
+            with _signals_held():
+                return call(*args, **kwargs)
         except MlflowException as error:
             if _LOCKED not in str(error):
                 raise
             wait *= 1 + random.random()  # jitter: writers that collided do not retry in step
             log.warning("MLflow store locked (attempt %d); retrying in %.1f s", attempt, wait)
             time.sleep(wait)
-    return call(*args, **kwargs)  # the last attempt: its error propagates
+    with _signals_held():
+        return call(*args, **kwargs)  # the last attempt: its error propagates
 
 
 class _RetryingClient:
