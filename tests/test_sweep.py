@@ -191,6 +191,8 @@ def test_a_search_space_in_the_config_is_checked_like_one_on_the_command_line(co
         check_search_space(cfg, {"optimizer.bta": UniformDistribution(0.5, 0.9)}, [])
     with pytest.raises(ValueError, match="'trainer.epoch' .* 'trainer' has"):
         check_search_space(cfg, {}, ["trainer.epoch"])  # a fixed value in hydra.sweeper.params
+    with pytest.raises(ValueError, match=r"'optimzer.lr' .* top-level keys are \[.*'optimizer'"):
+        check_search_space(cfg, {"optimzer.lr": UniformDistribution(0.1, 0.2)}, [])
     check_search_space(  # group choices, appended keys and Hydra's settings pass
         cfg,
         {"model": CategoricalDistribution(["mlp", "cnn"]), "+extra": UniformDistribution(0, 1)},

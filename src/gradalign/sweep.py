@@ -104,9 +104,11 @@ def check_search_space(
     and what is allowed."""
     for key in filter(_own_key, [*distributions, *fixed]):
         if OmegaConf.select(cfg, key, default=_MISSING) is _MISSING:
-            parent, _, _ = key.rpartition(".")
+            parent = key.rpartition(".")[0]  # the deepest node of the key that exists
+            while parent and not isinstance(OmegaConf.select(cfg, parent), DictConfig):
+                parent = parent.rpartition(".")[0]
             node = OmegaConf.select(cfg, parent) if parent else cfg
-            known = sorted(k for k in node if k != "hydra") if isinstance(node, DictConfig) else []
+            known = sorted(k for k in node if k != "hydra")
             where = f"{parent!r} has" if parent else "top-level keys are"
             raise ValueError(
                 f"search space key {key!r} (hydra.sweeper.params or a sweep override) is not in "
@@ -239,24 +241,34 @@ class SafeOptunaSweeperImpl(OptunaSweeperImpl):
             self.max_failure_rate = 0.0  # this batch has a failure: the stock check raises it
 
     def _interrupted(self, reason: str) -> None:
-        """Stop the workers, fail the trials in flight, end their leftover runs KILLED."""
+        """Stop the workers, fail the trials in flight, end their leftover runs KILLED. A step
+        that fails is logged, not raised: the interruption itself must propagate."""
         left = processes.stop_children(STOP_CHILDREN_S)
         if left:
             log.warning("worker processes %s did not stop within %g s", left, STOP_CHILDREN_S)
-        numbers = []
+        failed = []
         for trial in self.in_flight:
             try:
                 trial.set_user_attr("failure_reason", reason)
                 trial.study.tell(trial, state=TrialState.FAIL)
-                numbers.append(trial.number)
+                failed.append(trial.number)
             except RuntimeError:
-                pass  # told before the interruption
+                continue  # told before the interruption
+            except Exception as error:
+                log.warning("could not mark trial %d FAIL in Optuna: %s", trial.number, error)
+        numbers = [trial.number for trial in self.in_flight]  # only RUNNING runs are touched
         cfg = self.config
         key = sweep_id(Path(cfg.paths.root), Path(cfg.hydra.sweep.dir), cfg.hydra.sweeper)
-        killed = tracking.kill_sweep_runs(cfg.tracking, sweep_id=key, trials=numbers, reason=reason)
+        try:
+            killed = tracking.kill_sweep_runs(
+                cfg.tracking, sweep_id=key, trials=numbers, reason=reason
+            )
+        except Exception as error:
+            log.warning("could not end the interrupted sweep's runs in MLflow: %s", error)
+            return
         log.warning(
             "%s: trials %s marked FAIL in Optuna, %d MLflow run(s) left RUNNING ended KILLED",
             reason,
-            numbers,
+            failed,
             killed,
         )
