@@ -3,6 +3,7 @@ metric-less and other-settings runs skipped), the missing-sweep error, final con
 logged params, a whole report with tiny final runs, and its rerun that trains nothing."""
 
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -186,6 +187,9 @@ def test_report_trains_finals_once_and_a_rerun_reuses_them(store, tmp_path, monk
     uri, overrides = store
     sweep(uri, overrides, "adam", [0.02, 0.01, 0.03])
     sweep(uri, overrides, "gao", [0.005, 0.02])
+    adam = compose_optimizer(CONF, "adam", overrides).cfg
+    log_sweep_run(uri, adam, lr=0.004, objective=0.004, status="FAILED")  # better, but failed
+    log_sweep_run(uri, adam, lr=0.005, objective=0.005, status="KILLED")
     calls = []
     real = report_finals.run_experiment
 
@@ -207,6 +211,7 @@ def test_report_trains_finals_once_and_a_rerun_reuses_them(store, tmp_path, monk
     for name in ("adam", "gao"):
         assert f"| {name} |" in text
     assert "| adam | lr=0.01 |" in text and "| gao | lr=0.005, beta=0.9 |" in text  # the best
+    assert re.search(r"\| adam \| lr=0.01 \|.*\| 3 \| 1 \| 1 \| 0 \| 0 \|", text)  # skipped, said
     assert "## Verdict" in text and "gao" in text.split("## Verdict")[1].split("##")[0]
     assert "4 trained by this report, 0 reused" in text
 
