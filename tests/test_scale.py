@@ -233,23 +233,24 @@ def test_parallel_sweep_against_a_tracking_server(tmp_path, tracking_server):
         assert ".hydra/config.yaml" in artifacts
 
 
-def wait_for_epochs(uri, job_filter, n, deadline_s=240):
-    """Poll the store until the runs matching ``job_filter`` (n of them) each logged an epoch;
-    the number of val_loss points each has then."""
+def wait_for_epochs(uri, trials, deadline_s=240):
+    """Poll the store until the runs of Optuna trials ``trials`` each logged an epoch; the
+    number of val_loss points each has then, by run id. (The trials must last long enough for
+    a poll to see them training: the callers give them far more epochs than they let them run.)"""
     deadline = time.monotonic() + deadline_s
     while time.monotonic() < deadline:
         try:
             client, found = runs(uri, "sweep")
-        except Exception:  # the store is being created by the sweep
+        except Exception:  # the store is being created, or is busy with the sweep's writes
             found = []
-        found = [r for r in found if job_filter(r)]
-        if len(found) == n and all("val_loss" in r.data.metrics for r in found):
+        found = [r for r in found if int(r.data.tags["optuna_trial"]) in trials]
+        if len(found) == len(trials) and all("val_loss" in r.data.metrics for r in found):
             return {
                 r.info.run_id: len(client.get_metric_history(r.info.run_id, "val_loss"))
                 for r in found
             }
         time.sleep(0.3)
-    raise AssertionError("the trials did not start training in time")
+    raise AssertionError(f"trials {trials} did not start training in {deadline_s} s")
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
@@ -259,7 +260,7 @@ def test_interrupted_sweep_ends_killed_and_resumes_without_repeating_trials(tmp_
     trials stay, new trials are new points, all under the study's one parent."""
     uri, storage = sqlite_uri(tmp_path), f"sqlite:///{tmp_path / 'optuna.db'}"
     overrides = [
-        "optimizer=gao", "trainer.epochs=200", "tracking.flush_interval_s=0",
+        "optimizer=gao", "trainer.epochs=1000", "tracking.flush_interval_s=0",  # ~6 s a trial
         f"hydra.sweeper.storage={storage}", "hydra.sweeper.study_name=resume",
     ]
     first = subprocess.Popen(
@@ -267,7 +268,7 @@ def test_interrupted_sweep_ends_killed_and_resumes_without_repeating_trials(tmp_
         env=environment(uri), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     try:
-        logged = wait_for_epochs(uri, lambda r: r.data.tags["optuna_trial"] == "1", 1)
+        logged = wait_for_epochs(uri, {1})
     finally:
         first.send_signal(signum)
         assert first.wait(timeout=60) != 0
@@ -319,14 +320,14 @@ def test_sigterm_to_a_parallel_sweep_leaves_no_run_running_and_no_worker(tmp_pat
     sweep = subprocess.Popen(
         sweep_command(
             tmp_path / "sweep", f"parallel={preset}", "parallel.workers=2",
-            "hydra.sweeper.n_trials=4", "trainer.epochs=300", "tracking.flush_interval_s=0",
+            "hydra.sweeper.n_trials=4", "trainer.epochs=10000", "tracking.flush_interval_s=0",
             f"hydra.sweeper.storage={storage}", "hydra.sweeper.study_name=stopped",
         ),
         env=environment(uri), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
     try:
-        logged = wait_for_epochs(uri, lambda r: True, 2)
+        logged = wait_for_epochs(uri, {0, 1})
     finally:
         sweep.send_signal(signal.SIGTERM)
         assert sweep.wait(timeout=90) != 0
