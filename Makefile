@@ -29,4 +29,4 @@ test: lint
 	$(PYTHON) -m pytest
 
 test-slow:
-	$(PYTHON) -m pytest -m 'slow and not stress'
+	$(PYTHON) -m pytest -m slow

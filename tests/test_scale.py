@@ -313,7 +313,6 @@ def session_processes(session):
     return found
 
 
-@pytest.mark.stress  # timed out/failed intermittently on the shared 2-core machine: not in CI
 @pytest.mark.parametrize("preset", ["joblib", "submitit_local"])
 def test_sigterm_to_a_parallel_sweep_leaves_no_run_running_and_no_worker(tmp_path, preset):
     uri, storage = sqlite_uri(tmp_path), f"sqlite:///{tmp_path / 'optuna.db'}"
