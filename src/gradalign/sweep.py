@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.core.utils import JobReturn, JobStatus
+from hydra.errors import CompactHydraException
 from hydra.types import HydraContext, TaskFunction
 from hydra_plugins.hydra_optuna_sweeper._impl import (
     OptunaSweeperImpl,
@@ -55,6 +56,12 @@ log = logging.getLogger(__name__)
 CLAIM = ".sweep_claim"  # created atomically in the sweep directory by the sweep that owns it
 STOP_CHILDREN_S = 30.0  # how long an interrupted sweep waits for its workers to end their runs
 _MISSING = object()
+
+
+class SweepNotStarted(CompactHydraException):
+    """A sweep refused before its first trial (an invalid setting, an unreachable store).
+    Hydra prints a compact exception's message alone, as it does for its own config errors,
+    instead of a traceback through its internals that buries the one line that matters."""
 
 
 def claim_sweep_dir(requested: Path) -> Path:
@@ -199,7 +206,10 @@ class SafeOptunaSweeperImpl(OptunaSweeperImpl):
         tracking.connect(self.config.tracking)  # reachable; the experiment created once, here
 
     def sweep(self, arguments: list[str]) -> None:
-        self._check(arguments)
+        try:
+            self._check(arguments)
+        except (ValueError, tracking.TrackingUnavailable) as error:
+            raise SweepNotStarted(f"sweep not started, no trial run: {error}") from error
         with tracking.sigterm_raises():
             try:
                 super().sweep(arguments)
