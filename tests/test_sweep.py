@@ -175,6 +175,7 @@ def free_port():
         ("optimizer.beta=1.0", r"optimizer.beta=1.0: must be a number in \[0, 1\)"),
         ("optimizer=adamm", r"(?s)Could not find 'optimizer/adamm'.*options in 'optimizer':.*adam"),
         ("model=transformer", r"(?s)Could not find 'model/transformer'.*options in 'model'"),
+        ("dataset=mnist2d", r"(?s)Could not find 'dataset/mnist2d'.*options in 'dataset'"),
         ("hydra.sweeper.max_failure_rate=2", r"max_failure_rate=2.*\[0, 1\]"),
         ("tracking.uri=http://127.0.0.1:PORT", r"http://127.0.0.1:PORT \(unreachable"),
     ],
