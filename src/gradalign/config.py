@@ -37,33 +37,35 @@ def register_resolvers(repo_root: str | Path) -> None:
     OmegaConf.register_new_resolver("cpu_count", lambda: len(os.sched_getaffinity(0)), replace=True)
 
 
-def _is_number(value: Any) -> bool:
+def is_number(value: Any) -> bool:
+    """A real number (a bool is not one, though Python says it is)."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
-def _is_int(value: Any) -> bool:
+def is_int(value: Any) -> bool:
+    """An integer (a bool is not one)."""
     return isinstance(value, int) and not isinstance(value, bool)
 
 
 # (key, check, what is allowed); a rule applies when its key is present in the config.
 _RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
-    ("optimizer.lr", lambda v: _is_number(v) and v > 0, "a number > 0"),
-    ("optimizer.beta", lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
-    ("trainer.epochs", lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-    ("trainer.batch_size", lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    ("optimizer.lr", lambda v: is_number(v) and v > 0, "a number > 0"),
+    ("optimizer.beta", lambda v: is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    ("trainer.epochs", lambda v: is_int(v) and v >= 1, "an integer >= 1"),
+    ("trainer.batch_size", lambda v: is_int(v) and v >= 1, "an integer >= 1"),
     ("trainer.device", lambda v: v in ("auto", "cpu", "cuda"), "one of auto, cpu, cuda"),
-    ("trainer.threads", lambda v: v is None or (_is_int(v) and v >= 1), "null or an integer >= 1"),
-    ("seed.model", _is_int, "an integer"),
-    ("seed.data", _is_int, "an integer"),
+    ("trainer.threads", lambda v: v is None or (is_int(v) and v >= 1), "null or an integer >= 1"),
+    ("seed.model", is_int, "an integer"),
+    ("seed.data", is_int, "an integer"),
     ("objective", lambda v: v in ("last", "best"), "one of last, best"),
-    ("dataset.val_fraction", lambda v: _is_number(v) and 0 < v < 1, "a number in (0, 1)"),
-    ("tracking.flush_interval_s", lambda v: _is_number(v) and v >= 0, "a number >= 0"),
+    ("dataset.val_fraction", lambda v: is_number(v) and 0 < v < 1, "a number in (0, 1)"),
+    ("tracking.flush_interval_s", lambda v: is_number(v) and v >= 0, "a number >= 0"),
     (
         "tracking.optuna_trial",
-        lambda v: v is None or (_is_int(v) and v >= 0),
+        lambda v: v is None or (is_int(v) and v >= 0),
         "null or an int >= 0",
     ),
-    ("parallel.workers", lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    ("parallel.workers", lambda v: is_int(v) and v >= 1, "an integer >= 1"),
 )
 _ABSENT = object()
 

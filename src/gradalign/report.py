@@ -13,11 +13,9 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import logging
-import math
-import time
 from pathlib import Path
 
-from mlflow.entities import Metric, Run, RunTag
+from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
@@ -207,10 +205,7 @@ def _log_summary(
         for outcome in TESTED:
             for stat in ("mean_diff", "p_t", "p_w", "d_z"):
                 values[f"{c.optimizer}/{outcome}/{stat}"] = getattr(c.tests[outcome], stat)
-    now = int(time.time() * 1000)
-    metrics = [Metric(k, v, now, 0) for k, v in values.items() if math.isfinite(v)]
-    tags = [RunTag(f"verdict/{c.optimizer}", c.verdict) for c in comparisons]
-    run.client.log_batch(run.run_id, metrics=metrics, tags=tags)
+    run.log_summary(values, {f"verdict/{c.optimizer}": c.verdict for c in comparisons})
 
 
 def _header(

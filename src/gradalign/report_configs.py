@@ -56,9 +56,15 @@ class Composition:
     searched: frozenset[str]
 
 
+def optimizer_overrides(optimizer: str, overrides: Sequence[str]) -> tuple[str, ...]:
+    """The overrides of ``optimizer``'s sweep and final runs: its config group, the study's
+    defaults, the user's ``overrides``. The report accepts only sweeps run with these."""
+    return (f"optimizer={optimizer}", *DEFAULT_OVERRIDES, *overrides)
+
+
 def compose_optimizer(conf_dir: Path, optimizer: str, overrides: Sequence[str]) -> Composition:
     """The Composition of ``optimizer``'s runs with the user's ``overrides``."""
-    base = (f"optimizer={optimizer}", *DEFAULT_OVERRIDES, *overrides)
+    base = optimizer_overrides(optimizer, overrides)
     cfg = _compose(conf_dir, base, hydra=True)
     searched = frozenset(cfg.hydra.sweeper.params or {})
     with open_dict(cfg):
@@ -75,9 +81,14 @@ def run_context(params: Mapping[str, str]) -> dict[str, str]:
     return {k: v for k, v in params.items() if _hashed(k) and not k.startswith(OPTIMIZER_PREFIX)}
 
 
+def logged_params(cfg: DictConfig) -> dict[str, str]:
+    """The params a run of ``cfg`` logs, as MLflow stores them (str values)."""
+    return {key: str(value) for key, value in flatten(cfg).items()}
+
+
 def config_context(cfg: DictConfig) -> dict[str, str]:
     """``run_context`` of the params a run of ``cfg`` logs (values as MLflow stores them: str)."""
-    return run_context({key: str(value) for key, value in flatten(cfg).items()})
+    return run_context(logged_params(cfg))
 
 
 def optimizer_params(params: Mapping[str, str]) -> dict[str, str]:
@@ -91,7 +102,7 @@ def tuned_overrides(cfg: DictConfig, best: Mapping[str, str]) -> dict[str, str]:
     Raises ValueError if the run's optimizer keys are not the config's: the optimizer's config
     changed since the sweep, so its best run cannot be reproduced.
     """
-    current = optimizer_params({k: str(v) for k, v in flatten(cfg).items()})
+    current = optimizer_params(logged_params(cfg))
     if set(current) != set(best):
         raise ValueError(
             f"the best sweep run of optimizer {cfg.optimizer.name!r} logged optimizer keys "
@@ -118,7 +129,7 @@ def final_config(
     """
     tuned = [f"{k}={v}" for k, v in tuned_overrides(composition.cfg, best).items()]
     cfg = compose_config(conf_dir, [*composition.overrides, *tuned, f"trainer.epochs={epochs}"])
-    got = optimizer_params({k: str(v) for k, v in flatten(cfg).items()})
+    got = optimizer_params(logged_params(cfg))
     if got != dict(best):
         diff = {k: (best.get(k), got.get(k)) for k in sorted(set(best) | set(got))}
         diff = {k: pair for k, pair in diff.items() if pair[0] != pair[1]}

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import numbers
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from gradalign.config import is_int, is_number
 from gradalign.report_stats import TESTED
 
 DIRECTIONS = ("minimize", "maximize")
@@ -92,10 +92,6 @@ def _report_flags(args: argparse.Namespace) -> dict[str, Any]:
     return {key: value for key, value in flags.items() if value is not None}
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _fail(key: str, value: Any, allowed: str) -> None:
     raise ValueError(f"invalid setting {key}={value!r}: must be {allowed}")
 
@@ -119,7 +115,7 @@ def _check_seeds(value: Any) -> tuple[int, ...]:
     if (
         len(seeds) < 2
         or len(set(seeds)) != len(seeds)
-        or not all(_is_int(s) and s >= 0 for s in seeds)
+        or not all(is_int(s) and s >= 0 for s in seeds)
     ):
         _fail("seeds", list(seeds), "a list of at least 2 distinct integers >= 0 (paired tests)")
     return seeds
@@ -148,7 +144,7 @@ def report_settings(
     if raw["baseline"] not in optimizers:
         _fail("baseline", raw["baseline"], f"one of the optimizers {list(optimizers)}")
     seeds = _check_seeds(raw["seeds"])
-    if not (_is_int(raw["final_epochs"]) and raw["final_epochs"] >= 1):
+    if not (is_int(raw["final_epochs"]) and raw["final_epochs"] >= 1):
         _fail("final_epochs", raw["final_epochs"], "an integer >= 1")
     if not (isinstance(raw["metric"], str) and raw["metric"]):
         _fail("metric", raw["metric"], "a metric name, e.g. objective")
@@ -157,10 +153,10 @@ def report_settings(
     if raw["primary"] not in TESTED:
         _fail("primary", raw["primary"], f"one of {list(TESTED)}")
     alpha = raw["alpha"]
-    if not (isinstance(alpha, numbers.Real) and not isinstance(alpha, bool) and 0 < alpha < 1):
+    if not (is_number(alpha) and 0 < alpha < 1):
         _fail("alpha", alpha, "a number in (0, 1)")
     jobs = raw["jobs"] if raw["jobs"] is not None else (os.cpu_count() or 1)
-    if not (_is_int(jobs) and jobs >= 1):
+    if not (is_int(jobs) and jobs >= 1):
         _fail("jobs", jobs, "null or an integer >= 1")
     if name is not None and (not name or name in (".", "..") or "/" in name or "\\" in name):
         _fail("name", name, "a folder name (no path separators)")
@@ -206,6 +202,6 @@ def study_settings_from_args(
     overrides = [*quick.get("overrides", []), *args.overrides]
     report = report_settings(root, values, overrides=overrides, name=args.name, command=command)
     trials = args.trials if args.trials is not None else quick.get("trials", study["trials"])
-    if not (_is_int(trials) and trials >= 1):
+    if not (is_int(trials) and trials >= 1):
         _fail("trials", trials, "an integer >= 1")
     return StudySettings(trials=trials, report=report)

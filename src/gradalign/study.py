@@ -18,7 +18,7 @@ from pathlib import Path
 from gradalign import tracking
 from gradalign.config import register_resolvers
 from gradalign.report import make_report
-from gradalign.report_configs import DEFAULT_OVERRIDES, compose_optimizer
+from gradalign.report_configs import compose_optimizer, optimizer_overrides
 from gradalign.report_settings import StudySettings
 
 log = logging.getLogger(__name__)
@@ -33,9 +33,7 @@ def sweep_commands(settings: StudySettings, sweep_root: Path) -> dict[str, list[
             sys.executable,
             str(report.root / "train.py"),
             "-m",
-            f"optimizer={name}",
-            *DEFAULT_OVERRIDES,
-            *report.overrides,
+            *optimizer_overrides(name, report.overrides),
             f"hydra.sweeper.n_trials={settings.trials}",
             f"hydra.sweep.dir={sweep_root / name}",
         ]
@@ -74,8 +72,7 @@ def run_sweeps(commands: dict[str, list[str]], logs: Path, jobs: int) -> None:
                     continue
                 del running[name]
                 handles[name].close()
-                if process.returncode != 0:
-                    _stop(running)
+                if process.returncode != 0:  # the except below stops the others
                     tail = (logs / f"{name}.log").read_text().splitlines()[-TAIL:]
                     raise RuntimeError(
                         f"sweep of {name} failed (exit {process.returncode}); "

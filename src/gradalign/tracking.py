@@ -260,6 +260,12 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
+def _summary_metrics(values: Mapping[str, float]) -> list[Metric]:
+    """The finite ``values`` as step-0 metrics (a NaN or inf summary means "none")."""
+    timestamp = _now_ms()
+    return [Metric(k, v, timestamp, 0) for k, v in values.items() if math.isfinite(v)]
+
+
 def _quoted(value: str) -> str:
     if "'" in value:
         raise ValueError(f"{value!r} must not contain a single quote (used in MLflow filters)")
@@ -372,6 +378,10 @@ class Run:
         if time.perf_counter() - self._last_flush >= self.flush_interval_s:
             self._flush()
 
+    def log_summary(self, values: Mapping[str, float], tags: Mapping[str, str]) -> None:
+        """Send the finite ``values`` as step-0 metrics, and ``tags``, now."""
+        _log_batch(self.client, self.run_id, metrics=_summary_metrics(values), tags=tags)
+
     def _flush(self, tags: Mapping[str, str] | None = None) -> None:
         _log_batch(self.client, self.run_id, metrics=self._pending, params=self._params, tags=tags)
         self._pending, self._params = [], None
@@ -387,10 +397,7 @@ class Run:
         summary = {"objective": objective}
         if history.epochs:
             summary.update(best_val_loss=history.best_val_loss, best_epoch=history.best_epoch)
-        timestamp = _now_ms()
-        self._pending += [
-            Metric(k, v, timestamp, 0) for k, v in summary.items() if math.isfinite(v)
-        ]
+        self._pending += _summary_metrics(summary)
         if history.diverged:
             self.end(RunStatus.FAILED, failure_reason=history.reason or "diverged", diverged=True)
         else:
