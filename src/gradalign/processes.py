@@ -38,9 +38,9 @@ def _ignores_sigterm(pid: int) -> bool:
     return bool(mask >> (signal.SIGTERM - 1) & 1)
 
 
-def children(pid: int | None = None) -> list[int]:
-    """Pids of the live child processes of ``pid`` (default: this process)."""
-    parent = str(os.getpid() if pid is None else pid)
+def children() -> list[int]:
+    """Pids of the live child processes of this process."""
+    parent = str(os.getpid())
     found = []
     for path in _PROC.glob("[0-9]*"):
         if _status(int(path.name)).get("PPid") == parent and _alive(int(path.name)):

@@ -154,7 +154,7 @@ def _outcome(job: JobReturn) -> tuple[bool, dict[str, Any]]:
     MLflow run, whether and why it failed)."""
     if job.status == JobStatus.FAILED:
         error = job._return_value  # the exception; job.return_value would raise it
-        return True, {"failure_reason": f"{type(error).__name__}: {error}"[:1000]}
+        return True, {"failure_reason": tracking.failure_reason(error)}
     value = job.return_value
     try:
         objective = float(value)
@@ -200,7 +200,7 @@ class SafeOptunaSweeperImpl(OptunaSweeperImpl):
 
     def _check(self, arguments: list[str]) -> None:
         validate(self.config)
-        overrides = [f"{k!s}={v}" for k, v in (self.params or {}).items()] + list(arguments)
+        overrides = [*self._parse_sweeper_params_config(), *arguments]
         distributions, fixed = create_params_from_overrides(overrides)
         check_search_space(self.config, distributions, fixed)
         tracking.connect(self.config.tracking)  # reachable; the experiment created once, here

@@ -46,15 +46,14 @@ from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+from mlflow.utils.validation import MAX_ENTITIES_PER_BATCH as _MAX_ENTITIES
+from mlflow.utils.validation import MAX_PARAMS_TAGS_PER_BATCH as _MAX_PARAMS_OR_TAGS
 from omegaconf import DictConfig
 
 from gradalign.training import EpochMetrics, History
 
 log = logging.getLogger(__name__)
 
-# MLflow's per-call limits (mlflow.utils.validation).
-_MAX_PARAMS_OR_TAGS = 100
-_MAX_ENTITIES = 1000
 _MAX_REASON = 1000  # characters of an exception message kept in the failure_reason tag
 _SQLITE = "sqlite:///"
 _LOCKED = "database is locked"
@@ -254,6 +253,11 @@ def _log_batch(
         room = _MAX_ENTITIES - len(chunk_params) - len(chunk_tags)
         chunk_metrics, metric_list = metric_list[:room], metric_list[room:]
         client.log_batch(run_id, metrics=chunk_metrics, params=chunk_params, tags=chunk_tags)
+
+
+def failure_reason(error: BaseException) -> str:
+    """``error`` as the failure_reason of a run's tag and its Optuna trial's user attr."""
+    return f"{type(error).__name__}: {error}"[:_MAX_REASON]
 
 
 def _now_ms() -> int:
@@ -475,8 +479,7 @@ def start_run(
             raise
         except BaseException as error:
             if not run.ended:
-                reason = f"{type(error).__name__}: {error}"[:_MAX_REASON]
-                run.end(RunStatus.FAILED, failure_reason=reason)
+                run.end(RunStatus.FAILED, failure_reason=failure_reason(error))
             raise
     if not run.ended:
         run.end(RunStatus.FINISHED)
