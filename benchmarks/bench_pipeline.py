@@ -20,21 +20,20 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from sweeps import run_sweeps
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def compose(*overrides: str):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+    from gradalign.report_configs import compose_config
 
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return hydra_compose("config", overrides=list(overrides))
+    return compose_config(ROOT / "conf", overrides)
 
 
 class MlflowTimer:
@@ -64,9 +63,7 @@ def trial_overhead(repeats: int) -> None:
     import torch
 
     from gradalign.config import register_resolvers
-    from gradalign.data import load_mnist1d
-    from gradalign.experiment import build_optimizer, run_experiment
-    from gradalign.models import build_model
+    from gradalign.experiment import load_splits, run_experiment, seeded_model_and_optimizer
     from gradalign.training import fit
 
     register_resolvers(ROOT)
@@ -78,12 +75,7 @@ def trial_overhead(repeats: int) -> None:
     first_run = None
     for name in ("adam", "gao"):
         cfg = compose(f"optimizer={name}")
-        splits = load_mnist1d(
-            dict(cfg.dataset.generation),
-            val_fraction=cfg.dataset.val_fraction,
-            split_seed=cfg.dataset.split_seed,
-            cache_dir=cfg.paths.data_cache,
-        )
+        splits = load_splits(cfg)
         if first_run is None:  # the once-per-process cost: MLflow client, store, experiment
             start = time.perf_counter()
             run_experiment(cfg)
@@ -91,12 +83,9 @@ def trial_overhead(repeats: int) -> None:
         bare, tracked, mlflow = [], [], []
         for _ in range(repeats):  # interleaved, so drifting machine load hits both alike
             start = time.perf_counter()
-            torch.manual_seed(cfg.seed.model)
-            model = build_model("mlp", input_dim=splits.input_dim, n_classes=splits.n_classes,
-                                hidden=list(cfg.model.hidden), residual=cfg.model.residual)
-            fit(model, build_optimizer(cfg.optimizer, model.parameters()), splits,
-                epochs=cfg.trainer.epochs, batch_size=cfg.trainer.batch_size,
-                data_seed=cfg.seed.data, device="cpu")
+            model, optimizer = seeded_model_and_optimizer(cfg, splits)
+            fit(model, optimizer, splits, epochs=cfg.trainer.epochs,
+                batch_size=cfg.trainer.batch_size, data_seed=cfg.seed.data, device="cpu")
             bare.append(time.perf_counter() - start)
             timer.seconds = 0.0
             start = time.perf_counter()
@@ -109,20 +98,10 @@ def trial_overhead(repeats: int) -> None:
 
 
 def sweep_wall_time() -> None:
-    from mlflow.tracking import MlflowClient
-
     with tempfile.TemporaryDirectory() as tmp:
-        uri = f"sqlite:///{tmp}/mlflow.db"
         sweep_dir = f"hydra.sweep.dir={tmp}/sweep"  # the only addition to the command
-        command = [sys.executable, "train.py", "optimizer=gao", sweep_dir, "-m"]
-        env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
-        start = time.time()
-        subprocess.run(command, cwd=ROOT, env=env, check=True, capture_output=True)
-        wall = time.time() - start
-
-        client = MlflowClient(uri)
-        experiment_id = client.get_experiment_by_name("gradient-alignment").experiment_id
-        runs = client.search_runs([experiment_id], "tags.stage = 'sweep'", max_results=1000)
+        command = [sys.executable, str(ROOT / "train.py"), "optimizer=gao", sweep_dir, "-m"]
+        start, wall, client, runs = run_sweeps([command], Path(tmp))
         runs.sort(key=lambda run: run.info.start_time)
         histories = [client.get_metric_history(run.info.run_id, "epoch_time") for run in runs]
         epochs = sum(m.value for history in histories for m in history)

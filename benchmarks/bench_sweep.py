@@ -22,13 +22,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from mlflow.tracking import MlflowClient
+from sweeps import run_sweeps
 
 ROOT = Path(__file__).resolve().parents[1]
 MODES = ("serial", "joblib", "shared")
@@ -70,21 +68,7 @@ def commands(mode: str, trials: int, tmp: Path, overrides: list[str]) -> list[li
 def run_mode(mode: str, trials: int, overrides: list[str]) -> Result:
     with tempfile.TemporaryDirectory() as directory:
         tmp = Path(directory)
-        uri = f"sqlite:///{tmp}/mlflow.db"
-        env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
-        start = time.perf_counter()
-        processes = [
-            subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-            for command in commands(mode, trials, tmp, overrides)
-        ]
-        for process in processes:
-            _, stderr = process.communicate()
-            if process.returncode != 0:
-                raise RuntimeError(f"{mode} sweep failed:\n{stderr.decode()[-3000:]}")
-        wall = time.perf_counter() - start
-        client = MlflowClient(uri)
-        experiment = client.get_experiment_by_name("gradient-alignment").experiment_id
-        runs = client.search_runs([experiment], "tags.stage = 'sweep'", max_results=10_000)
+        _, wall, _, runs = run_sweeps(commands(mode, trials, tmp, overrides), tmp)
         if len(runs) != trials or any(r.info.status != "FINISHED" for r in runs):
             raise RuntimeError(f"{mode}: {len(runs)} runs for {trials} trials, or not finished")
         span = max(r.info.end_time for r in runs) - min(r.info.start_time for r in runs)

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from gradalign import tracking
 from gradalign.config import config_hash, flatten, validate
-from gradalign.data import load_mnist1d
+from gradalign.data import Splits, load_mnist1d
 from gradalign.models import build_model
 from gradalign.progress import EpochProgress
 from gradalign.training import EpochMetrics, History, fit
@@ -138,6 +138,32 @@ class TrialResult(float):
         return result
 
 
+def load_splits(cfg: DictConfig) -> Splits:
+    """The train/val/test splits of ``cfg.dataset`` (generated once, then read from the cache)."""
+    return load_mnist1d(
+        OmegaConf.to_container(cfg.dataset.generation, resolve=True),
+        val_fraction=cfg.dataset.val_fraction,
+        split_seed=cfg.dataset.split_seed,
+        cache_dir=cfg.paths.data_cache,
+    )
+
+
+def seeded_model_and_optimizer(
+    cfg: DictConfig, splits: Splits
+) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """``cfg.model`` initialised right after ``torch.manual_seed(cfg.seed.model)``, and
+    ``cfg.optimizer`` over its parameters: what a run of ``cfg`` trains."""
+    model_options: dict[str, Any] = OmegaConf.to_container(cfg.model, resolve=True)
+    torch.manual_seed(cfg.seed.model)
+    model = build_model(
+        model_options.pop("name"),
+        input_dim=splits.input_dim,
+        n_classes=splits.n_classes,
+        **model_options,
+    )
+    return model, build_optimizer(cfg.optimizer, model.parameters())
+
+
 def run_experiment(
     cfg: DictConfig,
     *,
@@ -156,21 +182,8 @@ def run_experiment(
     device = resolve_device(cfg.trainer.device)
     if cfg.trainer.threads is not None:
         torch.set_num_threads(cfg.trainer.threads)
-    splits = load_mnist1d(
-        OmegaConf.to_container(cfg.dataset.generation, resolve=True),
-        val_fraction=cfg.dataset.val_fraction,
-        split_seed=cfg.dataset.split_seed,
-        cache_dir=cfg.paths.data_cache,
-    )
-    model_options: dict[str, Any] = OmegaConf.to_container(cfg.model, resolve=True)
-    torch.manual_seed(cfg.seed.model)
-    model = build_model(
-        model_options.pop("name"),
-        input_dim=splits.input_dim,
-        n_classes=splits.n_classes,
-        **model_options,
-    )
-    optimizer = build_optimizer(cfg.optimizer, model.parameters())
+    splits = load_splits(cfg)
+    model, optimizer = seeded_model_and_optimizer(cfg, splits)
 
     tags = {
         "optimizer": cfg.optimizer.name,
