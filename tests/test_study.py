@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from gradalign.report_settings import add_report_arguments, study_settings_from_args
 from gradalign.study import run_sweeps, sweep_commands
@@ -40,12 +41,15 @@ def test_quick_preset_then_flags_then_user_overrides():
 
 def test_sweep_commands_are_train_py_multiruns_in_their_own_folders(tmp_path):
     settings = parse("--quick", "--", "model=cnn")
-    commands = sweep_commands(settings, tmp_path)
+    root = tmp_path / "runs, 'best' (1)"  # a comma or bracket unquoted breaks a Hydra override
+    commands = sweep_commands(settings, root)
     assert set(commands) == {"adam", "gao"}
     gao = commands["gao"]
     assert gao[:4] == [sys.executable, str(REPO_ROOT / "train.py"), "-m", "optimizer=gao"]
     assert "model=cnn" in gao and "hydra.sweeper.n_trials=3" in gao
-    assert f"hydra.sweep.dir={tmp_path / 'gao'}" in gao  # never two sweeps in one folder
+    (sweep_dir,) = [a for a in gao if a.startswith("hydra.sweep.dir=")]
+    (parsed,) = OverridesParser.create().parse_overrides([sweep_dir])
+    assert parsed.value() == str(root / "gao")  # its own folder: never two sweeps in one
 
 
 def test_a_failing_sweep_stops_the_others_and_shows_its_log(tmp_path):

@@ -70,6 +70,12 @@ _RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
 _ABSENT = object()
 
 
+def hydra_quoted(path: Path) -> str:
+    """``path`` as a quoted value of a Hydra override (a comma, a space or a bracket in it
+    would otherwise make a sweep over several values or a parse error)."""
+    return "'" + str(path).replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
 def validate(cfg: DictConfig) -> None:
     """Raise ValueError on the first invalid setting, naming key, value and what is allowed."""
     for key, check, allowed in _RULES:

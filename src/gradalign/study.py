@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from gradalign import tracking
-from gradalign.config import register_resolvers
+from gradalign.config import hydra_quoted, register_resolvers
 from gradalign.report import make_report
 from gradalign.report_configs import compose_optimizer, optimizer_overrides
 from gradalign.report_settings import StudySettings
@@ -35,7 +35,7 @@ def sweep_commands(settings: StudySettings, sweep_root: Path) -> dict[str, list[
             "-m",
             *optimizer_overrides(name, report.overrides),
             f"hydra.sweeper.n_trials={settings.trials}",
-            f"hydra.sweep.dir={sweep_root / name}",
+            f"hydra.sweep.dir={hydra_quoted(sweep_root / name)}",
         ]
         for name in report.optimizers
     }

@@ -49,7 +49,7 @@ from optuna.distributions import (
 from optuna.trial import Trial, TrialState
 
 from gradalign import processes, tracking
-from gradalign.config import validate
+from gradalign.config import hydra_quoted, validate
 from gradalign.experiment import sweep_id
 
 log = logging.getLogger(__name__)
@@ -91,11 +91,6 @@ def _range_ends(distribution: BaseDistribution) -> list[Any]:
     if isinstance(distribution, UniformDistribution | LogUniformDistribution):
         high = math.nextafter(high, distribution.low)
     return [distribution.low, high]
-
-
-def _hydra_quoted(path: Path) -> str:
-    """``path`` as a quoted value of a Hydra override."""
-    return "'" + str(path).replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 def _own_key(key: str) -> bool:
@@ -194,7 +189,7 @@ class SafeOptunaSweeperImpl(OptunaSweeperImpl):
             log.warning("sweep directory %s is another sweep's: writing to %s", requested, claimed)
             with read_write(config.hydra):  # jobs recompose hydra.* from hydra.overrides.hydra
                 config.hydra.sweep.dir = str(claimed)
-                config.hydra.overrides.hydra.append(f"hydra.sweep.dir={_hydra_quoted(claimed)}")
+                config.hydra.overrides.hydra.append(f"hydra.sweep.dir={hydra_quoted(claimed)}")
         super().setup(hydra_context=hydra_context, task_function=task_function, config=config)
         self.launcher = _RecordingLauncher(self.launcher, self)
 
