@@ -258,12 +258,15 @@ class GradientAlignmentOptimizer(Optimizer):
             p.grad.reshape(-1) if p.grad.dtype == m.dtype else p.grad.reshape(-1).to(m.dtype)
             for p, m in zip(params, emas, strict=True)
         ]
+        devices = {g.device for g in grads}
+        if len(devices) > 1:
+            raise RuntimeError(
+                "GradientAlignmentOptimizer needs all parameters with gradients on one device, "
+                f"got {sorted(map(str, devices))}"
+            )
         torch._foreach_lerp_(emas, grads, 1.0 - self.beta)
         if self.granularity == "row":
-            scales = [
-                self._row_scale(g, m, p.shape) for g, m, p in zip(grads, emas, params, strict=True)
-            ]
-            means = torch.stack([s.mean() for s in scales])
+            scales, means = self._row_scales(grads, emas, params)
         else:
             scales, means = self._tensor_scales(grads, emas)
         self._record(means, indices, len(all_params))
@@ -284,12 +287,6 @@ class GradientAlignmentOptimizer(Optimizer):
         On small models a step costs its number of torch calls, not its arithmetic: every call
         here is one per step or one per tensor, on flat views.
         """
-        devices = {g.device for g in grads}
-        if len(devices) > 1:
-            raise RuntimeError(
-                "GradientAlignmentOptimizer needs all parameters with gradients on one device, "
-                f"got {sorted(map(str, devices))}"
-            )
         products = torch.stack(
             [torch.dot(g, m) for g, m in zip(grads, emas, strict=True)]
             + [torch.dot(g, g) for g in grads]
@@ -301,14 +298,24 @@ class GradientAlignmentOptimizer(Optimizer):
         scale = self._scale(products)
         return list(scale.unbind(0)), scale
 
-    def _row_scale(self, g: torch.Tensor, m: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-        """One scale per output unit (slice along dim 0), shaped to broadcast over the parameter."""
-        rows = shape[0] if len(shape) >= 2 else 1
-        g_rows, m_rows = g.view(rows, -1), m.view(rows, -1)
-        products = torch.stack(
-            [(g_rows * m_rows).sum(1), g_rows.square().sum(1), m_rows.square().sum(1)]
-        )
-        return self._scale(products).view((rows,) + (1,) * (len(shape) - 1) if rows > 1 else ())
+    def _row_scales(
+        self, grads: list[torch.Tensor], emas: list[torch.Tensor], params: list[torch.Tensor]
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """One scale per output unit (slice along dim 0) of each parameter, shaped to broadcast
+        over it, and each parameter's mean scale. The cosines of all rows of all parameters are
+        one ``_scale`` call (elementwise, so the same bits as one call per parameter)."""
+        rows = [p.shape[0] if p.dim() >= 2 else 1 for p in params]
+        products = []
+        for g, m, n in zip(grads, emas, rows, strict=True):
+            g_rows, m_rows = g.view(n, -1), m.view(n, -1)
+            dot, grad_square = (g_rows * m_rows).sum(1), g_rows.square().sum(1)
+            products.append(torch.stack([dot, grad_square, m_rows.square().sum(1)]))
+        per_row = self._scale(torch.cat(products, 1)).split(rows)
+        scales = [
+            s.view((n,) + (1,) * (p.dim() - 1) if n > 1 else ())
+            for s, n, p in zip(per_row, rows, params, strict=True)
+        ]
+        return scales, torch.stack([s.mean() for s in scales])
 
     def _scale(self, products: torch.Tensor) -> torch.Tensor:
         """clamp(cos(g, m), min_scale, 1) from stacked products [g.m, g.g, m.m]; 0 if a norm is 0.
