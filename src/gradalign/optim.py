@@ -223,6 +223,9 @@ class GradientAlignmentOptimizer(Optimizer):
         params, scales = self._align()
         if self.target == "grad":
             if params:
+                if self.granularity == "row":  # as the 0-d scales of the other granularities act:
+                    # in the EMA's precision; float64 rows on float32 grads take a casting loop
+                    scales = [s.to(_ema_dtype(p)) for p, s in zip(params, scales, strict=True)]
                 torch._foreach_mul_([p.grad for p in params], scales)
             self.base.step()
         else:
