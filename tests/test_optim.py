@@ -252,6 +252,23 @@ def test_matches_reference_with_missing_grads(target, granularity, beta):
 
 
 @pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_a_step_without_any_gradient_reports_nan_scales_and_changes_nothing(granularity):
+    """The last step's scales must not linger: a logger would average them in again."""
+    params = make_params()
+    opt = GAO(torch.optim.SGD(params, lr=0.1), beta=0.9, granularity=granularity)
+    set_grads(params, grad_sequence(SHAPES, steps=1)[0])
+    opt.step()
+    assert not torch.isnan(opt.last_scales).any()
+    emas = {p: m.clone() for p, m in opt.ema_state.items()}
+    before = clone_params(params)
+    set_grads(params, [None] * len(params))
+    opt.step()
+    assert opt.last_scales.shape == (len(params),) and torch.isnan(opt.last_scales).all()
+    assert all(torch.equal(opt.ema_state[p], emas[p]) for p in params)
+    assert all(torch.equal(p, q) for p, q in zip(params, before, strict=True))
+
+
+@pytest.mark.parametrize("granularity", GRANULARITIES)
 @pytest.mark.parametrize("target", TARGETS)
 def test_matches_reference_with_mixed_dtypes_and_groups(target, granularity):
     """float32 and float64 parameters in two param groups with different learning rates."""

@@ -254,7 +254,9 @@ class GradientAlignmentOptimizer(Optimizer):
                 )
             params.append(p)
             indices.append(index)
-        if not params:
+        if not params:  # no gradient at all: every scale NaN, as for each absent one below
+            device = all_params[0].device if all_params else None
+            self._record(torch.empty(0, device=device), [], len(all_params))
             return [], []
         emas = [self._flat_ema(p) for p in params]
         grads = [
@@ -339,7 +341,7 @@ class GradientAlignmentOptimizer(Optimizer):
             self.last_scales = means
             return
         last = torch.full((n_params,), float("nan"), device=means.device)
-        last[torch.tensor(indices, device=means.device)] = means
+        last[torch.tensor(indices, dtype=torch.long, device=means.device)] = means
         self.last_scales = last
 
 
