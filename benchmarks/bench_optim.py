@@ -22,9 +22,9 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from gradalign import GradientAlignmentOptimizer
+from gradalign.models import build_model
 
 
 class NaiveGAO:
@@ -47,22 +47,6 @@ class NaiveGAO:
                 cos = F.cosine_similarity(p.grad.flatten(), m.flatten(), dim=0)
                 p.grad.mul_(cos.clamp(0, 1))
         self.base.step()
-
-
-class SeedMLP(nn.Module):
-    """mnist1d's MLPBase: h = relu(L1 x); h = h + relu(L2 h); out = L3 h."""
-
-    def __init__(self, width: int = 100) -> None:
-        super().__init__()
-        self.l1, self.l2, self.l3 = (
-            nn.Linear(40, width),
-            nn.Linear(width, width),
-            nn.Linear(width, 10),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.relu(self.l1(x))
-        return self.l3(h + F.relu(self.l2(h)))
 
 
 def make_optimizer(kind: str, params, lr: float = 1e-3):
@@ -97,7 +81,9 @@ def bench_training(kinds: list[str], device: torch.device, rounds: int) -> None:
     torch.manual_seed(0)
     x = torch.randn(4000, 40, device=device)
     y = torch.randint(0, 10, (4000,), device=device)
-    model0 = SeedMLP().to(device)
+    model0 = build_model(  # the model the pipeline trains by default (conf/model/mlp.yaml)
+        "mlp", input_dim=40, n_classes=10, hidden=[100, 100], residual=True
+    ).to(device)
     steps_per_call = 40
     runners = {}
     for kind in kinds:
@@ -129,12 +115,12 @@ def bench_step_only(kinds: list[str], device: torch.device, rounds: int) -> None
     torch.manual_seed(0)
     shapes = [(2048, 2048), (2048,), (2048, 2048), (2048,), (1024, 2048), (1024,)]
     n = sum(torch.Size(s).numel() for s in shapes)
-    runners = {}
+    runners, optimizers = {}, {}
     for kind in kinds:
         params = [torch.zeros(s, device=device, requires_grad=True) for s in shapes]
         for p in params:
             p.grad = torch.randn_like(p)
-        opt = make_optimizer(kind, params)
+        opt = optimizers[kind] = make_optimizer(kind, params)
 
         def run(opt=opt) -> None:
             opt.step()
@@ -144,8 +130,8 @@ def bench_step_only(kinds: list[str], device: torch.device, rounds: int) -> None
         runners[kind] = run
     medians = interleaved(runners, rounds)
     base = medians["adam"]
-    gao = make_optimizer("gao_grad", params)
-    gao.step()
+    gao = optimizers["gao_grad"]
+    params = [p for group in gao.param_groups for p in group["params"]]
     ema_bytes = sum(t.numel() * t.element_size() for t in gao.ema_state.values())
     param_bytes = sum(p.numel() * p.element_size() for p in params)
     print(
