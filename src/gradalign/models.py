@@ -85,21 +85,22 @@ def build_model(name: str, *, input_dim: int, n_classes: int, **options: Any) ->
             f"model {name!r}: unknown options {unknown}, missing options {missing}; "
             f"expected exactly {list(allowed)}"
         )
-    _check_size("input_dim", input_dim)
-    _check_size("n_classes", n_classes)
+    check_positive_int("input_dim", input_dim)
+    check_positive_int("n_classes", n_classes)
     if name == "mlp":
         hidden, residual = options["hidden"], options["residual"]
         if isinstance(hidden, (str, bytes)) or not isinstance(hidden, Sequence):
             raise ValueError(f"hidden must be a sequence of positive ints, got {hidden!r}")
         for width in hidden:
-            _check_size("hidden width", width)
+            check_positive_int("hidden width", width)
         if not isinstance(residual, bool):
             raise ValueError(f"residual must be a bool, got {residual!r}")
         return MLP(input_dim, list(hidden), n_classes, residual)
-    _check_size("channels", options["channels"])
+    check_positive_int("channels", options["channels"])
     return CNN(input_dim, options["channels"], n_classes)
 
 
-def _check_size(what: str, value: Any) -> None:
+def check_positive_int(what: str, value: Any) -> None:
+    """Raise ValueError naming ``what`` unless ``value`` is an int >= 1 (a bool is not)."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{what} must be a positive int, got {value!r}")

@@ -18,6 +18,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from gradalign.data import Splits
+from gradalign.models import check_positive_int
 
 
 @dataclasses.dataclass
@@ -94,9 +95,8 @@ def fit(
     epoch's accumulated loss) or val loss ends the fit with ``History(diverged=True, reason)``;
     nothing is raised and the diverged epoch is neither recorded nor passed to ``on_epoch``.
     """
-    for what, value in (("epochs", epochs), ("batch_size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{what} must be a positive int, got {value!r}")
+    check_positive_int("epochs", epochs)
+    check_positive_int("batch_size", batch_size)
     model.to(device)
     data = splits.to(device)
     n_train = len(data.y_train)
