@@ -13,9 +13,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from gradalign.cli import run_command
-from gradalign.report import make_report
-from gradalign.report_settings import add_report_arguments, report_settings_from_args
+from gradalign.report.build import make_report
+from gradalign.report.cli import run_command
+from gradalign.report.settings import add_report_arguments, report_settings_from_args
 
 ROOT = Path(__file__).resolve().parent
 

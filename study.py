@@ -12,9 +12,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from gradalign.cli import run_command
-from gradalign.report_settings import add_report_arguments, study_settings_from_args
-from gradalign.study import run_study
+from gradalign.report.cli import run_command
+from gradalign.report.settings import add_report_arguments, study_settings_from_args
+from gradalign.report.study import run_study
 
 ROOT = Path(__file__).resolve().parent
 

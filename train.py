@@ -34,7 +34,9 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from gradalign.config import register_resolvers, validate
-from gradalign.experiment import TrialResult, run_experiment, sweep_parent_run
+from gradalign.experiment import TrialResult, run_experiment
+from gradalign.schema import Stage, Tag
+from gradalign.sweep.runs import sweep_parent_run
 
 register_resolvers(Path(__file__).resolve().parent)
 log = logging.getLogger(__name__)
@@ -49,11 +51,11 @@ def main(cfg: DictConfig) -> float:
         tags, parent_run_id = sweep_parent_run(
             cfg, sweep_dir=Path(hydra_cfg.sweep.dir), sweeper=hydra_cfg.sweeper
         )
-        tags["hydra_job_num"] = str(hydra_cfg.job.num)
+        tags[Tag.HYDRA_JOB_NUM] = str(hydra_cfg.job.num)
         if cfg.tracking.optuna_trial is not None:
-            tags["optuna_trial"] = str(cfg.tracking.optuna_trial)
+            tags[Tag.OPTUNA_TRIAL] = str(cfg.tracking.optuna_trial)
         history, run_id = run_experiment(
-            cfg, stage="sweep", parent_run_id=parent_run_id, extra_tags=tags
+            cfg, stage=Stage.SWEEP, parent_run_id=parent_run_id, extra_tags=tags
         )
     else:
         history, run_id = run_experiment(cfg)

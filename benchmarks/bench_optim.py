@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from gradalign import GradientAlignmentOptimizer
-from gradalign.models import build_model
+from gradalign.models.mlp import MLP
 
 
 class NaiveGAO:
@@ -81,8 +81,8 @@ def bench_training(kinds: list[str], device: torch.device, rounds: int) -> None:
     torch.manual_seed(0)
     x = torch.randn(4000, 40, device=device)
     y = torch.randint(0, 10, (4000,), device=device)
-    model0 = build_model(  # the model the pipeline trains by default (conf/model/mlp.yaml)
-        "mlp", input_dim=40, n_classes=10, hidden=[100, 100], residual=True
+    model0 = MLP(  # the model the pipeline trains by default (conf/model/mlp.yaml)
+        input_shape=[40], n_classes=10, hidden=[100, 100], residual=True
     ).to(device)
     steps_per_call = 40
     runners = {}

@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def compose(*overrides: str):
-    from gradalign.report_configs import compose_config
+    from gradalign.report.configs import compose_config
 
     return compose_config(ROOT / "conf", overrides)
 
@@ -62,8 +62,9 @@ class MlflowTimer:
 def trial_overhead(repeats: int) -> None:
     import torch
 
+    from gradalign.components import build_dataset
     from gradalign.config import register_resolvers
-    from gradalign.experiment import load_splits, run_experiment, seeded_model_and_optimizer
+    from gradalign.experiment import run_experiment, seeded_model_and_optimizer
     from gradalign.training import fit
 
     register_resolvers(ROOT)
@@ -75,7 +76,7 @@ def trial_overhead(repeats: int) -> None:
     first_run = None
     for name in ("adam", "gao"):
         cfg = compose(f"optimizer={name}")
-        splits = load_splits(cfg)
+        splits = build_dataset(cfg)
         if first_run is None:  # the once-per-process cost: MLflow client, store, experiment
             start = time.perf_counter()
             run_experiment(cfg)
@@ -84,8 +85,15 @@ def trial_overhead(repeats: int) -> None:
         for _ in range(repeats):  # interleaved, so drifting machine load hits both alike
             start = time.perf_counter()
             model, optimizer = seeded_model_and_optimizer(cfg, splits)
-            fit(model, optimizer, splits, epochs=cfg.trainer.epochs,
-                batch_size=cfg.trainer.batch_size, data_seed=cfg.seed.data, device="cpu")
+            fit(
+                model,
+                optimizer,
+                splits,
+                epochs=cfg.trainer.epochs,
+                batch_size=cfg.trainer.batch_size,
+                data_seed=cfg.seed.data,
+                device="cpu",
+            )
             bare.append(time.perf_counter() - start)
             timer.seconds = 0.0
             start = time.perf_counter()
@@ -113,10 +121,14 @@ def sweep_wall_time() -> None:
     print(f"\n`python train.py optimizer=gao -m`: {n} trials, wall {wall:.1f} s (target <= 45 s)")
     print(f"  start-up to the first run    {startup:6.1f} s  (imports, Hydra, Optuna, MLflow)")
     print(f"  training (sum of epochs)     {epochs:6.1f} s  ({epochs / n:.2f} s per trial)")
-    print(f"  rest of run_experiment       {in_runs - epochs:6.1f} s  "
-          f"({(in_runs - epochs) / n * 1000:.0f} ms per trial: data, model, MLflow)")
-    print(f"  Hydra + Optuna between runs  {gaps:6.1f} s  ({gaps / max(n - 1, 1) * 1000:.0f} ms "
-          "per trial)")
+    print(
+        f"  rest of run_experiment       {in_runs - epochs:6.1f} s  "
+        f"({(in_runs - epochs) / n * 1000:.0f} ms per trial: data, model, MLflow)"
+    )
+    print(
+        f"  Hydra + Optuna between runs  {gaps:6.1f} s  ({gaps / max(n - 1, 1) * 1000:.0f} ms "
+        "per trial)"
+    )
     print(f"  after the last run           {rest:6.1f} s")
     print(f"  wall / training              {wall / epochs:6.2f}x")
 

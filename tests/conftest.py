@@ -2,14 +2,12 @@
 session, so tests never write to the repository's mlruns/ or .cache/."""
 
 import os
-from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
+from helpers import REPO_ROOT, compose_config
 
 from gradalign.config import register_resolvers
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 register_resolvers(REPO_ROOT)
 
 
@@ -36,9 +34,4 @@ def tiny(tmp_path_factory):
 @pytest.fixture
 def compose_cfg():
     """compose_cfg(*overrides, hydra=False): conf/config.yaml composed as train.py would."""
-
-    def _compose(*overrides, hydra=False):
-        with initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), version_base="1.3"):
-            return compose("config", overrides=list(overrides), return_hydra_config=hydra)
-
-    return _compose
+    return compose_config

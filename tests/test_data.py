@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-import gradalign.data as data
-from gradalign.data import load_mnist1d
+import gradalign.data.mnist1d as data
+from gradalign.data.mnist1d import load_mnist1d
 
 SMALL = {"num_samples": 500}  # 400 train / 100 test: fast to generate
 
@@ -30,8 +30,9 @@ def generate_calls(monkeypatch):
 
 
 def load(cache_dir, generation=SMALL, val_fraction=0.1, split_seed=0):
-    return load_mnist1d(generation, val_fraction=val_fraction, split_seed=split_seed,
-                        cache_dir=cache_dir)
+    return load_mnist1d(
+        generation, val_fraction=val_fraction, split_seed=split_seed, cache_dir=cache_dir
+    )
 
 
 def assert_same_splits(a, b):
@@ -46,7 +47,7 @@ def test_tensors_types_and_shapes(tmp_path):
     assert n_train + n_val == 400 and abs(n_val - 40) <= 5  # 10 classes, each rounded
     assert splits.x_train.shape[1:] == splits.x_val.shape[1:] == (40,)
     assert splits.x_test.shape == (100, 40) and splits.y_test.shape == (100,)
-    assert splits.input_dim == 40 and splits.n_classes == 10
+    assert splits.input_shape == (40,) and splits.n_classes == 10
     moved = splits.to("cpu")
     assert moved.x_val.device.type == "cpu"
     assert_same_splits(splits, moved)
@@ -90,8 +91,14 @@ def corrupt_garbage(path):
 
 
 def corrupt_wrong_shapes(path):
-    write_npz(path, x=np.zeros((3, 40), np.float32), y=np.zeros(2, np.int64),
-              x_test=np.zeros((1, 40), np.float32), y_test=np.zeros(1, np.int64), key="")
+    write_npz(
+        path,
+        x=np.zeros((3, 40), np.float32),
+        y=np.zeros(2, np.int64),
+        x_test=np.zeros((1, 40), np.float32),
+        y_test=np.zeros(1, np.int64),
+        key="",
+    )
 
 
 def corrupt_missing_key(path):
@@ -107,8 +114,16 @@ def corrupt_other_key(path):
     write_npz(path, **arrays)
 
 
-@pytest.mark.parametrize("corrupt", [corrupt_truncate, corrupt_garbage, corrupt_wrong_shapes,
-                                     corrupt_missing_key, corrupt_other_key])
+@pytest.mark.parametrize(
+    "corrupt",
+    [
+        corrupt_truncate,
+        corrupt_garbage,
+        corrupt_wrong_shapes,
+        corrupt_missing_key,
+        corrupt_other_key,
+    ],
+)
 def test_bad_cache_file_is_regenerated(tmp_path, generate_calls, corrupt):
     original = load(tmp_path)
     (path,) = tmp_path.glob("*.npz")
@@ -161,7 +176,7 @@ def test_generation_leaves_global_rngs_untouched(tmp_path):
 def test_cache_hit_does_not_import_mnist1d(tmp_path):
     load(tmp_path)
     code = (
-        "import sys; from gradalign.data import load_mnist1d; "
+        "import sys; from gradalign.data.mnist1d import load_mnist1d; "
         f"load_mnist1d({SMALL!r}, val_fraction=0.1, split_seed=0, cache_dir={str(tmp_path)!r}); "
         "print('mnist1d' in sys.modules, 'matplotlib' in sys.modules)"
     )
@@ -194,6 +209,7 @@ def test_unserialisable_generation_value_is_rejected(tmp_path):
 
 def test_cache_write_is_atomic(tmp_path, monkeypatch):
     """A crash while writing leaves neither a partial cache file nor a temporary file."""
+
     def failing_savez(handle, **arrays):
         handle.write(b"partial")
         raise zipfile.LargeZipFile("disk full")

@@ -4,24 +4,27 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from gradalign.models import build_model
+from gradalign.models.cnn import CNN
+from gradalign.models.mlp import MLP
 
 
 def mlp(hidden=(100, 100), residual=True, input_dim=40, n_classes=10):
-    return build_model("mlp", input_dim=input_dim, n_classes=n_classes, hidden=hidden,
-                       residual=residual)
+    return MLP(input_shape=[input_dim], n_classes=n_classes, hidden=hidden, residual=residual)
 
 
 def cnn(channels=25, input_dim=40, n_classes=10):
-    return build_model("cnn", input_dim=input_dim, n_classes=n_classes, channels=channels)
+    return CNN(input_shape=[input_dim], n_classes=n_classes, channels=channels)
 
 
 def n_params(model):
     return sum(p.numel() for p in model.parameters())
 
 
-@pytest.mark.parametrize("model", [mlp(), mlp(residual=False), mlp(hidden=[]), mlp([64, 32]),
-                                   cnn(), cnn(channels=3)], ids=str)
+@pytest.mark.parametrize(
+    "model",
+    [mlp(), mlp(residual=False), mlp(hidden=[]), mlp([64, 32]), cnn(), cnn(channels=3)],
+    ids=str,
+)
 def test_output_shape(model):
     assert model(torch.randn(7, 40)).shape == (7, 10)
 
@@ -45,11 +48,23 @@ def test_cnn_parameter_count(channels):
 
 def test_parameter_names_are_stable():
     assert [name for name, _ in mlp().named_parameters()] == [
-        "layers.0.weight", "layers.0.bias", "layers.1.weight", "layers.1.bias",
-        "layers.2.weight", "layers.2.bias"]
+        "layers.0.weight",
+        "layers.0.bias",
+        "layers.1.weight",
+        "layers.1.bias",
+        "layers.2.weight",
+        "layers.2.bias",
+    ]
     assert [name for name, _ in cnn().named_parameters()] == [
-        "convs.0.weight", "convs.0.bias", "convs.1.weight", "convs.1.bias",
-        "convs.2.weight", "convs.2.bias", "head.weight", "head.bias"]
+        "convs.0.weight",
+        "convs.0.bias",
+        "convs.1.weight",
+        "convs.1.bias",
+        "convs.2.weight",
+        "convs.2.bias",
+        "head.weight",
+        "head.bias",
+    ]
 
 
 def linear(layer, x):
@@ -101,46 +116,60 @@ def test_cnn_matches_the_papers_convbase():
     torch.testing.assert_close(model(x), linear(model.head, h.reshape(3, 20)))
 
 
+def test_mlp_flattens_multidimensional_examples():
+    torch.manual_seed(0)
+    model = MLP(input_shape=[2, 20], n_classes=10, hidden=[16], residual=False)
+    x = torch.randn(3, 2, 20)
+    torch.testing.assert_close(model(x), model(x.reshape(3, 40)))
+
+
+def test_cnn_takes_channels_from_a_two_dimensional_input_shape():
+    model = CNN(input_shape=[3, 40], n_classes=10, channels=4)
+    assert model.convs[0].in_channels == 3
+    assert model(torch.randn(2, 3, 40)).shape == (2, 10)
+
+
 def test_omegaconf_list_is_accepted():
     model = mlp(hidden=OmegaConf.create([16, 16]))
     assert [layer.out_features for layer in model.layers] == [16, 16, 10]
 
 
 @pytest.mark.parametrize(
-    ("name", "kwargs", "needle"),
+    ("model", "kwargs", "needle"),
     [
-        ("transformer", {}, "transformer"),
-        ("mlp", {"hidden": [8], "residual": True, "dropout": 0.1}, "dropout"),
-        ("mlp", {"hidden": [8]}, "residual"),
-        ("cnn", {"channels": 4, "hidden": [8]}, "hidden"),
-        ("mlp", {"hidden": [8, 0], "residual": True}, "0"),
-        ("mlp", {"hidden": [8, -3], "residual": True}, "-3"),
-        ("mlp", {"hidden": [8, 2.5], "residual": True}, "2.5"),
-        ("mlp", {"hidden": "100", "residual": True}, "'100'"),
-        ("mlp", {"hidden": 100, "residual": True}, "100"),
-        ("mlp", {"hidden": [8], "residual": "yes"}, "'yes'"),
-        ("cnn", {"channels": 0}, "channels"),
-        ("cnn", {"channels": True}, "True"),
+        (MLP, {"hidden": [8, 0], "residual": True}, "model.hidden=[8, 0]"),
+        (MLP, {"hidden": [8, -3], "residual": True}, "model.hidden=[8, -3]"),
+        (MLP, {"hidden": [8, 2.5], "residual": True}, "model.hidden=[8, 2.5]"),
+        (MLP, {"hidden": "100", "residual": True}, "model.hidden='100'"),
+        (MLP, {"hidden": 100, "residual": True}, "model.hidden=100"),
+        (MLP, {"hidden": [8], "residual": "yes"}, "model.residual='yes'"),
+        (CNN, {"channels": 0}, "model.channels=0"),
+        (CNN, {"channels": True}, "model.channels=True"),
     ],
 )
-def test_bad_options_are_rejected(name, kwargs, needle):
+def test_bad_options_are_rejected_naming_the_option_and_value(model, kwargs, needle):
     with pytest.raises(ValueError) as info:
-        build_model(name, input_dim=40, n_classes=10, **kwargs)
+        model(input_shape=[40], n_classes=10, **kwargs)
     assert needle in str(info.value)
 
 
-def test_unknown_name_lists_allowed_names():
-    with pytest.raises(ValueError, match="'rnn'") as info:
-        build_model("rnn", input_dim=40, n_classes=10)
-    assert "cnn" in str(info.value) and "mlp" in str(info.value)
-
-
-@pytest.mark.parametrize(("input_dim", "n_classes"), [(0, 10), (40, 0), (40.0, 10), (40, True)])
-def test_bad_sizes_are_rejected(input_dim, n_classes):
-    with pytest.raises(ValueError, match="must be a positive int"):
-        build_model("cnn", input_dim=input_dim, n_classes=n_classes, channels=4)
+@pytest.mark.parametrize(
+    ("input_shape", "n_classes", "needle"),
+    [
+        ([0], 10, "input_shape=[0]"),
+        ([40], 0, "n_classes=0"),
+        ([40.0], 10, "input_shape=[40.0]"),
+        ([40], True, "n_classes=True"),
+    ],
+)
+@pytest.mark.parametrize("model", [MLP, CNN])
+def test_bad_sizes_are_rejected(model, input_shape, n_classes, needle):
+    options = {"hidden": [8], "residual": False} if model is MLP else {"channels": 4}
+    with pytest.raises(ValueError, match="must be") as info:
+        model(input_shape=input_shape, n_classes=n_classes, **options)
+    assert needle in str(info.value)
 
 
 def test_cnn_rejects_too_short_input():
-    with pytest.raises(ValueError, match="input_dim=2"):
+    with pytest.raises(ValueError, match=r"input_shape=\[2\] is too short"):
         cnn(input_dim=2)

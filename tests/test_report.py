@@ -4,17 +4,18 @@ logged params, a whole report with tiny final runs, and its rerun that trains no
 
 import math
 import re
-from pathlib import Path
 
 import pytest
+from helpers import CONF, EXPERIMENT, REPO_ROOT
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
-from gradalign import report_finals, tracking
+from gradalign import tracking
 from gradalign.config import flatten
 from gradalign.experiment import run_experiment
-from gradalign.report import FIGURE, MARKDOWN, make_report
-from gradalign.report_configs import (
+from gradalign.report import finals as report_finals
+from gradalign.report.build import FIGURE, MARKDOWN, make_report
+from gradalign.report.configs import (
     compose_config,
     compose_optimizer,
     config_context,
@@ -23,12 +24,9 @@ from gradalign.report_configs import (
     seeded,
     tuned_overrides,
 )
-from gradalign.report_finals import workers_worth_starting
-from gradalign.report_runs import MissingSweepError, best_sweep_run, final_runs
-from gradalign.report_settings import report_settings
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-CONF = REPO_ROOT / "conf"
+from gradalign.report.finals import workers_worth_starting
+from gradalign.report.runs import MissingSweepError, best_sweep_run, final_runs
+from gradalign.report.settings import report_settings
 
 
 @pytest.fixture
@@ -40,7 +38,7 @@ def store(tmp_path, tiny):
 
 
 def experiment_id(uri):
-    return tracking.experiment_id(uri, "gradient-alignment")
+    return tracking.experiment_id(uri, EXPERIMENT)
 
 
 def log_sweep_run(uri, cfg, *, lr, objective=None, status="FINISHED", **params):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from gradalign.report_stats import (
+from gradalign.report.stats import (
     compare,
     detectable_effect,
     min_wilcoxon_p,

@@ -30,8 +30,12 @@ EPOCH_METRICS = ("train_loss", "val_loss", "val_acc", "test_loss", "test_acc", "
 def sweep_command(sweep_dir, *overrides):
     """train.py -m on 1000 samples, writing to ``sweep_dir`` (data cached beside it)."""
     return [
-        sys.executable, str(REPO_ROOT / "train.py"), "-m", f"hydra.sweep.dir={sweep_dir}",
-        "dataset.generation.num_samples=1000", f"paths.data_cache={sweep_dir.parent / 'data'}",
+        sys.executable,
+        str(REPO_ROOT / "train.py"),
+        "-m",
+        f"hydra.sweep.dir={sweep_dir}",
+        "dataset.generation.num_samples=1000",
+        f"paths.data_cache={sweep_dir.parent / 'data'}",
         *overrides,
     ]
 
@@ -59,7 +63,8 @@ def runs(uri, stage=None):
     if experiment is None:
         return client, []
     found = client.search_runs(
-        [experiment.experiment_id], f"tags.stage = '{stage}'" if stage else "",
+        [experiment.experiment_id],
+        f"tags.stage = '{stage}'" if stage else "",
         order_by=["attributes.start_time ASC"],
     )
     return client, found
@@ -132,8 +137,12 @@ def test_parallel_launcher_runs_trials_at_once_and_tracks_every_one(tmp_path, pr
     uri, storage = sqlite_uri(tmp_path), f"sqlite:///{tmp_path / 'optuna.db'}"
     run(
         sweep_command(
-            tmp_path / "sweep", f"parallel={preset}", "parallel.workers=2",
-            "hydra.sweeper.n_trials=4", "trainer.epochs=300", f"hydra.sweeper.storage={storage}",
+            tmp_path / "sweep",
+            f"parallel={preset}",
+            "parallel.workers=2",
+            "hydra.sweeper.n_trials=4",
+            "trainer.epochs=300",
+            f"hydra.sweeper.storage={storage}",
             "hydra.sweeper.study_name=parallel",
         ),
         uri,
@@ -152,12 +161,19 @@ def test_two_sweep_processes_share_one_study_and_one_parent(tmp_path):
     started together with the same sweep directory (the second claims <dir>-1)."""
     uri, storage = sqlite_uri(tmp_path), f"sqlite:///{tmp_path / 'optuna.db'}"
     command = sweep_command(
-        tmp_path / "sweep", "optimizer=gao", "hydra.sweeper.n_trials=3", "trainer.epochs=2",
-        f"hydra.sweeper.storage={storage}", "hydra.sweeper.study_name=shared",
+        tmp_path / "sweep",
+        "optimizer=gao",
+        "hydra.sweeper.n_trials=3",
+        "trainer.epochs=2",
+        f"hydra.sweeper.storage={storage}",
+        "hydra.sweeper.study_name=shared",
     )
     processes = [
         subprocess.Popen(
-            command, env=environment(uri), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            command,
+            env=environment(uri),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
             text=True,
         )
         for _ in range(2)
@@ -182,11 +198,24 @@ def tracking_server(tmp_path):
     port = free_port()
     server = subprocess.Popen(
         [
-            sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-            "--workers", "1", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-            "--artifacts-destination", str(tmp_path / "server-artifacts"),
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path / 'server.db'}",
+            "--artifacts-destination",
+            str(tmp_path / "server-artifacts"),
         ],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
     uri = f"http://127.0.0.1:{port}"
     try:
@@ -218,8 +247,12 @@ def test_parallel_sweep_against_a_tracking_server(tmp_path, tracking_server):
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     run(
         sweep_command(
-            tmp_path / "sweep", "parallel=joblib", "parallel.workers=2",
-            "hydra.sweeper.n_trials=2", "trainer.epochs=2", f"hydra.sweeper.storage={storage}",
+            tmp_path / "sweep",
+            "parallel=joblib",
+            "parallel.workers=2",
+            "hydra.sweeper.n_trials=2",
+            "trainer.epochs=2",
+            f"hydra.sweeper.storage={storage}",
             "hydra.sweeper.study_name=served",
         ),
         tracking_server,
@@ -260,12 +293,17 @@ def test_interrupted_sweep_ends_killed_and_resumes_without_repeating_trials(tmp_
     trials stay, new trials are new points, all under the study's one parent."""
     uri, storage = sqlite_uri(tmp_path), f"sqlite:///{tmp_path / 'optuna.db'}"
     overrides = [
-        "optimizer=gao", "trainer.epochs=1000", "tracking.flush_interval_s=0",  # ~6 s a trial
-        f"hydra.sweeper.storage={storage}", "hydra.sweeper.study_name=resume",
+        "optimizer=gao",
+        "trainer.epochs=1000",
+        "tracking.flush_interval_s=0",  # ~6 s a trial
+        f"hydra.sweeper.storage={storage}",
+        "hydra.sweeper.study_name=resume",
     ]
     first = subprocess.Popen(
         sweep_command(tmp_path / "first", "hydra.sweeper.n_trials=5", *overrides),
-        env=environment(uri), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env=environment(uri),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         logged = wait_for_epochs(uri, {1})
@@ -293,7 +331,10 @@ def test_interrupted_sweep_ends_killed_and_resumes_without_repeating_trials(tmp_
     assert all(t.params != before[0].params for t in after[2:])
     _, all_runs = runs(uri)
     assert sorted(r.info.status for r in all_runs if r.data.tags["stage"] == "sweep") == [
-        "FINISHED", "FINISHED", "FINISHED", "KILLED",
+        "FINISHED",
+        "FINISHED",
+        "FINISHED",
+        "KILLED",
     ]
     assert not [r for r in all_runs if r.info.status == "RUNNING"]
     _, (parent,) = runs(uri, "sweep_parent")  # one parent per study, across invocations
@@ -318,11 +359,18 @@ def test_sigterm_to_a_parallel_sweep_leaves_no_run_running_and_no_worker(tmp_pat
     uri, storage = sqlite_uri(tmp_path), f"sqlite:///{tmp_path / 'optuna.db'}"
     sweep = subprocess.Popen(
         sweep_command(
-            tmp_path / "sweep", f"parallel={preset}", "parallel.workers=2",
-            "hydra.sweeper.n_trials=4", "trainer.epochs=10000", "tracking.flush_interval_s=0",
-            f"hydra.sweeper.storage={storage}", "hydra.sweeper.study_name=stopped",
+            tmp_path / "sweep",
+            f"parallel={preset}",
+            "parallel.workers=2",
+            "hydra.sweeper.n_trials=4",
+            "trainer.epochs=10000",
+            "tracking.flush_interval_s=0",
+            f"hydra.sweeper.storage={storage}",
+            "hydra.sweeper.study_name=stopped",
         ),
-        env=environment(uri), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env=environment(uri),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
     try:

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
-from gradalign.report_settings import add_report_arguments, study_settings_from_args
-from gradalign.study import run_sweeps, sweep_commands
+from gradalign.report.settings import add_report_arguments, study_settings_from_args
+from gradalign.report.study import run_sweeps, sweep_commands
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -20,9 +20,10 @@ from optuna.samplers import TPESampler
 from optuna.trial import TrialState
 
 from gradalign import experiment
+from gradalign.components import build_dataset
 from gradalign.experiment import TrialResult
-from gradalign.sampler import ResumableTPESampler
-from gradalign.sweep import CLAIM, check_search_space, claim_sweep_dir
+from gradalign.sweep.sampler import ResumableTPESampler
+from gradalign.sweep.sweeper import CLAIM, check_search_space, claim_sweep_dir
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -70,8 +71,11 @@ def stores(tmp_path, tiny):
     mlflow_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     overrides = [
-        *tiny, "trainer.epochs=1", f"tracking.uri={mlflow_uri}",
-        f"hydra.sweep.dir={tmp_path / 's'}", f"hydra.sweeper.storage={storage}",
+        *tiny,
+        "trainer.epochs=1",
+        f"tracking.uri={mlflow_uri}",
+        f"hydra.sweep.dir={tmp_path / 's'}",
+        f"hydra.sweeper.storage={storage}",
         "hydra.sweeper.study_name=s",
     ]
 
@@ -118,13 +122,20 @@ def test_failed_and_diverged_trials_are_recorded_in_both_systems_and_the_sweep_g
     overrides, trials, sweep_runs = stores
     failing_fits(monkeypatch, "ok", "raise", "diverge")
     code = train_in_process(
-        monkeypatch, "-m", "optimizer=sgd", "hydra.sweeper.n_trials=3",
-        "hydra.sweeper.max_failure_rate=0.34", *overrides,
+        monkeypatch,
+        "-m",
+        "optimizer=sgd",
+        "hydra.sweeper.n_trials=3",
+        "hydra.sweeper.max_failure_rate=0.34",
+        *overrides,
     )
     assert code == 0
     ok, raised, diverged = trials()
-    assert [t.state for t in (ok, raised, diverged)] == [TrialState.COMPLETE, TrialState.FAIL,
-                                                        TrialState.COMPLETE]
+    assert [t.state for t in (ok, raised, diverged)] == [
+        TrialState.COMPLETE,
+        TrialState.FAIL,
+        TrialState.COMPLETE,
+    ]
     assert math.isfinite(ok.value) and "failure_reason" not in ok.user_attrs
     assert raised.user_attrs["failure_reason"] == "RuntimeError: disk on fire"
     assert diverged.value == math.inf and diverged.user_attrs["diverged"] is True
@@ -146,7 +157,10 @@ def test_the_sweep_stops_once_more_trials_failed_than_the_budget_allows(monkeypa
     overrides, trials, sweep_runs = stores
     failing_fits(monkeypatch, *["raise"] * 4)
     code = train_in_process(
-        monkeypatch, "-m", "hydra.sweeper.n_trials=4", "hydra.sweeper.max_failure_rate=0.25",
+        monkeypatch,
+        "-m",
+        "hydra.sweeper.n_trials=4",
+        "hydra.sweeper.max_failure_rate=0.25",
         *overrides,
     )
     assert code == 1  # 1 failure of 4 allowed: the second stops the sweep
@@ -167,12 +181,24 @@ def free_port():
             "optimizer.bta=interval(0.1,0.5)",
             r"search space key 'optimizer.bta' .* not in the config: 'optimizer' has \[.*'beta'",
         ),
-        ("optimizer.beta=interval(0.5,1.5)", r"beta=1.4999.*: must be a number in \[0, 1\)"),
-        ("optimizer.lr=interval(0,1)", r"optimizer.lr=0.0: must be a number > 0"),
+        (
+            "optimizer.beta=interval(0.5,1.5)",
+            r"beta=1.4999\d* is outside the allowed range \[0, 1\)",
+        ),
+        (
+            "optimizer.lr=interval(-1,1)",
+            r"reaches -1.0: .*'gao' \(.*optimizer.lr=-1.0.*\): Invalid learning rate: -1.0",
+        ),
         ("trainer.epochs=0", r"trainer.epochs=0: must be an integer >= 1"),
         ("trainer.batch_size=0", r"trainer.batch_size=0: must be an integer >= 1"),
-        ("optimizer.lr=-0.1", r"optimizer.lr=-0.1: must be a number > 0"),
-        ("optimizer.beta=1.0", r"optimizer.beta=1.0: must be a number in \[0, 1\)"),
+        (
+            "optimizer.lr=-0.1",
+            r"invalid optimizer config 'gao' \(.*\): Invalid learning rate: -0.1",
+        ),
+        ("optimizer.beta=1.0", r"invalid optimizer config 'gao' \(.*\): beta=1.0 is outside"),
+        ("optimizer.lr=inf", r"optimizer.lr=inf: must be finite numbers"),
+        ("optimizer.target=foo", r"target='foo' is not one of"),
+        ("model.hidden=[0]", r"invalid model config 'mlp' \(.*\): model.hidden=\[0\] is invalid"),
         ("optimizer=adamm", r"(?s)Could not find 'optimizer/adamm'.*options in 'optimizer':.*adam"),
         ("model=transformer", r"(?s)Could not find 'model/transformer'.*options in 'model'"),
         ("dataset=mnist2d", r"(?s)Could not find 'dataset/mnist2d'.*options in 'dataset'"),
@@ -184,8 +210,9 @@ def test_bad_settings_fail_before_the_first_trial(monkeypatch, capsys, stores, o
     overrides, trials, sweep_runs = stores
     port = str(free_port())
     monkeypatch.setattr(experiment, "fit", lambda *a, **k: pytest.fail("a trial ran"))
-    code = train_in_process(monkeypatch, "-m", "optimizer=gao", *overrides,
-                            override.replace("PORT", port))
+    code = train_in_process(
+        monkeypatch, "-m", "optimizer=gao", *overrides, override.replace("PORT", port)
+    )
     assert code == 1
     err = capsys.readouterr().err
     assert re.search(message.replace("PORT", port), err)
@@ -193,21 +220,50 @@ def test_bad_settings_fail_before_the_first_trial(monkeypatch, capsys, stores, o
     assert trials() == [] and sweep_runs() == []
 
 
-def test_a_search_space_in_the_config_is_checked_like_one_on_the_command_line(compose_cfg):
-    cfg = compose_cfg("optimizer=gao")
+def test_a_search_space_in_the_config_is_checked_like_one_on_the_command_line(compose_cfg, tiny):
+    cfg = compose_cfg("optimizer=gao", *tiny)
+    splits = build_dataset(cfg)
     with pytest.raises(ValueError, match=r"'optimizer.bta' .* 'optimizer' has \["):
-        check_search_space(cfg, {"optimizer.bta": UniformDistribution(0.5, 0.9)}, [])
+        check_search_space(cfg, {"optimizer.bta": UniformDistribution(0.5, 0.9)}, [], splits)
     with pytest.raises(ValueError, match="'trainer.epoch' .* 'trainer' has"):
-        check_search_space(cfg, {}, ["trainer.epoch"])  # a fixed value in hydra.sweeper.params
+        check_search_space(cfg, {}, ["trainer.epoch"], splits)  # fixed in hydra.sweeper.params
     with pytest.raises(ValueError, match=r"'optimzer.lr' .* top-level keys are \[.*'optimizer'"):
-        check_search_space(cfg, {"optimzer.lr": UniformDistribution(0.1, 0.2)}, [])
+        check_search_space(cfg, {"optimzer.lr": UniformDistribution(0.1, 0.2)}, [], splits)
     check_search_space(  # group choices, appended keys and Hydra's settings pass
         cfg,
         {"model": CategoricalDistribution(["mlp", "cnn"]), "+extra": UniformDistribution(0, 1)},
         ["hydra.job.name"],
+        splits,
     )
     with pytest.raises(ValueError, match="reaches 'fast'"):
-        check_search_space(cfg, {"objective": CategoricalDistribution(["last", "fast"])}, [])
+        space = {"objective": CategoricalDistribution(["last", "fast"])}
+        check_search_space(cfg, space, [], splits)
+
+
+@pytest.mark.parametrize(
+    "key,distribution,message",
+    [
+        (
+            "optimizer.beta",
+            UniformDistribution(0.5, 1.5),
+            r"reaches 1\.49.*beta=1\.49\d* is outside",
+        ),
+        ("optimizer.lr", UniformDistribution(-1.0, 0.1), "reaches -1.0: invalid optimizer config"),
+        ("optimizer.target", CategoricalDistribution(["grad", "both"]), "target='both'"),
+        ("model.residual", CategoricalDistribution([True, "no"]), "model.residual='no'"),
+        (
+            "dataset.val_fraction",
+            UniformDistribution(0.1, 1.0),
+            r"invalid dataset config 'mnist1d' \(.*\): dataset.val_fraction=0.99",
+        ),
+    ],
+)
+def test_range_ends_are_built_by_the_components_that_would_refuse_them(
+    compose_cfg, tiny, key, distribution, message
+):
+    cfg = compose_cfg("optimizer=gao", *tiny)
+    with pytest.raises(ValueError, match=message):
+        check_search_space(cfg, {key: distribution}, [], build_dataset(cfg))
 
 
 def test_each_sweep_process_claims_its_own_directory(tmp_path):
@@ -224,6 +280,8 @@ def test_trial_result_is_the_objective_and_survives_pickling():
     assert float(result) == math.inf and result > 1e300
     again = pickle.loads(pickle.dumps(result))  # as launchers return it from workers
     assert (float(again), again.run_id, again.failure_reason) == (
-        math.inf, "abc", "non-finite train loss"
+        math.inf,
+        "abc",
+        "non-finite train loss",
     )
     assert TrialResult(1.5).run_id is None

@@ -19,6 +19,8 @@ from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
 from gradalign import tracking
+from gradalign.tracking import runs as runs_module
+from gradalign.tracking import store as tracking_store
 
 
 class RecordingClient:
@@ -33,14 +35,14 @@ def test_log_batch_respects_mlflows_per_call_limits():
     client = RecordingClient()
     metrics = [Metric(f"m{i}", 0.0, 0, 0) for i in range(1500)]
     params = {f"p{i}": i for i in range(250)}
-    tracking._log_batch(client, "run", metrics=metrics, params=params, tags={"t": "1"})
+    tracking_store.log_batch(client, "run", metrics=metrics, params=params, tags={"t": "1"})
     assert client.calls == [(899, 100, 1), (601, 100, 0), (0, 50, 0)]
     assert all(sum(call) <= 1000 for call in client.calls)
 
 
 def test_log_batch_of_a_usual_run_is_one_call():
     client = RecordingClient()
-    tracking._log_batch(client, "run", params={f"p{i}": i for i in range(30)})
+    tracking_store.log_batch(client, "run", params={f"p{i}": i for i in range(30)})
     assert client.calls == [(0, 30, 0)]
 
 
@@ -82,8 +84,12 @@ def test_deleted_experiment_is_a_clear_error(tmp_path):
 
 def parent(cfg, sweep_dir):
     return tracking.sweep_parent(
-        cfg, sweep_id=str(sweep_dir), lock_dir=sweep_dir, run_name="sweep",
-        tags={"optimizer": "gao"}, params={"sweeper.n_trials": 3},
+        cfg,
+        sweep_id=str(sweep_dir),
+        lock_dir=sweep_dir,
+        run_name="sweep",
+        tags={"optimizer": "gao"},
+        params={"sweeper.n_trials": 3},
     )
 
 
@@ -91,7 +97,7 @@ def parent_in_fresh_process(cfg, sweep_dir, queue):
     """What a joblib/submitit worker does: no cached client, experiment or parent."""
     tracking.client.cache_clear()
     tracking.experiment_id.cache_clear()
-    tracking._parent_runs.clear()
+    runs_module._parent_runs.clear()
     queue.put(parent(cfg, sweep_dir))
 
 
@@ -131,7 +137,7 @@ LOCKED = MlflowException("(sqlite3.OperationalError) database is locked", TEMPOR
 
 def test_a_locked_store_is_retried_with_backoff_until_it_answers(monkeypatch):
     sleeps, calls = [], []
-    monkeypatch.setattr(tracking.time, "sleep", sleeps.append)
+    monkeypatch.setattr(tracking_store.time, "sleep", sleeps.append)
 
     def flaky(value):
         calls.append(value)
@@ -139,13 +145,13 @@ def test_a_locked_store_is_retried_with_backoff_until_it_answers(monkeypatch):
             raise LOCKED
         return value
 
-    assert tracking._retrying(flaky, 7) == 7
+    assert tracking_store._retrying(flaky, 7) == 7
     assert calls == [7, 7, 7]
     assert len(sleeps) == 2 and sleeps[0] < sleeps[1]  # growing waits (jittered)
 
 
 def test_other_errors_and_a_store_locked_for_good_are_not_hidden(monkeypatch):
-    monkeypatch.setattr(tracking.time, "sleep", lambda s: None)
+    monkeypatch.setattr(tracking_store.time, "sleep", lambda s: None)
 
     def broken():
         raise MlflowException("no such run", RESOURCE_DOES_NOT_EXIST)
@@ -157,10 +163,10 @@ def test_other_errors_and_a_store_locked_for_good_are_not_hidden(monkeypatch):
         raise LOCKED
 
     with pytest.raises(MlflowException, match="no such run"):
-        tracking._retrying(broken)
+        tracking_store._retrying(broken)
     with pytest.raises(MlflowException, match="locked"):
-        tracking._retrying(locked)
-    assert len(calls) == len(tracking.RETRY_WAITS_S) + 1
+        tracking_store._retrying(locked)
+    assert len(calls) == len(tracking_store.RETRY_WAITS_S) + 1
 
 
 def test_the_client_retries_every_call(tmp_path, monkeypatch):
@@ -176,7 +182,7 @@ def test_the_client_retries_every_call(tmp_path, monkeypatch):
         return real(self, *args, **kwargs)
 
     monkeypatch.setattr(MlflowClient, "search_experiments", locked_once)
-    monkeypatch.setattr(tracking.time, "sleep", lambda s: None)
+    monkeypatch.setattr(tracking_store.time, "sleep", lambda s: None)
     assert client.search_experiments() is not None and len(attempts) == 2
 
 
@@ -264,7 +270,7 @@ def test_a_signal_during_a_store_call_is_delivered_after_it():
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: terminated.append(signum))
     try:
         with pytest.raises(KeyboardInterrupt):
-            assert tracking._retrying(call) == "logged"
+            assert tracking_store._retrying(call) == "logged"
         assert done == [True] and terminated == [signal.SIGTERM]
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     finally:

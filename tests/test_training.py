@@ -8,8 +8,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from gradalign.data import Splits, load_mnist1d
-from gradalign.models import build_model
+from gradalign.data import Splits
+from gradalign.data.mnist1d import load_mnist1d
+from gradalign.models.mlp import MLP
 from gradalign.training import EpochMetrics, History, fit
 
 N_TRAIN, BATCH = 230, 50  # 5 steps per epoch, the last one partial (30 samples)
@@ -24,7 +25,7 @@ def make_splits(seed=0, n_train=N_TRAIN, n_eval=60, dim=12, n_classes=4):
         x = torch.randn(n, dim, generator=g)
         return x, (x @ teacher).argmax(dim=1)
 
-    return Splits(*part(n_train), *part(n_eval), *part(n_eval))
+    return Splits(*part(n_train), *part(n_eval), *part(n_eval), n_classes=n_classes)
 
 
 @pytest.fixture(scope="module")
@@ -34,12 +35,20 @@ def splits():
 
 def model(seed=0, hidden=(16,)):
     torch.manual_seed(seed)
-    return build_model("mlp", input_dim=12, n_classes=4, hidden=list(hidden), residual=False)
+    return MLP(input_shape=[12], n_classes=4, hidden=list(hidden), residual=False)
 
 
 def run(net, optimizer, data, epochs=3, data_seed=0, **kwargs):
-    return fit(net, optimizer, data, epochs=epochs, batch_size=BATCH, data_seed=data_seed,
-               device="cpu", **kwargs)
+    return fit(
+        net,
+        optimizer,
+        data,
+        epochs=epochs,
+        batch_size=BATCH,
+        data_seed=data_seed,
+        device="cpu",
+        **kwargs,
+    )
 
 
 def losses(history):
@@ -49,8 +58,9 @@ def losses(history):
 def test_history_has_one_complete_entry_per_epoch(splits):
     net = model()
     seen = []
-    history = run(net, torch.optim.Adam(net.parameters(), lr=1e-2), splits, epochs=4,
-                  on_epoch=seen.append)
+    history = run(
+        net, torch.optim.Adam(net.parameters(), lr=1e-2), splits, epochs=4, on_epoch=seen.append
+    )
     assert not history.diverged and history.reason is None
     assert [e.epoch for e in history.epochs] == [1, 2, 3, 4]
     assert seen == history.epochs
@@ -73,9 +83,11 @@ def test_metrics_are_sample_means(splits):
     history = run(net, torch.optim.SGD(net.parameters(), lr=0.0), splits, epochs=1)
     (e,) = history.epochs
     with torch.no_grad():
-        for x, y, loss, acc in [(splits.x_train, splits.y_train, e.train_loss, None),
-                                (splits.x_val, splits.y_val, e.val_loss, e.val_acc),
-                                (splits.x_test, splits.y_test, e.test_loss, e.test_acc)]:
+        for x, y, loss, acc in [
+            (splits.x_train, splits.y_train, e.train_loss, None),
+            (splits.x_val, splits.y_val, e.val_loss, e.val_acc),
+            (splits.x_test, splits.y_test, e.test_loss, e.test_acc),
+        ]:
             logits = net(x)
             assert loss == pytest.approx(F.cross_entropy(logits, y).item(), rel=1e-6)
             if acc is not None:
@@ -115,8 +127,7 @@ def test_same_seeds_give_identical_histories(splits):
     histories = []
     for _ in range(2):
         net = model(seed=3)
-        histories.append(run(net, torch.optim.Adam(net.parameters(), lr=1e-2), splits,
-                             data_seed=5))
+        histories.append(run(net, torch.optim.Adam(net.parameters(), lr=1e-2), splits, data_seed=5))
     assert losses(histories[0]) == losses(histories[1])  # bitwise
 
 
@@ -133,20 +144,30 @@ def test_data_seed_changes_the_order_not_the_initial_weights(splits):
     nets = [model(seed=3), model(seed=3)]
     for a, b in zip(nets[0].parameters(), nets[1].parameters(), strict=True):
         assert torch.equal(a, b)
-    h0, h1 = (run(net, torch.optim.Adam(net.parameters(), lr=1e-2), splits, data_seed=seed)
-              for net, seed in zip(nets, (0, 1), strict=True))
+    h0, h1 = (
+        run(net, torch.optim.Adam(net.parameters(), lr=1e-2), splits, data_seed=seed)
+        for net, seed in zip(nets, (0, 1), strict=True)
+    )
     assert h0.epochs[0].train_loss != h1.epochs[0].train_loss
 
 
 def test_adam_lowers_val_loss_on_mnist1d(tmp_path):
     data = load_mnist1d({"num_samples": 2000}, val_fraction=0.2, split_seed=0, cache_dir=tmp_path)
     torch.manual_seed(0)
-    net = build_model("mlp", input_dim=data.input_dim, n_classes=data.n_classes,
-                      hidden=[100, 100], residual=True)
+    net = MLP(
+        input_shape=data.input_shape, n_classes=data.n_classes, hidden=[100, 100], residual=True
+    )
     with torch.no_grad():
         initial = F.cross_entropy(net(data.x_val), data.y_val).item()
-    history = fit(net, torch.optim.Adam(net.parameters(), lr=1e-2), data, epochs=5,
-                  batch_size=100, data_seed=0, device="cpu")
+    history = fit(
+        net,
+        torch.optim.Adam(net.parameters(), lr=1e-2),
+        data,
+        epochs=5,
+        batch_size=100,
+        data_seed=0,
+        device="cpu",
+    )
     assert history.best_val_loss < initial - 0.5
     assert max(e.val_acc for e in history.epochs) > 0.35  # chance is 0.1
 
@@ -172,8 +193,9 @@ class FailsAt(nn.Module):
 def test_non_finite_train_loss_stops_without_raising(splits):
     net = FailsAt(model(), step=8)  # epoch 2, step 3 of 5
     seen = []
-    history = run(net, torch.optim.Adam(net.parameters(), lr=1e-2), splits, epochs=5,
-                  on_epoch=seen.append)
+    history = run(
+        net, torch.optim.Adam(net.parameters(), lr=1e-2), splits, epochs=5, on_epoch=seen.append
+    )
     assert history.diverged
     assert history.reason == "non-finite train loss at epoch 2 step 3"
     assert [e.epoch for e in history.epochs] == [1] and seen == history.epochs
@@ -218,8 +240,9 @@ class Scaling:
 
 def test_constant_alignment_is_reported_per_parameter_name(splits):
     net = model()
-    history = run(net, Scaling(torch.optim.Adam(net.parameters(), lr=1e-2), lambda s: 0.5),
-                  splits, epochs=2)
+    history = run(
+        net, Scaling(torch.optim.Adam(net.parameters(), lr=1e-2), lambda s: 0.5), splits, epochs=2
+    )
     names = [name for name, _ in net.named_parameters()]
     for e in history.epochs:
         assert e.alignment == {name: 0.5 for name in names}
@@ -232,8 +255,10 @@ def test_alignment_is_the_mean_over_each_epochs_steps(splits):
     history = run(net, Scaling(base, float), splits, epochs=2)
     names = [name for name, _ in net.named_parameters()] + ["param4"]
     # steps 1..5 in epoch 1 (mean 3), 6..10 in epoch 2 (mean 8)
-    assert [e.alignment for e in history.epochs] == [dict.fromkeys(names, 3.0),
-                                                     dict.fromkeys(names, 8.0)]
+    assert [e.alignment for e in history.epochs] == [
+        dict.fromkeys(names, 3.0),
+        dict.fromkeys(names, 8.0),
+    ]
 
 
 def test_scheduler_steps_once_per_epoch_after_its_steps(splits):
@@ -255,8 +280,14 @@ def test_lr_scheduler_sets_each_epochs_learning_rate(splits):
     optimizer = torch.optim.Adam(net.parameters(), lr=0.1)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
     lrs = []
-    run(net, optimizer, splits, epochs=3, scheduler=scheduler,
-        on_epoch=lambda e: lrs.append(optimizer.param_groups[0]["lr"]))
+    run(
+        net,
+        optimizer,
+        splits,
+        epochs=3,
+        scheduler=scheduler,
+        on_epoch=lambda e: lrs.append(optimizer.param_groups[0]["lr"]),
+    )
     assert lrs == pytest.approx([0.05, 0.025, 0.0125])
 
 
@@ -274,9 +305,16 @@ def test_history_objective():
 @pytest.mark.parametrize(("epochs", "batch_size"), [(0, 10), (3, 0), (3, 2.5), (True, 10)])
 def test_bad_arguments_are_rejected(splits, epochs, batch_size):
     net = model()
-    with pytest.raises(ValueError, match="must be a positive int"):
-        fit(net, torch.optim.SGD(net.parameters(), lr=0.1), splits, epochs=epochs,
-            batch_size=batch_size, data_seed=0, device="cpu")
+    with pytest.raises(ValueError, match="must be an integer >= 1"):
+        fit(
+            net,
+            torch.optim.SGD(net.parameters(), lr=0.1),
+            splits,
+            epochs=epochs,
+            batch_size=batch_size,
+            data_seed=0,
+            device="cpu",
+        )
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -285,8 +323,9 @@ def test_fit_on_cuda_matches_its_own_rerun(splits):
     for _ in range(2):
         net = model(seed=3)
         optimizer = Scaling(torch.optim.Adam(net.parameters(), lr=1e-2), lambda s: 0.5)
-        histories.append(fit(net, optimizer, splits, epochs=3, batch_size=BATCH, data_seed=5,
-                             device="cuda"))
+        histories.append(
+            fit(net, optimizer, splits, epochs=3, batch_size=BATCH, data_seed=5, device="cuda")
+        )
         assert next(net.parameters()).is_cuda
     assert not histories[0].diverged and histories[0].epochs[-1].alignment["layers.0.weight"] == 0.5
     assert losses(histories[0]) == pytest.approx(losses(histories[1]), rel=1e-5)

@@ -1,15 +1,17 @@
 """The pipeline's reading of a composed Hydra config: the repo-root resolver, early validation,
 flattening into MLflow params, and the config hash that identifies equivalent runs.
 
-Validation happens here, before any data, training or MLflow run exists, so that a typo on the
-command line fails in milliseconds with a message naming the key, the value and what is allowed.
+Validation here covers only the keys no constructor sees before a run opens (trainer, seeds,
+objective, tracking, parallel) and one rule for all: every number is finite. Components (data
+sets, models, optimizers) validate their own arguments when they are built
+(gradalign.components), so each rule has one home.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import numbers
+import math
 import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -17,8 +19,10 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from gradalign.checks import is_int, is_number
+
 # Keys that say where and how things run, not what is computed: never logged as params nor hashed.
-NOT_PARAMS = ("paths", "tracking", "parallel")
+NOT_PARAMS = ("paths", "tracking", "parallel", "dataset.cache_dir")
 # Also left out of the config hash: seeds (the report matches them separately) and execution
 # settings that do not change what a run computes.
 NOT_HASHED = (*NOT_PARAMS, "seed", "trainer.device", "trainer.threads")
@@ -37,20 +41,12 @@ def register_resolvers(repo_root: str | Path) -> None:
     OmegaConf.register_new_resolver("cpu_count", lambda: len(os.sched_getaffinity(0)), replace=True)
 
 
-def is_number(value: Any) -> bool:
-    """A real number (a bool is not one, though Python says it is)."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
-def is_int(value: Any) -> bool:
-    """An integer (a bool is not one)."""
-    return isinstance(value, int) and not isinstance(value, bool)
+class ConfigError(ValueError):
+    """A config value that cannot run; the message names the key, the value and what is allowed."""
 
 
 # (key, check, what is allowed); a rule applies when its key is present in the config.
 _RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
-    ("optimizer.lr", lambda v: is_number(v) and v > 0, "a number > 0"),
-    ("optimizer.beta", lambda v: is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
     ("trainer.epochs", lambda v: is_int(v) and v >= 1, "an integer >= 1"),
     ("trainer.batch_size", lambda v: is_int(v) and v >= 1, "an integer >= 1"),
     ("trainer.device", lambda v: v in ("auto", "cpu", "cuda"), "one of auto, cpu, cuda"),
@@ -58,7 +54,6 @@ _RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("seed.model", is_int, "an integer"),
     ("seed.data", is_int, "an integer"),
     ("objective", lambda v: v in ("last", "best"), "one of last, best"),
-    ("dataset.val_fraction", lambda v: is_number(v) and 0 < v < 1, "a number in (0, 1)"),
     ("tracking.flush_interval_s", lambda v: is_number(v) and v >= 0, "a number >= 0"),
     (
         "tracking.optuna_trial",
@@ -77,11 +72,23 @@ def hydra_quoted(path: Path) -> str:
 
 
 def validate(cfg: DictConfig) -> None:
-    """Raise ValueError on the first invalid setting, naming key, value and what is allowed."""
+    """Raise ConfigError on the first invalid setting, naming key, value and what is allowed."""
     for key, check, allowed in _RULES:
         value = OmegaConf.select(cfg, key, default=_ABSENT)
         if value is not _ABSENT and not check(value):
-            raise ValueError(f"invalid config value {key}={value!r}: must be {allowed}")
+            raise ConfigError(f"invalid config value {key}={value!r}: must be {allowed}")
+    for key, value in flatten(cfg, exclude=("hydra",)).items():
+        if not all(math.isfinite(number) for number in _numbers(value)):
+            raise ConfigError(f"invalid config value {key}={value!r}: must be finite numbers")
+
+
+def _numbers(value: Any) -> Iterable[float]:
+    """The numbers in a config leaf (a number, or a list of them, nested at any depth)."""
+    if is_number(value):
+        yield value
+    elif isinstance(value, list):
+        for item in value:
+            yield from _numbers(item)
 
 
 def flatten(cfg: DictConfig, exclude: Iterable[str] = NOT_PARAMS) -> dict[str, Any]:
@@ -102,7 +109,15 @@ def flatten(cfg: DictConfig, exclude: Iterable[str] = NOT_PARAMS) -> dict[str, A
             else:
                 flat[dotted] = value
 
-    walk(OmegaConf.to_container(cfg, resolve=True), "")
+    # Top-level keys one by one, so an excluded subtree (hydra's) is never resolved.
+    top = {}
+    for key in cfg:
+        if key not in excluded:
+            node = cfg[key]
+            top[key] = (
+                OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+            )
+    walk(top, "")
     return flat
 
 

@@ -17,8 +17,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from gradalign.checks import positive_int
 from gradalign.data import Splits
-from gradalign.models import check_positive_int
 
 
 @dataclasses.dataclass
@@ -95,8 +95,8 @@ def fit(
     epoch's accumulated loss) or val loss ends the fit with ``History(diverged=True, reason)``;
     nothing is raised and the diverged epoch is neither recorded nor passed to ``on_epoch``.
     """
-    check_positive_int("epochs", epochs)
-    check_positive_int("batch_size", batch_size)
+    positive_int("trainer.epochs", epochs)
+    positive_int("trainer.batch_size", batch_size)
     model.to(device)
     data = splits.to(device)
     n_train = len(data.y_train)

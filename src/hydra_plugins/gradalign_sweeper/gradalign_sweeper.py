@@ -16,7 +16,7 @@ class GradalignOptunaSweeper(Sweeper):
     """Takes the arguments of hydra-optuna-sweeper's OptunaSweeper (its structured config)."""
 
     def __init__(self, **kwargs: Any) -> None:
-        from gradalign.sweep import SafeOptunaSweeperImpl
+        from gradalign.sweep.sweeper import SafeOptunaSweeperImpl
 
         self.sweeper = SafeOptunaSweeperImpl(**kwargs)
 

@@ -18,8 +18,8 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from gradalign.config import NOT_HASHED, flatten, validate
+from gradalign.schema import Param
 
-OPTIMIZER_PREFIX = "optimizer."
 # One thread per process: results do not depend on the core count, and parallel runs do not
 # oversubscribe the cores. Placed before the user's overrides, so trainer.threads=N still wins.
 DEFAULT_OVERRIDES = ("trainer.threads=1",)
@@ -78,7 +78,9 @@ def _hashed(key: str) -> bool:
 
 def run_context(params: Mapping[str, str]) -> dict[str, str]:
     """The logged params of a run that a comparable run must share: hashed and non-optimizer."""
-    return {k: v for k, v in params.items() if _hashed(k) and not k.startswith(OPTIMIZER_PREFIX)}
+    return {
+        k: v for k, v in params.items() if _hashed(k) and not k.startswith(Param.OPTIMIZER_PREFIX)
+    }
 
 
 def logged_params(cfg: DictConfig) -> dict[str, str]:
@@ -93,7 +95,7 @@ def config_context(cfg: DictConfig) -> dict[str, str]:
 
 def optimizer_params(params: Mapping[str, str]) -> dict[str, str]:
     """The ``optimizer.*`` entries of a run's logged params."""
-    return {k: v for k, v in params.items() if k.startswith(OPTIMIZER_PREFIX)}
+    return {k: v for k, v in params.items() if k.startswith(Param.OPTIMIZER_PREFIX)}
 
 
 def tuned_overrides(cfg: DictConfig, best: Mapping[str, str]) -> dict[str, str]:

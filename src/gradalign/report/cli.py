@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from gradalign.report_runs import MissingSweepError
+from gradalign.report.runs import MissingSweepError
 
 
 def run_command(

@@ -6,11 +6,11 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 
-from gradalign.report_finals import FinalResult
-from gradalign.report_plots import BAND
-from gradalign.report_runs import SweepChoice
-from gradalign.report_settings import ReportSettings
-from gradalign.report_stats import (
+from gradalign.report.finals import FinalResult
+from gradalign.report.plots import BAND
+from gradalign.report.runs import SweepChoice
+from gradalign.report.settings import ReportSettings
+from gradalign.report.stats import (
     OUTCOMES,
     TESTED,
     Comparison,
@@ -65,7 +65,7 @@ def render(
     """The markdown of the report.
 
     ``header``: title and provenance lines (label -> value); ``hyperparameters``: per optimizer,
-    the best run's searched params (report_configs.hyperparameters); ``summaries``: optimizer ->
+    the best run's searched params (configs.hyperparameters); ``summaries``: optimizer ->
     outcome -> Summary.
     """
     n = len(settings.seeds)

@@ -17,9 +17,9 @@ from pathlib import Path
 
 from gradalign import tracking
 from gradalign.config import hydra_quoted, register_resolvers
-from gradalign.report import make_report
-from gradalign.report_configs import compose_optimizer, optimizer_overrides
-from gradalign.report_settings import StudySettings
+from gradalign.report.build import make_report
+from gradalign.report.configs import compose_optimizer, optimizer_overrides
+from gradalign.report.settings import StudySettings
 
 log = logging.getLogger(__name__)
 TAIL = 40  # lines of a failed sweep's log shown

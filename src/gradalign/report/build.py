@@ -1,4 +1,4 @@
-"""The comparison report (DESIGN.md §5): for each optimizer, the best sweep run in MLflow; its
+"""The comparison report: for each optimizer, the best sweep run in MLflow; its
 configuration retrained for the final budget over several seeds (identical initial weights per
 seed across optimizers); paired statistics, a figure and report.md, written to
 ``<paths.outputs>/report/<name>/`` and logged as artifacts of one MLflow run (stage ``report``)
@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 from gradalign import tracking
 from gradalign.config import config_hash, register_resolvers
 from gradalign.experiment import git_tags
-from gradalign.report_configs import (
+from gradalign.report.configs import (
     Composition,
     compose_optimizer,
     config_context,
@@ -30,10 +30,10 @@ from gradalign.report_configs import (
     hyperparameters,
     seeded,
 )
-from gradalign.report_finals import FinalJob, FinalResult, train
-from gradalign.report_markdown import render
-from gradalign.report_plots import plot_convergence
-from gradalign.report_runs import (
+from gradalign.report.finals import FinalJob, FinalResult, train
+from gradalign.report.markdown import render
+from gradalign.report.plots import plot_convergence
+from gradalign.report.runs import (
     MissingSweepError,
     SweepChoice,
     best_sweep_run,
@@ -41,8 +41,8 @@ from gradalign.report_runs import (
     final_runs,
     sweep_command,
 )
-from gradalign.report_settings import ReportSettings
-from gradalign.report_stats import (
+from gradalign.report.settings import ReportSettings
+from gradalign.report.stats import (
     OUTCOMES,
     TESTED,
     Comparison,
@@ -51,6 +51,7 @@ from gradalign.report_stats import (
     outcomes,
     summarize,
 )
+from gradalign.schema import Metric, Param, Stage, Tag
 
 log = logging.getLogger(__name__)
 FIGURE = "convergence_comparison.png"
@@ -81,7 +82,7 @@ class Plan:
                 name,
                 seed,
                 seeded(cfg, seed),
-                {"selected_from": self.choices[name].run_id},
+                {Tag.SELECTED_FROM: self.choices[name].run_id},
                 estimate_s=self.choices[name].seconds_per_epoch * cfg.trainer.epochs,
             )
             for name, cfg in self.finals.items()
@@ -150,8 +151,8 @@ def _result(plan: Plan, name: str, seed: int, run: Run, reused: bool) -> FinalRe
     """A final run's curves and outcomes."""
     run_curves = curves(plan.client, run)
     diverged = run.info.status != "FINISHED"
-    per_seed = outcomes(run_curves["val_loss"], run_curves["test_acc"], diverged)
-    init = run.data.tags.get("init_hash")
+    per_seed = outcomes(run_curves[Metric.VAL_LOSS], run_curves[Metric.TEST_ACC], diverged)
+    init = run.data.tags.get(Tag.INIT_HASH)
     return FinalResult(name, seed, run.info.run_id, reused, diverged, init, run_curves, per_seed)
 
 
@@ -205,15 +206,15 @@ def _log_summary(
         for outcome in TESTED:
             for stat in ("mean_diff", "p_t", "p_w", "d_z"):
                 values[f"{c.optimizer}/{outcome}/{stat}"] = getattr(c.tests[outcome], stat)
-    run.log_summary(values, {f"verdict/{c.optimizer}": c.verdict for c in comparisons})
+    run.log_summary(values, {f"{Tag.VERDICT_PREFIX}{c.optimizer}": c.verdict for c in comparisons})
 
 
 def _header(
     settings: ReportSettings, plan: Plan, run_id: str, tags: dict[str, str], trained: int
 ) -> dict[str, str]:
     first = plan.compositions[settings.baseline].cfg
-    git = tags.get("git_commit", "unknown")
-    if tags.get("git_dirty") == "true":
+    git = tags.get(Tag.GIT_COMMIT, "unknown")
+    if tags.get(Tag.GIT_DIRTY) == "true":
         git += " (with uncommitted changes)"
     total = len(settings.optimizers) * len(settings.seeds)
     return {
@@ -245,7 +246,7 @@ def make_report(settings: ReportSettings) -> Path:
         len(settings.optimizers) * len(settings.seeds) - len(jobs),
     )
     params = {
-        f"report.{field}": getattr(settings, field)
+        f"{Param.REPORT_PREFIX}{field}": getattr(settings, field)
         for field in (
             "optimizers",
             "baseline",
@@ -259,8 +260,8 @@ def make_report(settings: ReportSettings) -> Path:
         )
     }
     tags = {
-        "stage": "report",
-        "optimizers": ",".join(settings.optimizers),
+        Tag.STAGE: Stage.REPORT,
+        Tag.OPTIMIZERS: ",".join(settings.optimizers),
         **git_tags(str(settings.root)),
     }
     with tracking.start_run(

@@ -16,11 +16,12 @@ from collections.abc import Iterator, Mapping, Sequence
 from mlflow.entities import Run, ViewType
 from mlflow.tracking import MlflowClient
 
-from gradalign.report_configs import optimizer_params, run_context
+from gradalign.report.configs import optimizer_params, run_context
+from gradalign.schema import Metric, Stage, Tag
+from gradalign.tracking import tag_filter
 
 # Per-epoch metric keys the report reads (GAO runs add alignment/<param>).
-EPOCH_METRICS = ("train_loss", "val_loss", "val_acc", "test_acc")  # what the report reads
-ALIGNMENT_PREFIX = "alignment/"
+EPOCH_METRICS = (Metric.TRAIN_LOSS, Metric.VAL_LOSS, Metric.VAL_ACC, Metric.TEST_ACC)
 
 
 class MissingSweepError(LookupError):
@@ -85,7 +86,7 @@ def best_sweep_run(
     overrides: Sequence[str] = (),
 ) -> SweepChoice:
     """The FINISHED sweep run of ``optimizer`` with a finite ``metric``, best in ``direction``,
-    among the runs whose settings match ``context`` (see report_configs.run_context).
+    among the runs whose settings match ``context`` (see configs.run_context).
 
     Ties go to the earliest run. Raises MissingSweepError (naming the sweep command, and the
     settings in which other sweeps of the optimizer differ) when there is no candidate.
@@ -94,7 +95,7 @@ def best_sweep_run(
     candidates: list[Run] = []
     differing: set[str] = set()
     other = 0
-    filter_string = f"tags.stage = 'sweep' and tags.optimizer = '{optimizer}'"
+    filter_string = tag_filter({Tag.STAGE: Stage.SWEEP, Tag.OPTIMIZER: optimizer})
     for run in search(client, experiment_id, filter_string):
         settings = run_context(run.data.params)
         if settings != context:
@@ -139,10 +140,10 @@ def final_runs(client: MlflowClient, experiment_id: str, config_hash: str) -> di
     config and seed, so retraining would diverge again); the latest one when a seed has several.
     Runs that failed otherwise, or were killed, are retrained."""
     runs: dict[int, Run] = {}
-    filter_string = f"tags.stage = 'final' and tags.config_hash = '{config_hash}'"
+    filter_string = tag_filter({Tag.STAGE: Stage.FINAL, Tag.CONFIG_HASH: config_hash})
     for run in search(client, experiment_id, filter_string):
         params, status = run.data.params, run.info.status
-        diverged = status == "FAILED" and run.data.tags.get("diverged") == "true"
+        diverged = status == "FAILED" and run.data.tags.get(Tag.DIVERGED) == "true"
         if not (status == "FINISHED" or diverged) or params["seed.model"] != params["seed.data"]:
             continue
         seed = int(params["seed.model"])
@@ -153,7 +154,10 @@ def final_runs(client: MlflowClient, experiment_id: str, config_hash: str) -> di
 
 def curves(client: MlflowClient, run: Run) -> dict[str, list[float]]:
     """The run's per-epoch metrics (EPOCH_METRICS and alignment/*), each ordered by epoch."""
-    keys = [*EPOCH_METRICS, *sorted(k for k in run.data.metrics if k.startswith(ALIGNMENT_PREFIX))]
+    keys = [
+        *EPOCH_METRICS,
+        *sorted(k for k in run.data.metrics if k.startswith(Metric.ALIGNMENT_PREFIX)),
+    ]
     result = {}
     for key in keys:
         history = sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)

@@ -16,8 +16,8 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from gradalign.config import is_int, is_number
-from gradalign.report_stats import TESTED
+from gradalign.checks import is_int, is_number
+from gradalign.report.stats import TESTED
 
 DIRECTIONS = ("minimize", "maximize")
 

@@ -17,7 +17,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from scipy import stats
 
-from gradalign.report_runs import ALIGNMENT_PREFIX
+from gradalign.schema import Metric
 
 Curves = Mapping[str, Sequence[float]]  # metric key -> value per epoch (epoch 1 first)
 BAND = "95% CI of the mean over seeds"
@@ -71,7 +71,7 @@ def _alignment_panel(
     ax.grid(alpha=0.3)
     drawn = False
     for optimizer, per_seed in runs.items():
-        keys = sorted(k for k in per_seed[0] if k.startswith(ALIGNMENT_PREFIX))
+        keys = sorted(k for k in per_seed[0] if k.startswith(Metric.ALIGNMENT_PREFIX))
         if not keys:
             continue
         layers = [band([curves[key] for curves in per_seed]) for key in keys]
@@ -101,11 +101,15 @@ def plot_convergence(runs: Mapping[str, Sequence[Curves]], path: Path, *, title:
     ``runs`` (optimizer -> curves of its final runs, one per seed) to ``path``."""
     fig = Figure(figsize=(11, 7.5), layout="constrained")
     (val_loss, train_loss), (val_acc, alignment) = fig.subplots(2, 2)
-    _panel(val_loss, runs, "val_loss", f"val loss (band: {BAND})")
+    _panel(val_loss, runs, Metric.VAL_LOSS, f"val loss (band: {BAND})")
     _panel(
-        train_loss, runs, "train_loss", "train loss (geometric mean, band in log space)", log=True
+        train_loss,
+        runs,
+        Metric.TRAIN_LOSS,
+        "train loss (geometric mean, band in log space)",
+        log=True,
     )
-    _panel(val_acc, runs, "val_acc", "val accuracy")
+    _panel(val_acc, runs, Metric.VAL_ACC, "val accuracy")
     colors = {name: line.get_color() for name, line in zip(runs, val_loss.get_lines(), strict=True)}
     _alignment_panel(alignment, runs, colors)
     for ax in (val_loss, train_loss, val_acc, alignment):

@@ -4,8 +4,8 @@ The data is always generated with ``mnist1d.data.make_dataset`` (never downloade
 ``cache_dir``. The cache file name is a hash of every generation argument the caller sets plus the
 installed mnist1d version (which fixes the defaults of the others), so ``shuffle_seq`` and every
 other argument select their own file; mnist1d's own cache ignores ``shuffle_seq``. Resolving the
-defaults themselves would mean importing mnist1d, which imports matplotlib and scipy (~0.8 s), on
-every cache hit; the import happens only when the data must be generated.
+defaults themselves would mean importing mnist1d, which imports matplotlib and scipy, on every
+cache hit; the import happens only when the data must be generated.
 
 The validation split is carved from mnist1d's train set (a fixed, stratified fraction of each
 class); the test set is returned untouched, for reporting only.
@@ -13,7 +13,6 @@ class); the test set is returned untouched, for reporting only.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import importlib.metadata
 import json
@@ -27,7 +26,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
+
+from gradalign.checks import fraction
+from gradalign.data.splits import Splits, carve_validation
 
 # Names of mnist1d's generation arguments (the keys of get_dataset_args() except the download
 # `url`). Only the names live here; their defaults come from mnist1d at generation time.
@@ -50,33 +51,6 @@ _CACHE_FORMAT = 1
 _ARRAY_KEYS = ("x", "y", "x_test", "y_test")
 
 
-@dataclasses.dataclass(frozen=True)
-class Splits:
-    """Train/val/test tensors: x float32 of shape (N, length), y int64 labels of shape (N,)."""
-
-    x_train: torch.Tensor
-    y_train: torch.Tensor
-    x_val: torch.Tensor
-    y_val: torch.Tensor
-    x_test: torch.Tensor
-    y_test: torch.Tensor
-
-    @property
-    def input_dim(self) -> int:
-        """Length of one input sequence (40 for the standard mnist1d)."""
-        return self.x_train.shape[1]
-
-    @property
-    def n_classes(self) -> int:
-        """Number of classes: one more than the largest label in any split."""
-        return 1 + int(max(y.max() for y in (self.y_train, self.y_val, self.y_test)))
-
-    def to(self, device: torch.device | str) -> Splits:
-        """Return the same splits with every tensor on ``device``."""
-        moved = {f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)}
-        return Splits(**moved)
-
-
 def load_mnist1d(
     generation: Mapping[str, Any],
     *,
@@ -90,10 +64,7 @@ def load_mnist1d(
     take mnist1d's defaults. ``val_fraction`` of each class of the mnist1d train set, chosen by a
     numpy generator seeded with ``split_seed``, becomes the validation set.
     """
-    if not isinstance(val_fraction, (int, float)) or isinstance(val_fraction, bool) or not (
-        0.0 < val_fraction < 1.0
-    ):
-        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
+    fraction("dataset.val_fraction", val_fraction)
     overrides = _plain_overrides(generation)
     key = _cache_key(overrides)
     path = Path(cache_dir) / f"mnist1d-{key[:16]}.npz"
@@ -101,7 +72,15 @@ def load_mnist1d(
     if arrays is None:
         arrays = _generate(overrides)
         _write_cache(path, key, overrides, arrays)
-    return _split(arrays, val_fraction=val_fraction, split_seed=split_seed)
+    return carve_validation(
+        arrays["x"],
+        arrays["y"],
+        arrays["x_test"],
+        arrays["y_test"],
+        val_fraction=val_fraction,
+        split_seed=split_seed,
+        n_classes=1 + int(max(arrays["y"].max(), arrays["y_test"].max())),
+    )
 
 
 def _plain_overrides(generation: Mapping[str, Any]) -> dict[str, Any]:
@@ -175,8 +154,11 @@ def _read_cache(path: Path, key: str) -> dict[str, np.ndarray] | None:
         if stored_key != key:
             raise ValueError("its key does not match the generation arguments")
     except (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile) as error:
-        warnings.warn(f"ignoring unusable mnist1d cache {path} ({error}); regenerating",
-                      RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"ignoring unusable mnist1d cache {path} ({error}); regenerating",
+            RuntimeWarning,
+            stacklevel=3,
+        )
         return None
     return arrays
 
@@ -202,38 +184,12 @@ def _write_cache(
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:
-            np.savez(handle, key=np.array(key), generation=np.array(json.dumps(overrides)),
-                     **arrays)
+            np.savez(
+                handle, key=np.array(key), generation=np.array(json.dumps(overrides)), **arrays
+            )
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-
-
-def _split(arrays: Mapping[str, np.ndarray], *, val_fraction: float, split_seed: int) -> Splits:
-    """Carve a stratified validation set from the train arrays: round(val_fraction * count) of
-    each class, chosen by a numpy generator seeded with ``split_seed``; both keep data order."""
-    x, y = arrays["x"], arrays["y"]
-    rng = np.random.default_rng(split_seed)
-    val_parts = []
-    for label in np.unique(y):
-        members = np.flatnonzero(y == label)
-        n_val = round(val_fraction * len(members))
-        val_parts.append(rng.choice(members, size=n_val, replace=False))
-    val_idx = np.sort(np.concatenate(val_parts))
-    if len(val_idx) == 0 or len(val_idx) == len(y):
-        raise ValueError(
-            f"val_fraction={val_fraction!r} leaves an empty train or val split of {len(y)} samples"
-        )
-    is_val = np.zeros(len(y), dtype=bool)
-    is_val[val_idx] = True
-    return Splits(
-        x_train=torch.from_numpy(x[~is_val]),
-        y_train=torch.from_numpy(y[~is_val]),
-        x_val=torch.from_numpy(x[is_val]),
-        y_val=torch.from_numpy(y[is_val]),
-        x_test=torch.from_numpy(arrays["x_test"]),
-        y_test=torch.from_numpy(arrays["y_test"]),
-    )

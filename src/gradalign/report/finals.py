@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from omegaconf import DictConfig
 
 from gradalign.experiment import run_experiment
+from gradalign.schema import Stage
 
 log = logging.getLogger(__name__)
 # Measured here: a spawned worker imports torch, MLflow and Hydra for ~4-5 s before its first run.
@@ -39,7 +40,7 @@ class FinalJob:
 class FinalResult:
     """A final run as the report uses it: where it is, whether this report trained it, whether it
     diverged, its initial weights' hash (tag init_hash), its per-epoch curves and its per-seed
-    outcomes (report_stats.outcomes)."""
+    outcomes (stats.outcomes)."""
 
     optimizer: str
     seed: int
@@ -54,7 +55,7 @@ class FinalResult:
 def _train(job: FinalJob, parent_run_id: str) -> str:
     """Train one final run (in this or a worker process); its MLflow run id."""
     _, run_id = run_experiment(
-        job.cfg, stage="final", parent_run_id=parent_run_id, extra_tags=job.tags
+        job.cfg, stage=Stage.FINAL, parent_run_id=parent_run_id, extra_tags=job.tags
     )
     return run_id
 

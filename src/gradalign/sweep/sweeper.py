@@ -4,9 +4,9 @@ The stock sweeper (``OptunaSweeperImpl``, pinned) asks ``n_jobs`` trials, launch
 batch through the configured launcher, tells Optuna their results, and repeats. This subclass
 keeps that loop and adds:
 
-- checks before the first trial is asked: the job config validates, every searched key exists in
-  it and the ends of its range are valid values, and the MLflow store answers (a typo fails
-  once, in a second, instead of once per trial);
+- checks before the first trial is asked: the job config validates and its data set, model and
+  optimizer build, every searched key exists in it and the ends of its range build too, and the
+  MLflow store answers (a typo fails once, in a second, instead of once per trial);
 - a failure budget over the whole sweep: it stops once more than
   ``max_failure_rate * n_trials`` trials have raised. The stock rule applies the rate to each
   batch, which with ``n_jobs=1`` means any failure stops the sweep, or none does;
@@ -49,8 +49,10 @@ from optuna.distributions import (
 from optuna.trial import Trial, TrialState
 
 from gradalign import processes, tracking
+from gradalign.components import build_dataset, build_model, build_optimizer
 from gradalign.config import hydra_quoted, validate
-from gradalign.experiment import sweep_id
+from gradalign.data import Splits
+from gradalign.sweep.runs import sweep_id
 
 log = logging.getLogger(__name__)
 CLAIM = ".sweep_claim"  # created atomically in the sweep directory by the sweep that owns it
@@ -98,12 +100,22 @@ def _own_key(key: str) -> bool:
     return not key.startswith(("+", "~", "hydra."))
 
 
+def check_trial_config(cfg: DictConfig, splits: Splits) -> None:
+    """Raise ValueError (a ConfigError) unless a trial of ``cfg`` can start: its config
+    validates and its model and optimizer accept their arguments (built on ``splits``' shape)."""
+    validate(cfg)
+    build_optimizer(cfg, build_model(cfg, splits).parameters())
+
+
 def check_search_space(
-    cfg: DictConfig, distributions: dict[str, BaseDistribution], fixed: Iterable[str]
+    cfg: DictConfig,
+    distributions: dict[str, BaseDistribution],
+    fixed: Iterable[str],
+    splits: Splits,
 ) -> None:
     """Raise ValueError if a searched (or ``fixed``) key is not in ``cfg``, or if a value at the
-    end of a searched range is invalid (gradalign.config.validate), naming the key, the range
-    and what is allowed."""
+    end of a searched range cannot run (``check_trial_config``; a data set key rebuilds the
+    data set), naming the key, the range and what is allowed."""
     for key in filter(_own_key, [*distributions, *fixed]):
         if OmegaConf.select(cfg, key, default=_MISSING) is _MISSING:
             parent = key.rpartition(".")[0]  # the deepest node of the key that exists
@@ -123,7 +135,8 @@ def check_search_space(
             trial_cfg = copy.deepcopy(cfg)
             OmegaConf.update(trial_cfg, key, value, force_add=False)
             try:
-                validate(trial_cfg)
+                trial_splits = build_dataset(trial_cfg) if key.startswith("dataset.") else splits
+                check_trial_config(trial_cfg, trial_splits)
             except ValueError as error:
                 raise ValueError(
                     f"search space of {key} ({distribution}) reaches {value!r}: {error}"
@@ -195,9 +208,11 @@ class SafeOptunaSweeperImpl(OptunaSweeperImpl):
 
     def _check(self, arguments: list[str]) -> None:
         validate(self.config)
+        splits = build_dataset(self.config)
+        check_trial_config(self.config, splits)
         overrides = [*self._parse_sweeper_params_config(), *arguments]
         distributions, fixed = create_params_from_overrides(overrides)
-        check_search_space(self.config, distributions, fixed)
+        check_search_space(self.config, distributions, fixed, splits)
         tracking.connect(self.config.tracking)  # reachable; the experiment created once, here
 
     def sweep(self, arguments: list[str]) -> None:

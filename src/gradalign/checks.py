@@ -1,0 +1,53 @@
+"""Argument checks shared by constructors and the config: plain Python, no third-party import.
+
+Each component validates its own arguments (a model its widths, a dataset its split fraction,
+an optimizer its hyperparameters), so a bad value is refused by the code that would misuse it,
+with a message naming the argument, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Sequence
+from typing import Any
+
+
+def is_number(value: Any) -> bool:
+    """A real number (a bool is not one, though Python says it is)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def is_int(value: Any) -> bool:
+    """An integer (a bool is not one)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def positive_int(what: str, value: Any) -> int:
+    """``value`` if it is an int >= 1 (a bool is not), else ValueError naming ``what``."""
+    if not (is_int(value) and value >= 1):
+        raise ValueError(f"{what}={value!r} is invalid: must be an integer >= 1")
+    return value
+
+
+def positive_ints(what: str, values: Any) -> list[int]:
+    """``values`` as a list if it is a sequence of ints >= 1, else ValueError naming ``what``."""
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+        raise ValueError(f"{what}={values!r} is invalid: must be a list of integers >= 1")
+    for value in values:
+        if not (is_int(value) and value >= 1):
+            raise ValueError(f"{what}={list(values)!r} is invalid: must be a list of integers >= 1")
+    return list(values)
+
+
+def boolean(what: str, value: Any) -> bool:
+    """``value`` if it is a bool, else ValueError naming ``what``."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{what}={value!r} is invalid: must be true or false")
+    return value
+
+
+def fraction(what: str, value: Any) -> float:
+    """``value`` if it is a number strictly between 0 and 1, else ValueError naming ``what``."""
+    if not (is_number(value) and 0 < value < 1):
+        raise ValueError(f"{what}={value!r} is invalid: must be a number in (0, 1)")
+    return float(value)

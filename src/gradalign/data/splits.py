@@ -1,0 +1,79 @@
+"""Train/val/test tensors, and the stratified carve-out of a validation set from a train set."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+
+from gradalign.checks import fraction
+
+
+@dataclasses.dataclass(frozen=True)
+class Splits:
+    """Train/val/test inputs ``x`` (one example per row, any trailing shape) and int64 labels
+    ``y`` of shape (N,); ``n_classes`` is the number of classes the labels index."""
+
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_val: torch.Tensor
+    y_val: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    n_classes: int
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """The shape of one example, e.g. (40,) for the standard mnist1d."""
+        return tuple(self.x_train.shape[1:])
+
+    def to(self, device: torch.device | str) -> Splits:
+        """The same splits with every tensor on ``device``."""
+        return dataclasses.replace(
+            self,
+            **{
+                f.name: getattr(self, f.name).to(device)
+                for f in dataclasses.fields(self)
+                if f.name != "n_classes"
+            },
+        )
+
+
+def carve_validation(
+    x: np.ndarray,
+    y: np.ndarray,
+    x_test: np.ndarray,
+    y_test: np.ndarray,
+    *,
+    val_fraction: float,
+    split_seed: int,
+    n_classes: int,
+) -> Splits:
+    """Splits whose validation set is carved from the train arrays: round(val_fraction * count)
+    of each class, chosen by a numpy generator seeded with ``split_seed``; train and val keep
+    the data order, the test arrays are returned untouched (for reporting only)."""
+    fraction("dataset.val_fraction", val_fraction)
+    rng = np.random.default_rng(split_seed)
+    val_parts = []
+    for label in np.unique(y):
+        members = np.flatnonzero(y == label)
+        n_val = round(val_fraction * len(members))
+        val_parts.append(rng.choice(members, size=n_val, replace=False))
+    val_idx = np.sort(np.concatenate(val_parts))
+    if len(val_idx) == 0 or len(val_idx) == len(y):
+        raise ValueError(
+            f"dataset.val_fraction={val_fraction!r} leaves an empty train or val split of "
+            f"{len(y)} samples"
+        )
+    is_val = np.zeros(len(y), dtype=bool)
+    is_val[val_idx] = True
+    return Splits(
+        x_train=torch.from_numpy(x[~is_val]),
+        y_train=torch.from_numpy(y[~is_val]),
+        x_val=torch.from_numpy(x[is_val]),
+        y_val=torch.from_numpy(y[is_val]),
+        x_test=torch.from_numpy(x_test),
+        y_test=torch.from_numpy(y_test),
+        n_classes=n_classes,
+    )

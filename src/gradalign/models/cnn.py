@@ -1,0 +1,44 @@
+"""The mnist1d paper's ConvBase: three strided 1-d convolutions with ReLU, then a linear head."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from gradalign.checks import positive_int, positive_ints
+
+
+class CNN(nn.Module):
+    """Input (N, length) is viewed as (N, 1, length), or (N, C, length) is taken as is;
+    convs: (C->channels, k5, s2, p1), (channels->channels, k3, s2, p1) twice; the flattened
+    channels * L' features (L' = 5 for length 40) feed ``head``."""
+
+    def __init__(self, input_shape: Sequence[int], n_classes: int, channels: int) -> None:
+        super().__init__()
+        shape = positive_ints("input_shape", input_shape)
+        if len(shape) not in (1, 2):
+            raise ValueError(f"input_shape={shape} is invalid: must be (length,) or (C, length)")
+        in_channels, length = (1, shape[0]) if len(shape) == 1 else shape
+        positive_int("model.channels", channels)
+        self.convs = nn.ModuleList(
+            [
+                nn.Conv1d(in_channels, channels, kernel_size=5, stride=2, padding=1),
+                nn.Conv1d(channels, channels, kernel_size=3, stride=2, padding=1),
+                nn.Conv1d(channels, channels, kernel_size=3, stride=2, padding=1),
+            ]
+        )
+        for conv in self.convs:
+            length = (length + 2 * conv.padding[0] - conv.kernel_size[0]) // conv.stride[0] + 1
+        if length < 1:
+            raise ValueError(f"input_shape={shape} is too short for the CNN's three convolutions")
+        self.head = nn.Linear(channels * length, positive_int("n_classes", n_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2:
+            x = x.unsqueeze(1)
+        for conv in self.convs:
+            x = F.relu(conv(x))
+        return self.head(x.flatten(1))

@@ -1,0 +1,67 @@
+"""The MLflow contract: the names every writer and reader of the tracking store agrees on.
+
+A run's stage, its tag keys and its metric keys are spelled here once. The writers
+(gradalign.tracking, gradalign.experiment, gradalign.sweep, gradalign.report.build) and the
+readers (gradalign.report.runs, the tests, a user's own queries) import them, so renaming one is
+one edit and cannot silently break a reader. docs/tracking.md describes the same schema for
+people.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+
+class Stage:
+    """Values of the ``stage`` tag: what a run is."""
+
+    SINGLE: Final = "single"  # python train.py
+    SWEEP: Final = "sweep"  # one trial of python train.py -m
+    SWEEP_PARENT: Final = "sweep_parent"  # the run the trials of one sweep (or study) nest under
+    FINAL: Final = "final"  # a report's retraining of a selected configuration for one seed
+    REPORT: Final = "report"  # the report itself; its final runs nest under it
+
+
+class Tag:
+    """Tag keys."""
+
+    STAGE: Final = "stage"
+    OPTIMIZER: Final = "optimizer"  # the optimizer config's name (adam, gao, ...)
+    CONFIG_HASH: Final = "config_hash"  # what a run computes, without seeds, paths, tracking
+    INIT_HASH: Final = "init_hash"  # the model's initial weights
+    GIT_COMMIT: Final = "git_commit"
+    GIT_DIRTY: Final = "git_dirty"
+    FAILURE_REASON: Final = "failure_reason"  # FAILED and KILLED runs: why
+    DIVERGED: Final = "diverged"  # "true" on a run whose fit diverged
+    HYDRA_JOB_NUM: Final = "hydra_job_num"
+    SWEEP_ID: Final = "sweep_id"  # the key of the sweep's parent run
+    SWEEP_DIR: Final = "sweep_dir"  # the sweep process's output directory
+    OPTUNA_STUDY: Final = "optuna_study"
+    OPTUNA_TRIAL: Final = "optuna_trial"  # the trial's number in its Optuna study
+    SELECTED_FROM: Final = "selected_from"  # a final run: the sweep run it retrains
+    OPTIMIZERS: Final = "optimizers"  # a report: the optimizers it compares, comma-separated
+    VERDICT_PREFIX: Final = "verdict/"  # a report: verdict/<optimizer>
+
+
+class Metric:
+    """Metric keys. Per-epoch metrics are logged with step = epoch (1-based); summary metrics
+    with step 0."""
+
+    TRAIN_LOSS: Final = "train_loss"
+    VAL_LOSS: Final = "val_loss"
+    VAL_ACC: Final = "val_acc"
+    TEST_LOSS: Final = "test_loss"
+    TEST_ACC: Final = "test_acc"
+    EPOCH_TIME: Final = "epoch_time"
+    ALIGNMENT_PREFIX: Final = "alignment/"  # alignment/<parameter name>: GAO's mean scale
+    OBJECTIVE: Final = "objective"  # the value a sweep optimises
+    BEST_VAL_LOSS: Final = "best_val_loss"
+    BEST_EPOCH: Final = "best_epoch"
+
+
+class Param:
+    """Param key prefixes: a run's params are its resolved config, flattened with dots."""
+
+    OPTIMIZER_PREFIX: Final = "optimizer."
+    SWEEPER_PREFIX: Final = "sweeper."  # a sweep parent's params: the sweeper's settings
+    REPORT_PREFIX: Final = "report."  # a report run's params: its settings

@@ -1,0 +1,44 @@
+"""Tracking in MLflow: ``store`` reaches the store (which one, a client that survives a busy
+SQLite file, probes of a server), ``runs`` writes the pipeline's runs on it (one per job, a
+parent per sweep, an end status whatever happens). The names of what is written are
+gradalign.schema's."""
+
+from gradalign.tracking.runs import (
+    Run,
+    Terminated,
+    failure_reason,
+    kill_sweep_runs,
+    sigterm_raises,
+    start_run,
+    sweep_parent,
+)
+from gradalign.tracking.store import (
+    TrackingUnavailable,
+    check_reachable,
+    client,
+    connect,
+    experiment_id,
+    log_batch,
+    quoted,
+    tag_filter,
+    tracking_uri,
+)
+
+__all__ = [
+    "Run",
+    "Terminated",
+    "TrackingUnavailable",
+    "check_reachable",
+    "client",
+    "connect",
+    "experiment_id",
+    "failure_reason",
+    "kill_sweep_runs",
+    "log_batch",
+    "quoted",
+    "sigterm_raises",
+    "start_run",
+    "sweep_parent",
+    "tag_filter",
+    "tracking_uri",
+]

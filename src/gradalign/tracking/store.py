@@ -1,0 +1,247 @@
+"""Access to the MLflow store: which store, a client that survives a busy SQLite file, probes.
+
+Store: ``tracking.uri``, else ``$MLFLOW_TRACKING_URI``, else ``tracking.default_uri`` (SQLite in
+``mlruns/``). Experiments created in a SQLite store keep their artifacts beside the database file,
+in ``artifacts/``, so a temporary store (tests) never writes into the repository. A tracking
+server (``http(s)://``) is probed once per process before anything is written, so an unreachable
+one fails in seconds with its URI in the message instead of after MLflow's minutes of retries.
+
+Concurrency: parallel workers share one SQLite file, which admits one writer at a time; a call
+that still finds it locked after the time MLflow lets SQLite wait (``busy_timeout``) is retried
+with jittered exponential backoff (``client`` wraps every call), so a busy store delays a trial
+but never loses it. Clients and experiment ids are cached per process, so a sweep pays for
+MLflow's import and the store's set-up once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import functools
+import logging
+import os
+import random
+import signal
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+from mlflow.utils.validation import MAX_ENTITIES_PER_BATCH as _MAX_ENTITIES
+from mlflow.utils.validation import MAX_PARAMS_TAGS_PER_BATCH as _MAX_PARAMS_OR_TAGS
+from omegaconf import DictConfig
+
+log = logging.getLogger(__name__)
+
+_SQLITE = "sqlite:///"
+_LOCKED = "database is locked"
+# Waits between attempts of a call that found the SQLite store locked (each attempt already
+# waited MLflow's 20 s SQLite busy_timeout): ~25 s of backoff, ~3.5 min in all, before giving up.
+RETRY_WAITS_S = (0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 6.4, 12.8)
+# How long the probe of a tracking server may take before the run fails.
+CONNECT_TIMEOUT_S = 10.0
+
+
+class TrackingUnavailable(RuntimeError):
+    """The tracking server did not answer; the message names its URI."""
+
+
+class _LockedMessages(logging.Filter):
+    """Drop MLflow's error traceback for a locked SQLite store: the call is retried and
+    ``_retrying`` logs one warning line instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return _LOCKED not in record.getMessage()
+
+
+logging.getLogger("mlflow.store.db.utils").addFilter(_LockedMessages())
+
+
+def tracking_uri(tracking: DictConfig) -> str:
+    """The store URI: tracking.uri, else $MLFLOW_TRACKING_URI, else tracking.default_uri."""
+    return tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or tracking.default_uri
+
+
+def sqlite_file(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI; None for any other store."""
+    return Path(uri[len(_SQLITE) :]).resolve() if uri.startswith(_SQLITE) else None
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """Exclusive advisory lock on ``path`` (created if absent), across processes."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM until the block ends, then deliver them to the handlers in place.
+
+    A Ctrl-C landing inside a store call can stop SQLite mid-transaction and leave this
+    process's own pooled connection holding the write lock: every later call of the process
+    (ending the run KILLED, first of all) then waits for a lock that is never released. Only
+    the main thread receives signals, so elsewhere this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = {
+        signum: signal.signal(signum, lambda signum, frame: received.append(signum))
+        for signum in (signal.SIGINT, signal.SIGTERM)
+        if signal.getsignal(signum) is not None  # None: a handler Python cannot restore
+    }
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if received:  # re-sent while blocked, so a handler that raises cannot stop the others
+            held = set(received)
+            signal.pthread_sigmask(signal.SIG_BLOCK, held)
+            for signum in held:
+                signal.raise_signal(signum)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
+
+
+def _retrying(call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``call(*args, **kwargs)`` with signals held (see ``_signals_held``), again after a
+    backoff while the SQLite store is locked.
+
+    Safe for writes: a locked SQLite transaction is rolled back whole before MLflow raises.
+    """
+    for attempt, wait in enumerate(RETRY_WAITS_S, 1):
+        try:
+            with _signals_held():
+                return call(*args, **kwargs)
+        except MlflowException as error:
+            if _LOCKED not in str(error):
+                raise
+            wait *= 1 + random.random()  # jitter: writers that collided do not retry in step
+            log.warning("MLflow store locked (attempt %d); retrying in %.1f s", attempt, wait)
+            time.sleep(wait)
+    with _signals_held():
+        return call(*args, **kwargs)  # the last attempt: its error propagates
+
+
+class _RetryingClient:
+    """An MlflowClient whose every method retries while the SQLite store is locked."""
+
+    def __init__(self, client: MlflowClient):
+        self._client = client
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self._client, name)
+        if not callable(attribute):
+            return attribute
+        return functools.partial(_retrying, attribute)
+
+
+def check_reachable(uri: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
+    """Raise TrackingUnavailable unless the tracking server at ``uri`` answers its ``/health``
+    within ``timeout_s`` (401/403 count as an answer: credentials are MLflow's business);
+    stores that are not servers are not probed."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s).close()
+        return
+    except urllib.error.HTTPError as error:
+        if error.code in (401, 403):
+            return
+        problem = f"HTTP {error.code} on /health: not an MLflow tracking server"
+    except (urllib.error.URLError, OSError) as error:
+        problem = f"unreachable: {getattr(error, 'reason', error)}; waited at most {timeout_s:g} s"
+    raise TrackingUnavailable(
+        f"MLflow tracking server {uri} ({problem}): start it, or point tracking.uri / "
+        "MLFLOW_TRACKING_URI at a running one. Nothing was logged."
+    )
+
+
+@functools.cache
+def client(uri: str) -> MlflowClient:
+    """The client of store ``uri`` for this process, retrying while SQLite is locked.
+
+    A server is probed first (check_reachable). Creating a client creates or migrates a SQLite
+    schema, which processes starting together on a fresh store would race on: they take turns.
+    """
+    check_reachable(uri)
+    db = sqlite_file(uri)
+    if db is None:
+        return _RetryingClient(MlflowClient(tracking_uri=uri))
+    with file_lock(db.parent / f"{db.name}.lock"):
+        return _RetryingClient(MlflowClient(tracking_uri=uri))
+
+
+@functools.cache
+def experiment_id(uri: str, name: str) -> str:
+    """Id of experiment ``name``, created if absent (tolerating a concurrent creator)."""
+    mlflow = client(uri)
+    experiment = mlflow.get_experiment_by_name(name)
+    if experiment is None:
+        db = sqlite_file(uri)
+        try:
+            return mlflow.create_experiment(
+                name, artifact_location=str(db.parent / "artifacts") if db else None
+            )
+        except MlflowException as error:
+            if error.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+            experiment = mlflow.get_experiment_by_name(name)
+    if experiment.lifecycle_stage != "active":
+        raise ValueError(
+            f"MLflow experiment {name!r} is deleted in {uri}: restore it or set "
+            "tracking.experiment to another name"
+        )
+    return experiment.experiment_id
+
+
+def connect(tracking: DictConfig) -> tuple[MlflowClient, str]:
+    """(client, experiment id) of the configured store and experiment; see ``client``."""
+    uri = tracking_uri(tracking)
+    return client(uri), experiment_id(uri, tracking.experiment)
+
+
+def log_batch(
+    client: MlflowClient,
+    run_id: str,
+    *,
+    metrics: Sequence[Metric] = (),
+    params: Mapping[str, Any] | None = None,
+    tags: Mapping[str, str] | None = None,
+) -> None:
+    """Log everything in as few calls as MLflow's batch limits allow (one, usually)."""
+    param_list = [Param(key, str(value)) for key, value in (params or {}).items()]
+    tag_list = [RunTag(key, str(value)) for key, value in (tags or {}).items()]
+    metric_list = list(metrics)
+    n = _MAX_PARAMS_OR_TAGS
+    while param_list or tag_list or metric_list:
+        chunk_params, param_list = param_list[:n], param_list[n:]
+        chunk_tags, tag_list = tag_list[:n], tag_list[n:]
+        room = _MAX_ENTITIES - len(chunk_params) - len(chunk_tags)
+        chunk_metrics, metric_list = metric_list[:room], metric_list[room:]
+        client.log_batch(run_id, metrics=chunk_metrics, params=chunk_params, tags=chunk_tags)
+
+
+def tag_filter(tags: Mapping[str, str]) -> str:
+    """An MLflow search filter matching runs with all of ``tags``."""
+    return " and ".join(f"tags.{key} = {quoted(value)}" for key, value in tags.items())
+
+
+def quoted(value: str) -> str:
+    """``value`` quoted for an MLflow search filter."""
+    if "'" in value:
+        raise ValueError(f"{value!r} must not contain a single quote (used in MLflow filters)")
+    return f"'{value}'"

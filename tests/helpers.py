@@ -1,0 +1,42 @@
+"""What several test modules share: where the repository and its conf/ are, the options of a
+config group as conf/ has them, composing a config as train.py does, and reading MLflow runs."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from mlflow.tracking import MlflowClient
+from omegaconf import DictConfig, OmegaConf
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CONF = REPO_ROOT / "conf"
+TRAIN = [sys.executable, str(REPO_ROOT / "train.py")]
+EXPERIMENT = OmegaConf.load(CONF / "config.yaml").tracking.experiment
+
+
+def options(group: str) -> list[str]:
+    """The options of config group ``group`` (conf/<group>/*.yaml), by name."""
+    return sorted(path.stem for path in (CONF / group).glob("*.yaml"))
+
+
+def compose_config(*overrides: str, hydra: bool = False) -> DictConfig:
+    """conf/config.yaml composed with ``overrides``, as train.py composes it."""
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("config", overrides=list(overrides), return_hydra_config=hydra)
+
+
+def runs(uri: str, filter_string: str = "", experiment: str = EXPERIMENT) -> list:
+    """Every run of ``experiment`` in the store at ``uri`` matching ``filter_string``, newest first
+    ([] when the experiment does not exist)."""
+    client = MlflowClient(tracking_uri=uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return []
+    return client.search_runs(
+        [found.experiment_id],
+        filter_string,
+        max_results=10000,
+        order_by=["attributes.start_time DESC"],
+    )
