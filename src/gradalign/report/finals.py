@@ -20,7 +20,8 @@ from gradalign.experiment import run_experiment
 from gradalign.schema import Stage
 
 log = logging.getLogger(__name__)
-# Measured here: a spawned worker imports torch, MLflow and Hydra for ~4-5 s before its first run.
+# What a spawned worker spends importing torch, MLflow and Hydra before its first run: starting
+# workers pays off only when it saves more than this (the figure is in docs/benchmarks.md).
 WORKER_START_S = 5.0
 
 

@@ -1,0 +1,77 @@
+"""The architecture, checked: imports point one way (optim <- data, models <- training <-
+experiment <- sweep, report; report never imports sweep), and ``import gradalign`` loads torch
+but none of the pipeline's dependencies, so the optimizer drops into any PyTorch project."""
+
+import ast
+import subprocess
+import sys
+
+import pytest
+from helpers import REPO_ROOT
+
+PACKAGE = REPO_ROOT / "src" / "gradalign"
+# Rank of each top-level module or subpackage: a module imports only modules of lower rank (and
+# its own subpackage). Leaves first; sweep and report, at the top, never import each other.
+RANKS = {
+    "optim": 0,
+    "checks": 0,
+    "schema": 0,
+    "processes": 0,
+    "config": 1,
+    "data": 1,
+    "models": 1,
+    "training": 2,
+    "components": 2,
+    "progress": 3,
+    "tracking": 3,
+    "experiment": 4,
+    "sweep": 5,
+    "report": 5,
+}
+PIPELINE_DEPENDENCIES = ("mlflow", "hydra", "optuna", "omegaconf", "scipy", "matplotlib", "mnist1d")
+
+
+def unit(path):
+    """The top-level module or subpackage of gradalign that a source file belongs to."""
+    parts = path.relative_to(PACKAGE).with_suffix("").parts
+    return parts[0]
+
+
+def gradalign_imports(path):
+    """The gradalign units a source file imports (at any depth of its code)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+        for name in names:
+            parts = name.split(".")
+            if parts[0] == "gradalign" and len(parts) > 1 and parts[1] in RANKS:
+                found.add(parts[1])
+    return found
+
+
+SOURCES = sorted(p for p in PACKAGE.rglob("*.py") if p.parent != PACKAGE or p.stem != "__init__")
+
+
+def test_every_unit_has_a_rank():
+    assert {unit(p) for p in SOURCES} == set(RANKS)
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_imports_point_one_way(path):
+    own = unit(path)
+    for imported in gradalign_imports(path) - {own}:
+        assert RANKS[imported] < RANKS[own], f"{own} must not import {imported}"
+
+
+def test_importing_the_library_loads_torch_and_none_of_the_pipeline():
+    probe = "import sys, gradalign; print(' '.join(sorted({m.split('.')[0] for m in sys.modules})))"
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+    )
+    loaded = set(result.stdout.split())
+    assert "torch" in loaded
+    assert not loaded & set(PIPELINE_DEPENDENCIES)
