@@ -26,6 +26,7 @@ sweep's parent, after flushing what it logged; a stored study resumes with the s
 """
 
 import logging
+import sys
 from pathlib import Path
 
 import hydra
@@ -33,29 +34,53 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from gradalign.config import register_resolvers, validate
-from gradalign.experiment import TrialResult, run_experiment
-from gradalign.schema import Stage, Tag
-from gradalign.sweep.runs import sweep_parent_run
+from gradalign.config import ConfigError, register_resolvers, validate
 
 register_resolvers(Path(__file__).resolve().parent)
 log = logging.getLogger(__name__)
+# Exit statuses of a single run that did not finish: a setting or store the user must fix, a fit
+# that diverged (a result: its run is FAILED, tag diverged), and an interruption.
+EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 3, 130
 
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float:
     """Run the composed experiment and return its objective (see the module docstring)."""
-    validate(cfg)  # before a sweep's parent run is created
+    if HydraConfig.get().mode == RunMode.MULTIRUN:
+        return trial(cfg)  # the sweeper records every outcome, raised ones included
+    from gradalign.tracking import Terminated, TrackingUnavailable  # after the arguments parse
+
+    try:
+        result = trial(cfg)
+    except (ConfigError, TrackingUnavailable) as error:
+        sys.exit(_say(f"error: {error}", EXIT_BAD_INPUT))
+    except (KeyboardInterrupt, Terminated) as error:
+        run = getattr(error, "mlflow_run_id", None)
+        where = f"MLflow run {run} marked KILLED" if run else "no MLflow run was opened"
+        sys.exit(
+            _say(f"interrupted: {where}; run the same command to train again", EXIT_INTERRUPTED)
+        )
+    if result.failure_reason:
+        message = f"diverged: {result.failure_reason}; MLflow run {result.run_id} FAILED"
+        sys.exit(_say(message, EXIT_DIVERGED))
+    return result
+
+
+def trial(cfg: DictConfig) -> float:
+    """Train ``cfg`` (a sweep's trial when Hydra runs a multirun) and return its TrialResult."""
+    from gradalign.experiment import TrialResult, run_experiment
+    from gradalign.schema import Stage, Tag
+    from gradalign.sweep.runs import trial_tags
+
+    validate(cfg)
     hydra_cfg = HydraConfig.get()
     if hydra_cfg.mode == RunMode.MULTIRUN:
-        tags, parent_run_id = sweep_parent_run(
-            cfg, sweep_dir=Path(hydra_cfg.sweep.dir), sweeper=hydra_cfg.sweeper
-        )
+        tags = trial_tags(cfg, sweep_dir=Path(hydra_cfg.sweep.dir), sweeper=hydra_cfg.sweeper)
         tags[Tag.HYDRA_JOB_NUM] = str(hydra_cfg.job.num)
         if cfg.tracking.optuna_trial is not None:
             tags[Tag.OPTUNA_TRIAL] = str(cfg.tracking.optuna_trial)
         history, run_id = run_experiment(
-            cfg, stage=Stage.SWEEP, parent_run_id=parent_run_id, extra_tags=tags
+            cfg, stage=Stage.SWEEP, parent_run_id=cfg.tracking.parent_run_id, extra_tags=tags
         )
     else:
         history, run_id = run_experiment(cfg)
@@ -63,6 +88,11 @@ def main(cfg: DictConfig) -> float:
     outcome = f"diverged ({history.reason})" if history.diverged else f"objective={objective:.4f}"
     log.info("%s  mlflow run %s", outcome, run_id)
     return TrialResult(objective, run_id=run_id, failure_reason=history.reason)
+
+
+def _say(line: str, status: int) -> int:
+    print(line, file=sys.stderr)
+    return status
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ config group as conf/ has them, composing a config as train.py does, and reading
 
 from __future__ import annotations
 
+import runpy
 import sys
 from pathlib import Path
 
@@ -25,6 +26,16 @@ def compose_config(*overrides: str, hydra: bool = False) -> DictConfig:
     """conf/config.yaml composed with ``overrides``, as train.py composes it."""
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return compose("config", overrides=list(overrides), return_hydra_config=hydra)
+
+
+def train_in_process(monkeypatch, *argv: str) -> int:
+    """``python train.py *argv`` in this process (so tests can patch it); its exit status."""
+    monkeypatch.setattr(sys, "argv", [str(REPO_ROOT / "train.py"), *argv])
+    try:
+        runpy.run_path(str(REPO_ROOT / "train.py"), run_name="__main__")
+    except SystemExit as exit_:
+        return exit_.code
+    return 0
 
 
 def runs(uri: str, filter_string: str = "", experiment: str = EXPERIMENT) -> list:

@@ -12,7 +12,7 @@ from hydra_plugins.hydra_optuna_sweeper._impl import create_params_from_override
 from omegaconf import OmegaConf
 from optuna.distributions import LogUniformDistribution, UniformDistribution
 
-from gradalign.config import ConfigError, config_hash, flatten, validate
+from gradalign.config import ConfigError, anchored_uri, config_hash, flatten, validate
 from gradalign.tracking import tracking_uri
 
 GROUPS = sorted(path.name for path in CONF.iterdir() if path.is_dir() and path.name != "hydra")
@@ -175,13 +175,43 @@ def test_paths_are_anchored_at_the_repo_root_whatever_the_cwd(compose_cfg, tmp_p
 
 
 def test_tracking_uri_prefers_config_then_environment_then_default(monkeypatch):
-    tracking = OmegaConf.create({"uri": None, "default_uri": "sqlite:///default.db"})
+    tracking = OmegaConf.create(
+        {"uri": None, "default_uri": "sqlite:////abs/default.db", "root": "/repo"}
+    )
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    assert tracking_uri(tracking) == "sqlite:///default.db"
+    assert tracking_uri(tracking) == "sqlite:////abs/default.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://server:5000")
     assert tracking_uri(tracking) == "http://server:5000"
-    tracking.uri = "sqlite:///explicit.db"
-    assert tracking_uri(tracking) == "sqlite:///explicit.db"
+    tracking.uri = "sqlite:////abs/explicit.db"
+    assert tracking_uri(tracking) == "sqlite:////abs/explicit.db"
+
+
+@pytest.mark.parametrize("source", ["config", "environment"])
+def test_a_relative_sqlite_path_is_taken_from_the_repo_root_whatever_the_cwd(
+    compose_cfg, monkeypatch, tmp_path, source
+):
+    monkeypatch.chdir(tmp_path)
+    relative = "sqlite:///outputs/x.db"
+    if source == "config":
+        cfg = compose_cfg(f"tracking.uri={relative}")
+    else:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", relative)
+        cfg = compose_cfg()
+    assert tracking_uri(cfg.tracking) == f"sqlite:///{REPO_ROOT}/outputs/x.db"
+
+
+@pytest.mark.parametrize(
+    "uri,expected",
+    [
+        ("sqlite:///a/b.db", "sqlite:////r/a/b.db"),
+        ("sqlite:////abs/b.db", "sqlite:////abs/b.db"),
+        ("sqlite:///:memory:", "sqlite:///:memory:"),
+        ("postgresql://u@h/db", "postgresql://u@h/db"),
+        ("http://h:5000", "http://h:5000"),
+    ],
+)
+def test_anchored_uri(uri, expected):
+    assert anchored_uri(uri, "/r") == expected
 
 
 def test_params_are_the_flattened_config_without_paths_and_tracking(compose_cfg):

@@ -27,6 +27,7 @@ RANKS = {
     "experiment": 4,
     "sweep": 5,
     "report": 5,
+    "doctor": 5,
 }
 PIPELINE_DEPENDENCIES = ("mlflow", "hydra", "optuna", "omegaconf", "scipy", "matplotlib", "mnist1d")
 

@@ -238,7 +238,7 @@ def test_report_trains_finals_once_and_a_rerun_reuses_them(store, tmp_path, monk
         == text.split("## Per-seed values")[1]
     )  # the same runs and numbers
     assert (first / MARKDOWN).read_text() == text  # the first report is left as it was
-    with pytest.raises(ValueError, match="exists"):
+    with pytest.raises(ValueError, match="report .second. is complete"):
         make_report(settings(overrides, name="second"))
 
     gao_seed_1 = next(

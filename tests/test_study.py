@@ -8,11 +8,12 @@ import sys
 import time
 from pathlib import Path
 
+import optuna
 import pytest
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from gradalign.report.settings import add_report_arguments, study_settings_from_args
-from gradalign.report.study import run_sweeps, sweep_commands
+from gradalign.report.study import run_sweeps, sweep_commands, trials_left
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,14 +43,33 @@ def test_quick_preset_then_flags_then_user_overrides():
 def test_sweep_commands_are_train_py_multiruns_in_their_own_folders(tmp_path):
     settings = parse("--quick", "--", "model=cnn")
     root = tmp_path / "runs, 'best' (1)"  # a comma or bracket unquoted breaks a Hydra override
-    commands = sweep_commands(settings, root)
+    commands = sweep_commands(settings, root, {"adam": 3, "gao": 2})
     assert set(commands) == {"adam", "gao"}
     gao = commands["gao"]
     assert gao[:4] == [sys.executable, str(REPO_ROOT / "train.py"), "-m", "optimizer=gao"]
-    assert "model=cnn" in gao and "hydra.sweeper.n_trials=3" in gao
-    (sweep_dir,) = [a for a in gao if a.startswith("hydra.sweep.dir=")]
-    (parsed,) = OverridesParser.create().parse_overrides([sweep_dir])
-    assert parsed.value() == str(root / "gao")  # its own folder: never two sweeps in one
+    assert "model=cnn" in gao and "hydra.sweeper.n_trials=2" in gao
+    assert f"hydra.sweeper.study_name={root.name}-gao" in gao
+    parsed = {
+        o.key_or_group: o.value()
+        for o in OverridesParser.create().parse_overrides(
+            [a for a in gao if a.startswith(("hydra.sweep.dir=", "hydra.sweeper.storage="))]
+        )
+    }
+    assert parsed["hydra.sweep.dir"] == str(root / "gao")  # its own folder: never two in one
+    assert parsed["hydra.sweeper.storage"] == f"sqlite:///{root / 'optuna.db'}"  # resumable
+    assert set(sweep_commands(settings, root, {"adam": 0, "gao": 1})) == {"gao"}  # adam is done
+
+
+def test_trials_left_counts_the_completed_trials_of_each_stored_study(tmp_path):
+    assert trials_left(tmp_path, ["adam", "gao"], 5) == {"adam": 5, "gao": 5}
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.create_study(study_name=f"{tmp_path.name}-gao", storage=storage)
+    for value in (1.0, 2.0):
+        study.tell(study.ask(), value)
+    study.tell(study.ask(), state=optuna.trial.TrialState.FAIL)  # does not count
+    study.ask()  # RUNNING (a killed sweep's): does not count
+    assert trials_left(tmp_path, ["adam", "gao"], 5) == {"adam": 5, "gao": 3}
+    assert trials_left(tmp_path, ["gao"], 2) == {"gao": 0}
 
 
 def test_a_failing_sweep_stops_the_others_and_shows_its_log(tmp_path):

@@ -12,14 +12,13 @@ import threading
 import time
 
 import pytest
-from mlflow.entities import Metric
+from mlflow.entities import Metric, RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, TEMPORARILY_UNAVAILABLE
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
-from gradalign import tracking
-from gradalign.tracking import runs as runs_module
+from gradalign import processes, tracking
 from gradalign.tracking import store as tracking_store
 
 
@@ -48,8 +47,9 @@ def test_log_batch_of_a_usual_run_is_one_call():
 
 def store(tmp_path, experiment="exp"):
     db = tmp_path / "store" / "mlflow.db"
+    db.parent.mkdir(exist_ok=True)
     return OmegaConf.create(
-        {"uri": f"sqlite:///{db}", "experiment": experiment, "flush_interval_s": 1.0}
+        {"uri": f"sqlite:///{db}", "experiment": experiment, "flush_interval_s": 1.0, "root": "/"}
     )
 
 
@@ -82,54 +82,87 @@ def test_deleted_experiment_is_a_clear_error(tmp_path):
         tracking.experiment_id(cfg.uri, "gone")
 
 
-def parent(cfg, sweep_dir):
-    return tracking.sweep_parent(
+def parent(cfg, sweep_id):
+    return tracking.open_sweep_parent(
         cfg,
-        sweep_id=str(sweep_dir),
-        lock_dir=sweep_dir,
+        sweep_id=sweep_id,
         run_name="sweep",
         tags={"optimizer": "gao"},
         params={"sweeper.n_trials": 3},
     )
 
 
-def parent_in_fresh_process(cfg, sweep_dir, queue):
-    """What a joblib/submitit worker does: no cached client, experiment or parent."""
+def parent_in_fresh_process(cfg, sweep_id, queue):
+    """What another sweep process sharing the study does: no cached client or experiment."""
     tracking.client.cache_clear()
     tracking.experiment_id.cache_clear()
-    runs_module._parent_runs.clear()
-    queue.put(parent(cfg, sweep_dir))
+    queue.put((parent(cfg, sweep_id), processes.owner_token()))
 
 
 def test_one_parent_per_sweep_across_processes(tmp_path):
     cfg = store(tmp_path)
-    sweep_dir = tmp_path / "sweep"
     context = multiprocessing.get_context("fork")
     queue = context.Queue()
     workers = [
-        context.Process(target=parent_in_fresh_process, args=(cfg, sweep_dir, queue))
-        for _ in range(3)
+        context.Process(target=parent_in_fresh_process, args=(cfg, "s", queue)) for _ in range(3)
     ]
     for worker in workers:
         worker.start()
     for worker in workers:
         worker.join(timeout=120)
     assert [worker.exitcode for worker in workers] == [0, 0, 0]
-    ids = {queue.get(timeout=5) for _ in workers}
+    found = [queue.get(timeout=5) for _ in workers]
+    ids = {run_id for run_id, _ in found}
     assert len(ids) == 1
     (run_id,) = ids
-    assert parent(cfg, sweep_dir) == run_id  # and this process finds it too
+    assert parent(cfg, "s") == run_id  # and this process finds it too
     run = MlflowClient(cfg.uri).get_run(run_id)
-    assert run.data.tags["stage"] == "sweep_parent"
-    assert run.data.tags["sweep_id"] == str(sweep_dir)
+    assert run.info.status == "RUNNING"
+    assert run.data.tags["stage"] == "sweep_parent" and run.data.tags["sweep_id"] == "s"
     assert run.data.params == {"sweeper.n_trials": "3"}
-    other = parent(cfg, tmp_path / "another-sweep")
-    assert other != run_id
+    owners = {v for k, v in run.data.tags.items() if k.startswith("owner.")}
+    assert owners == {token for _, token in found} | {processes.owner_token()}
+    assert parent(cfg, "another-sweep") != run_id
 
 
-def test_sweep_id_with_a_quote_is_rejected(tmp_path):
-    with pytest.raises(ValueError, match="quote"):
-        parent(store(tmp_path), tmp_path / "it's")
+def test_a_sweep_parent_ends_when_its_last_live_owner_leaves(tmp_path):
+    cfg = store(tmp_path)
+    run_id = parent(cfg, "s")
+    client = MlflowClient(cfg.uri)
+    alive, gone = processes.owner_token(1), f"{socket.gethostname()}:1:0"  # pid 1 outlives us
+    client.set_tag(run_id, "owner.other.1", alive)
+    client.set_tag(run_id, "owner.gone.1", gone)
+    assert not tracking.close_sweep_parent(cfg, run_id, RunStatus.FINISHED)
+    run = client.get_run(run_id)
+    assert run.info.status == "RUNNING"  # another sweep process still works in it
+    assert f"owner.{socket.gethostname()}.{os.getpid()}" not in run.data.tags
+    client.set_tag(run_id, "owner.remote.7", "elsewhere:7:1")  # another host: cannot be seen
+    assert not tracking.close_sweep_parent(cfg, run_id, RunStatus.FINISHED)
+    client.delete_tag(run_id, "owner.remote.7")
+    client.set_tag(run_id, "owner.other.1", f"{socket.gethostname()}:1:0")  # now gone too
+    assert tracking.close_sweep_parent(cfg, run_id, RunStatus.KILLED, "interrupted")
+    run = client.get_run(run_id)
+    assert run.info.status == "KILLED" and run.data.tags["failure_reason"] == "interrupted"
+    assert parent(cfg, "s") == run_id  # a resumed sweep reopens it
+    assert client.get_run(run_id).info.status == "RUNNING"
+
+
+def test_of_two_parents_made_at_once_every_process_keeps_the_oldest(tmp_path):
+    cfg = store(tmp_path)
+    client = MlflowClient(cfg.uri)
+    experiment = tracking.experiment_id(cfg.uri, cfg.experiment)
+    tags = {"stage": "sweep_parent", "sweep_id": "s"}
+    older = client.create_run(experiment, tags=tags, start_time=1000).info.run_id
+    client.create_run(experiment, tags=tags, start_time=2000)
+    assert parent(cfg, "s") == older
+
+
+def test_a_sweep_id_with_a_quote_finds_its_own_parent(tmp_path):
+    cfg = store(tmp_path)
+    first = parent(cfg, "optuna:it's")
+    assert parent(cfg, "optuna:it's") == first != parent(cfg, "optuna:its")
+    with pytest.raises(ValueError, match="both quote characters"):
+        parent(cfg, "it" + "'" + 's "quoted"')
 
 
 LOCKED = MlflowException("(sqlite3.OperationalError) database is locked", TEMPORARILY_UNAVAILABLE)
@@ -145,7 +178,7 @@ def test_a_locked_store_is_retried_with_backoff_until_it_answers(monkeypatch):
             raise LOCKED
         return value
 
-    assert tracking_store._retrying(flaky, 7) == 7
+    assert tracking_store._retrying("sqlite:///s.db", flaky, 7) == 7
     assert calls == [7, 7, 7]
     assert len(sleeps) == 2 and sleeps[0] < sleeps[1]  # growing waits (jittered)
 
@@ -163,10 +196,25 @@ def test_other_errors_and_a_store_locked_for_good_are_not_hidden(monkeypatch):
         raise LOCKED
 
     with pytest.raises(MlflowException, match="no such run"):
-        tracking_store._retrying(broken)
-    with pytest.raises(MlflowException, match="locked"):
-        tracking_store._retrying(locked)
+        tracking_store._retrying("sqlite:///s.db", broken)
+    with pytest.raises(tracking.TrackingUnavailable, match=r"MLflow store sqlite:///s.db stayed"):
+        tracking_store._retrying("sqlite:///s.db", locked)
     assert len(calls) == len(tracking_store.RETRY_WAITS_S) + 1
+
+
+def test_a_locked_store_is_waited_for_at_most_store_wait_s(monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr(tracking_store.time, "monotonic", lambda: clock[0])
+
+    def locked():
+        clock[0] += 20.0  # each attempt waits out SQLite's busy timeout
+        raise LOCKED
+
+    monkeypatch.setattr(tracking_store.time, "sleep", lambda s: clock.__setitem__(0, clock[0] + s))
+    with pytest.raises(tracking.TrackingUnavailable, match="locked for 60 s") as info:
+        tracking_store._retrying("sqlite:///s.db", locked)
+    assert clock[0] <= tracking_store.STORE_WAIT_S + 20.0  # bounded: one busy timeout past it
+    assert "another process holds its write lock" in str(info.value)
 
 
 def test_the_client_retries_every_call(tmp_path, monkeypatch):
@@ -229,10 +277,10 @@ def test_a_tracking_server_is_probed_before_use():
     tracking.check_reachable("sqlite:///nowhere/mlflow.db")  # not a server: nothing to probe
 
 
-def test_interrupted_sweep_runs_end_killed_with_their_parent(tmp_path):
+def test_interrupted_sweep_runs_end_killed_and_leave_the_parent_to_its_sweep(tmp_path):
     cfg = store(tmp_path)
     client = MlflowClient(cfg.uri)
-    parent_id = parent(cfg, tmp_path / "sweep")
+    parent_id = parent(cfg, str(tmp_path / "sweep"))
     experiment = tracking.experiment_id(cfg.uri, cfg.experiment)
 
     def trial(number, sweep_id=str(tmp_path / "sweep"), status=None):
@@ -252,7 +300,7 @@ def test_interrupted_sweep_runs_end_killed_with_their_parent(tmp_path):
     assert status == {ours: "KILLED", done: "FINISHED", not_ours: "RUNNING"}
     assert client.get_run(ours).data.tags["failure_reason"] == "interrupted (Terminated)"
     assert client.get_run(other_sweep).info.status == "RUNNING"
-    assert client.get_run(parent_id).info.status == "KILLED"
+    assert client.get_run(parent_id).info.status == "RUNNING"  # close_sweep_parent ends it
 
 
 def test_a_signal_during_a_store_call_is_delivered_after_it():
@@ -270,7 +318,7 @@ def test_a_signal_during_a_store_call_is_delivered_after_it():
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: terminated.append(signum))
     try:
         with pytest.raises(KeyboardInterrupt):
-            assert tracking_store._retrying(call) == "logged"
+            assert tracking_store._retrying("sqlite:///s.db", call) == "logged"
         assert done == [True] and terminated == [signal.SIGTERM]
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     finally:

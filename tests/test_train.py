@@ -12,9 +12,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import train_in_process
 from mlflow.tracking import MlflowClient
 
-from gradalign import experiment, tracking
+from gradalign import experiment, processes, tracking
 from gradalign.progress import EpochProgress
 from gradalign.training import EpochMetrics
 
@@ -87,7 +88,8 @@ def test_parent_and_extra_tags_nest_the_run(compose_cfg, tiny, client):
     assert tags["mlflow.parentRunId"] == parent.info.run_id
     assert (tags["stage"], tags["sweep_id"], tags["hydra_job_num"]) == ("sweep", "s1", "4")
     assert client.get_run(run_id).info.run_name == "adam-sweep-4"
-    assert client.get_run(parent.info.run_id).info.status == "FINISHED"
+    assert client.get_run(parent.info.run_id).info.status == "RUNNING"  # a child never ends it
+    assert tags["owner"] == processes.owner_token()
 
 
 def test_diverged_run_ends_failed_with_reason(compose_cfg, tiny, client):
@@ -96,7 +98,7 @@ def test_diverged_run_ends_failed_with_reason(compose_cfg, tiny, client):
     assert history.diverged and history.objective("last") == math.inf
     run = client.get_run(run_id)
     assert run.info.status == "FAILED" and run.data.tags["diverged"] == "true"
-    assert run.data.tags["failure_reason"].startswith("non-finite train loss at epoch 1")
+    assert run.data.tags["failure_reason"].startswith("non-finite train loss (")
     assert "objective" not in run.data.metrics  # a diverged run has no objective
 
 
@@ -147,7 +149,7 @@ def test_error_ends_run_failed_and_propagates(compose_cfg, tiny, client, monkeyp
     assert len(client.get_metric_history(run.info.run_id, "val_loss")) == 1  # flushed on the way
 
 
-def test_keyboard_interrupt_ends_run_and_its_parent_killed_and_propagates(
+def test_keyboard_interrupt_ends_the_run_killed_and_propagates(
     compose_cfg, tiny, client, monkeypatch
 ):
     raise_in_first_epoch(monkeypatch, KeyboardInterrupt())
@@ -158,7 +160,7 @@ def test_keyboard_interrupt_ends_run_and_its_parent_killed_and_propagates(
     assert run.info.status == "KILLED"
     assert run.data.tags["failure_reason"] == "interrupted (KeyboardInterrupt)"
     assert len(client.get_metric_history(run.info.run_id, "val_loss")) == 1  # flushed
-    assert client.get_run(parent.info.run_id).info.status == "KILLED"
+    assert client.get_run(parent.info.run_id).info.status == "RUNNING"  # its sweep ends it
 
 
 def test_unreachable_tracking_server_fails_fast_before_any_run(compose_cfg, tiny, client):
@@ -257,3 +259,39 @@ def test_train_py_single_run(tmp_path, tiny, client):
     artifacts = {f.path for f in client.list_artifacts(run.info.run_id, ".hydra")}
     assert artifacts == {".hydra/config.yaml", ".hydra/hydra.yaml", ".hydra/overrides.yaml"}
     assert f"mlflow run {run.info.run_id}" in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    "argv,status,line",
+    [
+        (["optimizer.lr=-1"], 2, r"error: invalid optimizer config 'adam' \(optimizer.lr=-1\)"),
+        (["model.hidden=[0]"], 2, r"error: invalid model config 'mlp' \(.*model.hidden=\[0\]"),
+        (["trainer.epochs=0"], 2, r"error: invalid config value trainer.epochs=0: must be"),
+        (
+            ["optimizer=sgd", "optimizer.lr=1e30"],
+            3,
+            r"diverged: non-finite train loss \(.*\) at "
+            r"epoch 1 step \d+; MLflow run \w{32} FAILED",
+        ),
+    ],
+)
+def test_a_single_run_that_cannot_finish_says_why_in_one_line(
+    monkeypatch, capsys, tiny, tmp_path, argv, status, line
+):
+    code = train_in_process(monkeypatch, *tiny, *argv, f"hydra.run.dir={tmp_path}")
+    err = capsys.readouterr().err
+    assert code == status
+    assert re.search(line, err), err
+    assert "Traceback" not in err and "HYDRA_FULL_ERROR" not in err
+
+
+def test_an_interrupted_single_run_says_which_run_it_marked_killed(
+    monkeypatch, capsys, tiny, tmp_path, client
+):
+    raise_in_first_epoch(monkeypatch, KeyboardInterrupt())
+    code = train_in_process(monkeypatch, *tiny, f"hydra.run.dir={tmp_path}")
+    err = capsys.readouterr().err
+    run = last_run(client)
+    assert code == 130 and run.info.status == "KILLED"
+    assert f"interrupted: MLflow run {run.info.run_id} marked KILLED" in err
+    assert "Traceback" not in err

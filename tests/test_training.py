@@ -2,6 +2,7 @@
 
 import dataclasses
 import math
+import re
 
 import pytest
 import torch
@@ -197,7 +198,7 @@ def test_non_finite_train_loss_stops_without_raising(splits):
         net, torch.optim.Adam(net.parameters(), lr=1e-2), splits, epochs=5, on_epoch=seen.append
     )
     assert history.diverged
-    assert history.reason == "non-finite train loss at epoch 2 step 3"
+    assert re.fullmatch(r"non-finite train loss \((nan|inf)\) at epoch 2 step 3", history.reason)
     assert [e.epoch for e in history.epochs] == [1] and seen == history.epochs
     assert net.calls == 10  # stopped after epoch 2
     assert history.objective("last") == history.objective("best") == math.inf
@@ -206,7 +207,7 @@ def test_non_finite_train_loss_stops_without_raising(splits):
 def test_huge_learning_rate_diverges(splits):
     net = model(hidden=(64, 64))
     history = run(net, torch.optim.SGD(net.parameters(), lr=1e12), splits, epochs=20)
-    assert history.diverged and history.reason.startswith("non-finite train loss at epoch")
+    assert history.diverged and history.reason.startswith("non-finite train loss (")
     assert len(history.epochs) < 20
 
 

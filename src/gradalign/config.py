@@ -60,9 +60,22 @@ _RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
         lambda v: v is None or (is_int(v) and v >= 0),
         "null or an int >= 0",
     ),
+    ("tracking.parent_run_id", lambda v: v is None or isinstance(v, str), "null or a run id"),
     ("parallel.workers", lambda v: is_int(v) and v >= 1, "an integer >= 1"),
 )
 _ABSENT = object()
+
+
+def anchored_uri(uri: str, root: str | Path) -> str:
+    """``uri`` with a relative SQLite path (``sqlite:///outputs/x.db``) made absolute from
+    ``root``, so a store does not depend on the working directory; other URIs unchanged."""
+    prefix = "sqlite:///"
+    if not uri.startswith(prefix):
+        return uri
+    path = uri[len(prefix) :]
+    if not path or path == ":memory:" or Path(path).is_absolute():
+        return uri
+    return f"{prefix}{Path(root).resolve() / path}"
 
 
 def hydra_quoted(path: Path) -> str:

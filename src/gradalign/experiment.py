@@ -16,7 +16,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from gradalign import tracking
+from gradalign import processes, tracking
 from gradalign.components import build_dataset, build_model, build_optimizer
 from gradalign.config import config_hash, flatten, validate
 from gradalign.data import Splits
@@ -108,6 +108,7 @@ def run_experiment(
     orders the mini-batches. A bad config or an unreachable store fails before any of it.
     """
     validate(cfg)
+    processes.adopt()  # a worker stops when the process that started it is gone
     tracking.connect(cfg.tracking)
     device = resolve_device(cfg.trainer.device)
     if cfg.trainer.threads is not None:

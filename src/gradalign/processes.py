@@ -1,19 +1,27 @@
-"""Stopping the worker processes a launcher left behind, for a sweep process being interrupted.
+"""Processes that start processes: stopping a launcher's workers, and workers that die with
+their owner.
 
 A sweep process that is stopped by SIGTERM dies without stopping its launcher's children: a
 submitit local job keeps training (and later ends its MLflow run FINISHED for a trial Optuna was
 told had failed). Asking them to stop with SIGTERM lets each end its run KILLED itself (submitit's
-local controller forwards the signal to its job). Children are found through /proc (Linux); on
-other systems there is nothing to find and nothing is done.
+local controller forwards the signal to its job). A process killed with SIGKILL cannot ask
+anything, so every worker also watches its owner (``adopt``) and stops itself when the owner is
+gone. Processes are found through /proc (Linux); on other systems there is nothing to find and
+nothing is done.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
+import socket
+import threading
 import time
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 _PROC = Path("/proc")
 
@@ -59,3 +67,64 @@ def stop_children(timeout_s: float) -> list[int]:
     while (alive := [pid for pid in targets if _alive(pid)]) and time.monotonic() < deadline:
         time.sleep(0.1)
     return alive
+
+
+# --- owners: a process that starts others passes itself on, so they die with it -------------
+OWNER_ENV = "GRADALIGN_OWNER"
+WATCH_INTERVAL_S = 1.0  # how often a worker checks that its owner is alive
+GRACE_S = 5.0  # after SIGTERM, how long an orphan may take to end its run before SIGKILL
+_watched: list[str] = []  # the owner this process watches (at most one)
+orphaned: list[str] = []  # set when the owner died: the owner's token
+
+
+def _start_time(pid: int) -> str | None:
+    """The start time of process ``pid`` in clock ticks since boot (None if it is gone); with
+    the pid it identifies a process even after the pid is reused."""
+    try:
+        stat = (_PROC / str(pid) / "stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]  # field 22; the command name may hold spaces
+
+
+def owner_token(pid: int | None = None) -> str:
+    """``host:pid:start time`` of process ``pid`` (this one by default)."""
+    pid = os.getpid() if pid is None else pid
+    return f"{socket.gethostname()}:{pid}:{_start_time(pid)}"
+
+
+def owner_alive(token: str) -> bool | None:
+    """Whether the process of ``token`` still runs; None when it runs on another host (which
+    this process cannot see)."""
+    host, pid, started = token.rsplit(":", 2)
+    if host != socket.gethostname():
+        return None
+    return started != "None" and _start_time(int(pid)) == started and _alive(int(pid))
+
+
+def adopt() -> str:
+    """Tie this process to the process that started it, and become the owner of its own children.
+
+    If ``$GRADALIGN_OWNER`` names another live process on this host, a daemon thread watches it:
+    once it is gone (killed, even with SIGKILL), this process gets SIGTERM, so its open MLflow
+    run ends KILLED, and SIGKILL ``GRACE_S`` later if it is still alive. Then
+    ``$GRADALIGN_OWNER`` is set to this process, for the workers it starts. Returns this
+    process's token. Idempotent.
+    """
+    mine = owner_token()
+    owner = os.environ.get(OWNER_ENV)
+    if owner and owner != mine and not _watched and owner_alive(owner):
+        _watched.append(owner)
+        threading.Thread(target=_watch, args=(owner,), name="owner-watchdog", daemon=True).start()
+    os.environ[OWNER_ENV] = mine
+    return mine
+
+
+def _watch(owner: str) -> None:
+    while owner_alive(owner):
+        time.sleep(WATCH_INTERVAL_S)
+    orphaned.append(owner)
+    log.warning("owner process %s is gone: stopping", owner)
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(GRACE_S)
+    os.kill(os.getpid(), signal.SIGKILL)

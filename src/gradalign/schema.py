@@ -31,6 +31,8 @@ class Tag:
     INIT_HASH: Final = "init_hash"  # the model's initial weights
     GIT_COMMIT: Final = "git_commit"
     GIT_DIRTY: Final = "git_dirty"
+    OWNER: Final = "owner"  # host:pid:start time of the process that opened the run
+    OWNER_PREFIX: Final = "owner."  # a sweep parent: owner.<host>.<pid> per sweep process in it
     FAILURE_REASON: Final = "failure_reason"  # FAILED and KILLED runs: why
     DIVERGED: Final = "diverged"  # "true" on a run whose fit diverged
     HYDRA_JOB_NUM: Final = "hydra_job_num"
@@ -40,6 +42,7 @@ class Tag:
     OPTUNA_TRIAL: Final = "optuna_trial"  # the trial's number in its Optuna study
     SELECTED_FROM: Final = "selected_from"  # a final run: the sweep run it retrains
     OPTIMIZERS: Final = "optimizers"  # a report: the optimizers it compares, comma-separated
+    REPORT_NAME: Final = "report_name"  # a report: its folder's name (--name), to resume it
     VERDICT_PREFIX: Final = "verdict/"  # a report: verdict/<optimizer>
 
 

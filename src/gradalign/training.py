@@ -174,7 +174,8 @@ def _train_divergence(epoch: int, step_losses: torch.Tensor) -> str:
     bad = torch.nonzero(~torch.isfinite(step_losses)).flatten().tolist()
     if not bad:  # every step finite, but their sum overflowed
         return f"non-finite train loss at epoch {epoch} (sum of finite step losses overflowed)"
-    return f"non-finite train loss at epoch {epoch} step {bad[0] + 1}"
+    value = step_losses[bad[0]].item()
+    return f"non-finite train loss ({value}) at epoch {epoch} step {bad[0] + 1}"
 
 
 def _parameter_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:

@@ -10,16 +10,18 @@ reused, so a second report with nothing new to train only reads, computes and dr
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import logging
 from pathlib import Path
+from typing import Any
 
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
-from gradalign import tracking
+from gradalign import processes, tracking
 from gradalign.config import config_hash, register_resolvers
 from gradalign.experiment import git_tags
 from gradalign.report.configs import (
@@ -52,6 +54,7 @@ from gradalign.report.stats import (
     summarize,
 )
 from gradalign.schema import Metric, Param, Stage, Tag
+from gradalign.tracking import tag_filter
 
 log = logging.getLogger(__name__)
 FIGURE = "convergence_comparison.png"
@@ -169,27 +172,59 @@ def check_same_init(results: list[FinalResult]) -> None:
             )
 
 
-def _report_dir(outputs: Path, name: str | None) -> Path:
-    """A new folder ``outputs/report/<name>`` (default: a timestamp, suffixed -1, -2, ... if
-    taken): an existing report is never written into."""
+def _report_target(plan: Plan, outputs: Path, name: str | None) -> tuple[Path, str | None]:
+    """(the report's folder, the run id of the unfinished report to resume, or None).
+
+    Without a name: a new folder ``outputs/report/<timestamp>`` (suffixed -1, -2, ... if taken).
+    With ``--name``: ``outputs/report/<name>``, new; or, if a report of that name was started
+    and did not finish (it failed, was killed, or its process is gone), that report again, so
+    that a rerun resumes it and reuses its finished final runs. A finished report, or one whose
+    process is still running, is never written into.
+    """
     parent = outputs / "report"
     parent.mkdir(parents=True, exist_ok=True)
-    if name is not None:
-        try:
-            (parent / name).mkdir()
-        except FileExistsError:
-            raise ValueError(
-                f"report folder {parent / name} exists: choose another --name"
-            ) from None
-        return parent / name
-    stamp = datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
-    for suffix in ("", *(f"-{i}" for i in range(1, 100))):
-        try:
-            (parent / f"{stamp}{suffix}").mkdir()
-            return parent / f"{stamp}{suffix}"
-        except FileExistsError:
-            continue
-    raise RuntimeError(f"no free report folder name for {stamp} under {parent}")
+    if name is None:
+        stamp = datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+        for suffix in ("", *(f"-{i}" for i in range(1, 100))):
+            with contextlib.suppress(FileExistsError):
+                (parent / f"{stamp}{suffix}").mkdir()
+                return parent / f"{stamp}{suffix}", None
+        raise RuntimeError(f"no free report folder name for {stamp} under {parent}")
+    folder = parent / name
+    previous = plan.client.search_runs(
+        [plan.experiment_id],
+        tag_filter({Tag.STAGE: Stage.REPORT, Tag.REPORT_NAME: name}),
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    if not previous:
+        if folder.exists() and any(folder.iterdir()):
+            raise ValueError(f"report folder {folder} exists: choose another --name")
+        folder.mkdir(exist_ok=True)
+        return folder, None
+    run = previous[0]
+    if run.info.status == "FINISHED":
+        raise ValueError(f"report {name!r} is complete ({folder}): choose another --name")
+    owner = run.data.tags.get(Tag.OWNER)
+    if run.info.status == "RUNNING" and owner and processes.owner_alive(owner) is not False:
+        raise ValueError(f"report {name!r} is being written by process {owner}: wait for it")
+    folder.mkdir(exist_ok=True)
+    log.info("resuming report %r (MLflow run %s, %s)", name, run.info.run_id, run.info.status)
+    return folder, run.info.run_id
+
+
+def _check_same_settings(
+    client: MlflowClient, run_id: str, params: dict[str, Any], name: str
+) -> None:
+    """Raise ValueError unless the report run ``run_id`` was started with ``params``."""
+    logged = client.get_run(run_id).data.params
+    differing = sorted(k for k, v in params.items() if k in logged and logged[k] != str(v))
+    if differing:
+        shown = ", ".join(f"{k}: {logged[k]} then, {params[k]} now" for k in differing)
+        raise ValueError(
+            f"report {name!r} was started with other settings ({shown}): rerun it with the "
+            "same ones, or choose another --name"
+        )
 
 
 def _log_summary(
@@ -236,8 +271,8 @@ def make_report(settings: ReportSettings) -> Path:
     """
     the_plan = plan(settings)
     jobs = the_plan.jobs(settings.seeds)
-    out_dir = _report_dir(
-        Path(the_plan.compositions[settings.baseline].cfg.paths.outputs), settings.name
+    out_dir, resume_run_id = _report_target(
+        the_plan, Path(the_plan.compositions[settings.baseline].cfg.paths.outputs), settings.name
     )
     log.info(
         "report %s: %d final run(s) to train, %d reused",
@@ -261,14 +296,18 @@ def make_report(settings: ReportSettings) -> Path:
     }
     tags = {
         Tag.STAGE: Stage.REPORT,
+        Tag.REPORT_NAME: out_dir.name,
         Tag.OPTIMIZERS: ",".join(settings.optimizers),
         **git_tags(str(settings.root)),
     }
+    if resume_run_id is not None:
+        _check_same_settings(the_plan.client, resume_run_id, params, out_dir.name)
     with tracking.start_run(
         the_plan.compositions[settings.baseline].cfg.tracking,
         run_name=f"report {out_dir.name}",
         tags=tags,
         params=params,
+        resume_run_id=resume_run_id,
     ) as run:
         run_ids = train(jobs, parent_run_id=run.run_id, workers=settings.jobs)
         trained = {(job.optimizer, job.seed): rid for job, rid in zip(jobs, run_ids, strict=True)}

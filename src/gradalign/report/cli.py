@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from gradalign import processes
 from gradalign.report.runs import MissingSweepError
 
 
@@ -28,6 +29,7 @@ def run_command(
     """
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    processes.adopt()  # its sweeps and final-run workers stop when it is gone
     try:
         settings = settings_from_args(root, args, shlex.join(["python", script, *argv]))
         out_dir = run(settings)

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 from omegaconf import DictConfig
 
+from gradalign import processes
 from gradalign.experiment import run_experiment
 from gradalign.schema import Stage
 
@@ -23,6 +24,7 @@ log = logging.getLogger(__name__)
 # What a spawned worker spends importing torch, MLflow and Hydra before its first run: starting
 # workers pays off only when it saves more than this (the figure is in docs/benchmarks.md).
 WORKER_START_S = 5.0
+STOP_WORKERS_S = 30.0  # how long a stopped report waits for its workers to end their runs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,10 +88,18 @@ def train(jobs: Sequence[FinalJob], *, parent_run_id: str, workers: int) -> list
             log.info("final run %d/%d done: %s seed %d", i, len(jobs), job.optimizer, job.seed)
         return run_ids
     context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+    pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=context)
+    try:
         futures = {pool.submit(_train, job, parent_run_id): job for job in jobs}
         for i, future in enumerate(concurrent.futures.as_completed(futures), 1):
             job = futures[future]
             future.result()  # re-raise a worker's error here
             log.info("final run %d/%d done: %s seed %d", i, len(jobs), job.optimizer, job.seed)
-        return [future.result() for future in futures]
+    except BaseException:  # an error or an interruption: the other runs stop too, KILLED
+        pool.shutdown(wait=False, cancel_futures=True)
+        left = processes.stop_children(STOP_WORKERS_S)
+        if left:
+            log.warning("final-run workers %s did not stop within %g s", left, STOP_WORKERS_S)
+        raise
+    pool.shutdown()
+    return [future.result() for future in futures]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -158,8 +159,8 @@ def report_settings(
     jobs = raw["jobs"] if raw["jobs"] is not None else (os.cpu_count() or 1)
     if not (is_int(jobs) and jobs >= 1):
         _fail("jobs", jobs, "null or an integer >= 1")
-    if name is not None and (not name or name in (".", "..") or "/" in name or "\\" in name):
-        _fail("name", name, "a folder name (no path separators)")
+    if name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+        _fail("name", name, "a folder name of letters, digits, '.', '_' and '-'")
     return ReportSettings(
         root=root,
         optimizers=optimizers,

@@ -31,27 +31,30 @@ def _relative(path: Path, root: Path) -> str:
     return str(path.relative_to(root) if path.is_relative_to(root) else path)
 
 
-def sweep_parent_run(
-    cfg: DictConfig, *, sweep_dir: Path, sweeper: DictConfig
-) -> tuple[dict[str, str], str]:
-    """(tags every trial of the sweep carries, run id of the sweep's MLflow parent run).
+def trial_tags(cfg: DictConfig, *, sweep_dir: Path, sweeper: DictConfig) -> dict[str, str]:
+    """The tags every trial of a sweep carries: ``sweep_id``, ``sweep_dir`` (this process's
+    sweep directory) and, for a stored study, ``optuna_study``."""
+    root = Path(cfg.paths.root)
+    key = sweep_id(root, sweep_dir, sweeper)
+    tags = {Tag.SWEEP_ID: key, Tag.SWEEP_DIR: _relative(sweep_dir, root)}
+    if key.startswith("optuna:"):
+        tags[Tag.OPTUNA_STUDY] = OmegaConf.select(sweeper, "study_name")
+    return tags
 
-    The parent is keyed by ``sweep_id``; its params are the sweeper settings (search space,
-    n_trials, sampler, storage). Trials are tagged ``sweep_id``, ``sweep_dir`` (this process's
-    sweep directory) and, for a stored study, ``optuna_study``.
-    """
+
+def open_parent(cfg: DictConfig) -> str:
+    """The run id of the MLflow parent run of the sweep that ``cfg`` (the sweep process's
+    config, with its ``hydra`` node) runs, opened for this process (see
+    ``tracking.open_sweep_parent``). Its params are the sweeper settings (search space,
+    n_trials, sampler, storage)."""
+    sweeper, sweep_dir = cfg.hydra.sweeper, Path(cfg.hydra.sweep.dir)
     root = Path(cfg.paths.root)
     key = sweep_id(root, sweep_dir, sweeper)
     study = OmegaConf.select(sweeper, "study_name") if key.startswith("optuna:") else None
-    run_id = tracking.sweep_parent(
+    return tracking.open_sweep_parent(
         cfg.tracking,
         sweep_id=key,
-        lock_dir=sweep_dir,
         run_name=f"{cfg.optimizer.name}-sweep {study or sweep_dir.name}",
         tags={Tag.OPTIMIZER: cfg.optimizer.name, **git_tags(str(root))},
         params={f"{Param.SWEEPER_PREFIX}{k}": v for k, v in flatten(sweeper, exclude=()).items()},
     )
-    tags = {Tag.SWEEP_ID: key, Tag.SWEEP_DIR: _relative(sweep_dir, root)}
-    if study:
-        tags[Tag.OPTUNA_STUDY] = study
-    return tags, run_id

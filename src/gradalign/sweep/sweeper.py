@@ -39,6 +39,7 @@ from hydra_plugins.hydra_optuna_sweeper._impl import (
     OptunaSweeperImpl,
     create_params_from_overrides,
 )
+from mlflow.entities import RunStatus
 from omegaconf import DictConfig, OmegaConf, read_write
 from optuna.distributions import (
     BaseDistribution,
@@ -50,9 +51,10 @@ from optuna.trial import Trial, TrialState
 
 from gradalign import processes, tracking
 from gradalign.components import build_dataset, build_model, build_optimizer
-from gradalign.config import hydra_quoted, validate
+from gradalign.config import anchored_uri, hydra_quoted, validate
 from gradalign.data import Splits
-from gradalign.sweep.runs import sweep_id
+from gradalign.sweep.runs import open_parent, sweep_id
+from gradalign.sweep.studies import check_storage, claim_study, study_identity
 
 log = logging.getLogger(__name__)
 CLAIM = ".sweep_claim"  # created atomically in the sweep directory by the sweep that owns it
@@ -64,6 +66,14 @@ class SweepNotStarted(CompactHydraException):
     """A sweep refused before its first trial (an invalid setting, an unreachable store).
     Hydra prints a compact exception's message alone, as it does for its own config errors,
     instead of a traceback through its internals that buries the one line that matters."""
+
+
+class SweepStopped(CompactHydraException):
+    """More trials raised than the failure budget allows; the message says how many and why."""
+
+
+class SweepFailed(CompactHydraException):
+    """The sweep ran but found no usable configuration (every trial diverged)."""
 
 
 def claim_sweep_dir(requested: Path) -> Path:
@@ -192,10 +202,13 @@ class SafeOptunaSweeperImpl(OptunaSweeperImpl):
         self.budget_rate = max_failure_rate
         self.failures = 0
         self.in_flight: list[Trial] = []
+        self.parent_run_id: str | None = None
+        self.owner = ""
 
     def setup(
         self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig
     ) -> None:
+        self.owner = processes.adopt()  # workers die with this process, this one with its own
         requested = Path(config.hydra.sweep.dir)
         claimed = claim_sweep_dir(requested)
         if claimed != requested:
@@ -204,6 +217,8 @@ class SafeOptunaSweeperImpl(OptunaSweeperImpl):
                 config.hydra.sweep.dir = str(claimed)
                 config.hydra.overrides.hydra.append(f"hydra.sweep.dir={hydra_quoted(claimed)}")
         super().setup(hydra_context=hydra_context, task_function=task_function, config=config)
+        if isinstance(self.storage, str):
+            self.storage = anchored_uri(self.storage, config.paths.root)
         self.launcher = _RecordingLauncher(self.launcher, self)
 
     def _check(self, arguments: list[str]) -> None:
@@ -213,19 +228,55 @@ class SafeOptunaSweeperImpl(OptunaSweeperImpl):
         overrides = [*self._parse_sweeper_params_config(), *arguments]
         distributions, fixed = create_params_from_overrides(overrides)
         check_search_space(self.config, distributions, fixed, splits)
+        if isinstance(self.storage, str):
+            check_storage(self.storage)
         tracking.connect(self.config.tracking)  # reachable; the experiment created once, here
+        if isinstance(self.storage, str) and self.study_name is not None:
+            identity = study_identity(self.config, distributions, fixed)
+            claim_study(self.storage, self.study_name, self._get_directions(), identity)
 
     def sweep(self, arguments: list[str]) -> None:
         try:
             self._check(arguments)
+            self.parent_run_id = open_parent(self.config)
         except (ValueError, tracking.TrackingUnavailable) as error:
             raise SweepNotStarted(f"sweep not started, no trial run: {error}") from error
         with tracking.sigterm_raises():
             try:
                 super().sweep(arguments)
+                self._check_some_trial_converged()
             except (KeyboardInterrupt, tracking.Terminated) as error:
-                self._interrupted(f"interrupted ({type(error).__name__})")
+                reason = tracking.interruption_reason(error)
+                self._interrupted(reason)
+                self._close_parent(RunStatus.KILLED, reason)
                 raise
+            except BaseException as error:
+                self._close_parent(RunStatus.FAILED, tracking.failure_reason(error))
+                raise
+        self._close_parent(RunStatus.FINISHED)
+
+    def _close_parent(self, status: int, reason: str | None = None) -> None:
+        """End the sweep's parent run (if no other sweep process still works in it); a store
+        failure is logged, not raised, so that the sweep's own outcome is what the user sees."""
+        try:
+            tracking.close_sweep_parent(self.config.tracking, self.parent_run_id, status, reason)
+        except Exception as error:
+            log.warning(
+                "could not end the sweep's MLflow parent run %s: %s", self.parent_run_id, error
+            )
+
+    def _check_some_trial_converged(self) -> None:
+        """Raise SweepFailed when no trial of the study has a finite objective: every one of
+        them diverged, and the sweep found nothing."""
+        study = self.in_flight[0].study if self.in_flight else None
+        values = [t.value for t in study.get_trials(deepcopy=False)] if study else []
+        finite = [v for v in values if v is not None and math.isfinite(v)]
+        if values and not finite:
+            raise SweepFailed(
+                f"sweep failed: all {len(values)} trials diverged (non-finite loss), so there is "
+                "no best configuration; narrow the search space (e.g. a lower top of "
+                "optimizer.lr)"
+            )
 
     def _configure_trials(
         self,
@@ -235,30 +286,39 @@ class SafeOptunaSweeperImpl(OptunaSweeperImpl):
     ) -> Sequence[Sequence[str]]:
         overrides = super()._configure_trials(trials, search_space_distributions, fixed_params)
         self.in_flight = list(trials)
+        for trial in trials:
+            trial.set_user_attr("owner", self.owner)
         return [
-            (*override, f"tracking.optuna_trial={trial.number}")
+            (
+                *override,
+                f"tracking.optuna_trial={trial.number}",
+                f"tracking.parent_run_id={self.parent_run_id}",
+            )
             for override, trial in zip(overrides, trials, strict=True)
         ]
 
     def record(self, returns: Sequence[JobReturn]) -> None:
-        """Write each job's outcome on its trial; past the failure budget, make the stock loop
-        raise the first failure once it has told Optuna this batch."""
-        for trial, job in zip(self.in_flight, returns, strict=True):
-            failed, attrs = _outcome(job)
+        """Write each job's outcome on its trial; past the failure budget, tell Optuna this
+        batch's results and stop the sweep with SweepStopped."""
+        outcomes = [_outcome(job) for job in returns]
+        for trial, (failed, attrs) in zip(self.in_flight, outcomes, strict=True):
             for key, value in attrs.items():
                 trial.set_user_attr(key, value)
             self.failures += failed
         allowed = int(self.budget_rate * self.n_trials)
-        if self.failures > allowed:
-            log.error(
-                "stopping the sweep: %d trials failed, more than max_failure_rate=%g of "
-                "n_trials=%d allows (%d)",
-                self.failures,
-                self.budget_rate,
-                self.n_trials,
-                allowed,
-            )
-            self.max_failure_rate = 0.0  # this batch has a failure: the stock check raises it
+        if self.failures <= allowed:
+            return
+        for trial, job, (failed, _) in zip(self.in_flight, returns, outcomes, strict=True):
+            if failed:
+                trial.study.tell(trial, state=TrialState.FAIL)
+            else:
+                trial.study.tell(trial, float(job.return_value))
+        first = next(attrs["failure_reason"] for failed, attrs in outcomes if failed)
+        raise SweepStopped(
+            f"sweep stopped: {self.failures} trials raised, more than "
+            f"hydra.sweeper.max_failure_rate={self.budget_rate:g} of n_trials={self.n_trials} "
+            f"allows ({allowed}); the last batch's first: {first}"
+        )
 
     def _interrupted(self, reason: str) -> None:
         """Stop the workers, fail the trials in flight, end their leftover runs KILLED. A step

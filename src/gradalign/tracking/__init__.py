@@ -6,11 +6,13 @@ gradalign.schema's."""
 from gradalign.tracking.runs import (
     Run,
     Terminated,
+    close_sweep_parent,
     failure_reason,
+    interruption_reason,
     kill_sweep_runs,
+    open_sweep_parent,
     sigterm_raises,
     start_run,
-    sweep_parent,
 )
 from gradalign.tracking.store import (
     TrackingUnavailable,
@@ -33,12 +35,14 @@ __all__ = [
     "connect",
     "experiment_id",
     "failure_reason",
+    "interruption_reason",
     "kill_sweep_runs",
     "log_batch",
     "quoted",
     "sigterm_raises",
     "start_run",
-    "sweep_parent",
+    "close_sweep_parent",
+    "open_sweep_parent",
     "tag_filter",
     "tracking_uri",
 ]

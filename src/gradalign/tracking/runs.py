@@ -6,17 +6,20 @@ and per-epoch metrics buffered and sent in one ``log_batch`` at most every
 ``tracking.flush_interval_s`` seconds (0: every epoch), the last batch carrying the run's summary,
 and the status (docs/benchmarks.md has what a call costs).
 
-Sweeps: the first job of a sweep creates a parent run (stage ``sweep_parent``, tag ``sweep_id``)
-under a file lock; later jobs, in this process or in other processes (parallel launchers,
-several sweep processes sharing one Optuna study), find it by tag. Each trial nests under it and
-moves its end time forward; an interrupted trial marks it KILLED.
+Sweeps: the sweep process opens the sweep's parent run (stage ``sweep_parent``, tag
+``sweep_id``) before its first trial, finding the one that exists when several sweep processes
+share one Optuna study, and ends it when its own work is done; its trials nest under it and
+never change its status.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import logging
 import math
 import signal
+import tempfile
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
@@ -28,6 +31,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from omegaconf import DictConfig
 
+from gradalign import processes
 from gradalign.schema import Metric as M
 from gradalign.schema import Stage, Tag
 from gradalign.tracking.store import (
@@ -40,8 +44,8 @@ from gradalign.tracking.store import (
 )
 from gradalign.training import EpochMetrics, History
 
+log = logging.getLogger(__name__)
 _MAX_REASON = 1000  # characters of an exception message kept in the failure_reason tag
-_parent_runs: dict[tuple[str, str, str], str] = {}
 
 
 class Terminated(BaseException):
@@ -63,45 +67,82 @@ def _summary_metrics(values: Mapping[str, float]) -> list[Metric]:
     return [Metric(k, v, timestamp, 0) for k, v in values.items() if math.isfinite(v)]
 
 
-def _find_parent(mlflow: MlflowClient, experiment: str, sweep_id: str) -> str | None:
+def _parents(mlflow: MlflowClient, experiment: str, sweep_id: str) -> list[Any]:
+    """The parent runs of sweep ``sweep_id``, oldest first (normally one)."""
     found = mlflow.search_runs(
         [experiment],
         tag_filter({Tag.STAGE: Stage.SWEEP_PARENT, Tag.SWEEP_ID: sweep_id}),
-        max_results=1,
+        max_results=100,
     )
-    return found[0].info.run_id if found else None
+    return sorted(found, key=lambda run: (run.info.start_time, run.info.run_id))
 
 
-def sweep_parent(
+def _owner_key(token: str) -> str:
+    host, pid, _ = token.rsplit(":", 2)
+    return f"{Tag.OWNER_PREFIX}{host}.{pid}"
+
+
+def open_sweep_parent(
     tracking: DictConfig,
     *,
     sweep_id: str,
-    lock_dir: Path,
     run_name: str,
     tags: Mapping[str, str],
     params: Mapping[str, Any],
 ) -> str:
-    """Run id of the parent run of sweep ``sweep_id``, created by the first job to get here.
+    """The run id of sweep ``sweep_id``'s parent run, created if there is none, RUNNING, with
+    this process registered as one of its owners (tag ``owner.<host>.<pid>``).
 
-    The look-up-or-create is serialised across processes by a lock beside a SQLite store (every
-    writer of the store can see it), else in ``lock_dir`` (which the caller shares between the
-    jobs that share the parent); the answer is then cached for this process.
+    Several sweep processes may share a parent (a shared or resumed Optuna study). On one
+    machine they take turns under a file lock beside a SQLite store (or in the temporary
+    directory for other stores); across machines two may each create one, so every process
+    then keeps the oldest parent and deletes its own younger duplicate.
     """
     uri = tracking_uri(tracking)
-    key = (uri, tracking.experiment, sweep_id)
-    if key not in _parent_runs:
-        db = sqlite_file(uri)
-        lock = db.parent / f"{db.name}.parents.lock" if db else lock_dir / ".mlflow_parent.lock"
-        with file_lock(lock):
-            mlflow, experiment = connect(tracking)
-            run_id = _find_parent(mlflow, experiment, sweep_id)
-            if run_id is None:
-                parent_tags = {**tags, Tag.STAGE: Stage.SWEEP_PARENT, Tag.SWEEP_ID: sweep_id}
-                run_id = mlflow.create_run(experiment, tags=parent_tags, run_name=run_name)
-                run_id = run_id.info.run_id
-                log_batch(mlflow, run_id, params=params)
-            _parent_runs[key] = run_id
-    return _parent_runs[key]
+    db = sqlite_file(uri)
+    if db is not None:
+        lock = db.parent / f"{db.name}.parents.lock"
+    else:
+        digest = hashlib.sha256(f"{uri} {tracking.experiment} {sweep_id}".encode()).hexdigest()
+        lock = Path(tempfile.gettempdir()) / "gradalign-locks" / f"{digest[:16]}.lock"
+    with file_lock(lock):
+        mlflow, experiment = connect(tracking)
+        parents = _parents(mlflow, experiment, sweep_id)
+        if not parents:
+            parent_tags = {**tags, Tag.STAGE: Stage.SWEEP_PARENT, Tag.SWEEP_ID: sweep_id}
+            created = mlflow.create_run(experiment, tags=parent_tags, run_name=run_name)
+            log_batch(mlflow, created.info.run_id, params=params)
+            parents = _parents(mlflow, experiment, sweep_id)
+            for duplicate in parents[1:]:
+                if duplicate.info.run_id == created.info.run_id:
+                    mlflow.delete_run(duplicate.info.run_id)
+        run_id = parents[0].info.run_id
+        mlflow.update_run(run_id, status="RUNNING")
+        token = processes.owner_token()
+        mlflow.set_tag(run_id, _owner_key(token), token)
+    return run_id
+
+
+def close_sweep_parent(
+    tracking: DictConfig, run_id: str, status: int, failure_reason: str | None = None
+) -> bool:
+    """Unregister this process as an owner of the sweep parent ``run_id``; if no other owner
+    is alive (owners on other hosts count as alive), end the parent with ``status`` (and tag
+    failure_reason). Whether it was ended."""
+    mlflow, _ = connect(tracking)
+    mine = _owner_key(processes.owner_token())
+    tags = mlflow.get_run(run_id).data.tags
+    if mine in tags:
+        mlflow.delete_tag(run_id, mine)
+    owners = [
+        token for key, token in tags.items() if key.startswith(Tag.OWNER_PREFIX) and key != mine
+    ]
+    if any(processes.owner_alive(token) is not False for token in owners):
+        return False
+    if failure_reason:
+        mlflow.set_tag(run_id, Tag.FAILURE_REASON, failure_reason[:_MAX_REASON])
+    mlflow.set_terminated(run_id, RunStatus.to_string(status))
+    return True
 
 
 def kill_sweep_runs(
@@ -109,7 +150,7 @@ def kill_sweep_runs(
 ) -> int:
     """End KILLED, with tag failure_reason ``reason``, the runs of sweep ``sweep_id`` whose
     ``optuna_trial`` tag is one of ``trials`` and that are still RUNNING (their process was
-    stopped before it could end them), and the sweep's parent run; how many trial runs.
+    stopped before it could end them); how many.
 
     For the sweeper process, after an interruption: what those runs flushed stays logged.
     """
@@ -126,9 +167,6 @@ def kill_sweep_runs(
             mlflow.set_tag(run.info.run_id, Tag.FAILURE_REASON, reason)
             mlflow.set_terminated(run.info.run_id, "KILLED")
             killed += 1
-    parent = _find_parent(mlflow, experiment, sweep_id)
-    if parent is not None:
-        mlflow.set_terminated(parent, "KILLED")
     return killed
 
 
@@ -141,12 +179,10 @@ class Run:
         run_id: str,
         *,
         params: Mapping[str, Any],
-        parent_run_id: str | None,
         flush_interval_s: float,
     ):
         self.client = client
         self.run_id = run_id
-        self.parent_run_id = parent_run_id
         self.flush_interval_s = flush_interval_s
         self.ended = False
         self._params: Mapping[str, Any] | None = params  # sent with the first flush
@@ -196,18 +232,29 @@ class Run:
             self.end(RunStatus.FINISHED)
 
     def end(self, status: int, failure_reason: str | None = None, diverged: bool = False) -> None:
-        """Send the buffer, set ``status`` (a RunStatus value) and move the parent's end time:
-        the parent ends KILLED with a KILLED trial (its sweep was interrupted), else FINISHED
-        (a failed trial does not stop a sweep)."""
+        """Set ``status`` (a RunStatus value) and send what is buffered.
+
+        A run that finished sends its metrics first and then its status, so FINISHED always
+        means complete. A run that failed or was stopped writes its status and reason first, in
+        calls of their own, then the metrics it had: whatever the store does to those (a full
+        disk, a lock), the run does not stay RUNNING. Only the run itself is ended: a parent run
+        ends when its own work does.
+        """
         tags = {Tag.FAILURE_REASON: failure_reason} if failure_reason else {}
         if diverged:
             tags[Tag.DIVERGED] = "true"
-        self._flush(tags=tags)
+        if status == RunStatus.FINISHED:
+            self._flush(tags=tags)
+            self.client.set_terminated(self.run_id, RunStatus.to_string(status))
+            self.ended = True
+            return
+        log_batch(self.client, self.run_id, tags=tags)
         self.client.set_terminated(self.run_id, RunStatus.to_string(status))
-        if self.parent_run_id is not None:
-            parent = "KILLED" if status == RunStatus.KILLED else "FINISHED"
-            self.client.set_terminated(self.parent_run_id, parent)
         self.ended = True
+        try:
+            self._flush()
+        except Exception as error:  # the status is written; the metrics are a bonus
+            log.warning("could not send the last metrics of MLflow run %s: %s", self.run_id, error)
 
 
 @contextlib.contextmanager
@@ -237,37 +284,66 @@ def start_run(
     params: Mapping[str, Any],
     parent_run_id: str | None = None,
     artifacts_dir: Path | None = None,
+    resume_run_id: str | None = None,
 ) -> Iterator[Run]:
-    """Open a run with its tags and (if given) ``artifacts_dir``; params go with the first flush.
+    """Open a run with its tags (and the ``owner`` tag: this process) and, if given,
+    ``artifacts_dir``; params go with the first flush. ``resume_run_id`` reopens that run
+    (RUNNING again) instead of creating one.
 
     Leaving the block ends the run: as ``Run.finish`` decided; FINISHED if it was not called;
-    KILLED (and its parent too) on KeyboardInterrupt or SIGTERM; FAILED with tag failure_reason
-    on any other exception. What was logged is flushed first. Exceptions are re-raised.
+    KILLED on KeyboardInterrupt or SIGTERM (its owner process gone, say); FAILED with tag
+    failure_reason on any other exception. Exceptions are re-raised; if the store itself fails
+    while the run is being ended, the store's error is raised instead (the run is left for
+    ``python -m gradalign.doctor``), after a log line naming the run.
     """
     mlflow, experiment = connect(tracking)
-    run_tags = dict(tags)
+    run_tags = {**tags, Tag.OWNER: processes.owner_token()}
     if parent_run_id is not None:
         run_tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
-    info = mlflow.create_run(experiment, tags=run_tags, run_name=run_name).info
-    run = Run(
-        mlflow,
-        info.run_id,
-        params=params,
-        parent_run_id=parent_run_id,
-        flush_interval_s=tracking.flush_interval_s,
-    )
+    if resume_run_id is None:
+        run_id = mlflow.create_run(experiment, tags=run_tags, run_name=run_name).info.run_id
+    else:
+        run_id = resume_run_id
+        mlflow.update_run(run_id, status="RUNNING")
+        log_batch(mlflow, run_id, tags=run_tags)
+    run = Run(mlflow, run_id, params=params, flush_interval_s=tracking.flush_interval_s)
     with sigterm_raises():
         try:
             if artifacts_dir is not None:
                 mlflow.log_artifacts(run.run_id, str(artifacts_dir), artifacts_dir.name)
             yield run
         except (KeyboardInterrupt, Terminated) as error:
-            if not run.ended:
-                run.end(RunStatus.KILLED, failure_reason=f"interrupted ({type(error).__name__})")
+            error.mlflow_run_id = run.run_id  # for the one line that says what happened
+            _end_after(run, RunStatus.KILLED, interruption_reason(error), error)
             raise
         except BaseException as error:
-            if not run.ended:
-                run.end(RunStatus.FAILED, failure_reason=failure_reason(error))
+            error.mlflow_run_id = run.run_id
+            _end_after(run, RunStatus.FAILED, failure_reason(error), error)
             raise
     if not run.ended:
         run.end(RunStatus.FINISHED)
+
+
+def interruption_reason(error: BaseException) -> str:
+    """The failure_reason of a run stopped by ``error`` (Ctrl-C, SIGTERM, its owner's death)."""
+    if processes.orphaned:
+        return f"interrupted: its owner process {processes.orphaned[0]} is gone"
+    return f"interrupted ({type(error).__name__})"
+
+
+def _end_after(run: Run, status: int, reason: str, error: BaseException) -> None:
+    """End ``run`` with ``status`` after ``error``, unless it already ended; a store failure
+    here is logged with the run's id and raised in place of nothing else."""
+    if run.ended:
+        return
+    try:
+        run.end(status, failure_reason=reason)
+    except Exception as store_error:
+        log.error(
+            "could not mark MLflow run %s %s (%s); python -m gradalign.doctor will",
+            run.run_id,
+            RunStatus.to_string(status),
+            store_error,
+        )
+        if isinstance(error, Exception):  # an interruption stays an interruption
+            raise store_error from error

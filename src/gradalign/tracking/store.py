@@ -36,20 +36,34 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.validation import MAX_ENTITIES_PER_BATCH as _MAX_ENTITIES
 from mlflow.utils.validation import MAX_PARAMS_TAGS_PER_BATCH as _MAX_PARAMS_OR_TAGS
 from omegaconf import DictConfig
+from sqlalchemy.exc import SQLAlchemyError
+
+from gradalign.config import anchored_uri
 
 log = logging.getLogger(__name__)
 
 _SQLITE = "sqlite:///"
 _LOCKED = "database is locked"
 # Waits between attempts of a call that found the SQLite store locked (each attempt already
-# waited MLflow's 20 s SQLite busy_timeout): ~25 s of backoff, ~3.5 min in all, before giving up.
+# waited MLflow's 20 s SQLite busy_timeout), until STORE_WAIT_S have passed since the first.
 RETRY_WAITS_S = (0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 6.4, 12.8)
+STORE_WAIT_S = 60.0
 # How long the probe of a tracking server may take before the run fails.
 CONNECT_TIMEOUT_S = 10.0
+# MLflow's own HTTP retries (7, doubling, 120 s timeouts: minutes of silence on a failing
+# server), bounded unless the user set them.
+_HTTP_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
+}
+for _name, _value in _HTTP_DEFAULTS.items():
+    os.environ.setdefault(_name, _value)
 
 
 class TrackingUnavailable(RuntimeError):
-    """The tracking server did not answer; the message names its URI."""
+    """The store cannot be used (a server that does not answer, a file that is not a usable
+    database, a lock that is not released); the message names it and what to do."""
 
 
 class _LockedMessages(logging.Filter):
@@ -64,8 +78,11 @@ logging.getLogger("mlflow.store.db.utils").addFilter(_LockedMessages())
 
 
 def tracking_uri(tracking: DictConfig) -> str:
-    """The store URI: tracking.uri, else $MLFLOW_TRACKING_URI, else tracking.default_uri."""
-    return tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or tracking.default_uri
+    """The store URI: tracking.uri, else $MLFLOW_TRACKING_URI, else tracking.default_uri; a
+    relative SQLite path is taken from ``tracking.root`` (the repository root), as every path of
+    the config is."""
+    uri = tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or tracking.default_uri
+    return anchored_uri(uri, tracking.root)
 
 
 def sqlite_file(uri: str) -> Path | None:
@@ -116,58 +133,69 @@ def _signals_held() -> Iterator[None]:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
 
 
-def _retrying(call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+def _retrying(uri: str, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     """``call(*args, **kwargs)`` with signals held (see ``_signals_held``), again after a
-    backoff while the SQLite store is locked.
+    backoff while the SQLite store is locked, for at most STORE_WAIT_S; then
+    TrackingUnavailable naming the store.
 
     Safe for writes: a locked SQLite transaction is rolled back whole before MLflow raises.
     """
-    for attempt, wait in enumerate(RETRY_WAITS_S, 1):
+    deadline = time.monotonic() + STORE_WAIT_S
+    for attempt, wait in enumerate((*RETRY_WAITS_S, None), 1):
         try:
             with _signals_held():
                 return call(*args, **kwargs)
         except MlflowException as error:
             if _LOCKED not in str(error):
                 raise
+            if wait is None or time.monotonic() + wait > deadline:
+                raise TrackingUnavailable(
+                    f"MLflow store {uri} stayed locked for {STORE_WAIT_S:g} s ({attempt} "
+                    "attempts): another process holds its write lock. Stop it, or wait and rerun"
+                ) from None
             wait *= 1 + random.random()  # jitter: writers that collided do not retry in step
             log.warning("MLflow store locked (attempt %d); retrying in %.1f s", attempt, wait)
             time.sleep(wait)
-    with _signals_held():
-        return call(*args, **kwargs)  # the last attempt: its error propagates
+    raise AssertionError("unreachable")
 
 
 class _RetryingClient:
     """An MlflowClient whose every method retries while the SQLite store is locked."""
 
-    def __init__(self, client: MlflowClient):
+    def __init__(self, client: MlflowClient, uri: str):
         self._client = client
+        self._uri = uri
 
     def __getattr__(self, name: str) -> Any:
         attribute = getattr(self._client, name)
         if not callable(attribute):
             return attribute
-        return functools.partial(_retrying, attribute)
+        return functools.partial(_retrying, self._uri, attribute)
 
 
 def check_reachable(uri: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
     """Raise TrackingUnavailable unless the tracking server at ``uri`` answers its ``/health``
-    within ``timeout_s`` (401/403 count as an answer: credentials are MLflow's business);
-    stores that are not servers are not probed."""
+    and one read of its API within ``timeout_s`` each (401/403 count as an answer: credentials
+    are MLflow's business); stores that are not servers are not probed."""
     if not uri.startswith(("http://", "https://")):
         return
-    try:
-        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s).close()
-        return
-    except urllib.error.HTTPError as error:
-        if error.code in (401, 403):
-            return
-        problem = f"HTTP {error.code} on /health: not an MLflow tracking server"
-    except (urllib.error.URLError, OSError) as error:
-        problem = f"unreachable: {getattr(error, 'reason', error)}; waited at most {timeout_s:g} s"
-    raise TrackingUnavailable(
-        f"MLflow tracking server {uri} ({problem}): start it, or point tracking.uri / "
-        "MLFLOW_TRACKING_URI at a running one. Nothing was logged."
-    )
+    base = uri.rstrip("/")
+    api = "/api/2.0/mlflow/experiments/search?max_results=1"
+    for path, what in (("/health", "not an MLflow tracking server"), (api, "its API fails")):
+        try:
+            urllib.request.urlopen(f"{base}{path}", timeout=timeout_s).close()
+            continue
+        except urllib.error.HTTPError as error:
+            if error.code in (401, 403):
+                return
+            problem = f"HTTP {error.code} on {path.split('?')[0]}: {what}"
+        except (urllib.error.URLError, OSError) as error:
+            reason = getattr(error, "reason", error)
+            problem = f"unreachable: {reason}; waited at most {timeout_s:g} s"
+        raise TrackingUnavailable(
+            f"MLflow tracking server {uri} ({problem}): start it, or point tracking.uri / "
+            "MLFLOW_TRACKING_URI at a running one. Nothing was logged."
+        )
 
 
 @functools.cache
@@ -180,9 +208,28 @@ def client(uri: str) -> MlflowClient:
     check_reachable(uri)
     db = sqlite_file(uri)
     if db is None:
-        return _RetryingClient(MlflowClient(tracking_uri=uri))
+        return _RetryingClient(MlflowClient(tracking_uri=uri), uri)
+    if not db.parent.is_dir():
+        raise TrackingUnavailable(
+            f"MLflow store {uri}: directory {db.parent} does not exist (a relative path is taken "
+            "from the repository root). Create it, or fix tracking.uri / MLFLOW_TRACKING_URI"
+        )
     with file_lock(db.parent / f"{db.name}.lock"):
-        return _RetryingClient(MlflowClient(tracking_uri=uri))
+        try:
+            return _RetryingClient(MlflowClient(tracking_uri=uri), uri)
+        except (SQLAlchemyError, MlflowException) as error:
+            raise TrackingUnavailable(_unusable(db, error)) from None
+
+
+def _unusable(db: Path, error: Exception) -> str:
+    """Why the SQLite file ``db`` cannot be opened as an MLflow store, and what to do."""
+    reason = str(getattr(error, "orig", None) or error).splitlines()[0]
+    if "readonly" in reason or "read-only" in reason:
+        return f"MLflow store {db} is read-only ({reason}): make it writable, or use another store"
+    return (
+        f"MLflow store {db} cannot be opened ({reason}): it is not an MLflow SQLite database or "
+        f"it is damaged. Move it aside (mv {db} {db}.broken) or point tracking.uri elsewhere"
+    )
 
 
 @functools.cache
@@ -241,7 +288,9 @@ def tag_filter(tags: Mapping[str, str]) -> str:
 
 
 def quoted(value: str) -> str:
-    """``value`` quoted for an MLflow search filter."""
-    if "'" in value:
-        raise ValueError(f"{value!r} must not contain a single quote (used in MLflow filters)")
-    return f"'{value}'"
+    """``value`` quoted for an MLflow search filter (in double quotes if it holds a single one)."""
+    if "'" not in value:
+        return f"'{value}'"
+    if '"' in value:
+        raise ValueError(f"{value!r} holds both quote characters: MLflow filters cannot match it")
+    return f'"{value}"'

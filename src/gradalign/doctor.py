@@ -1,0 +1,136 @@
+"""Clean up after processes that were killed outright: ``python -m gradalign.doctor``.
+
+A process killed with SIGKILL (``kill -9``, the OOM killer, a lost machine) cannot end what it
+had open: its MLflow runs stay RUNNING, a sweep parent it owned stays RUNNING, and the Optuna
+trials it was running stay RUNNING in their study. Every run records its owner (tag ``owner``:
+host, pid and start time of its process; sweep parents one ``owner.<host>.<pid>`` tag per sweep
+process), and every trial its sweep process (user attr ``owner``). The doctor finds those whose
+owner is gone, on this host, and ends them: runs KILLED, trials FAIL, each with a
+failure_reason saying so. Owners on other hosts, and runs without an owner, are listed and left
+alone.
+
+    python -m gradalign.doctor                 # the configured MLflow store and its studies
+    python -m gradalign.doctor --dry-run       # say what would be done, do nothing
+    python -m gradalign.doctor --storage sqlite:///outputs/optuna.db -- tracking.uri=...
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import optuna
+from hydra import compose, initialize_config_dir
+from mlflow.entities import ViewType
+from optuna.trial import TrialState
+
+from gradalign import processes, tracking
+from gradalign.config import anchored_uri, register_resolvers
+from gradalign.schema import Param, Stage, Tag
+
+log = logging.getLogger(__name__)
+REASON = "its process {owner} is gone (ended by python -m gradalign.doctor)"
+
+
+def repo_root() -> Path:
+    """The checkout whose conf/ the doctor reads: the working directory or one above it, else
+    the one this package was installed from."""
+    for folder in (Path.cwd(), *Path.cwd().parents, Path(__file__).resolve().parents[2]):
+        if (folder / "conf" / "config.yaml").is_file() and (folder / "train.py").is_file():
+            return folder
+    raise ValueError("no gradalign checkout (conf/config.yaml and train.py) here or above")
+
+
+def _dead(owner: str | None) -> bool:
+    return bool(owner) and processes.owner_alive(owner) is False
+
+
+def clean_runs(client, experiment_ids: Sequence[str], dry_run: bool) -> tuple[list[str], set[str]]:
+    """End KILLED the RUNNING runs whose owner process is gone; (lines saying what was done,
+    the Optuna storages the experiments' sweep parents name)."""
+    done, storages = [], set()
+    for run in client.search_runs(
+        list(experiment_ids), "", ViewType.ACTIVE_ONLY, max_results=50000
+    ):
+        tags, params = run.data.tags, run.data.params
+        storage = params.get(f"{Param.SWEEPER_PREFIX}storage")
+        if storage and storage != "None":
+            storages.add(storage)
+        if run.info.status != "RUNNING":
+            continue
+        if tags.get(Tag.STAGE) == Stage.SWEEP_PARENT:
+            owners = [v for k, v in tags.items() if k.startswith(Tag.OWNER_PREFIX)]
+            if not owners or not all(_dead(owner) for owner in owners):
+                continue
+            owner = ", ".join(owners)
+        else:
+            owner = tags.get(Tag.OWNER)
+            if not _dead(owner):
+                if not owner:
+                    done.append(f"left alone: run {run.info.run_id} is RUNNING with no owner tag")
+                continue
+        done.append(f"run {run.info.run_id} ({tags.get('mlflow.runName', '')}) -> KILLED")
+        if not dry_run:
+            client.set_tag(run.info.run_id, Tag.FAILURE_REASON, REASON.format(owner=owner))
+            client.set_terminated(run.info.run_id, "KILLED")
+    return done, storages
+
+
+def clean_trials(storage: str, dry_run: bool) -> list[str]:
+    """Tell FAIL the RUNNING trials of every study in ``storage`` whose sweep process is gone."""
+    done = []
+    for summary in optuna.get_all_study_summaries(storage):
+        study = optuna.load_study(study_name=summary.study_name, storage=storage)
+        for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            owner = trial.user_attrs.get("owner")
+            if not _dead(owner):
+                continue
+            done.append(f"trial {trial.number} of study {summary.study_name} -> FAIL")
+            if not dry_run:
+                running = optuna.trial.Trial(study, trial._trial_id)
+                running.set_user_attr("failure_reason", REASON.format(owner=owner))
+                study.tell(running, state=TrialState.FAIL)
+    return done
+
+
+def main(argv: Iterable[str]) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--dry-run", action="store_true", help="say what would be done only")
+    parser.add_argument(
+        "--storage", action="append", default=[], metavar="URL", help="an Optuna storage"
+    )
+    parser.add_argument("overrides", nargs="*", help="after --: config overrides (tracking.*)")
+    args = parser.parse_args(list(argv))
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    try:
+        root = repo_root()
+        register_resolvers(root)
+        with initialize_config_dir(config_dir=str(root / "conf"), version_base="1.3"):
+            cfg = compose("config", overrides=args.overrides)
+        uri = tracking.tracking_uri(cfg.tracking)
+        client = tracking.client(uri)
+        experiments = [e.experiment_id for e in client.search_experiments()]
+        lines, storages = clean_runs(client, experiments, args.dry_run)
+        for storage in sorted({anchored_uri(s, root) for s in [*storages, *args.storage]}):
+            try:
+                lines += clean_trials(storage, args.dry_run)
+            except Exception as error:  # a storage that moved or went away: say so, go on
+                lines.append(f"skipped Optuna storage {storage}: {error}")
+    except (ValueError, tracking.TrackingUnavailable) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    verb = "would end" if args.dry_run else "ended"
+    changed = [line for line in lines if "->" in line]
+    print(f"MLflow store {uri}: {verb} {len(changed)} record(s) left by processes that are gone")
+    for line in lines:
+        print(f"  {line}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
