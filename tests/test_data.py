@@ -218,3 +218,24 @@ def test_cache_write_is_atomic(tmp_path, monkeypatch):
     with pytest.raises(zipfile.LargeZipFile):
         load(tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "generation,needle",
+    [
+        (
+            {"num_samples": 5},
+            "dataset.generation.num_samples=5 is invalid: must be an integer >= 10",
+        ),
+        ({"num_samples": 0}, "num_samples=0"),
+        ({"num_samples": 100.5}, "num_samples=100.5"),
+        ({"train_split": 1.0}, "dataset.generation.train_split=1.0 is invalid"),
+    ],
+)
+def test_generation_arguments_mnist1d_cannot_use_are_refused_naming_them(
+    tmp_path, generate_calls, generation, needle
+):
+    with pytest.raises(ValueError) as info:
+        load(tmp_path, generation)
+    assert needle in str(info.value)
+    assert generate_calls == []  # refused before generating anything

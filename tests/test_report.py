@@ -38,7 +38,7 @@ def store(tmp_path, tiny):
 
 
 def experiment_id(uri):
-    return tracking.experiment_id(uri, EXPERIMENT)
+    return tracking.experiment_id(uri, 60, EXPERIMENT)
 
 
 def log_sweep_run(uri, cfg, *, lr, objective=None, status="FINISHED", **params):

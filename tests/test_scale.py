@@ -396,8 +396,8 @@ def test_sigterm_to_a_parallel_sweep_leaves_no_run_running_and_no_worker(tmp_pat
 def test_a_store_locked_by_another_writer_delays_a_run_but_loses_nothing(tmp_path, caplog):
     """Locked longer than the 20 s MLflow lets SQLite wait, so the retry carries the call."""
     uri = sqlite_uri(tmp_path)
-    client = tracking.client(uri)
-    experiment = tracking.experiment_id(uri, "locked")
+    client = tracking.client(uri, 60)
+    experiment = tracking.experiment_id(uri, 60, "locked")
     other = sqlite3.connect(tmp_path / "mlflow.db", timeout=0, check_same_thread=False)
     other.execute("BEGIN EXCLUSIVE")
     release = threading.Timer(22.0, other.commit)

@@ -49,13 +49,19 @@ def store(tmp_path, experiment="exp"):
     db = tmp_path / "store" / "mlflow.db"
     db.parent.mkdir(exist_ok=True)
     return OmegaConf.create(
-        {"uri": f"sqlite:///{db}", "experiment": experiment, "flush_interval_s": 1.0, "root": "/"}
+        {
+            "uri": f"sqlite:///{db}",
+            "experiment": experiment,
+            "flush_interval_s": 1.0,
+            "root": "/",
+            "store_wait_s": 60,
+        }
     )
 
 
 def test_sqlite_experiment_keeps_artifacts_beside_the_database(tmp_path):
     cfg = store(tmp_path)
-    experiment_id = tracking.experiment_id(cfg.uri, cfg.experiment)
+    experiment_id = tracking.experiment_id(cfg.uri, 60, cfg.experiment)
     location = MlflowClient(cfg.uri).get_experiment(experiment_id).artifact_location
     assert location.removeprefix("file://") == str(tmp_path / "store" / "artifacts")
 
@@ -71,7 +77,7 @@ def test_experiment_created_concurrently_is_fetched(tmp_path, monkeypatch):
         return None if len(lookups) == 1 else real(self, name)
 
     monkeypatch.setattr(MlflowClient, "get_experiment_by_name", stale_then_real)
-    assert tracking.experiment_id(cfg.uri, cfg.experiment) == other
+    assert tracking.experiment_id(cfg.uri, 60, cfg.experiment) == other
 
 
 def test_deleted_experiment_is_a_clear_error(tmp_path):
@@ -79,7 +85,7 @@ def test_deleted_experiment_is_a_clear_error(tmp_path):
     client = MlflowClient(cfg.uri)
     client.delete_experiment(client.create_experiment("gone"))
     with pytest.raises(ValueError, match="deleted"):
-        tracking.experiment_id(cfg.uri, "gone")
+        tracking.experiment_id(cfg.uri, 60, "gone")
 
 
 def parent(cfg, sweep_id):
@@ -150,7 +156,7 @@ def test_a_sweep_parent_ends_when_its_last_live_owner_leaves(tmp_path):
 def test_of_two_parents_made_at_once_every_process_keeps_the_oldest(tmp_path):
     cfg = store(tmp_path)
     client = MlflowClient(cfg.uri)
-    experiment = tracking.experiment_id(cfg.uri, cfg.experiment)
+    experiment = tracking.experiment_id(cfg.uri, 60, cfg.experiment)
     tags = {"stage": "sweep_parent", "sweep_id": "s"}
     older = client.create_run(experiment, tags=tags, start_time=1000).info.run_id
     client.create_run(experiment, tags=tags, start_time=2000)
@@ -178,7 +184,7 @@ def test_a_locked_store_is_retried_with_backoff_until_it_answers(monkeypatch):
             raise LOCKED
         return value
 
-    assert tracking_store._retrying("sqlite:///s.db", flaky, 7) == 7
+    assert tracking_store._retrying("sqlite:///s.db", 60, flaky, 7) == 7
     assert calls == [7, 7, 7]
     assert len(sleeps) == 2 and sleeps[0] < sleeps[1]  # growing waits (jittered)
 
@@ -196,9 +202,9 @@ def test_other_errors_and_a_store_locked_for_good_are_not_hidden(monkeypatch):
         raise LOCKED
 
     with pytest.raises(MlflowException, match="no such run"):
-        tracking_store._retrying("sqlite:///s.db", broken)
+        tracking_store._retrying("sqlite:///s.db", 60, broken)
     with pytest.raises(tracking.TrackingUnavailable, match=r"MLflow store sqlite:///s.db stayed"):
-        tracking_store._retrying("sqlite:///s.db", locked)
+        tracking_store._retrying("sqlite:///s.db", 1e9, locked)
     assert len(calls) == len(tracking_store.RETRY_WAITS_S) + 1
 
 
@@ -212,14 +218,14 @@ def test_a_locked_store_is_waited_for_at_most_store_wait_s(monkeypatch):
 
     monkeypatch.setattr(tracking_store.time, "sleep", lambda s: clock.__setitem__(0, clock[0] + s))
     with pytest.raises(tracking.TrackingUnavailable, match="locked for 60 s") as info:
-        tracking_store._retrying("sqlite:///s.db", locked)
-    assert clock[0] <= tracking_store.STORE_WAIT_S + 20.0  # bounded: one busy timeout past it
+        tracking_store._retrying("sqlite:///s.db", 60, locked)
+    assert clock[0] <= 60 + 20.0  # bounded: at most one busy timeout past it
     assert "another process holds its write lock" in str(info.value)
 
 
 def test_the_client_retries_every_call(tmp_path, monkeypatch):
     cfg = store(tmp_path)
-    client = tracking.client(cfg.uri)
+    client = tracking.client(cfg.uri, 60)
     real = MlflowClient.search_experiments
     attempts = []
 
@@ -272,7 +278,7 @@ def test_a_tracking_server_is_probed_before_use():
     uri = f"http://127.0.0.1:{free_port()}"
     start = time.monotonic()
     with pytest.raises(tracking.TrackingUnavailable, match=f"{uri} .*unreachable.*Nothing was"):
-        tracking.client(uri)
+        tracking.client(uri, 60)
     assert time.monotonic() - start < 5
     tracking.check_reachable("sqlite:///nowhere/mlflow.db")  # not a server: nothing to probe
 
@@ -281,7 +287,7 @@ def test_interrupted_sweep_runs_end_killed_and_leave_the_parent_to_its_sweep(tmp
     cfg = store(tmp_path)
     client = MlflowClient(cfg.uri)
     parent_id = parent(cfg, str(tmp_path / "sweep"))
-    experiment = tracking.experiment_id(cfg.uri, cfg.experiment)
+    experiment = tracking.experiment_id(cfg.uri, 60, cfg.experiment)
 
     def trial(number, sweep_id=str(tmp_path / "sweep"), status=None):
         tags = {"sweep_id": sweep_id, "optuna_trial": str(number)}
@@ -318,7 +324,7 @@ def test_a_signal_during_a_store_call_is_delivered_after_it():
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: terminated.append(signum))
     try:
         with pytest.raises(KeyboardInterrupt):
-            assert tracking_store._retrying("sqlite:///s.db", call) == "logged"
+            assert tracking_store._retrying("sqlite:///s.db", 60, call) == "logged"
         assert done == [True] and terminated == [signal.SIGTERM]
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     finally:

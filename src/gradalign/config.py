@@ -55,6 +55,7 @@ _RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("seed.data", is_int, "an integer"),
     ("objective", lambda v: v in ("last", "best"), "one of last, best"),
     ("tracking.flush_interval_s", lambda v: is_number(v) and v >= 0, "a number >= 0"),
+    ("tracking.store_wait_s", lambda v: is_number(v) and v > 0, "a number > 0"),
     (
         "tracking.optuna_trial",
         lambda v: v is None or (is_int(v) and v >= 0),

@@ -113,7 +113,7 @@ def main(argv: Iterable[str]) -> int:
         with initialize_config_dir(config_dir=str(root / "conf"), version_base="1.3"):
             cfg = compose("config", overrides=args.overrides)
         uri = tracking.tracking_uri(cfg.tracking)
-        client = tracking.client(uri)
+        client = tracking.store_client(cfg.tracking)
         experiments = [e.experiment_id for e in client.search_experiments()]
         lines, storages = clean_runs(client, experiments, args.dry_run)
         for storage in sorted({anchored_uri(s, root) for s in [*storages, *args.storage]}):

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from gradalign.checks import fraction
+from gradalign.checks import fraction, is_int
 from gradalign.data.splits import Splits, carve_validation
 
 # Names of mnist1d's generation arguments (the keys of get_dataset_args() except the download
@@ -49,6 +49,7 @@ GENERATION_KEYS = (
 # Bump when the layout of the cache file changes, so old files are not read as new ones.
 _CACHE_FORMAT = 1
 _ARRAY_KEYS = ("x", "y", "x_test", "y_test")
+MIN_SAMPLES = 10  # one example of each class
 
 
 def load_mnist1d(
@@ -101,6 +102,16 @@ def _plain_overrides(generation: Mapping[str, Any]) -> dict[str, Any]:
                 f"mnist1d generation argument {name}={value!r} is not a plain value"
             ) from None
         overrides[name] = value
+    if "num_samples" in overrides:
+        n = overrides["num_samples"]
+        if not (is_int(n) and n >= MIN_SAMPLES):
+            raise ValueError(
+                f"dataset.generation.num_samples={n!r} is invalid: must be an integer >= "
+                f"{MIN_SAMPLES} (mnist1d makes num_samples // 10 examples of each of its 10 "
+                "classes)"
+            )
+    if "train_split" in overrides:
+        fraction("dataset.generation.train_split", overrides["train_split"])
     return overrides
 
 

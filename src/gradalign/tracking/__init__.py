@@ -22,6 +22,7 @@ from gradalign.tracking.store import (
     experiment_id,
     log_batch,
     quoted,
+    store_client,
     tag_filter,
     tracking_uri,
 )
@@ -41,6 +42,7 @@ __all__ = [
     "quoted",
     "sigterm_raises",
     "start_run",
+    "store_client",
     "close_sweep_parent",
     "open_sweep_parent",
     "tag_filter",

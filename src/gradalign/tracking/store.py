@@ -45,9 +45,8 @@ log = logging.getLogger(__name__)
 _SQLITE = "sqlite:///"
 _LOCKED = "database is locked"
 # Waits between attempts of a call that found the SQLite store locked (each attempt already
-# waited MLflow's 20 s SQLite busy_timeout), until STORE_WAIT_S have passed since the first.
+# waited MLflow's 20 s SQLite busy_timeout), until tracking.store_wait_s have passed.
 RETRY_WAITS_S = (0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 6.4, 12.8)
-STORE_WAIT_S = 60.0
 # How long the probe of a tracking server may take before the run fails.
 CONNECT_TIMEOUT_S = 10.0
 # MLflow's own HTTP retries (7, doubling, 120 s timeouts: minutes of silence on a failing
@@ -133,14 +132,14 @@ def _signals_held() -> Iterator[None]:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
 
 
-def _retrying(uri: str, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+def _retrying(uri: str, wait_s: float, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     """``call(*args, **kwargs)`` with signals held (see ``_signals_held``), again after a
-    backoff while the SQLite store is locked, for at most STORE_WAIT_S; then
+    backoff while the SQLite store is locked, until ``wait_s`` have passed; then
     TrackingUnavailable naming the store.
 
     Safe for writes: a locked SQLite transaction is rolled back whole before MLflow raises.
     """
-    deadline = time.monotonic() + STORE_WAIT_S
+    deadline = time.monotonic() + wait_s
     for attempt, wait in enumerate((*RETRY_WAITS_S, None), 1):
         try:
             with _signals_held():
@@ -150,7 +149,7 @@ def _retrying(uri: str, call: Callable[..., Any], *args: Any, **kwargs: Any) -> 
                 raise
             if wait is None or time.monotonic() + wait > deadline:
                 raise TrackingUnavailable(
-                    f"MLflow store {uri} stayed locked for {STORE_WAIT_S:g} s ({attempt} "
+                    f"MLflow store {uri} stayed locked for {wait_s:g} s ({attempt} "
                     "attempts): another process holds its write lock. Stop it, or wait and rerun"
                 ) from None
             wait *= 1 + random.random()  # jitter: writers that collided do not retry in step
@@ -162,15 +161,16 @@ def _retrying(uri: str, call: Callable[..., Any], *args: Any, **kwargs: Any) -> 
 class _RetryingClient:
     """An MlflowClient whose every method retries while the SQLite store is locked."""
 
-    def __init__(self, client: MlflowClient, uri: str):
+    def __init__(self, client: MlflowClient, uri: str, wait_s: float):
         self._client = client
         self._uri = uri
+        self._wait_s = wait_s
 
     def __getattr__(self, name: str) -> Any:
         attribute = getattr(self._client, name)
         if not callable(attribute):
             return attribute
-        return functools.partial(_retrying, self._uri, attribute)
+        return functools.partial(_retrying, self._uri, self._wait_s, attribute)
 
 
 def check_reachable(uri: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
@@ -199,8 +199,9 @@ def check_reachable(uri: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
 
 
 @functools.cache
-def client(uri: str) -> MlflowClient:
-    """The client of store ``uri`` for this process, retrying while SQLite is locked.
+def client(uri: str, wait_s: float) -> MlflowClient:
+    """The client of store ``uri`` for this process, retrying for up to ``wait_s`` while SQLite
+    is locked.
 
     A server is probed first (check_reachable). Creating a client creates or migrates a SQLite
     schema, which processes starting together on a fresh store would race on: they take turns.
@@ -208,7 +209,7 @@ def client(uri: str) -> MlflowClient:
     check_reachable(uri)
     db = sqlite_file(uri)
     if db is None:
-        return _RetryingClient(MlflowClient(tracking_uri=uri), uri)
+        return _RetryingClient(MlflowClient(tracking_uri=uri), uri, wait_s)
     if not db.parent.is_dir():
         raise TrackingUnavailable(
             f"MLflow store {uri}: directory {db.parent} does not exist (a relative path is taken "
@@ -216,7 +217,7 @@ def client(uri: str) -> MlflowClient:
         )
     with file_lock(db.parent / f"{db.name}.lock"):
         try:
-            return _RetryingClient(MlflowClient(tracking_uri=uri), uri)
+            return _RetryingClient(MlflowClient(tracking_uri=uri), uri, wait_s)
         except (SQLAlchemyError, MlflowException) as error:
             raise TrackingUnavailable(_unusable(db, error)) from None
 
@@ -233,9 +234,9 @@ def _unusable(db: Path, error: Exception) -> str:
 
 
 @functools.cache
-def experiment_id(uri: str, name: str) -> str:
+def experiment_id(uri: str, wait_s: float, name: str) -> str:
     """Id of experiment ``name``, created if absent (tolerating a concurrent creator)."""
-    mlflow = client(uri)
+    mlflow = client(uri, wait_s)
     experiment = mlflow.get_experiment_by_name(name)
     if experiment is None:
         db = sqlite_file(uri)
@@ -255,10 +256,17 @@ def experiment_id(uri: str, name: str) -> str:
     return experiment.experiment_id
 
 
+def store_client(tracking: DictConfig) -> MlflowClient:
+    """The client of the configured store; see ``client``."""
+    return client(tracking_uri(tracking), tracking.store_wait_s)
+
+
 def connect(tracking: DictConfig) -> tuple[MlflowClient, str]:
     """(client, experiment id) of the configured store and experiment; see ``client``."""
     uri = tracking_uri(tracking)
-    return client(uri), experiment_id(uri, tracking.experiment)
+    return client(uri, tracking.store_wait_s), experiment_id(
+        uri, tracking.store_wait_s, tracking.experiment
+    )
 
 
 def log_batch(
