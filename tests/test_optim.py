@@ -993,6 +993,7 @@ def test_state_is_one_ema_per_parameter_plus_the_base_state(target, granularity)
     for p in params:
         assert opt.ema_state[p].shape == p.shape
     assert len(opt.state) == len(plain.state) == len(params)
-    for p, q in zip(params, twin.parameters(), strict=True):
-        assert set(opt.state[p]) == set(plain.state[q])
+    for p, q in zip(params, twin.parameters(), strict=True):  # the EMA lives in the base's state
+        assert set(opt.state[p]) == set(plain.state[q]) | {"gao_ema"}
+        assert opt.state[p]["gao_ema"] is opt.ema_state[p]
     assert set(opt.state_dict()["state"][0]) == set(plain.state_dict()["state"][0]) | {"gao_ema"}
