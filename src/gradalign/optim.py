@@ -392,7 +392,8 @@ class GradientAlignmentOptimizer(Optimizer):
         rows = [g.shape[0] if p.dim() >= 2 else 1 for p, g in zip(batch.params, grads, strict=True)]
         products = []
         for g, m, n in zip(grads, batch.emas, rows, strict=True):
-            g_rows, m_rows = g.reshape(n, -1), m.reshape(n, -1)
+            shape = (n, g.numel() // n if n else 0)  # an FSDP2 shard may hold no row at all
+            g_rows, m_rows = g.reshape(shape), m.reshape(shape)
             dot, grad_square = (g_rows * m_rows).sum(1), g_rows.square().sum(1)
             products.append(torch.stack([dot, grad_square, m_rows.square().sum(1)]))
         row_sums = [s for s, n in zip(batch.row_sums, rows, strict=True) for _ in range(n)]
@@ -557,9 +558,12 @@ def _sum_over_shards(values: torch.Tensor, sums: Sequence[ShardSum | None]) -> t
 def _all_gather_sum(part: torch.Tensor, group: Any) -> torch.Tensor:
     import torch.distributed as dist
 
-    gathered = part.new_empty((dist.get_world_size(group), *part.shape))
-    dist.all_gather_into_tensor(gathered, part.contiguous(), group=group)
-    return gathered.sum(0)
+    world = dist.get_world_size(group)
+    gathered = part.new_empty((world * part.shape[0], *part.shape[1:]))  # ranks' parts, stacked
+    # all_gather_single is torch >= 2.13's name of all_gather_into_tensor (deprecated there)
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(gathered, part.contiguous(), group=group)
+    return gathered.view(world, *part.shape).sum(0)
 
 
 def _in_dtypes(scales: list[torch.Tensor], tensors: list[torch.Tensor]) -> list[torch.Tensor]:
