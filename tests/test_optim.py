@@ -7,6 +7,7 @@ row), cosines computed in float64 from the EMA kept in the parameter's dtype.
 """
 
 import copy
+import itertools
 import math
 import re
 import warnings
@@ -1292,3 +1293,52 @@ def test_the_bases_other_public_methods_and_attributes_are_delegated():
     with pytest.raises(AttributeError, match="_private"):
         opt._private  # noqa: B018  (private names are not delegated)
     assert not hasattr(GAO(make_params(), "Adam", lr=1e-3), "train")  # Adam has no train()
+
+
+@pytest.mark.parametrize("when", ["constructed", "added"])
+def test_fsdp1_flat_shards_are_a_clear_error(when):
+    """FSDP1 (FullyShardedDataParallel) marks every parameter it flattens, original ones too
+    (use_orig_params=True hands the optimizer 1-D views of a rank's flat shard). Wrapping a model
+    needs an accelerator, so the marking is done here by FSDP1's own function."""
+    from torch.distributed.fsdp._common_utils import _set_fsdp_flattened
+
+    params = make_params()
+    _set_fsdp_flattened(params[2])
+    with pytest.raises(ValueError, match=r"FSDP1.*fully_shard"):
+        if when == "constructed":
+            GAO(params, "Adam", lr=1e-2)
+        else:
+            GAO(params[:2], "Adam", lr=1e-2).add_param_group({"params": params[2:]})
+
+
+# --- 9. torch.compile ---------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("backend", "target", "granularity"),
+    [
+        ("aot_eager", "grad", "tensor"),
+        ("aot_eager", "update", "row"),
+        ("inductor", "grad", "tensor"),
+    ],
+)
+def test_a_compiled_step_matches_eager_and_updates_last_scales(backend, target, granularity):
+    """Dynamo drops attribute stores on optimizers: last_scales must still change every step.
+    The same gradients go to both, so the runs differ only by the steps' own rounding."""
+    torch._dynamo.reset()
+    params = make_params(dtype=torch.float32)
+    twin = clone_params(params)
+    kwargs = {"lr": 1e-2, "beta": 0.9, "target": target, "granularity": granularity}
+    opt, eager = GAO(params, "Adam", **kwargs), GAO(twin, "Adam", **kwargs)
+    compiled_step = torch.compile(opt.step, backend=backend)
+    seen = []
+    for grads in grad_sequence(SHAPES, steps=6, dtype=torch.float32):
+        set_grads(params, grads)
+        set_grads(twin, grads)
+        compiled_step()
+        eager.step()
+        torch.testing.assert_close(opt.last_scales, eager.last_scales, rtol=0, atol=1e-6)
+        for p, q in zip(params, twin, strict=True):
+            torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
+            torch.testing.assert_close(opt.ema_state[p], eager.ema_state[q], rtol=0, atol=1e-6)
+        seen.append(opt.last_scales.clone())
+    assert all(not torch.equal(a, b) for a, b in itertools.pairwise(seen))  # new every step
