@@ -27,9 +27,8 @@ import importlib
 import math
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
 from itertools import chain
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch.optim import Optimizer
@@ -153,6 +152,7 @@ class GradientAlignmentOptimizer(Optimizer):
         self.min_scale = min_scale
         self.eps = eps
         self.last_scales: torch.Tensor | None = None
+        self._flat_emas: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         # Optimizer.__init__ is deliberately not called: it would copy param_groups, and copies go
         # stale when the base's groups change. Set up the hook registries it would have made.
         self._optimizer_step_pre_hooks = OrderedDict()
@@ -213,7 +213,8 @@ class GradientAlignmentOptimizer(Optimizer):
 
     def __getstate__(self) -> dict[str, Any]:
         # Optimizer's own pickling keeps only defaults/state/param_groups, which live on the base.
-        return self.__dict__.copy()
+        # The flat views are keyed by the parameters' ids, which a copy does not keep.
+        return {**self.__dict__, "_flat_emas": {}}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
@@ -287,10 +288,10 @@ class GradientAlignmentOptimizer(Optimizer):
         scales = self._align(batch)
         if self.target == "grad":
             if batch.params:
-                torch._foreach_mul_(batch.grads, _in_dtypes(scales, batch.grads))
+                torch._foreach_mul_(batch.grads, scales.grad_factors(batch.grads))
             self._base_step(batch)
         else:
-            weights = _in_dtypes([1.0 - s for s in scales], batch.values)
+            weights = scales.update_weights(batch.values)
             before = torch._foreach_clone(batch.values) if batch.params else []
             self._base_step(batch)
             if batch.params:
@@ -303,8 +304,7 @@ class GradientAlignmentOptimizer(Optimizer):
         over several devices."""
         state = self.base.state
         all_params = self._params()
-        batch = _Batch(len(all_params))
-        lonely = []
+        rows, pending, lonely = [], [], []
         for index, p in enumerate(all_params):
             grad = p.grad
             if grad is None:
@@ -315,14 +315,15 @@ class GradientAlignmentOptimizer(Optimizer):
                     f"(parameter {index} of shape {tuple(p.shape)} has one)"
                 )
             entry = state.get(p)
-            ema = None if entry is None else entry.get(_EMA_KEY)
+            ema = entry.get(_EMA_KEY) if entry else None
             if ema is None:
                 ema = _new_ema(p)
-                batch.pending.append((p, ema))
+                pending.append((p, ema))
             elif len(entry) == 1:  # only GAO's: the base has not set up its own state for p yet
                 lonely.append(entry)
-                batch.pending.append((p, ema))
-            batch.add(index, p, grad, ema)
+                pending.append((p, ema))
+            rows.append((index, p, grad, ema))
+        batch = _Batch(len(all_params), rows, pending)
         devices = {g.device for g in batch.grads}
         if len(devices) > 1:
             raise RuntimeError(
@@ -342,13 +343,12 @@ class GradientAlignmentOptimizer(Optimizer):
             for p, ema in batch.pending:
                 state[p][_EMA_KEY] = ema
 
-    def _align(self, batch: _Batch) -> list[torch.Tensor]:
-        """Update the EMAs, record ``last_scales`` and return each parameter's scale (0-d, or one
-        entry per row shaped to broadcast over it), in float64."""
+    def _align(self, batch: _Batch) -> _Scales:
+        """Update the EMAs, record ``last_scales`` and return the parameters' scales."""
         device = batch.grads[0].device if batch.grads else _any_device(self._params())
         if not batch.params:  # no gradient at all: every scale NaN, as for each absent one
             self._record(torch.empty(0, device=device), [], batch.n_params, device)
-            return []
+            return _Scales([], None)
         ema_grads = [
             g if g.dtype == m.dtype else g.to(m.dtype)
             for g, m in zip(batch.grads, batch.emas, strict=True)
@@ -359,7 +359,7 @@ class GradientAlignmentOptimizer(Optimizer):
         else:
             scales, means = self._tensor_scales(ema_grads, batch)
         self._record(means, batch.indices, batch.n_params, device)
-        return scales
+        return _Scales(scales, means if self.granularity != "row" else None)
 
     def _tensor_scales(
         self, grads: list[torch.Tensor], batch: _Batch
@@ -370,13 +370,14 @@ class GradientAlignmentOptimizer(Optimizer):
         here is one per step or one per tensor, on flat views.
         """
         flat_grads = [g.reshape(-1) for g in grads]
-        flat_emas = [m.reshape(-1) for m in batch.emas]
+        flat_emas = [self._flat(p, m) for p, m in zip(batch.params, batch.emas, strict=True)]
         products = torch.stack(
             [torch.dot(g, m) for g, m in zip(flat_grads, flat_emas, strict=True)]
             + [torch.dot(g, g) for g in flat_grads]
             + [torch.dot(m, m) for m in flat_emas]
         ).view(3, -1)
-        products = _sum_over_shards(products, batch.tensor_sums)
+        if batch.sharded:
+            products = _sum_over_shards(products, batch.tensor_sums)
         if self.granularity == "global":
             scale = self._scale(products.sum(1))
             return [scale] * len(grads), scale.expand(len(grads))
@@ -396,17 +397,32 @@ class GradientAlignmentOptimizer(Optimizer):
             g_rows, m_rows = g.reshape(shape), m.reshape(shape)
             dot, grad_square = (g_rows * m_rows).sum(1), g_rows.square().sum(1)
             products.append(torch.stack([dot, grad_square, m_rows.square().sum(1)]))
-        row_sums = [s for s, n in zip(batch.row_sums, rows, strict=True) for _ in range(n)]
-        products = _sum_over_shards(torch.cat(products, 1), row_sums)
+        products = torch.cat(products, 1)
+        if batch.sharded:
+            row_sums = [s for s, n in zip(batch.row_sums, rows, strict=True) for _ in range(n)]
+            products = _sum_over_shards(products, row_sums)
         per_row = self._scale(products).split(rows)
         scales = [
             s.view((n,) + (1,) * (g.dim() - 1) if p.dim() >= 2 else ())
             for s, n, g, p in zip(per_row, rows, grads, batch.params, strict=True)
         ]
         sums = torch.stack([s.sum() for s in per_row]).view(1, -1)
-        sums = _sum_over_shards(sums, batch.mean_sums)
+        if batch.sharded:
+            sums = _sum_over_shards(sums, batch.mean_sums)
         counts = [p.shape[0] if p.dim() >= 2 else 1 for p in batch.params]
         return scales, sums.view(-1) / torch.tensor(counts, dtype=sums.dtype, device=sums.device)
+
+    def _flat(self, p: torch.Tensor, ema: torch.Tensor) -> torch.Tensor:
+        """A flat view of ``p``'s EMA, made once per EMA tensor: a reshape costs a torch call,
+        and the EMAs (unlike gradients) live from step to step. An EMA replaced in the state (a
+        checkpoint load) gets a new view; one that is not contiguous gets a copy each step."""
+        cached = self._flat_emas.get(id(p))
+        if cached is not None and cached[0] is ema:
+            return cached[1]
+        flat = ema.reshape(-1)
+        if ema.is_contiguous():  # a view, which sees the in-place EMA updates
+            self._flat_emas[id(p)] = (ema, flat)
+        return flat
 
     def _scale(self, products: torch.Tensor) -> torch.Tensor:
         """clamp(cos(g, m), min_scale, 1) from stacked products [g.m, g.g, m.m]; 0 if a norm is 0.
@@ -441,44 +457,53 @@ class GradientAlignmentOptimizer(Optimizer):
         return self.last_scales
 
 
-@dataclass
 class _Batch:
     """What a step acts on: the parameters that have a gradient, in ``param_groups`` order, with
-    the local tensors of each (the rank's shard under FSDP2, the tensor itself otherwise)."""
+    the local tensors of each (the rank's shard under FSDP2, the tensor itself otherwise) and,
+    for sharded ones, how their local sums add up to the whole tensor's (None: already whole)."""
 
-    n_params: int  # of all parameters, with a gradient or not
-    indices: list[int] = field(default_factory=list)  # positions among all, for last_scales
-    params: list[torch.Tensor] = field(default_factory=list)
-    values: list[torch.Tensor] = field(default_factory=list)  # local parameter values
-    grads: list[torch.Tensor] = field(default_factory=list)  # local gradients
-    emas: list[torch.Tensor] = field(default_factory=list)  # local EMAs, shaped like the grads
-    # How the local products of a tensor, of a row and the sum of a tensor's row scales add up
-    # to the whole tensor's (None: the local values are whole).
-    tensor_sums: list[ShardSum | None] = field(default_factory=list)
-    row_sums: list[ShardSum | None] = field(default_factory=list)
-    mean_sums: list[ShardSum | None] = field(default_factory=list)
-    pending: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # EMAs to
-    # store after the base's step: new ones, and those the base must not see before it
-
-    def add(self, index: int, p: torch.Tensor, grad: torch.Tensor, ema: torch.Tensor) -> None:
-        self.indices.append(index)
-        self.params.append(p)
-        if type(grad) is torch.Tensor:  # the common case, checked first: a plain tensor
-            self.values.append(p)
-            self.grads.append(grad)
-            self.emas.append(ema)
-            self.tensor_sums.append(None)
-            self.row_sums.append(None)
-            self.mean_sums.append(None)
+    def __init__(
+        self,
+        n_params: int,
+        rows: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]],
+        pending: list[tuple[torch.Tensor, torch.Tensor]],
+    ) -> None:
+        self.n_params = n_params  # of all parameters, with a gradient or not
+        self.pending = pending  # EMAs to store after the base's step (new ones, lonely ones)
+        columns = [list(column) for column in zip(*rows, strict=True)] or [[], [], [], []]
+        self.indices, self.params, grads, emas = columns  # indices: positions among all
+        layouts = [
+            None if type(g) is torch.Tensor else _shard_sums(p, g, m)
+            for p, g, m in zip(self.params, grads, emas, strict=True)
+        ]
+        self.sharded = any(layouts)
+        if not self.sharded:  # plain tensors: the common case, with no per-tensor work
+            self.values, self.grads, self.emas = self.params, grads, emas
+            self.tensor_sums = self.row_sums = self.mean_sums = [None] * len(rows)
             return
-        sums = _shard_sums(p, grad, ema)
-        self.values.append(_local(p))
-        self.grads.append(_local(grad))
-        self.emas.append(_local(ema))
-        self.tensor_sums.append(sums(lambda dim: True))
-        rows = p.dim() >= 2
-        self.row_sums.append(sums(lambda dim: dim != 0) if rows else sums(lambda dim: True))
-        self.mean_sums.append(sums(lambda dim: dim == 0) if rows else None)
+        self.values = [_local(p) for p in self.params]
+        self.grads = [_local(g) for g in grads]
+        self.emas = [_local(m) for m in emas]
+        # Which sharded tensor dims the local sums of a tensor, of one of its rows, and of its row
+        # scales run over (a 0/1-d tensor has one "row": the whole tensor).
+        self.tensor_sums, self.row_sums, self.mean_sums = [], [], []
+        for layout, p in zip(layouts, self.params, strict=True):
+            by_rows = p.dim() >= 2
+            self.tensor_sums.append(layout and layout(_any_dim))
+            self.row_sums.append(layout and layout(_not_dim_0 if by_rows else _any_dim))
+            self.mean_sums.append(layout(_dim_0) if layout and by_rows else None)
+
+
+def _any_dim(dim: int) -> bool:
+    return True
+
+
+def _not_dim_0(dim: int) -> bool:
+    return dim != 0
+
+
+def _dim_0(dim: int) -> bool:
+    return dim == 0
 
 
 def _dtensor_type() -> type | None:
@@ -566,9 +591,28 @@ def _all_gather_sum(part: torch.Tensor, group: Any) -> torch.Tensor:
     return gathered.view(world, *part.shape).sum(0)
 
 
+class _Scales(NamedTuple):
+    """A step's scales in float64: one per parameter (0-d, or one entry per row shaped to broadcast
+    over it) and, when they are all 0-d, the same as one vector."""
+
+    per_param: list[torch.Tensor]
+    vector: torch.Tensor | None
+
+    def grad_factors(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
+        """What to multiply the gradients by. A 0-d float64 scale acts in the gradient's dtype;
+        float64 rows on float32 gradients would take torch's per-element casting loop."""
+        return self.per_param if self.vector is not None else _in_dtypes(self.per_param, grads)
+
+    def update_weights(self, values: list[torch.Tensor]) -> list[torch.Tensor]:
+        """1 - s in each parameter's dtype (lerp's weight must match it), cast as one vector when
+        the parameters share a dtype."""
+        dtypes = {v.dtype for v in values}
+        if self.vector is not None and len(dtypes) == 1:
+            return list((1.0 - self.vector).to(dtypes.pop()).unbind(0))
+        return _in_dtypes([1.0 - s for s in self.per_param], values)
+
+
 def _in_dtypes(scales: list[torch.Tensor], tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Each scale cast to its tensor's dtype: float64 rows on float32 tensors would otherwise take
-    torch's per-element casting loop (what a 0-d scale amounts to anyway)."""
     return [s.to(t.dtype) for s, t in zip(scales, tensors, strict=True)]
 
 
