@@ -415,7 +415,10 @@ class GradientAlignmentOptimizer(Optimizer):
     def _flat(self, p: torch.Tensor, ema: torch.Tensor) -> torch.Tensor:
         """A flat view of ``p``'s EMA, made once per EMA tensor: a reshape costs a torch call,
         and the EMAs (unlike gradients) live from step to step. An EMA replaced in the state (a
-        checkpoint load) gets a new view; one that is not contiguous gets a copy each step."""
+        checkpoint load) gets a new view; one that is not contiguous gets a copy each step.
+        A compiled step reshapes inside its graph for free, and would guard on the cache."""
+        if torch.compiler.is_compiling():
+            return ema.reshape(-1)
         cached = self._flat_emas.get(id(p))
         if cached is not None and cached[0] is ema:
             return cached[1]
