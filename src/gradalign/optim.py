@@ -269,7 +269,11 @@ class GradientAlignmentOptimizer(Optimizer):
     def _take_emas(self) -> dict[torch.Tensor, torch.Tensor]:
         """Remove the EMAs from the base's state (to let the base save only its own)."""
         state = self.base.state
-        return {p: entry.pop(_EMA_KEY) for p, entry in state.items() if _EMA_KEY in entry}
+        return {
+            p: entry.pop(_EMA_KEY)
+            for p, entry in state.items()
+            if isinstance(entry, dict) and _EMA_KEY in entry
+        }
 
     def _put_emas(self, emas: dict[torch.Tensor, torch.Tensor]) -> None:
         state = self.base.state
