@@ -373,8 +373,11 @@ class GradientAlignmentOptimizer(Optimizer):
         On small models a step costs its number of torch calls, not its arithmetic: every call
         here is one per step or one per tensor, on flat views.
         """
-        flat_grads = [g.reshape(-1) for g in grads]
-        flat_emas = [self._flat(p, m) for p, m in zip(batch.params, batch.emas, strict=True)]
+        flat_grads = [g if g.dim() == 1 else g.reshape(-1) for g in grads]
+        if torch.compiler.is_compiling():  # free in the graph; the eager cache would be guarded
+            flat_emas = [m.reshape(-1) for m in batch.emas]
+        else:
+            flat_emas = [self._flat(p, m) for p, m in zip(batch.params, batch.emas, strict=True)]
         products = torch.stack(
             [torch.dot(g, m) for g, m in zip(flat_grads, flat_emas, strict=True)]
             + [torch.dot(g, g) for g in flat_grads]
@@ -419,10 +422,9 @@ class GradientAlignmentOptimizer(Optimizer):
     def _flat(self, p: torch.Tensor, ema: torch.Tensor) -> torch.Tensor:
         """A flat view of ``p``'s EMA, made once per EMA tensor: a reshape costs a torch call,
         and the EMAs (unlike gradients) live from step to step. An EMA replaced in the state (a
-        checkpoint load) gets a new view; one that is not contiguous gets a copy each step.
-        A compiled step reshapes inside its graph for free, and would guard on the cache."""
-        if torch.compiler.is_compiling():
-            return ema.reshape(-1)
+        checkpoint load) gets a new view; one that is not contiguous gets a copy each step."""
+        if ema.dim() == 1:
+            return ema
         cached = self._flat_emas.get(id(p))
         if cached is not None and cached[0] is ema:
             return cached[1]
