@@ -25,8 +25,9 @@ from gradalign import GradientAlignmentOptimizer
 
 pytestmark = pytest.mark.slow
 WORLD = 2
-# No 0-d tensor (FSDP2 shards dim 0): 5 rows split 3+2, 1 row 1+0 (rank 1 holds no row at all).
-SHAPES = [(5, 4), (5,), (3, 2, 2), (1, 6), (7,)]
+# No 0-d tensor (FSDP2 shards dim 0): 4 rows split 2+2, 5 rows 3+2, 1 row 1+0 (rank 1 holds no
+# row at all).
+SHAPES = [(4, 3), (5, 4), (5,), (3, 2, 2), (1, 6), (7,), (2,)]
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "integrations.md"
 
 

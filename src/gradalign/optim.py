@@ -41,7 +41,7 @@ _BASE_KEY = "gao_base"
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 # A sharded tensor's mesh and the mesh dimensions over which its local sums add up to the whole's.
-ShardSum = tuple[Any, tuple[int, ...]]
+_ShardSum = tuple[Any, tuple[int, ...]]
 
 
 def _resolve_base(base: type[Optimizer] | str | None) -> type[Optimizer]:
@@ -532,7 +532,7 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 def _shard_sums(
     p: torch.Tensor, grad: torch.Tensor, ema: torch.Tensor
-) -> Callable[[Callable[[int], bool]], ShardSum | None]:
+) -> Callable[[Callable[[int], bool]], _ShardSum | None]:
     """For a DTensor parameter, a function of a predicate on tensor dims giving the mesh dims that
     shard such a dim (their local sums must be added up); checks that the layouts fit GAO."""
     dtensor = _dtensor_type()
@@ -550,7 +550,7 @@ def _shard_sums(
         )
     dims = [_sharded_dim(placement) for placement in p.placements]
 
-    def sums(keep: Callable[[int], bool]) -> ShardSum | None:
+    def sums(keep: Callable[[int], bool]) -> _ShardSum | None:
         mesh_dims = tuple(i for i, dim in enumerate(dims) if dim is not None and keep(dim))
         return (p.device_mesh, mesh_dims) if mesh_dims else None
 
@@ -568,7 +568,7 @@ def _sharded_dim(placement: Any) -> int | None:
     return placement.dim
 
 
-def _sum_over_shards(values: torch.Tensor, sums: Sequence[ShardSum | None]) -> torch.Tensor:
+def _sum_over_shards(values: torch.Tensor, sums: Sequence[_ShardSum | None]) -> torch.Tensor:
     """Add up local partial sums across the ranks that hold the other shards.
 
     ``values`` is (k, n) and column j belongs to a tensor laid out as ``sums[j]`` says (None: the
@@ -576,7 +576,7 @@ def _sum_over_shards(values: torch.Tensor, sums: Sequence[ShardSum | None]) -> t
     summed in rank order, so every rank gets the same bits and equal inputs give equal outputs
     (a cosine of an EMA equal to its gradient is exactly 1 on every rank).
     """
-    groups: dict[ShardSum, list[int]] = defaultdict(list)
+    groups: dict[_ShardSum, list[int]] = defaultdict(list)
     for column, layout in enumerate(sums):
         if layout is not None:
             groups[layout].append(column)
