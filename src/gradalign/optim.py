@@ -262,7 +262,7 @@ class GradientAlignmentOptimizer(Optimizer):
         state = self.base.state
         for key, entry in state_dict["state"].items():
             p = params.get(key)
-            if p is not None and _EMA_KEY in entry:
+            if p is not None and isinstance(entry, dict) and _EMA_KEY in entry:
                 ema = entry[_EMA_KEY].to(device=p.device, dtype=_ema_dtype(p), copy=True)
                 state[p][_EMA_KEY] = ema
 
@@ -482,7 +482,7 @@ class _Batch:
         columns = [list(column) for column in zip(*rows, strict=True)] or [[], [], [], []]
         self.indices, self.params, grads, emas = columns  # indices: positions among all
         layouts = [
-            None if type(g) is torch.Tensor else _shard_sums(p, g, m)
+            None if type(g) is torch.Tensor or not _is_dtensor(p, g) else _shard_sums(p, g, m)
             for p, g, m in zip(self.params, grads, emas, strict=True)
         ]
         self.sharded = any(layouts)
@@ -524,10 +524,15 @@ def _dtensor_type() -> type | None:
     return DTensor
 
 
+def _is_dtensor(*tensors: torch.Tensor) -> bool:
+    """Whether any of the tensors is a DTensor (other tensor subclasses are used as they are)."""
+    dtensor = _dtensor_type()
+    return dtensor is not None and any(isinstance(t, dtensor) for t in tensors)
+
+
 def _local(t: torch.Tensor) -> torch.Tensor:
     """A DTensor's local shard (the same storage: in-place ops act on the DTensor), else ``t``."""
-    dtensor = _dtensor_type()
-    return t.to_local() if dtensor is not None and isinstance(t, dtensor) else t
+    return t.to_local() if _is_dtensor(t) else t
 
 
 def _shard_sums(
@@ -535,14 +540,12 @@ def _shard_sums(
 ) -> Callable[[Callable[[int], bool]], _ShardSum | None]:
     """For a DTensor parameter, a function of a predicate on tensor dims giving the mesh dims that
     shard such a dim (their local sums must be added up); checks that the layouts fit GAO."""
-    dtensor = _dtensor_type()
-    if dtensor is None or not isinstance(p, dtensor):
+    if not all(_is_dtensor(t) for t in (p, grad, ema)):
         raise TypeError(
-            f"GradientAlignmentOptimizer got a gradient of type {type(grad).__name__} for a "
-            f"parameter of type {type(p).__name__}; only plain tensors and DTensors are supported"
+            "a DTensor parameter needs a DTensor gradient and EMA, and a DTensor gradient a "
+            f"DTensor parameter; got {type(p).__name__}, {type(grad).__name__} and "
+            f"{type(ema).__name__}"
         )
-    if not (isinstance(grad, dtensor) and isinstance(ema, dtensor)):
-        raise TypeError("a DTensor parameter needs a DTensor gradient and EMA")
     if not (grad.placements == p.placements == ema.placements):
         raise ValueError(
             f"the gradient ({grad.placements}) and EMA ({ema.placements}) of a DTensor parameter "
@@ -634,11 +637,13 @@ def _is_torch_layout(state_dict: Any) -> bool:
 
 
 def _without_emas(state_dict: dict[str, Any]) -> dict[str, Any]:
-    """The state dict without its EMA entries (what the base loads); entries left empty go."""
+    """The state dict without its EMA entries (what the base loads); entries left empty go, and
+    what is not a parameter's entry (torch keeps unknown keys' values) stays as it is."""
     state = {}
     for key, entry in state_dict["state"].items():
-        rest = {k: v for k, v in entry.items() if k != _EMA_KEY}
-        if rest:
+        if not isinstance(entry, dict):
+            state[key] = entry
+        elif rest := {k: v for k, v in entry.items() if k != _EMA_KEY}:
             state[key] = rest
     return {**state_dict, "state": state}
 
