@@ -1057,9 +1057,9 @@ def test_load_matches_entries_through_the_saved_param_group_ids_as_torch_does():
     gao = GAO(fresh.parameters(), "Adam", lr=0.5)
     plain = torch.optim.Adam(plain_model.parameters(), lr=0.5)
     gao.load_state_dict(by_name)
-    plain.load_state_dict(
-        {**by_name, "state": {k: {**v} for k, v in by_name["state"].items()}}
-    )  # plain Adam takes gao_ema for a state entry of its own: compare the others
+    # Plain Adam keeps gao_ema as one more entry of its own (float32 params: the same dtype), so
+    # every key, the EMA included, must land on the same parameter in both.
+    plain.load_state_dict({**by_name, "state": {k: {**v} for k, v in by_name["state"].items()}})
     triples = zip(fresh.parameters(), plain_model.parameters(), model.parameters(), strict=True)
     for p, q, old in triples:
         assert set(gao.state[p]) == set(plain.state[q])
