@@ -1,9 +1,9 @@
 """GAO under torch.distributed, each test in 2 gloo processes on 127.0.0.1 against a plain
-single-process reference: FSDP2 (``fully_shard``, all granularities, uneven and empty shards),
-a ``fully_shard`` training run checkpointed with DCP and resumed, ZeroRedundancyOptimizer resume,
-and DDP. FSDP1 needs an accelerator to wrap a model: its refusal is tested in test_optim.py on
-parameters flagged by FSDP1's own code. The code blocks of docs/integrations.md are the code run
-here (the last test checks that they are).
+single-process reference: FSDP2 (``fully_shard``, all granularities, even, uneven and empty
+shards), a ``fully_shard`` training run checkpointed with DCP and resumed, a compiled step on it,
+ZeroRedundancyOptimizer resume, and DDP. FSDP1 needs an accelerator to wrap a model: its refusal
+is tested in test_optim.py on parameters flagged by FSDP1's own code. The code blocks of
+docs/integrations.md are the code run here (the last test checks that they are).
 
 Assertions run inside the ranks; a failure there fails the test with the rank's traceback.
 """
@@ -195,6 +195,32 @@ def _fsdp2_dcp_resume(rank, checkpoint_dir):
 
 def test_fully_shard_training_resumes_bit_identically_from_a_dcp_checkpoint(tmp_path):
     run_ranks(_fsdp2_dcp_resume, str(tmp_path / "checkpoint"))
+
+
+def _fsdp2_compiled_step(rank):
+    model, opt = _sharded(_make_model(seed=0))
+    eager_model, eager_opt = _sharded(_make_model(seed=0))
+    compiled_step = torch.compile(opt.step, backend="aot_eager")
+    seen = []
+    for step in range(3):
+        x, y = _batch(step, rank)
+        runs = ((model, opt, compiled_step), (eager_model, eager_opt, eager_opt.step))
+        for net, optimizer, step_fn in runs:
+            optimizer.zero_grad()
+            F.cross_entropy(net(x), y).backward()
+            step_fn()
+        torch.testing.assert_close(opt.last_scales, eager_opt.last_scales, rtol=0, atol=1e-6)
+        for p, q in zip(model.parameters(), eager_model.parameters(), strict=True):
+            torch.testing.assert_close(p.to_local(), q.to_local(), rtol=0, atol=1e-6)
+        assert_equal_on_all_ranks(opt.last_scales)
+        seen.append(opt.last_scales.clone())
+    assert not torch.equal(seen[1], seen[2])
+
+
+def test_a_compiled_step_under_fully_shard_matches_eager():
+    """torch.compile(opt.step) (aot_eager: Dynamo's tracing, no C++ build) on DTensor
+    parameters: within 1e-6 of the eager step, last_scales updated and equal on both ranks."""
+    run_ranks(_fsdp2_compiled_step)
 
 
 # --- ZeroRedundancyOptimizer ----------------------------------------------------------------------
