@@ -7,9 +7,11 @@ row), cosines computed in float64 from the EMA kept in the parameter's dtype.
 """
 
 import copy
+import itertools
 import math
 import re
 import warnings
+from collections import defaultdict
 
 import pytest
 import torch
@@ -993,6 +995,350 @@ def test_state_is_one_ema_per_parameter_plus_the_base_state(target, granularity)
     for p in params:
         assert opt.ema_state[p].shape == p.shape
     assert len(opt.state) == len(plain.state) == len(params)
-    for p, q in zip(params, twin.parameters(), strict=True):
-        assert set(opt.state[p]) == set(plain.state[q])
+    for p, q in zip(params, twin.parameters(), strict=True):  # the EMA lives in the base's state
+        assert set(opt.state[p]) == set(plain.state[q]) | {"gao_ema"}
+        assert opt.state[p]["gao_ema"] is opt.ema_state[p]
     assert set(opt.state_dict()["state"][0]) == set(plain.state_dict()["state"][0]) | {"gao_ema"}
+
+
+# --- 8. checkpoints through other tools, other bases, delegation ------------------------------
+def _names(model, opt):
+    """Parameter id -> name, as torch.distributed.checkpoint keys an optimizer state dict."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [names[id(p)] for group in opt.param_groups for p in group["params"]]
+
+
+def _assert_same_runs(model, opt, model2, opt2):
+    for p, q in zip(model.parameters(), model2.parameters(), strict=True):
+        assert torch.equal(p, q)
+        assert torch.equal(opt.ema_state[p], opt2.ema_state[q])
+    assert torch.equal(opt.last_scales, opt2.last_scales)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_distributed_checkpoint_state_dict_round_trip_resumes_bit_identically(tmp_path, target):
+    """get/set_optimizer_state_dict key entries by parameter name; dcp.save/dcp.load on top."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model, opt, _ = _make_run(0, target, "tensor")
+    for step in range(K):
+        train_step(model, opt, step)
+    model_sd, optim_sd = get_state_dict(model, opt)
+    assert set(optim_sd["state"]) == set(_names(model, opt))
+    assert all("gao_ema" in entry for entry in optim_sd["state"].values())
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp_path)
+    for step in range(K, 2 * K):
+        train_step(model, opt, step)
+
+    model2, opt2, _ = _make_run(1, target, "tensor")
+    loaded = dict(zip(("model", "optim"), get_state_dict(model2, opt2), strict=True))
+    dcp.load(loaded, checkpoint_id=tmp_path)
+    set_state_dict(model2, opt2, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"])
+    for step in range(K, 2 * K):
+        train_step(model2, opt2, step)
+    _assert_same_runs(model, opt, model2, opt2)
+
+
+def test_load_matches_entries_through_the_saved_param_group_ids_as_torch_does():
+    """Name keys, listed in another order than the groups: each parameter gets the state torch's
+    own Adam gives it from the same dict, and its EMA."""
+    model = mlp()
+    opt = GAO(model.parameters(), "Adam", lr=1e-2)
+    for step in range(2):
+        train_step(model, opt, step)
+    sd = opt.state_dict()
+    names = _names(model, opt)
+    by_name = {
+        "state": {names[i]: sd["state"][i] for i in reversed(range(len(names)))},
+        "param_groups": [{**sd["param_groups"][0], "params": names}],
+    }
+    fresh, plain_model = mlp(1), mlp(1)
+    gao = GAO(fresh.parameters(), "Adam", lr=0.5)
+    plain = torch.optim.Adam(plain_model.parameters(), lr=0.5)
+    gao.load_state_dict(by_name)
+    # Plain Adam keeps gao_ema as one more entry of its own (float32 params: the same dtype), so
+    # every key, the EMA included, must land on the same parameter in both.
+    plain.load_state_dict({**by_name, "state": {k: {**v} for k, v in by_name["state"].items()}})
+    triples = zip(fresh.parameters(), plain_model.parameters(), model.parameters(), strict=True)
+    for p, q, old in triples:
+        assert set(gao.state[p]) == set(plain.state[q])
+        for key, value in plain.state[q].items():
+            assert torch.equal(gao.state[p][key], value), key
+        assert torch.equal(gao.ema_state[p], opt.ema_state[old])
+    assert gao.param_groups[0]["lr"] == plain.param_groups[0]["lr"] == 1e-2
+
+
+def test_a_checkpoint_written_in_the_old_layout_still_loads():
+    """Before the EMA moved into the base's state, state_dict() merged each EMA into the base's
+    integer-keyed entries; such a file must resume the same run."""
+    params = make_params()
+    ref_params = clone_params(params)
+    ref = Reference(torch.optim.Adam(ref_params, lr=1e-2), 0.9, "grad", "tensor", 0.0)
+    seq = grad_sequence(SHAPES, steps=4)
+    for grads in seq[:2]:
+        set_grads(ref_params, grads)
+        ref.step()
+    old = copy.deepcopy(ref.base.state_dict())  # as read back from a file: no shared tensors
+    old["state"] = {
+        i: {**entry, "gao_ema": ref.ema[ref_params[i]].clone()} for i, entry in old["state"].items()
+    }
+    opt = GAO(torch.optim.Adam(params, lr=1e-2), beta=0.9)
+    opt.load_state_dict(old)
+    for p, q in zip(params, ref_params, strict=True):
+        p.data.copy_(q)
+    for grads in seq[2:]:
+        set_grads(params, grads)
+        set_grads(ref_params, grads)
+        opt.step()
+        ref.step()
+        assert_params_close(params, ref_params, torch.float64)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_state_written_straight_into_optimizer_state_carries_the_ema(target):
+    """What ZeroRedundancyOptimizer.load_state_dict does: optim.state[param] = saved entry."""
+    model, opt, _ = _make_run(0, target, "tensor")
+    for step in range(K):
+        train_step(model, opt, step)
+    saved = copy.deepcopy(opt.state_dict())
+    weights = copy.deepcopy(model.state_dict())
+    for step in range(K, 2 * K):
+        train_step(model, opt, step)
+
+    model2, opt2, _ = _make_run(1, target, "tensor")
+    model2.load_state_dict(weights)
+    for index, p in enumerate(model2.parameters()):
+        opt2.state[p] = copy.deepcopy(saved["state"][index])
+    for step in range(K, 2 * K):
+        train_step(model2, opt2, step)
+    _assert_same_runs(model, opt, model2, opt2)
+
+
+def test_an_ema_alone_in_a_parameters_state_lets_the_base_set_up_its_own():
+    """Adam sets up its state when a parameter's entry is empty; an EMA restored before the base
+    ever stepped (a checkpoint of GAO(SGD) resumed with Adam) must not hide that."""
+    params = make_params()
+    ref_params = clone_params(params)
+    ref = Reference(torch.optim.Adam(ref_params, lr=1e-2), 0.9, "grad", "tensor", 0.0)
+    opt = GAO(torch.optim.Adam(params, lr=1e-2), beta=0.9)
+    start = grad_sequence(SHAPES, steps=1, seed=7)[0]
+    for p, q, m in zip(params, ref_params, start, strict=True):
+        opt.state[p]["gao_ema"] = m.clone()
+        ref.ema[q] = m.clone()
+    for grads in grad_sequence(SHAPES, steps=3):
+        set_grads(params, grads)
+        set_grads(ref_params, grads)
+        opt.step()
+        ref.step()
+        assert_params_close(params, ref_params, torch.float64)
+        for p in params:
+            assert set(opt.state[p]) == {"step", "exp_avg", "exp_avg_sq", "gao_ema"}
+
+
+class NestingLookahead(torch.optim.Optimizer):
+    """Lookahead written the way pytorch_optimizer's is: its own ``state`` (the slow weights) and
+    a state dict that is not torch's layout, {"lookahead_state": {(group, index): entry},
+    "base_optimizer": the inner optimizer's}. Every k steps the weights move halfway back."""
+
+    def __init__(self, optimizer, k=2, alpha=0.5):
+        self.optimizer, self.k, self.alpha, self.counter = optimizer, k, alpha, 0
+        self.defaults = optimizer.defaults
+        self._optimizer_step_pre_hooks, self._optimizer_step_post_hooks = {}, {}
+        self.state = defaultdict(dict)
+        for p in self._params():
+            self.state[p]["slow_params"] = p.detach().clone()
+
+    @property
+    def param_groups(self):
+        return self.optimizer.param_groups
+
+    def _params(self):
+        return [p for group in self.param_groups for p in group["params"]]
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = self.optimizer.step(closure)
+        self.counter += 1
+        if self.counter % self.k == 0:
+            for p in self._params():
+                slow = self.state[p]["slow_params"]
+                p.lerp_(slow, 1.0 - self.alpha)
+                slow.copy_(p)
+        return loss
+
+    def state_dict(self):
+        lookahead = {
+            (gi, pi): dict(self.state[p])
+            for gi, group in enumerate(self.param_groups)
+            for pi, p in enumerate(group["params"])
+        }
+        return {
+            "lookahead_state": lookahead,
+            "base_optimizer": self.optimizer.state_dict(),
+            "counter": self.counter,
+        }
+
+    def load_state_dict(self, state_dict):
+        self.optimizer.load_state_dict(state_dict["base_optimizer"])
+        self.counter = state_dict["counter"]
+        restored = {}
+        for gi, group in enumerate(self.param_groups):
+            for pi, p in enumerate(group["params"]):
+                entry = state_dict["lookahead_state"][(gi, pi)]
+                restored[p] = {k: v.to(dtype=p.dtype).clone() for k, v in entry.items()}
+        self.state = defaultdict(dict, restored)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_a_base_with_its_own_state_dict_layout_is_nested_whole_and_resumes(target):
+    params = make_params()
+    ref_params = clone_params(params)
+    opt = GAO(NestingLookahead(torch.optim.Adam(params, lr=1e-2)), beta=0.8, target=target)
+    ref_base = NestingLookahead(torch.optim.Adam(ref_params, lr=1e-2))
+    ref = Reference(ref_base, 0.8, target, "tensor", 0.0)
+    seq = grad_sequence(SHAPES, steps=6)
+    for grads in seq[:3]:
+        set_grads(params, grads)
+        set_grads(ref_params, grads)
+        opt.step()
+        ref.step()
+        assert_params_close(params, ref_params, torch.float64)
+    sd = copy.deepcopy(opt.state_dict())
+    assert set(sd) == {"state", "param_groups", "gao_base"}
+    assert set(sd["gao_base"]) == {"lookahead_state", "base_optimizer", "counter"}
+    assert all(set(e) == {"slow_params"} for e in sd["gao_base"]["lookahead_state"].values())
+    assert all(set(e) == {"gao_ema"} for e in sd["state"].values())
+    weights = [p.detach().clone() for p in params]
+
+    resumed = [nn.Parameter(w.clone()) for w in weights]
+    opt2 = GAO(NestingLookahead(torch.optim.Adam(resumed, lr=0.5)), beta=0.8, target=target)
+    opt2.load_state_dict(sd)
+    for grads in seq[3:]:
+        for ps in (params, ref_params, resumed):
+            set_grads(ps, grads)
+        opt.step()
+        ref.step()
+        opt2.step()
+        assert_params_close(params, ref_params, torch.float64)
+        assert all(torch.equal(p, q) for p, q in zip(params, resumed, strict=True))
+    for p, q in zip(params, resumed, strict=True):
+        assert torch.equal(opt.ema_state[p], opt2.ema_state[q])
+
+
+class TrainEvalSGD(torch.optim.SGD):
+    """A schedule-free-style optimizer: ``eval()`` swaps the weights for their running average,
+    ``train()`` swaps them back, and ``step()`` refuses to run in eval mode."""
+
+    def __init__(self, params, lr):
+        super().__init__(params, lr=lr)
+        self.train_mode = False
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if not self.train_mode:
+            raise RuntimeError("not in train mode")
+        loss = super().step(closure)
+        for group in self.param_groups:
+            for p in group["params"]:
+                average = self.state[p].setdefault("average", p.detach().clone())
+                average.lerp_(p, 0.5)
+        return loss
+
+    @torch.no_grad()
+    def eval(self):
+        for group in self.param_groups:
+            for p in group["params"]:
+                self.state[p]["train_weights"] = p.detach().clone()
+                p.copy_(self.state[p].get("average", p))
+        self.train_mode = False
+
+    @torch.no_grad()
+    def train(self):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if "train_weights" in self.state[p]:
+                    p.copy_(self.state[p].pop("train_weights"))
+        self.train_mode = True
+
+
+def test_the_bases_other_public_methods_and_attributes_are_delegated():
+    params = make_params()
+    ref_params = clone_params(params)
+    opt = GAO(TrainEvalSGD(params, lr=0.1), beta=0.5)
+    ref_base = TrainEvalSGD(ref_params, lr=0.1)
+    ref = Reference(ref_base, 0.5, "grad", "tensor", 0.0)
+    idle = make_params()
+    set_grads(idle, grad_sequence(SHAPES, 1)[0])
+    with pytest.raises(RuntimeError, match="train mode"):
+        GAO(TrainEvalSGD(idle, lr=0.1)).step()
+    opt.train()
+    ref_base.train()
+    assert opt.train_mode is True
+    for grads in grad_sequence(SHAPES, steps=3):
+        set_grads(params, grads)
+        set_grads(ref_params, grads)
+        opt.step()
+        ref.step()
+    opt.eval()
+    ref_base.eval()
+    assert opt.train_mode is False
+    assert_params_close(params, ref_params, torch.float64)  # both are the averages now
+    for p in params:
+        torch.testing.assert_close(p.detach(), opt.state[p]["average"], rtol=0, atol=0)
+    opt.train()
+    assert not any(torch.equal(p, opt.state[p]["average"]) for p in params)
+    with pytest.raises(AttributeError, match="no attribute 'no_such_thing'"):
+        opt.no_such_thing  # noqa: B018
+    with pytest.raises(AttributeError, match="_private"):
+        opt._private  # noqa: B018  (private names are not delegated)
+    assert not hasattr(GAO(make_params(), "Adam", lr=1e-3), "train")  # Adam has no train()
+
+
+@pytest.mark.parametrize("when", ["constructed", "added"])
+def test_fsdp1_flat_shards_are_a_clear_error(when):
+    """FSDP1 (FullyShardedDataParallel) marks every parameter it flattens, original ones too
+    (use_orig_params=True hands the optimizer 1-D views of a rank's flat shard). Wrapping a model
+    needs an accelerator, so the marking is done here by FSDP1's own function."""
+    from torch.distributed.fsdp._common_utils import _set_fsdp_flattened
+
+    params = make_params()
+    _set_fsdp_flattened(params[2])
+    with pytest.raises(ValueError, match=r"FSDP1.*fully_shard"):
+        if when == "constructed":
+            GAO(params, "Adam", lr=1e-2)
+        else:
+            GAO(params[:2], "Adam", lr=1e-2).add_param_group({"params": params[2:]})
+
+
+# --- 9. torch.compile ---------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("backend", "target", "granularity"),
+    [
+        ("aot_eager", "grad", "tensor"),
+        ("aot_eager", "update", "row"),
+        ("inductor", "grad", "tensor"),
+    ],
+)
+def test_a_compiled_step_matches_eager_and_updates_last_scales(backend, target, granularity):
+    """Dynamo drops attribute stores on optimizers: last_scales must still change every step.
+    The same gradients go to both, so the runs differ only by the steps' own rounding."""
+    torch._dynamo.reset()
+    params = make_params(dtype=torch.float32)
+    twin = clone_params(params)
+    kwargs = {"lr": 1e-2, "beta": 0.9, "target": target, "granularity": granularity}
+    opt, eager = GAO(params, "Adam", **kwargs), GAO(twin, "Adam", **kwargs)
+    compiled_step = torch.compile(opt.step, backend=backend)
+    seen = []
+    for grads in grad_sequence(SHAPES, steps=6, dtype=torch.float32):
+        set_grads(params, grads)
+        set_grads(twin, grads)
+        compiled_step()
+        eager.step()
+        torch.testing.assert_close(opt.last_scales, eager.last_scales, rtol=0, atol=1e-6)
+        for p, q in zip(params, twin, strict=True):
+            torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
+            torch.testing.assert_close(opt.ema_state[p], eager.ema_state[q], rtol=0, atol=1e-6)
+        seen.append(opt.last_scales.clone())
+    assert all(not torch.equal(a, b) for a, b in itertools.pairwise(seen))  # new every step

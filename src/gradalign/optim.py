@@ -13,17 +13,22 @@ the per-tensor learning-rate modulation the note's hypothesis describes; both ex
 tell which one helps.
 
 The wrapper is a first-class ``torch.optim.Optimizer``: ``param_groups`` and ``state`` are the base
-optimizer's own objects (not copies), so LR schedulers, ``add_param_group`` and
-``load_state_dict`` act on the base directly. Only torch is imported here, so the module can be
-dropped into any PyTorch project.
+optimizer's own objects (not copies), and the EMA lives in that state (``state[p]["gao_ema"]``), so
+LR schedulers, ``add_param_group``, checkpoints and every tool that reads or writes
+``optimizer.state`` (``torch.distributed.checkpoint``, ``ZeroRedundancyOptimizer``, Lightning, HF
+Trainer) carry it. Parameters sharded with FSDP2 (``fully_shard``, DTensor) keep a sharded EMA and
+get the cosine of the whole tensor. Only torch is imported here, so the module can be dropped into
+any PyTorch project.
 """
 
 from __future__ import annotations
 
 import importlib
-from collections import OrderedDict
-from collections.abc import Callable, Iterable
-from typing import Any
+import math
+from collections import OrderedDict, defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from itertools import chain
+from typing import Any, NamedTuple
 
 import torch
 from torch.optim import Optimizer
@@ -31,7 +36,12 @@ from torch.optim import Optimizer
 TARGETS = ("grad", "update")
 GRANULARITIES = ("tensor", "global", "row")
 _EMA_KEY = "gao_ema"
+# Where GAO's state dict nests a base whose own state dict is not torch's layout (Lookahead-style).
+_BASE_KEY = "gao_base"
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+# A sharded tensor's mesh and the mesh dimensions over which its local sums add up to the whole's.
+_ShardSum = tuple[Any, tuple[int, ...]]
 
 
 def _resolve_base(base: type[Optimizer] | str | None) -> type[Optimizer]:
@@ -66,6 +76,19 @@ def _validate(beta: float, target: str, granularity: str, min_scale: float, eps:
         raise ValueError(f"eps={eps!r} must be > 0")
 
 
+def _refuse_fsdp1(params: Iterable[torch.Tensor]) -> None:
+    """FSDP1 hands the optimizer flat 1-D shards of its parameters: a cosine over a rank's shard is
+    not the tensor's, and nothing on the shard says which process group would complete it."""
+    for p in params:
+        if getattr(p, "_fsdp_flattened", False):
+            raise ValueError(
+                "GradientAlignmentOptimizer cannot use FullyShardedDataParallel (FSDP1) "
+                "parameters: each rank holds a flat shard, so the cosine would be the shard's, "
+                "not the tensor's. Shard with torch.distributed.fsdp.fully_shard (FSDP2) instead, "
+                "or use DDP."
+            )
+
+
 class GradientAlignmentOptimizer(Optimizer):
     """Scale a base optimizer's step by the alignment of each gradient with its moving average.
 
@@ -94,7 +117,10 @@ class GradientAlignmentOptimizer(Optimizer):
 
     After each step ``last_scales`` holds the mean scale applied to every parameter, in
     ``param_groups`` order (NaN where a parameter had no gradient), as a float32 tensor on the
-    parameters' device, for logging without a host synchronisation.
+    parameters' device, for logging without a host synchronisation. It is ``None`` before the
+    first step and then updated in place (so a ``torch.compile``-d step updates it too): copy it to
+    keep a step's values. Public attributes GAO lacks are read from the base (``opt.train()`` of a
+    schedule-free base).
     """
 
     def __init__(
@@ -119,13 +145,14 @@ class GradientAlignmentOptimizer(Optimizer):
             self.base = params_or_optimizer
         else:
             self.base = _resolve_base(base)(params_or_optimizer, **base_kwargs)
+        _refuse_fsdp1(self._params())
         self.beta = beta
         self.target = target
         self.granularity = granularity
         self.min_scale = min_scale
         self.eps = eps
         self.last_scales: torch.Tensor | None = None
-        self._ema: dict[torch.Tensor, torch.Tensor] = {}
+        self._flat_emas: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         # Optimizer.__init__ is deliberately not called: it would copy param_groups, and copies go
         # stale when the base's groups change. Set up the hook registries it would have made.
         self._optimizer_step_pre_hooks = OrderedDict()
@@ -147,7 +174,7 @@ class GradientAlignmentOptimizer(Optimizer):
 
     @property
     def state(self) -> Any:  # type: ignore[override]
-        """The base optimizer's per-parameter state (the EMA lives in ``ema_state``)."""
+        """The base optimizer's per-parameter state; each EMA is ``state[p]["gao_ema"]``."""
         return self.base.state
 
     @property
@@ -156,11 +183,23 @@ class GradientAlignmentOptimizer(Optimizer):
 
     @property
     def ema_state(self) -> dict[torch.Tensor, torch.Tensor]:
-        """The gradient EMA per parameter (a view, shaped like it): all the state GAO keeps."""
-        return {p: ema.view(p.shape) for p, ema in self._ema.items()}
+        """The gradient EMA of each parameter that has one (``state[p]["gao_ema"]``, shaped and,
+        under FSDP2, sharded like it): all the state GAO keeps."""
+        state = self.base.state
+        return {p: state[p][_EMA_KEY] for p in self._params() if _EMA_KEY in state.get(p, ())}
+
+    def __getattr__(self, name: str) -> Any:
+        """Public attributes GAO lacks come from the base, e.g. ``train()``/``eval()`` of a
+        schedule-free optimizer; private names are not delegated, so torch's own feature checks
+        (``hasattr(opt, "_...")``) see GAO, not its base."""
+        base = self.__dict__.get("base")
+        if base is None or name.startswith("_"):
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        return getattr(base, name)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         self.base.add_param_group(param_group)
+        _refuse_fsdp1(self.base.param_groups[-1]["params"])
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.base.zero_grad(set_to_none=set_to_none)
@@ -174,7 +213,8 @@ class GradientAlignmentOptimizer(Optimizer):
 
     def __getstate__(self) -> dict[str, Any]:
         # Optimizer's own pickling keeps only defaults/state/param_groups, which live on the base.
-        return self.__dict__.copy()
+        # The flat views are keyed by the parameters' ids, which a copy does not keep.
+        return {**self.__dict__, "_flat_emas": {}}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
@@ -184,33 +224,61 @@ class GradientAlignmentOptimizer(Optimizer):
         return [p for group in self.param_groups for p in group["params"]]
 
     def state_dict(self) -> dict[str, Any]:
-        """The base optimizer's state dict with each parameter's EMA under ``"gao_ema"``."""
-        state_dict = self.base.state_dict()
-        state = dict(state_dict["state"])
-        for index, p in enumerate(self._params()):
-            ema = self._ema.get(p)
-            if ema is not None:
-                state[index] = {**state.get(index, {}), _EMA_KEY: ema.view(p.shape)}
-        return {**state_dict, "state": state}
+        """The base's state dict, in which each parameter's entry holds its EMA as ``"gao_ema"``.
+
+        A base whose state dict is not torch's layout (``"state"`` keyed by parameter position,
+        ``"param_groups"``) is nested whole under ``"gao_base"``, beside GAO's own ``"state"`` and
+        ``"param_groups"``, as Lookahead nests its base.
+        """
+        emas = self._take_emas()
+        try:
+            base_state = self.base.state_dict()
+        finally:
+            self._put_emas(emas)
+        positions = {p: i for i, p in enumerate(self._params())}
+        own = {positions[p]: {_EMA_KEY: ema} for p, ema in emas.items() if p in positions}
+        if _is_torch_layout(base_state):
+            state = dict(base_state["state"])
+            for index, entry in own.items():
+                state[index] = {**state.get(index, {}), **entry}
+            return {**base_state, "state": state}
+        groups = [{"params": [positions[p] for p in g["params"]]} for g in self.param_groups]
+        return {"state": own, "param_groups": groups, _BASE_KEY: base_state}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore the base state and the EMAs, so a resumed run continues exactly."""
-        base_state: dict[Any, Any] = {}
-        emas: dict[int, torch.Tensor] = {}
-        for index, entry in state_dict["state"].items():
-            rest = {k: v for k, v in entry.items() if k != _EMA_KEY}
-            if _EMA_KEY in entry:
-                emas[int(index)] = entry[_EMA_KEY]
-            if rest:
-                base_state[index] = rest
-        self.base.load_state_dict({**state_dict, "state": base_state})
-        params = self._params()
-        self._ema = {
-            params[i]: ema.to(device=params[i].device, dtype=_ema_dtype(params[i]))
-            .flatten()
-            .clone()
-            for i, ema in emas.items()
+        """Restore the base state and the EMAs, so a resumed run continues exactly.
+
+        Entries are matched to parameters through the saved ``param_groups`` ids exactly as torch
+        does, so integer keys (``state_dict()``) and parameter names
+        (``torch.distributed.checkpoint``) both load. EMAs are copied, in float32 for
+        low-precision parameters, onto each parameter's device.
+        """
+        if _BASE_KEY in state_dict:
+            self.base.load_state_dict(state_dict[_BASE_KEY])
+        else:
+            self.base.load_state_dict(_without_emas(state_dict))
+        saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+        params = dict(zip(saved_ids, self._params(), strict=True))
+        state = self.base.state
+        for key, entry in state_dict["state"].items():
+            p = params.get(key)
+            if p is not None and isinstance(entry, dict) and _EMA_KEY in entry:
+                ema = entry[_EMA_KEY].to(device=p.device, dtype=_ema_dtype(p), copy=True)
+                state[p][_EMA_KEY] = ema
+
+    def _take_emas(self) -> dict[torch.Tensor, torch.Tensor]:
+        """Remove the EMAs from the base's state (to let the base save only its own)."""
+        state = self.base.state
+        return {
+            p: entry.pop(_EMA_KEY)
+            for p, entry in state.items()
+            if isinstance(entry, dict) and _EMA_KEY in entry
         }
+
+    def _put_emas(self, emas: dict[torch.Tensor, torch.Tensor]) -> None:
+        state = self.base.state
+        for p, ema in emas.items():
+            state[p][_EMA_KEY] = ema
 
     # --- the step ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -220,83 +288,103 @@ class GradientAlignmentOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        params, scales = self._align()
+        batch = self._gather()
+        scales = self._align(batch)
         if self.target == "grad":
-            if params:
-                if self.granularity == "row":  # as the 0-d scales of the other granularities act:
-                    # in the EMA's precision; float64 rows on float32 grads take a casting loop
-                    scales = [s.to(_ema_dtype(p)) for p, s in zip(params, scales, strict=True)]
-                torch._foreach_mul_([p.grad for p in params], scales)
-            self.base.step()
+            if batch.params:
+                torch._foreach_mul_(batch.grads, scales.grad_factors(batch.grads))
+            self._base_step(batch)
         else:
-            before = [p.clone() for p in params]
-            self.base.step()
-            if params:
-                weights = [(1.0 - s).to(p.dtype) for p, s in zip(params, scales, strict=True)]
-                torch._foreach_lerp_(params, before, weights)  # before + s * (after - before)
+            weights = scales.update_weights(batch.values)
+            before = torch._foreach_clone(batch.values) if batch.params else []
+            self._base_step(batch)
+            if batch.params:
+                torch._foreach_lerp_(batch.values, before, weights)  # before + s*(after - before)
         return loss
 
-    def _align(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Update the EMAs and return the parameters that have a gradient with their scales.
-
-        Each scale broadcasts over its parameter (0-d, or one entry per row). Parameters without a
-        gradient are skipped and keep their EMA.
-        """
+    def _gather(self) -> _Batch:
+        """The parameters that have a gradient, with their local tensors and EMAs (new ones at
+        zero). Raises before changing anything if a gradient is sparse or the tensors are spread
+        over several devices."""
+        state = self.base.state
         all_params = self._params()
-        params, indices = [], []
+        rows, pending, lonely = [], [], []
         for index, p in enumerate(all_params):
-            if p.grad is None:
+            grad = p.grad
+            if grad is None:
                 continue
-            if p.grad.is_sparse:
+            if grad.is_sparse:
                 raise RuntimeError(
                     "GradientAlignmentOptimizer does not support sparse gradients "
                     f"(parameter {index} of shape {tuple(p.shape)} has one)"
                 )
-            params.append(p)
-            indices.append(index)
-        if not params:  # no gradient at all: every scale NaN, as for each absent one below
-            device = all_params[0].device if all_params else None
-            self._record(torch.empty(0, device=device), [], len(all_params))
-            return [], []
-        emas = [self._flat_ema(p) for p in params]
-        grads = [
-            p.grad.reshape(-1) if p.grad.dtype == m.dtype else p.grad.reshape(-1).to(m.dtype)
-            for p, m in zip(params, emas, strict=True)
-        ]
-        devices = {g.device for g in grads}
+            entry = state.get(p)
+            ema = entry.get(_EMA_KEY) if entry else None
+            if ema is None:
+                ema = _new_ema(p)
+                pending.append((p, ema))
+            elif len(entry) == 1:  # only GAO's: the base has not set up its own state for p yet
+                lonely.append(entry)
+                pending.append((p, ema))
+            rows.append((index, p, grad, ema))
+        batch = _Batch(len(all_params), rows, pending)
+        devices = {g.device for g in batch.grads}
         if len(devices) > 1:
             raise RuntimeError(
                 "GradientAlignmentOptimizer needs all parameters with gradients on one device, "
                 f"got {sorted(map(str, devices))}"
             )
-        torch._foreach_lerp_(emas, grads, 1.0 - self.beta)
-        if self.granularity == "row":
-            scales, means = self._row_scales(grads, emas, params)
-        else:
-            scales, means = self._tensor_scales(grads, emas)
-        self._record(means, indices, len(all_params))
-        return params, scales
+        for entry in lonely:  # hidden during the base's step, which would take it for its own
+            del entry[_EMA_KEY]
+        return batch
 
-    def _flat_ema(self, p: torch.Tensor) -> torch.Tensor:
-        """The EMA of ``p``, created at zero on first use; kept flat so a step needs no reshape."""
-        ema = self._ema.get(p)
-        if ema is None:
-            ema = self._ema[p] = torch.zeros(p.numel(), dtype=_ema_dtype(p), device=p.device)
-        return ema
+    def _base_step(self, batch: _Batch) -> None:
+        """Step the base, then store the EMAs it must not see before (new and lonely ones)."""
+        try:
+            self.base.step()
+        finally:
+            state = self.base.state
+            for p, ema in batch.pending:
+                state[p][_EMA_KEY] = ema
+
+    def _align(self, batch: _Batch) -> _Scales:
+        """Update the EMAs, record ``last_scales`` and return the parameters' scales."""
+        device = batch.grads[0].device if batch.grads else _any_device(self._params())
+        if not batch.params:  # no gradient at all: every scale NaN, as for each absent one
+            self._record(torch.empty(0, device=device), [], batch.n_params, device)
+            return _Scales([], None)
+        ema_grads = [
+            g if g.dtype == m.dtype else g.to(m.dtype)
+            for g, m in zip(batch.grads, batch.emas, strict=True)
+        ]
+        torch._foreach_lerp_(batch.emas, ema_grads, 1.0 - self.beta)
+        if self.granularity == "row":
+            scales, means = self._row_scales(ema_grads, batch)
+        else:
+            scales, means = self._tensor_scales(ema_grads, batch)
+        self._record(means, batch.indices, batch.n_params, device)
+        return _Scales(scales, means if self.granularity != "row" else None)
 
     def _tensor_scales(
-        self, grads: list[torch.Tensor], emas: list[torch.Tensor]
+        self, grads: list[torch.Tensor], batch: _Batch
     ) -> tuple[list[torch.Tensor], torch.Tensor]:
         """One scale per tensor (or one for all), with no host synchronisation.
 
         On small models a step costs its number of torch calls, not its arithmetic: every call
         here is one per step or one per tensor, on flat views.
         """
+        flat_grads = [g if g.dim() == 1 else g.reshape(-1) for g in grads]
+        if torch.compiler.is_compiling():  # free in the graph; the eager cache would be guarded
+            flat_emas = [m.reshape(-1) for m in batch.emas]
+        else:
+            flat_emas = [self._flat(p, m) for p, m in zip(batch.params, batch.emas, strict=True)]
         products = torch.stack(
-            [torch.dot(g, m) for g, m in zip(grads, emas, strict=True)]
-            + [torch.dot(g, g) for g in grads]
-            + [torch.dot(m, m) for m in emas]
+            [torch.dot(g, m) for g, m in zip(flat_grads, flat_emas, strict=True)]
+            + [torch.dot(g, g) for g in flat_grads]
+            + [torch.dot(m, m) for m in flat_emas]
         ).view(3, -1)
+        if batch.sharded:
+            products = _sum_over_shards(products, batch.tensor_sums)
         if self.granularity == "global":
             scale = self._scale(products.sum(1))
             return [scale] * len(grads), scale.expand(len(grads))
@@ -304,23 +392,46 @@ class GradientAlignmentOptimizer(Optimizer):
         return list(scale.unbind(0)), scale
 
     def _row_scales(
-        self, grads: list[torch.Tensor], emas: list[torch.Tensor], params: list[torch.Tensor]
+        self, grads: list[torch.Tensor], batch: _Batch
     ) -> tuple[list[torch.Tensor], torch.Tensor]:
         """One scale per output unit (slice along dim 0) of each parameter, shaped to broadcast
         over it, and each parameter's mean scale. The cosines of all rows of all parameters are
         one ``_scale`` call (elementwise, so the same bits as one call per parameter)."""
-        rows = [p.shape[0] if p.dim() >= 2 else 1 for p in params]
+        rows = [g.shape[0] if p.dim() >= 2 else 1 for p, g in zip(batch.params, grads, strict=True)]
         products = []
-        for g, m, n in zip(grads, emas, rows, strict=True):
-            g_rows, m_rows = g.view(n, -1), m.view(n, -1)
+        for g, m, n in zip(grads, batch.emas, rows, strict=True):
+            shape = (n, g.numel() // n if n else 0)  # an FSDP2 shard may hold no row at all
+            g_rows, m_rows = g.reshape(shape), m.reshape(shape)
             dot, grad_square = (g_rows * m_rows).sum(1), g_rows.square().sum(1)
             products.append(torch.stack([dot, grad_square, m_rows.square().sum(1)]))
-        per_row = self._scale(torch.cat(products, 1)).split(rows)
+        products = torch.cat(products, 1)
+        if batch.sharded:
+            row_sums = [s for s, n in zip(batch.row_sums, rows, strict=True) for _ in range(n)]
+            products = _sum_over_shards(products, row_sums)
+        per_row = self._scale(products).split(rows)
         scales = [
-            s.view((n,) + (1,) * (p.dim() - 1) if n > 1 else ())
-            for s, n, p in zip(per_row, rows, params, strict=True)
+            s.view((n,) + (1,) * (g.dim() - 1) if p.dim() >= 2 else ())
+            for s, n, g, p in zip(per_row, rows, grads, batch.params, strict=True)
         ]
-        return scales, torch.stack([s.mean() for s in scales])
+        sums = torch.stack([s.sum() for s in per_row]).view(1, -1)
+        if batch.sharded:
+            sums = _sum_over_shards(sums, batch.mean_sums)
+        counts = [p.shape[0] if p.dim() >= 2 else 1 for p in batch.params]
+        return scales, sums.view(-1) / torch.tensor(counts, dtype=sums.dtype, device=sums.device)
+
+    def _flat(self, p: torch.Tensor, ema: torch.Tensor) -> torch.Tensor:
+        """A flat view of ``p``'s EMA, made once per EMA tensor: a reshape costs a torch call,
+        and the EMAs (unlike gradients) live from step to step. An EMA replaced in the state (a
+        checkpoint load) gets a new view; one that is not contiguous gets a copy each step."""
+        if ema.dim() == 1:
+            return ema
+        cached = self._flat_emas.get(id(p))
+        if cached is not None and cached[0] is ema:
+            return cached[1]
+        flat = ema.reshape(-1)
+        if ema.is_contiguous():  # a view, which sees the in-place EMA updates
+            self._flat_emas[id(p)] = (ema, flat)
+        return flat
 
     def _scale(self, products: torch.Tensor) -> torch.Tensor:
         """clamp(cos(g, m), min_scale, 1) from stacked products [g.m, g.g, m.m]; 0 if a norm is 0.
@@ -335,14 +446,215 @@ class GradientAlignmentOptimizer(Optimizer):
             scale.masked_fill_(norm_product == 0, 0.0)
         return scale
 
-    def _record(self, means: torch.Tensor, indices: list[int], n_params: int) -> None:
-        means = means.float()
+    def _record(
+        self, means: torch.Tensor, indices: list[int], n_params: int, device: torch.device
+    ) -> None:
+        """Write this step's mean scales into ``last_scales`` in place (NaN where no gradient)."""
+        last = self.last_scales
+        if last is None or last.shape[0] != n_params or last.device != device:
+            last = self._new_last_scales(n_params, device)
         if len(indices) == n_params:
-            self.last_scales = means
+            last.copy_(means)
             return
-        last = torch.full((n_params,), float("nan"), device=means.device)
-        last[torch.tensor(indices, dtype=torch.long, device=means.device)] = means
-        self.last_scales = last
+        last.fill_(math.nan)
+        if indices:
+            last.index_copy_(0, torch.tensor(indices, device=device), means.to(last.dtype))
+
+    @torch._disable_dynamo  # a compiled step drops attribute stores on optimizers; this one runs
+    def _new_last_scales(self, n_params: int, device: torch.device) -> torch.Tensor:
+        self.last_scales = torch.full((n_params,), math.nan, device=device)
+        return self.last_scales
+
+
+class _Batch:
+    """What a step acts on: the parameters that have a gradient, in ``param_groups`` order, with
+    the local tensors of each (the rank's shard under FSDP2, the tensor itself otherwise) and,
+    for sharded ones, how their local sums add up to the whole tensor's (None: already whole)."""
+
+    def __init__(
+        self,
+        n_params: int,
+        rows: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]],
+        pending: list[tuple[torch.Tensor, torch.Tensor]],
+    ) -> None:
+        self.n_params = n_params  # of all parameters, with a gradient or not
+        self.pending = pending  # EMAs to store after the base's step (new ones, lonely ones)
+        columns = [list(column) for column in zip(*rows, strict=True)] or [[], [], [], []]
+        self.indices, self.params, grads, emas = columns  # indices: positions among all
+        layouts = [
+            None if type(g) is torch.Tensor or not _is_dtensor(p, g) else _shard_sums(p, g, m)
+            for p, g, m in zip(self.params, grads, emas, strict=True)
+        ]
+        self.sharded = any(layouts)
+        if not self.sharded:  # plain tensors: the common case, with no per-tensor work
+            self.values, self.grads, self.emas = self.params, grads, emas
+            self.tensor_sums = self.row_sums = self.mean_sums = [None] * len(rows)
+            return
+        self.values = [_local(p) for p in self.params]
+        self.grads = [_local(g) for g in grads]
+        self.emas = [_local(m) for m in emas]
+        # Which sharded tensor dims the local sums of a tensor, of one of its rows, and of its row
+        # scales run over (a 0/1-d tensor has one "row": the whole tensor).
+        self.tensor_sums, self.row_sums, self.mean_sums = [], [], []
+        for layout, p in zip(layouts, self.params, strict=True):
+            by_rows = p.dim() >= 2
+            self.tensor_sums.append(layout and layout(_any_dim))
+            self.row_sums.append(layout and layout(_not_dim_0 if by_rows else _any_dim))
+            self.mean_sums.append(layout(_dim_0) if layout and by_rows else None)
+
+
+def _any_dim(dim: int) -> bool:
+    return True
+
+
+def _not_dim_0(dim: int) -> bool:
+    return dim != 0
+
+
+def _dim_0(dim: int) -> bool:
+    return dim == 0
+
+
+def _dtensor_type() -> type | None:
+    """DTensor, or None where torch.distributed is not built in."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:
+        return None
+    return DTensor
+
+
+def _is_dtensor(*tensors: torch.Tensor) -> bool:
+    """Whether any of the tensors is a DTensor (other tensor subclasses are used as they are)."""
+    dtensor = _dtensor_type()
+    return dtensor is not None and any(isinstance(t, dtensor) for t in tensors)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (the same storage: in-place ops act on the DTensor), else ``t``."""
+    return t.to_local() if _is_dtensor(t) else t
+
+
+def _shard_sums(
+    p: torch.Tensor, grad: torch.Tensor, ema: torch.Tensor
+) -> Callable[[Callable[[int], bool]], _ShardSum | None]:
+    """For a DTensor parameter, a function of a predicate on tensor dims giving the mesh dims that
+    shard such a dim (their local sums must be added up); checks that the layouts fit GAO."""
+    if not all(_is_dtensor(t) for t in (p, grad, ema)):
+        raise TypeError(
+            "a DTensor parameter needs a DTensor gradient and EMA, and a DTensor gradient a "
+            f"DTensor parameter; got {type(p).__name__}, {type(grad).__name__} and "
+            f"{type(ema).__name__}"
+        )
+    if not (grad.placements == p.placements == ema.placements):
+        raise ValueError(
+            f"the gradient ({grad.placements}) and EMA ({ema.placements}) of a DTensor parameter "
+            f"must be laid out like it ({p.placements})"
+        )
+    dims = [_sharded_dim(placement) for placement in p.placements]
+
+    def sums(keep: Callable[[int], bool]) -> _ShardSum | None:
+        mesh_dims = tuple(i for i, dim in enumerate(dims) if dim is not None and keep(dim))
+        return (p.device_mesh, mesh_dims) if mesh_dims else None
+
+    return sums
+
+
+def _sharded_dim(placement: Any) -> int | None:
+    """The tensor dim a placement splits (Shard, _StridedShard), None if it replicates."""
+    if placement.is_replicate():
+        return None
+    if placement.is_partial() or not hasattr(placement, "dim"):
+        raise ValueError(
+            f"GradientAlignmentOptimizer needs parameters sharded or replicated, not {placement}"
+        )
+    return placement.dim
+
+
+def _sum_over_shards(values: torch.Tensor, sums: Sequence[_ShardSum | None]) -> torch.Tensor:
+    """Add up local partial sums across the ranks that hold the other shards.
+
+    ``values`` is (k, n) and column j belongs to a tensor laid out as ``sums[j]`` says (None: the
+    column is already whole). Columns with the same layout go through one all-gather per mesh dim,
+    summed in rank order, so every rank gets the same bits and equal inputs give equal outputs
+    (a cosine of an EMA equal to its gradient is exactly 1 on every rank).
+    """
+    groups: dict[_ShardSum, list[int]] = defaultdict(list)
+    for column, layout in enumerate(sums):
+        if layout is not None:
+            groups[layout].append(column)
+    for (mesh, mesh_dims), columns in groups.items():
+        index = torch.tensor(columns, device=values.device)
+        part = values.index_select(1, index)
+        for mesh_dim in mesh_dims:
+            part = _all_gather_sum(part, mesh.get_group(mesh_dim))
+        values = values.index_copy(1, index, part)
+    return values
+
+
+def _all_gather_sum(part: torch.Tensor, group: Any) -> torch.Tensor:
+    import torch.distributed as dist
+
+    world = dist.get_world_size(group)
+    gathered = part.new_empty((world * part.shape[0], *part.shape[1:]))  # ranks' parts, stacked
+    # all_gather_single is torch >= 2.13's name of all_gather_into_tensor (deprecated there)
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(gathered, part.contiguous(), group=group)
+    return gathered.view(world, *part.shape).sum(0)
+
+
+class _Scales(NamedTuple):
+    """A step's scales in float64: one per parameter (0-d, or one entry per row shaped to broadcast
+    over it) and, when they are all 0-d, the same as one vector."""
+
+    per_param: list[torch.Tensor]
+    vector: torch.Tensor | None
+
+    def grad_factors(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
+        """What to multiply the gradients by. A 0-d float64 scale acts in the gradient's dtype;
+        float64 rows on float32 gradients would take torch's per-element casting loop."""
+        return self.per_param if self.vector is not None else _in_dtypes(self.per_param, grads)
+
+    def update_weights(self, values: list[torch.Tensor]) -> list[torch.Tensor]:
+        """1 - s in each parameter's dtype (lerp's weight must match it), cast as one vector when
+        the parameters share a dtype."""
+        dtypes = {v.dtype for v in values}
+        if self.vector is not None and len(dtypes) == 1:
+            return list((1.0 - self.vector).to(dtypes.pop()).unbind(0))
+        return _in_dtypes([1.0 - s for s in self.per_param], values)
+
+
+def _in_dtypes(scales: list[torch.Tensor], tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [s.to(t.dtype) for s, t in zip(scales, tensors, strict=True)]
+
+
+def _is_torch_layout(state_dict: Any) -> bool:
+    return (
+        isinstance(state_dict, dict)
+        and isinstance(state_dict.get("state"), dict)
+        and isinstance(state_dict.get("param_groups"), list)
+    )
+
+
+def _without_emas(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """The state dict without its EMA entries (what the base loads); entries left empty go, and
+    what is not a parameter's entry (torch keeps unknown keys' values) stays as it is."""
+    state = {}
+    for key, entry in state_dict["state"].items():
+        if not isinstance(entry, dict):
+            state[key] = entry
+        elif rest := {k: v for k, v in entry.items() if k != _EMA_KEY}:
+            state[key] = rest
+    return {**state_dict, "state": state}
+
+
+def _any_device(params: list[torch.Tensor]) -> torch.device | None:
+    return params[0].device if params else None
+
+
+def _new_ema(p: torch.Tensor) -> torch.Tensor:
+    """A zero EMA shaped (and, for a DTensor, sharded) like ``p``."""
+    return torch.zeros_like(p, dtype=_ema_dtype(p), memory_format=torch.contiguous_format)
 
 
 def _ema_dtype(p: torch.Tensor) -> torch.dtype:
