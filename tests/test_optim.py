@@ -371,7 +371,7 @@ def test_zero_gradient_gives_zero_scale_and_no_nan(granularity, target):
 
 @pytest.mark.parametrize("granularity", GRANULARITIES)
 def test_zero_gradient_scale_is_zero_even_with_min_scale(granularity):
-    """The docstring: "a zero gradient or EMA gives s = 0 whatever eps is"; DESIGN §2: "s = 0
+    """The docstring: "a zero gradient or EMA gives s = 0 whatever eps is", and the method: "s = 0
     when a norm is 0". min_scale is the clamp of the cosine, it must not turn "no gradient
     information" into a positive step. This matters for target="update" (Adam's momentum keeps
     moving a parameter whose gradient is zero, e.g. a dead ReLU unit's row)."""
