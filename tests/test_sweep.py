@@ -14,7 +14,7 @@ import optuna
 import pytest
 from helpers import train_in_process
 from mlflow.tracking import MlflowClient
-from optuna.distributions import CategoricalDistribution, UniformDistribution
+from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.samplers import TPESampler
 from optuna.trial import TrialState
 
@@ -142,7 +142,9 @@ def test_failed_and_diverged_trials_are_recorded_in_both_systems_and_the_sweep_g
     assert {r.data.tags["sweep_id"] for r in runs} == {"optuna:s"}
 
 
-def test_the_sweep_stops_once_more_trials_failed_than_the_budget_allows(monkeypatch, stores):
+def test_the_sweep_stops_once_more_trials_failed_than_the_budget_allows(
+    monkeypatch, capsys, stores
+):
     overrides, trials, sweep_runs = stores
     failing_fits(monkeypatch, *["raise"] * 4)
     code = train_in_process(
@@ -153,6 +155,11 @@ def test_the_sweep_stops_once_more_trials_failed_than_the_budget_allows(monkeypa
         *overrides,
     )
     assert code == 1  # 1 failure of 4 allowed: the second stops the sweep
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (
+        "sweep stopped: 2 trials raised, more than hydra.sweeper.max_failure_rate=0.25 of "
+        "n_trials=4 allows (1); the last batch's first: RuntimeError: disk on fire"
+    )
     assert [t.state for t in trials()] == [TrialState.FAIL, TrialState.FAIL]
     assert [r.info.status for r in sweep_runs()] == ["FAILED", "FAILED"]
 
@@ -172,7 +179,7 @@ def free_port():
         ),
         (
             "optimizer.beta=interval(0.5,1.5)",
-            r"beta=1.4999\d* is outside the allowed range \[0, 1\)",
+            r"reaches 1.5: invalid optimizer config .*beta=1.5 is outside the allowed range",
         ),
         (
             "optimizer.lr=interval(-1,1)",
@@ -202,10 +209,13 @@ def test_bad_settings_fail_before_the_first_trial(monkeypatch, capsys, stores, o
     code = train_in_process(
         monkeypatch, "-m", "optimizer=gao", *overrides, override.replace("PORT", port)
     )
-    assert code == 1
     err = capsys.readouterr().err
+    hydra_own = "Could not find" in message  # Hydra's config errors: its own exit status
+    assert code == (1 if hydra_own else 2)
     assert re.search(message.replace("PORT", port), err)
-    assert "Traceback" not in err  # the message alone, as Hydra prints its own config errors
+    assert "Traceback" not in err
+    if not hydra_own:  # gradalign's refusals are one line, with no hint to look further
+        assert len(err.strip().splitlines()) == 1 and "HYDRA_FULL_ERROR" not in err
     assert trials() == [] and sweep_runs() == []
 
 
@@ -213,14 +223,14 @@ def test_a_search_space_in_the_config_is_checked_like_one_on_the_command_line(co
     cfg = compose_cfg("optimizer=gao", *tiny)
     splits = build_dataset(cfg)
     with pytest.raises(ValueError, match=r"'optimizer.bta' .* 'optimizer' has \["):
-        check_search_space(cfg, {"optimizer.bta": UniformDistribution(0.5, 0.9)}, [], splits)
+        check_search_space(cfg, {"optimizer.bta": FloatDistribution(0.5, 0.9)}, [], splits)
     with pytest.raises(ValueError, match="'trainer.epoch' .* 'trainer' has"):
         check_search_space(cfg, {}, ["trainer.epoch"], splits)  # fixed in hydra.sweeper.params
     with pytest.raises(ValueError, match=r"'optimzer.lr' .* top-level keys are \[.*'optimizer'"):
-        check_search_space(cfg, {"optimzer.lr": UniformDistribution(0.1, 0.2)}, [], splits)
+        check_search_space(cfg, {"optimzer.lr": FloatDistribution(0.1, 0.2)}, [], splits)
     check_search_space(  # group choices, appended keys and Hydra's settings pass
         cfg,
-        {"model": CategoricalDistribution(["mlp", "cnn"]), "+extra": UniformDistribution(0, 1)},
+        {"model": CategoricalDistribution(["mlp", "cnn"]), "+extra": FloatDistribution(0, 1)},
         ["hydra.job.name"],
         splits,
     )
@@ -234,16 +244,16 @@ def test_a_search_space_in_the_config_is_checked_like_one_on_the_command_line(co
     [
         (
             "optimizer.beta",
-            UniformDistribution(0.5, 1.5),
-            r"reaches 1\.49.*beta=1\.49\d* is outside",
+            FloatDistribution(0.5, 1.5),
+            r"reaches 1.5: .*beta=1.5 is outside",
         ),
-        ("optimizer.lr", UniformDistribution(-1.0, 0.1), "reaches -1.0: invalid optimizer config"),
+        ("optimizer.lr", FloatDistribution(-1.0, 0.1), "reaches -1.0: invalid optimizer config"),
         ("optimizer.target", CategoricalDistribution(["grad", "both"]), "target='both'"),
         ("model.residual", CategoricalDistribution([True, "no"]), "model.residual='no'"),
         (
             "dataset.val_fraction",
-            UniformDistribution(0.1, 1.0),
-            r"invalid dataset config 'mnist1d' \(.*\): dataset.val_fraction=0.99",
+            FloatDistribution(0.1, 1.0),
+            r"invalid dataset config 'mnist1d' \(.*\): dataset.val_fraction=1.0 is invalid",
         ),
     ],
 )

@@ -10,16 +10,20 @@ of that study must match it.
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import optuna
+import optuna.storages._rdb  # where Optuna keeps its schema migrations
+from alembic.script import ScriptDirectory
 from omegaconf import DictConfig
 from optuna.distributions import BaseDistribution
 
 from gradalign.config import NOT_HASHED, flatten
+from gradalign.tracking.store import TrackingUnavailable, check_schema
 
 IDENTITY_ATTR = "gradalign.config"
 _SQLITE = "sqlite:///"
@@ -39,7 +43,7 @@ def check_storage(url: str) -> None:
     if not path.exists():
         return
     try:
-        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
             tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master")}
     except sqlite3.DatabaseError as error:
         raise ValueError(
@@ -52,6 +56,11 @@ def check_storage(url: str) -> None:
             f"hydra.sweeper.storage={url} is not an Optuna storage{kind}; point it at another "
             "file, e.g. sqlite:///outputs/optuna.db"
         )
+    script = ScriptDirectory(str(Path(optuna.storages._rdb.__file__).parent / "alembic"))
+    try:
+        check_schema(path, script, "Optuna", f"optuna storage upgrade --storage {url}")
+    except TrackingUnavailable as error:
+        raise ValueError(f"hydra.sweeper.storage: {error}") from None
 
 
 def study_identity(

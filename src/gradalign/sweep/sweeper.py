@@ -24,36 +24,36 @@ keeps that loop and adds:
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import math
 import os
 import socket
+import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 from hydra.core.utils import JobReturn, JobStatus
-from hydra.errors import CompactHydraException
 from hydra.types import HydraContext, TaskFunction
-from hydra_plugins.hydra_optuna_sweeper._impl import (
-    OptunaSweeperImpl,
-    create_params_from_overrides,
-)
 from mlflow.entities import RunStatus
 from omegaconf import DictConfig, OmegaConf, read_write
-from optuna.distributions import (
-    BaseDistribution,
-    CategoricalDistribution,
-    LogUniformDistribution,
-    UniformDistribution,
-)
+from optuna.distributions import BaseDistribution, CategoricalDistribution
+from optuna.samplers import GridSampler
 from optuna.trial import Trial, TrialState
 
 from gradalign import processes, tracking
+from gradalign.checks import is_number
 from gradalign.components import build_dataset, build_model, build_optimizer
 from gradalign.config import anchored_uri, hydra_quoted, validate
 from gradalign.data import Splits
 from gradalign.sweep.runs import open_parent, sweep_id
+from gradalign.sweep.stock import (
+    OptunaSweeperImpl,
+    current_distributions,
+    legacy_distributions_quiet,
+    params_from_overrides,
+)
 from gradalign.sweep.studies import check_storage, claim_study, study_identity
 
 log = logging.getLogger(__name__)
@@ -62,17 +62,24 @@ STOP_CHILDREN_S = 30.0  # how long an interrupted sweep waits for its workers to
 _MISSING = object()
 
 
-class SweepNotStarted(CompactHydraException):
-    """A sweep refused before its first trial (an invalid setting, an unreachable store).
-    Hydra prints a compact exception's message alone, as it does for its own config errors,
-    instead of a traceback through its internals that buries the one line that matters."""
+class SweepEnded(Exception):
+    """A sweep that ends without a result: printed as its one line (no traceback, no hint to
+    set HYDRA_FULL_ERROR), and the process exits with ``status``."""
+
+    status = 1
 
 
-class SweepStopped(CompactHydraException):
+class SweepNotStarted(SweepEnded):
+    """Refused before its first trial: an invalid setting, an unusable store."""
+
+    status = 2
+
+
+class SweepStopped(SweepEnded):
     """More trials raised than the failure budget allows; the message says how many and why."""
 
 
-class SweepFailed(CompactHydraException):
+class SweepFailed(SweepEnded):
     """The sweep ran but found no usable configuration (every trial diverged)."""
 
 
@@ -93,16 +100,11 @@ def claim_sweep_dir(requested: Path) -> Path:
 
 
 def _range_ends(distribution: BaseDistribution) -> list[Any]:
-    """The values a distribution can produce at its extremes (all choices of a categorical).
-
-    Optuna 2.10's float uniform and log-uniform ranges exclude ``high``: its largest value below
-    ``high`` is checked instead."""
+    """The values a distribution can produce at its extremes (both ends of a range, which
+    current Optuna includes; all choices of a categorical)."""
     if isinstance(distribution, CategoricalDistribution):
         return list(distribution.choices)
-    high = distribution.high
-    if isinstance(distribution, UniformDistribution | LogUniformDistribution):
-        high = math.nextafter(high, distribution.low)
-    return [distribution.low, high]
+    return [distribution.low, distribution.high]
 
 
 def _own_key(key: str) -> bool:
@@ -194,11 +196,6 @@ class SafeOptunaSweeperImpl(OptunaSweeperImpl):
 
     def __init__(self, *, max_failure_rate: float, **kwargs: Any) -> None:
         super().__init__(max_failure_rate=1.0, **kwargs)  # the stock per-batch rule: never
-        if not 0.0 <= max_failure_rate <= 1.0:
-            raise ValueError(
-                f"invalid config value hydra.sweeper.max_failure_rate={max_failure_rate!r}: "
-                "must be a number in [0, 1]"
-            )
         self.budget_rate = max_failure_rate
         self.failures = 0
         self.in_flight: list[Trial] = []
@@ -222,12 +219,24 @@ class SafeOptunaSweeperImpl(OptunaSweeperImpl):
         self.launcher = _RecordingLauncher(self.launcher, self)
 
     def _check(self, arguments: list[str]) -> None:
+        if not (is_number(self.budget_rate) and 0.0 <= self.budget_rate <= 1.0):
+            raise ValueError(
+                f"invalid config value hydra.sweeper.max_failure_rate={self.budget_rate!r}: "
+                "must be a number in [0, 1]"
+            )
         validate(self.config)
         splits = build_dataset(self.config)
         check_trial_config(self.config, splits)
         overrides = [*self._parse_sweeper_params_config(), *arguments]
-        distributions, fixed = create_params_from_overrides(overrides)
+        distributions, fixed = params_from_overrides(overrides)
         check_search_space(self.config, distributions, fixed, splits)
+        if isinstance(self.sampler, functools.partial) and self.sampler.func is GridSampler:
+            for key, distribution in distributions.items():
+                if not isinstance(distribution, CategoricalDistribution) and not distribution.step:
+                    raise ValueError(
+                        f"hydra/sweeper/sampler=grid needs a discrete search space, but {key} "
+                        f"is {distribution}: give it choice(...) or range(...)"
+                    )
         if isinstance(self.storage, str):
             check_storage(self.storage)
         tracking.connect(self.config.tracking)  # reachable; the experiment created once, here
@@ -237,13 +246,21 @@ class SafeOptunaSweeperImpl(OptunaSweeperImpl):
 
     def sweep(self, arguments: list[str]) -> None:
         try:
+            self._sweep(arguments)
+        except SweepEnded as ended:
+            print(ended, file=sys.stderr)
+            raise SystemExit(ended.status) from None
+
+    def _sweep(self, arguments: list[str]) -> None:
+        try:
             self._check(arguments)
             self.parent_run_id = open_parent(self.config)
         except (ValueError, tracking.TrackingUnavailable) as error:
             raise SweepNotStarted(f"sweep not started, no trial run: {error}") from error
         with tracking.sigterm_raises():
             try:
-                super().sweep(arguments)
+                with legacy_distributions_quiet():  # the stock loop builds Optuna 2-era ones
+                    super().sweep(arguments)
                 self._check_some_trial_converged()
             except (KeyboardInterrupt, tracking.Terminated) as error:
                 reason = tracking.interruption_reason(error)
@@ -284,7 +301,8 @@ class SafeOptunaSweeperImpl(OptunaSweeperImpl):
         search_space_distributions: dict[str, BaseDistribution],
         fixed_params: dict[str, Any],
     ) -> Sequence[Sequence[str]]:
-        overrides = super()._configure_trials(trials, search_space_distributions, fixed_params)
+        distributions = current_distributions(search_space_distributions)  # stored as today's
+        overrides = super()._configure_trials(trials, distributions, fixed_params)
         self.in_flight = list(trials)
         for trial in trials:
             trial.set_user_attr("owner", self.owner)

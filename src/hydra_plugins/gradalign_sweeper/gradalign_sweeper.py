@@ -1,24 +1,48 @@
 """The Hydra sweeper of ``python train.py -m``: hydra-optuna-sweeper's OptunaSweeper with
-gradalign's safeguards (gradalign.sweep). Configured by conf/hydra/sweeper/optuna_tpe.yaml.
+gradalign's safeguards (gradalign.sweep.sweeper). Configured by conf/hydra/sweeper/gradalign.yaml.
 
 Hydra imports every module under ``hydra_plugins`` at start-up to find plugins, so this one
-imports the implementation (Optuna, MLflow, torch) only when the sweeper is built.
+imports the implementation (Optuna, MLflow, torch) only when the sweeper is built. Its config
+schema is the stock sweeper's plus a ``seed`` for whichever sampler is chosen, and it is built
+non-recursively: the sweeper, not Hydra, builds the sampler, so that every
+``hydra/sweeper/sampler=...`` choice works with the installed Optuna.
 """
 
+from dataclasses import dataclass
 from typing import Any
 
+from hydra.core.config_store import ConfigStore
 from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
+from hydra_plugins.hydra_optuna_sweeper.config import OptunaSweeperConf
 from omegaconf import DictConfig
 
 
-class GradalignOptunaSweeper(Sweeper):
-    """Takes the arguments of hydra-optuna-sweeper's OptunaSweeper (its structured config)."""
+@dataclass
+class GradalignOptunaSweeperConf(OptunaSweeperConf):
+    """OptunaSweeperConf, plus ``seed`` (the sampler's unless its own config sets one)."""
 
-    def __init__(self, **kwargs: Any) -> None:
+    _target_: str = "hydra_plugins.gradalign_sweeper.gradalign_sweeper.GradalignOptunaSweeper"
+    _recursive_: bool = False
+    seed: int | None = None
+
+
+ConfigStore.instance().store(
+    group="hydra/sweeper",
+    name="gradalign_optuna_schema",
+    node=GradalignOptunaSweeperConf,
+    provider="gradalign",
+)
+
+
+class GradalignOptunaSweeper(Sweeper):
+    """Takes the arguments of GradalignOptunaSweeperConf."""
+
+    def __init__(self, *, sampler: DictConfig, seed: int | None, **kwargs: Any) -> None:
+        from gradalign.sweep.sampler import build_sampler
         from gradalign.sweep.sweeper import SafeOptunaSweeperImpl
 
-        self.sweeper = SafeOptunaSweeperImpl(**kwargs)
+        self.sweeper = SafeOptunaSweeperImpl(sampler=build_sampler(sampler, seed), **kwargs)
 
     def setup(
         self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig

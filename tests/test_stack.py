@@ -1,0 +1,139 @@
+"""The dependency stack under hydra-optuna-sweeper 1.3.0: every sampler choice builds for the
+installed Optuna without a FutureWarning (motpe as TPE), the resumable TPE sampler keeps working
+past its start-up trials, another sweeper release is refused at import naming the tested one,
+and stores written by an older MLflow or Optuna are refused with the command that upgrades them
+instead of being migrated silently."""
+
+import hashlib
+import importlib
+import sqlite3
+import warnings
+
+import optuna
+import pytest
+from hydra.core.config_store import ConfigStore
+from mlflow.tracking import MlflowClient
+from optuna.samplers import TPESampler
+
+from gradalign import tracking
+from gradalign.sweep import stock
+from gradalign.sweep.sampler import ResumableTPESampler, build_sampler
+from gradalign.sweep.studies import check_storage
+
+SAMPLERS = sorted(
+    name.removesuffix(".yaml") for name in ConfigStore.instance().list("hydra/sweeper/sampler")
+)
+
+
+@pytest.mark.parametrize("name", SAMPLERS)
+def test_every_sampler_choice_builds_without_a_future_warning(compose_cfg, name):
+    cfg = compose_cfg(f"hydra/sweeper/sampler={name}", hydra=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sampler = build_sampler(cfg.hydra.sweeper.sampler, seed=7)
+        if name == "grid":  # the sweeper completes the partial with the search space
+            sampler = sampler({"x": [1, 2]})
+    assert isinstance(sampler, optuna.samplers.BaseSampler)
+    if name in ("tpe", "motpe"):  # Optuna >= 4 samples several objectives with TPE
+        assert type(sampler) is ResumableTPESampler
+
+
+def test_the_sweeps_seed_is_the_samplers_unless_the_sampler_sets_its_own(compose_cfg):
+    cfg = compose_cfg(hydra=True).hydra.sweeper.sampler
+    assert cfg.seed is None  # conf/ seeds the sweep (hydra.sweeper.seed), not one sampler
+    assert build_sampler(cfg, seed=3)._seed == 3
+    assert build_sampler({**cfg, "seed": 5}, seed=3)._seed == 5
+
+
+def asked(storage, sampler, n):
+    """Ask ``n`` trials of the stored study "s" with ``sampler``, as a sweep process would."""
+    study = optuna.load_study(study_name="s", storage=storage, sampler=sampler)
+    values = []
+    for _ in range(n):
+        trial = study.ask()
+        values.append(trial.suggest_float("lr", 1e-4, 1e-1, log=True))
+        study.tell(trial, values[-1])
+    return values
+
+
+def test_a_resumed_study_samples_past_the_start_up_trials_without_repeating(tmp_path):
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    optuna.create_study(study_name="s", storage=storage)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        first = asked(storage, ResumableTPESampler(seed=0), 15)  # past TPE's 10 start-up trials
+        resumed = asked(storage, ResumableTPESampler(seed=0), 15)
+    optuna.create_study(study_name="s", storage=f"sqlite:///{tmp_path / 'plain.db'}")
+    assert first == asked(f"sqlite:///{tmp_path / 'plain.db'}", TPESampler(seed=0), 15)
+    assert not set(resumed) & set(first)
+
+
+def test_another_sweeper_release_is_refused_naming_the_tested_one(monkeypatch):
+    monkeypatch.setattr(stock.importlib.metadata, "version", lambda name: "1.4.0")
+    with pytest.raises(ImportError, match=r"tested with, but 1\.4\.0 is installed.*==1\.3\.0"):
+        stock.check_release()
+
+
+def test_a_changed_private_function_is_refused_naming_it(monkeypatch):
+    monkeypatch.setattr(stock._impl.OptunaSweeperImpl, "_configure_trials", lambda self: None)
+    with pytest.raises(ImportError, match="its OptunaSweeperImpl._configure_trials changed"):
+        importlib.reload(stock)
+
+
+def test_the_search_space_is_stored_in_current_optunas_classes():
+    distributions, fixed = stock.params_from_overrides(
+        ["a=interval(0.1, 0.5)", "b=tag(log, interval(1e-4, 1e-1))", "c=range(1, 9, 2)", "d=3"]
+    )
+    assert distributions == {
+        "a": optuna.distributions.FloatDistribution(0.1, 0.5),
+        "b": optuna.distributions.FloatDistribution(1e-4, 1e-1, log=True),
+        "c": optuna.distributions.IntDistribution(1, 9, step=2),
+    }
+    assert fixed == {"d": "3"}  # as the override gives it
+
+
+def age(db, revision):
+    """Set the schema revision a SQLite store records, as an older library would have left it."""
+    with sqlite3.connect(db) as connection:
+        connection.execute("UPDATE alembic_version SET version_num = ?", (revision,))
+
+
+def digest(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_an_mlflow_store_of_an_older_mlflow_is_refused_untouched(tmp_path):
+    db = tmp_path / "mlflow.db"
+    MlflowClient(f"sqlite:///{db}").search_experiments()  # a store at the installed schema
+    age(db, "b7e2c1a4d9f3")  # MLflow 3.16's head
+    before = digest(db)
+    with pytest.raises(tracking.TrackingUnavailable) as info:
+        tracking.client(f"sqlite:///{db}", 60)
+    message = str(info.value)
+    assert "written by an older MLflow (schema b7e2c1a4d9f3" in message
+    assert message.endswith(f"run: mlflow db upgrade sqlite:///{db}")
+    assert digest(db) == before  # not migrated
+    age(db, "f00f00f00f00")
+    with pytest.raises(tracking.TrackingUnavailable, match="written by a newer MLflow"):
+        tracking.client(f"sqlite:///{db}", 60)
+
+
+def test_an_optuna_storage_of_an_older_optuna_is_refused_untouched(tmp_path):
+    db = tmp_path / "optuna.db"
+    url = f"sqlite:///{db}"
+    optuna.create_study(storage=url)
+    check_storage(url)  # the installed schema: fine
+    age(db, "v2.6.0.a")  # Optuna 2.10's
+    before = digest(db)
+    with pytest.raises(ValueError) as info:
+        check_storage(url)
+    assert "written by an older Optuna (schema v2.6.0.a" in str(info.value)
+    assert str(info.value).endswith(f"run: optuna storage upgrade --storage {url}")
+    assert digest(db) == before
+
+
+def test_an_mlflow_store_given_as_the_optuna_storage_is_named_as_such(tmp_path):
+    db = tmp_path / "mlflow.db"
+    MlflowClient(f"sqlite:///{db}").search_experiments()
+    with pytest.raises(ValueError, match=r"is not an Optuna storage \(it is an MLflow store\)"):
+        check_storage(f"sqlite:///{db}")
