@@ -13,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from gradalign.report.build import make_report
+from gradalign.report.build import MARKDOWN, make_report
 from gradalign.report.cli import run_command
 from gradalign.report.settings import add_report_arguments, report_settings_from_args
 
@@ -25,7 +25,14 @@ def main(argv: list[str]) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add_report_arguments(parser)
-    return run_command(argv, parser, report_settings_from_args, make_report, ROOT, "report.py")
+    return run_command(
+        argv,
+        parser,
+        report_settings_from_args,
+        lambda s: make_report(s) / MARKDOWN,
+        ROOT,
+        "report.py",
+    )
 
 
 if __name__ == "__main__":

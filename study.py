@@ -1,11 +1,14 @@
-"""The whole seed study in one command: an Optuna sweep per optimizer, then the report.
+"""A whole study in one command: the Optuna sweeps it needs, its final runs, its report.
 
-    python study.py                          # adam and gao: 30-trial sweeps, 5 seeds x 100 epochs
-    python study.py --quick                  # the same pipeline in seconds (own MLflow experiment)
+    python study.py                           # adam vs gao: 30-trial sweeps, 5 seeds x 100 epochs
+    python study.py --quick                   # the same pipeline in seconds (own MLflow experiment)
+    python study.py --preset seed_note        # the research note's own study, as it ran it
+    python study.py --preset seed_note_audit  # ... and under variations, claim by claim
     python study.py --optimizers adam gao gao_update -- model=cnn
 
-Flags and defaults: conf/study.yaml (sweeps), conf/report.yaml (report). Overrides after `--`
-go to every sweep and to the report's final runs.
+Presets and their keys: conf/study/<name>.yaml (report defaults: conf/report.yaml). Overrides
+after `--` go to every sweep and final run. Sweeps are stored (outputs/studies/optuna.db) and
+final runs tracked, so a rerun only redoes what is missing.
 """
 
 import argparse
@@ -23,8 +26,9 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--quick", action="store_true", help="conf/study.yaml's quick preset")
-    parser.add_argument("--trials", type=int, metavar="N", help="Optuna trials per optimizer")
+    parser.add_argument("--preset", default="default", help="conf/study/<name>.yaml")
+    parser.add_argument("--quick", action="store_true", help="the preset's quick budgets")
+    parser.add_argument("--trials", type=int, metavar="N", help="Optuna trials per sweep")
     add_report_arguments(parser)
     return run_command(argv, parser, study_settings_from_args, run_study, ROOT, "study.py")
 

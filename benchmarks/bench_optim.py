@@ -4,7 +4,7 @@ Prints ratios against plain Adam for
   1. a whole training step (forward, backward, step) of the seed's MLP (mnist1d paper's MLP,
      40-100-100-10, residual) at batch 100, and a whole epoch of 4000 samples;
   2. the optimizer step alone on a model of >= 10 M parameters;
-and the speedup over a naive per-tensor Python loop (what the research note's own implementation most
+and the speedup over a naive per-tensor Python loop (what the note's own implementation most
 likely was). ``*_compiled`` variants call ``torch.compile(opt.step)`` (compiled in the warm-up,
 not timed). Variants are interleaved round-robin and the median over rounds is reported, so a
 noisy shared machine slows all of them alike; on a CPU with 1 thread the clock is the process's

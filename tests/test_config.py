@@ -15,7 +15,12 @@ from gradalign.config import ConfigError, anchored_uri, config_hash, flatten, va
 from gradalign.sweep.stock import params_from_overrides
 from gradalign.tracking import tracking_uri
 
-GROUPS = sorted(path.name for path in CONF.iterdir() if path.is_dir() and path.name != "hydra")
+# The config groups of conf/config.yaml's defaults list (experiment presets among them).
+GROUPS = sorted(
+    next(iter(entry))
+    for entry in OmegaConf.load(CONF / "config.yaml").defaults
+    if isinstance(entry, dict) and not next(iter(entry)).startswith("override")
+)
 
 
 def search_space(cfg):
@@ -32,8 +37,8 @@ def search_space(cfg):
 def test_every_option_of_every_group_composes_and_validates(compose_cfg, group, option):
     cfg = compose_cfg(f"{group}={option}", hydra=True)
     validate(cfg)
-    node = cfg[group]
-    if "_target_" in node:  # a component: named for tags after its file
+    node = OmegaConf.select(cfg, group)  # None for a preset (@package _global_)
+    if node is not None and "_target_" in node:  # a component: named for tags after its file
         assert node.name == option
 
 

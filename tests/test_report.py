@@ -277,7 +277,7 @@ def test_finals_are_reused_when_finished_or_diverged_but_not_when_failed_or_kill
         ),
         ({"optimizers": ["adam"]}, "at least 2 distinct"),
         ({"baseline": "sgd"}, "baseline='sgd': must be one of the optimizers"),
-        ({"seeds": [1]}, "seeds=\\[1\\]"),
+        ({"seeds": []}, "seeds=\\[\\]"),
         ({"seeds": [1, 1]}, "distinct"),
         ({"final_epochs": 0}, "final_epochs=0"),
         ({"direction": "down"}, "direction='down'"),

@@ -1,25 +1,33 @@
-"""study.py: its settings (the quick preset, flags and overrides), the sweep commands it runs,
-a failing sweep's error, and (slow) the quick study end to end in a subprocess."""
+"""study.py: its presets (conf/study/), flags and overrides, the sweeps a study needs (each
+stored under a name derived from what it sweeps, shared by parts that need the same, counted
+down by what is stored), a failing sweep's error, and (slow) the quick study and the quick audit
+end to end in subprocesses, rerun without sweeping or training again."""
 
 import argparse
 import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import optuna
 import pytest
+from helpers import REPO_ROOT, runs
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from gradalign.report.settings import add_report_arguments, study_settings_from_args
-from gradalign.report.study import run_sweeps, sweep_commands, trials_left
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from gradalign.report.study import (
+    Sweep,
+    part_settings,
+    run_sweeps,
+    sweep_command,
+    sweep_of,
+    trials_left,
+)
 
 
 def parse(*argv):
     parser = argparse.ArgumentParser()
+    parser.add_argument("--preset", default="default")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--trials", type=int)
     add_report_arguments(parser)
@@ -29,7 +37,7 @@ def parse(*argv):
 def test_quick_preset_then_flags_then_user_overrides():
     full = parse()
     assert (full.trials, full.report.final_epochs, len(full.report.seeds)) == (30, 100, 5)
-    assert full.report.overrides == ()
+    assert full.report.overrides == () and [p.name for p in full.parts] == ["main"]
     quick = parse("--quick", "--optimizers", "adam", "gao", "gao_update", "--", "model=cnn")
     assert quick.trials == 3 and quick.report.seeds == (1, 2)
     assert quick.report.optimizers == ("adam", "gao", "gao_update")
@@ -38,38 +46,73 @@ def test_quick_preset_then_flags_then_user_overrides():
     assert parse("--quick", "--trials", "5", "--seeds", "7", "8").trials == 5
     with pytest.raises(ValueError, match="trials=0"):
         parse("--trials", "0")
+    with pytest.raises(ValueError, match=r"preset='nope': must be one of \[.*'seed_note'"):
+        parse("--preset", "nope")
+
+
+def test_the_replica_is_one_final_run_per_optimizer_in_the_notes_set_up():
+    replica = parse("--preset", "seed_note")
+    assert replica.report.seeds == (0,) and replica.report.final_epochs == 100
+    assert replica.report.overrides == ("experiment=seed_note",) and replica.trials == 30
+
+
+def test_the_audit_preset_has_its_parts_and_columns():
+    audit = parse("--preset", "seed_note_audit")
+    by_name = {part.name: part for part in audit.parts}
+    assert set(by_name) == {"a", "b", "c1", "c2", "d", "e", "f"}
+    assert by_name["a"].seeds == (0,) and audit.report.seeds == tuple(range(1, 11))
+    assert {by_name[p].sweep_seed for p in ("b", "c1", "c2")} == {0, 1, 2}
+    assert by_name["d"].overrides == ("dataset.validation=carved",)
+    assert by_name["f"].optimizers == ("adam", "gao_update")
+    assert audit.columns["(c) 3 tunings"] == ("b", "c1", "c2")
+    reports = {p.name: part_settings(audit, p, "x") for p in audit.parts}
+    assert reports["e"].overrides_of("adam") == reports["b"].overrides_of("adam")  # shared
+    assert reports["e"].overrides_of("gao")[-1] == "search.beta='interval(0.5, 0.999)'"
+    sweeps = {
+        sweep_of(reports[p.name], o, p) for p in audit.parts for o in reports[p.name].optimizers
+    }
+    assert len(sweeps) == 10  # a and b share theirs; e reuses b's adam, f too
+    assert reports["a"].name == "x-a" and reports["a"].overwrite
+
+
+def test_a_sweep_is_named_by_what_it_sweeps():
+    sweep = Sweep("gao", ("experiment=seed_note",), 0)
+    assert sweep.study_name == Sweep("gao", ("experiment=seed_note",), 0).study_name
+    others = {
+        Sweep("gao", (), 0),
+        Sweep("gao", ("experiment=seed_note",), 1),
+        Sweep("adam", ("experiment=seed_note",), 0),
+    }
+    assert sweep.study_name not in {s.study_name for s in others}
+    assert sweep.study_name.startswith("gao-") and sweep.sweep_id == f"optuna:{sweep.study_name}"
 
 
 def test_sweep_commands_are_train_py_multiruns_in_their_own_folders(tmp_path):
-    settings = parse("--quick", "--", "model=cnn")
+    report = parse("--quick", "--", "model=cnn").report
     root = tmp_path / "runs, 'best' (1)"  # a comma or bracket unquoted breaks a Hydra override
-    commands = sweep_commands(settings, root, {"adam": 3, "gao": 2})
-    assert set(commands) == {"adam", "gao"}
-    gao = commands["gao"]
-    assert gao[:4] == [sys.executable, str(REPO_ROOT / "train.py"), "-m", "optimizer=gao"]
-    assert "model=cnn" in gao and "hydra.sweeper.n_trials=2" in gao
-    assert f"hydra.sweeper.study_name={root.name}-gao" in gao
-    parsed = {
-        o.key_or_group: o.value()
-        for o in OverridesParser.create().parse_overrides(
-            [a for a in gao if a.startswith(("hydra.sweep.dir=", "hydra.sweeper.storage="))]
-        )
-    }
-    assert parsed["hydra.sweep.dir"] == str(root / "gao")  # its own folder: never two in one
-    assert parsed["hydra.sweeper.storage"] == f"sqlite:///{root / 'optuna.db'}"  # resumable
-    assert set(sweep_commands(settings, root, {"adam": 0, "gao": 1})) == {"gao"}  # adam is done
+    sweep = Sweep("gao", report.overrides_of("gao"), 2)
+    command = sweep_command(report, sweep, 4, root)
+    assert command[:4] == [sys.executable, str(REPO_ROOT / "train.py"), "-m", "optimizer=gao"]
+    assert "model=cnn" in command and "hydra.sweeper.n_trials=4" in command
+    assert "hydra.sweeper.seed=2" in command
+    assert f"hydra.sweeper.study_name={sweep.study_name}" in command
+    quoted = [a for a in command if a.startswith(("hydra.sweep.dir=", "hydra.sweeper.storage="))]
+    parsed = {o.key_or_group: o.value() for o in OverridesParser.create().parse_overrides(quoted)}
+    assert parsed["hydra.sweep.dir"] == str(root / sweep.study_name)  # never two in one
+    assert parsed["hydra.sweeper.storage"] == f"sqlite:///{root / 'optuna.db'}"
 
 
 def test_trials_left_counts_the_completed_trials_of_each_stored_study(tmp_path):
-    assert trials_left(tmp_path, ["adam", "gao"], 5) == {"adam": 5, "gao": 5}
-    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    study = optuna.create_study(study_name=f"{tmp_path.name}-gao", storage=storage)
+    storage = tmp_path / "optuna.db"
+    adam, gao = Sweep("adam", (), 0), Sweep("gao", (), 0)
+    assert trials_left(storage, [adam, gao], 5) == {adam: 5, gao: 5}
+    study = optuna.create_study(study_name=gao.study_name, storage=f"sqlite:///{storage}")
     for value in (1.0, 2.0):
         study.tell(study.ask(), value)
     study.tell(study.ask(), state=optuna.trial.TrialState.FAIL)  # does not count
     study.ask()  # RUNNING (a killed sweep's): does not count
-    assert trials_left(tmp_path, ["adam", "gao"], 5) == {"adam": 5, "gao": 3}
-    assert trials_left(tmp_path, ["gao"], 2) == {"gao": 0}
+    assert trials_left(storage, [adam, gao], 5) == {adam: 5, gao: 3}
+    assert trials_left(storage, [gao], 2) == {gao: 0}
 
 
 def test_a_failing_sweep_stops_the_others_and_shows_its_log(tmp_path):
@@ -78,50 +121,75 @@ def test_a_failing_sweep_stops_the_others_and_shows_its_log(tmp_path):
         "bad": [sys.executable, "-c", "import sys; print('boom'); sys.exit(3)"],
     }
     start = time.perf_counter()
-    with pytest.raises(RuntimeError, match=r"(?s)sweep of bad failed \(exit 3\).*boom"):
+    with pytest.raises(RuntimeError, match=r"(?s)sweep bad failed \(exit 3\).*boom"):
         run_sweeps(commands, tmp_path, jobs=2)
     assert time.perf_counter() - start < 20  # "ok" was stopped, not waited for
     assert (tmp_path / "bad.log").read_text().strip() == "boom"
 
 
+def study(tmp_path, *argv, timeout=1200):
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    command = [sys.executable, "study.py", *argv, "--", f"paths.outputs={tmp_path / 'out'}"]
+    return subprocess.run(
+        command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
 @pytest.mark.slow
 def test_quick_study_end_to_end(tmp_path):
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
-    command = [
-        sys.executable,
-        "study.py",
-        "--quick",
-        "--name",
-        "t",
-        "--",
-        f"paths.outputs={tmp_path / 'out'}",
-    ]
-    start = time.perf_counter()
-    done = subprocess.run(
-        command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300
-    )
-    elapsed = time.perf_counter() - start
+    done = study(tmp_path, "--quick", "--name", "t")
     assert done.returncode == 0, done.stderr[-3000:]
     report = tmp_path / "out" / "report" / "t"
     assert done.stdout.strip() == str(report / "report.md")
     text = (report / "report.md").read_text()
     assert "| adam |" in text and "| gao |" in text and "## Verdict" in text
     assert (report / "convergence_comparison.png").stat().st_size > 10_000
-    print(f"quick study: {elapsed:.1f} s")
 
-    again = subprocess.run(
-        [*command[:4], "t2", *command[5:]],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    again = study(tmp_path, "--quick", "--name", "t2")
     assert again.returncode == 0, again.stderr[-3000:]
+    assert "2 sweep(s), 2 stored already" in again.stderr  # no sweep again
     assert "0 final run(s) to train, 4 reused" in again.stderr
 
-    taken = subprocess.run(
-        command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300
-    )
+    taken = study(tmp_path, "--quick", "--name", "t")
     assert taken.returncode == 2 and "choose another --name" in taken.stderr
-    assert "started" not in taken.stderr  # refused before any sweep started
+
+
+@pytest.mark.slow
+def test_quick_audit_end_to_end_and_its_rerun_reuses_every_run(tmp_path):
+    done = study(tmp_path, "--preset", "seed_note_audit", "--quick", "--name", "audit")
+    assert done.returncode == 0, done.stderr[-3000:]
+    folder = tmp_path / "out" / "report" / "audit"
+    assert done.stdout.strip() == str(folder / "audit.md")
+    text = (folder / "audit.md").read_text()
+    for section in ("## The claims", "## In plain words", "## Figure", "## The parts"):
+        assert section in text
+    header = next(line for line in text.splitlines() if line.startswith("| claim"))
+    assert header.count("|") == 8  # the claim and the 6 columns of conf/study/seed_note_audit
+    for claim in ("tuned values", "throughout", "more stable", "validation score", "test accuracy"):
+        assert claim in text
+    assert "> - GAO is more stable" in text  # the note's words, quoted from the preset
+    for part in ("a", "b", "c1", "c2", "d", "e", "f"):
+        assert (tmp_path / "out" / "report" / f"audit-{part}" / "report.md").is_file()
+    assert (folder / "audit_curves.png").stat().st_size > 10_000
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    recorded = runs(uri, experiment="seed-note-audit-quick")
+    assert not [
+        r for r in recorded if r.info.status != "FINISHED" and r.data.tags.get("diverged") != "true"
+    ]
+    (audit,) = [r for r in recorded if r.data.tags["stage"] == "study"]
+    reports = [r for r in recorded if r.data.tags["stage"] == "report"]
+    assert len(reports) == 7
+    assert {r.data.tags["mlflow.parentRunId"] for r in reports} == {audit.info.run_id}
+    finals = [r for r in recorded if r.data.tags["stage"] == "final"]
+    assert {r.data.tags["validation"] for r in finals} >= {"carved from train"}
+    assert any(k.startswith("verdict/") for k in audit.data.tags)
+
+    again = study(tmp_path, "--preset", "seed_note_audit", "--quick")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "10 sweep(s), 10 stored already" in again.stderr
+    assert "final run(s) to train" in again.stderr and " 0 final run(s) to train" in again.stderr
+    assert not [
+        line
+        for line in again.stderr.splitlines()
+        if "final run(s) to train" in line and not line.split(": ")[1].startswith("0 ")
+    ]

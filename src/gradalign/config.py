@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from gradalign.checks import is_int, is_number
 
 # Keys that say where and how things run, not what is computed: never logged as params nor hashed.
-NOT_PARAMS = ("paths", "tracking", "parallel", "dataset.cache_dir")
+NOT_PARAMS = ("paths", "tracking", "parallel", "reference", "dataset.cache_dir")
 # Also left out of the config hash: seeds (the report matches them separately) and execution
 # settings that do not change what a run computes.
 NOT_HASHED = (*NOT_PARAMS, "seed", "trainer.device", "trainer.threads")

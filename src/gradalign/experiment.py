@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import logging
 import subprocess
 from collections.abc import Mapping
 from pathlib import Path
@@ -21,8 +22,10 @@ from gradalign.components import build_dataset, build_model, build_optimizer
 from gradalign.config import config_hash, flatten, validate
 from gradalign.data import Splits
 from gradalign.progress import EpochProgress
-from gradalign.schema import Stage, Tag
+from gradalign.schema import VALIDATION_CARVED, VALIDATION_ON_TEST, Stage, Tag
 from gradalign.training import EpochMetrics, History, fit
+
+log = logging.getLogger(__name__)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -121,9 +124,12 @@ def run_experiment(
         Tag.STAGE: stage,
         Tag.CONFIG_HASH: config_hash(cfg),
         Tag.INIT_HASH: init_hash(model),
+        Tag.VALIDATION: VALIDATION_ON_TEST if splits.val_is_test else VALIDATION_CARVED,
         **git_tags(str(cfg.paths.root)),
         **(extra_tags or {}),
     }
+    if splits.val_is_test:
+        log.warning("validation = the test split: what this run selects, it selects on test data")
     job = tags.get(Tag.HYDRA_JOB_NUM)
     run_name = f"{cfg.optimizer.name}-{stage}" + (f"-{job}" if job is not None else "")
     progress = EpochProgress(run_name, cfg.trainer.epochs)

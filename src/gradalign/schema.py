@@ -20,6 +20,7 @@ class Stage:
     SWEEP_PARENT: Final = "sweep_parent"  # the run the trials of one sweep (or study) nest under
     FINAL: Final = "final"  # a report's retraining of a selected configuration for one seed
     REPORT: Final = "report"  # the report itself; its final runs nest under it
+    STUDY: Final = "study"  # a study of several comparisons (an audit); their reports nest under it
 
 
 class Tag:
@@ -41,9 +42,14 @@ class Tag:
     OPTUNA_STUDY: Final = "optuna_study"
     OPTUNA_TRIAL: Final = "optuna_trial"  # the trial's number in its Optuna study
     SELECTED_FROM: Final = "selected_from"  # a final run: the sweep run it retrains
+    VALIDATION: Final = "validation"  # what the val metrics were computed on (values below)
     OPTIMIZERS: Final = "optimizers"  # a report: the optimizers it compares, comma-separated
     REPORT_NAME: Final = "report_name"  # a report: its folder's name (--name), to resume it
     VERDICT_PREFIX: Final = "verdict/"  # a report: verdict/<optimizer>
+
+
+VALIDATION_CARVED: Final = "carved from train"
+VALIDATION_ON_TEST: Final = "test split (selection sees the test set)"
 
 
 class Metric:

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from gradalign.checks import fraction, is_int
-from gradalign.data.splits import Splits, carve_validation
+from gradalign.data.splits import Splits, carve_validation, test_as_validation
 
 # Names of mnist1d's generation arguments (the keys of get_dataset_args() except the download
 # `url`). Only the names live here; their defaults come from mnist1d at generation time.
@@ -50,6 +50,7 @@ GENERATION_KEYS = (
 _CACHE_FORMAT = 1
 _ARRAY_KEYS = ("x", "y", "x_test", "y_test")
 MIN_SAMPLES = 10  # one example of each class
+VALIDATIONS = ("carved", "test")
 
 
 def load_mnist1d(
@@ -58,13 +59,22 @@ def load_mnist1d(
     val_fraction: float,
     split_seed: int,
     cache_dir: str | os.PathLike,
+    validation: str = "carved",
 ) -> Splits:
     """Load (generating and caching on first use) mnist1d and split it into train/val/test.
 
     ``generation`` overrides mnist1d's generation arguments (see ``GENERATION_KEYS``); unset keys
-    take mnist1d's defaults. ``val_fraction`` of each class of the mnist1d train set, chosen by a
-    numpy generator seeded with ``split_seed``, becomes the validation set.
+    take mnist1d's defaults. With ``validation="carved"`` (the sound protocol) ``val_fraction`` of
+    each class of the mnist1d train set, chosen by a numpy generator seeded with ``split_seed``,
+    becomes the validation set. With ``validation="test"`` (the research note's protocol) the
+    whole train set trains and the test set also serves as the validation set, so whatever is
+    selected on validation loss is selected on the test set; the splits say so
+    (``Splits.val_is_test``).
     """
+    if validation not in VALIDATIONS:
+        raise ValueError(
+            f"dataset.validation={validation!r} is invalid: must be one of {list(VALIDATIONS)}"
+        )
     fraction("dataset.val_fraction", val_fraction)
     overrides = _plain_overrides(generation)
     key = _cache_key(overrides)
@@ -73,6 +83,11 @@ def load_mnist1d(
     if arrays is None:
         arrays = _generate(overrides)
         _write_cache(path, key, overrides, arrays)
+    n_classes = 1 + int(max(arrays["y"].max(), arrays["y_test"].max()))
+    if validation == "test":
+        return test_as_validation(
+            arrays["x"], arrays["y"], arrays["x_test"], arrays["y_test"], n_classes=n_classes
+        )
     return carve_validation(
         arrays["x"],
         arrays["y"],
@@ -80,7 +95,7 @@ def load_mnist1d(
         arrays["y_test"],
         val_fraction=val_fraction,
         split_seed=split_seed,
-        n_classes=1 + int(max(arrays["y"].max(), arrays["y_test"].max())),
+        n_classes=n_classes,
     )
 
 

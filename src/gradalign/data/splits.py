@@ -22,6 +22,7 @@ class Splits:
     x_test: torch.Tensor
     y_test: torch.Tensor
     n_classes: int
+    val_is_test: bool = False  # the test set is also the validation set: selection sees it
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -35,9 +36,19 @@ class Splits:
             **{
                 f.name: getattr(self, f.name).to(device)
                 for f in dataclasses.fields(self)
-                if f.name != "n_classes"
+                if isinstance(getattr(self, f.name), torch.Tensor)
             },
         )
+
+
+def test_as_validation(
+    x: np.ndarray, y: np.ndarray, x_test: np.ndarray, y_test: np.ndarray, *, n_classes: int
+) -> Splits:
+    """Splits that train on all of the train arrays and validate on the test arrays: the
+    protocol of a study that selects on its test set (``val_is_test``), kept to reproduce one."""
+    train_x, train_y = torch.from_numpy(x), torch.from_numpy(y)
+    test_x, test_y = torch.from_numpy(x_test), torch.from_numpy(y_test)
+    return Splits(train_x, train_y, test_x, test_y, test_x, test_y, n_classes, val_is_test=True)
 
 
 def carve_validation(

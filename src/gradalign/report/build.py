@@ -101,7 +101,7 @@ def plan(settings: ReportSettings) -> Plan:
     """
     register_resolvers(settings.root)
     compositions = {
-        name: compose_optimizer(settings.conf_dir, name, settings.overrides)
+        name: compose_optimizer(settings.conf_dir, name, settings.overrides_of(name))
         for name in settings.optimizers
     }
     first = compositions[settings.baseline].cfg
@@ -110,7 +110,7 @@ def plan(settings: ReportSettings) -> Plan:
     experiment = client.get_experiment_by_name(first.tracking.experiment)
     if experiment is None or experiment.lifecycle_stage != "active":
         commands = "\n".join(
-            sweep_command(name, settings.overrides) for name in settings.optimizers
+            sweep_command(name, settings.overrides_of(name)) for name in settings.optimizers
         )
         raise MissingSweepError(
             f"no MLflow experiment {first.tracking.experiment!r} in {uri}: "
@@ -128,7 +128,8 @@ def plan(settings: ReportSettings) -> Plan:
                 config_context(composition.cfg),
                 metric=settings.metric,
                 direction=settings.direction,
-                overrides=settings.overrides,
+                overrides=settings.overrides_of(name),
+                sweep_id=settings.sweep_ids.get(name),
             )
         except MissingSweepError as error:
             missing.append(str(error))
@@ -172,14 +173,22 @@ def check_same_init(results: list[FinalResult]) -> None:
             )
 
 
-def _report_target(plan: Plan, outputs: Path, name: str | None) -> tuple[Path, str | None]:
+def report_target(
+    client: MlflowClient,
+    experiment_id: str,
+    outputs: Path,
+    name: str | None,
+    overwrite: bool = False,
+    stage: str = Stage.REPORT,
+) -> tuple[Path, str | None]:
     """(the report's folder, the run id of the unfinished report to resume, or None).
 
     Without a name: a new folder ``outputs/report/<timestamp>`` (suffixed -1, -2, ... if taken).
     With ``--name``: ``outputs/report/<name>``, new; or, if a report of that name was started
     and did not finish (it failed, was killed, or its process is gone), that report again, so
     that a rerun resumes it and reuses its finished final runs. A finished report, or one whose
-    process is still running, is never written into.
+    process is still running, is never written into, unless ``overwrite`` (a part of a study,
+    which that study rewrites from its tracked runs whenever it runs) allows a finished one.
     """
     parent = outputs / "report"
     parent.mkdir(parents=True, exist_ok=True)
@@ -191,9 +200,9 @@ def _report_target(plan: Plan, outputs: Path, name: str | None) -> tuple[Path, s
                 return parent / f"{stamp}{suffix}", None
         raise RuntimeError(f"no free report folder name for {stamp} under {parent}")
     folder = parent / name
-    previous = plan.client.search_runs(
-        [plan.experiment_id],
-        tag_filter({Tag.STAGE: Stage.REPORT, Tag.REPORT_NAME: name}),
+    previous = client.search_runs(
+        [experiment_id],
+        tag_filter({Tag.STAGE: stage, Tag.REPORT_NAME: name}),
         order_by=["attributes.start_time DESC"],
         max_results=1,
     )
@@ -203,7 +212,7 @@ def _report_target(plan: Plan, outputs: Path, name: str | None) -> tuple[Path, s
         folder.mkdir(exist_ok=True)
         return folder, None
     run = previous[0]
-    if run.info.status == "FINISHED":
+    if run.info.status == "FINISHED" and not overwrite:
         raise ValueError(f"report {name!r} is complete ({folder}): choose another --name")
     owner = run.data.tags.get(Tag.OWNER)
     if run.info.status == "RUNNING" and owner and processes.owner_alive(owner) is not False:
@@ -263,16 +272,39 @@ def _header(
     }
 
 
+@dataclasses.dataclass(frozen=True)
+class Report:
+    """A written report: where, its MLflow run, and what it found (for a study that combines
+    several reports)."""
+
+    out_dir: Path
+    run_id: str
+    plan: Plan
+    finals: list[FinalResult]
+    hyperparameters: dict[str, dict[str, str]]
+    comparisons: list[Comparison]
+
+
 def make_report(settings: ReportSettings) -> Path:
-    """Plan, train the missing final runs, compare, write; the report folder.
+    """``write_report``; the report folder."""
+    return write_report(settings).out_dir
+
+
+def write_report(settings: ReportSettings, parent_run_id: str | None = None) -> Report:
+    """Plan, train the missing final runs, compare, write; the Report. Its MLflow run nests
+    under ``parent_run_id`` when given.
 
     Fails (MissingSweepError, naming the commands to run) before anything is trained or written
     when an optimizer has no sweep.
     """
     the_plan = plan(settings)
     jobs = the_plan.jobs(settings.seeds)
-    out_dir, resume_run_id = _report_target(
-        the_plan, Path(the_plan.compositions[settings.baseline].cfg.paths.outputs), settings.name
+    out_dir, resume_run_id = report_target(
+        the_plan.client,
+        the_plan.experiment_id,
+        Path(the_plan.compositions[settings.baseline].cfg.paths.outputs),
+        settings.name,
+        settings.overwrite,
     )
     log.info(
         "report %s: %d final run(s) to train, %d reused",
@@ -307,6 +339,7 @@ def make_report(settings: ReportSettings) -> Path:
         run_name=f"report {out_dir.name}",
         tags=tags,
         params=params,
+        parent_run_id=parent_run_id,
         resume_run_id=resume_run_id,
     ) as run:
         run_ids = train(jobs, parent_run_id=run.run_id, workers=settings.jobs)
@@ -363,4 +396,4 @@ def make_report(settings: ReportSettings) -> Path:
         run.client.log_artifacts(run.run_id, str(out_dir))
     for c in comparisons:
         log.info("%s", c.verdict)
-    return out_dir
+    return Report(out_dir, run.run_id, the_plan, results, hyper, comparisons)

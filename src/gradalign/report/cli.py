@@ -22,7 +22,8 @@ def run_command(
     root: Path,
     script: str,
 ) -> int:
-    """The body of report.py and study.py: parse, build the settings, run, print report.md's path.
+    """The body of report.py and study.py: parse, build the settings, run, print the path of the
+    markdown page ``run`` wrote.
 
     A bad setting, a missing sweep or a failed run ends with ``error: ...`` on stderr and exit
     status 2, not a traceback.
@@ -36,5 +37,5 @@ def run_command(
     except (ValueError, MissingSweepError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(out_dir / "report.md")
+    print(out_dir)
     return 0

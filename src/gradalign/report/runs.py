@@ -84,9 +84,11 @@ def best_sweep_run(
     metric: str,
     direction: str,
     overrides: Sequence[str] = (),
+    sweep_id: str | None = None,
 ) -> SweepChoice:
     """The FINISHED sweep run of ``optimizer`` with a finite ``metric``, best in ``direction``,
-    among the runs whose settings match ``context`` (see configs.run_context).
+    among the runs whose settings match ``context`` (see configs.run_context), and of sweep
+    ``sweep_id`` only when one is given (a study's own sweep).
 
     Ties go to the earliest run. Raises MissingSweepError (naming the sweep command, and the
     settings in which other sweeps of the optimizer differ) when there is no candidate.
@@ -95,7 +97,10 @@ def best_sweep_run(
     candidates: list[Run] = []
     differing: set[str] = set()
     other = 0
-    filter_string = tag_filter({Tag.STAGE: Stage.SWEEP, Tag.OPTIMIZER: optimizer})
+    tags = {Tag.STAGE: Stage.SWEEP, Tag.OPTIMIZER: optimizer}
+    if sweep_id is not None:
+        tags[Tag.SWEEP_ID] = sweep_id
+    filter_string = tag_filter(tags)
     for run in search(client, experiment_id, filter_string):
         settings = run_context(run.data.params)
         if settings != context:

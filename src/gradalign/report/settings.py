@@ -45,18 +45,47 @@ class ReportSettings:
     overrides: tuple[str, ...] = ()
     name: str | None = None
     command: str = ""
+    # Set by a study, which knows its sweeps: extra overrides of one optimizer's runs (on top of
+    # ``overrides``), and the sweep (MLflow tag sweep_id) each optimizer's best run is taken from.
+    optimizer_overrides: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+    sweep_ids: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    overwrite: bool = False  # a finished report of this name may be written again (a study's part)
 
     @property
     def conf_dir(self) -> Path:
         return self.root / "conf"
 
+    def overrides_of(self, optimizer: str) -> tuple[str, ...]:
+        """The training-config overrides of ``optimizer``'s runs."""
+        return (*self.overrides, *self.optimizer_overrides.get(optimizer, ()))
+
+
+@dataclasses.dataclass(frozen=True)
+class Part:
+    """One comparison of a study: which optimizers (None: the report's), with which extra
+    training overrides (for all of them, and per optimizer), tuned by a sweep with which sampler
+    seed, finally trained on which seeds (None: the report's)."""
+
+    name: str
+    label: str
+    optimizers: tuple[str, ...] | None = None
+    seeds: tuple[int, ...] | None = None
+    sweep_seed: int = 0
+    overrides: tuple[str, ...] = ()
+    optimizer_overrides: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+
 
 @dataclasses.dataclass(frozen=True)
 class StudySettings:
-    """The sweeps of the study (trials per optimizer) and the report that follows them."""
+    """A study preset (conf/study/<preset>.yaml): the sweeps' trials, the report that follows
+    them, and, for a study of several comparisons (an audit), its parts and how its summary
+    groups them into columns."""
 
+    preset: str
     trials: int
     report: ReportSettings
+    parts: tuple[Part, ...]
+    columns: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
 
 
 def available_optimizers(root: Path) -> list[str]:
@@ -110,15 +139,14 @@ def _check_names(value: Any, allowed: Sequence[str]) -> tuple[str, ...]:
 
 
 def _check_seeds(value: Any) -> tuple[int, ...]:
+    """Distinct integers >= 0; one seed is allowed (a replica of a one-run study), though it
+    admits no test."""
+    allowed = "a list of distinct integers >= 0 (2 or more for paired tests)"
     if isinstance(value, str) or not isinstance(value, Sequence):
-        _fail("seeds", value, "a list of at least 2 distinct integers >= 0")
+        _fail("seeds", value, allowed)
     seeds = tuple(value)
-    if (
-        len(seeds) < 2
-        or len(set(seeds)) != len(seeds)
-        or not all(is_int(s) and s >= 0 for s in seeds)
-    ):
-        _fail("seeds", list(seeds), "a list of at least 2 distinct integers >= 0 (paired tests)")
+    if not seeds or len(set(seeds)) != len(seeds) or not all(is_int(s) and s >= 0 for s in seeds):
+        _fail("seeds", list(seeds), allowed)
     return seeds
 
 
@@ -187,22 +215,77 @@ def report_settings_from_args(
     )
 
 
+def available_presets(root: str | os.PathLike) -> list[str]:
+    """Names of the study presets, conf/study/<name>.yaml."""
+    return sorted(path.stem for path in (Path(root) / "conf" / "study").glob("*.yaml"))
+
+
 def study_settings_from_args(
     root: str | os.PathLike, args: argparse.Namespace, command: str
 ) -> StudySettings:
-    """StudySettings from conf/study.yaml and the flags of ``add_report_arguments`` plus
+    """StudySettings from ``conf/study/<--preset>.yaml``, the flags of ``add_report_arguments``,
     ``--trials`` and ``--quick``.
 
-    ``--quick`` takes trials, seeds, final_epochs and leading overrides from conf/study.yaml's
-    ``quick`` block; explicit flags and the user's overrides still win.
+    A preset holds ``trials``, ``report`` (values over conf/report.yaml), ``overrides``
+    (training overrides, before the user's), optionally ``parts`` and ``columns`` (a study of
+    several comparisons), and ``quick``: smaller values of the same keys for ``--quick``.
+    Explicit flags and the user's overrides after ``--`` still win.
     """
-    study = OmegaConf.to_container(OmegaConf.load(Path(root) / "conf" / "study.yaml"))
-    quick = study["quick"] if args.quick else {}
-    values = {key: quick[key] for key in ("seeds", "final_epochs") if key in quick}
-    values.update(_report_flags(args))
-    overrides = [*quick.get("overrides", []), *args.overrides]
+    presets = available_presets(root)
+    if args.preset not in presets:
+        _fail("preset", args.preset, f"one of {presets} (conf/study/)")
+    path = Path(root) / "conf" / "study" / f"{args.preset}.yaml"
+    study = OmegaConf.to_container(OmegaConf.load(path))
+    unknown = set(study) - {"trials", "report", "overrides", "parts", "columns", "quick"}
+    if unknown:
+        _fail("keys of " + str(path.name), sorted(unknown), "trials, report, overrides, parts, "
+              "columns, quick")  # fmt: skip
+    quick = study.get("quick", {}) if args.quick else {}
+    values = {**study.get("report", {}), **quick.get("report", {}), **_report_flags(args)}
+    overrides = [*study.get("overrides", []), *quick.get("overrides", []), *args.overrides]
     report = report_settings(root, values, overrides=overrides, name=args.name, command=command)
     trials = args.trials if args.trials is not None else quick.get("trials", study["trials"])
     if not (is_int(trials) and trials >= 1):
         _fail("trials", trials, "an integer >= 1")
-    return StudySettings(trials=trials, report=report)
+    parts = _parts(study.get("parts") or {"main": {"label": ""}}, report, root)
+    columns = {k: tuple(v) for k, v in (study.get("columns") or {}).items()}
+    for column, names in columns.items():
+        missing = sorted(set(names) - {part.name for part in parts})
+        if missing:
+            _fail(f"columns.{column}", list(names), f"names of parts (unknown: {missing})")
+    return StudySettings(args.preset, trials, report, parts, columns)
+
+
+def _parts(raw: Mapping[str, Any], report: ReportSettings, root: str | os.PathLike) -> tuple:
+    """The parts of a preset, checked like the report's own settings."""
+    allowed = available_optimizers(Path(root))
+    parts = []
+    for name, part in raw.items():
+        unknown = set(part) - {f.name for f in dataclasses.fields(Part)}
+        if unknown:
+            _fail(f"parts.{name}", sorted(unknown), "label, optimizers, seeds, sweep_seed, "
+                  "overrides, optimizer_overrides")  # fmt: skip
+        optimizers = part.get("optimizers")
+        if optimizers is not None:
+            optimizers = _check_names(optimizers, allowed)
+        seeds = part.get("seeds")
+        sweep_seed = part.get("sweep_seed", 0)
+        if not is_int(sweep_seed):
+            _fail(f"parts.{name}.sweep_seed", sweep_seed, "an integer")
+        per_optimizer = part.get("optimizer_overrides", {})
+        if set(per_optimizer) - set(optimizers or report.optimizers):
+            _fail(
+                f"parts.{name}.optimizer_overrides", sorted(per_optimizer), "optimizers it compares"
+            )
+        parts.append(
+            Part(
+                name=name,
+                label=part.get("label", name),
+                optimizers=optimizers,
+                seeds=None if seeds is None else _check_seeds(seeds),
+                sweep_seed=sweep_seed,
+                overrides=tuple(part.get("overrides", [])),
+                optimizer_overrides={k: tuple(v) for k, v in per_optimizer.items()},
+            )
+        )
+    return tuple(parts)

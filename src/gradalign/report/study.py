@@ -1,14 +1,22 @@
-"""The seed study end to end: one Optuna sweep per optimizer through ``train.py -m``, run as
-parallel subprocesses, then the report (gradalign.report) in this process.
+"""A study end to end: the Optuna sweeps its comparisons need, each a ``train.py -m`` run as a
+parallel subprocess, then a report per comparison in this process, and, for a study of several
+comparisons, a summary across them (gradalign.report.audit).
 
 The sweeps are plain train.py commands, the same a user would type, so the study adds nothing a
-single sweep does not already do; each one's output goes to a log file beside its sweep folder.
+single sweep does not already do; each one's output goes to a log file. Every sweep keeps its
+Optuna study in ``<outputs>/studies/optuna.db`` under a name derived from what it sweeps (the
+optimizer, the training overrides, the sampler's seed), so a rerun, or another comparison that
+needs the same sweep, resumes or reuses it instead of sweeping again; the reports reuse the final
+runs already tracked. A study is thereby fixed by its configuration: rerunning it only redoes
+what is missing.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime
+import hashlib
+import json
 import logging
 import subprocess
 import sys
@@ -21,64 +29,91 @@ from optuna.trial import TrialState
 
 from gradalign import tracking
 from gradalign.config import hydra_quoted, register_resolvers
-from gradalign.report.build import make_report
+from gradalign.report.audit import MARKDOWN as AUDIT_MARKDOWN
+from gradalign.report.audit import write_audit
+from gradalign.report.build import MARKDOWN, write_report
 from gradalign.report.configs import compose_optimizer, optimizer_overrides
-from gradalign.report.settings import StudySettings
+from gradalign.report.settings import Part, ReportSettings, StudySettings
 
 log = logging.getLogger(__name__)
 TAIL = 40  # lines of a failed sweep's log shown
+STUDIES = "studies"  # under paths.outputs: the Optuna storage and the sweeps' logs and folders
 
 
-STORAGE = "optuna.db"  # the study's Optuna storage, in its sweep folder
+@dataclasses.dataclass(frozen=True)
+class Sweep:
+    """One optimizer's sweep with given training overrides and sampler seed."""
+
+    optimizer: str
+    overrides: tuple[str, ...]
+    seed: int
+
+    @property
+    def study_name(self) -> str:
+        """The Optuna study of the sweep: the optimizer and a digest of what else defines it."""
+        identity = json.dumps([self.overrides, self.seed])
+        return f"{self.optimizer}-{hashlib.sha256(identity.encode()).hexdigest()[:10]}"
+
+    @property
+    def sweep_id(self) -> str:
+        """The MLflow tag its trials carry (gradalign.sweep.runs.sweep_id of a stored study)."""
+        return f"optuna:{self.study_name}"
 
 
-def sweep_commands(
-    settings: StudySettings, sweep_root: Path, trials: dict[str, int]
-) -> dict[str, list[str]]:
-    """The train.py command of each optimizer's sweep that has ``trials[optimizer]`` trials
-    left to run, writing under ``sweep_root/<optimizer>``, its study stored in
-    ``sweep_root/optuna.db`` as ``<folder name>-<optimizer>`` (so a rerun resumes it)."""
+def part_settings(settings: StudySettings, part: Part, name: str) -> ReportSettings:
+    """The report of one part of the study named ``name``: the study's report settings narrowed
+    to the part. A study of several parts names each part's report ``<name>-<part>`` and
+    rewrites it from the tracked runs on every run of the study."""
     report = settings.report
-    storage = f"sqlite:///{sweep_root / STORAGE}"
-    return {
-        name: [
-            sys.executable,
-            str(report.root / "train.py"),
-            "-m",
-            *optimizer_overrides(name, report.overrides),
-            f"hydra.sweeper.n_trials={trials[name]}",
-            f"hydra.sweep.dir={hydra_quoted(sweep_root / name)}",
-            f"hydra.sweeper.storage={hydra_quoted(storage)}",
-            f"hydra.sweeper.study_name={study_name(sweep_root, name)}",
-        ]
-        for name in report.optimizers
-        if trials[name] > 0
-    }
+    optimizers = part.optimizers or report.optimizers
+    several = len(settings.parts) > 1
+    return dataclasses.replace(
+        report,
+        optimizers=optimizers,
+        baseline=report.baseline if report.baseline in optimizers else optimizers[0],
+        seeds=part.seeds or report.seeds,
+        overrides=(*report.overrides, *part.overrides),
+        optimizer_overrides=dict(part.optimizer_overrides),
+        name=f"{name}-{part.name}" if several else name,
+        overwrite=several,
+    )
 
 
-def study_name(sweep_root: Path, optimizer: str) -> str:
-    """The Optuna study of ``optimizer``'s sweep in the study folder ``sweep_root``."""
-    return f"{sweep_root.name}-{optimizer}"
+def sweep_of(report: ReportSettings, optimizer: str, part: Part) -> Sweep:
+    """The sweep that tunes ``optimizer`` for the part whose report is ``report``."""
+    return Sweep(optimizer, report.overrides_of(optimizer), part.sweep_seed)
 
 
-def trials_left(sweep_root: Path, optimizers: Sequence[str], trials: int) -> dict[str, int]:
-    """How many of its ``trials`` each optimizer's stored study still has to run: all of them
-    for a new study, fewer once some completed (a rerun of an interrupted study)."""
-    path = sweep_root / STORAGE
-    if not path.exists():
-        return dict.fromkeys(optimizers, trials)
-    storage = f"sqlite:///{path}"
-    stored = {summary.study_name for summary in optuna.get_all_study_summaries(storage)}
+def sweep_command(report: ReportSettings, sweep: Sweep, trials: int, folder: Path) -> list[str]:
+    """The train.py command that runs ``trials`` more trials of ``sweep``."""
+    storage = f"sqlite:///{folder / 'optuna.db'}"
+    return [
+        sys.executable,
+        str(report.root / "train.py"),
+        "-m",
+        *optimizer_overrides(sweep.optimizer, sweep.overrides),
+        f"hydra.sweeper.n_trials={trials}",
+        f"hydra.sweeper.seed={sweep.seed}",
+        f"hydra.sweep.dir={hydra_quoted(folder / sweep.study_name)}",
+        f"hydra.sweeper.storage={hydra_quoted(storage)}",
+        f"hydra.sweeper.study_name={sweep.study_name}",
+    ]
+
+
+def trials_left(storage: Path, sweeps: Sequence[Sweep], trials: int) -> dict[Sweep, int]:
+    """How many of its ``trials`` each sweep's stored study still has to run: all of them for a
+    new study, fewer once some completed (an earlier or interrupted run of the study)."""
+    if not storage.exists():
+        return dict.fromkeys(sweeps, trials)
+    url = f"sqlite:///{storage}"
+    stored = {summary.study_name for summary in optuna.get_all_study_summaries(url)}
     left = {}
-    for name in optimizers:
-        study = study_name(sweep_root, name)
+    for sweep in sweeps:
         done = 0
-        if study in stored:
-            states = (TrialState.COMPLETE,)
-            done = len(
-                optuna.load_study(study_name=study, storage=storage).get_trials(states=states)
-            )
-        left[name] = max(0, trials - done)
+        if sweep.study_name in stored:
+            study = optuna.load_study(study_name=sweep.study_name, storage=url)
+            done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+        left[sweep] = max(0, trials - done)
     return left
 
 
@@ -90,7 +125,7 @@ def _stop(running: dict[str, subprocess.Popen]) -> None:
 
 
 def run_sweeps(commands: dict[str, list[str]], logs: Path, jobs: int) -> None:
-    """Run ``commands`` (optimizer -> argv), at most ``jobs`` at once, output to logs/<name>.log.
+    """Run ``commands`` (name -> argv), at most ``jobs`` at once, output to logs/<name>.log.
 
     If one fails, the others are stopped (their MLflow runs end KILLED) and RuntimeError shows
     the tail of its log.
@@ -116,7 +151,7 @@ def run_sweeps(commands: dict[str, list[str]], logs: Path, jobs: int) -> None:
                 if process.returncode != 0:  # the except below stops the others
                     tail = (logs / f"{name}.log").read_text().splitlines()[-TAIL:]
                     raise RuntimeError(
-                        f"sweep of {name} failed (exit {process.returncode}); "
+                        f"sweep {name} failed (exit {process.returncode}); "
                         f"{logs / f'{name}.log'} ends:\n" + "\n".join(tail)
                     )
                 log.info("sweep %s done", name)
@@ -129,36 +164,44 @@ def run_sweeps(commands: dict[str, list[str]], logs: Path, jobs: int) -> None:
 
 
 def run_study(settings: StudySettings) -> Path:
-    """Sweep every optimizer, then report; the report folder.
+    """Run the sweeps the study's parts need (only what is missing), then report each part,
+    then summarise them; the study's page (report.md, or audit.md for several parts).
 
     Every configuration is composed and validated first, and the MLflow store and experiment
     are created once here, so parallel sweeps neither fail late on a typo nor race to create them.
-    A study is named (``--name``, default: the time); rerunning a named study resumes it: each
-    sweep runs only the trials its stored study still lacks, and the report reuses the final
-    runs it has (gradalign.report.build).
     """
     report = settings.report
     register_resolvers(report.root)
-    cfgs = [  # composed, and so validated, before any sweep starts
-        compose_optimizer(report.conf_dir, name, report.overrides).cfg for name in report.optimizers
-    ]
-    cfg = cfgs[0]
-    tracking.connect(cfg.tracking)
     name = report.name or datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
-    sweep_root = Path(cfg.paths.outputs) / "multirun" / f"study-{name}"
-    sweep_root.mkdir(parents=True, exist_ok=True)
-    trials = trials_left(sweep_root, report.optimizers, settings.trials)
-    if any(left < settings.trials for left in trials.values()):
-        log.info("resuming study %s: trials left per sweep %s", name, trials)
-
+    parts, sweeps = {}, {}
+    for part in settings.parts:
+        part_report = part_settings(settings, part, name)
+        for optimizer in part_report.optimizers:
+            overrides = part_report.overrides_of(optimizer)
+            composed = compose_optimizer(report.conf_dir, optimizer, overrides)  # validated now
+            sweeps[sweep_of(part_report, optimizer, part)] = composed.cfg
+        sweep_ids = {o: sweep_of(part_report, o, part).sweep_id for o in part_report.optimizers}
+        parts[part.name] = dataclasses.replace(part_report, sweep_ids=sweep_ids)
+    first = next(iter(sweeps.values()))
+    tracking.connect(first.tracking)
+    folder = Path(first.paths.outputs) / STUDIES
+    folder.mkdir(parents=True, exist_ok=True)
+    left = trials_left(folder / "optuna.db", list(sweeps), settings.trials)
+    commands = {
+        sweep.study_name: sweep_command(report, sweep, trials, folder)
+        for sweep, trials in left.items()
+        if trials > 0
+    }
+    log.info("study %s: %d sweep(s), %d stored already", name, len(left), len(left) - len(commands))
     start = time.perf_counter()
-    run_sweeps(sweep_commands(settings, sweep_root, trials), sweep_root, report.jobs)
+    run_sweeps(commands, folder, report.jobs)
     swept = time.perf_counter()
     log.info("sweeps: %.1f s", swept - start)
-    out_dir = make_report(dataclasses.replace(report, name=name))
+    if len(parts) == 1:
+        page = write_report(next(iter(parts.values()))).out_dir / MARKDOWN
+    else:
+        page = write_audit(settings, name, parts) / AUDIT_MARKDOWN
     log.info(
-        "report: %.1f s (study total %.1f s)",
-        time.perf_counter() - swept,
-        time.perf_counter() - start,
+        "reports: %.1f s (study %.1f s)", time.perf_counter() - swept, time.perf_counter() - start
     )
-    return out_dir
+    return page

@@ -107,9 +107,11 @@ def _range_ends(distribution: BaseDistribution) -> list[Any]:
     return [distribution.low, distribution.high]
 
 
-def _own_key(key: str) -> bool:
-    """False for appended (+) or deleted (~) keys and Hydra's settings, which need no check."""
-    return not key.startswith(("+", "~", "hydra."))
+def _own_key(key: str, cfg: DictConfig) -> bool:
+    """False for appended (+) or deleted (~) keys, Hydra's settings and config group choices
+    (``model=cnn``, ``experiment=seed_note``: composed, not set), which need no check."""
+    group = Path(cfg.paths.root) / "conf" / key.replace(".", "/")
+    return not key.startswith(("+", "~", "hydra.")) and not group.is_dir()
 
 
 def check_trial_config(cfg: DictConfig, splits: Splits) -> None:
@@ -128,7 +130,7 @@ def check_search_space(
     """Raise ValueError if a searched (or ``fixed``) key is not in ``cfg``, or if a value at the
     end of a searched range cannot run (``check_trial_config``; a data set key rebuilds the
     data set), naming the key, the range and what is allowed."""
-    for key in filter(_own_key, [*distributions, *fixed]):
+    for key in [k for k in (*distributions, *fixed) if _own_key(k, cfg)]:
         if OmegaConf.select(cfg, key, default=_MISSING) is _MISSING:
             parent = key.rpartition(".")[0]  # the deepest node of the key that exists
             while parent and not isinstance(OmegaConf.select(cfg, parent), DictConfig):
@@ -141,7 +143,7 @@ def check_search_space(
                 f"the config: {where} {known}"
             )
     for key, distribution in distributions.items():
-        if not _own_key(key) or isinstance(OmegaConf.select(cfg, key), DictConfig):
+        if not _own_key(key, cfg) or isinstance(OmegaConf.select(cfg, key), DictConfig):
             continue  # a config group choice (model=mlp,cnn) composes its own values
         for value in _range_ends(distribution):
             trial_cfg = copy.deepcopy(cfg)

@@ -1,0 +1,246 @@
+"""The summary of a study of several comparisons (an audit): every part's report, then one page
+that puts them side by side, claim by claim (gradalign.report.claims), with the tuned values next
+to the ones a study being audited published (the experiment's ``reference``), a figure of every
+part's validation curves, and the verdicts in plain words.
+
+It is written to ``<outputs>/report/<name>/audit.md`` (and ``audit_curves.png``), and logged to
+one MLflow run (stage ``study``) under which every part's report run, and their final runs, nest.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import math
+import os
+import platform
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from matplotlib.figure import Figure
+from omegaconf import OmegaConf
+
+from gradalign import tracking
+from gradalign.experiment import git_tags
+from gradalign.report.build import Report, report_target, write_report
+from gradalign.report.claims import CLAIMS, Check, check
+from gradalign.report.configs import compose_optimizer
+from gradalign.report.plots import band
+from gradalign.report.settings import ReportSettings, StudySettings
+from gradalign.report.stats import detectable_effect
+from gradalign.schema import Metric, Param, Stage, Tag
+
+log = logging.getLogger(__name__)
+MARKDOWN, FIGURE = "audit.md", "audit_curves.png"
+
+
+def challenger(settings: ReportSettings) -> str:
+    """The optimizer a part tests against its baseline (a part compares two)."""
+    (other,) = [name for name in settings.optimizers if name != settings.baseline]
+    return other
+
+
+def checks(report: Report, settings: ReportSettings) -> dict[str, Check]:
+    """Every claim on one part's final runs."""
+    runs = {name: [r for r in report.finals if r.optimizer == name] for name in settings.optimizers}
+    other = challenger(settings)
+    return {
+        claim.key: check(claim, runs[other], runs[settings.baseline], settings.alpha)
+        for claim in CLAIMS
+    }
+
+
+def write_audit(settings: StudySettings, name: str, parts: Mapping[str, ReportSettings]) -> Path:
+    """Write every part's report, then the audit page; its folder."""
+    first = next(iter(parts.values()))
+    cfg = compose_optimizer(first.conf_dir, first.baseline, first.overrides_of(first.baseline)).cfg
+    client, experiment = tracking.connect(cfg.tracking)
+    folder, resume = report_target(
+        client, experiment, Path(cfg.paths.outputs), name, stage=Stage.STUDY
+    )
+    tags = {Tag.STAGE: Stage.STUDY, Tag.REPORT_NAME: name, **git_tags(str(first.root))}
+    params = {
+        f"{Param.REPORT_PREFIX}preset": settings.preset,
+        f"{Param.REPORT_PREFIX}trials": settings.trials,
+    }
+    with tracking.start_run(
+        cfg.tracking, run_name=f"audit {name}", tags=tags, params=params, resume_run_id=resume
+    ) as run:
+        reports = {part: write_report(s, parent_run_id=run.run_id) for part, s in parts.items()}
+        found = {part: checks(reports[part], parts[part]) for part in parts}
+        plot_parts(reports, parts, folder / FIGURE)
+        reference = OmegaConf.to_container(cfg.reference, resolve=True) if cfg.reference else {}
+        text = render(settings, name, parts, reports, found, reference, run.run_id)
+        (folder / MARKDOWN).write_text(text)
+        values = {
+            f"{part}/{key}/{stat}": getattr(c.test, stat)
+            for part, per_claim in found.items()
+            for key, c in per_claim.items()
+            for stat in ("mean_diff", "p_t", "d_z")
+        }
+        verdicts = {
+            f"{Tag.VERDICT_PREFIX}{part}/{key}": c.verdict
+            for part, per in found.items()
+            for key, c in per.items()
+        }
+        run.log_summary(values, verdicts)
+        run.client.log_artifacts(run.run_id, str(folder))
+    return folder
+
+
+def plot_parts(
+    reports: Mapping[str, Report], parts: Mapping[str, ReportSettings], path: Path
+) -> None:
+    """One panel per part: each optimizer's validation loss (log axis), mean over seeds with
+    the 95% band of the mean (in log space)."""
+    columns = min(4, len(reports))
+    rows = math.ceil(len(reports) / columns)
+    fig = Figure(figsize=(4.2 * columns, 3.3 * rows), layout="constrained")
+    axes = fig.subplots(rows, columns, squeeze=False).flatten()
+    for ax, (part, report) in zip(axes, reports.items(), strict=False):
+        for optimizer in parts[part].optimizers:
+            curves = [
+                [math.log(v) for v in r.curves[Metric.VAL_LOSS]]
+                for r in report.finals
+                if r.optimizer == optimizer
+            ]
+            epochs, mean, low, high = band(curves)
+            (line,) = ax.plot(epochs, [math.exp(v) for v in mean], label=optimizer)
+            ax.fill_between(epochs, [math.exp(v) for v in low], [math.exp(v) for v in high],
+                            color=line.get_color(), alpha=0.25, linewidth=0)  # fmt: skip
+        ax.set_yscale("log")
+        ax.set_title(f"{part}: {len(parts[part].seeds)} seed(s)")
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    for ax in axes[len(reports) :]:
+        ax.set_visible(False)
+    fig.suptitle("validation loss of the final runs, per part of the audit")
+    fig.savefig(path, dpi=90)
+
+
+def selects_on_test(report: Report, settings: ReportSettings) -> bool:
+    """Whether a part's runs validated, and so selected, on the test split."""
+    cfg = report.plan.compositions[settings.baseline].cfg
+    return OmegaConf.select(cfg, "dataset.validation") == "test"
+
+
+def _tuned(report: Report) -> str:
+    return "; ".join(
+        f"{optimizer} "
+        + ", ".join(f"{k.split('.', 1)[1]}={float(v):.3g}" for k, v in values.items())
+        for optimizer, values in report.hyperparameters.items()
+    )
+
+
+def _quoted(reference: Mapping[str, object]) -> list[str]:
+    """Lines quoting what the audited study published (its config's ``reference``)."""
+    if not reference:
+        return []
+    tuned = "; ".join(
+        f"{optimizer} " + ", ".join(f"{k.split('.', 1)[1]}={v}" for k, v in values.items())
+        for optimizer, values in reference.items()
+        if isinstance(values, Mapping)
+    )
+    lines = [f"Published by {reference.get('source', 'the audited study')}: tuned {tuned}."]
+    lines += [f"> - {claim}" for claim in reference.get("claims", [])]
+    return [*lines, ""]
+
+
+def render(
+    settings: StudySettings,
+    name: str,
+    parts: Mapping[str, ReportSettings],
+    reports: Mapping[str, Report],
+    found: Mapping[str, Mapping[str, Check]],
+    reference: Mapping[str, object],
+    run_id: str,
+) -> str:
+    """audit.md: the claims table first, then the tuned values, the verdicts in words, the
+    figure, what each part is, and how sure the data allow us to be."""
+    labels = {part.name: part.label for part in settings.parts}
+    columns = settings.columns or {part: (part,) for part in parts}
+    lines = [
+        f"# Audit `{name}`: the claims, part by part",
+        "",
+        f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
+        f"- command: `{settings.report.command}`"
+        if settings.report.command
+        else "- command: (called from Python)",
+        f"- machine: {platform.machine()} {platform.processor() or 'cpu'}, "
+        f"{os.cpu_count()} core(s), torch {torch.__version__}, one thread per run",
+        f"- MLflow run `{run_id}` (stage `study`); the parts' reports nest under it",
+        f"- preset: conf/study/{settings.preset}.yaml, {settings.trials} trials per sweep",
+        "",
+        "## The claims",
+        "",
+        *_quoted(reference),
+        "Each cell: the verdict (holds / contradicted / not shown / partly / one seed), the "
+        "challenger's mean against the baseline's, the paired difference with its 95% CI, the "
+        "paired t-test's p, Cohen's d_z and the number of seeds.",
+        "",
+    ]
+    header = ["claim (quantity per seed)", *columns]
+    rows = [
+        [
+            "tuned values",
+            *["<br>".join(f"{p}: {_tuned(reports[p])}" for p in ps) for ps in columns.values()],
+        ]
+    ]
+    for claim in CLAIMS:
+        cells = []
+        for ps in columns.values():
+            per = [found[p][claim.key] for p in ps]
+            cells.append(
+                "<br>".join(
+                    (f"{p}: " if len(ps) > 1 else "") + c.text for p, c in zip(ps, per, strict=True)
+                )
+            )
+        rows.append([f"{claim.words} ({claim.quantity})", *cells])
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    lines += ["", "## In plain words", ""]
+    for claim in CLAIMS:
+        verdicts = {p: found[p][claim.key].verdict for p in parts}
+        held = [p for p, v in verdicts.items() if v == "holds"]
+        against = [p for p, v in verdicts.items() if v == "contradicted"]
+        lines.append(
+            f"- **{claim.words}**: holds in {len(held)} of {len(verdicts)} parts"
+            + (f" ({', '.join(held)})" if held else "")
+            + (f"; contradicted in {', '.join(against)}" if against else "")
+            + "."
+        )
+    on_test = [p for p, r in reports.items() if selects_on_test(r, parts[p])]
+    if on_test:
+        lines.append(
+            f"- In parts {', '.join(on_test)} the validation set is the mnist1d test split (the "
+            "note's protocol): the selected hyperparameters and the epoch of the minimum were "
+            "chosen on test data, so their test accuracy is not an unbiased estimate. Part (d) "
+            "carves validation from train and reports test only."
+        )
+    n = max(len(s.seeds) for s in parts.values())
+    alpha = settings.report.alpha
+    lines += [
+        f"- With {n} seeds a two-sided paired t-test at alpha = {alpha:g} has 80% power only "
+        f'for effects |d_z| >= {detectable_effect(n, alpha):.2f}: "not shown" is not '
+        "evidence of no effect. A single seed (the replica) admits no test at all.",
+        "",
+        "## Figure",
+        "",
+        f"![validation loss per part]({FIGURE})",
+        "",
+        "## The parts",
+        "",
+    ]
+    for part, report in reports.items():
+        s = parts[part]
+        lines.append(
+            f"- **{part}** {labels[part]}: {' vs '.join(s.optimizers)}, seeds "
+            f"{list(s.seeds)}, overrides {' '.join(f'`{o}`' for o in s.overrides) or 'none'}"
+            + "".join(
+                f", {o}: {' '.join(f'`{x}`' for x in v)}" for o, v in s.optimizer_overrides.items()
+            )
+            + f"; report `{report.out_dir.name}/report.md`"
+        )
+    return "\n".join(lines) + "\n"
