@@ -284,3 +284,53 @@ def test_trial_result_is_the_objective_and_survives_pickling():
         "non-finite train loss",
     )
     assert TrialResult(1.5).run_id is None
+
+
+def test_a_study_name_belongs_to_one_configuration(monkeypatch, capsys, stores):
+    overrides, trials, sweep_runs = stores
+    assert (
+        train_in_process(monkeypatch, "-m", "optimizer=gao", "hydra.sweeper.n_trials=1", *overrides)
+        == 0
+    )
+    before = len(trials())
+    code = train_in_process(
+        monkeypatch, "-m", "optimizer=adam", "hydra.sweeper.n_trials=1", *overrides
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and "study 's' in " in err and "belongs to another configuration" in err
+    assert "optimizer.name: gao in the study, adam now" in err
+    assert len(trials()) == before  # nothing added to the GAO study
+    resumed = train_in_process(
+        monkeypatch, "-m", "optimizer=gao", "hydra.sweeper.n_trials=1", *overrides
+    )
+    assert resumed == 0 and len(trials()) == before + 1  # the same configuration resumes
+
+
+def test_a_sweep_whose_every_trial_diverged_fails(monkeypatch, capsys, stores):
+    overrides, trials, sweep_runs = stores
+    failing_fits(monkeypatch, "diverge", "diverge")
+    code = train_in_process(
+        monkeypatch, "-m", "optimizer=sgd", "hydra.sweeper.n_trials=2", *overrides
+    )
+    err = capsys.readouterr().err
+    assert code == 1 and "sweep failed: all 2 trials diverged" in err
+    assert [r.info.status for r in sweep_runs()] == ["FAILED", "FAILED"]
+
+
+def test_a_relative_storage_is_taken_from_the_repository_root_whatever_the_cwd(
+    monkeypatch, tmp_path, tiny
+):
+    root = tmp_path / "repo"
+    (root / "outputs").mkdir(parents=True)
+    for cwd in ("first", "second"):  # a resume from another working directory
+        (tmp_path / cwd).mkdir()
+        monkeypatch.chdir(tmp_path / cwd)
+        code = train_in_process(
+            monkeypatch, "-m", *tiny, "trainer.epochs=1", "hydra.sweeper.n_trials=1",
+            f"paths.root={root}", f"hydra.sweep.dir={tmp_path / cwd / 's'}",
+            f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+            "hydra.sweeper.storage=sqlite:///outputs/optuna.db", "hydra.sweeper.study_name=rel",
+        )  # fmt: skip
+        assert code == 0 and not (tmp_path / cwd / "outputs").exists()
+    trials = study_trials(f"sqlite:///{root / 'outputs' / 'optuna.db'}", "rel")
+    assert [t.number for t in trials] == [0, 1]  # one study, resumed: no repeated trial number

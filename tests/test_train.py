@@ -295,3 +295,35 @@ def test_an_interrupted_single_run_says_which_run_it_marked_killed(
     assert code == 130 and run.info.status == "KILLED"
     assert f"interrupted: MLflow run {run.info.run_id} marked KILLED" in err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "content,needle",
+    [(b"garbage, not a database", "cannot be opened"), (b"", None)],
+    ids=["garbage", "empty"],
+)
+def test_a_store_that_is_not_a_database_is_one_line_naming_the_file(
+    monkeypatch, capsys, tiny, tmp_path, content, needle
+):
+    db = tmp_path / "mlflow.db"
+    db.write_bytes(content)
+    code = train_in_process(
+        monkeypatch, *tiny, f"tracking.uri=sqlite:///{db}", f"hydra.run.dir={tmp_path / 'run'}"
+    )
+    err = capsys.readouterr().err
+    if needle is None:  # an empty file is a new store
+        assert code == 0
+        return
+    assert code == 2 and f"error: MLflow store {db} {needle}" in err
+    assert f"mv {db} {db}.broken" in err and "Traceback" not in err
+    assert db.read_bytes() == content  # left as it was
+
+
+def test_a_store_in_a_missing_directory_is_refused_and_not_created(
+    monkeypatch, capsys, tiny, tmp_path
+):
+    db = tmp_path / "typo" / "mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
+    code = train_in_process(monkeypatch, *tiny, f"hydra.run.dir={tmp_path / 'run'}")
+    assert code == 2 and f"directory {db.parent} does not exist" in capsys.readouterr().err
+    assert not db.parent.exists()

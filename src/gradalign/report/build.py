@@ -338,10 +338,12 @@ def write_report(settings: ReportSettings, parent_run_id: str | None = None) -> 
         the_plan.compositions[settings.baseline].cfg.tracking,
         run_name=f"report {out_dir.name}",
         tags=tags,
-        params=params,
+        params={},
         parent_run_id=parent_run_id,
         resume_run_id=resume_run_id,
     ) as run:
+        # now, not with the first flush: a resumed report is checked against them
+        tracking.log_batch(run.client, run.run_id, params=params)
         run_ids = train(jobs, parent_run_id=run.run_id, workers=settings.jobs)
         trained = {(job.optimizer, job.seed): rid for job, rid in zip(jobs, run_ids, strict=True)}
         results = [

@@ -54,7 +54,8 @@ class Terminated(BaseException):
 
 def failure_reason(error: BaseException) -> str:
     """``error`` as the failure_reason of a run's tag and its Optuna trial's user attr."""
-    return f"{type(error).__name__}: {error}"[:_MAX_REASON]
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return f"{type(error).__name__}: {first_line}"[:_MAX_REASON]
 
 
 def _now_ms() -> int:

@@ -46,6 +46,14 @@ log = logging.getLogger(__name__)
 
 _SQLITE = "sqlite:///"
 _LOCKED = "database is locked"
+# SQLite's errors for a store that cannot take a write: a full disk, a file size limit, a
+# read-only or damaged file.
+_WRITE_FAULTS = (
+    "disk I/O error",
+    "database or disk is full",
+    "attempt to write a readonly database",
+    "database disk image is malformed",
+)
 # Waits between attempts of a call that found the SQLite store locked (each attempt already
 # waited MLflow's 20 s SQLite busy_timeout), until tracking.store_wait_s have passed.
 RETRY_WAITS_S = (0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 6.4, 12.8)
@@ -67,15 +75,17 @@ class TrackingUnavailable(RuntimeError):
     database, a lock that is not released); the message names it and what to do."""
 
 
-class _LockedMessages(logging.Filter):
-    """Drop MLflow's error traceback for a locked SQLite store: the call is retried and
-    ``_retrying`` logs one warning line instead."""
+class _HandledMessages(logging.Filter):
+    """Drop MLflow's error tracebacks for store faults this module handles: a locked SQLite
+    store (the call is retried, and ``_retrying`` logs one warning line instead) and one that
+    cannot take a write (TrackingUnavailable says so in one line)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return _LOCKED not in record.getMessage()
+        message = record.getMessage()
+        return not any(fault in message for fault in (_LOCKED, *_WRITE_FAULTS))
 
 
-logging.getLogger("mlflow.store.db.utils").addFilter(_LockedMessages())
+logging.getLogger("mlflow.store.db.utils").addFilter(_HandledMessages())
 
 
 def tracking_uri(tracking: DictConfig) -> str:
@@ -146,7 +156,14 @@ def _retrying(uri: str, wait_s: float, call: Callable[..., Any], *args: Any, **k
         try:
             with _signals_held():
                 return call(*args, **kwargs)
-        except MlflowException as error:
+        except (MlflowException, SQLAlchemyError) as error:
+            if any(fault in str(error) for fault in _WRITE_FAULTS):
+                reason = str(error).splitlines()[0]
+                raise TrackingUnavailable(
+                    f"MLflow store {uri} could not be written ({reason}): its disk may be full or "
+                    "the file read-only or damaged; fix that, then python -m gradalign.doctor "
+                    "ends the runs left open"
+                ) from None
             if _LOCKED not in str(error):
                 raise
             if wait is None or time.monotonic() + wait > deadline:
@@ -220,9 +237,10 @@ def client(uri: str, wait_s: float) -> MlflowClient:
     _check_mlflow_schema(db, uri)
     with file_lock(db.parent / f"{db.name}.lock"):
         try:
-            return _RetryingClient(MlflowClient(tracking_uri=uri), uri, wait_s)
+            opened = _retrying(uri, wait_s, MlflowClient, tracking_uri=uri)
         except (SQLAlchemyError, MlflowException) as error:
             raise TrackingUnavailable(_unusable(db, error)) from None
+    return _RetryingClient(opened, uri, wait_s)
 
 
 def schema_revision(db: Path) -> str | None:
