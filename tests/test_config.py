@@ -138,6 +138,8 @@ def test_common_overrides(compose_cfg):
         (["trainer.epochs=0"], "trainer.epochs"),
         (["trainer.epochs=2.5"], "trainer.epochs"),
         (["trainer.batch_size=0"], "trainer.batch_size"),
+        (["trainer.eval_batch_size=0"], "trainer.eval_batch_size"),
+        (["trainer.eval_batch_size=2.5"], "trainer.eval_batch_size"),
         (["trainer.device=tpu"], "trainer.device"),
         (["trainer.threads=0"], "trainer.threads"),
         (["seed.model=1.5"], "seed.model"),
