@@ -8,9 +8,11 @@ from helpers import options
 from omegaconf import OmegaConf
 
 from gradalign import GradientAlignmentOptimizer
-from gradalign.components import build, build_dataset, build_model, build_optimizer
+from gradalign.components import build, build_dataset, build_model, build_optimizer, check_fits
 from gradalign.config import ConfigError
 from gradalign.data import Splits
+from gradalign.models.linear import Linear
+from gradalign.models.transformer import Transformer
 
 
 @pytest.fixture(scope="module")
@@ -42,12 +44,86 @@ def test_every_dataset_builds_splits(datasets, name):
         assert y.dtype == torch.int64 and int(y.min()) >= 0 and int(y.max()) < splits.n_classes
 
 
+@pytest.fixture(scope="module")
+def fits(datasets):
+    """{(model, dataset): the built model, or the ConfigError refusing the pair} for every pair
+    of conf/ options."""
+    from helpers import compose_config
+
+    built = {}
+    for dataset, splits in datasets.items():
+        for model in options("model"):
+            cfg = compose_config(f"model={model}", f"dataset={dataset}")
+            try:
+                built[model, dataset] = build_model(cfg, splits)
+            except ConfigError as error:
+                built[model, dataset] = error
+    return built
+
+
 @pytest.mark.parametrize("dataset", options("dataset"))
 @pytest.mark.parametrize("model", options("model"))
-def test_every_model_builds_on_every_dataset(compose_cfg, datasets, dataset, model):
-    splits = datasets[dataset]
-    net = build_model(compose_cfg(f"model={model}"), splits)
-    assert net(splits.x_val[:7]).shape == (7, splits.n_classes)
+def test_every_model_predicts_every_dataset_s_targets_or_is_refused_naming_both(
+    datasets, fits, dataset, model
+):
+    splits, built = datasets[dataset], fits[model, dataset]
+    if isinstance(built, ConfigError):  # by the constructor (of the shapes) or by check_fits
+        assert str(built).startswith(
+            (f"invalid model config {model!r}", f"model {model!r} does not fit dataset {dataset!r}")
+        )
+        assert f"dataset {dataset!r}" in str(built)
+    else:  # built on the first two examples: it predicts any number of them, targets' shape
+        built.eval()
+        with torch.no_grad():
+            logits = built(splits.x_val[:7])
+        assert logits.shape == (*splits.y_val[:7].shape, splits.n_classes)
+
+
+def test_every_model_fits_a_dataset_and_every_dataset_a_model(fits):
+    fitting = [pair for pair, built in fits.items() if not isinstance(built, ConfigError)]
+    assert {model for model, _ in fitting} == set(options("model"))
+    assert {dataset for _, dataset in fitting} == set(options("dataset"))
+
+
+@pytest.mark.parametrize(
+    "model,dataset,needle",
+    [
+        ("mlp", "charlm", "inputs of shape (2, 64) and dtype int64 the model raised RuntimeError"),
+        ("transformer", "mnist1d", "dtype float32 the model raised RuntimeError"),
+        ("gru", "charlm", "dtype int64 the model raised ValueError"),
+        ("cnn", "digits", "input_shape=[1, 8, 8] is invalid: must be (length,) or (C, length) "),
+        ("cnn", "digits", "(dataset 'digits' has input_shape=[1, 8, 8], n_classes=10)"),
+        ("cnn2d", "mnist1d", "input_shape=[40] is invalid: must be (H, W) or (C, H, W)"),
+    ],
+)
+def test_pairs_that_cannot_work_are_refused_with_the_reason(fits, model, dataset, needle):
+    assert isinstance(fits[model, dataset], ConfigError) and needle in str(fits[model, dataset])
+
+
+def test_a_model_predicting_the_wrong_shape_is_refused_naming_both_shapes(datasets):
+    """A classifier that reads token ids (a linear model made to cast them) returns one
+    prediction per window where charlm's targets are one per position."""
+
+    class FloatLinear(Linear):
+        def forward(self, x):
+            return super().forward(x.float())
+
+    splits = datasets["charlm"]
+    with pytest.raises(ConfigError) as info:
+        check_fits(FloatLinear([64], splits.n_classes), splits, "refused")
+    expected = f"returned (2, {splits.n_classes}), but targets of shape (2, 64) need logits of "
+    assert str(info.value).startswith("refused: on inputs") and expected in str(info.value)
+
+
+def test_the_fit_check_draws_no_random_number_and_keeps_the_mode(compose_cfg, datasets):
+    cfg = compose_cfg("model=transformer", "dataset=charlm", "model.dropout=0.5")
+    torch.manual_seed(0)
+    model = build_model(cfg, datasets["charlm"])
+    after_build = torch.rand(3)
+    torch.manual_seed(0)
+    Transformer([64], datasets["charlm"].n_classes, width=64, layers=2, heads=4, dropout=0.5)
+    assert torch.equal(torch.rand(3), after_build)  # building drew only the initial weights
+    assert model.training
 
 
 @pytest.mark.parametrize("name", options("optimizer"))

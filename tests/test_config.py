@@ -18,7 +18,7 @@ from gradalign.tracking import tracking_uri
 # The config groups of conf/config.yaml's defaults list (experiment presets among them).
 GROUPS = sorted(
     next(iter(entry))
-    for entry in OmegaConf.load(CONF / "config.yaml").defaults
+    for entry in OmegaConf.to_container(OmegaConf.load(CONF / "config.yaml").defaults)
     if isinstance(entry, dict) and not next(iter(entry)).startswith("override")
 )
 
@@ -143,6 +143,8 @@ def test_common_overrides(compose_cfg):
         (["trainer.epochs=0"], "trainer.epochs"),
         (["trainer.epochs=2.5"], "trainer.epochs"),
         (["trainer.batch_size=0"], "trainer.batch_size"),
+        (["trainer.eval_batch_size=0"], "trainer.eval_batch_size"),
+        (["trainer.eval_batch_size=2.5"], "trainer.eval_batch_size"),
         (["trainer.device=tpu"], "trainer.device"),
         (["trainer.threads=0"], "trainer.threads"),
         (["seed.model=1.5"], "seed.model"),

@@ -4,6 +4,7 @@ import dataclasses
 import math
 import re
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -12,6 +13,7 @@ from torch.nn import functional as F
 from gradalign.data import Splits
 from gradalign.data.mnist1d import load_mnist1d
 from gradalign.models.mlp import MLP
+from gradalign.models.transformer import Transformer
 from gradalign.training import EpochMetrics, History, fit
 
 N_TRAIN, BATCH = 230, 50  # 5 steps per epoch, the last one partial (30 samples)
@@ -330,3 +332,117 @@ def test_fit_on_cuda_matches_its_own_rerun(splits):
         assert next(net.parameters()).is_cuda
     assert not histories[0].diverged and histories[0].epochs[-1].alignment["layers.0.weight"] == 0.5
     assert losses(histories[0]) == pytest.approx(losses(histories[1]), rel=1e-5)
+
+
+def cross_entropy_by_hand(logits, y):
+    """Mean of -log softmax(logits)[y] over every example (and position): an independent
+    formula for F.cross_entropy's value."""
+    logits, y = logits.reshape(-1, logits.shape[-1]), y.reshape(-1)
+    picked = logits.gather(1, y[:, None]).squeeze(1)
+    return (torch.logsumexp(logits, dim=1) - picked).mean().item()
+
+
+def accuracy_by_hand(logits, y):
+    return (logits.argmax(dim=-1) == y).double().mean().item()
+
+
+@pytest.mark.parametrize("eval_batch_size", [25, 7])
+def test_eval_batch_size_gives_the_mean_of_the_batch_means(splits, eval_batch_size):
+    """60 val samples in batches of 25 (25, 25, 10) or 7 (8 x 7 and 4): each metric is the plain
+    mean of the per-batch means, the short last batch counting as much as a full one."""
+    net = model()
+    history = run(
+        net, torch.optim.SGD(net.parameters(), lr=0.0), splits, 1, eval_batch_size=eval_batch_size
+    )
+    (e,) = history.epochs
+    for x, y, loss, acc in [
+        (splits.x_val, splits.y_val, e.val_loss, e.val_acc),
+        (splits.x_test, splits.y_test, e.test_loss, e.test_acc),
+    ]:
+        batch_losses, batch_accs = [], []
+        with torch.no_grad():
+            for start in range(0, len(y), eval_batch_size):
+                logits = net(x[start : start + eval_batch_size])
+                batch_losses.append(
+                    cross_entropy_by_hand(logits, y[start : start + eval_batch_size])
+                )
+                batch_accs.append(accuracy_by_hand(logits, y[start : start + eval_batch_size]))
+            full_loss = cross_entropy_by_hand(net(x), y)
+        assert loss == pytest.approx(sum(batch_losses) / len(batch_losses), rel=1e-6)
+        assert acc == pytest.approx(sum(batch_accs) / len(batch_accs), rel=1e-6)
+        assert abs(loss - full_loss) > 1e-4  # the rule differs from the sample mean here
+
+
+def test_full_batch_evaluation_is_the_exact_sample_mean(splits):
+    """eval_batch_size None (the default) and one batch of the whole split agree, and equal the
+    independent sample mean."""
+    results = []
+    for eval_batch_size in (None, 60, 1000):
+        net = model()
+        optimizer = torch.optim.SGD(net.parameters(), lr=0.0)
+        results.append(run(net, optimizer, splits, 1, eval_batch_size=eval_batch_size).epochs[0])
+    with torch.no_grad():
+        expected = cross_entropy_by_hand(net(splits.x_val), splits.y_val)
+    assert [r.val_loss for r in results] == pytest.approx([expected] * 3, rel=1e-6)
+
+
+@pytest.mark.parametrize("eval_batch_size", [0, 2.5, True])
+def test_bad_eval_batch_size_is_rejected(splits, eval_batch_size):
+    net = model()
+    with pytest.raises(ValueError, match=r"trainer.eval_batch_size=\S+ is invalid"):
+        run(net, torch.optim.SGD(net.parameters(), lr=0.1), splits, eval_batch_size=eval_batch_size)
+
+
+VOCAB, CONTEXT = 7, 12
+
+
+def sequence_splits(seed=0, n_train=120, n_eval=40):
+    """Token windows in which each token is the previous one plus 1 or 2 (mod VOCAB), the choice
+    random: targets are the inputs shifted by one, learnable to about ln 2 nats per token."""
+    g = torch.Generator().manual_seed(seed)
+
+    def part(n):
+        steps = torch.randint(1, 3, (n, CONTEXT + 1), generator=g)
+        start = torch.randint(0, VOCAB, (n, 1), generator=g)
+        tokens = (start + steps.cumsum(dim=1)) % VOCAB
+        return tokens[:, :-1], tokens[:, 1:]
+
+    return Splits(*part(n_train), *part(n_eval), *part(n_eval), n_classes=VOCAB)
+
+
+def transformer(seed=0):
+    torch.manual_seed(seed)
+    return Transformer([CONTEXT], VOCAB, width=32, layers=1, heads=2, dropout=0.0)
+
+
+def test_sequence_targets_are_scored_per_position():
+    """(N, T) targets: with lr 0 the train loss is the cross-entropy over all N * T positions and
+    the val accuracy the per-position accuracy, whole-split (None) or in batches."""
+    data = sequence_splits()
+    for eval_batch_size in (None, 15):
+        net = transformer()
+        (e,) = run(
+            net, torch.optim.SGD(net.parameters(), lr=0.0), data, 1, eval_batch_size=eval_batch_size
+        ).epochs
+        with torch.no_grad():
+            assert e.train_loss == pytest.approx(
+                cross_entropy_by_hand(net(data.x_train), data.y_train), rel=1e-6
+            )
+            batches = [(data.x_val[i : i + 15], data.y_val[i : i + 15]) for i in range(0, 40, 15)]
+            if eval_batch_size is None:
+                batches = [(data.x_val, data.y_val)]
+            expected_loss = np.mean([cross_entropy_by_hand(net(x), y) for x, y in batches])
+            expected_acc = np.mean([accuracy_by_hand(net(x), y) for x, y in batches])
+        assert e.val_loss == pytest.approx(expected_loss, rel=1e-6)
+        assert e.val_acc == pytest.approx(expected_acc, rel=1e-6)
+
+
+def test_a_sequence_model_learns_the_next_token():
+    data = sequence_splits()
+    net = transformer()
+    with torch.no_grad():
+        initial = cross_entropy_by_hand(net(data.x_val), data.y_val)
+    history = run(net, torch.optim.Adam(net.parameters(), lr=1e-2), data, epochs=15)
+    assert initial == pytest.approx(math.log(VOCAB), abs=0.1)  # a uniform start
+    assert history.best_val_loss < math.log(2) + 0.25  # near the data's ln 2 per token
+    assert history.epochs[-1].val_acc > 0.4

@@ -51,3 +51,10 @@ def fraction(what: str, value: Any) -> float:
     if not (is_number(value) and 0 < value < 1):
         raise ValueError(f"{what}={value!r} is invalid: must be a number in (0, 1)")
     return float(value)
+
+
+def probability(what: str, value: Any) -> float:
+    """``value`` if it is a number in [0, 1) (a dropout rate), else ValueError naming ``what``."""
+    if not (is_number(value) and 0 <= value < 1):
+        raise ValueError(f"{what}={value!r} is invalid: must be a number in [0, 1)")
+    return float(value)

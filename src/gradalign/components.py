@@ -7,6 +7,11 @@ arguments; the pipeline adds what only it knows: the model's ``input_shape`` and
 ValueError, TypeError, IndexError or KeyError) is reported as a ``ConfigError`` naming the group
 and the option, so a bad value reads the same whichever component refused it; anything else (a
 full disk) passes through as it is.
+
+A model and a data set know nothing of each other, so a built model is run once on two
+validation examples: a model that cannot read the data set's inputs (token ids into a linear
+layer), or whose output does not match its targets (one prediction per example where the targets
+are one per position), is refused as a ConfigError before anything trains.
 """
 
 from __future__ import annotations
@@ -65,10 +70,45 @@ def build_dataset(cfg: DictConfig) -> Splits:
 
 
 def build_model(cfg: DictConfig, splits: Splits) -> torch.nn.Module:
-    """``cfg.model`` for examples of ``splits.input_shape`` and ``splits.n_classes`` classes."""
-    return build(
-        "model", cfg.model, input_shape=list(splits.input_shape), n_classes=splits.n_classes
-    )
+    """``cfg.model`` for examples of ``splits.input_shape`` and ``splits.n_classes`` classes,
+    checked to read ``splits``' inputs and to predict its targets' shape (``check_fits``)."""
+    data = f"dataset {cfg.dataset.name!r}"
+    shape, n_classes = list(splits.input_shape), splits.n_classes
+    try:
+        model = build("model", cfg.model, input_shape=shape, n_classes=n_classes)
+    except ConfigError as error:  # the data's shapes may be what the model refused
+        raise ConfigError(
+            f"{error} ({data} has input_shape={shape}, n_classes={n_classes})"
+        ) from None
+    check_fits(model, splits, f"model {cfg.model.name!r} does not fit {data}")
+    return model
+
+
+def check_fits(model: torch.nn.Module, splits: Splits, refusal: str) -> None:
+    """Run ``model`` (in eval mode, without gradients, so no random number is drawn) on the first
+    two validation examples; raise ConfigError ``refusal: <why>`` unless it returns logits of
+    shape ``targets.shape + (n_classes,)``. Its train/eval mode is left as it was."""
+    x, y = splits.x_val[:2], splits.y_val[:2]
+    inputs = f"inputs of shape {tuple(x.shape)} and dtype {str(x.dtype).removeprefix('torch.')}"
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            logits = model(x)
+    except (RuntimeError, TypeError, ValueError, IndexError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise ConfigError(
+            f"{refusal}: on {inputs} the model raised {type(error).__name__}: {reason}"
+        ) from None
+    finally:
+        model.train(was_training)
+    expected = (*y.shape, splits.n_classes)
+    if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != expected:
+        got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise ConfigError(
+            f"{refusal}: on {inputs} the model returned {got}, but targets of shape "
+            f"{tuple(y.shape)} need logits of shape {expected}"
+        )
 
 
 def build_optimizer(cfg: DictConfig, params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:

@@ -49,6 +49,11 @@ class ConfigError(ValueError):
 _RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("trainer.epochs", lambda v: is_int(v) and v >= 1, "an integer >= 1"),
     ("trainer.batch_size", lambda v: is_int(v) and v >= 1, "an integer >= 1"),
+    (
+        "trainer.eval_batch_size",
+        lambda v: v is None or (is_int(v) and v >= 1),
+        "null or an integer >= 1",
+    ),
     ("trainer.device", lambda v: v in ("auto", "cpu", "cuda"), "one of auto, cpu, cuda"),
     ("trainer.threads", lambda v: v is None or (is_int(v) and v >= 1), "null or an integer >= 1"),
     ("seed.model", is_int, "an integer"),

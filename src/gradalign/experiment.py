@@ -154,6 +154,7 @@ def run_experiment(
                 splits,
                 epochs=cfg.trainer.epochs,
                 batch_size=cfg.trainer.batch_size,
+                eval_batch_size=cfg.trainer.eval_batch_size,
                 data_seed=cfg.seed.data,
                 device=device,
                 on_epoch=on_epoch,

@@ -1,5 +1,9 @@
 """The training loop: fit a classifier on in-memory splits and return its per-epoch history.
 
+Targets are class labels of shape (N,) with logits (N, classes), or per-position targets of shape
+(N, T) with logits (N, T, classes) (a language model's next characters): the loss is then the
+cross-entropy over all N * T positions and the accuracy the per-position accuracy.
+
 This is the hot path of every sweep trial, so the loop does only what a bare loop does plus one
 ``detach`` per step (and one ``add_`` per step for optimizers exposing ``last_scales``): losses
 stay on the device and each epoch ends with a single host synchronisation that fetches all of its
@@ -19,6 +23,8 @@ from torch.nn import functional as F
 
 from gradalign.checks import positive_int
 from gradalign.data import Splits
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclasses.dataclass
@@ -80,6 +86,7 @@ def fit(
     batch_size: int,
     data_seed: int,
     device: torch.device | str,
+    eval_batch_size: int | None = None,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     on_epoch: Callable[[EpochMetrics], None] | None = None,
 ) -> History:
@@ -90,13 +97,18 @@ def fit(
     the order of one ``torch.randperm`` drawn from a CPU generator seeded with ``data_seed``
     (independent of the global RNG), in batches of ``batch_size`` with the last one partial.
     ``scheduler.step()`` (no argument) is called once per epoch after its optimizer steps.
-    Val and test metrics are full-batch, in eval mode, without gradients. ``on_epoch`` receives
+    Val and test metrics are computed in eval mode, without gradients: full-batch (the exact mean
+    over samples, or over positions for (N, T) targets) when ``eval_batch_size`` is None, else in
+    batches of ``eval_batch_size`` in data order, each metric the unweighted mean of the batch
+    means (the last, partial batch counts as much as a full one). ``on_epoch`` receives
     each completed epoch's metrics. A non-finite train loss (checked once per epoch, on the
     epoch's accumulated loss) or val loss ends the fit with ``History(diverged=True, reason)``;
     nothing is raised and the diverged epoch is neither recorded nor passed to ``on_epoch``.
     """
     positive_int("trainer.epochs", epochs)
     positive_int("trainer.batch_size", batch_size)
+    if eval_batch_size is not None:
+        positive_int("trainer.eval_batch_size", eval_batch_size)
     model.to(device)
     data = splits.to(device)
     n_train = len(data.y_train)
@@ -107,6 +119,7 @@ def fit(
     batch_sizes = batch_sizes.to(device)
     generator = torch.Generator().manual_seed(data_seed)
     names = _parameter_names(model, optimizer) if hasattr(optimizer, "last_scales") else None
+    loss_fn = F.cross_entropy if data.y_train.dim() == 1 else _positions_cross_entropy
     completed: list[EpochMetrics] = []
 
     model.train()
@@ -117,7 +130,7 @@ def fit(
         scale_sum, scale_steps = None, 0
         for idx in order.split(batch_size):
             optimizer.zero_grad()
-            loss = F.cross_entropy(model(data.x_train[idx]), data.y_train[idx])
+            loss = loss_fn(model(data.x_train[idx]), data.y_train[idx])
             loss.backward()
             optimizer.step()
             losses.append(loss.detach())
@@ -133,8 +146,8 @@ def fit(
         parts = [((step_losses * batch_sizes).sum() / n_train).view(1)]
         model.eval()
         with torch.no_grad():
-            parts.append(_evaluate(model, data.x_val, data.y_val))
-            parts.append(_evaluate(model, data.x_test, data.y_test))
+            parts.append(_evaluate(model, data.x_val, data.y_val, eval_batch_size, loss_fn))
+            parts.append(_evaluate(model, data.x_test, data.y_test, eval_batch_size, loss_fn))
         model.train()
         if scale_sum is not None:
             parts.append(scale_sum / scale_steps)
@@ -161,11 +174,26 @@ def fit(
     return History(completed, False, None)
 
 
-def _evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Full-batch [mean cross-entropy, accuracy] as one tensor on the device."""
-    logits = model(x)
-    loss = F.cross_entropy(logits, y)
-    accuracy = (logits.argmax(dim=1) == y).to(loss.dtype).mean()
+def _positions_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over every position: logits (N, T, classes), targets (N, T)."""
+    return F.cross_entropy(logits.flatten(0, -2), targets.flatten())
+
+
+def _evaluate(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int | None, loss_fn: LossFn
+) -> torch.Tensor:
+    """[cross-entropy, accuracy] as one tensor on the device: of the full batch when
+    ``batch_size`` is None, else the mean of the batch means over batches of ``batch_size``."""
+    if batch_size is None:
+        return _metrics(model(x), y, loss_fn)
+    batches = zip(x.split(batch_size), y.split(batch_size), strict=True)
+    return torch.stack([_metrics(model(xb), yb, loss_fn) for xb, yb in batches]).mean(dim=0)
+
+
+def _metrics(logits: torch.Tensor, y: torch.Tensor, loss_fn: LossFn) -> torch.Tensor:
+    """[mean cross-entropy, accuracy] of one batch (per position for (N, T) targets)."""
+    loss = loss_fn(logits, y)
+    accuracy = (logits.argmax(dim=-1) == y).to(loss.dtype).mean()
     return torch.stack([loss, accuracy])
 
 

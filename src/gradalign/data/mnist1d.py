@@ -18,7 +18,6 @@ import importlib.metadata
 import json
 import os
 import random
-import tempfile
 import warnings
 import zipfile
 from collections.abc import Mapping, Sequence
@@ -28,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from gradalign.checks import fraction, is_int
+from gradalign.data.npz import write_npz_atomically
 from gradalign.data.splits import Splits, carve_validation, test_as_validation
 
 # Names of mnist1d's generation arguments (the keys of get_dataset_args() except the download
@@ -204,18 +204,7 @@ def _check_arrays(arrays: Mapping[str, np.ndarray]) -> None:
 def _write_cache(
     path: Path, key: str, overrides: Mapping[str, Any], arrays: Mapping[str, np.ndarray]
 ) -> None:
-    """Write the arrays, the key and the overrides (for provenance) atomically: a temporary file
-    in the same folder, then os.replace, so readers never see a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            np.savez(
-                handle, key=np.array(key), generation=np.array(json.dumps(overrides)), **arrays
-            )
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write the arrays, the key and the overrides (for provenance) atomically."""
+    write_npz_atomically(
+        path, key=np.array(key), generation=np.array(json.dumps(overrides)), **arrays
+    )

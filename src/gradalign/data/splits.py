@@ -1,4 +1,5 @@
-"""Train/val/test tensors, and the stratified carve-out of a validation set from a train set."""
+"""Train/val/test tensors, the stratified carve-out of a validation set from a train set, and a
+stratified split of one labelled array into parts."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ from gradalign.checks import fraction
 
 @dataclasses.dataclass(frozen=True)
 class Splits:
-    """Train/val/test inputs ``x`` (one example per row, any trailing shape) and int64 labels
-    ``y`` of shape (N,); ``n_classes`` is the number of classes the labels index."""
+    """Train/val/test inputs ``x`` (one example per row, any trailing shape) and int64 targets
+    ``y``: labels of shape (N,), or one target per position, (N, T), for a sequence model (a
+    language model's next tokens); ``n_classes`` is the number of classes the targets index."""
 
     x_train: torch.Tensor
     y_train: torch.Tensor
@@ -88,3 +90,27 @@ def carve_validation(
         y_test=torch.from_numpy(y_test),
         n_classes=n_classes,
     )
+
+
+def stratified_parts(
+    y: np.ndarray, fractions: list[float], *, split_seed: int, what: str
+) -> list[np.ndarray]:
+    """Sorted indices of ``len(fractions) + 1`` disjoint parts that together cover ``y``: part i
+    holds round(fractions[i] * count) of each class, the last part the rest. One permutation of
+    each class's members, drawn by a numpy generator seeded with ``split_seed``, is cut in that
+    order. ``what`` names the fractions' settings in the refusal of fractions that leave a part
+    empty or do not leave room for the last part."""
+    if sum(fractions) >= 1:
+        raise ValueError(f"{what}={fractions!r} is invalid: must add up to less than 1")
+    rng = np.random.default_rng(split_seed)
+    parts: list[list[np.ndarray]] = [[] for _ in range(len(fractions) + 1)]
+    for label in np.unique(y):
+        members = rng.permutation(np.flatnonzero(y == label))
+        ends = np.cumsum([round(f * len(members)) for f in fractions])
+        for part, chunk in zip(parts, np.split(members, ends), strict=True):
+            part.append(chunk)
+    indices = [np.sort(np.concatenate(part)) for part in parts]
+    if any(len(part) == 0 for part in indices):
+        sizes = [len(part) for part in indices]
+        raise ValueError(f"{what}={fractions!r} leaves an empty part of {len(y)} samples: {sizes}")
+    return indices
