@@ -64,8 +64,11 @@ def trial_overhead(repeats: int) -> None:
 
     from gradalign.components import build_dataset
     from gradalign.config import register_resolvers
-    from gradalign.experiment import run_experiment, seeded_model_and_optimizer
-    from gradalign.training import fit
+    from gradalign.experiment import (
+        fit_as_configured,
+        run_experiment,
+        seeded_model_and_optimizer,
+    )
 
     register_resolvers(ROOT)
     timer = MlflowTimer()
@@ -85,15 +88,7 @@ def trial_overhead(repeats: int) -> None:
         for _ in range(repeats):  # interleaved, so drifting machine load hits both alike
             start = time.perf_counter()
             model, optimizer = seeded_model_and_optimizer(cfg, splits)
-            fit(
-                model,
-                optimizer,
-                splits,
-                epochs=cfg.trainer.epochs,
-                batch_size=cfg.trainer.batch_size,
-                data_seed=cfg.seed.data,
-                device="cpu",
-            )
+            fit_as_configured(cfg, model, optimizer, splits, device="cpu")
             bare.append(time.perf_counter() - start)
             timer.seconds = 0.0
             start = time.perf_counter()

@@ -51,3 +51,17 @@ def runs(uri: str, filter_string: str = "", experiment: str = EXPERIMENT) -> lis
         max_results=10000,
         order_by=["attributes.start_time DESC"],
     )
+
+
+def asked_lrs(study_name: str, storage, sampler, n: int) -> list[float]:
+    """Ask ``n`` trials of the stored study with ``sampler``, as a new sweep process would (each
+    suggests an lr and is told it as its value); the suggested lrs."""
+    import optuna
+
+    study = optuna.load_study(study_name=study_name, storage=storage, sampler=sampler)
+    values = []
+    for _ in range(n):
+        trial = study.ask()
+        values.append(trial.suggest_float("lr", 1e-4, 1e-1, log=True))
+        study.tell(trial, values[-1])
+    return values

@@ -123,6 +123,20 @@ def _batch(step, rank):
     )
 
 
+def _one_process_reference(steps):
+    """The model and GAO trained in one process on every rank's batches of each step (the mean
+    of the ranks' mean losses): what data-parallel training of the same steps must give."""
+    plain = _make_model(seed=0)
+    plain_opt = GradientAlignmentOptimizer(plain.parameters(), "Adam", lr=1e-2, beta=0.9)
+    for step in range(steps):
+        batches = [_batch(step, r) for r in range(WORLD)]
+        loss = sum(F.cross_entropy(plain(x), y) for x, y in batches) / WORLD
+        plain_opt.zero_grad()
+        loss.backward()
+        plain_opt.step()
+    return plain, plain_opt
+
+
 def _train(model, opt, steps, rank):
     for step in steps:
         x, y = _batch(step, rank)
@@ -180,14 +194,7 @@ def _fsdp2_dcp_resume(rank, checkpoint_dir):
     assert_equal_on_all_ranks(opt.last_scales)
 
     # The same 6 steps in one process on both ranks' batches (the mean of the ranks' mean losses).
-    plain = _make_model(seed=0)
-    plain_opt = GradientAlignmentOptimizer(plain.parameters(), "Adam", lr=1e-2, beta=0.9)
-    for step in range(6):
-        batches = [_batch(step, r) for r in range(WORLD)]
-        loss = sum(F.cross_entropy(plain(x), y) for x, y in batches) / WORLD
-        plain_opt.zero_grad()
-        loss.backward()
-        plain_opt.step()
+    plain, plain_opt = _one_process_reference(steps=6)
     for p, q in zip(model.parameters(), plain.parameters(), strict=True):
         torch.testing.assert_close(p.full_tensor(), q.detach(), rtol=1e-9, atol=1e-11)
     torch.testing.assert_close(opt.last_scales, plain_opt.last_scales, rtol=1e-6, atol=1e-7)
@@ -284,14 +291,7 @@ def _ddp_matches_a_single_process(rank):
     opt = GradientAlignmentOptimizer(model.parameters(), "Adam", lr=1e-2, beta=0.9)
 
     _train(model, opt, range(4), rank)
-    plain = _make_model(seed=0)
-    plain_opt = GradientAlignmentOptimizer(plain.parameters(), "Adam", lr=1e-2, beta=0.9)
-    for step in range(4):
-        batches = [_batch(step, r) for r in range(WORLD)]
-        loss = sum(F.cross_entropy(plain(x), y) for x, y in batches) / WORLD
-        plain_opt.zero_grad()
-        loss.backward()
-        plain_opt.step()
+    plain, plain_opt = _one_process_reference(steps=4)
     for p, q in zip(model.parameters(), plain.parameters(), strict=True):
         torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-9, atol=1e-11)
         assert_equal_on_all_ranks(p.detach())

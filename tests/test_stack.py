@@ -11,6 +11,7 @@ import warnings
 
 import optuna
 import pytest
+from helpers import asked_lrs
 from hydra.core.config_store import ConfigStore
 from mlflow.tracking import MlflowClient
 from optuna.samplers import TPESampler
@@ -45,26 +46,17 @@ def test_the_sweeps_seed_is_the_samplers_unless_the_sampler_sets_its_own(compose
     assert build_sampler({**cfg, "seed": 5}, seed=3)._seed == 5
 
 
-def asked(storage, sampler, n):
-    """Ask ``n`` trials of the stored study "s" with ``sampler``, as a sweep process would."""
-    study = optuna.load_study(study_name="s", storage=storage, sampler=sampler)
-    values = []
-    for _ in range(n):
-        trial = study.ask()
-        values.append(trial.suggest_float("lr", 1e-4, 1e-1, log=True))
-        study.tell(trial, values[-1])
-    return values
-
-
 def test_a_resumed_study_samples_past_the_start_up_trials_without_repeating(tmp_path):
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     optuna.create_study(study_name="s", storage=storage)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        first = asked(storage, ResumableTPESampler(seed=0), 15)  # past TPE's 10 start-up trials
-        resumed = asked(storage, ResumableTPESampler(seed=0), 15)
+        first = asked_lrs(
+            "s", storage, ResumableTPESampler(seed=0), 15
+        )  # past TPE's 10 start-up trials
+        resumed = asked_lrs("s", storage, ResumableTPESampler(seed=0), 15)
     optuna.create_study(study_name="s", storage=f"sqlite:///{tmp_path / 'plain.db'}")
-    assert first == asked(f"sqlite:///{tmp_path / 'plain.db'}", TPESampler(seed=0), 15)
+    assert first == asked_lrs("s", f"sqlite:///{tmp_path / 'plain.db'}", TPESampler(seed=0), 15)
     assert not set(resumed) & set(first)
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import optuna
 import pytest
-from helpers import train_in_process
+from helpers import asked_lrs, train_in_process
 from mlflow.tracking import MlflowClient
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.samplers import TPESampler
@@ -27,25 +27,16 @@ from gradalign.sweep.sweeper import CLAIM, check_search_space, claim_sweep_dir
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def suggestions(study, sampler, n):
-    """Ask ``n`` trials of a study loaded with ``sampler`` (as a new sweeper process would)."""
-    study = optuna.load_study(study_name=study.study_name, storage=study._storage, sampler=sampler)
-    values = []
-    for _ in range(n):
-        trial = study.ask()
-        values.append(trial.suggest_float("lr", 1e-4, 1e-1, log=True))
-        study.tell(trial, values[-1])
-    return values
-
-
 def test_resumed_study_continues_the_seeded_stream_instead_of_replaying_it():
     storage = optuna.storages.InMemoryStorage()
-    study = optuna.create_study(storage=storage)
-    first = suggestions(study, ResumableTPESampler(seed=0), 3)
-    assert first == suggestions(optuna.create_study(), TPESampler(seed=0), 3)  # new study: TPE
-    resumed = suggestions(study, ResumableTPESampler(seed=0), 3)
+    optuna.create_study(study_name="s", storage=storage)
+    first = asked_lrs("s", storage, ResumableTPESampler(seed=0), 3)
+    fresh = optuna.storages.InMemoryStorage()
+    optuna.create_study(study_name="s", storage=fresh)
+    assert first == asked_lrs("s", fresh, TPESampler(seed=0), 3)  # a new study: TPE's stream
+    resumed = asked_lrs("s", storage, ResumableTPESampler(seed=0), 3)
     assert not set(resumed) & set(first)
-    replayed = suggestions(study, TPESampler(seed=0), 3)  # what the stock sampler would do
+    replayed = asked_lrs("s", storage, TPESampler(seed=0), 3)  # what the stock sampler would do
     assert replayed == first
 
 

@@ -39,6 +39,15 @@ def positive_ints(what: str, values: Any) -> list[int]:
     return list(values)
 
 
+def channels_and_length(input_shape: Any) -> tuple[int, int]:
+    """A 1-d signal's (channels, length) from one example's shape: (length,) is one channel,
+    (C, length) is taken as is; else ValueError naming the shape."""
+    shape = positive_ints("input_shape", input_shape)
+    if len(shape) not in (1, 2):
+        raise ValueError(f"input_shape={shape} is invalid: must be (length,) or (C, length)")
+    return (1, shape[0]) if len(shape) == 1 else (shape[0], shape[1])
+
+
 def boolean(what: str, value: Any) -> bool:
     """``value`` if it is a bool, else ValueError naming ``what``."""
     if not isinstance(value, bool):

@@ -10,7 +10,7 @@ import functools
 import hashlib
 import logging
 import subprocess
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -97,6 +97,29 @@ def seeded_model_and_optimizer(
     return model, build_optimizer(cfg, model.parameters())
 
 
+def fit_as_configured(
+    cfg: DictConfig,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    splits: Splits,
+    device: str,
+    on_epoch: Callable[[EpochMetrics], None] | None = None,
+) -> History:
+    """Train ``model`` with ``optimizer`` on ``splits`` as a run of ``cfg`` does (cfg.trainer's
+    budget and evaluation, cfg.seed.data's batch order), untracked."""
+    return fit(
+        model,
+        optimizer,
+        splits,
+        epochs=cfg.trainer.epochs,
+        batch_size=cfg.trainer.batch_size,
+        eval_batch_size=cfg.trainer.eval_batch_size,
+        data_seed=cfg.seed.data,
+        device=device,
+        on_epoch=on_epoch,
+    )
+
+
 def run_experiment(
     cfg: DictConfig,
     *,
@@ -148,17 +171,7 @@ def run_experiment(
             progress.update(metrics)
 
         try:
-            history = fit(
-                model,
-                optimizer,
-                splits,
-                epochs=cfg.trainer.epochs,
-                batch_size=cfg.trainer.batch_size,
-                eval_batch_size=cfg.trainer.eval_batch_size,
-                data_seed=cfg.seed.data,
-                device=device,
-                on_epoch=on_epoch,
-            )
+            history = fit_as_configured(cfg, model, optimizer, splits, device, on_epoch)
         finally:
             progress.close()
         run.finish(history, history.objective(cfg.objective))

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from gradalign.checks import positive_int, positive_ints
+from gradalign.checks import channels_and_length, positive_int
 
 
 class CNN(nn.Module):
@@ -18,10 +18,7 @@ class CNN(nn.Module):
 
     def __init__(self, input_shape: Sequence[int], n_classes: int, channels: int) -> None:
         super().__init__()
-        shape = positive_ints("input_shape", input_shape)
-        if len(shape) not in (1, 2):
-            raise ValueError(f"input_shape={shape} is invalid: must be (length,) or (C, length)")
-        in_channels, length = (1, shape[0]) if len(shape) == 1 else shape
+        in_channels, length = channels_and_length(input_shape)
         positive_int("model.channels", channels)
         self.convs = nn.ModuleList(
             [
@@ -33,7 +30,9 @@ class CNN(nn.Module):
         for conv in self.convs:
             length = (length + 2 * conv.padding[0] - conv.kernel_size[0]) // conv.stride[0] + 1
         if length < 1:
-            raise ValueError(f"input_shape={shape} is too short for the CNN's three convolutions")
+            raise ValueError(
+                f"input_shape={list(input_shape)} is too short for the CNN's three convolutions"
+            )
         self.head = nn.Linear(channels * length, positive_int("n_classes", n_classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

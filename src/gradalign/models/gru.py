@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from gradalign.checks import boolean, positive_int, positive_ints
+from gradalign.checks import boolean, channels_and_length, positive_int
 
 
 class GRU(nn.Module):
@@ -22,10 +22,7 @@ class GRU(nn.Module):
         self, input_shape: Sequence[int], n_classes: int, hidden: int, bidirectional: bool
     ) -> None:
         super().__init__()
-        shape = positive_ints("input_shape", input_shape)
-        if len(shape) not in (1, 2):
-            raise ValueError(f"input_shape={shape} is invalid: must be (length,) or (C, length)")
-        in_channels, length = (1, shape[0]) if len(shape) == 1 else shape
+        in_channels, length = channels_and_length(input_shape)
         positive_int("model.hidden", hidden)
         directions = 2 if boolean("model.bidirectional", bidirectional) else 1
         self.rnn = nn.GRU(in_channels, hidden, batch_first=True, bidirectional=bidirectional)
