@@ -2,6 +2,7 @@
 divergence, error, interrupt and SIGTERM paths; early config errors; the batching contract."""
 
 import io
+import json
 import math
 import os
 import re
@@ -37,15 +38,27 @@ def n_runs(client):
 @pytest.mark.parametrize("optimizer", ["adam", "gao", "adamw", "sgd"])
 def test_short_run_is_tracked(compose_cfg, tiny, client, model, optimizer):
     cfg = compose_cfg(f"model={model}", f"optimizer={optimizer}", *tiny)
-    history, run_id = experiment.run_experiment(cfg)
+    history, run_id = experiment.run_experiment(cfg, searched=["optimizer.lr", "model.absent"])
 
     assert not history.diverged and [e.epoch for e in history.epochs] == [1, 2]
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
-    assert run.info.run_name == f"{optimizer}-single"
+    lr = {0.01: "0.01", 0.1: "0.1"}[cfg.optimizer.lr]
+    assert run.info.run_name == f"{optimizer} lr={lr} (single)"
     tags = run.data.tags
     assert (tags["optimizer"], tags["stage"]) == (optimizer, "single")
     assert len(tags["config_hash"]) == len(tags["init_hash"]) == 12 and tags["git_commit"]
+    # MLflow's own columns: Source, the git commit, the description with the outcome first
+    assert tags["mlflow.source.name"] == "train.py" and tags["mlflow.source.type"] == "LOCAL"
+    assert tags["mlflow.source.git.commit"] == tags["git_commit"]
+    first, what = tags["mlflow.note.content"].split("\n\n")[:2]
+    assert first.startswith(f"**objective {history.objective('last'):.4f}** · best_val_loss ")
+    assert what.startswith(f"{optimizer} (lr={lr}) on mnist1d / {model}: 2 epochs")
+    (dataset,) = run.inputs.dataset_inputs
+    profile = json.loads(dataset.dataset.profile)
+    assert dataset.dataset.name == "mnist1d" and len(dataset.dataset.digest) == 12
+    assert profile["num_rows"] == profile["train"] + profile["val"] + profile["test"] == 1000
+    assert [t.value for t in dataset.tags] == ["training"]
     params = run.data.params
     assert params["optimizer.lr"] == str(cfg.optimizer.lr)
     assert params["model.name"] == model and params["seed.model"] == "0"
@@ -82,12 +95,14 @@ def test_parent_and_extra_tags_nest_the_run(compose_cfg, tiny, client):
         cfg,
         stage="sweep",
         parent_run_id=parent.info.run_id,
-        extra_tags={"sweep_id": "s1", "hydra_job_num": "4"},
+        extra_tags={"sweep_id": "s1", "hydra_job_num": "4", "optuna_trial": "7"},
+        searched=["optimizer.lr"],
     )
     tags = client.get_run(run_id).data.tags
     assert tags["mlflow.parentRunId"] == parent.info.run_id
     assert (tags["stage"], tags["sweep_id"], tags["hydra_job_num"]) == ("sweep", "s1", "4")
-    assert client.get_run(run_id).info.run_name == "adam-sweep-4"
+    assert client.get_run(run_id).info.run_name == "adam lr=0.01 (trial 7)"
+    assert "Trial 7 of sweep `s1`" in tags["mlflow.note.content"]
     assert client.get_run(parent.info.run_id).info.status == "RUNNING"  # a child never ends it
     assert tags["owner"] == processes.owner_token()
 
@@ -100,6 +115,8 @@ def test_diverged_run_ends_failed_with_reason(compose_cfg, tiny, client):
     assert run.info.status == "FAILED" and run.data.tags["diverged"] == "true"
     assert run.data.tags["failure_reason"].startswith("non-finite train loss (")
     assert "objective" not in run.data.metrics  # a diverged run has no objective
+    note = run.data.tags["mlflow.note.content"]
+    assert note.startswith(f"**diverged**: {run.data.tags['failure_reason']}\n\nsgd (")
 
 
 @pytest.mark.parametrize(
@@ -159,6 +176,9 @@ def test_keyboard_interrupt_ends_the_run_killed_and_propagates(
     run = last_run(client)
     assert run.info.status == "KILLED"
     assert run.data.tags["failure_reason"] == "interrupted (KeyboardInterrupt)"
+    assert run.data.tags["mlflow.note.content"].startswith(
+        "**KILLED**: interrupted (KeyboardInterrupt)\n\n"
+    )
     assert len(client.get_metric_history(run.info.run_id, "val_loss")) == 1  # flushed
     assert client.get_run(parent.info.run_id).info.status == "RUNNING"  # its sweep ends it
 
