@@ -13,7 +13,7 @@ from helpers import CONF, EXPERIMENT, REPO_ROOT
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
-from gradalign import tracking
+from gradalign import schema, tracking
 from gradalign.config import flatten
 from gradalign.experiment import run_experiment
 from gradalign.report import finals as report_finals
@@ -29,7 +29,7 @@ from gradalign.report.configs import (
 )
 from gradalign.report.finals import workers_worth_starting
 from gradalign.report.html import to_html
-from gradalign.report.runs import MissingSweepError, best_sweep_run, final_runs
+from gradalign.report.runs import MissingSweepError, best_sweep_run, curves, final_runs
 from gradalign.report.settings import report_settings
 
 
@@ -371,3 +371,25 @@ def test_report_html_is_the_markdown_with_its_images_inlined(tmp_path):
         '<p><img alt="remote" src="https://example.org/a.png"></p>',
         "<p>one paragraph</p>",
     ]
+
+
+def test_curves_of_runs_logged_under_the_old_metric_keys_are_read_under_todays(store):
+    uri, _ = store
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("before-the-rename")).info.run_id
+    old = {
+        "train_loss": [2.0, 1.0],
+        "val_loss": [3.0, 2.0],
+        "val_acc": [0.1, 0.2],
+        "test_acc": [0.1, 0.3],
+        "alignment/layers.0.weight": [0.5, 0.6],
+    }
+    points = [Metric(k, v, 0, step) for k, vs in old.items() for step, v in enumerate(vs, 1)]
+    client.log_batch(run_id, metrics=points)
+    assert curves(client, client.get_run(run_id)) == {
+        schema.Metric.TRAIN_LOSS: [2.0, 1.0],
+        schema.Metric.VAL_LOSS: [3.0, 2.0],
+        schema.Metric.VAL_ACC: [0.1, 0.2],
+        schema.Metric.TEST_ACC: [0.1, 0.3],
+        f"{schema.Metric.ALIGNMENT_PREFIX}layers.0.weight": [0.5, 0.6],
+    }

@@ -22,6 +22,7 @@ from optuna.trial import TrialState
 from gradalign import experiment
 from gradalign.components import build_dataset
 from gradalign.experiment import TrialResult
+from gradalign.schema import Metric
 from gradalign.sweep import summary
 from gradalign.sweep.sampler import ResumableTPESampler
 from gradalign.sweep.sweeper import CLAIM, check_search_space, claim_sweep_dir
@@ -137,7 +138,7 @@ def test_failed_and_diverged_trials_are_recorded_in_both_systems_and_the_sweep_g
     assert [r.data.tags["optuna_trial"] for r in runs] == ["0", "1", "2"]
     assert [r.info.status for r in runs] == ["FINISHED", "FAILED", "FAILED"]
     assert runs[1].data.tags["failure_reason"] == "RuntimeError: disk on fire"
-    assert "val_loss" in runs[1].data.metrics  # what it logged before raising
+    assert Metric.VAL_LOSS in runs[1].data.metrics  # what it logged before raising
     assert runs[2].data.tags["diverged"] == "true"
     assert runs[2].data.tags["failure_reason"] == diverged.user_attrs["failure_reason"]
     assert ok.user_attrs["mlflow_run_id"] == runs[0].info.run_id

@@ -18,10 +18,18 @@ from mlflow.tracking import MlflowClient
 
 from gradalign import experiment, processes, tracking
 from gradalign.progress import EpochProgress
+from gradalign.schema import Metric
 from gradalign.training import EpochMetrics
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-EPOCH_METRICS = {"train_loss", "val_loss", "val_acc", "test_loss", "test_acc", "epoch_time"}
+EPOCH_METRICS = {
+    Metric.TRAIN_LOSS,
+    Metric.VAL_LOSS,
+    Metric.VAL_ACC,
+    Metric.TEST_LOSS,
+    Metric.TEST_ACC,
+    Metric.EPOCH_TIME,
+}
 
 
 @pytest.fixture(scope="module")
@@ -70,9 +78,9 @@ def test_short_run_is_tracked(compose_cfg, tiny, client, model, optimizer):
     for key in EPOCH_METRICS:
         steps = [m.step for m in client.get_metric_history(run_id, key)]
         assert sorted(steps) == [1, 2], key
-    alignment = {k for k in metrics if k.startswith("alignment/")}
+    alignment = {k for k in metrics if k.startswith(Metric.ALIGNMENT_PREFIX)}
     if optimizer == "gao":
-        names = {f"alignment/{name}" for name in history.epochs[0].alignment}
+        names = {f"{Metric.ALIGNMENT_PREFIX}{name}" for name in history.epochs[0].alignment}
         assert alignment == names and names
     else:
         assert not alignment
@@ -163,7 +171,9 @@ def test_error_ends_run_failed_and_propagates(compose_cfg, tiny, client, monkeyp
     run = last_run(client)
     assert run.info.status == "FAILED"
     assert run.data.tags["failure_reason"] == "RuntimeError: disk on fire"
-    assert len(client.get_metric_history(run.info.run_id, "val_loss")) == 1  # flushed on the way
+    assert (
+        len(client.get_metric_history(run.info.run_id, Metric.VAL_LOSS)) == 1
+    )  # flushed on the way
 
 
 def test_keyboard_interrupt_ends_the_run_killed_and_propagates(
@@ -179,7 +189,7 @@ def test_keyboard_interrupt_ends_the_run_killed_and_propagates(
     assert run.data.tags["mlflow.note.content"].startswith(
         "**KILLED**: interrupted (KeyboardInterrupt)\n\n"
     )
-    assert len(client.get_metric_history(run.info.run_id, "val_loss")) == 1  # flushed
+    assert len(client.get_metric_history(run.info.run_id, Metric.VAL_LOSS)) == 1  # flushed
     assert client.get_run(parent.info.run_id).info.status == "RUNNING"  # its sweep ends it
 
 

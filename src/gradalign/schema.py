@@ -61,15 +61,30 @@ VALIDATION_ON_TEST: Final = "test split (selection sees the test set)"
 
 class Metric:
     """Metric keys. Per-epoch metrics are logged with step = epoch (1-based); summary metrics
-    with step 0."""
+    with step 0.
 
-    TRAIN_LOSS: Final = "train_loss"
-    VAL_LOSS: Final = "val_loss"
-    VAL_ACC: Final = "val_acc"
-    TEST_LOSS: Final = "test_loss"
-    TEST_ACC: Final = "test_acc"
+    MLflow's run page puts the charts of keys with a ``section/`` prefix first, sections in
+    sorted order, then the unprefixed ones; the per-epoch curves are prefixed so that they lead
+    (accuracy, loss, then GAO's per-parameter scales) and the step-0 summaries come last.
+    """
+
+    TRAIN_LOSS: Final = "loss/train"
+    VAL_LOSS: Final = "loss/val"
+    VAL_ACC: Final = "accuracy/val"
+    TEST_LOSS: Final = "loss/test"
+    TEST_ACC: Final = "accuracy/test"
     EPOCH_TIME: Final = "epoch_time"
-    ALIGNMENT_PREFIX: Final = "alignment/"  # alignment/<parameter name>: GAO's mean scale
+    ALIGNMENT_PREFIX: Final = "scale/"  # scale/<parameter name>: GAO's mean alignment scale
+    # The keys of runs logged before the per-epoch metrics were renamed (readers fall back to
+    # them): new key -> old key, and the old prefix of the scales.
+    LEGACY: Final = {
+        "loss/train": "train_loss",
+        "loss/val": "val_loss",
+        "accuracy/val": "val_acc",
+        "loss/test": "test_loss",
+        "accuracy/test": "test_acc",
+    }
+    LEGACY_ALIGNMENT_PREFIX: Final = "alignment/"
     OBJECTIVE: Final = "objective"  # the value a sweep optimises
     BEST_VAL_LOSS: Final = "best_val_loss"
     BEST_EPOCH: Final = "best_epoch"

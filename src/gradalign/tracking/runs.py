@@ -105,7 +105,7 @@ def outcome_line(history: History, objective: float) -> str:
     last = history.epochs[-1]
     return (
         f"**{M.OBJECTIVE} {objective:.4f}** · {M.BEST_VAL_LOSS} {history.best_val_loss:.4f} "
-        f"(epoch {history.best_epoch}) · {M.TEST_ACC} {last.test_acc:.2%} at epoch {last.epoch}"
+        f"(epoch {history.best_epoch}) · test accuracy {last.test_acc:.2%} at epoch {last.epoch}"
     )
 
 
