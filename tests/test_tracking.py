@@ -97,6 +97,20 @@ def test_the_experiment_opens_for_model_training_and_a_users_description_stays(t
     tags = MlflowClient(cfg.uri).get_experiment(created).tags
     assert tags["mlflow.experimentKind"] == "custom_model_development"
     assert tags["mlflow.note.content"].startswith("Optimizer comparisons tracked by gradalign")
+    views = {
+        key.removeprefix("mlflow.sharedViewState."): json.loads(value)
+        for key, value in tags.items()
+        if key.startswith("mlflow.sharedViewState.")
+    }
+    assert {k: v["name"] for k, v in views.items()} == {
+        "sweeps": "Sweeps: best objective of each",
+        "reports": "Reports: verdicts",
+    }
+    sweeps = json.loads(views["sweeps"]["state"])
+    assert sweeps["searchFilter"] == "tags.stage = 'sweep_parent'"
+    assert (sweeps["orderByKey"], sweeps["orderByAsc"]) == ("metrics.`best_objective`", True)
+    assert "metrics.`trials_failed`" in sweeps["selectedColumns"]
+    assert json.loads(views["reports"]["state"])["searchFilter"] == "tags.stage = 'report'"
     client = MlflowClient(cfg.uri)
     theirs = client.create_experiment("theirs", tags={"mlflow.note.content": "my notes"})
     tracking.experiment_id(cfg.uri, 60, "theirs")  # first used by the pipeline
@@ -158,6 +172,13 @@ def test_links_open_the_runs_table_even_for_a_first_time_visitor(tmp_path):
     )
     assert tracking.run_link(base, "3", "r1") == (
         "http://h:5000/#/experiments/3/runs/r1?workflowType=machine_learning"
+    )
+    assert tracking.runs_link(base, "3", view="v", charts=True).endswith(
+        "runs?workflowType=machine_learning&viewStateShareKey=v&compareRunsMode=CHART"
+    )
+    # in a description: relative to wherever the UI is served
+    assert (
+        tracking.run_link("", "3", "r1") == "#/experiments/3/runs/r1?workflowType=machine_learning"
     )
     assert tracking.serve_command(cfg) == f"mlflow ui --backend-store-uri {cfg.uri}"
     server = OmegaConf.merge(cfg, {"uri": "http://tracking:5000"})

@@ -23,7 +23,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
 from gradalign import processes, tracking
-from gradalign.config import config_hash, register_resolvers
+from gradalign.config import config_hash, flatten, register_resolvers
 from gradalign.experiment import source_tags
 from gradalign.report import page
 from gradalign.report.configs import (
@@ -90,7 +90,7 @@ class Plan:
                 seeded(cfg, seed),
                 {Tag.SELECTED_FROM: self.choices[name].run_id},
                 estimate_s=self.choices[name].seconds_per_epoch * cfg.trainer.epochs,
-                searched=tuple(sorted(self.compositions[name].searched)),
+                searched=tuple(k for k in flatten(cfg) if k in self.compositions[name].searched),
             )
             for name, cfg in self.finals.items()
             for seed in seeds
@@ -412,6 +412,7 @@ def write_report(settings: ReportSettings, parent_run_id: str | None = None) -> 
         )
         run.description = page.description(
             run_id=run.run_id,
+            experiment_id=the_plan.experiment_id,
             title=header["title"],
             comparisons=comparisons,
             hyperparameters=hyper,
@@ -427,6 +428,6 @@ def write_report(settings: ReportSettings, parent_run_id: str | None = None) -> 
     log.info("MLflow: report %s", tracking.run_link(ui, the_plan.experiment_id, run.run_id))
     log.info(
         "       its final runs by optimizer %s",
-        tracking.runs_link(ui, the_plan.experiment_id, page.view_key(out_dir.name)),
+        tracking.runs_link(ui, the_plan.experiment_id, page.view_key(out_dir.name), charts=True),
     )
     return Report(out_dir, run.run_id, the_plan, results, hyper, comparisons)

@@ -65,6 +65,7 @@ def save_view(
 def description(
     *,
     run_id: str,
+    experiment_id: str,
     title: str,
     comparisons: Sequence[Comparison],
     hyperparameters: Mapping[str, Mapping[str, str]],
@@ -87,14 +88,15 @@ def description(
     for name, values in hyperparameters.items():
         shown = labels.values_text({k: _number(v) for k, v in values.items()}) or "defaults"
         lines.append(f"| {name} | {shown} | `{choices[name]}` |")
+    charts = labels.runs_link("", experiment_id, view_key(report_name), charts=True)
     lines += [
         "",
         labels.artifact_image(run_id, figure, "convergence comparison"),
         "",
-        f"Final runs: {finals} ({trained} trained by this report, {finals - trained} reused); "
-        f'the *Views* menu of the runs table has "Report {report_name}: final runs by '
-        'optimizer" (switch to the chart view to compare their curves). The full report is '
-        "`report.html` in Artifacts (`report.md` beside it, for reading outside MLflow).",
+        f"[The {finals} final runs, grouped by optimizer]({charts}) ({trained} trained by this "
+        f"report, {finals - trained} reused): the chart view draws each optimizer's mean curve "
+        "and range over the seeds. The full report is `report.html` in Artifacts (`report.md` "
+        "beside it, for reading outside MLflow).",
     ]
     return "\n".join(lines)
 

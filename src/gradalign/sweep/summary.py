@@ -28,7 +28,7 @@ from optuna.trial import FrozenTrial, TrialState
 from gradalign import tracking
 from gradalign.schema import Metric, MlflowTag, Tag
 from gradalign.sweep.runs import parent_label, sweep_view_key
-from gradalign.tracking.labels import artifact_image, relative_run_link, values_text
+from gradalign.tracking.labels import artifact_image, run_link, runs_link, values_text
 
 log = logging.getLogger(__name__)
 FIGURE = "optimization_history.png"
@@ -178,17 +178,20 @@ def best_text(summary: SweepSummary) -> str:
     )
 
 
-def describe(summary: SweepSummary, experiment_id: str, parent_run_id: str, sweep: str) -> str:
-    """The parent run's description: the best trial first, the counts, then the figure."""
+def describe(
+    summary: SweepSummary, experiment_id: str, parent_run_id: str, sweep: str, view: str
+) -> str:
+    """The parent run's description: the best trial first, the counts and the link to the
+    saved ``view`` of the trials, then the figure."""
     best = summary.best
     first = f"**{best_text(summary)}**"
     if best is not None and best.run_id:
-        first += f" · [the trial's run]({relative_run_link(experiment_id, best.run_id)})"
+        first += f" · [the trial's run]({run_link('', experiment_id, best.run_id)})"
+    trials = f"[its trials by {Metric.OBJECTIVE}]({runs_link('', experiment_id, view)})"
     return "\n\n".join(
         [
             first,
-            f"{summary.counts_text()}. Sweep `{sweep}`: its trials nest under this run; the "
-            "*Views* menu of the runs table lists them sorted by objective.",
+            f"{summary.counts_text()}. Sweep `{sweep}`: {trials} nest under this run.",
             artifact_image(parent_run_id, FIGURE, "optimisation history"),
         ]
     )
@@ -222,7 +225,8 @@ def record(cfg: DictConfig, parent_run_id: str, study: Study) -> SweepSummary:
         for outcome, key in _COUNT_METRICS.items()
     ]
     best = summary.best
-    tags = {MlflowTag.NOTE: describe(summary, experiment, parent_run_id, label)}
+    note = describe(summary, experiment, parent_run_id, label, sweep_view_key(cfg))
+    tags = {MlflowTag.NOTE: note}
     if best is not None:
         tags[Tag.BEST_TRIAL] = str(best.number)
         if best.run_id:

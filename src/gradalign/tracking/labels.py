@@ -16,7 +16,7 @@ import urllib.parse
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from gradalign.schema import MlflowTag, Stage, Tag
+from gradalign.schema import Metric, MlflowTag, Stage, Tag
 
 # The runs table of a first-time visitor, whatever the experiment's kind.
 WORKFLOW = {"workflowType": "machine_learning"}
@@ -24,12 +24,13 @@ WORKFLOW = {"workflowType": "machine_learning"}
 EXPERIMENT_KIND = "custom_model_development"
 EXPERIMENT_NOTE = f"""Optimizer comparisons tracked by gradalign (train.py, report.py, study.py).
 
-**Start here:** the *Views* menu above the runs table has, for each sweep, its trials sorted by
-objective, and for each report, its final runs grouped by optimizer. Runs by tag `{Tag.STAGE}`:
-`{Stage.SWEEP_PARENT}` (a sweep: its best trial and an optimisation-history figure in the
-description), `{Stage.SWEEP}` (a trial, nested under its sweep), `{Stage.REPORT}` (a comparison:
-the verdict in its description), `{Stage.FINAL}` (a report's retraining of a best configuration
-for one seed), `{Stage.SINGLE}` (`python train.py`)."""
+**Start here:** the *Views* menu at the top right of the runs table: "Sweeps: best objective of
+each", "Reports: verdicts", and for each sweep its trials sorted by objective, for each report
+its final runs grouped by optimizer (the chart view then draws each optimizer's mean curve).
+Runs by tag `{Tag.STAGE}`: `{Stage.SWEEP_PARENT}` (a sweep: its best trial and optimisation
+history in its description), `{Stage.SWEEP}` (a trial, nested under its sweep), `{Stage.REPORT}`
+(a comparison: the verdict in its description), `{Stage.FINAL}` (a report's retraining of a
+best configuration for one seed), `{Stage.SINGLE}` (`python train.py`)."""
 
 
 def short_value(value: Any) -> str:
@@ -64,21 +65,19 @@ def _query(params: Mapping[str, str]) -> str:
     return urllib.parse.urlencode({**WORKFLOW, **params}, quote_via=urllib.parse.quote)
 
 
-def runs_link(base: str, experiment_id: str, view: str | None = None) -> str:
-    """The experiment's runs table; with ``view``, as the saved view of that key shows it."""
+def runs_link(base: str, experiment_id: str, view: str | None = None, charts: bool = False) -> str:
+    """The experiment's runs table; with ``view``, as the saved view of that key shows it; with
+    ``charts``, in the chart view. An empty ``base`` gives a link relative to the UI, for a
+    description (the UI shows it at its own address, whatever the host)."""
     params = {"viewStateShareKey": view} if view else {}
-    return f"{base}/#/experiments/{experiment_id}/runs?{_query(params)}"
+    if charts:
+        params["compareRunsMode"] = "CHART"
+    return f"{base}/#/experiments/{experiment_id}/runs?{_query(params)}".removeprefix("/")
 
 
 def run_link(base: str, experiment_id: str, run_id: str) -> str:
-    """A run's page."""
-    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}?{_query({})}"
-
-
-def relative_run_link(experiment_id: str, run_id: str) -> str:
-    """A run's page, relative to the UI (for links inside a description, which the UI shows
-    at its own address, whatever the host)."""
-    return f"#/experiments/{experiment_id}/runs/{run_id}?{_query({})}"
+    """A run's page (relative to the UI for an empty ``base``)."""
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}?{_query({})}".removeprefix("/")
 
 
 def artifact_image(run_id: str, path: str, alt: str) -> str:
@@ -124,3 +123,38 @@ def view_tag(
     now = int(time.time() * 1000)
     envelope = {"name": name, "createdAt": now, "updatedAt": now, "state": json.dumps(state)}
     return f"{MlflowTag.SHARED_VIEW_PREFIX}{key}", json.dumps(envelope)
+
+
+# Saved views every experiment gets: its sweeps by best objective, its reports.
+SWEEPS_VIEW, REPORTS_VIEW = "sweeps", "reports"
+
+
+def experiment_tags() -> dict[str, str]:
+    """The tags of an experiment the pipeline writes to: its kind (what the UI's kind selector
+    writes for model training), the description above its runs table, and the saved views of
+    its sweeps and reports."""
+    description = column("attributes", "Description")
+    counts = (Metric.TRIALS_COMPLETE, Metric.TRIALS_DIVERGED, Metric.TRIALS_FAILED)
+    sweeps = view_tag(
+        SWEEPS_VIEW,
+        f"Sweeps: best {Metric.OBJECTIVE} of each",
+        search_filter=f"tags.{Tag.STAGE} = '{Stage.SWEEP_PARENT}'",
+        columns=[
+            description,
+            column("metrics", Metric.BEST_OBJECTIVE),
+            *(column("metrics", key) for key in (*counts, Metric.TRIALS_PRUNED)),
+            column("tags", Tag.OPTIMIZER),
+        ],
+        order_by=column("metrics", Metric.BEST_OBJECTIVE),
+    )
+    reports = view_tag(
+        REPORTS_VIEW,
+        "Reports: verdicts",
+        search_filter=f"tags.{Tag.STAGE} = '{Stage.REPORT}'",
+        columns=[description, column("tags", Tag.OPTIMIZERS)],
+    )
+    return {
+        MlflowTag.EXPERIMENT_KIND: EXPERIMENT_KIND,
+        MlflowTag.NOTE: EXPERIMENT_NOTE,
+        **dict([sweeps, reports]),
+    }

@@ -41,8 +41,7 @@ from omegaconf import DictConfig
 from sqlalchemy.exc import SQLAlchemyError
 
 from gradalign.config import anchored_uri
-from gradalign.schema import MlflowTag
-from gradalign.tracking.labels import EXPERIMENT_KIND, EXPERIMENT_NOTE
+from gradalign.tracking.labels import experiment_tags
 
 log = logging.getLogger(__name__)
 
@@ -300,15 +299,11 @@ def _unusable(db: Path, error: Exception) -> str:
     )
 
 
-# Experiment tags for MLflow's UI, set when the pipeline creates an experiment or first uses one
-# without them (never replacing a description a user wrote).
-EXPERIMENT_TAGS = {MlflowTag.EXPERIMENT_KIND: EXPERIMENT_KIND, MlflowTag.NOTE: EXPERIMENT_NOTE}
-
-
 @functools.cache
 def experiment_id(uri: str, wait_s: float, name: str) -> str:
     """Id of experiment ``name``, created if absent (tolerating a concurrent creator), with the
-    EXPERIMENT_TAGS it lacks."""
+    tags for MLflow's UI it lacks (labels.experiment_tags; a description or view a user wrote
+    is never replaced)."""
     mlflow = client(uri, wait_s)
     experiment = mlflow.get_experiment_by_name(name)
     if experiment is None:
@@ -317,7 +312,7 @@ def experiment_id(uri: str, wait_s: float, name: str) -> str:
             return mlflow.create_experiment(
                 name,
                 artifact_location=str(db.parent / "artifacts") if db else None,
-                tags=EXPERIMENT_TAGS,
+                tags=experiment_tags(),
             )
         except MlflowException as error:
             if error.error_code != "RESOURCE_ALREADY_EXISTS":
@@ -328,7 +323,7 @@ def experiment_id(uri: str, wait_s: float, name: str) -> str:
             f"MLflow experiment {name!r} is deleted in {uri}: restore it or set "
             "tracking.experiment to another name"
         )
-    for key, value in EXPERIMENT_TAGS.items():
+    for key, value in experiment_tags().items():
         if key not in experiment.tags:
             mlflow.set_experiment_tag(experiment.experiment_id, key, value)
     return experiment.experiment_id
