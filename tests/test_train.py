@@ -67,6 +67,12 @@ def test_short_run_is_tracked(compose_cfg, tiny, client, model, optimizer):
     assert dataset.dataset.name == "mnist1d" and len(dataset.dataset.digest) == 12
     assert profile["num_rows"] == profile["train"] + profile["val"] + profile["test"] == 1000
     assert [t.value for t in dataset.tags] == ["training"]
+    spec = json.loads(dataset.dataset.schema)["mlflow_tensorspec"]
+    shapes = {k: json.loads(v)[0]["tensor-spec"] for k, v in spec.items()}
+    assert shapes == {
+        "features": {"dtype": "float32", "shape": [-1, 40]},
+        "targets": {"dtype": "int64", "shape": [-1]},
+    }
     params = run.data.params
     assert params["optimizer.lr"] == str(cfg.optimizer.lr)
     assert params["model.name"] == model and params["seed.model"] == "0"

@@ -107,7 +107,10 @@ def dataset_record(cfg: DictConfig, splits: Splits) -> Any:
                 str(splits.x_train.dtype).removeprefix("torch."),
                 [-1, *splits.input_shape],
             ),
-            "targets": (str(splits.y_train.dtype).removeprefix("torch."), [-1]),
+            "targets": (
+                str(splits.y_train.dtype).removeprefix("torch."),
+                [-1, *splits.y_train.shape[1:]],  # (N, T) for a language model's next tokens
+            ),
         },
     )
 
