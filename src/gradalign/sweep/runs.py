@@ -66,11 +66,12 @@ def _searched(cfg: DictConfig) -> list[str]:
 
 def save_sweep_view(cfg: DictConfig) -> None:
     """Store the saved view of the sweep's trials on the experiment: sorted by objective (best
-    first), with the searched values as columns."""
+    first), with the data set and the searched values as columns."""
     mlflow, experiment = tracking.connect(cfg.tracking)
     key = sweep_id(Path(cfg.paths.root), Path(cfg.hydra.sweep.dir), cfg.hydra.sweeper)
     metrics = (Metric.OBJECTIVE, Metric.BEST_VAL_LOSS, Metric.BEST_EPOCH, Metric.TEST_ACC)
     columns = [
+        labels.column("attributes", "Dataset"),
         *(labels.column("metrics", m) for m in metrics),
         *(labels.column("params", k) for k in _searched(cfg)),
         labels.column("tags", Tag.OPTUNA_TRIAL),
