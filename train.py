@@ -48,18 +48,13 @@ def main(cfg: DictConfig) -> float:
     """Run the composed experiment and return its objective (see the module docstring)."""
     if HydraConfig.get().mode == RunMode.MULTIRUN:
         return trial(cfg)  # the sweeper records every outcome, raised ones included
-    from gradalign.tracking import Terminated, TrackingUnavailable  # after the arguments parse
-
     try:
         result = trial(cfg)
-    except (ConfigError, TrackingUnavailable) as error:
-        sys.exit(_say(f"error: {error}", EXIT_BAD_INPUT))
-    except (KeyboardInterrupt, Terminated) as error:
-        run = getattr(error, "mlflow_run_id", None)
-        where = f"MLflow run {run} marked KILLED" if run else "no MLflow run was opened"
-        sys.exit(
-            _say(f"interrupted: {where}; run the same command to train again", EXIT_INTERRUPTED)
-        )
+    except BaseException as error:
+        status = _exit_status(error)
+        if status is None:
+            raise
+        sys.exit(status)
     if result.failure_reason:
         message = f"diverged: {result.failure_reason}; MLflow run {result.run_id} FAILED"
         sys.exit(_say(message, EXIT_DIVERGED))
@@ -68,13 +63,14 @@ def main(cfg: DictConfig) -> float:
 
 def trial(cfg: DictConfig) -> float:
     """Train ``cfg`` (a sweep's trial when Hydra runs a multirun) and return its TrialResult."""
+    validate(cfg)  # before torch and MLflow are imported: a bad value answers at once
     from gradalign.experiment import TrialResult, run_experiment
-    from gradalign.schema import Stage, Tag
-    from gradalign.sweep.runs import trial_tags
 
-    validate(cfg)
     hydra_cfg = HydraConfig.get()
     if hydra_cfg.mode == RunMode.MULTIRUN:
+        from gradalign.schema import Stage, Tag
+        from gradalign.sweep.runs import trial_tags
+
         tags = trial_tags(cfg, sweep_dir=Path(hydra_cfg.sweep.dir), sweeper=hydra_cfg.sweeper)
         tags[Tag.HYDRA_JOB_NUM] = str(hydra_cfg.job.num)
         if cfg.tracking.optuna_trial is not None:
@@ -84,10 +80,30 @@ def trial(cfg: DictConfig) -> float:
         )
     else:
         history, run_id = run_experiment(cfg)
+    from gradalign import tracking
+
     objective = history.objective(cfg.objective)
     outcome = f"diverged ({history.reason})" if history.diverged else f"objective={objective:.4f}"
-    log.info("%s  mlflow run %s", outcome, run_id)
+    _, experiment = tracking.connect(cfg.tracking)
+    page = tracking.run_link(tracking.ui_url(cfg.tracking), experiment, run_id)
+    log.info("%s  mlflow run %s: %s", outcome, run_id, page)
     return TrialResult(objective, run_id=run_id, failure_reason=history.reason)
+
+
+def _exit_status(error: BaseException) -> int | None:
+    """Print the one line of a single run that ended with ``error`` (a setting or store to fix,
+    an interruption) and return its exit status; None for any other error, which propagates."""
+    # The tracking errors exist only once MLflow is imported, which a config error precedes.
+    tracking = sys.modules.get("gradalign.tracking")
+    unavailable = (tracking.TrackingUnavailable,) if tracking else ()
+    stopped = (KeyboardInterrupt, tracking.Terminated) if tracking else (KeyboardInterrupt,)
+    if isinstance(error, (ConfigError, *unavailable)):
+        return _say(f"error: {error}", EXIT_BAD_INPUT)
+    if isinstance(error, stopped):
+        run = getattr(error, "mlflow_run_id", None)
+        where = f"MLflow run {run} marked KILLED" if run else "no MLflow run was opened"
+        return _say(f"interrupted: {where}; run the same command to train again", EXIT_INTERRUPTED)
+    return None
 
 
 def _say(line: str, status: int) -> int:

@@ -9,13 +9,14 @@ from scipy import stats
 from gradalign.report.claims import CLAIMS, check, share_below
 from gradalign.report.finals import FinalResult
 from gradalign.report.stats import outcomes
+from gradalign.schema import Metric
 
 BY_KEY = {claim.key: claim for claim in CLAIMS}
 
 
 def run(optimizer, seed, val_loss, test_acc=None):
     test_acc = test_acc or [0.5] * len(val_loss)
-    curves = {"val_loss": list(val_loss), "test_acc": list(test_acc)}
+    curves = {Metric.VAL_LOSS: list(val_loss), Metric.TEST_ACC: list(test_acc)}
     return FinalResult(optimizer, seed, f"{optimizer}{seed}", False, False, "h", curves,
                        outcomes(val_loss, test_acc, diverged=False))  # fmt: skip
 

@@ -18,6 +18,8 @@ from helpers import REPO_ROOT, TRAIN, runs
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
+from gradalign.schema import Metric
+
 pytestmark = pytest.mark.slow
 ORPHAN_S = 10  # the longest a worker may outlive its owner
 
@@ -82,7 +84,7 @@ def running_runs(uri, stage):
             for r in runs(uri)
             if r.data.tags.get("stage") == stage
             and r.info.status == "RUNNING"
-            and "val_loss" in r.data.metrics
+            and Metric.VAL_LOSS in r.data.metrics
         ]
     except Exception:  # the store is being created
         return []

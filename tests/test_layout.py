@@ -1,5 +1,5 @@
 """The architecture, checked: imports point one way (optim <- data, models <- training <-
-experiment <- sweep, report; report never imports sweep), and ``import gradalign`` loads torch
+experiment <- sweep, report; report never imports sweep), and the optimizer's import loads torch
 but none of the pipeline's dependencies, so the optimizer drops into any PyTorch project."""
 
 import ast
@@ -68,11 +68,23 @@ def test_imports_point_one_way(path):
         assert RANKS[imported] < RANKS[own], f"{own} must not import {imported}"
 
 
-def test_importing_the_library_loads_torch_and_none_of_the_pipeline():
-    probe = "import sys, gradalign; print(' '.join(sorted({m.split('.')[0] for m in sys.modules})))"
+def _loaded_after(code):
+    """The top-level modules loaded in a fresh interpreter after running ``code``."""
+    probe = f"import sys; {code}; print(' '.join(sorted({{m.split('.')[0] for m in sys.modules}})))"
     result = subprocess.run(
         [sys.executable, "-c", probe], capture_output=True, text=True, check=True
     )
-    loaded = set(result.stdout.split())
+    return set(result.stdout.split())
+
+
+def test_importing_the_library_loads_torch_and_none_of_the_pipeline():
+    loaded = _loaded_after("from gradalign import GradientAlignmentOptimizer")
     assert "torch" in loaded
     assert not loaded & set(PIPELINE_DEPENDENCIES)
+
+
+def test_the_package_and_its_config_module_load_neither_torch_nor_mlflow():
+    """What train.py imports before it parses its arguments: --help and a bad config value
+    answer without torch's or MLflow's import (seconds each)."""
+    assert not _loaded_after("import gradalign") & {"torch", *PIPELINE_DEPENDENCIES}
+    assert not _loaded_after("import gradalign.config") & {"torch", "mlflow", "optuna"}

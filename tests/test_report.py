@@ -2,6 +2,9 @@
 metric-less and other-settings runs skipped), the missing-sweep error, final configs rebuilt from
 logged params, a whole report with tiny final runs, and its rerun that trains nothing."""
 
+import base64
+import html
+import json
 import math
 import re
 
@@ -10,7 +13,7 @@ from helpers import CONF, EXPERIMENT, REPO_ROOT
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
-from gradalign import tracking
+from gradalign import schema, tracking
 from gradalign.config import flatten
 from gradalign.experiment import run_experiment
 from gradalign.report import finals as report_finals
@@ -25,7 +28,8 @@ from gradalign.report.configs import (
     tuned_overrides,
 )
 from gradalign.report.finals import workers_worth_starting
-from gradalign.report.runs import MissingSweepError, best_sweep_run, final_runs
+from gradalign.report.html import to_html
+from gradalign.report.runs import MissingSweepError, best_sweep_run, curves, final_runs
 from gradalign.report.settings import report_settings
 
 
@@ -238,6 +242,8 @@ def test_report_trains_finals_once_and_a_rerun_reuses_them(store, tmp_path, monk
         == text.split("## Per-seed values")[1]
     )  # the same runs and numbers
     assert (first / MARKDOWN).read_text() == text  # the first report is left as it was
+    check_report_page(client, exp, first, "first")
+    check_report_page(client, exp, second, "second")
     with pytest.raises(ValueError, match="report .second. is complete"):
         make_report(settings(overrides, name="second"))
 
@@ -247,6 +253,33 @@ def test_report_trains_finals_once_and_a_rerun_reuses_them(store, tmp_path, monk
     client.set_tag(gao_seed_1.info.run_id, "init_hash", "0" * 12)  # as if the model had changed
     with pytest.raises(RuntimeError, match="seed 1: .* not start from the same initial weights"):
         make_report(settings(overrides, name="third"))
+
+
+def check_report_page(client, exp, folder, name):
+    """What MLflow's UI shows of report ``name``: its description opens on the verdict and
+    shows the figure; report.html carries verdict and figure; its saved view lists its four
+    final runs (trained or reused), grouped by optimizer."""
+    [run] = client.search_runs([exp], f"tags.stage = 'report' and tags.report_name = '{name}'")
+    rid = run.info.run_id
+    note = run.data.tags["mlflow.note.content"]
+    assert note.startswith(f"**{run.data.tags['verdict/gao']}**\n")
+    assert f"![convergence comparison](get-artifact?path={FIGURE}&run_uuid={rid})" in note
+    assert run.info.run_name == f"report {name}: adam vs gao"
+    assert run.data.tags["mlflow.source.type"] == "LOCAL"
+    assert "report.html" in {a.path for a in client.list_artifacts(rid)}
+    page_html = (folder / "report.html").read_text()
+    figure = base64.b64encode((folder / FIGURE).read_bytes()).decode()
+    assert f'src="data:image/png;base64,{figure}"' in page_html
+    assert html.escape(run.data.tags["verdict/gao"], quote=False) in page_html
+    assert "<table><tr><th>optimizer</th>" in page_html and "[convergence" not in page_html
+
+    view = json.loads(client.get_experiment(exp).tags[f"mlflow.sharedViewState.report-{name}"])
+    state = json.loads(view["state"])
+    assert view["name"] == f"Report {name}: final runs by optimizer"
+    assert state["groupBy"]["groupByKeys"] == [{"mode": "tag", "groupByData": "optimizer"}]
+    listed = client.search_runs([exp], state["searchFilter"])  # the filter MLflow's UI sends
+    assert len(listed) == 4 and {r.data.tags["stage"] for r in listed} == {"final"}
+    assert {r.data.tags[f"reported_in/{name}"] for r in listed} == {rid}
 
 
 def test_finals_are_reused_when_finished_or_diverged_but_not_when_failed_or_killed(store):
@@ -295,7 +328,7 @@ def test_bad_settings_name_the_value_and_what_is_allowed(values, match):
 def test_bad_training_overrides_fail_before_any_query(store):
     _, overrides = store
     with pytest.raises(ValueError, match="invalid training-config overrides"):
-        make_report(settings([*overrides, "model=transformer"]))
+        make_report(settings([*overrides, "model=no_such_model"]))
     with pytest.raises(ValueError, match="trainer.epochs=-1"):
         make_report(settings([*overrides, "trainer.epochs=-1"]))
 
@@ -304,3 +337,59 @@ def test_worker_processes_only_when_they_save_more_than_they_cost():
     assert workers_worth_starting([0.5] * 4, 2) == 1  # a quick study: seconds of training
     assert workers_worth_starting([3.0] * 10, 2) == 2  # ten 3 s runs: worth a second worker
     assert workers_worth_starting([100.0], 4) == 1  # one job needs one process
+
+
+def test_report_html_is_the_markdown_with_its_images_inlined(tmp_path):
+    (tmp_path / "fig.png").write_bytes(b"\x89PNG fake")
+    markdown = "\n".join(
+        [
+            "# Title <x>",
+            "",
+            "- a: `code`",
+            "- b: **bold**",
+            "",
+            "| h1 | h2 |",
+            "|---|---|",
+            "| 1 | 2 |",
+            "",
+            "![fig](fig.png)",
+            "![remote](https://example.org/a.png)",
+            "one",
+            "paragraph",
+        ]
+    )
+    page = to_html(markdown, tmp_path, "T")
+    body = page.split("<body>")[1]
+    figure = base64.b64encode(b"\x89PNG fake").decode()
+    assert body.split("\n")[1:-2] == [
+        "<h1>Title &lt;x&gt;</h1>",
+        "<ul><li>a: <code>code</code></li><li>b: <b>bold</b></li></ul>",
+        "<table><tr><th>h1</th><th>h2</th></tr>",
+        "<tr><td>1</td><td>2</td></tr>",
+        "</table>",
+        f'<p><img alt="fig" src="data:image/png;base64,{figure}"></p>',
+        '<p><img alt="remote" src="https://example.org/a.png"></p>',
+        "<p>one paragraph</p>",
+    ]
+
+
+def test_curves_of_runs_logged_under_the_old_metric_keys_are_read_under_todays(store):
+    uri, _ = store
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("before-the-rename")).info.run_id
+    old = {
+        "train_loss": [2.0, 1.0],
+        "val_loss": [3.0, 2.0],
+        "val_acc": [0.1, 0.2],
+        "test_acc": [0.1, 0.3],
+        "alignment/layers.0.weight": [0.5, 0.6],
+    }
+    points = [Metric(k, v, 0, step) for k, vs in old.items() for step, v in enumerate(vs, 1)]
+    client.log_batch(run_id, metrics=points)
+    assert curves(client, client.get_run(run_id)) == {
+        schema.Metric.TRAIN_LOSS: [2.0, 1.0],
+        schema.Metric.VAL_LOSS: [3.0, 2.0],
+        schema.Metric.VAL_ACC: [0.1, 0.2],
+        schema.Metric.TEST_ACC: [0.1, 0.3],
+        f"{schema.Metric.ALIGNMENT_PREFIX}layers.0.weight": [0.5, 0.6],
+    }

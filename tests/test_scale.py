@@ -20,11 +20,19 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from gradalign import tracking
+from gradalign.schema import Metric
 
 pytestmark = pytest.mark.slow
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SEARCHED = {"adam": {"optimizer.lr"}, "gao": {"optimizer.lr", "optimizer.beta"}}
-EPOCH_METRICS = ("train_loss", "val_loss", "val_acc", "test_loss", "test_acc", "epoch_time")
+EPOCH_METRICS = (
+    Metric.TRAIN_LOSS,
+    Metric.VAL_LOSS,
+    Metric.VAL_ACC,
+    Metric.TEST_LOSS,
+    Metric.TEST_ACC,
+    Metric.EPOCH_TIME,
+)
 
 
 def sweep_command(sweep_dir, *overrides):
@@ -120,7 +128,7 @@ def test_three_trial_sweep_nests_trials_under_one_parent(tmp_path, optimizer):
         assert trial.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert trial.data.tags["sweep_id"] == trial.data.tags["sweep_dir"] == str(sweep_dir)
         assert trial.data.tags["optimizer"] == optimizer
-        assert len(client.get_metric_history(trial.info.run_id, "val_loss")) == 2
+        assert len(client.get_metric_history(trial.info.run_id, Metric.VAL_LOSS)) == 2
     for key in SEARCHED[optimizer]:  # each trial carries its own suggestion
         assert len({t.data.params[key] for t in trials}) == 3, key
     assert "optimizer.beta" not in trials[0].data.params or optimizer == "gao"
@@ -277,9 +285,9 @@ def wait_for_epochs(uri, trials, deadline_s=240):
         except Exception:  # the store is being created, or is busy with the sweep's writes
             found = []
         found = [r for r in found if int(r.data.tags["optuna_trial"]) in trials]
-        if len(found) == len(trials) and all("val_loss" in r.data.metrics for r in found):
+        if len(found) == len(trials) and all(Metric.VAL_LOSS in r.data.metrics for r in found):
             return {
-                r.info.run_id: len(client.get_metric_history(r.info.run_id, "val_loss"))
+                r.info.run_id: len(client.get_metric_history(r.info.run_id, Metric.VAL_LOSS))
                 for r in found
             }
         time.sleep(0.3)
@@ -316,7 +324,7 @@ def test_interrupted_sweep_ends_killed_and_resumes_without_repeating_trials(tmp_
     reason = "KeyboardInterrupt" if signum == signal.SIGINT else "Terminated"
     assert killed.info.status == "KILLED"
     assert killed.data.tags["failure_reason"] == f"interrupted ({reason})"
-    assert len(client.get_metric_history(killed_id, "val_loss")) >= epochs_before
+    assert len(client.get_metric_history(killed_id, Metric.VAL_LOSS)) >= epochs_before
     _, (parent,) = runs(uri, "sweep_parent")
     assert parent.info.status == "KILLED"
     before = study_trials(storage, "resume")
@@ -383,7 +391,7 @@ def test_sigterm_to_a_parallel_sweep_leaves_no_run_running_and_no_worker(tmp_pat
         statuses[r.data.tags["stage"]].add(r.info.status)
     assert statuses == {"sweep": {"KILLED"}, "sweep_parent": {"KILLED"}}
     for run_id, epochs in logged.items():
-        assert len(client.get_metric_history(run_id, "val_loss")) >= epochs
+        assert len(client.get_metric_history(run_id, Metric.VAL_LOSS)) >= epochs
     trials = study_trials(storage, "stopped")
     assert [t.state for t in trials] == [TrialState.FAIL] * 2
     deadline = time.monotonic() + 20

@@ -3,6 +3,7 @@ processes): the sampler that resumes without replaying, failed and diverged tria
 Optuna and MLflow while the sweep goes on, the failure budget, checks before the first trial,
 and one sweep directory per sweep process."""
 
+import json
 import math
 import os
 import pickle
@@ -21,8 +22,11 @@ from optuna.trial import TrialState
 from gradalign import experiment
 from gradalign.components import build_dataset
 from gradalign.experiment import TrialResult
+from gradalign.schema import Metric
+from gradalign.sweep import summary
 from gradalign.sweep.sampler import ResumableTPESampler
 from gradalign.sweep.sweeper import CLAIM, check_search_space, claim_sweep_dir
+from gradalign.tracking.labels import short_value
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -97,7 +101,7 @@ def failing_fits(monkeypatch, *plan):
 
 
 def test_failed_and_diverged_trials_are_recorded_in_both_systems_and_the_sweep_goes_on(
-    monkeypatch, stores
+    monkeypatch, capsys, stores
 ):
     overrides, trials, sweep_runs = stores
     failing_fits(monkeypatch, "ok", "raise", "diverge")
@@ -125,12 +129,60 @@ def test_failed_and_diverged_trials_are_recorded_in_both_systems_and_the_sweep_g
     assert [r.data.tags["optuna_trial"] for r in runs] == ["0", "1", "2"]
     assert [r.info.status for r in runs] == ["FINISHED", "FAILED", "FAILED"]
     assert runs[1].data.tags["failure_reason"] == "RuntimeError: disk on fire"
-    assert "val_loss" in runs[1].data.metrics  # what it logged before raising
+    assert Metric.VAL_LOSS in runs[1].data.metrics  # what it logged before raising
     assert runs[2].data.tags["diverged"] == "true"
     assert runs[2].data.tags["failure_reason"] == diverged.user_attrs["failure_reason"]
     assert ok.user_attrs["mlflow_run_id"] == runs[0].info.run_id
     assert diverged.user_attrs["mlflow_run_id"] == runs[2].info.run_id
     assert {r.data.tags["sweep_id"] for r in runs} == {"optuna:s"}
+    assert [r.info.run_name for r in runs] == [
+        f"sgd lr={short_value(float(r.data.params['optimizer.lr']))} "
+        f"momentum={short_value(float(r.data.params['optimizer.momentum']))} (trial {n})"
+        for n, r in enumerate(runs)
+    ]
+    uri = next(o for o in overrides if o.startswith("tracking.uri=")).split("=", 1)[1]
+    check_parent_summary(capsys, MlflowClient(uri), runs, ok)
+
+
+def check_parent_summary(capsys, client, runs, best):
+    """The sweep's parent summarises it (1 complete, 1 diverged, 1 failed trial: ``best`` is
+    the complete one), its saved view lists its trials best first, and the terminal said where
+    it went at the start and what it found at the end."""
+    parent = client.get_run(runs[0].data.tags["mlflow.parentRunId"])
+    metrics, tags = parent.data.metrics, parent.data.tags
+    assert metrics["best_objective"] == pytest.approx(best.value)
+    counts = {k: metrics[f"trials_{k}"] for k in ("complete", "diverged", "failed", "pruned")}
+    assert counts == {"complete": 1, "diverged": 1, "failed": 1, "pruned": 0}
+    history = client.get_metric_history(parent.info.run_id, "trial_objective")
+    assert [(m.step, m.value) for m in history] == [(0, pytest.approx(best.value))]
+    assert tags["best_run_id"] == runs[0].info.run_id and tags["best_trial"] == "0"
+    assert tags["best.optimizer.lr"] == str(best.params["optimizer.lr"])
+    lr = short_value(best.params["optimizer.lr"])
+    assert parent.info.run_name.startswith(f"sgd sweep s: best {best.value:.4g} (lr={lr} ")
+    note = tags["mlflow.note.content"]
+    assert note.startswith(f"**best objective {best.value:.4f} at trial 0 (lr={lr} ")
+    assert f"/runs/{runs[0].info.run_id}?" in note and "1 complete, 1 diverged, 1 failed" in note
+    assert "optimization_history.png" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert f"optimization_history.png&run_uuid={parent.info.run_id})" in note
+
+    experiment_tags = client.get_experiment(parent.info.experiment_id).tags
+    [view] = [json.loads(v) for k, v in experiment_tags.items() if "sharedViewState.sweep-" in k]
+    state = json.loads(view["state"])
+    assert view["name"] == "Sweep s (sgd): trials by objective"
+    listed = client.search_runs(
+        [parent.info.experiment_id], state["searchFilter"], order_by=["metrics.objective ASC"]
+    )  # as the UI asks for them
+    assert listed[0].info.run_id == runs[0].info.run_id  # the others have no objective
+    assert {r.info.run_id for r in listed} == {r.info.run_id for r in runs}
+    assert "params.`optimizer.momentum`" in state["selectedColumns"]
+
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("sweep of sgd: 3 trials, outputs in ")
+    assert out[1].startswith(f"MLflow parent run {parent.info.run_id}, its trials at http://")
+    assert out[-1].startswith(
+        "sweep FINISHED: 3 trials: 1 complete, 1 diverged, 1 failed, 0 pruned; "
+        f"best objective {best.value:.4f} at trial 0 (lr={lr} "
+    )
 
 
 def test_the_sweep_stops_once_more_trials_failed_than_the_budget_allows(
@@ -187,7 +239,7 @@ def free_port():
         ("optimizer.target=foo", r"target='foo' is not one of"),
         ("model.hidden=[0]", r"invalid model config 'mlp' \(.*\): model.hidden=\[0\] is invalid"),
         ("optimizer=adamm", r"(?s)Could not find 'optimizer/adamm'.*options in 'optimizer':.*adam"),
-        ("model=transformer", r"(?s)Could not find 'model/transformer'.*options in 'model'"),
+        ("model=no_such_model", r"(?s)Could not find 'model/no_such_model'.*options in 'model'"),
         ("dataset=mnist2d", r"(?s)Could not find 'dataset/mnist2d'.*options in 'dataset'"),
         ("hydra.sweeper.max_failure_rate=2", r"max_failure_rate=2.*\[0, 1\]"),
         ("tracking.uri=http://127.0.0.1:PORT", r"http://127.0.0.1:PORT \(unreachable"),
@@ -325,3 +377,42 @@ def test_a_relative_storage_is_taken_from_the_repository_root_whatever_the_cwd(
         assert code == 0 and not (tmp_path / cwd / "outputs").exists()
     trials = study_trials(f"sqlite:///{root / 'outputs' / 'optuna.db'}", "rel")
     assert [t.number for t in trials] == [0, 1]  # one study, resumed: no repeated trial number
+
+
+def test_a_summary_counts_trials_by_outcome_and_follows_the_best_so_far(tmp_path):
+    space = {
+        "optimizer.lr": FloatDistribution(1e-7, 1e-1, log=True),
+        "optimizer.beta": FloatDistribution(0.5, 0.999),
+    }
+    study = optuna.create_study()
+    plan = [
+        (TrialState.COMPLETE, 1.5),
+        (TrialState.COMPLETE, 1.2),
+        (TrialState.FAIL, None),
+        (TrialState.PRUNED, None),
+        (TrialState.COMPLETE, math.inf),  # diverged
+        (TrialState.COMPLETE, 1.3),
+    ]
+    for number, (state, value) in enumerate(plan):
+        study.add_trial(
+            optuna.trial.create_trial(
+                state=state,
+                value=value,
+                params={"optimizer.lr": 10.0 ** -(number + 1), "optimizer.beta": 0.9},
+                distributions=space,
+                user_attrs={"mlflow_run_id": f"run{number}"},
+            )
+        )
+    found = summary.summarize(study)
+    counts = {o: found.count(o) for o in summary.OUTCOMES}
+    assert counts == {"complete": 3, "diverged": 1, "failed": 1, "pruned": 1, "running": 0}
+    assert (found.best.number, found.best.value, found.best.run_id) == (1, 1.2, "run1")
+    assert found.best_so_far() == [(0, 1.5, 1.5), (1, 1.2, 1.2), (5, 1.3, 1.2)]
+    assert found.log_keys == {"optimizer.lr"}
+    assert summary.best_text(found) == "best objective 1.2000 at trial 1 (lr=0.01 beta=0.9)"
+    assert found.counts_text() == "6 trials: 3 complete, 1 diverged, 1 failed, 1 pruned"
+    figure = summary.history_figure(found, tmp_path / "history.png", "title")
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert summary.best_text(summary.summarize(optuna.create_study())) == (
+        "no trial completed with a finite objective"
+    )

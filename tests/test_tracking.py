@@ -4,6 +4,8 @@ probe of a tracking server, and ending the runs of an interrupted sweep."""
 
 import contextlib
 import http.server
+import json
+import math
 import multiprocessing
 import os
 import signal
@@ -19,6 +21,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
 from gradalign import processes, tracking
+from gradalign.tracking import labels
 from gradalign.tracking import store as tracking_store
 
 
@@ -86,6 +89,126 @@ def test_deleted_experiment_is_a_clear_error(tmp_path):
     client.delete_experiment(client.create_experiment("gone"))
     with pytest.raises(ValueError, match="deleted"):
         tracking.experiment_id(cfg.uri, 60, "gone")
+
+
+def test_the_experiment_opens_for_model_training_and_a_users_description_stays(tmp_path):
+    cfg = store(tmp_path)
+    created = tracking.experiment_id(cfg.uri, 60, cfg.experiment)
+    tags = MlflowClient(cfg.uri).get_experiment(created).tags
+    assert tags["mlflow.experimentKind"] == "custom_model_development"
+    assert tags["mlflow.note.content"].startswith("Optimizer comparisons tracked by gradalign")
+    views = {
+        key.removeprefix("mlflow.sharedViewState."): json.loads(value)
+        for key, value in tags.items()
+        if key.startswith("mlflow.sharedViewState.")
+    }
+    assert {k: v["name"] for k, v in views.items()} == {
+        "sweeps": "Sweeps: best objective of each",
+        "reports": "Reports: verdicts",
+    }
+    sweeps = json.loads(views["sweeps"]["state"])
+    assert sweeps["searchFilter"] == "tags.stage = 'sweep_parent'"
+    assert (sweeps["orderByKey"], sweeps["orderByAsc"]) == ("metrics.`best_objective`", True)
+    assert "metrics.`trials_failed`" in sweeps["selectedColumns"]
+    assert json.loads(views["reports"]["state"])["searchFilter"] == "tags.stage = 'report'"
+    client = MlflowClient(cfg.uri)
+    theirs = client.create_experiment("theirs", tags={"mlflow.note.content": "my notes"})
+    tracking.experiment_id(cfg.uri, 60, "theirs")  # first used by the pipeline
+    tags = client.get_experiment(theirs).tags
+    assert tags["mlflow.note.content"] == "my notes"
+    assert tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_the_schema_names_mlflows_own_tags_as_mlflow_does():
+    from mlflow.utils import mlflow_tags
+
+    from gradalign.schema import MlflowTag
+
+    assert MlflowTag.NOTE == mlflow_tags.MLFLOW_RUN_NOTE
+    assert MlflowTag.PARENT_RUN_ID == mlflow_tags.MLFLOW_PARENT_RUN_ID
+    assert MlflowTag.SOURCE_TYPE == mlflow_tags.MLFLOW_SOURCE_TYPE
+    assert MlflowTag.SOURCE_NAME == mlflow_tags.MLFLOW_SOURCE_NAME
+    assert MlflowTag.GIT_COMMIT == mlflow_tags.MLFLOW_GIT_COMMIT
+    assert MlflowTag.GIT_BRANCH == mlflow_tags.MLFLOW_GIT_BRANCH
+    assert MlflowTag.GIT_REPO_URL == mlflow_tags.MLFLOW_GIT_REPO_URL
+    assert MlflowTag.GIT_DIRTY == mlflow_tags.MLFLOW_GIT_DIRTY
+    assert MlflowTag.USER == mlflow_tags.MLFLOW_USER
+
+
+@pytest.mark.parametrize(
+    "value,text",
+    [
+        (0.00206, "2.06e-3"),
+        (0.945, "0.945"),
+        (0.01, "0.01"),
+        (1e-4, "1e-4"),
+        (0.0, "0"),
+        (12345.0, "1.23e4"),
+        (math.inf, "inf"),
+        (3, "3"),
+        (True, "True"),
+        ("Adam", "Adam"),
+    ],
+)
+def test_values_in_run_names_are_short(value, text):
+    assert labels.short_value(value) == text
+
+
+def test_a_run_name_says_the_optimizer_its_searched_values_and_what_the_run_is():
+    values = {"optimizer.lr": 0.00206, "optimizer.beta": 0.945, "model.hidden": [8]}
+    assert (
+        labels.run_name("gao", values, "trial 7")
+        == "gao lr=2.06e-3 beta=0.945 model.hidden=[8] (trial 7)"
+    )
+    assert labels.run_name("adam", {}, "single") == "adam (single)"
+
+
+def test_links_open_the_runs_table_even_for_a_first_time_visitor(tmp_path):
+    cfg = OmegaConf.merge(store(tmp_path), {"ui_url": None, "default_ui_url": "http://h:5000/"})
+    base = tracking.ui_url(cfg)
+    assert base == "http://h:5000"
+    assert tracking.runs_link(base, "3", view="sweep-ab") == (
+        "http://h:5000/#/experiments/3/runs?workflowType=machine_learning&viewStateShareKey=sweep-ab"
+    )
+    assert tracking.run_link(base, "3", "r1") == (
+        "http://h:5000/#/experiments/3/runs/r1?workflowType=machine_learning"
+    )
+    assert tracking.runs_link(base, "3", view="v", charts=True).endswith(
+        "runs?workflowType=machine_learning&viewStateShareKey=v&compareRunsMode=CHART"
+    )
+    # in a description: relative to wherever the UI is served
+    assert (
+        tracking.run_link("", "3", "r1") == "#/experiments/3/runs/r1?workflowType=machine_learning"
+    )
+    assert tracking.serve_command(cfg) == f"mlflow ui --backend-store-uri {cfg.uri}"
+    server = OmegaConf.merge(cfg, {"uri": "http://tracking:5000"})
+    assert (tracking.ui_url(server), tracking.serve_command(server)) == (
+        "http://tracking:5000",
+        None,
+    )
+    chosen = OmegaConf.merge(cfg, {"ui_url": "https://ui.example/mlflow"})
+    assert tracking.ui_url(chosen) == "https://ui.example/mlflow"
+
+
+def test_a_saved_view_is_the_ui_s_own_envelope():
+    key, value = labels.view_tag(
+        "k1",
+        "Name",
+        search_filter="tags.stage = 'final'",
+        columns=["metrics.`objective`"],
+        order_by="metrics.`objective`",
+        group_by_tag="optimizer",
+    )
+    envelope = json.loads(value)
+    state = json.loads(envelope["state"])
+    assert key == "mlflow.sharedViewState.k1" and envelope["name"] == "Name"
+    assert state["searchFilter"] == "tags.stage = 'final'"
+    assert (state["orderByKey"], state["orderByAsc"]) == ("metrics.`objective`", True)
+    assert state["selectedColumns"] == ["metrics.`objective`"]
+    assert state["groupBy"] == {
+        "aggregateFunction": "average",
+        "groupByKeys": [{"mode": "tag", "groupByData": "optimizer"}],
+    }
 
 
 def parent(cfg, sweep_id):

@@ -2,6 +2,7 @@
 divergence, error, interrupt and SIGTERM paths; early config errors; the batching contract."""
 
 import io
+import json
 import math
 import os
 import re
@@ -17,10 +18,18 @@ from mlflow.tracking import MlflowClient
 
 from gradalign import experiment, processes, tracking
 from gradalign.progress import EpochProgress
+from gradalign.schema import Metric
 from gradalign.training import EpochMetrics
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-EPOCH_METRICS = {"train_loss", "val_loss", "val_acc", "test_loss", "test_acc", "epoch_time"}
+EPOCH_METRICS = {
+    Metric.TRAIN_LOSS,
+    Metric.VAL_LOSS,
+    Metric.VAL_ACC,
+    Metric.TEST_LOSS,
+    Metric.TEST_ACC,
+    Metric.EPOCH_TIME,
+}
 
 
 @pytest.fixture(scope="module")
@@ -37,15 +46,33 @@ def n_runs(client):
 @pytest.mark.parametrize("optimizer", ["adam", "gao", "adamw", "sgd"])
 def test_short_run_is_tracked(compose_cfg, tiny, client, model, optimizer):
     cfg = compose_cfg(f"model={model}", f"optimizer={optimizer}", *tiny)
-    history, run_id = experiment.run_experiment(cfg)
+    history, run_id = experiment.run_experiment(cfg, searched=["optimizer.lr", "model.absent"])
 
     assert not history.diverged and [e.epoch for e in history.epochs] == [1, 2]
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
-    assert run.info.run_name == f"{optimizer}-single"
+    lr = {0.01: "0.01", 0.1: "0.1"}[cfg.optimizer.lr]
+    assert run.info.run_name == f"{optimizer} lr={lr} (single)"
     tags = run.data.tags
     assert (tags["optimizer"], tags["stage"]) == (optimizer, "single")
     assert len(tags["config_hash"]) == len(tags["init_hash"]) == 12 and tags["git_commit"]
+    # MLflow's own columns: Source, the git commit, the description with the outcome first
+    assert tags["mlflow.source.name"] == "train.py" and tags["mlflow.source.type"] == "LOCAL"
+    assert tags["mlflow.source.git.commit"] == tags["git_commit"]
+    first, what = tags["mlflow.note.content"].split("\n\n")[:2]
+    assert first.startswith(f"**objective {history.objective('last'):.4f}** · best_val_loss ")
+    assert what.startswith(f"{optimizer} (lr={lr}) on mnist1d / {model}: 2 epochs")
+    (dataset,) = run.inputs.dataset_inputs
+    profile = json.loads(dataset.dataset.profile)
+    assert dataset.dataset.name == "mnist1d" and len(dataset.dataset.digest) == 12
+    assert profile["num_rows"] == profile["train"] + profile["val"] + profile["test"] == 1000
+    assert [t.value for t in dataset.tags] == ["training"]
+    spec = json.loads(dataset.dataset.schema)["mlflow_tensorspec"]
+    shapes = {k: json.loads(v)[0]["tensor-spec"] for k, v in spec.items()}
+    assert shapes == {
+        "features": {"dtype": "float32", "shape": [-1, 40]},
+        "targets": {"dtype": "int64", "shape": [-1]},
+    }
     params = run.data.params
     assert params["optimizer.lr"] == str(cfg.optimizer.lr)
     assert params["model.name"] == model and params["seed.model"] == "0"
@@ -57,9 +84,9 @@ def test_short_run_is_tracked(compose_cfg, tiny, client, model, optimizer):
     for key in EPOCH_METRICS:
         steps = [m.step for m in client.get_metric_history(run_id, key)]
         assert sorted(steps) == [1, 2], key
-    alignment = {k for k in metrics if k.startswith("alignment/")}
+    alignment = {k for k in metrics if k.startswith(Metric.ALIGNMENT_PREFIX)}
     if optimizer == "gao":
-        names = {f"alignment/{name}" for name in history.epochs[0].alignment}
+        names = {f"{Metric.ALIGNMENT_PREFIX}{name}" for name in history.epochs[0].alignment}
         assert alignment == names and names
     else:
         assert not alignment
@@ -82,12 +109,14 @@ def test_parent_and_extra_tags_nest_the_run(compose_cfg, tiny, client):
         cfg,
         stage="sweep",
         parent_run_id=parent.info.run_id,
-        extra_tags={"sweep_id": "s1", "hydra_job_num": "4"},
+        extra_tags={"sweep_id": "s1", "hydra_job_num": "4", "optuna_trial": "7"},
+        searched=["optimizer.lr"],
     )
     tags = client.get_run(run_id).data.tags
     assert tags["mlflow.parentRunId"] == parent.info.run_id
     assert (tags["stage"], tags["sweep_id"], tags["hydra_job_num"]) == ("sweep", "s1", "4")
-    assert client.get_run(run_id).info.run_name == "adam-sweep-4"
+    assert client.get_run(run_id).info.run_name == "adam lr=0.01 (trial 7)"
+    assert "Trial 7 of sweep `s1`" in tags["mlflow.note.content"]
     assert client.get_run(parent.info.run_id).info.status == "RUNNING"  # a child never ends it
     assert tags["owner"] == processes.owner_token()
 
@@ -100,6 +129,8 @@ def test_diverged_run_ends_failed_with_reason(compose_cfg, tiny, client):
     assert run.info.status == "FAILED" and run.data.tags["diverged"] == "true"
     assert run.data.tags["failure_reason"].startswith("non-finite train loss (")
     assert "objective" not in run.data.metrics  # a diverged run has no objective
+    note = run.data.tags["mlflow.note.content"]
+    assert note.startswith(f"**diverged**: {run.data.tags['failure_reason']}\n\nsgd (")
 
 
 @pytest.mark.parametrize(
@@ -146,7 +177,9 @@ def test_error_ends_run_failed_and_propagates(compose_cfg, tiny, client, monkeyp
     run = last_run(client)
     assert run.info.status == "FAILED"
     assert run.data.tags["failure_reason"] == "RuntimeError: disk on fire"
-    assert len(client.get_metric_history(run.info.run_id, "val_loss")) == 1  # flushed on the way
+    assert (
+        len(client.get_metric_history(run.info.run_id, Metric.VAL_LOSS)) == 1
+    )  # flushed on the way
 
 
 def test_keyboard_interrupt_ends_the_run_killed_and_propagates(
@@ -159,7 +192,10 @@ def test_keyboard_interrupt_ends_the_run_killed_and_propagates(
     run = last_run(client)
     assert run.info.status == "KILLED"
     assert run.data.tags["failure_reason"] == "interrupted (KeyboardInterrupt)"
-    assert len(client.get_metric_history(run.info.run_id, "val_loss")) == 1  # flushed
+    assert run.data.tags["mlflow.note.content"].startswith(
+        "**KILLED**: interrupted (KeyboardInterrupt)\n\n"
+    )
+    assert len(client.get_metric_history(run.info.run_id, Metric.VAL_LOSS)) == 1  # flushed
     assert client.get_run(parent.info.run_id).info.status == "RUNNING"  # its sweep ends it
 
 

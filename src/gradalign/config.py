@@ -45,6 +45,10 @@ class ConfigError(ValueError):
     """A config value that cannot run; the message names the key, the value and what is allowed."""
 
 
+def _is_url(value: Any) -> bool:
+    return isinstance(value, str) and value.startswith(("http://", "https://"))
+
+
 # (key, check, what is allowed); a rule applies when its key is present in the config.
 _RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("trainer.epochs", lambda v: is_int(v) and v >= 1, "an integer >= 1"),
@@ -67,6 +71,8 @@ _RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
         "null or an int >= 0",
     ),
     ("tracking.parent_run_id", lambda v: v is None or isinstance(v, str), "null or a run id"),
+    ("tracking.ui_url", lambda v: v is None or _is_url(v), "null or an http(s):// URL"),
+    ("tracking.default_ui_url", _is_url, "an http(s):// URL"),
     ("parallel.workers", lambda v: is_int(v) and v >= 1, "an integer >= 1"),
 )
 _ABSENT = object()

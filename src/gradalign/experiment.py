@@ -1,28 +1,34 @@
 """One experiment from a composed config: data, seeded model, optimizer, fit, MLflow run.
 
 Used by train.py (single runs and sweep trials) and by the report (final runs). Everything that
-can be wrong with the config fails here before a run is opened in MLflow.
+can be wrong with the config fails here before a run is opened in MLflow, and before MLflow is
+even imported: a bad value answers in the time torch takes to import.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import getpass
 import hashlib
+import json
 import logging
+import shlex
 import subprocess
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from gradalign import processes, tracking
+from gradalign import processes
 from gradalign.components import build_dataset, build_model, build_optimizer
 from gradalign.config import config_hash, flatten, validate
 from gradalign.data import Splits
 from gradalign.progress import EpochProgress
-from gradalign.schema import VALIDATION_CARVED, VALIDATION_ON_TEST, Stage, Tag
+from gradalign.schema import VALIDATION_CARVED, VALIDATION_ON_TEST, MlflowTag, Stage, Tag
 from gradalign.training import EpochMetrics, History, fit
 
 log = logging.getLogger(__name__)
@@ -39,7 +45,9 @@ def resolve_device(device: str) -> torch.device:
 
 @functools.cache
 def git_tags(root: str) -> dict[str, str]:
-    """git_commit of the checkout at ``root`` and whether tracked files differ from it."""
+    """git_commit of the checkout at ``root`` and whether tracked files differ from it, also
+    under MLflow's own keys (the run page shows the commit and branch), with the URL of the
+    ``origin`` remote when there is one."""
 
     def git(*args: str) -> str:
         return subprocess.run(
@@ -47,12 +55,108 @@ def git_tags(root: str) -> dict[str, str]:
         ).stdout.strip()
 
     try:
-        return {
-            Tag.GIT_COMMIT: git("rev-parse", "HEAD"),
-            Tag.GIT_DIRTY: str(bool(git("status", "--porcelain", "--untracked-files=no"))).lower(),
-        }
+        commit = git("rev-parse", "HEAD")
+        dirty = str(bool(git("status", "--porcelain", "--untracked-files=no"))).lower()
+        branch = git("rev-parse", "--abbrev-ref", "HEAD")
     except (OSError, subprocess.SubprocessError):
         return {Tag.GIT_COMMIT: "unknown"}
+    tags = {
+        Tag.GIT_COMMIT: commit,
+        Tag.GIT_DIRTY: dirty,
+        MlflowTag.GIT_COMMIT: commit,
+        MlflowTag.GIT_DIRTY: dirty,
+        MlflowTag.GIT_BRANCH: branch,
+    }
+    with contextlib.suppress(subprocess.SubprocessError):  # no remote called origin
+        tags[MlflowTag.GIT_REPO_URL] = git("remote", "get-url", "origin")
+    return tags
+
+
+def source_tags(root: str, script: str) -> dict[str, str]:
+    """MLflow's source tags of a run made by the entry point ``script`` (the runs table's Source
+    column), its user, and git_tags."""
+    tags = {MlflowTag.SOURCE_TYPE: "LOCAL", MlflowTag.SOURCE_NAME: script, **git_tags(root)}
+    with contextlib.suppress(KeyError, OSError):  # no user name for this uid (a container)
+        tags[MlflowTag.USER] = getpass.getuser()
+    return tags
+
+
+def searched_values(cfg: DictConfig, keys: Iterable[str]) -> dict[str, Any]:
+    """The values in ``cfg`` of the searched ``keys`` (a search space's), in their order, without
+    the keys that are not a single value in ``cfg``."""
+    found = {key: OmegaConf.select(cfg, key, default=None) for key in keys}
+    return {k: v for k, v in found.items() if v is not None and not OmegaConf.is_config(v)}
+
+
+def dataset_record(cfg: DictConfig, splits: Splits) -> Any:
+    """``cfg.dataset`` built as ``splits``, as a dataset input: its digest hashes the data
+    set's settings (the generation arguments, the validation carve-out)."""
+    from gradalign.tracking import DatasetRecord
+
+    settings = {k: v for k, v in flatten(cfg).items() if k.startswith("dataset.")}
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
+    sizes = {"train": len(splits.y_train), "val": len(splits.y_val), "test": len(splits.y_test)}
+    source = OmegaConf.select(cfg, "dataset.cache_dir") or cfg.dataset._target_
+    return DatasetRecord(
+        name=cfg.dataset.name,
+        digest=digest.hexdigest()[:12],
+        source=str(source),
+        profile={"num_rows": sum(sizes.values()), **sizes, "classes": splits.n_classes},
+        schema={
+            "features": (
+                str(splits.x_train.dtype).removeprefix("torch."),
+                [-1, *splits.input_shape],
+            ),
+            "targets": (
+                str(splits.y_train.dtype).removeprefix("torch."),
+                [-1, *splits.y_train.shape[1:]],  # (N, T) for a language model's next tokens
+            ),
+        },
+    )
+
+
+def _command(cfg: DictConfig) -> str | None:
+    """The train.py command that runs this job alone, when Hydra runs it (its task overrides
+    but the sweeper's tracking.* bookkeeping)."""
+    if not HydraConfig.initialized():
+        return None
+    overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith("tracking.")]
+    return shlex.join(["python", "train.py", *overrides])
+
+
+def describe(
+    cfg: DictConfig, stage: str, values: Mapping[str, Any], tags: Mapping[str, str]
+) -> str:
+    """The description of a training run (markdown): what it trains and where it belongs; its
+    end adds the outcome above."""
+    from gradalign.tracking.labels import values_text
+
+    what = values_text(values) or "config defaults"
+    lines = [
+        f"{cfg.optimizer.name} ({what}) on {cfg.dataset.name} / {cfg.model.name}: "
+        f"{cfg.trainer.epochs} epochs, batch {cfg.trainer.batch_size}, seed.model "
+        f"{cfg.seed.model}, seed.data {cfg.seed.data}."
+    ]
+    if stage == Stage.SWEEP:
+        trial = tags.get(Tag.OPTUNA_TRIAL, tags.get(Tag.HYDRA_JOB_NUM, "?"))
+        lines.append(f"Trial {trial} of sweep `{tags.get(Tag.SWEEP_ID)}`, nested under its parent.")
+    elif stage == Stage.FINAL:
+        lines.append(f"Final run retraining sweep run `{tags.get(Tag.SELECTED_FROM)}`.")
+    command = _command(cfg)
+    if command is not None:
+        lines.append(f"Alone: `{command}`")
+    return "\n\n".join(lines)
+
+
+def _detail(cfg: DictConfig, stage: str, tags: Mapping[str, str]) -> str:
+    """What a run is, for its name: ``single``, ``trial 7``, ``final, seed 3``."""
+    if stage == Stage.SWEEP:
+        if Tag.OPTUNA_TRIAL in tags:
+            return f"trial {tags[Tag.OPTUNA_TRIAL]}"
+        return f"job {tags.get(Tag.HYDRA_JOB_NUM, '?')}"
+    if stage == Stage.FINAL:
+        return f"final, seed {cfg.seed.model}"
+    return stage
 
 
 def _hydra_config_dir() -> Path | None:
@@ -126,21 +230,26 @@ def run_experiment(
     stage: str = Stage.SINGLE,
     parent_run_id: str | None = None,
     extra_tags: Mapping[str, str] | None = None,
+    searched: Iterable[str] | None = None,
 ) -> tuple[History, str]:
     """Train as ``cfg`` says and track it in MLflow; return the history and the MLflow run id.
 
     The model is initialised right after ``torch.manual_seed(cfg.seed.model)`` (on the CPU, so
     equal seeds give equal weights on any device), and tagged ``init_hash``; ``cfg.seed.data``
-    orders the mini-batches. A bad config or an unreachable store fails before any of it.
+    orders the mini-batches. The run is named after the optimizer and its values of the
+    ``searched`` keys (default: the Hydra job's search space, hydra.sweeper.params). A bad
+    config fails before MLflow is imported, an unreachable store before anything is trained.
     """
     validate(cfg)
     processes.adopt()  # a worker stops when the process that started it is gone
-    tracking.connect(cfg.tracking)
     device = resolve_device(cfg.trainer.device)
     if cfg.trainer.threads is not None:
         torch.set_num_threads(cfg.trainer.threads)
     splits = build_dataset(cfg)
     model, optimizer = seeded_model_and_optimizer(cfg, splits)
+    from gradalign import tracking  # MLflow: only once the config is known to build
+
+    tracking.connect(cfg.tracking)
 
     tags = {
         Tag.OPTIMIZER: cfg.optimizer.name,
@@ -148,13 +257,15 @@ def run_experiment(
         Tag.CONFIG_HASH: config_hash(cfg),
         Tag.INIT_HASH: init_hash(model),
         Tag.VALIDATION: VALIDATION_ON_TEST if splits.val_is_test else VALIDATION_CARVED,
-        **git_tags(str(cfg.paths.root)),
+        **source_tags(str(cfg.paths.root), "train.py"),
         **(extra_tags or {}),
     }
     if splits.val_is_test:
         log.warning("validation = the test split: what this run selects, it selects on test data")
-    job = tags.get(Tag.HYDRA_JOB_NUM)
-    run_name = f"{cfg.optimizer.name}-{stage}" + (f"-{job}" if job is not None else "")
+    if searched is None and HydraConfig.initialized():
+        searched = OmegaConf.select(HydraConfig.get(), "sweeper.params") or {}
+    values = searched_values(cfg, searched or ())
+    run_name = tracking.run_name(cfg.optimizer.name, values, _detail(cfg, stage, tags))
     progress = EpochProgress(run_name, cfg.trainer.epochs)
 
     with tracking.start_run(
@@ -164,6 +275,8 @@ def run_experiment(
         params=flatten(cfg),
         parent_run_id=parent_run_id,
         artifacts_dir=_hydra_config_dir(),
+        description=describe(cfg, stage, values, tags),
+        dataset=dataset_record(cfg, splits),
     ) as run:
 
         def on_epoch(metrics: EpochMetrics) -> None:

@@ -46,6 +46,13 @@ class Tag:
     OPTIMIZERS: Final = "optimizers"  # a report: the optimizers it compares, comma-separated
     REPORT_NAME: Final = "report_name"  # a report: its folder's name (--name), to resume it
     VERDICT_PREFIX: Final = "verdict/"  # a report: verdict/<optimizer>
+    # a final run: reported_in/<report name> = the run id of each report that used it (a final
+    # run is reused by later reports, and nests under the first one only)
+    REPORTED_IN_PREFIX: Final = "reported_in/"
+    # a sweep parent, once trials have ended (see Metric.BEST_OBJECTIVE)
+    BEST_RUN_ID: Final = "best_run_id"  # the MLflow run of the study's best trial
+    BEST_TRIAL: Final = "best_trial"  # its Optuna trial number
+    BEST_PREFIX: Final = "best."  # best.<searched key>, e.g. best.optimizer.lr: its value
 
 
 VALIDATION_CARVED: Final = "carved from train"
@@ -54,18 +61,62 @@ VALIDATION_ON_TEST: Final = "test split (selection sees the test set)"
 
 class Metric:
     """Metric keys. Per-epoch metrics are logged with step = epoch (1-based); summary metrics
-    with step 0."""
+    with step 0.
 
-    TRAIN_LOSS: Final = "train_loss"
-    VAL_LOSS: Final = "val_loss"
-    VAL_ACC: Final = "val_acc"
-    TEST_LOSS: Final = "test_loss"
-    TEST_ACC: Final = "test_acc"
+    MLflow's run page puts the charts of keys with a ``section/`` prefix first, sections in
+    sorted order, then the unprefixed ones; the per-epoch curves are prefixed so that they lead
+    (accuracy, loss, then GAO's per-parameter scales) and the step-0 summaries come last.
+    """
+
+    TRAIN_LOSS: Final = "loss/train"
+    VAL_LOSS: Final = "loss/val"
+    VAL_ACC: Final = "accuracy/val"
+    TEST_LOSS: Final = "loss/test"
+    TEST_ACC: Final = "accuracy/test"
     EPOCH_TIME: Final = "epoch_time"
-    ALIGNMENT_PREFIX: Final = "alignment/"  # alignment/<parameter name>: GAO's mean scale
+    ALIGNMENT_PREFIX: Final = "scale/"  # scale/<parameter name>: GAO's mean alignment scale
+    # The keys of runs logged before the per-epoch metrics were renamed (readers fall back to
+    # them): new key -> old key, and the old prefix of the scales.
+    LEGACY: Final = {
+        "loss/train": "train_loss",
+        "loss/val": "val_loss",
+        "accuracy/val": "val_acc",
+        "loss/test": "test_loss",
+        "accuracy/test": "test_acc",
+    }
+    LEGACY_ALIGNMENT_PREFIX: Final = "alignment/"
     OBJECTIVE: Final = "objective"  # the value a sweep optimises
     BEST_VAL_LOSS: Final = "best_val_loss"
     BEST_EPOCH: Final = "best_epoch"
+    # A sweep parent: its study's trials by outcome (summaries), and per trial (step = the trial
+    # number) the trial's objective and the best one so far, whose latest value is the study's
+    # best. Not called objective, so that sorting runs by objective ranks trials only.
+    TRIAL_OBJECTIVE: Final = "trial_objective"
+    BEST_OBJECTIVE: Final = "best_objective"
+    TRIALS_COMPLETE: Final = "trials_complete"  # finished with a finite objective
+    TRIALS_DIVERGED: Final = "trials_diverged"  # finished, objective inf (the fit diverged)
+    TRIALS_FAILED: Final = "trials_failed"  # raised, or were interrupted
+    TRIALS_PRUNED: Final = "trials_pruned"
+
+
+class MlflowTag:
+    """MLflow's own tag keys that the pipeline writes, so that MLflow's UI fills its columns
+    (Source, Description, the run's Git commit) and opens views the pipeline prepares
+    (mlflow.utils.mlflow_tags has the same names; tests check they agree)."""
+
+    NOTE: Final = "mlflow.note.content"  # a run's or an experiment's description (markdown)
+    PARENT_RUN_ID: Final = "mlflow.parentRunId"
+    SOURCE_TYPE: Final = "mlflow.source.type"
+    SOURCE_NAME: Final = "mlflow.source.name"  # the Source column: the entry point script
+    GIT_COMMIT: Final = "mlflow.source.git.commit"
+    GIT_BRANCH: Final = "mlflow.source.git.branch"
+    GIT_REPO_URL: Final = "mlflow.source.git.repoURL"
+    GIT_DIRTY: Final = "mlflow.source.git.dirty"
+    USER: Final = "mlflow.user"
+    # experiment tags
+    EXPERIMENT_KIND: Final = "mlflow.experimentKind"  # what kind of work the experiment holds
+    SHARED_VIEW_PREFIX: Final = "mlflow.sharedViewState."  # <key>: a saved runs-table view
+    DATA_CONTEXT: Final = "mlflow.data.context"  # a dataset input's tag: what the run used it for
 
 
 class Param:

@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import datetime
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +23,9 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
 from gradalign import processes, tracking
-from gradalign.config import config_hash, register_resolvers
-from gradalign.experiment import git_tags
+from gradalign.config import config_hash, flatten, register_resolvers
+from gradalign.experiment import source_tags
+from gradalign.report import page
 from gradalign.report.configs import (
     Composition,
     compose_optimizer,
@@ -33,6 +35,7 @@ from gradalign.report.configs import (
     seeded,
 )
 from gradalign.report.finals import FinalJob, FinalResult, train
+from gradalign.report.html import write_html
 from gradalign.report.markdown import render
 from gradalign.report.plots import plot_convergence
 from gradalign.report.runs import (
@@ -87,6 +90,7 @@ class Plan:
                 seeded(cfg, seed),
                 {Tag.SELECTED_FROM: self.choices[name].run_id},
                 estimate_s=self.choices[name].seconds_per_epoch * cfg.trainer.epochs,
+                searched=tuple(k for k in flatten(cfg) if k in self.compositions[name].searched),
             )
             for name, cfg in self.finals.items()
             for seed in seeds
@@ -330,17 +334,18 @@ def write_report(settings: ReportSettings, parent_run_id: str | None = None) -> 
         Tag.STAGE: Stage.REPORT,
         Tag.REPORT_NAME: out_dir.name,
         Tag.OPTIMIZERS: ",".join(settings.optimizers),
-        **git_tags(str(settings.root)),
+        **source_tags(str(settings.root), Path(sys.argv[0]).name),
     }
     if resume_run_id is not None:
         _check_same_settings(the_plan.client, resume_run_id, params, out_dir.name)
     with tracking.start_run(
         the_plan.compositions[settings.baseline].cfg.tracking,
-        run_name=f"report {out_dir.name}",
+        run_name=f"report {out_dir.name}: {' vs '.join(settings.optimizers)}",
         tags=tags,
         params={},
         parent_run_id=parent_run_id,
         resume_run_id=resume_run_id,
+        description=f"Report {out_dir.name}: running; its verdict is written here when it ends.",
     ) as run:
         # now, not with the first flush: a resumed report is checked against them
         tracking.log_batch(run.client, run.run_id, params=params)
@@ -394,8 +399,35 @@ def write_report(settings: ReportSettings, parent_run_id: str | None = None) -> 
                 figure=FIGURE,
             )
         )
+        write_html(out_dir / MARKDOWN, header["title"])
         _log_summary(run, summaries, comparisons)
         run.client.log_artifacts(run.run_id, str(out_dir))
+        page.tag_finals(run.client, results, out_dir.name, run.run_id)
+        page.save_view(
+            run.client,
+            the_plan.experiment_id,
+            out_dir.name,
+            run.run_id,
+            sorted({k for c in the_plan.compositions.values() for k in c.searched}),
+        )
+        run.description = page.description(
+            run_id=run.run_id,
+            experiment_id=the_plan.experiment_id,
+            title=header["title"],
+            comparisons=comparisons,
+            hyperparameters=hyper,
+            choices={name: choice.run_id for name, choice in the_plan.choices.items()},
+            figure=FIGURE,
+            finals=len(results),
+            trained=len(jobs),
+            report_name=out_dir.name,
+        )
     for c in comparisons:
         log.info("%s", c.verdict)
+    ui = tracking.ui_url(the_plan.compositions[settings.baseline].cfg.tracking)
+    log.info("MLflow: report %s", tracking.run_link(ui, the_plan.experiment_id, run.run_id))
+    log.info(
+        "       its final runs by optimizer %s",
+        tracking.runs_link(ui, the_plan.experiment_id, page.view_key(out_dir.name), charts=True),
+    )
     return Report(out_dir, run.run_id, the_plan, results, hyper, comparisons)

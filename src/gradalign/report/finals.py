@@ -29,14 +29,16 @@ STOP_WORKERS_S = 30.0  # how long a stopped report waits for its workers to end 
 
 @dataclasses.dataclass(frozen=True)
 class FinalJob:
-    """One final run to train: a resolved config (seeds set), the tags it is logged with, and an
-    estimate of its wall time (which decides whether worker processes pay off)."""
+    """One final run to train: a resolved config (seeds set), the tags it is logged with, an
+    estimate of its wall time (which decides whether worker processes pay off), and the keys
+    its name shows."""
 
     optimizer: str
     seed: int
     cfg: DictConfig
     tags: dict[str, str]
     estimate_s: float
+    searched: tuple[str, ...] = ()  # the keys its sweep searched: the run's name shows them
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +60,11 @@ class FinalResult:
 def _train(job: FinalJob, parent_run_id: str) -> str:
     """Train one final run (in this or a worker process); its MLflow run id."""
     _, run_id = run_experiment(
-        job.cfg, stage=Stage.FINAL, parent_run_id=parent_run_id, extra_tags=job.tags
+        job.cfg,
+        stage=Stage.FINAL,
+        parent_run_id=parent_run_id,
+        extra_tags=job.tags,
+        searched=job.searched,
     )
     return run_id
 

@@ -20,7 +20,7 @@ from gradalign.report.configs import optimizer_params, run_context
 from gradalign.schema import Metric, Stage, Tag
 from gradalign.tracking import tag_filter
 
-# Per-epoch metric keys the report reads (GAO runs add alignment/<param>).
+# Per-epoch metric keys the report reads (GAO runs add Metric.ALIGNMENT_PREFIX + <param>).
 EPOCH_METRICS = (Metric.TRAIN_LOSS, Metric.VAL_LOSS, Metric.VAL_ACC, Metric.TEST_ACC)
 
 
@@ -158,13 +158,18 @@ def final_runs(client: MlflowClient, experiment_id: str, config_hash: str) -> di
 
 
 def curves(client: MlflowClient, run: Run) -> dict[str, list[float]]:
-    """The run's per-epoch metrics (EPOCH_METRICS and alignment/*), each ordered by epoch."""
-    keys = [
-        *EPOCH_METRICS,
-        *sorted(k for k in run.data.metrics if k.startswith(Metric.ALIGNMENT_PREFIX)),
-    ]
+    """The run's per-epoch metrics (EPOCH_METRICS and the scales), each ordered by epoch; a run
+    logged under the keys used before they were renamed (Metric.LEGACY) is read under those
+    and returned under today's, so a report reuses final runs of either kind."""
+    logged = run.data.metrics
+    sources = {key: key if key in logged else Metric.LEGACY[key] for key in EPOCH_METRICS}
+    scales = sorted(k for k in logged if k.startswith(Metric.ALIGNMENT_PREFIX))
+    old = Metric.LEGACY_ALIGNMENT_PREFIX
+    legacy = [] if scales else sorted(k for k in logged if k.startswith(old))
+    sources |= {k: k for k in scales}
+    sources |= {f"{Metric.ALIGNMENT_PREFIX}{k.removeprefix(old)}": k for k in legacy}
     result = {}
-    for key in keys:
-        history = sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)
+    for key, source in sources.items():
+        history = sorted(client.get_metric_history(run.info.run_id, source), key=lambda m: m.step)
         result[key] = [m.value for m in history]
     return result

@@ -1,4 +1,5 @@
-"""A sweep's records in MLflow: the key of its parent run, the parent, the tags its trials carry.
+"""A sweep's records in MLflow: the key of its parent run, the parent, the tags its trials carry,
+the saved view of its trials.
 
 Every trial of one sweep nests under one parent run. For an Optuna study kept in a storage the
 parent belongs to the study (every process sharing it, every resumption of it), otherwise to the
@@ -7,14 +8,16 @@ sweep directory.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
 from gradalign import tracking
 from gradalign.config import flatten
-from gradalign.experiment import git_tags
-from gradalign.schema import Param, Tag
+from gradalign.experiment import source_tags
+from gradalign.schema import Metric, MlflowTag, Param, Stage, Tag
+from gradalign.tracking import labels
 
 
 def sweep_id(root: Path, sweep_dir: Path, sweeper: DictConfig) -> str:
@@ -42,19 +45,73 @@ def trial_tags(cfg: DictConfig, *, sweep_dir: Path, sweeper: DictConfig) -> dict
     return tags
 
 
+def parent_label(cfg: DictConfig) -> str:
+    """What names the sweep that ``cfg`` (the sweep process's config) runs: its Optuna study's
+    name for a stored study, else its sweep directory's name."""
+    key = sweep_id(Path(cfg.paths.root), Path(cfg.hydra.sweep.dir), cfg.hydra.sweeper)
+    if key.startswith("optuna:"):
+        return OmegaConf.select(cfg.hydra.sweeper, "study_name")
+    return Path(cfg.hydra.sweep.dir).name
+
+
+def sweep_view_key(cfg: DictConfig) -> str:
+    """The key of the saved runs-table view of the sweep's trials (one per sweep_id)."""
+    key = sweep_id(Path(cfg.paths.root), Path(cfg.hydra.sweep.dir), cfg.hydra.sweeper)
+    return f"sweep-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+
+
+def _searched(cfg: DictConfig) -> list[str]:
+    return sorted(OmegaConf.select(cfg.hydra.sweeper, "params") or {})
+
+
+def save_sweep_view(cfg: DictConfig) -> None:
+    """Store the saved view of the sweep's trials on the experiment: sorted by objective (best
+    first), with the data set and the searched values as columns."""
+    mlflow, experiment = tracking.connect(cfg.tracking)
+    key = sweep_id(Path(cfg.paths.root), Path(cfg.hydra.sweep.dir), cfg.hydra.sweeper)
+    metrics = (Metric.OBJECTIVE, Metric.BEST_VAL_LOSS, Metric.BEST_EPOCH, Metric.TEST_ACC)
+    columns = [
+        labels.column("attributes", "Dataset"),
+        *(labels.column("metrics", m) for m in metrics),
+        *(labels.column("params", k) for k in _searched(cfg)),
+        labels.column("tags", Tag.OPTUNA_TRIAL),
+    ]
+    tag, value = labels.view_tag(
+        sweep_view_key(cfg),
+        f"Sweep {parent_label(cfg)} ({cfg.optimizer.name}): trials by {Metric.OBJECTIVE}",
+        search_filter=tracking.tag_filter({Tag.STAGE: Stage.SWEEP, Tag.SWEEP_ID: key}),
+        columns=columns,
+        order_by=labels.column("metrics", Metric.OBJECTIVE),
+        ascending=OmegaConf.select(cfg.hydra.sweeper, "direction") != "maximize",
+    )
+    mlflow.set_experiment_tag(experiment, tag, value)
+
+
 def open_parent(cfg: DictConfig) -> str:
     """The run id of the MLflow parent run of the sweep that ``cfg`` (the sweep process's
     config, with its ``hydra`` node) runs, opened for this process (see
-    ``tracking.open_sweep_parent``). Its params are the sweeper settings (search space,
-    n_trials, sampler, storage)."""
-    sweeper, sweep_dir = cfg.hydra.sweeper, Path(cfg.hydra.sweep.dir)
+    ``tracking.open_sweep_parent``), with the saved view of its trials. Its params are the
+    sweeper settings (search space, n_trials, sampler, storage)."""
+    sweeper = cfg.hydra.sweeper
     root = Path(cfg.paths.root)
-    key = sweep_id(root, sweep_dir, sweeper)
-    study = OmegaConf.select(sweeper, "study_name") if key.startswith("optuna:") else None
-    return tracking.open_sweep_parent(
+    key = sweep_id(root, Path(cfg.hydra.sweep.dir), sweeper)
+    label = parent_label(cfg)
+    searched = ", ".join(labels.short_key(k) for k in _searched(cfg)) or "nothing"
+    note = (
+        f"Optuna sweep of {cfg.optimizer.name} over {searched} (`{key}`, outputs in "
+        f"`{cfg.hydra.sweep.dir}`); its trials nest under this run. When the sweep ends, its "
+        "best trial and optimisation history are shown here."
+    )
+    run_id = tracking.open_sweep_parent(
         cfg.tracking,
         sweep_id=key,
-        run_name=f"{cfg.optimizer.name}-sweep {study or sweep_dir.name}",
-        tags={Tag.OPTIMIZER: cfg.optimizer.name, **git_tags(str(root))},
+        run_name=f"{cfg.optimizer.name} sweep {label}",
+        tags={
+            Tag.OPTIMIZER: cfg.optimizer.name,
+            MlflowTag.NOTE: note,
+            **source_tags(str(root), "train.py"),
+        },
         params={f"{Param.SWEEPER_PREFIX}{k}": v for k, v in flatten(sweeper, exclude=()).items()},
     )
+    save_sweep_view(cfg)
+    return run_id

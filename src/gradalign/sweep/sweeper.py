@@ -47,6 +47,7 @@ from gradalign.checks import is_number
 from gradalign.components import build_dataset, build_model, build_optimizer
 from gradalign.config import anchored_uri, hydra_quoted, validate
 from gradalign.data import Splits
+from gradalign.sweep import summary
 from gradalign.sweep.runs import open_parent, sweep_id
 from gradalign.sweep.stock import (
     OptunaSweeperImpl,
@@ -59,6 +60,7 @@ from gradalign.sweep.studies import check_storage, claim_study, study_identity
 log = logging.getLogger(__name__)
 CLAIM = ".sweep_claim"  # created atomically in the sweep directory by the sweep that owns it
 STOP_CHILDREN_S = 30.0  # how long an interrupted sweep waits for its workers to end their runs
+EXIT_INTERRUPTED = 130  # as a single run's (train.py)
 _MISSING = object()
 
 
@@ -252,6 +254,9 @@ class SafeOptunaSweeperImpl(OptunaSweeperImpl):
         except SweepEnded as ended:
             print(ended, file=sys.stderr)
             raise SystemExit(ended.status) from None
+        except (KeyboardInterrupt, tracking.Terminated):
+            print(summary.interrupted_line(self.storage, self.study_name), file=sys.stderr)
+            raise SystemExit(EXIT_INTERRUPTED) from None
 
     def _sweep(self, arguments: list[str]) -> None:
         try:
@@ -259,6 +264,7 @@ class SafeOptunaSweeperImpl(OptunaSweeperImpl):
             self.parent_run_id = open_parent(self.config)
         except (ValueError, tracking.TrackingUnavailable) as error:
             raise SweepNotStarted(f"sweep not started, no trial run: {error}") from error
+        summary.announce(self.config, self.parent_run_id, self.n_trials)
         with tracking.sigterm_raises():
             try:
                 with legacy_distributions_quiet():  # the stock loop builds Optuna 2-era ones
@@ -275,14 +281,11 @@ class SafeOptunaSweeperImpl(OptunaSweeperImpl):
         self._close_parent(RunStatus.FINISHED)
 
     def _close_parent(self, status: int, reason: str | None = None) -> None:
-        """End the sweep's parent run (if no other sweep process still works in it); a store
-        failure is logged, not raised, so that the sweep's own outcome is what the user sees."""
-        try:
-            tracking.close_sweep_parent(self.config.tracking, self.parent_run_id, status, reason)
-        except Exception as error:
-            log.warning(
-                "could not end the sweep's MLflow parent run %s: %s", self.parent_run_id, error
-            )
+        """Write the study's summary on the sweep's parent run and end it (if no other sweep
+        process still works in it), then print the sweep's last line; a store failure is logged,
+        not raised, so that the sweep's own outcome is what the user sees."""
+        study = self.in_flight[0].study if self.in_flight else None
+        summary.finish(self.config, self.parent_run_id, study, status, reason)
 
     def _check_some_trial_converged(self) -> None:
         """Raise SweepFailed when no trial of the study has a finite objective: every one of

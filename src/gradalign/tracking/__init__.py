@@ -3,7 +3,9 @@ SQLite file, probes of a server), ``runs`` writes the pipeline's runs on it (one
 parent per sweep, an end status whatever happens). The names of what is written are
 gradalign.schema's."""
 
+from gradalign.tracking.labels import run_link, run_name, runs_link
 from gradalign.tracking.runs import (
+    DatasetRecord,
     Run,
     Terminated,
     close_sweep_parent,
@@ -22,12 +24,15 @@ from gradalign.tracking.store import (
     experiment_id,
     log_batch,
     quoted,
+    serve_command,
     store_client,
     tag_filter,
     tracking_uri,
+    ui_url,
 )
 
 __all__ = [
+    "DatasetRecord",
     "Run",
     "Terminated",
     "TrackingUnavailable",
@@ -40,6 +45,10 @@ __all__ = [
     "kill_sweep_runs",
     "log_batch",
     "quoted",
+    "run_link",
+    "run_name",
+    "runs_link",
+    "serve_command",
     "sigterm_raises",
     "start_run",
     "store_client",
@@ -47,4 +56,5 @@ __all__ = [
     "open_sweep_parent",
     "tag_filter",
     "tracking_uri",
+    "ui_url",
 ]

@@ -15,25 +15,26 @@ never change its status.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
+import json
 import logging
 import math
 import signal
 import tempfile
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from mlflow.entities import Metric, RunStatus
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, RunStatus
 from mlflow.tracking import MlflowClient
-from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from omegaconf import DictConfig
 
 from gradalign import processes
 from gradalign.schema import Metric as M
-from gradalign.schema import Stage, Tag
+from gradalign.schema import MlflowTag, Stage, Tag
 from gradalign.tracking.store import (
     connect,
     file_lock,
@@ -52,6 +53,36 @@ class Terminated(BaseException):
     """SIGTERM arrived while a run was open; raised so the run ends KILLED, then propagated."""
 
 
+@dataclasses.dataclass(frozen=True)
+class DatasetRecord:
+    """A run's data set as MLflow records a dataset input: the runs table's Dataset column shows
+    ``name (digest)``, and its drawer the ``profile`` (split sizes), the ``source`` and the
+    tensor ``schema`` (name -> (dtype, shape), -1 for the number of examples)."""
+
+    name: str
+    digest: str  # at most 36 characters: what identifies the data (its generation arguments)
+    source: str  # where the data lives (a path shown as "Local")
+    profile: Mapping[str, Any]
+    schema: Mapping[str, tuple[str, Sequence[int]]]
+    context: str = "training"  # what the run used it for (MLflow shows it as a chip)
+
+    def entity(self) -> DatasetInput:
+        """The MLflow dataset input."""
+        spec = {
+            name: json.dumps([{"type": "tensor", "tensor-spec": {"dtype": d, "shape": list(s)}}])
+            for name, (d, s) in self.schema.items()
+        }
+        dataset = Dataset(
+            name=self.name,
+            digest=self.digest,
+            source_type="local",
+            source=json.dumps({"uri": self.source}),
+            schema=json.dumps({"mlflow_tensorspec": spec}),
+            profile=json.dumps(dict(self.profile)),
+        )
+        return DatasetInput(dataset, tags=[InputTag(MlflowTag.DATA_CONTEXT, self.context)])
+
+
 def failure_reason(error: BaseException) -> str:
     """``error`` as the failure_reason of a run's tag and its Optuna trial's user attr."""
     first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
@@ -66,6 +97,16 @@ def _summary_metrics(values: Mapping[str, float]) -> list[Metric]:
     """The finite ``values`` as step-0 metrics (a NaN or inf summary means "none")."""
     timestamp = _now_ms()
     return [Metric(k, v, timestamp, 0) for k, v in values.items() if math.isfinite(v)]
+
+
+def outcome_line(history: History, objective: float) -> str:
+    """The first line of a finished run's description: its objective, best val loss and the
+    last epoch's test accuracy, named as the runs table's columns are."""
+    last = history.epochs[-1]
+    return (
+        f"**{M.OBJECTIVE} {objective:.4f}** · {M.BEST_VAL_LOSS} {history.best_val_loss:.4f} "
+        f"(epoch {history.best_epoch}) · test accuracy {last.test_acc:.2%} at epoch {last.epoch}"
+    )
 
 
 def _parents(mlflow: MlflowClient, experiment: str, sweep_id: str) -> list[Any]:
@@ -181,10 +222,12 @@ class Run:
         *,
         params: Mapping[str, Any],
         flush_interval_s: float,
+        description: str | None = None,
     ):
         self.client = client
         self.run_id = run_id
         self.flush_interval_s = flush_interval_s
+        self.description = description  # what the run is; its end puts the outcome above it
         self.ended = False
         self._params: Mapping[str, Any] | None = params  # sent with the first flush
         self._pending: list[Metric] = []
@@ -230,20 +273,33 @@ class Run:
         if history.diverged:
             self.end(RunStatus.FAILED, failure_reason=history.reason or "diverged", diverged=True)
         else:
-            self.end(RunStatus.FINISHED)
+            self.end(RunStatus.FINISHED, outcome=outcome_line(history, objective))
 
-    def end(self, status: int, failure_reason: str | None = None, diverged: bool = False) -> None:
+    def end(
+        self,
+        status: int,
+        failure_reason: str | None = None,
+        diverged: bool = False,
+        outcome: str | None = None,
+    ) -> None:
         """Set ``status`` (a RunStatus value) and send what is buffered.
 
         A run that finished sends its metrics first and then its status, so FINISHED always
         means complete. A run that failed or was stopped writes its status and reason first, in
         calls of their own, then the metrics it had: whatever the store does to those (a full
         disk, a lock), the run does not stay RUNNING. Only the run itself is ended: a parent run
-        ends when its own work does.
+        ends when its own work does. A run with a description gets the ``outcome`` (or the
+        status and reason) as its first line.
         """
         tags = {Tag.FAILURE_REASON: failure_reason} if failure_reason else {}
         if diverged:
             tags[Tag.DIVERGED] = "true"
+        if self.description is not None:
+            if outcome is None and status != RunStatus.FINISHED:
+                word = "diverged" if diverged else RunStatus.to_string(status)
+                outcome = f"**{word}**" + (f": {failure_reason}" if failure_reason else "")
+            note = f"{outcome}\n\n{self.description}" if outcome else self.description
+            tags[MlflowTag.NOTE] = note
         if status == RunStatus.FINISHED:
             self._flush(tags=tags)
             self.client.set_terminated(self.run_id, RunStatus.to_string(status))
@@ -286,10 +342,13 @@ def start_run(
     parent_run_id: str | None = None,
     artifacts_dir: Path | None = None,
     resume_run_id: str | None = None,
+    description: str | None = None,
+    dataset: DatasetRecord | None = None,
 ) -> Iterator[Run]:
-    """Open a run with its tags (and the ``owner`` tag: this process) and, if given,
-    ``artifacts_dir``; params go with the first flush. ``resume_run_id`` reopens that run
-    (RUNNING again) instead of creating one.
+    """Open a run with its tags (and the ``owner`` tag: this process), its ``description``
+    (markdown, MLflow's tag mlflow.note.content; the run's end puts its outcome above it) and,
+    if given, ``dataset`` (a dataset input) and ``artifacts_dir``; params go with the first
+    flush. ``resume_run_id`` reopens that run (RUNNING again) instead of creating one.
 
     Leaving the block ends the run: as ``Run.finish`` decided; FINISHED if it was not called;
     KILLED on KeyboardInterrupt or SIGTERM (its owner process gone, say); FAILED with tag
@@ -300,16 +359,26 @@ def start_run(
     mlflow, experiment = connect(tracking)
     run_tags = {**tags, Tag.OWNER: processes.owner_token()}
     if parent_run_id is not None:
-        run_tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
+        run_tags[MlflowTag.PARENT_RUN_ID] = parent_run_id
+    if description is not None:
+        run_tags[MlflowTag.NOTE] = description
     if resume_run_id is None:
         run_id = mlflow.create_run(experiment, tags=run_tags, run_name=run_name).info.run_id
     else:
         run_id = resume_run_id
         mlflow.update_run(run_id, status="RUNNING")
         log_batch(mlflow, run_id, tags=run_tags)
-    run = Run(mlflow, run_id, params=params, flush_interval_s=tracking.flush_interval_s)
+    run = Run(
+        mlflow,
+        run_id,
+        params=params,
+        flush_interval_s=tracking.flush_interval_s,
+        description=description,
+    )
     with sigterm_raises():
         try:
+            if dataset is not None:
+                mlflow.log_inputs(run_id, datasets=[dataset.entity()])
             if artifacts_dir is not None:
                 mlflow.log_artifacts(run.run_id, str(artifacts_dir), artifacts_dir.name)
             yield run

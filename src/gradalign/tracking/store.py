@@ -41,6 +41,7 @@ from omegaconf import DictConfig
 from sqlalchemy.exc import SQLAlchemyError
 
 from gradalign.config import anchored_uri
+from gradalign.tracking.labels import experiment_tags
 
 log = logging.getLogger(__name__)
 
@@ -300,14 +301,18 @@ def _unusable(db: Path, error: Exception) -> str:
 
 @functools.cache
 def experiment_id(uri: str, wait_s: float, name: str) -> str:
-    """Id of experiment ``name``, created if absent (tolerating a concurrent creator)."""
+    """Id of experiment ``name``, created if absent (tolerating a concurrent creator), with the
+    tags for MLflow's UI it lacks (labels.experiment_tags; a description or view a user wrote
+    is never replaced)."""
     mlflow = client(uri, wait_s)
     experiment = mlflow.get_experiment_by_name(name)
     if experiment is None:
         db = sqlite_file(uri)
         try:
             return mlflow.create_experiment(
-                name, artifact_location=str(db.parent / "artifacts") if db else None
+                name,
+                artifact_location=str(db.parent / "artifacts") if db else None,
+                tags=experiment_tags(),
             )
         except MlflowException as error:
             if error.error_code != "RESOURCE_ALREADY_EXISTS":
@@ -318,7 +323,29 @@ def experiment_id(uri: str, wait_s: float, name: str) -> str:
             f"MLflow experiment {name!r} is deleted in {uri}: restore it or set "
             "tracking.experiment to another name"
         )
+    for key, value in experiment_tags().items():
+        if key not in experiment.tags:
+            mlflow.set_experiment_tag(experiment.experiment_id, key, value)
     return experiment.experiment_id
+
+
+def ui_url(tracking: DictConfig) -> str:
+    """The MLflow UI that shows the configured store: tracking.ui_url; else the tracking server
+    itself; else tracking.default_ui_url (where ``mlflow ui`` serves by default)."""
+    if tracking.ui_url:
+        return str(tracking.ui_url).rstrip("/")
+    uri = tracking_uri(tracking)
+    if uri.startswith(("http://", "https://")):
+        return uri.rstrip("/")
+    return str(tracking.default_ui_url).rstrip("/")
+
+
+def serve_command(tracking: DictConfig) -> str | None:
+    """The command that serves the UI of the configured store, when it is not a server."""
+    uri = tracking_uri(tracking)
+    if uri.startswith(("http://", "https://")):
+        return None
+    return f"mlflow ui --backend-store-uri {uri}"
 
 
 def store_client(tracking: DictConfig) -> MlflowClient:

@@ -1,0 +1,310 @@
+"""What a sweep tells a person: where it writes (at the start) and what it found (at the end), in
+the terminal and on its MLflow parent run.
+
+At the end, from the Optuna study (every trial of it, those of other processes sharing it
+included), the parent run gets: the trials by outcome and the best objective as metrics, the
+objective of each trial and the best so far as metric series (step = trial number), the best
+trial's run and values as tags (not params: MLflow never changes a param, and a resumed study
+can find a better trial), an optimisation-history figure, a description that shows all of it,
+and a name that says the best values. docs/tracking.md lists the keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import Metric as MlflowMetric
+from mlflow.entities import RunStatus
+from omegaconf import DictConfig
+from optuna.distributions import FloatDistribution, IntDistribution
+from optuna.study import Study, StudyDirection
+from optuna.trial import FrozenTrial, TrialState
+
+from gradalign import tracking
+from gradalign.schema import Metric, MlflowTag, Tag
+from gradalign.sweep.runs import parent_label, sweep_view_key
+from gradalign.tracking.labels import artifact_image, run_link, runs_link, values_text
+
+log = logging.getLogger(__name__)
+FIGURE = "optimization_history.png"
+OUTCOMES = ("complete", "diverged", "failed", "pruned", "running")
+_COUNT_METRICS = {
+    "complete": Metric.TRIALS_COMPLETE,
+    "diverged": Metric.TRIALS_DIVERGED,
+    "failed": Metric.TRIALS_FAILED,
+    "pruned": Metric.TRIALS_PRUNED,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class TrialRecord:
+    """One Optuna trial as the summary shows it: its number, outcome (one of OUTCOMES), objective
+    (None unless complete or diverged), sampled values and MLflow run."""
+
+    number: int
+    outcome: str
+    value: float | None
+    params: dict[str, Any]
+    run_id: str | None
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepSummary:
+    """A study's trials in number order, its direction, and the searched keys on a log scale."""
+
+    trials: list[TrialRecord]
+    minimize: bool
+    log_keys: frozenset[str]
+
+    def count(self, outcome: str) -> int:
+        return sum(trial.outcome == outcome for trial in self.trials)
+
+    @property
+    def best(self) -> TrialRecord | None:
+        """The complete trial with the best objective (the first on ties), or None."""
+        sign = 1 if self.minimize else -1
+        complete = [t for t in self.trials if t.outcome == "complete"]
+        return min(complete, key=lambda t: (sign * t.value, t.number), default=None)
+
+    def best_so_far(self) -> list[tuple[int, float, float]]:
+        """(trial number, its objective, the best objective up to it) of each complete trial."""
+        rows, best = [], None
+        for trial in self.trials:
+            if trial.outcome != "complete":
+                continue
+            better = best is None or (trial.value < best if self.minimize else trial.value > best)
+            best = trial.value if better else best
+            rows.append((trial.number, trial.value, best))
+        return rows
+
+    def counts_text(self) -> str:
+        """``30 trials: 27 complete, 2 diverged, 1 failed, 0 pruned``."""
+        parts = [f"{self.count(o)} {o}" for o in OUTCOMES if o != "running" or self.count(o)]
+        return f"{len(self.trials)} trials: " + ", ".join(parts)
+
+
+def _outcome(trial: FrozenTrial) -> str:
+    if trial.state == TrialState.COMPLETE:
+        return "complete" if trial.value is not None and math.isfinite(trial.value) else "diverged"
+    if trial.state == TrialState.PRUNED:
+        return "pruned"
+    if trial.state == TrialState.FAIL:
+        return "failed"
+    return "running"
+
+
+def summarize(study: Study) -> SweepSummary:
+    """The summary of ``study``'s trials as its storage has them now."""
+    trials = study.get_trials(deepcopy=False)
+    log_keys = {
+        key
+        for trial in trials
+        for key, distribution in trial.distributions.items()
+        if isinstance(distribution, FloatDistribution | IntDistribution) and distribution.log
+    }
+    records = [
+        TrialRecord(
+            number=t.number,
+            outcome=_outcome(t),
+            value=t.value if t.state == TrialState.COMPLETE else None,
+            params=dict(t.params),
+            run_id=t.user_attrs.get("mlflow_run_id"),
+        )
+        for t in sorted(trials, key=lambda t: t.number)
+    ]
+    return SweepSummary(records, study.direction == StudyDirection.MINIMIZE, frozenset(log_keys))
+
+
+def history_figure(summary: SweepSummary, path: Path, title: str) -> Path:
+    """Draw the optimisation history to ``path``: each trial's objective and the best so far,
+    then the objective against each searched number (on a log axis where the search was)."""
+    from matplotlib.figure import Figure  # only when a sweep ends: 0.5 s of import
+    from matplotlib.ticker import MaxNLocator
+
+    keys = dict.fromkeys(k for t in summary.trials for k in t.params)  # search-space order
+    numeric = [
+        key
+        for key in keys
+        if all(isinstance(t.params.get(key, 0.0), int | float) for t in summary.trials)
+    ]
+    fig = Figure(figsize=(4.5 * (1 + len(numeric)), 3.6), layout="constrained")
+    axes = fig.subplots(1, 1 + len(numeric), squeeze=False)[0]
+    rows = summary.best_so_far()
+    history = axes[0]
+    if rows:
+        numbers, values, best = zip(*rows, strict=True)
+        history.plot(numbers, values, "o", alpha=0.6, label="trial objective")
+        history.step(numbers, best, where="post", color="C3", label="best so far")
+        history.legend()
+    diverged = [t.number for t in summary.trials if t.outcome == "diverged"]
+    if diverged:
+        for number in diverged:
+            history.axvline(number, color="0.6", linestyle=":", linewidth=1)
+        history.text(0.01, 0.98, "dotted: diverged", transform=history.transAxes, va="top")
+    history.xaxis.set_major_locator(MaxNLocator(integer=True))
+    history.set_xlabel("trial")
+    history.set_ylabel(Metric.OBJECTIVE)
+    history.set_title("optimisation history")
+    complete = [t for t in summary.trials if t.outcome == "complete"]
+    best = summary.best
+    for ax, key in zip(axes[1:], numeric, strict=True):
+        ax.plot([t.params[key] for t in complete], [t.value for t in complete], "o", alpha=0.6)
+        if best is not None:
+            ax.plot([best.params[key]], [best.value], "*", color="C3", markersize=14, label="best")
+            ax.legend()
+        if key in summary.log_keys:
+            ax.set_xscale("log")
+        ax.set_xlabel(key + (" (log)" if key in summary.log_keys else ""))
+        ax.set_ylabel(Metric.OBJECTIVE)
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.savefig(path, dpi=80)
+    return path
+
+
+def best_text(summary: SweepSummary) -> str:
+    """``best objective 1.1191 at trial 17 (lr=2.06e-3 beta=0.945)``, or why there is none."""
+    best = summary.best
+    if best is None:
+        return "no trial completed with a finite objective"
+    return f"best {Metric.OBJECTIVE} {best.value:.4f} at trial {best.number} " + (
+        f"({values_text(best.params)})"
+    )
+
+
+def describe(
+    summary: SweepSummary, experiment_id: str, parent_run_id: str, sweep: str, view: str
+) -> str:
+    """The parent run's description: the best trial first, the counts and the link to the
+    saved ``view`` of the trials, then the figure."""
+    best = summary.best
+    first = f"**{best_text(summary)}**"
+    if best is not None and best.run_id:
+        first += f" · [the trial's run]({run_link('', experiment_id, best.run_id)})"
+    trials = f"[its trials by {Metric.OBJECTIVE}]({runs_link('', experiment_id, view)})"
+    return "\n\n".join(
+        [
+            first,
+            f"{summary.counts_text()}. Sweep `{sweep}`: {trials} nest under this run.",
+            artifact_image(parent_run_id, FIGURE, "optimisation history"),
+        ]
+    )
+
+
+def _new_history(client: Any, parent_run_id: str, summary: SweepSummary) -> list[MlflowMetric]:
+    """The per-trial metric points the parent does not have yet (a resumed or shared study
+    wrote the earlier ones)."""
+    logged = {m.step for m in client.get_metric_history(parent_run_id, Metric.TRIAL_OBJECTIVE)}
+    timestamp = int(time.time() * 1000)
+    points = []
+    for number, value, best in summary.best_so_far():
+        if number not in logged:
+            points.append(MlflowMetric(Metric.TRIAL_OBJECTIVE, value, timestamp, number))
+            points.append(MlflowMetric(Metric.BEST_OBJECTIVE, best, timestamp, number))
+    return points
+
+
+def record(cfg: DictConfig, parent_run_id: str, study: Study) -> SweepSummary:
+    """Write ``study``'s summary on the sweep's parent run (see the module docstring), the
+    figure also into the sweep directory; the summary."""
+    summary = summarize(study)
+    client, experiment = tracking.connect(cfg.tracking)
+    sweep_dir = Path(cfg.hydra.sweep.dir)
+    label = parent_label(cfg)
+    figure = history_figure(summary, sweep_dir / FIGURE, f"{cfg.optimizer.name} sweep {label}")
+    client.log_artifact(parent_run_id, str(figure))
+    timestamp = int(time.time() * 1000)
+    metrics = _new_history(client, parent_run_id, summary) + [
+        MlflowMetric(key, summary.count(outcome), timestamp, 0)
+        for outcome, key in _COUNT_METRICS.items()
+    ]
+    best = summary.best
+    note = describe(summary, experiment, parent_run_id, label, sweep_view_key(cfg))
+    tags = {MlflowTag.NOTE: note}
+    if best is not None:
+        tags[Tag.BEST_TRIAL] = str(best.number)
+        if best.run_id:
+            tags[Tag.BEST_RUN_ID] = best.run_id
+        tags.update({f"{Tag.BEST_PREFIX}{k}": str(v) for k, v in best.params.items()})
+    tracking.log_batch(client, parent_run_id, metrics=metrics, tags=tags)
+    name = f"{cfg.optimizer.name} sweep {label}"
+    if best is not None:
+        name += f": best {best.value:.4g} ({values_text(best.params)})"
+    client.update_run(parent_run_id, name=name)
+    return summary
+
+
+def start_lines(cfg: DictConfig, parent_run_id: str, n_trials: int) -> list[str]:
+    """What a sweep prints before its first trial: where its outputs go, and its MLflow parent
+    with the link to its trials in the UI (and how to serve the UI of a local store)."""
+    _, experiment = tracking.connect(cfg.tracking)
+    base = tracking.ui_url(cfg.tracking)
+    lines = [
+        f"sweep of {cfg.optimizer.name}: {n_trials} trials, outputs in {cfg.hydra.sweep.dir}",
+        f"MLflow parent run {parent_run_id}, its trials at "
+        f"{tracking.runs_link(base, experiment, sweep_view_key(cfg))}",
+    ]
+    serve = tracking.serve_command(cfg.tracking)
+    if serve is not None and not cfg.tracking.ui_url:
+        lines.append(f"  (serve the UI with: {serve})")
+    return lines
+
+
+def end_line(cfg: DictConfig, parent_run_id: str, summary: SweepSummary | None, status: str) -> str:
+    """The line a sweep prints when it ends: its status, trials, best, and the parent's page."""
+    _, experiment = tracking.connect(cfg.tracking)
+    page = tracking.run_link(tracking.ui_url(cfg.tracking), experiment, parent_run_id)
+    found = f"{summary.counts_text()}; {best_text(summary)}" if summary else "no trial ran"
+    return f"sweep {status}: {found}; MLflow parent {page}"
+
+
+def announce(cfg: DictConfig, parent_run_id: str, n_trials: int) -> None:
+    """Print start_lines (a store that fails here is logged: the sweep goes on)."""
+    try:
+        lines = start_lines(cfg, parent_run_id, n_trials)
+    except Exception as error:
+        log.warning("could not make the sweep's MLflow link: %s", error)
+        return
+    print("\n".join(lines), flush=True)
+
+
+def finish(
+    cfg: DictConfig, parent_run_id: str, study: Study | None, status: int, reason: str | None
+) -> None:
+    """The sweep process's last words on its parent run: ``record`` the study's summary (when a
+    trial was asked), end the parent with ``status`` unless another process still works in it,
+    and print end_line. Store failures are logged, not raised: the sweep's own outcome is
+    what the user must see."""
+    found = None
+    try:
+        if study is not None:
+            found = record(cfg, parent_run_id, study)
+    except Exception as error:
+        log.warning(
+            "could not write the sweep's summary on MLflow run %s: %s", parent_run_id, error
+        )
+    try:
+        tracking.close_sweep_parent(cfg.tracking, parent_run_id, status, reason)
+        print(end_line(cfg, parent_run_id, found, RunStatus.to_string(status)), flush=True)
+    except Exception as error:
+        log.warning("could not end the sweep's MLflow parent run %s: %s", parent_run_id, error)
+
+
+def interrupted_line(storage: Any, study_name: str | None) -> str:
+    """The last line of an interrupted sweep (its runs and trials are already marked): how to
+    go on."""
+    if isinstance(storage, str) and study_name:
+        return (
+            f"interrupted: the study {study_name!r} is stored in {storage}; resume it with the "
+            "same command (hydra.sweeper.n_trials counts the trials to run now)"
+        )
+    return (
+        "interrupted: the study was in memory, so a rerun starts a new one (set "
+        "hydra.sweeper.storage and hydra.sweeper.study_name to make a sweep resumable)"
+    )
