@@ -67,6 +67,8 @@ _RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
         "null or an int >= 0",
     ),
     ("tracking.parent_run_id", lambda v: v is None or isinstance(v, str), "null or a run id"),
+    ("tracking.optuna_storage", lambda v: v is None or isinstance(v, str), "null or a storage"),
+    ("tracking.optuna_study", lambda v: v is None or isinstance(v, str), "null or a study name"),
     ("parallel.workers", lambda v: is_int(v) and v >= 1, "an integer >= 1"),
 )
 _ABSENT = object()

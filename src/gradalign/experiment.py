@@ -10,7 +10,7 @@ import functools
 import hashlib
 import logging
 import subprocess
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -76,14 +76,22 @@ def init_hash(model: torch.nn.Module) -> str:
 
 
 class TrialResult(float):
-    """A run's objective, the value a sweeper optimises, carrying the MLflow run id and, for a
-    diverged fit, why; gradalign's Optuna sweeper records both on the trial, and any other
-    sweeper sees a plain float."""
+    """A run's objective, the value a sweeper optimises, carrying the MLflow run id, for a
+    diverged fit why, and for a pruned one the epoch it stopped at; gradalign's Optuna sweeper
+    records them on the trial (a pruned one told PRUNED), and any other sweeper sees a plain
+    float."""
 
-    def __new__(cls, value: float, run_id: str | None = None, failure_reason: str | None = None):
+    def __new__(
+        cls,
+        value: float,
+        run_id: str | None = None,
+        failure_reason: str | None = None,
+        pruned_epoch: int | None = None,
+    ):
         result = super().__new__(cls, value)
         result.run_id = run_id
         result.failure_reason = failure_reason
+        result.pruned_epoch = pruned_epoch  # the last epoch of a trial its pruner stopped
         return result
 
 
@@ -103,8 +111,11 @@ def run_experiment(
     stage: str = Stage.SINGLE,
     parent_run_id: str | None = None,
     extra_tags: Mapping[str, str] | None = None,
+    should_stop: Callable[[History], bool] | None = None,
 ) -> tuple[History, str]:
     """Train as ``cfg`` says and track it in MLflow; return the history and the MLflow run id.
+    ``should_stop`` (a sweep trial's pruner, gradalign.sweep.pruning) may end the fit early:
+    see ``training.fit``; the run then ends FINISHED, tagged pruned.
 
     The model is initialised right after ``torch.manual_seed(cfg.seed.model)`` (on the CPU, so
     equal seeds give equal weights on any device), and tagged ``init_hash``; ``cfg.seed.data``
@@ -158,6 +169,7 @@ def run_experiment(
                 data_seed=cfg.seed.data,
                 device=device,
                 on_epoch=on_epoch,
+                should_stop=should_stop,
             )
         finally:
             progress.close()

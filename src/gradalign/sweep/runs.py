@@ -7,14 +7,25 @@ sweep directory.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
+from mlflow.entities import Metric as MlflowMetric
 from omegaconf import DictConfig, OmegaConf
+from optuna.study import Study
+from optuna.trial import TrialState
 
 from gradalign import tracking
 from gradalign.config import flatten
 from gradalign.experiment import git_tags
-from gradalign.schema import Param, Tag
+from gradalign.schema import Metric, Param, Tag
+
+# The sweep parent's count metric of each Optuna trial state (RUNNING and WAITING not counted).
+_COUNTED = {
+    TrialState.COMPLETE: Metric.TRIALS_COMPLETE,
+    TrialState.PRUNED: Metric.TRIALS_PRUNED,
+    TrialState.FAIL: Metric.TRIALS_FAILED,
+}
 
 
 def sweep_id(root: Path, sweep_dir: Path, sweeper: DictConfig) -> str:
@@ -58,3 +69,16 @@ def open_parent(cfg: DictConfig) -> str:
         tags={Tag.OPTIMIZER: cfg.optimizer.name, **git_tags(str(root))},
         params={f"{Param.SWEEPER_PREFIX}{k}": v for k, v in flatten(sweeper, exclude=()).items()},
     )
+
+
+def log_trial_counts(tracking_cfg: DictConfig, parent_run_id: str, study: Study) -> None:
+    """Log on the sweep's parent run how many of ``study``'s trials are complete (diverged ones
+    included: their value is inf), pruned and failed, as step-0 metrics (the latest process to
+    end a shared study's sweep writes the final counts)."""
+    counts = dict.fromkeys(_COUNTED.values(), 0)
+    for trial in study.get_trials(deepcopy=False, states=tuple(_COUNTED)):
+        counts[_COUNTED[trial.state]] += 1
+    now = int(time.time() * 1000)
+    metrics = [MlflowMetric(key, float(n), now, 0) for key, n in counts.items()]
+    client, _ = tracking.connect(tracking_cfg)
+    tracking.log_batch(client, parent_run_id, metrics=metrics)
