@@ -103,8 +103,8 @@ def render(
     lines.append(
         f"Best FINISHED sweep run by `{settings.metric}` ({settings.direction}) among the runs "
         "made "
-        "with this report's settings; failed, killed, unfinished runs and runs without a finite "
-        "metric are skipped."
+        "with this report's settings; pruned (stopped early by the sweep's pruner), failed, "
+        "killed, unfinished runs and runs without a finite metric are skipped."
     )
     lines.append("")
     rows = []
@@ -120,6 +120,7 @@ def render(
                 f"{choice.value:.4f}",
                 f"`{choice.run_id}`",
                 str(counts["finished"]),
+                str(counts["pruned"]),
                 str(counts["failed"]),
                 str(counts["killed"]),
                 str(counts["unfinished"] + counts["no metric"]),
@@ -133,6 +134,7 @@ def render(
             settings.metric,
             "run",
             "finished",
+            "pruned",
             "failed",
             "killed",
             "unfinished / no metric",
