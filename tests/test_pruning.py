@@ -5,13 +5,13 @@ joblib workers and in two processes sharing one study."""
 
 import hashlib
 import math
+import runpy
 import subprocess
-from pathlib import Path
 from types import SimpleNamespace
 
 import optuna
 import pytest
-from helpers import TRAIN, compose_config, options, runs, train_in_process
+from helpers import REPO_ROOT, TRAIN, compose_config, options, runs, train_in_process
 from mlflow.tracking import MlflowClient
 from optuna.pruners import (
     HyperbandPruner,
@@ -228,15 +228,17 @@ def test_a_serial_sweep_prunes_what_the_median_rule_prunes(monkeypatch, tmp_path
 def test_a_sweep_without_pruner_reports_nothing_and_keeps_its_study_in_memory(
     monkeypatch, tmp_path, tiny
 ):
-    planned_fits(monkeypatch, *PLANS[:2])
+    planned_fits(monkeypatch, *PLANS[:3])  # the third is the one the median rule prunes
     uri, argv = median_sweep(
-        tmp_path, tiny, f"hydra.sweep.dir={tmp_path / 's'}", "hydra.sweeper.n_trials=2"
+        tmp_path, tiny, f"hydra.sweep.dir={tmp_path / 's'}", "hydra.sweeper.n_trials=3"
     )
     argv[argv.index("hydra/sweeper/pruner=median")] = "hydra/sweeper/pruner=none"
     argv.remove("hydra.sweeper.pruner.n_startup_trials=2")
     assert train_in_process(monkeypatch, *argv) == 0
     assert not (tmp_path / "s" / JOURNAL).exists()
-    assert all(Tag.PRUNED not in r.data.tags for r in runs(uri, "tags.stage = 'sweep'"))
+    trials = runs(uri, "tags.stage = 'sweep'")
+    assert len(trials) == 3 and all(Metric.OBJECTIVE in r.data.metrics for r in trials)
+    assert all(Tag.PRUNED not in r.data.tags for r in trials)
 
 
 def test_a_resumed_study_prunes_against_the_trials_stored_before(monkeypatch, tmp_path, tiny):
@@ -274,14 +276,13 @@ def test_study_py_sweeps_with_a_pruner_only_when_asked(tmp_path):
     assert trials_left(storage, [pruned], 5) == {pruned: 3}
 
 
-def test_study_py_refuses_an_unknown_pruner():
-    result = subprocess.run(
-        [TRAIN[0], str(Path(TRAIN[1]).with_name("study.py")), "--pruner", "nope"],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert result.returncode == 2
-    assert "argument --pruner: invalid choice: 'nope'" in result.stderr
-    assert "median" in result.stderr
+def test_study_py_refuses_an_unknown_pruner(capsys):
+    study_py = runpy.run_path(str(REPO_ROOT / "study.py"), run_name="study")
+    with pytest.raises(SystemExit) as exit_:
+        study_py["main"](["--pruner", "nope"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --pruner: invalid choice: 'nope'" in err and "'median'" in err
 
 
 def real_sweep_checks(uri, storage, study_name, sweep_id, n):

@@ -27,6 +27,7 @@ from gradalign.report.configs import (
 from gradalign.report.finals import workers_worth_starting
 from gradalign.report.runs import MissingSweepError, best_sweep_run, final_runs
 from gradalign.report.settings import report_settings
+from gradalign.schema import Tag
 
 
 @pytest.fixture
@@ -71,7 +72,7 @@ def settings(overrides, **values):
     return report_settings(REPO_ROOT, values, overrides=overrides, name=values.pop("name", None))
 
 
-def test_best_sweep_run_skips_failed_killed_metricless_and_other_settings(store):
+def test_best_sweep_run_skips_pruned_failed_killed_metricless_and_other_settings(store):
     uri, overrides = store
     cfg = compose_optimizer(CONF, "adam", overrides).cfg
     chosen = log_sweep_run(uri, cfg, lr=0.01, objective=1.2)
@@ -81,6 +82,8 @@ def test_best_sweep_run_skips_failed_killed_metricless_and_other_settings(store)
     log_sweep_run(uri, cfg, lr=0.05)  # finished without an objective
     log_sweep_run(uri, cfg, lr=0.06, objective=0.1, **{"model.hidden": [10]})  # another model
     client = MlflowClient(uri)
+    pruned = log_sweep_run(uri, cfg, lr=0.07, objective=0.2)  # better, but stopped early
+    client.set_tag(pruned, Tag.PRUNED, "true")
 
     choice = best_sweep_run(
         client,
@@ -93,6 +96,7 @@ def test_best_sweep_run_skips_failed_killed_metricless_and_other_settings(store)
     assert (choice.run_id, choice.value, choice.params["optimizer.lr"]) == (chosen, 1.2, "0.01")
     assert choice.counts == {
         "finished": 2,
+        "pruned": 1,
         "failed": 1,
         "killed": 1,
         "unfinished": 0,

@@ -242,6 +242,11 @@ class SafeOptunaSweeperImpl(OptunaSweeperImpl):
                 "must be a number in [0, 1]"
             )
         self.pruner = build_pruner(self.pruner_config)
+        if prunes(self.pruner) and len(self._get_directions()) > 1:
+            raise ValueError(
+                f"hydra.sweeper.direction={self._get_directions()}: Optuna prunes only "
+                "single-objective studies; use hydra/sweeper/pruner=none"
+            )
         validate(self.config)
         splits = build_dataset(self.config)
         check_trial_config(self.config, splits)
