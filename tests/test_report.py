@@ -213,7 +213,8 @@ def test_report_trains_finals_once_and_a_rerun_reuses_them(store, tmp_path, monk
     for name in ("adam", "gao"):
         assert f"| {name} |" in text
     assert "| adam | lr=0.01 |" in text and "| gao | lr=0.005, beta=0.9 |" in text  # the best
-    assert re.search(r"\| adam \| lr=0.01 \|.*\| 3 \| 1 \| 1 \| 0 \| 0 \|", text)  # skipped, said
+    # finished, pruned, failed, killed, unfinished, other settings: the skipped ones are said
+    assert re.search(r"\| adam \| lr=0.01 \|.*\| 3 \| 0 \| 1 \| 1 \| 0 \| 0 \|", text)
     assert "## Verdict" in text and "gao" in text.split("## Verdict")[1].split("##")[0]
     assert "4 trained by this report, 0 reused" in text
 
