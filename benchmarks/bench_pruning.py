@@ -77,6 +77,12 @@ def run_one(optimizer: str, seed: int, pruner: str, trials: int, overrides: list
         return Sweep(epochs, wall, min(objectives, default=math.inf), pruned, trials)
 
 
+def _change(value: float, base: float, lower: str, higher: str) -> str:
+    """``value`` against ``base`` in words: "28% fewer", "6% more"."""
+    percent = 100 * (1 - value / base)
+    return f"{percent:.0f}% {lower}" if percent >= 0 else f"{-percent:.0f}% {higher}"
+
+
 def git_commit() -> str:
     result = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
@@ -136,8 +142,8 @@ def main() -> None:
                 saved, within = f"{epochs:.0f}", f"spread {low:.4f} to {high:.4f}"
                 timing = f"{wall:.1f} s"
             else:
-                saved = f"{epochs:.0f}: {100 * (1 - epochs / base_epochs):.0f}% fewer"
-                timing = f"{wall:.1f} s: {100 * (1 - wall / base_wall):.0f}% less"
+                saved = f"{epochs:.0f}: {_change(epochs, base_epochs, 'fewer', 'more')}"
+                timing = f"{wall:.1f} s: {_change(wall, base_wall, 'less', 'more')}"
                 inside = sum(s.best <= high for s in sweeps.values())
                 within = f"{inside} of {len(sweeps)} at or below {high:.4f}"
             print(
