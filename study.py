@@ -5,6 +5,7 @@
     python study.py --preset seed_note        # the research note's own study, as it ran it
     python study.py --preset seed_note_audit  # ... and under variations, claim by claim
     python study.py --optimizers adam gao gao_update -- model=cnn
+    python study.py --pruner median           # sweeps whose hopeless trials stop early
 
 Presets and their keys: conf/study/<name>.yaml (report defaults: conf/report.yaml). Overrides
 after `--` go to every sweep and final run. Sweeps are stored (outputs/studies/optuna.db) and
@@ -16,7 +17,11 @@ import sys
 from pathlib import Path
 
 from gradalign.report.cli import run_command
-from gradalign.report.settings import add_report_arguments, study_settings_from_args
+from gradalign.report.settings import (
+    add_report_arguments,
+    available_pruners,
+    study_settings_from_args,
+)
 from gradalign.report.study import run_study
 
 ROOT = Path(__file__).resolve().parent
@@ -29,6 +34,13 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--preset", default="default", help="conf/study/<name>.yaml")
     parser.add_argument("--quick", action="store_true", help="the preset's quick budgets")
     parser.add_argument("--trials", type=int, metavar="N", help="Optuna trials per sweep")
+    parser.add_argument(
+        "--pruner",
+        default="none",
+        choices=available_pruners(ROOT),
+        help="the sweeps' trial pruner, hydra/sweeper/pruner (default none: every trial trains "
+        "its budget, the protocol of the presets)",
+    )
     add_report_arguments(parser)
     return run_command(argv, parser, study_settings_from_args, run_study, ROOT, "study.py")
 

@@ -20,6 +20,10 @@ Failed trials, deliberately in two kinds:
   trial is FAIL with the same user attr, TPE ignores it, and the sweep goes on until more than
   hydra.sweeper.max_failure_rate of its n_trials have failed.
 
+A sweep with a pruner (hydra/sweeper/pruner=median, ...) has each trial report its objective so
+far after every epoch and stop when the pruner says so: a result, not a failure. Its MLflow run
+ends FINISHED with tags pruned=true and pruned_epoch, its Optuna trial PRUNED.
+
 Bad settings (config values, search-space keys, an unreachable tracking server) fail before the
 first trial, not once per trial. Ctrl-C or SIGTERM ends the open MLflow run KILLED, with the
 sweep's parent, after flushing what it logged; a stored study resumes with the same command.
@@ -69,6 +73,7 @@ def trial(cfg: DictConfig) -> float:
     hydra_cfg = HydraConfig.get()
     if hydra_cfg.mode == RunMode.MULTIRUN:
         from gradalign.schema import Stage, Tag
+        from gradalign.sweep.pruning import trial_pruning
         from gradalign.sweep.runs import trial_tags
 
         tags = trial_tags(cfg, sweep_dir=Path(hydra_cfg.sweep.dir), sweeper=hydra_cfg.sweeper)
@@ -76,18 +81,30 @@ def trial(cfg: DictConfig) -> float:
         if cfg.tracking.optuna_trial is not None:
             tags[Tag.OPTUNA_TRIAL] = str(cfg.tracking.optuna_trial)
         history, run_id = run_experiment(
-            cfg, stage=Stage.SWEEP, parent_run_id=cfg.tracking.parent_run_id, extra_tags=tags
+            cfg,
+            stage=Stage.SWEEP,
+            parent_run_id=cfg.tracking.parent_run_id,
+            extra_tags=tags,
+            should_stop=trial_pruning(cfg, hydra_cfg.sweeper),
         )
     else:
         history, run_id = run_experiment(cfg)
     from gradalign import tracking
 
     objective = history.objective(cfg.objective)
-    outcome = f"diverged ({history.reason})" if history.diverged else f"objective={objective:.4f}"
+    pruned_epoch = history.epochs[-1].epoch if history.stopped else None
+    if history.diverged:
+        outcome = f"diverged ({history.reason})"
+    elif pruned_epoch is not None:
+        outcome = f"pruned at epoch {pruned_epoch} (objective so far {objective:.4f})"
+    else:
+        outcome = f"objective={objective:.4f}"
     _, experiment = tracking.connect(cfg.tracking)
     page = tracking.run_link(tracking.ui_url(cfg.tracking), experiment, run_id)
     log.info("%s  mlflow run %s: %s", outcome, run_id, page)
-    return TrialResult(objective, run_id=run_id, failure_reason=history.reason)
+    return TrialResult(
+        objective, run_id=run_id, failure_reason=history.reason, pruned_epoch=pruned_epoch
+    )
 
 
 def _exit_status(error: BaseException) -> int | None:

@@ -31,6 +31,7 @@ from gradalign.report.finals import workers_worth_starting
 from gradalign.report.html import to_html
 from gradalign.report.runs import MissingSweepError, best_sweep_run, curves, final_runs
 from gradalign.report.settings import report_settings
+from gradalign.schema import Tag
 
 
 @pytest.fixture
@@ -75,7 +76,7 @@ def settings(overrides, **values):
     return report_settings(REPO_ROOT, values, overrides=overrides, name=values.pop("name", None))
 
 
-def test_best_sweep_run_skips_failed_killed_metricless_and_other_settings(store):
+def test_best_sweep_run_skips_pruned_failed_killed_metricless_and_other_settings(store):
     uri, overrides = store
     cfg = compose_optimizer(CONF, "adam", overrides).cfg
     chosen = log_sweep_run(uri, cfg, lr=0.01, objective=1.2)
@@ -85,6 +86,8 @@ def test_best_sweep_run_skips_failed_killed_metricless_and_other_settings(store)
     log_sweep_run(uri, cfg, lr=0.05)  # finished without an objective
     log_sweep_run(uri, cfg, lr=0.06, objective=0.1, **{"model.hidden": [10]})  # another model
     client = MlflowClient(uri)
+    pruned = log_sweep_run(uri, cfg, lr=0.07, objective=0.2)  # better, but stopped early
+    client.set_tag(pruned, Tag.PRUNED, "true")
 
     choice = best_sweep_run(
         client,
@@ -97,6 +100,7 @@ def test_best_sweep_run_skips_failed_killed_metricless_and_other_settings(store)
     assert (choice.run_id, choice.value, choice.params["optimizer.lr"]) == (chosen, 1.2, "0.01")
     assert choice.counts == {
         "finished": 2,
+        "pruned": 1,
         "failed": 1,
         "killed": 1,
         "unfinished": 0,
@@ -213,7 +217,8 @@ def test_report_trains_finals_once_and_a_rerun_reuses_them(store, tmp_path, monk
     for name in ("adam", "gao"):
         assert f"| {name} |" in text
     assert "| adam | lr=0.01 |" in text and "| gao | lr=0.005, beta=0.9 |" in text  # the best
-    assert re.search(r"\| adam \| lr=0.01 \|.*\| 3 \| 1 \| 1 \| 0 \| 0 \|", text)  # skipped, said
+    # finished, pruned, failed, killed, unfinished, other settings: the skipped ones are said
+    assert re.search(r"\| adam \| lr=0.01 \|.*\| 3 \| 0 \| 1 \| 1 \| 0 \| 0 \|", text)
     assert "## Verdict" in text and "gao" in text.split("## Verdict")[1].split("##")[0]
     assert "4 trained by this report, 0 reused" in text
 

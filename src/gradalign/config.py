@@ -73,6 +73,8 @@ _RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("tracking.parent_run_id", lambda v: v is None or isinstance(v, str), "null or a run id"),
     ("tracking.ui_url", lambda v: v is None or _is_url(v), "null or an http(s):// URL"),
     ("tracking.default_ui_url", _is_url, "an http(s):// URL"),
+    ("tracking.optuna_storage", lambda v: v is None or isinstance(v, str), "null or a storage"),
+    ("tracking.optuna_study", lambda v: v is None or isinstance(v, str), "null or a study name"),
     ("parallel.workers", lambda v: is_int(v) and v >= 1, "an integer >= 1"),
 )
 _ABSENT = object()

@@ -180,14 +180,22 @@ def init_hash(model: torch.nn.Module) -> str:
 
 
 class TrialResult(float):
-    """A run's objective, the value a sweeper optimises, carrying the MLflow run id and, for a
-    diverged fit, why; gradalign's Optuna sweeper records both on the trial, and any other
-    sweeper sees a plain float."""
+    """A run's objective, the value a sweeper optimises, carrying the MLflow run id, for a
+    diverged fit why, and for a pruned one the epoch it stopped at; gradalign's Optuna sweeper
+    records them on the trial (a pruned one told PRUNED), and any other sweeper sees a plain
+    float."""
 
-    def __new__(cls, value: float, run_id: str | None = None, failure_reason: str | None = None):
+    def __new__(
+        cls,
+        value: float,
+        run_id: str | None = None,
+        failure_reason: str | None = None,
+        pruned_epoch: int | None = None,
+    ):
         result = super().__new__(cls, value)
         result.run_id = run_id
         result.failure_reason = failure_reason
+        result.pruned_epoch = pruned_epoch  # the last epoch of a trial its pruner stopped
         return result
 
 
@@ -208,9 +216,11 @@ def fit_as_configured(
     splits: Splits,
     device: str,
     on_epoch: Callable[[EpochMetrics], None] | None = None,
+    should_stop: Callable[[History], bool] | None = None,
 ) -> History:
     """Train ``model`` with ``optimizer`` on ``splits`` as a run of ``cfg`` does (cfg.trainer's
-    budget and evaluation, cfg.seed.data's batch order), untracked."""
+    budget and evaluation, cfg.seed.data's batch order), untracked; ``should_stop`` as in
+    ``training.fit``."""
     return fit(
         model,
         optimizer,
@@ -221,6 +231,7 @@ def fit_as_configured(
         data_seed=cfg.seed.data,
         device=device,
         on_epoch=on_epoch,
+        should_stop=should_stop,
     )
 
 
@@ -231,8 +242,11 @@ def run_experiment(
     parent_run_id: str | None = None,
     extra_tags: Mapping[str, str] | None = None,
     searched: Iterable[str] | None = None,
+    should_stop: Callable[[History], bool] | None = None,
 ) -> tuple[History, str]:
     """Train as ``cfg`` says and track it in MLflow; return the history and the MLflow run id.
+    ``should_stop`` (a sweep trial's pruner, gradalign.sweep.pruning) may end the fit early:
+    see ``training.fit``; the run then ends FINISHED, tagged pruned.
 
     The model is initialised right after ``torch.manual_seed(cfg.seed.model)`` (on the CPU, so
     equal seeds give equal weights on any device), and tagged ``init_hash``; ``cfg.seed.data``
@@ -284,7 +298,9 @@ def run_experiment(
             progress.update(metrics)
 
         try:
-            history = fit_as_configured(cfg, model, optimizer, splits, device, on_epoch)
+            history = fit_as_configured(
+                cfg, model, optimizer, splits, device, on_epoch, should_stop
+            )
         finally:
             progress.close()
         run.finish(history, history.objective(cfg.objective))

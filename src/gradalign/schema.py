@@ -36,6 +36,8 @@ class Tag:
     OWNER_PREFIX: Final = "owner."  # a sweep parent: owner.<host>.<pid> per sweep process in it
     FAILURE_REASON: Final = "failure_reason"  # FAILED and KILLED runs: why
     DIVERGED: Final = "diverged"  # "true" on a run whose fit diverged
+    PRUNED: Final = "pruned"  # "true" on a sweep run its Optuna pruner stopped (FINISHED)
+    PRUNED_EPOCH: Final = "pruned_epoch"  # a pruned run: the last epoch it trained
     HYDRA_JOB_NUM: Final = "hydra_job_num"
     SWEEP_ID: Final = "sweep_id"  # the key of the sweep's parent run
     SWEEP_DIR: Final = "sweep_dir"  # the sweep process's output directory

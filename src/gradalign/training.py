@@ -7,7 +7,8 @@ cross-entropy over all N * T positions and the accuracy the per-position accurac
 This is the hot path of every sweep trial, so the loop does only what a bare loop does plus one
 ``detach`` per step (and one ``add_`` per step for optimizers exposing ``last_scales``): losses
 stay on the device and each epoch ends with a single host synchronisation that fetches all of its
-metrics at once. It knows nothing of Hydra or MLflow; callers observe epochs through ``on_epoch``.
+metrics at once. It knows nothing of Hydra, Optuna or MLflow; callers observe epochs through
+``on_epoch`` and may end a fit early through ``should_stop`` (a sweep's trial pruner).
 """
 
 from __future__ import annotations
@@ -47,11 +48,13 @@ class EpochMetrics:
 
 @dataclasses.dataclass
 class History:
-    """The completed epochs of a fit; if it diverged, why (the diverged epoch is not included)."""
+    """The completed epochs of a fit; if it diverged, why (the diverged epoch is not included);
+    ``stopped``: ``should_stop`` ended it before its last epoch (a pruned sweep trial)."""
 
     epochs: list[EpochMetrics]
     diverged: bool
     reason: str | None
+    stopped: bool = False
 
     def objective(self, kind: str) -> float:
         """Val loss of the last epoch ("last") or the minimum over epochs ("best").
@@ -89,6 +92,7 @@ def fit(
     eval_batch_size: int | None = None,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     on_epoch: Callable[[EpochMetrics], None] | None = None,
+    should_stop: Callable[[History], bool] | None = None,
 ) -> History:
     """Train ``model`` with cross-entropy for ``epochs`` epochs and return its history.
 
@@ -101,8 +105,10 @@ def fit(
     over samples, or over positions for (N, T) targets) when ``eval_batch_size`` is None, else in
     batches of ``eval_batch_size`` in data order, each metric the unweighted mean of the batch
     means (the last, partial batch counts as much as a full one). ``on_epoch`` receives
-    each completed epoch's metrics. A non-finite train loss (checked once per epoch, on the
-    epoch's accumulated loss) or val loss ends the fit with ``History(diverged=True, reason)``;
+    each completed epoch's metrics; then ``should_stop`` is asked with the history so far, and
+    True before the last epoch ends the fit there (``History.stopped``; asked at the last epoch
+    too, so that a pruner sees every epoch). A non-finite train loss (checked once per epoch, on
+    the epoch's accumulated loss) or val loss ends the fit with ``History(diverged=True, reason)``;
     nothing is raised and the diverged epoch is neither recorded nor passed to ``on_epoch``.
     """
     positive_int("trainer.epochs", epochs)
@@ -171,6 +177,9 @@ def fit(
         completed.append(metrics)
         if on_epoch is not None:
             on_epoch(metrics)
+        stop = should_stop is not None and should_stop(History(completed, False, None))
+        if stop and epoch < epochs:
+            return History(completed, False, None, stopped=True)
     return History(completed, False, None)
 
 

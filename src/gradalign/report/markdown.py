@@ -107,8 +107,8 @@ def render(
     lines.append(
         f"Best FINISHED sweep run by `{settings.metric}` ({settings.direction}) among the runs "
         "made "
-        "with this report's settings; failed, killed, unfinished runs and runs without a finite "
-        "metric are skipped."
+        "with this report's settings; pruned (stopped early by the sweep's pruner), failed, "
+        "killed, unfinished runs and runs without a finite metric are skipped."
     )
     lines.append("")
     rows = []
@@ -124,6 +124,7 @@ def render(
                 f"{choice.value:.4f}",
                 f"`{choice.run_id}`",
                 str(counts["finished"]),
+                str(counts["pruned"]),
                 str(counts["failed"]),
                 str(counts["killed"]),
                 str(counts["unfinished"] + counts["no metric"]),
@@ -137,6 +138,7 @@ def render(
             settings.metric,
             "run",
             "finished",
+            "pruned",
             "failed",
             "killed",
             "unfinished / no metric",

@@ -24,6 +24,10 @@ from gradalign.tracking import tag_filter
 EPOCH_METRICS = (Metric.TRAIN_LOSS, Metric.VAL_LOSS, Metric.VAL_ACC, Metric.TEST_ACC)
 
 
+# What became of a sweep run, as SweepChoice.counts counts them; only "finished" ones are chosen.
+OUTCOMES = ("finished", "pruned", "failed", "killed", "unfinished", "no metric")
+
+
 class MissingSweepError(LookupError):
     """An optimizer has no usable sweep run; the message names the command that makes one."""
 
@@ -33,8 +37,9 @@ class SweepChoice:
     """The best sweep run of one optimizer, and what the search over its runs found.
 
     ``counts``: sweep runs with this configuration by outcome (``finished`` runs with a finite
-    metric are the candidates; ``failed``, ``killed``, ``unfinished`` and ``no metric`` are
-    skipped); ``other_settings``: sweep runs of this optimizer made with other settings;
+    metric are the candidates; ``pruned`` (stopped early by the sweep's pruner, so not trained
+    for the budget the others were), ``failed``, ``killed``, ``unfinished`` and ``no metric``
+    are skipped); ``other_settings``: sweep runs of this optimizer made with other settings;
     ``seconds_per_epoch``: the best run's wall time per epoch, all overheads included;
     ``seeds``: the best run's (seed.model, seed.data).
     """
@@ -69,6 +74,8 @@ def sweep_command(optimizer: str, overrides: Sequence[str]) -> str:
 
 def _outcome(run: Run, metric: str) -> str:
     status = run.info.status
+    if status == "FINISHED" and run.data.tags.get(Tag.PRUNED) == "true":
+        return "pruned"
     if status == "FINISHED":
         value = run.data.metrics.get(metric)
         return "finished" if value is not None and math.isfinite(value) else "no metric"
@@ -86,9 +93,9 @@ def best_sweep_run(
     overrides: Sequence[str] = (),
     sweep_id: str | None = None,
 ) -> SweepChoice:
-    """The FINISHED sweep run of ``optimizer`` with a finite ``metric``, best in ``direction``,
-    among the runs whose settings match ``context`` (see configs.run_context), and of sweep
-    ``sweep_id`` only when one is given (a study's own sweep).
+    """The FINISHED, unpruned sweep run of ``optimizer`` with a finite ``metric``, best in
+    ``direction``, among the runs whose settings match ``context`` (see configs.run_context),
+    and of sweep ``sweep_id`` only when one is given (a study's own sweep).
 
     Ties go to the earliest run. Raises MissingSweepError (naming the sweep command, and the
     settings in which other sweeps of the optimizer differ) when there is no candidate.
@@ -114,7 +121,9 @@ def best_sweep_run(
         if outcome == "finished":
             candidates.append(run)
     if not candidates:
-        found = f"{sum(counts.values())} sweep run(s), none FINISHED with a finite {metric!r}"
+        found = (
+            f"{sum(counts.values())} sweep run(s), none FINISHED unpruned with a finite {metric!r}"
+        )
         if other:
             found += f"; {other} more made with other settings (differing in {sorted(differing)})"
         raise MissingSweepError(
@@ -128,9 +137,7 @@ def best_sweep_run(
         run_id=best.info.run_id,
         value=best.data.metrics[metric],
         params=optimizer_params(best.data.params),
-        counts={
-            key: counts[key] for key in ("finished", "failed", "killed", "unfinished", "no metric")
-        },
+        counts={key: counts[key] for key in OUTCOMES},
         other_settings=other,
         seconds_per_epoch=(best.info.end_time - best.info.start_time)
         / 1000

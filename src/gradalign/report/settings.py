@@ -86,6 +86,7 @@ class StudySettings:
     report: ReportSettings
     parts: tuple[Part, ...]
     columns: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+    pruner: str = "none"  # the sweeps' hydra/sweeper/pruner
 
 
 def available_optimizers(root: Path) -> list[str]:
@@ -215,6 +216,12 @@ def report_settings_from_args(
     )
 
 
+def available_pruners(root: str | os.PathLike) -> list[str]:
+    """Names of the sweeper's pruner configs, conf/hydra/sweeper/pruner/<name>.yaml."""
+    folder = Path(root) / "conf" / "hydra" / "sweeper" / "pruner"
+    return sorted(path.stem for path in folder.glob("*.yaml"))
+
+
 def available_presets(root: str | os.PathLike) -> list[str]:
     """Names of the study presets, conf/study/<name>.yaml."""
     return sorted(path.stem for path in (Path(root) / "conf" / "study").glob("*.yaml"))
@@ -224,7 +231,7 @@ def study_settings_from_args(
     root: str | os.PathLike, args: argparse.Namespace, command: str
 ) -> StudySettings:
     """StudySettings from ``conf/study/<--preset>.yaml``, the flags of ``add_report_arguments``,
-    ``--trials`` and ``--quick``.
+    ``--trials``, ``--quick`` and ``--pruner``.
 
     A preset holds ``trials``, ``report`` (values over conf/report.yaml), ``overrides``
     (training overrides, before the user's), optionally ``parts`` and ``columns`` (a study of
@@ -253,7 +260,10 @@ def study_settings_from_args(
         missing = sorted(set(names) - {part.name for part in parts})
         if missing:
             _fail(f"columns.{column}", list(names), f"names of parts (unknown: {missing})")
-    return StudySettings(args.preset, trials, report, parts, columns)
+    pruner = getattr(args, "pruner", "none")
+    if pruner not in available_pruners(root):
+        _fail("pruner", pruner, f"one of {available_pruners(root)} (conf/hydra/sweeper/pruner/)")
+    return StudySettings(args.preset, trials, report, parts, columns, pruner)
 
 
 def _parts(raw: Mapping[str, Any], report: ReportSettings, root: str | os.PathLike) -> tuple:

@@ -42,16 +42,19 @@ STUDIES = "studies"  # under paths.outputs: the Optuna storage and the sweeps' l
 
 @dataclasses.dataclass(frozen=True)
 class Sweep:
-    """One optimizer's sweep with given training overrides and sampler seed."""
+    """One optimizer's sweep with given training overrides, sampler seed and trial pruner."""
 
     optimizer: str
     overrides: tuple[str, ...]
     seed: int
+    pruner: str = "none"
 
     @property
     def study_name(self) -> str:
-        """The Optuna study of the sweep: the optimizer and a digest of what else defines it."""
-        identity = json.dumps([self.overrides, self.seed])
+        """The Optuna study of the sweep: the optimizer and a digest of what else defines it
+        (the pruner only when there is one, so unpruned studies keep their names)."""
+        pruned = [] if self.pruner == "none" else [self.pruner]
+        identity = json.dumps([self.overrides, self.seed, *pruned])
         return f"{self.optimizer}-{hashlib.sha256(identity.encode()).hexdigest()[:10]}"
 
     @property
@@ -79,9 +82,9 @@ def part_settings(settings: StudySettings, part: Part, name: str) -> ReportSetti
     )
 
 
-def sweep_of(report: ReportSettings, optimizer: str, part: Part) -> Sweep:
+def sweep_of(report: ReportSettings, optimizer: str, part: Part, pruner: str = "none") -> Sweep:
     """The sweep that tunes ``optimizer`` for the part whose report is ``report``."""
-    return Sweep(optimizer, report.overrides_of(optimizer), part.sweep_seed)
+    return Sweep(optimizer, report.overrides_of(optimizer), part.sweep_seed, pruner)
 
 
 def sweep_command(report: ReportSettings, sweep: Sweep, trials: int, folder: Path) -> list[str]:
@@ -97,12 +100,14 @@ def sweep_command(report: ReportSettings, sweep: Sweep, trials: int, folder: Pat
         f"hydra.sweep.dir={hydra_quoted(folder / sweep.study_name)}",
         f"hydra.sweeper.storage={hydra_quoted(storage)}",
         f"hydra.sweeper.study_name={sweep.study_name}",
+        *([] if sweep.pruner == "none" else [f"hydra/sweeper/pruner={sweep.pruner}"]),
     ]
 
 
 def trials_left(storage: Path, sweeps: Sequence[Sweep], trials: int) -> dict[Sweep, int]:
     """How many of its ``trials`` each sweep's stored study still has to run: all of them for a
-    new study, fewer once some completed (an earlier or interrupted run of the study)."""
+    new study, fewer once some completed or were pruned (an earlier or interrupted run of the
+    study)."""
     if not storage.exists():
         return dict.fromkeys(sweeps, trials)
     url = f"sqlite:///{storage}"
@@ -112,7 +117,8 @@ def trials_left(storage: Path, sweeps: Sequence[Sweep], trials: int) -> dict[Swe
         done = 0
         if sweep.study_name in stored:
             study = optuna.load_study(study_name=sweep.study_name, storage=url)
-            done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+            finished = (TrialState.COMPLETE, TrialState.PRUNED)
+            done = len(study.get_trials(deepcopy=False, states=finished))
         left[sweep] = max(0, trials - done)
     return left
 
@@ -179,8 +185,11 @@ def run_study(settings: StudySettings) -> Path:
         for optimizer in part_report.optimizers:
             overrides = part_report.overrides_of(optimizer)
             composed = compose_optimizer(report.conf_dir, optimizer, overrides)  # validated now
-            sweeps[sweep_of(part_report, optimizer, part)] = composed.cfg
-        sweep_ids = {o: sweep_of(part_report, o, part).sweep_id for o in part_report.optimizers}
+            sweeps[sweep_of(part_report, optimizer, part, settings.pruner)] = composed.cfg
+        sweep_ids = {
+            o: sweep_of(part_report, o, part, settings.pruner).sweep_id
+            for o in part_report.optimizers
+        }
         parts[part.name] = dataclasses.replace(part_report, sweep_ids=sweep_ids)
     first = next(iter(sweeps.values()))
     tracking.connect(first.tracking)

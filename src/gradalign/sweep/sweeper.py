@@ -18,7 +18,11 @@ keeps that loop and adds:
   their MLflow runs left RUNNING (joblib kills its workers before they can end them; what they
   flushed stays) and the sweep's parent run end KILLED;
 - a sweep directory of its own: if ``hydra.sweep.dir`` is claimed by another sweep process (two
-  started in the same second), the first free ``<dir>-<n>``.
+  started in the same second), the first free ``<dir>-<n>``;
+- trial pruning (``hydra/sweeper/pruner``, gradalign.sweep.pruning): the study gets the pruner,
+  each job where to report its epochs (a journal file in the sweep directory when the user gave
+  no storage), and a trial whose job stopped pruned is told PRUNED (user attr ``pruned_epoch``),
+  never counted as a failure; the sweep's parent run gets the study's trial counts by state.
 """
 
 from __future__ import annotations
@@ -39,7 +43,9 @@ from hydra.types import HydraContext, TaskFunction
 from mlflow.entities import RunStatus
 from omegaconf import DictConfig, OmegaConf, read_write
 from optuna.distributions import BaseDistribution, CategoricalDistribution
+from optuna.pruners import NopPruner
 from optuna.samplers import GridSampler
+from optuna.study import Study
 from optuna.trial import Trial, TrialState
 
 from gradalign import processes, tracking
@@ -48,6 +54,7 @@ from gradalign.components import build_dataset, build_model, build_optimizer
 from gradalign.config import anchored_uri, hydra_quoted, validate
 from gradalign.data import Splits
 from gradalign.sweep import summary
+from gradalign.sweep.pruning import JOURNAL, build_pruner, journal_storage, prunes
 from gradalign.sweep.runs import open_parent, sweep_id
 from gradalign.sweep.stock import (
     OptunaSweeperImpl,
@@ -175,7 +182,7 @@ class _RecordingLauncher:
 
 def _outcome(job: JobReturn) -> tuple[bool, dict[str, Any]]:
     """(whether the stock loop will tell the job's trial FAIL, user attrs for the trial: its
-    MLflow run, whether and why it failed)."""
+    MLflow run, whether and why it failed, the epoch its pruner stopped it at)."""
     if job.status == JobStatus.FAILED:
         error = job._return_value  # the exception; job.return_value would raise it
         return True, {"failure_reason": tracking.failure_reason(error)}
@@ -187,6 +194,8 @@ def _outcome(job: JobReturn) -> tuple[bool, dict[str, Any]]:
     attrs: dict[str, Any] = {}
     if getattr(value, "run_id", None):
         attrs["mlflow_run_id"] = value.run_id
+    if getattr(value, "pruned_epoch", None) is not None:
+        attrs["pruned_epoch"] = value.pruned_epoch
     if not math.isfinite(objective):
         attrs["diverged"] = True
         attrs["failure_reason"] = getattr(value, "failure_reason", None) or "non-finite objective"
@@ -194,17 +203,23 @@ def _outcome(job: JobReturn) -> tuple[bool, dict[str, Any]]:
 
 
 class SafeOptunaSweeperImpl(OptunaSweeperImpl):
-    """OptunaSweeperImpl with the checks, failure budget, trial records, interruption handling
-    and sweep-directory claim described in the module docstring. Same arguments; its
-    ``max_failure_rate`` is the fraction of ``n_trials`` that may raise before the sweep stops."""
+    """OptunaSweeperImpl with the checks, failure budget, trial records, interruption handling,
+    sweep-directory claim and pruning described in the module docstring. Same arguments, plus
+    ``pruner`` (a ``hydra.sweeper.pruner`` config; None: no pruning); its ``max_failure_rate``
+    is the fraction of ``n_trials`` that may raise before the sweep stops."""
 
-    def __init__(self, *, max_failure_rate: float, **kwargs: Any) -> None:
+    def __init__(self, *, max_failure_rate: float, pruner: Any = None, **kwargs: Any) -> None:
         super().__init__(max_failure_rate=1.0, **kwargs)  # the stock per-batch rule: never
         self.budget_rate = max_failure_rate
         self.failures = 0
         self.in_flight: list[Trial] = []
         self.parent_run_id: str | None = None
         self.owner = ""
+        self.pruner_config = pruner
+        self.pruner = NopPruner()
+        self.job_storage: str | None = None  # where a pruned sweep's jobs find their study
+        self.pruned: set[int] = set()  # numbers of the trials whose jobs stopped pruned
+        self.study: Study | None = None
 
     def setup(
         self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig
@@ -228,6 +243,12 @@ class SafeOptunaSweeperImpl(OptunaSweeperImpl):
                 f"invalid config value hydra.sweeper.max_failure_rate={self.budget_rate!r}: "
                 "must be a number in [0, 1]"
             )
+        self.pruner = build_pruner(self.pruner_config)
+        if prunes(self.pruner) and len(self._get_directions()) > 1:
+            raise ValueError(
+                f"hydra.sweeper.direction={self._get_directions()}: Optuna prunes only "
+                "single-objective studies; use hydra/sweeper/pruner=none"
+            )
         validate(self.config)
         splits = build_dataset(self.config)
         check_trial_config(self.config, splits)
@@ -247,6 +268,19 @@ class SafeOptunaSweeperImpl(OptunaSweeperImpl):
         if isinstance(self.storage, str) and self.study_name is not None:
             identity = study_identity(self.config, distributions, fixed)
             claim_study(self.storage, self.study_name, self._get_directions(), identity)
+        if prunes(self.pruner):
+            self._provide_storage()
+
+    def _provide_storage(self) -> None:
+        """Give a pruned sweep's jobs a storage to reach their trials through: the user's, or a
+        new journal file in this sweep's own directory (the study lives there, not in memory)."""
+        if self.storage is None:
+            journal = Path(self.config.hydra.sweep.dir) / JOURNAL
+            self.storage = journal_storage(str(journal))
+            self.job_storage = str(journal)
+            log.info("pruning: the study is kept in %s", journal)
+        else:
+            self.job_storage = self.storage
 
     def sweep(self, arguments: list[str]) -> None:
         try:
@@ -284,14 +318,14 @@ class SafeOptunaSweeperImpl(OptunaSweeperImpl):
         """Write the study's summary on the sweep's parent run and end it (if no other sweep
         process still works in it), then print the sweep's last line; a store failure is logged,
         not raised, so that the sweep's own outcome is what the user sees."""
-        study = self.in_flight[0].study if self.in_flight else None
+        study = self.study
         summary.finish(self.config, self.parent_run_id, study, status, reason)
 
     def _check_some_trial_converged(self) -> None:
         """Raise SweepFailed when no trial of the study has a finite objective: every one of
         them diverged, and the sweep found nothing."""
-        study = self.in_flight[0].study if self.in_flight else None
-        values = [t.value for t in study.get_trials(deepcopy=False)] if study else []
+        trials = self.study.get_trials(deepcopy=False) if self.study else []
+        values = [t.value for t in trials if t.state != TrialState.PRUNED]
         finite = [v for v in values if v is not None and math.isfinite(v)]
         if values and not finite:
             raise SweepFailed(
@@ -306,19 +340,47 @@ class SafeOptunaSweeperImpl(OptunaSweeperImpl):
         search_space_distributions: dict[str, BaseDistribution],
         fixed_params: dict[str, Any],
     ) -> Sequence[Sequence[str]]:
+        if self.study is None:
+            self._adopt(trials[0].study)
         distributions = current_distributions(search_space_distributions)  # stored as today's
         overrides = super()._configure_trials(trials, distributions, fixed_params)
         self.in_flight = list(trials)
         for trial in trials:
             trial.set_user_attr("owner", self.owner)
+        where = []
+        if self.job_storage is not None:
+            where = [
+                f"tracking.optuna_storage={hydra_quoted(self.job_storage)}",
+                f"tracking.optuna_study={hydra_quoted(self.study.study_name)}",
+            ]
         return [
             (
                 *override,
                 f"tracking.optuna_trial={trial.number}",
                 f"tracking.parent_run_id={self.parent_run_id}",
+                *where,
             )
             for override, trial in zip(overrides, trials, strict=True)
         ]
+
+    def _adopt(self, study: Study) -> None:
+        """Take the study the stock loop made: judge its trials with the sweep's pruner (the
+        sampler sees it too: TPE samples a Hyperband trial from its own bracket), and have every
+        tell of a trial whose job stopped pruned tell PRUNED instead (the stock loop tells each
+        job's return value COMPLETE; Optuna then keeps the last reported value as the trial's)."""
+        self.study = study
+        study.pruner = self.pruner
+        tell = study.tell
+
+        def tell_pruned_as_pruned(
+            trial: Any, values: Any = None, state: Any = None, skip_if_finished: bool = False
+        ) -> Any:
+            number = trial if isinstance(trial, int) else trial.number
+            if number in self.pruned:
+                return tell(trial, state=TrialState.PRUNED, skip_if_finished=skip_if_finished)
+            return tell(trial, values, state, skip_if_finished)
+
+        study.tell = tell_pruned_as_pruned
 
     def record(self, returns: Sequence[JobReturn]) -> None:
         """Write each job's outcome on its trial; past the failure budget, tell Optuna this
@@ -327,6 +389,8 @@ class SafeOptunaSweeperImpl(OptunaSweeperImpl):
         for trial, (failed, attrs) in zip(self.in_flight, outcomes, strict=True):
             for key, value in attrs.items():
                 trial.set_user_attr(key, value)
+            if "pruned_epoch" in attrs:
+                self.pruned.add(trial.number)
             self.failures += failed
         allowed = int(self.budget_rate * self.n_trials)
         if self.failures <= allowed:

@@ -260,18 +260,24 @@ class Run:
 
     def finish(self, history: History, objective: float) -> None:
         """End the run: FINISHED, or FAILED with tags failure_reason and diverged=true if the fit
-        diverged (deterministic for its config and seeds, so a report can reuse it).
+        diverged (deterministic for its config and seeds, so a report can reuse it). A fit its
+        pruner stopped is FINISHED with tags pruned=true and pruned_epoch (its last epoch).
 
         Summary metrics objective, best_val_loss, best_epoch are logged when finite (a diverged
-        run has no objective; one without a completed epoch has no best).
+        run has no objective; one without a completed epoch has no best); a pruned run has no
+        objective either: it did not train the budget the objective is defined over.
         """
-        summary = {M.OBJECTIVE: objective}
+        summary = {} if history.stopped else {M.OBJECTIVE: objective}
         if history.epochs:
             summary[M.BEST_VAL_LOSS] = history.best_val_loss
             summary[M.BEST_EPOCH] = history.best_epoch
         self._pending += _summary_metrics(summary)
         if history.diverged:
             self.end(RunStatus.FAILED, failure_reason=history.reason or "diverged", diverged=True)
+        elif history.stopped:
+            epoch = history.epochs[-1].epoch
+            pruned = {Tag.PRUNED: "true", Tag.PRUNED_EPOCH: str(epoch)}
+            self.end(RunStatus.FINISHED, outcome=f"**pruned** at epoch {epoch}", tags=pruned)
         else:
             self.end(RunStatus.FINISHED, outcome=outcome_line(history, objective))
 
@@ -281,8 +287,9 @@ class Run:
         failure_reason: str | None = None,
         diverged: bool = False,
         outcome: str | None = None,
+        tags: Mapping[str, str] | None = None,
     ) -> None:
-        """Set ``status`` (a RunStatus value) and send what is buffered.
+        """Set ``status`` (a RunStatus value) and send what is buffered, with ``tags``.
 
         A run that finished sends its metrics first and then its status, so FINISHED always
         means complete. A run that failed or was stopped writes its status and reason first, in
@@ -291,7 +298,9 @@ class Run:
         ends when its own work does. A run with a description gets the ``outcome`` (or the
         status and reason) as its first line.
         """
-        tags = {Tag.FAILURE_REASON: failure_reason} if failure_reason else {}
+        tags = {**(tags or {})}
+        if failure_reason:
+            tags[Tag.FAILURE_REASON] = failure_reason
         if diverged:
             tags[Tag.DIVERGED] = "true"
         if self.description is not None:

@@ -3,9 +3,10 @@ gradalign's safeguards (gradalign.sweep.sweeper). Configured by conf/hydra/sweep
 
 Hydra imports every module under ``hydra_plugins`` at start-up to find plugins, so this one
 imports the implementation (Optuna, MLflow, torch) only when the sweeper is built. Its config
-schema is the stock sweeper's plus a ``seed`` for whichever sampler is chosen, and it is built
-non-recursively: the sweeper, not Hydra, builds the sampler, so that every
-``hydra/sweeper/sampler=...`` choice works with the installed Optuna.
+schema is the stock sweeper's plus a ``seed`` for whichever sampler is chosen and a ``pruner``
+(``hydra/sweeper/pruner=...``, conf/hydra/sweeper/pruner/), and it is built non-recursively:
+the sweeper, not Hydra, builds the sampler, so that every ``hydra/sweeper/sampler=...`` choice
+works with the installed Optuna, and the pruner, so that a bad pruner setting is one line.
 """
 
 from dataclasses import dataclass
@@ -20,11 +21,13 @@ from omegaconf import DictConfig
 
 @dataclass
 class GradalignOptunaSweeperConf(OptunaSweeperConf):
-    """OptunaSweeperConf, plus ``seed`` (the sampler's unless its own config sets one)."""
+    """OptunaSweeperConf, plus ``seed`` (the sampler's unless its own config sets one) and
+    ``pruner`` (an ``optuna.pruners`` class and its arguments; null: none)."""
 
     _target_: str = "hydra_plugins.gradalign_sweeper.gradalign_sweeper.GradalignOptunaSweeper"
     _recursive_: bool = False
     seed: int | None = None
+    pruner: Any = None
 
 
 ConfigStore.instance().store(
@@ -39,6 +42,8 @@ class GradalignOptunaSweeper(Sweeper):
     """Takes the arguments of GradalignOptunaSweeperConf."""
 
     def __init__(self, *, sampler: DictConfig, seed: int | None, **kwargs: Any) -> None:
+        # kwargs: the stock sweeper's arguments and ``pruner``, which SafeOptunaSweeperImpl
+        # builds (and checks) when the sweep starts
         from gradalign.sweep.sampler import build_sampler
         from gradalign.sweep.sweeper import SafeOptunaSweeperImpl
 

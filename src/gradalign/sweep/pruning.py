@@ -1,0 +1,122 @@
+"""Optuna trial pruning in gradalign's sweeps: the pruner a ``hydra/sweeper/pruner`` config
+describes, the storage through which a trial's job reaches its study, and the per-epoch check
+that reports to the trial and asks its pruner whether to stop.
+
+Pruning is decided inside the trial's job (train.py), where the epochs run, not in the sweep
+process: after every epoch the job reports its objective so far (val loss; for
+``objective=best`` the running minimum) as the trial's intermediate value at step = epoch, and
+asks the pruner. The job may run in another process (joblib, submitit, a cluster), so it opens
+the study from its storage: the user's ``hydra.sweeper.storage``, or, when none is given, a
+journal file in the sweep directory (``JOURNAL``) that the sweeper creates for the purpose. The
+sweeper passes the job where the study is (overrides ``tracking.optuna_storage``,
+``tracking.optuna_study``, ``tracking.optuna_trial``), and the job builds the same pruner from
+``hydra.sweeper.pruner``. Without a pruner (``hydra/sweeper/pruner=none``, the default) none of
+this happens: no storage, no report, the sweep as before.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import optuna
+from hydra.utils import get_class, instantiate
+from omegaconf import DictConfig, OmegaConf
+from optuna.pruners import BasePruner, NopPruner
+from optuna.samplers import RandomSampler
+from optuna.storages import BaseStorage, JournalStorage
+from optuna.storages.journal import JournalFileBackend
+from optuna.trial import Trial
+
+from gradalign.training import History
+
+JOURNAL = (
+    "optuna-journal.log"  # in the sweep directory: the study of a pruned sweep without storage
+)
+
+
+def build_pruner(node: Mapping[str, Any] | None) -> BasePruner:
+    """The pruner a ``hydra.sweeper.pruner`` config describes (``NopPruner`` for none); raise
+    ValueError naming the bad setting and what Optuna allows."""
+    if node is None:
+        return NopPruner()
+    spec = (
+        OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
+    )
+    target = spec.get("_target_")
+    try:
+        cls = get_class(str(target))
+    except Exception:
+        cls = None
+    if not (isinstance(cls, type) and issubclass(cls, BasePruner)):
+        raise ValueError(
+            f"invalid config value hydra.sweeper.pruner._target_={target!r}: must name an "
+            "optuna.pruners class (hydra/sweeper/pruner=none|median|percentile|"
+            "successive_halving|hyperband)"
+        )
+    try:
+        return instantiate(spec, _convert_="all")
+    except Exception as error:
+        cause = error.__cause__ or error
+        arguments = {k: v for k, v in spec.items() if k != "_target_"}
+        raise ValueError(
+            f"invalid hydra.sweeper.pruner for {cls.__name__} {arguments}: {cause}"
+        ) from None
+
+
+def prunes(pruner: BasePruner) -> bool:
+    """Whether ``pruner`` can stop a trial (every pruner but ``NopPruner``)."""
+    return not isinstance(pruner, NopPruner)
+
+
+def journal_storage(path: str) -> JournalStorage:
+    """An Optuna storage in the journal file ``path``, which processes on one machine share
+    safely (Optuna locks the file for each write)."""
+    return JournalStorage(JournalFileBackend(path))
+
+
+def open_storage(spec: str) -> BaseStorage:
+    """The storage a job was passed: a database URL (``sqlite:///...``, ``postgresql://...``),
+    or the path of a journal file."""
+    return optuna.storages.get_storage(spec) if "://" in spec else journal_storage(spec)
+
+
+def open_trial(spec: str, study_name: str, number: int, pruner: BasePruner) -> Trial:
+    """Trial ``number`` of study ``study_name`` in storage ``spec``, RUNNING in the sweep, for
+    a job to report to: its study judges it with ``pruner``."""
+    storage = open_storage(spec)
+    study_id = storage.get_study_id_from_name(study_name)
+    trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, number)
+    # The sampler of the job's copy of the study is never used: the sweep process samples.
+    study = optuna.load_study(
+        study_name=study_name, storage=storage, pruner=pruner, sampler=RandomSampler()
+    )
+    return Trial(study, trial_id)
+
+
+class EpochPruning:
+    """A fit's ``should_stop`` for a pruned sweep's trial: report the objective of the history
+    so far at step = its last epoch, and stop when the trial's pruner says so."""
+
+    def __init__(self, trial: Trial, objective: str):
+        self.trial = trial
+        self.objective = objective
+
+    def __call__(self, history: History) -> bool:
+        self.trial.report(history.objective(self.objective), history.epochs[-1].epoch)
+        return self.trial.should_prune()
+
+
+def trial_pruning(cfg: DictConfig, sweeper: DictConfig) -> Callable[[History], bool] | None:
+    """The ``should_stop`` of a sweep trial's job (``cfg``: its config; ``sweeper``: the
+    sweep's ``hydra.sweeper``), or None when its sweep does not prune."""
+    tracking = cfg.tracking
+    if tracking.optuna_storage is None:
+        return None
+    pruner = build_pruner(OmegaConf.select(sweeper, "pruner"))
+    if not prunes(pruner):
+        return None
+    trial = open_trial(
+        tracking.optuna_storage, tracking.optuna_study, tracking.optuna_trial, pruner
+    )
+    return EpochPruning(trial, cfg.objective)
