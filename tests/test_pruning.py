@@ -207,6 +207,7 @@ def check_records(uri, trials, sweep_id):
         Metric.TRIALS_COMPLETE: states.count(TrialState.COMPLETE),
         Metric.TRIALS_PRUNED: states.count(TrialState.PRUNED),
         Metric.TRIALS_FAILED: states.count(TrialState.FAIL),
+        Metric.TRIALS_DIVERGED: 0,  # none diverged: complete counts those with a finite value
     }
 
 
