@@ -45,8 +45,9 @@ def trial_tags(cfg: DictConfig, *, sweep_dir: Path, sweeper: DictConfig) -> dict
 def open_parent(cfg: DictConfig) -> str:
     """The run id of the MLflow parent run of the sweep that ``cfg`` (the sweep process's
     config, with its ``hydra`` node) runs, opened for this process (see
-    ``tracking.open_sweep_parent``). Its params are the sweeper settings (search space,
-    n_trials, sampler, storage)."""
+    ``tracking.open_sweep_parent``, which the Optuna storage of a shared study serialises).
+    Its params are the sweeper settings (search space, n_trials, sampler, storage; passwords
+    masked)."""
     sweeper, sweep_dir = cfg.hydra.sweeper, Path(cfg.hydra.sweep.dir)
     root = Path(cfg.paths.root)
     key = sweep_id(root, sweep_dir, sweeper)
@@ -57,4 +58,5 @@ def open_parent(cfg: DictConfig) -> str:
         run_name=f"{cfg.optimizer.name}-sweep {study or sweep_dir.name}",
         tags={Tag.OPTIMIZER: cfg.optimizer.name, **git_tags(str(root))},
         params={f"{Param.SWEEPER_PREFIX}{k}": v for k, v in flatten(sweeper, exclude=()).items()},
+        storage=OmegaConf.select(sweeper, "storage"),
     )
