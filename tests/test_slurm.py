@@ -21,6 +21,9 @@ from test_scale import (
 )
 
 pytestmark = [pytest.mark.slow, pytest.mark.services]
+# The scancelled sweep and its resumption: one configuration (the study refuses another), with
+# trials long enough to be seen training before the scancel and short enough to resume.
+SAME_STUDY = ("trainer.epochs=400", "tracking.flush_interval_s=0")
 
 
 @pytest.fixture
@@ -98,8 +101,7 @@ def test_scancel_ends_the_runs_killed_stops_the_sweep_and_the_study_resumes(tmp_
             sweep_dir,
             storage,
             "hydra.sweeper.n_trials=4",
-            "trainer.epochs=10000",
-            "tracking.flush_interval_s=0",
+            *SAME_STUDY,
         ),
         env=environment(uri),
         stdout=subprocess.PIPE,
@@ -134,7 +136,7 @@ def test_scancel_ends_the_runs_killed_stops_the_sweep_and_the_study_resumes(tmp_
     assert parent.info.status == "KILLED"
 
     resumed = subprocess.run(
-        slurm_command(tmp_path / "second", storage, "hydra.sweeper.n_trials=2", "trainer.epochs=2"),
+        slurm_command(tmp_path / "second", storage, "hydra.sweeper.n_trials=2", *SAME_STUDY),
         env=environment(uri),
         capture_output=True,
         text=True,
