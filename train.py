@@ -39,6 +39,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from gradalign.config import ConfigError, register_resolvers, validate
+from gradalign.credentials import mask, mask_logs
 
 register_resolvers(Path(__file__).resolve().parent)
 log = logging.getLogger(__name__)
@@ -50,6 +51,7 @@ EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 3, 130
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float:
     """Run the composed experiment and return its objective (see the module docstring)."""
+    mask_logs()  # no password of a store URL in this job's log (Hydra configured it just now)
     if HydraConfig.get().mode == RunMode.MULTIRUN:
         return trial(cfg)  # the sweeper records every outcome, raised ones included
     try:
@@ -115,7 +117,7 @@ def _exit_status(error: BaseException) -> int | None:
     unavailable = (tracking.TrackingUnavailable,) if tracking else ()
     stopped = (KeyboardInterrupt, tracking.Terminated) if tracking else (KeyboardInterrupt,)
     if isinstance(error, (ConfigError, *unavailable)):
-        return _say(f"error: {error}", EXIT_BAD_INPUT)
+        return _say(f"error: {mask(str(error))}", EXIT_BAD_INPUT)
     if isinstance(error, stopped):
         run = getattr(error, "mlflow_run_id", None)
         where = f"MLflow run {run} marked KILLED" if run else "no MLflow run was opened"

@@ -17,7 +17,9 @@ RANKS = {
     "checks": 0,
     "schema": 0,
     "processes": 0,
+    "credentials": 0,
     "config": 1,
+    "databases": 1,
     "data": 1,
     "models": 1,
     "training": 2,
@@ -28,6 +30,7 @@ RANKS = {
     "sweep": 5,
     "report": 5,
     "doctor": 5,
+    "stores": 6,  # above sweep: it opens Optuna storages as sweeps do
 }
 PIPELINE_DEPENDENCIES = ("mlflow", "hydra", "optuna", "omegaconf", "scipy", "matplotlib", "mnist1d")
 

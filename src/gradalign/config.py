@@ -41,6 +41,15 @@ def register_resolvers(repo_root: str | Path) -> None:
     OmegaConf.register_new_resolver("cpu_count", lambda: len(os.sched_getaffinity(0)), replace=True)
 
 
+def repo_root() -> Path:
+    """The checkout whose conf/ the command-line tools (doctor, stores) read: the working
+    directory or one above it, else the one this package was installed from."""
+    for folder in (Path.cwd(), *Path.cwd().parents, Path(__file__).resolve().parents[2]):
+        if (folder / "conf" / "config.yaml").is_file() and (folder / "train.py").is_file():
+            return folder
+    raise ValueError("no gradalign checkout (conf/config.yaml and train.py) here or above")
+
+
 class ConfigError(ValueError):
     """A config value that cannot run; the message names the key, the value and what is allowed."""
 

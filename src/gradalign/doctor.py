@@ -12,6 +12,9 @@ alone.
     python -m gradalign.doctor                 # the configured MLflow store and its studies
     python -m gradalign.doctor --dry-run       # say what would be done, do nothing
     python -m gradalign.doctor --storage sqlite:///outputs/optuna.db -- tracking.uri=...
+
+The sweep parents name their studies' storages, with any password masked: pass such a storage
+with ``--storage URL`` (its full URL) for the doctor to reach it.
 """
 
 from __future__ import annotations
@@ -28,20 +31,12 @@ from mlflow.entities import ViewType
 from optuna.trial import TrialState
 
 from gradalign import processes, tracking
-from gradalign.config import anchored_uri, register_resolvers
+from gradalign.config import anchored_uri, register_resolvers, repo_root
+from gradalign.credentials import MASK, mask
 from gradalign.schema import Param, Stage, Tag
 
 log = logging.getLogger(__name__)
 REASON = "its process {owner} is gone (ended by python -m gradalign.doctor)"
-
-
-def repo_root() -> Path:
-    """The checkout whose conf/ the doctor reads: the working directory or one above it, else
-    the one this package was installed from."""
-    for folder in (Path.cwd(), *Path.cwd().parents, Path(__file__).resolve().parents[2]):
-        if (folder / "conf" / "config.yaml").is_file() and (folder / "train.py").is_file():
-            return folder
-    raise ValueError("no gradalign checkout (conf/config.yaml and train.py) here or above")
 
 
 def _dead(owner: str | None) -> bool:
@@ -96,6 +91,15 @@ def clean_trials(storage: str, dry_run: bool) -> list[str]:
     return done
 
 
+def storages_to_clean(recorded: Iterable[str], given: Iterable[str], root: Path) -> list[str]:
+    """The Optuna storages to visit: those given, and those recorded in MLflow that none of the
+    given ones is (recorded ones have their password masked, so a masked one only counts through
+    a given one)."""
+    given = {anchored_uri(url, root) for url in given}
+    recorded = {anchored_uri(url, root) for url in recorded} - {mask(url) for url in given}
+    return sorted(given | recorded)
+
+
 def main(argv: Iterable[str]) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -116,17 +120,21 @@ def main(argv: Iterable[str]) -> int:
         client = tracking.store_client(cfg.tracking)
         experiments = [e.experiment_id for e in client.search_experiments()]
         lines, storages = clean_runs(client, experiments, args.dry_run)
-        for storage in sorted({anchored_uri(s, root) for s in [*storages, *args.storage]}):
+        for storage in storages_to_clean(storages, args.storage, root):
+            if f":{MASK}@" in storage:
+                lines.append(f"skipped Optuna storage {storage}: pass it with --storage URL")
+                continue
             try:
                 lines += clean_trials(storage, args.dry_run)
             except Exception as error:  # a storage that moved or went away: say so, go on
-                lines.append(f"skipped Optuna storage {storage}: {error}")
+                lines.append(f"skipped Optuna storage {mask(storage)}: {mask(str(error))}")
     except (ValueError, tracking.TrackingUnavailable) as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {mask(str(error))}", file=sys.stderr)
         return 2
     verb = "would end" if args.dry_run else "ended"
     changed = [line for line in lines if "->" in line]
-    print(f"MLflow store {uri}: {verb} {len(changed)} record(s) left by processes that are gone")
+    gone = f"{verb} {len(changed)} record(s) left by processes that are gone"
+    print(f"MLflow store {mask(uri)}: {gone}")
     for line in lines:
         print(f"  {line}")
     return 0

@@ -8,6 +8,11 @@ local controller forwards the signal to its job). A process killed with SIGKILL 
 anything, so every worker also watches its owner (``adopt``) and stops itself when the owner is
 gone. Processes are found through /proc (Linux); on other systems there is nothing to find and
 nothing is done.
+
+Only a process that the owner started (its parent, or an ancestor further up) is tied to it. A
+SLURM job is started by SLURM, not by the sweep process that submitted it: it runs on whatever
+node SLURM picks, lives on if the sweep process on the login node is killed (as every SLURM job
+outlives the shell that submitted it) and is stopped by ``scancel``, even on the sweep's host.
 """
 
 from __future__ import annotations
@@ -93,6 +98,17 @@ def owner_token(pid: int | None = None) -> str:
     return f"{socket.gethostname()}:{pid}:{_start_time(pid)}"
 
 
+def ancestors(pid: int | None = None) -> list[int]:
+    """The pids of process ``pid``'s parent, its parent's parent, ... up to (not including) the
+    init process (this process by default)."""
+    found = []
+    parent = _status(os.getpid() if pid is None else pid).get("PPid", "0")
+    while parent not in ("0", "1") and int(parent) not in found:
+        found.append(int(parent))
+        parent = _status(int(parent)).get("PPid", "0")
+    return found
+
+
 def owner_alive(token: str) -> bool | None:
     """Whether the process of ``token`` still runs; None when it runs on another host (which
     this process cannot see)."""
@@ -105,7 +121,8 @@ def owner_alive(token: str) -> bool | None:
 def adopt() -> str:
     """Tie this process to the process that started it, and become the owner of its own children.
 
-    If ``$GRADALIGN_OWNER`` names another live process on this host, a daemon thread watches it:
+    If ``$GRADALIGN_OWNER`` names another live process on this host that is an ancestor of this
+    one (not, say, the sweep process that submitted this SLURM job), a daemon thread watches it:
     once it is gone (killed, even with SIGKILL), this process gets SIGTERM, so its open MLflow
     run ends KILLED, and SIGKILL ``GRACE_S`` later if it is still alive. Then
     ``$GRADALIGN_OWNER`` is set to this process, for the workers it starts. Returns this
@@ -113,7 +130,13 @@ def adopt() -> str:
     """
     mine = owner_token()
     owner = os.environ.get(OWNER_ENV)
-    if owner and owner != mine and not _watched and owner_alive(owner):
+    if (
+        owner
+        and owner != mine
+        and not _watched
+        and owner_alive(owner)
+        and int(owner.rsplit(":", 2)[1]) in ancestors()
+    ):
         _watched.append(owner)
         threading.Thread(target=_watch, args=(owner,), name="owner-watchdog", daemon=True).start()
     os.environ[OWNER_ENV] = mine

@@ -90,9 +90,10 @@ def save_sweep_view(cfg: DictConfig) -> None:
 def open_parent(cfg: DictConfig) -> str:
     """The run id of the MLflow parent run of the sweep that ``cfg`` (the sweep process's
     config, with its ``hydra`` node) runs, opened for this process (see
-    ``tracking.open_sweep_parent``), with the saved view of its trials. Its params are the
-    sweeper settings (search space, n_trials, sampler, storage)."""
-    sweeper = cfg.hydra.sweeper
+    ``tracking.open_sweep_parent``, which the Optuna storage of a shared study serialises), with
+    the saved view of its trials. Its params are the sweeper settings (search space, n_trials,
+    sampler, storage; passwords masked)."""
+    sweeper, sweep_dir = cfg.hydra.sweeper, Path(cfg.hydra.sweep.dir)
     root = Path(cfg.paths.root)
     key = sweep_id(root, Path(cfg.hydra.sweep.dir), sweeper)
     label = parent_label(cfg)
@@ -112,6 +113,7 @@ def open_parent(cfg: DictConfig) -> str:
             **source_tags(str(root), "train.py"),
         },
         params={f"{Param.SWEEPER_PREFIX}{k}": v for k, v in flatten(sweeper, exclude=()).items()},
+        storage=OmegaConf.select(sweeper, "storage"),
     )
     save_sweep_view(cfg)
     return run_id

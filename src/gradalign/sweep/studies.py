@@ -6,6 +6,9 @@ processes, with another optimizer, model, data set, budget or search space would
 that cannot be ranked together (an Adam trial reported as a GAO sweep's best). The first sweep
 of a study records the configuration it ran (user attr ``gradalign.config``); every later sweep
 of that study must match it.
+
+A storage on a database server gets its schema created once, by whichever process opens it
+first, the others waiting (gradalign.databases).
 """
 
 from __future__ import annotations
@@ -22,7 +25,9 @@ from alembic.script import ScriptDirectory
 from omegaconf import DictConfig
 from optuna.distributions import BaseDistribution
 
+from gradalign import databases
 from gradalign.config import NOT_HASHED, flatten
+from gradalign.credentials import mask
 from gradalign.tracking.store import TrackingUnavailable, check_schema
 
 IDENTITY_ATTR = "gradalign.config"
@@ -63,6 +68,15 @@ def check_storage(url: str) -> None:
         raise ValueError(f"hydra.sweeper.storage: {error}") from None
 
 
+def open_storage(url: str, wait_s: float) -> optuna.storages.RDBStorage:
+    """The Optuna storage at ``url``, its schema created if the database has none, by one
+    process at a time on a PostgreSQL server (waiting up to ``wait_s`` for another creator)."""
+    try:
+        return databases.schema_created(url, lambda: optuna.storages.RDBStorage(url), wait_s)
+    except databases.LockTimeout as error:
+        raise ValueError(f"hydra.sweeper.storage: {error}") from None
+
+
 def study_identity(
     cfg: DictConfig, distributions: Mapping[str, BaseDistribution], fixed: Mapping[str, Any]
 ) -> dict[str, Any]:
@@ -82,10 +96,13 @@ def study_identity(
 
 
 def claim_study(
-    storage: str, name: str, directions: Sequence[Any], identity: Mapping[str, Any]
+    storage: optuna.storages.RDBStorage,
+    name: str,
+    directions: Sequence[Any],
+    identity: Mapping[str, Any],
 ) -> None:
-    """Create study ``name`` in ``storage`` for ``identity``, or check that the stored one was
-    made for the same; raise ValueError naming what differs."""
+    """Create study ``name`` in ``storage`` (see open_storage) for ``identity``, or check that
+    the stored one was made for the same; raise ValueError naming what differs."""
     study = optuna.create_study(
         study_name=name, storage=storage, directions=list(directions), load_if_exists=True
     )
@@ -98,9 +115,9 @@ def claim_study(
     differences = _differences(stored, identity)
     if differences:
         raise ValueError(
-            f"study {name!r} in {storage} belongs to another configuration, so its trials "
-            f"cannot be ranked with this sweep's: {'; '.join(differences[:6])}. Use another "
-            "hydra.sweeper.study_name, or the stored study's settings"
+            f"study {name!r} in {mask(storage.url)} belongs to another configuration, so its "
+            f"trials cannot be ranked with this sweep's: {'; '.join(differences[:6])}. Use "
+            "another hydra.sweeper.study_name, or the stored study's settings"
         )
 
 

@@ -275,11 +275,17 @@ def announce(cfg: DictConfig, parent_run_id: str, n_trials: int) -> None:
 
 
 def finish(
-    cfg: DictConfig, parent_run_id: str, study: Study | None, status: int, reason: str | None
+    cfg: DictConfig,
+    parent_run_id: str,
+    study: Study | None,
+    status: int,
+    reason: str | None,
+    storage: str | None = None,
 ) -> None:
     """The sweep process's last words on its parent run: ``record`` the study's summary (when a
-    trial was asked), end the parent with ``status`` unless another process still works in it,
-    and print end_line. Store failures are logged, not raised: the sweep's own outcome is
+    trial was asked), end the parent with ``status`` unless another process still works in it
+    (``storage``: the Optuna database whose lock serialises that, see close_sweep_parent), and
+    print end_line. Store failures are logged, not raised: the sweep's own outcome is
     what the user must see."""
     found = None
     try:
@@ -290,7 +296,7 @@ def finish(
             "could not write the sweep's summary on MLflow run %s: %s", parent_run_id, error
         )
     try:
-        tracking.close_sweep_parent(cfg.tracking, parent_run_id, status, reason)
+        tracking.close_sweep_parent(cfg.tracking, parent_run_id, status, reason, storage=storage)
         print(end_line(cfg, parent_run_id, found, RunStatus.to_string(status)), flush=True)
     except Exception as error:
         log.warning("could not end the sweep's MLflow parent run %s: %s", parent_run_id, error)

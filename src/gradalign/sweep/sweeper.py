@@ -14,9 +14,11 @@ keeps that loop and adds:
   run), and the job's outcome written on the trial before it is told: user attrs
   ``mlflow_run_id``, ``diverged``, ``failure_reason``;
 - on Ctrl-C or SIGTERM: the launcher's child processes get SIGTERM (submitit's local jobs end
-  their runs KILLED), the trials in flight are told FAIL (failure_reason ``interrupted``), and
-  their MLflow runs left RUNNING (joblib kills its workers before they can end them; what they
-  flushed stays) and the sweep's parent run end KILLED;
+  their runs KILLED) and its SLURM jobs are cancelled, the trials in flight are told FAIL
+  (failure_reason ``interrupted``), and their MLflow runs left RUNNING (joblib kills its workers
+  before they can end them; what they flushed stays) and the sweep's parent run end KILLED. A
+  batch whose SLURM jobs were stopped (``scancel``, a time limit) stops the sweep the same way
+  (gradalign.sweep.slurm);
 - a sweep directory of its own: if ``hydra.sweep.dir`` is claimed by another sweep process (two
   started in the same second), the first free ``<dir>-<n>``;
 - trial pruning (``hydra/sweeper/pruner``, gradalign.sweep.pruning): the study gets the pruner,
@@ -48,12 +50,12 @@ from optuna.samplers import GridSampler
 from optuna.study import Study
 from optuna.trial import Trial, TrialState
 
-from gradalign import processes, tracking
+from gradalign import credentials, databases, processes, tracking
 from gradalign.checks import is_number
 from gradalign.components import build_dataset, build_model, build_optimizer
 from gradalign.config import anchored_uri, hydra_quoted, validate
 from gradalign.data import Splits
-from gradalign.sweep import summary
+from gradalign.sweep import slurm, summary
 from gradalign.sweep.pruning import JOURNAL, build_pruner, journal_storage, prunes
 from gradalign.sweep.runs import open_parent, sweep_id
 from gradalign.sweep.stock import (
@@ -62,7 +64,7 @@ from gradalign.sweep.stock import (
     legacy_distributions_quiet,
     params_from_overrides,
 )
-from gradalign.sweep.studies import check_storage, claim_study, study_identity
+from gradalign.sweep.studies import check_storage, claim_study, open_storage, study_identity
 
 log = logging.getLogger(__name__)
 CLAIM = ".sweep_claim"  # created atomically in the sweep directory by the sweep that owns it
@@ -90,6 +92,10 @@ class SweepStopped(SweepEnded):
 
 class SweepFailed(SweepEnded):
     """The sweep ran but found no usable configuration (every trial diverged)."""
+
+
+class SweepCancelled(SweepEnded):
+    """SLURM stopped jobs of the running batch (scancel, a time limit, a node failure)."""
 
 
 def claim_sweep_dir(requested: Path) -> Path:
@@ -175,7 +181,13 @@ class _RecordingLauncher:
         self.sweeper = sweeper
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Any:
-        returns = self.launcher.launch(job_overrides, initial_job_idx)
+        try:
+            returns = self.launcher.launch(job_overrides, initial_job_idx)
+        except Exception as error:
+            stopped = slurm.stopped_batch(error)
+            if stopped is None:
+                raise
+            raise stopped from error
         self.sweeper.record(returns)
         return returns
 
@@ -224,6 +236,7 @@ class SafeOptunaSweeperImpl(OptunaSweeperImpl):
     def setup(
         self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig
     ) -> None:
+        credentials.mask_logs()  # the stock sweeper logs its storage URL
         self.owner = processes.adopt()  # workers die with this process, this one with its own
         requested = Path(config.hydra.sweep.dir)
         claimed = claim_sweep_dir(requested)
@@ -264,10 +277,12 @@ class SafeOptunaSweeperImpl(OptunaSweeperImpl):
                     )
         if isinstance(self.storage, str):
             check_storage(self.storage)
+            databases.check_separate(self.storage, tracking.tracking_uri(self.config.tracking))
+            storage = open_storage(self.storage, self.config.tracking.store_wait_s)  # its schema
         tracking.connect(self.config.tracking)  # reachable; the experiment created once, here
         if isinstance(self.storage, str) and self.study_name is not None:
             identity = study_identity(self.config, distributions, fixed)
-            claim_study(self.storage, self.study_name, self._get_directions(), identity)
+            claim_study(storage, self.study_name, self._get_directions(), identity)
         if prunes(self.pruner):
             self._provide_storage()
 
@@ -286,7 +301,7 @@ class SafeOptunaSweeperImpl(OptunaSweeperImpl):
         try:
             self._sweep(arguments)
         except SweepEnded as ended:
-            print(ended, file=sys.stderr)
+            print(credentials.mask(str(ended)), file=sys.stderr)
             raise SystemExit(ended.status) from None
         except (KeyboardInterrupt, tracking.Terminated):
             print(summary.interrupted_line(self.storage, self.study_name), file=sys.stderr)
@@ -304,6 +319,14 @@ class SafeOptunaSweeperImpl(OptunaSweeperImpl):
                 with legacy_distributions_quiet():  # the stock loop builds Optuna 2-era ones
                     super().sweep(arguments)
                 self._check_some_trial_converged()
+            except slurm.JobsStopped as error:
+                reason = f"stopped by SLURM: {error}"
+                self._interrupted(reason)
+                self._close_parent(RunStatus.KILLED, reason)
+                raise SweepCancelled(
+                    f"sweep stopped: {error}. Its trials in flight are FAIL, their runs KILLED; "
+                    "run the same command to resume a stored study"
+                ) from None
             except (KeyboardInterrupt, tracking.Terminated) as error:
                 reason = tracking.interruption_reason(error)
                 self._interrupted(reason)
@@ -318,8 +341,8 @@ class SafeOptunaSweeperImpl(OptunaSweeperImpl):
         """Write the study's summary on the sweep's parent run and end it (if no other sweep
         process still works in it), then print the sweep's last line; a store failure is logged,
         not raised, so that the sweep's own outcome is what the user sees."""
-        study = self.study
-        summary.finish(self.config, self.parent_run_id, study, status, reason)
+        storage = self.storage if isinstance(self.storage, str) else None
+        summary.finish(self.config, self.parent_run_id, self.study, status, reason, storage)
 
     def _check_some_trial_converged(self) -> None:
         """Raise SweepFailed when no trial of the study has a finite objective: every one of
@@ -413,6 +436,9 @@ class SafeOptunaSweeperImpl(OptunaSweeperImpl):
         left = processes.stop_children(STOP_CHILDREN_S)
         if left:
             log.warning("worker processes %s did not stop within %g s", left, STOP_CHILDREN_S)
+        queued = slurm.cancel_jobs(self.config.hydra.launcher, STOP_CHILDREN_S)
+        if queued:
+            log.warning("SLURM jobs %s still queued %g s after scancel", queued, STOP_CHILDREN_S)
         failed = []
         for trial in self.in_flight:
             try:

@@ -32,10 +32,12 @@ from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, RunStatus
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
-from gradalign import processes
+from gradalign import databases, processes
+from gradalign.credentials import mask, masked, masked_copy
 from gradalign.schema import Metric as M
 from gradalign.schema import MlflowTag, Stage, Tag
 from gradalign.tracking.store import (
+    TrackingUnavailable,
     connect,
     file_lock,
     log_batch,
@@ -84,9 +86,10 @@ class DatasetRecord:
 
 
 def failure_reason(error: BaseException) -> str:
-    """``error`` as the failure_reason of a run's tag and its Optuna trial's user attr."""
+    """``error`` as the failure_reason of a run's tag and its Optuna trial's user attr: its
+    first line (passwords masked)."""
     first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
-    return f"{type(error).__name__}: {first_line}"[:_MAX_REASON]
+    return mask(f"{type(error).__name__}: {first_line}")[:_MAX_REASON]
 
 
 def _now_ms() -> int:
@@ -124,6 +127,24 @@ def _owner_key(token: str) -> str:
     return f"{Tag.OWNER_PREFIX}{host}.{pid}"
 
 
+def _parents_lock(
+    tracking: DictConfig, uri: str, sweep_id: str, storage: str | None
+) -> contextlib.AbstractContextManager[None]:
+    """The lock under which sweep processes look for sweep ``sweep_id``'s parent and create it:
+    the advisory lock of a PostgreSQL database they all use (the MLflow store, else the Optuna
+    ``storage`` of a shared study), which works across machines; else a file lock on this
+    machine, beside a SQLite store or in the temporary directory."""
+    name = f"gradalign:sweep-parent {tracking.experiment} {sweep_id}"
+    for url in (uri, storage):
+        if url and databases.postgres_url(url) is not None:
+            return databases.exclusive(url, name, tracking.store_wait_s)
+    db = sqlite_file(uri)
+    if db is not None:
+        return file_lock(db.parent / f"{db.name}.parents.lock")
+    digest = hashlib.sha256(f"{uri} {name}".encode()).hexdigest()
+    return file_lock(Path(tempfile.gettempdir()) / "gradalign-locks" / f"{digest[:16]}.lock")
+
+
 def open_sweep_parent(
     tracking: DictConfig,
     *,
@@ -131,47 +152,64 @@ def open_sweep_parent(
     run_name: str,
     tags: Mapping[str, str],
     params: Mapping[str, Any],
+    storage: str | None = None,
 ) -> str:
     """The run id of sweep ``sweep_id``'s parent run, created if there is none, RUNNING, with
     this process registered as one of its owners (tag ``owner.<host>.<pid>``).
 
-    Several sweep processes may share a parent (a shared or resumed Optuna study). On one
-    machine they take turns under a file lock beside a SQLite store (or in the temporary
-    directory for other stores); across machines two may each create one, so every process
-    then keeps the oldest parent and deletes its own younger duplicate.
+    Several sweep processes may share a parent (a shared or resumed Optuna study, kept in
+    ``storage``). They take turns (``_parents_lock``): under the lock of a PostgreSQL database
+    they share, also across machines; else under a file lock on one machine. Processes on
+    several machines with no such database may each create one, so every process then keeps
+    the oldest parent and deletes its own younger duplicate.
     """
     uri = tracking_uri(tracking)
-    db = sqlite_file(uri)
-    if db is not None:
-        lock = db.parent / f"{db.name}.parents.lock"
-    else:
-        digest = hashlib.sha256(f"{uri} {tracking.experiment} {sweep_id}".encode()).hexdigest()
-        lock = Path(tempfile.gettempdir()) / "gradalign-locks" / f"{digest[:16]}.lock"
-    with file_lock(lock):
-        mlflow, experiment = connect(tracking)
-        parents = _parents(mlflow, experiment, sweep_id)
-        if not parents:
-            parent_tags = {**tags, Tag.STAGE: Stage.SWEEP_PARENT, Tag.SWEEP_ID: sweep_id}
-            created = mlflow.create_run(experiment, tags=parent_tags, run_name=run_name)
-            log_batch(mlflow, created.info.run_id, params=params)
+    try:
+        with _parents_lock(tracking, uri, sweep_id, storage):
+            mlflow, experiment = connect(tracking)
             parents = _parents(mlflow, experiment, sweep_id)
-            for duplicate in parents[1:]:
-                if duplicate.info.run_id == created.info.run_id:
-                    mlflow.delete_run(duplicate.info.run_id)
-        run_id = parents[0].info.run_id
-        mlflow.update_run(run_id, status="RUNNING")
-        token = processes.owner_token()
-        mlflow.set_tag(run_id, _owner_key(token), token)
+            if not parents:
+                parent_tags = {**tags, Tag.STAGE: Stage.SWEEP_PARENT, Tag.SWEEP_ID: sweep_id}
+                created = mlflow.create_run(experiment, tags=masked(parent_tags), run_name=run_name)
+                log_batch(mlflow, created.info.run_id, params=params)
+                parents = _parents(mlflow, experiment, sweep_id)
+                for duplicate in parents[1:]:
+                    if duplicate.info.run_id == created.info.run_id:
+                        mlflow.delete_run(duplicate.info.run_id)
+            run_id = parents[0].info.run_id
+            mlflow.update_run(run_id, status="RUNNING")
+            token = processes.owner_token()
+            mlflow.set_tag(run_id, _owner_key(token), token)
+    except databases.LockTimeout as error:
+        raise TrackingUnavailable(f"sweep parent: {error}") from None
     return run_id
 
 
 def close_sweep_parent(
-    tracking: DictConfig, run_id: str, status: int, failure_reason: str | None = None
+    tracking: DictConfig,
+    run_id: str,
+    status: int,
+    failure_reason: str | None = None,
+    storage: str | None = None,
 ) -> bool:
     """Unregister this process as an owner of the sweep parent ``run_id``; if no other owner
     is alive (owners on other hosts count as alive), end the parent with ``status`` (and tag
-    failure_reason). Whether it was ended."""
+    failure_reason). Whether it was ended.
+
+    Under the lock ``open_sweep_parent`` takes (``storage`` as there): two owners leaving at
+    once would each see the other and leave the parent RUNNING."""
     mlflow, _ = connect(tracking)
+    sweep_id = mlflow.get_run(run_id).data.tags.get(Tag.SWEEP_ID, run_id)
+    try:
+        with _parents_lock(tracking, tracking_uri(tracking), sweep_id, storage):
+            return _leave_parent(mlflow, run_id, status, failure_reason)
+    except databases.LockTimeout as error:
+        raise TrackingUnavailable(f"sweep parent: {error}") from None
+
+
+def _leave_parent(
+    mlflow: MlflowClient, run_id: str, status: int, failure_reason: str | None
+) -> bool:
     mine = _owner_key(processes.owner_token())
     tags = mlflow.get_run(run_id).data.tags
     if mine in tags:
@@ -182,7 +220,7 @@ def close_sweep_parent(
     if any(processes.owner_alive(token) is not False for token in owners):
         return False
     if failure_reason:
-        mlflow.set_tag(run_id, Tag.FAILURE_REASON, failure_reason[:_MAX_REASON])
+        mlflow.set_tag(run_id, Tag.FAILURE_REASON, mask(failure_reason)[:_MAX_REASON])
     mlflow.set_terminated(run_id, RunStatus.to_string(status))
     return True
 
@@ -206,7 +244,7 @@ def kill_sweep_runs(
     killed = 0
     for run in running:
         if run.data.tags.get(Tag.OPTUNA_TRIAL) in numbers:
-            mlflow.set_tag(run.info.run_id, Tag.FAILURE_REASON, reason)
+            mlflow.set_tag(run.info.run_id, Tag.FAILURE_REASON, mask(reason))
             mlflow.set_terminated(run.info.run_id, "KILLED")
             killed += 1
     return killed
@@ -357,7 +395,8 @@ def start_run(
     """Open a run with its tags (and the ``owner`` tag: this process), its ``description``
     (markdown, MLflow's tag mlflow.note.content; the run's end puts its outcome above it) and,
     if given, ``dataset`` (a dataset input) and ``artifacts_dir``; params go with the first
-    flush. ``resume_run_id`` reopens that run (RUNNING again) instead of creating one.
+    flush. Passwords in tags, params and the artifacts are masked (gradalign.credentials).
+    ``resume_run_id`` reopens that run (RUNNING again) instead of creating one.
 
     Leaving the block ends the run: as ``Run.finish`` decided; FINISHED if it was not called;
     KILLED on KeyboardInterrupt or SIGTERM (its owner process gone, say); FAILED with tag
@@ -372,7 +411,7 @@ def start_run(
     if description is not None:
         run_tags[MlflowTag.NOTE] = description
     if resume_run_id is None:
-        run_id = mlflow.create_run(experiment, tags=run_tags, run_name=run_name).info.run_id
+        run_id = mlflow.create_run(experiment, tags=masked(run_tags), run_name=run_name).info.run_id
     else:
         run_id = resume_run_id
         mlflow.update_run(run_id, status="RUNNING")
@@ -389,7 +428,7 @@ def start_run(
             if dataset is not None:
                 mlflow.log_inputs(run_id, datasets=[dataset.entity()])
             if artifacts_dir is not None:
-                mlflow.log_artifacts(run.run_id, str(artifacts_dir), artifacts_dir.name)
+                _log_masked_artifacts(mlflow, run.run_id, artifacts_dir)
             yield run
         except (KeyboardInterrupt, Terminated) as error:
             error.mlflow_run_id = run.run_id  # for the one line that says what happened
@@ -401,6 +440,14 @@ def start_run(
             raise
     if not run.ended:
         run.end(RunStatus.FINISHED)
+
+
+def _log_masked_artifacts(mlflow: MlflowClient, run_id: str, directory: Path) -> None:
+    """Log ``directory`` as the run's artifact folder of the same name, passwords masked (the
+    Hydra config holds the store URLs; the files on disk are left as they are)."""
+    with tempfile.TemporaryDirectory(prefix="gradalign-artifacts-") as scratch:
+        copy = masked_copy(directory, Path(scratch) / directory.name)
+        mlflow.log_artifacts(run_id, str(copy), directory.name)
 
 
 def interruption_reason(error: BaseException) -> str:

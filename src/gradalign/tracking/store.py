@@ -15,6 +15,7 @@ MLflow's import and the store's set-up once.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import fcntl
 import functools
@@ -26,6 +27,7 @@ import sqlite3
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -40,7 +42,9 @@ from mlflow.utils.validation import MAX_PARAMS_TAGS_PER_BATCH as _MAX_PARAMS_OR_
 from omegaconf import DictConfig
 from sqlalchemy.exc import SQLAlchemyError
 
+from gradalign import databases
 from gradalign.config import anchored_uri
+from gradalign.credentials import mask
 from gradalign.tracking.labels import experiment_tags
 
 log = logging.getLogger(__name__)
@@ -73,7 +77,11 @@ for _name, _value in _HTTP_DEFAULTS.items():
 
 class TrackingUnavailable(RuntimeError):
     """The store cannot be used (a server that does not answer, a file that is not a usable
-    database, a lock that is not released); the message names it and what to do."""
+    database, a lock that is not released); the message names it (its password masked) and
+    what to do."""
+
+    def __init__(self, message: str):
+        super().__init__(mask(message))
 
 
 class _HandledMessages(logging.Filter):
@@ -199,11 +207,12 @@ def check_reachable(uri: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
     are MLflow's business); stores that are not servers are not probed."""
     if not uri.startswith(("http://", "https://")):
         return
-    base = uri.rstrip("/")
+    base, headers = _without_credentials(uri.rstrip("/"))
     api = "/api/2.0/mlflow/experiments/search?max_results=1"
     for path, what in (("/health", "not an MLflow tracking server"), (api, "its API fails")):
         try:
-            urllib.request.urlopen(f"{base}{path}", timeout=timeout_s).close()
+            request = urllib.request.Request(f"{base}{path}", headers=headers)
+            urllib.request.urlopen(request, timeout=timeout_s).close()
             continue
         except urllib.error.HTTPError as error:
             if error.code in (401, 403):
@@ -218,18 +227,39 @@ def check_reachable(uri: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
         )
 
 
+def _without_credentials(url: str) -> tuple[str, dict[str, str]]:
+    """(``url`` without its ``user:password@``, the basic-auth header that carries them), as
+    MLflow's client sends them; urllib would take them for part of the host."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.username is None:
+        return url, {}
+    netloc = parts.netloc.rpartition("@")[2]
+    user = urllib.parse.unquote(parts.username)
+    password = urllib.parse.unquote(parts.password or "")
+    token = base64.b64encode(f"{user}:{password}".encode()).decode()
+    return parts._replace(netloc=netloc).geturl(), {"Authorization": f"Basic {token}"}
+
+
 @functools.cache
 def client(uri: str, wait_s: float) -> MlflowClient:
     """The client of store ``uri`` for this process, retrying for up to ``wait_s`` while SQLite
     is locked.
 
-    A server is probed first (check_reachable). Creating a client creates or migrates a SQLite
-    schema, which processes starting together on a fresh store would race on: they take turns.
+    A server is probed first (check_reachable). Creating a client creates the schema of an empty
+    database store, which processes starting together on a fresh store would race on: they take
+    turns, under a file lock beside a SQLite file, or under the database's own lock on a server
+    (gradalign.databases).
     """
     check_reachable(uri)
+    if mask(uri) != uri:  # MLflow prints a server run's URL as it ends: with the password
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     db = sqlite_file(uri)
     if db is None:
-        return _RetryingClient(MlflowClient(tracking_uri=uri), uri, wait_s)
+        try:
+            created = databases.schema_created(uri, lambda: MlflowClient(tracking_uri=uri), wait_s)
+        except databases.LockTimeout as error:
+            raise TrackingUnavailable(f"MLflow store {error}") from None
+        return _RetryingClient(created, uri, wait_s)
     if not db.parent.is_dir():
         raise TrackingUnavailable(
             f"MLflow store {uri}: directory {db.parent} does not exist (a relative path is taken "
@@ -369,9 +399,10 @@ def log_batch(
     params: Mapping[str, Any] | None = None,
     tags: Mapping[str, str] | None = None,
 ) -> None:
-    """Log everything in as few calls as MLflow's batch limits allow (one, usually)."""
-    param_list = [Param(key, str(value)) for key, value in (params or {}).items()]
-    tag_list = [RunTag(key, str(value)) for key, value in (tags or {}).items()]
+    """Log everything in as few calls as MLflow's batch limits allow (one, usually); passwords
+    in params and tags masked (gradalign.credentials)."""
+    param_list = [Param(key, mask(str(value))) for key, value in (params or {}).items()]
+    tag_list = [RunTag(key, mask(str(value))) for key, value in (tags or {}).items()]
     metric_list = list(metrics)
     n = _MAX_PARAMS_OR_TAGS
     while param_list or tag_list or metric_list:

@@ -1,0 +1,142 @@
+"""Stores on a database server (PostgreSQL): work that one process at a time may do on a
+database, across processes and machines, and the race when a schema is created.
+
+Optuna's storage and MLflow's tracking store create their schema on first use when they find
+none. Several processes that start together on an empty PostgreSQL database race on it: the
+second ``CREATE TABLE`` or ``CREATE TYPE`` of one name waits for the first and then fails with
+``UniqueViolation ... pg_type_typname_nsp_index`` (or on ``alembic_version``). A file lock
+cannot serialise that across machines; a PostgreSQL advisory lock, held by one session of the
+database itself, can. ``exclusive(url, name)`` takes one (on its own connection, so the caller's
+transactions are not involved); ``schema_created(url, create)`` creates a schema under it and
+retries the race with a process that does not take it (an ``mlflow server`` starting at the same
+moment, say). For any other URL (SQLite has its file locks, beside the file) both just run.
+
+Optuna and MLflow cannot share one database: both keep their schema revision in a table named
+``alembic_version``. ``check_separate`` says so before anything is created.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import random
+import time
+from collections.abc import Callable, Iterator
+from typing import TypeVar
+
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError
+
+from gradalign.credentials import mask
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+SCHEMA = "gradalign:schema"  # the name of the lock held while a schema is created
+# SQLSTATEs of the creation race: unique_violation (pg_type_typname_nsp_index,
+# alembic_version_pkc), duplicate_table, duplicate_object, deadlock_detected.
+RACE_SQLSTATES = frozenset({"23505", "42P07", "42710", "40P01"})
+RACE_ATTEMPTS = 5
+RACE_PAUSE_S = 0.5  # times the attempt number, plus up to as much again at random
+
+
+class LockTimeout(RuntimeError):
+    """An advisory lock was not granted in time: another process holds it."""
+
+
+def postgres_url(url: str) -> URL | None:
+    """``url`` parsed, if it names a PostgreSQL database (any driver); else None."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError:  # not a database URL (http://, a path)
+        return None
+    return parsed if parsed.get_backend_name() == "postgresql" else None
+
+
+def lock_key(name: str) -> int:
+    """The signed 64-bit advisory-lock key of ``name``, the same in every process."""
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
+
+
+@contextlib.contextmanager
+def exclusive(url: str, name: str, timeout_s: float) -> Iterator[None]:
+    """Hold the advisory lock ``name`` of the PostgreSQL database ``url`` for the block, waiting
+    up to ``timeout_s`` for it (then LockTimeout); for other URLs, nothing.
+
+    The lock belongs to a connection of its own, so it is released when the block ends or the
+    process dies, whatever the block's own connections do.
+    """
+    parsed = postgres_url(url)
+    if parsed is None:
+        yield
+        return
+    import psycopg  # only PostgreSQL users need the driver (gradalign[postgres])
+    from psycopg import errors
+
+    dsn = parsed.set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(dsn, autocommit=True) as connection:
+        connection.execute(
+            "SELECT set_config('lock_timeout', %s, false)", (f"{int(timeout_s * 1000)}ms",)
+        )
+        try:
+            connection.execute("SELECT pg_advisory_lock(%s)", (lock_key(name),))
+        except errors.LockNotAvailable:
+            raise LockTimeout(
+                f"{mask(url)}: lock {name!r} not granted in {timeout_s:g} s; another process "
+                "holds it (a stuck one can be found in pg_locks, locktype 'advisory')"
+            ) from None
+        try:
+            yield
+        finally:
+            connection.execute("SELECT pg_advisory_unlock(%s)", (lock_key(name),))
+
+
+def is_creation_race(error: BaseException) -> bool:
+    """Whether ``error`` (or an error it was raised from) is PostgreSQL's answer to two
+    processes creating the same table, type or row at once."""
+    seen: BaseException | None = error
+    while seen is not None:
+        orig = getattr(seen, "orig", None)  # SQLAlchemy's wrapper of the driver's error
+        if getattr(orig, "sqlstate", None) in RACE_SQLSTATES:
+            return True
+        if getattr(seen, "sqlstate", None) in RACE_SQLSTATES:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def schema_created(url: str, create: Callable[[], T], timeout_s: float) -> T:
+    """``create()`` (which opens the store at ``url``, creating its schema if there is none)
+    under the lock ``SCHEMA`` of a PostgreSQL database, again after a pause when it lost the
+    creation race to a process that does not take the lock; its result."""
+    with exclusive(url, SCHEMA, timeout_s):
+        for attempt in range(1, RACE_ATTEMPTS + 1):
+            try:
+                return create()
+            except Exception as error:
+                if attempt == RACE_ATTEMPTS or not is_creation_race(error):
+                    raise
+                pause = RACE_PAUSE_S * attempt * (1 + random.random())
+                log.warning(
+                    "%s: another process created the schema at the same moment (attempt %d); "
+                    "retrying in %.1f s",
+                    mask(url),
+                    attempt,
+                    pause,
+                )
+                time.sleep(pause)
+    raise AssertionError("unreachable")
+
+
+def check_separate(optuna_url: str, mlflow_url: str) -> None:
+    """Raise ValueError if the Optuna storage and the MLflow store are one PostgreSQL database."""
+    optuna_db, mlflow_db = postgres_url(optuna_url), postgres_url(mlflow_url)
+    if optuna_db is None or mlflow_db is None:
+        return
+    where = ("host", "port", "database")
+    if [getattr(optuna_db, k) for k in where] == [getattr(mlflow_db, k) for k in where]:
+        raise ValueError(
+            f"the Optuna storage and the MLflow store are one database ({mask(optuna_url)}): "
+            "both keep their schema revision in a table alembic_version, so each needs its own "
+            "database (CREATE DATABASE optuna; CREATE DATABASE mlflow)"
+        )

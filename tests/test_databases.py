@@ -1,0 +1,104 @@
+"""gradalign.databases without a server: which URLs are PostgreSQL, the lock key, what counts as
+the schema-creation race and how often it is retried, and one database for two programs refused.
+The real server is exercised by tests/test_postgres.py."""
+
+import hashlib
+
+import pytest
+from sqlalchemy.exc import IntegrityError
+
+from gradalign import databases
+
+
+@pytest.mark.parametrize(
+    ("url", "is_postgres"),
+    [
+        ("postgresql+psycopg://u:p@127.0.0.1:5432/db", True),
+        ("postgresql://u@h/db", True),
+        ("postgresql+psycopg2://h/db", True),
+        ("sqlite:////tmp/x.db", False),
+        ("mysql://h/db", False),
+        ("http://127.0.0.1:5000", False),
+        ("/a/path", False),
+    ],
+)
+def test_postgres_urls_are_recognised_whatever_the_driver(url, is_postgres):
+    assert (databases.postgres_url(url) is not None) == is_postgres
+
+
+def test_the_lock_key_is_a_fixed_signed_64_bit_number_per_name():
+    key = databases.lock_key(databases.SCHEMA)
+    assert key == int.from_bytes(
+        hashlib.sha256(b"gradalign:schema").digest()[:8], "big", signed=True
+    )
+    assert -(2**63) <= key < 2**63
+    assert databases.lock_key("other") != key
+
+
+class DriverError(Exception):
+    def __init__(self, sqlstate):
+        super().__init__(f"sqlstate {sqlstate}")
+        self.sqlstate = sqlstate
+
+
+def wrapped(sqlstate):
+    """What SQLAlchemy raises for a driver error, raised again by the caller (as MLflow does)."""
+    try:
+        raise IntegrityError("CREATE TYPE studydirection", {}, DriverError(sqlstate))
+    except IntegrityError as error:
+        try:
+            raise RuntimeError("could not create the store") from error
+        except RuntimeError as outer:
+            return outer
+
+
+@pytest.mark.parametrize("sqlstate", ["23505", "42P07", "42710", "40P01"])
+def test_the_creation_race_is_recognised_through_wrapping_errors(sqlstate):
+    assert databases.is_creation_race(wrapped(sqlstate))
+
+
+def test_other_database_errors_are_not_the_race():
+    assert not databases.is_creation_race(wrapped("28P01"))  # wrong password
+    assert not databases.is_creation_race(ValueError("no"))
+
+
+def test_a_lost_race_is_retried_and_other_errors_are_not(monkeypatch):
+    monkeypatch.setattr(databases.time, "sleep", lambda s: None)
+    attempts = []
+
+    def create():
+        attempts.append(1)
+        if len(attempts) < 3:
+            raise wrapped("23505")
+        return "store"
+
+    assert databases.schema_created("sqlite:////tmp/x.db", create, 1) == "store"
+    assert len(attempts) == 3
+
+    def broken():
+        attempts.append(1)
+        raise wrapped("28P01")
+
+    attempts.clear()
+    with pytest.raises(RuntimeError):
+        databases.schema_created("sqlite:////tmp/x.db", broken, 1)
+    assert len(attempts) == 1
+
+    def always_racing():
+        attempts.append(1)
+        raise wrapped("42P07")
+
+    attempts.clear()
+    with pytest.raises(RuntimeError):
+        databases.schema_created("sqlite:////tmp/x.db", always_racing, 1)
+    assert len(attempts) == databases.RACE_ATTEMPTS
+
+
+def test_optuna_and_mlflow_in_one_database_are_refused_naming_no_password():
+    with pytest.raises(ValueError, match="alembic_version") as error:
+        databases.check_separate(
+            "postgresql+psycopg://ci:s3cret@h:5432/study", "postgresql://ci:s3cret@h:5432/study"
+        )
+    assert "s3cret" not in str(error.value)
+    databases.check_separate("postgresql://h:5432/optuna", "postgresql://h:5432/mlflow")
+    databases.check_separate("sqlite:////tmp/o.db", "http://127.0.0.1:5000")
