@@ -93,7 +93,7 @@ def open_parent(cfg: DictConfig) -> str:
     ``tracking.open_sweep_parent``, which the Optuna storage of a shared study serialises), with
     the saved view of its trials. Its params are the sweeper settings (search space, n_trials,
     sampler, storage; passwords masked)."""
-    sweeper, sweep_dir = cfg.hydra.sweeper, Path(cfg.hydra.sweep.dir)
+    sweeper = cfg.hydra.sweeper
     root = Path(cfg.paths.root)
     key = sweep_id(root, Path(cfg.hydra.sweep.dir), sweeper)
     label = parent_label(cfg)
