@@ -4,6 +4,7 @@
     python study.py --quick                   # the same pipeline in seconds (own MLflow experiment)
     python study.py --preset seed_note        # the research note's own study, as it ran it
     python study.py --preset seed_note_audit  # ... and under variations, claim by claim
+    python study.py --suite                   # = --preset suite: adam vs gao on five workloads
     python study.py --optimizers adam gao gao_update -- model=cnn
 
 Presets and their keys: conf/study/<name>.yaml (report defaults: conf/report.yaml). Overrides
@@ -27,6 +28,9 @@ def main(argv: list[str]) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--preset", default="default", help="conf/study/<name>.yaml")
+    parser.add_argument(
+        "--suite", action="store_const", const="suite", dest="preset", help="= --preset suite"
+    )
     parser.add_argument("--quick", action="store_true", help="the preset's quick budgets")
     parser.add_argument("--trials", type=int, metavar="N", help="Optuna trials per sweep")
     add_report_arguments(parser)
