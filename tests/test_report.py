@@ -295,7 +295,7 @@ def test_bad_settings_name_the_value_and_what_is_allowed(values, match):
 def test_bad_training_overrides_fail_before_any_query(store):
     _, overrides = store
     with pytest.raises(ValueError, match="invalid training-config overrides"):
-        make_report(settings([*overrides, "model=transformer"]))
+        make_report(settings([*overrides, "model=no_such_model"]))
     with pytest.raises(ValueError, match="trainer.epochs=-1"):
         make_report(settings([*overrides, "trainer.epochs=-1"]))
 

@@ -249,7 +249,8 @@ def test_quick_suite_end_to_end(tmp_path):
                     "## Figure", "own verdict"):  # fmt: skip
         assert section in text
     for workload in WORKLOADS:
-        assert (tmp_path / "out" / "report" / f"suite-{workload}" / "report.md").is_file()
+        part = (tmp_path / "out" / "report" / f"suite-{workload}" / "report.md").read_text()
+        assert "## Final runs: 1 epochs" in part  # the workload's budget, as quick sets it
         assert text.count(f"| {workload} | gao") == 2  # gao and gao_update rows
     (wtl,) = [line for line in text.splitlines() if line.startswith("| optimizer | win |")]
     rows = [line for line in text.splitlines() if line.startswith(("| gao |", "| gao_update |"))]
@@ -280,3 +281,15 @@ def test_quick_suite_end_to_end(tmp_path):
         for line in again.stderr.splitlines()
         if "final run(s) to train" in line and not line.split(": ")[1].startswith("0 ")
     ]
+
+
+def test_a_preset_with_an_unknown_summary_is_refused_before_anything_runs(tmp_path):
+    shutil.copytree(REPO_ROOT / "conf", tmp_path / "conf")
+    suite = tmp_path / "conf" / "study" / "suite.yaml"
+    suite.write_text(suite.read_text().replace("summary: suite", "summary: forest"))
+    with pytest.raises(ValueError, match=r"summary of suite.yaml='forest': must be one of"):
+        parse(tmp_path, "--suite")
+    text = suite.read_text().replace("summary: forest", "summary: suite")
+    suite.write_text(text.replace("final_epochs: null", "final_epochs: 0"))
+    with pytest.raises(ValueError, match=r"final_epochs=0: must be an integer >= 1, or null"):
+        parse(tmp_path, "--suite")
