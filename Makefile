@@ -4,6 +4,8 @@
 #   make study-quick                             # the same pipeline in seconds
 #   make study OPTIMIZERS="adam gao gao_update" OVERRIDES="model=cnn"
 #   make report                                  # the report only, from the sweeps already tracked
+#   make replica                                 # the research note's own study, as it ran it
+#   make audit                                   # that study under variations, claim by claim
 PYTHON ?= python
 # Empty: conf/report.yaml's optimizers.
 OPTIMIZERS ?=
@@ -11,7 +13,7 @@ OPTIMIZERS ?=
 OVERRIDES ?=
 PICK = $(if $(strip $(OPTIMIZERS)),--optimizers $(OPTIMIZERS))
 
-.PHONY: study study-quick report test test-slow lint
+.PHONY: study study-quick report replica audit test test-slow lint
 
 study:
 	$(PYTHON) study.py $(PICK) -- $(OVERRIDES)
@@ -21,6 +23,12 @@ study-quick:
 
 report:
 	$(PYTHON) report.py $(PICK) -- $(OVERRIDES)
+
+replica:
+	$(PYTHON) study.py --preset seed_note
+
+audit:
+	$(PYTHON) study.py --preset seed_note_audit
 
 lint:
 	$(PYTHON) -m ruff check .

@@ -63,3 +63,10 @@ def test_verdicts_follow_the_claimed_direction():
     assert check(BY_KEY["score"], noisy, adam, 0.05).verdict == "not shown"
     one = check(BY_KEY["score"], better[:1], adam[:1], 0.05)
     assert one.verdict == "one seed" and one.text.startswith("one seed: 0.9130 vs 1.0100")
+
+
+def test_one_seed_shows_its_difference_and_no_test():
+    one = check(BY_KEY["score"], [run("gao", 0, [2.0, 0.9, 1.5])], [run("adam", 0, [2.0, 1.2])],
+                alpha=0.05)  # fmt: skip
+    assert one.verdict == "one seed" and one.test.mean_diff == pytest.approx(-0.3)
+    assert one.text == "one seed: 0.9000 vs 1.2000; diff -0.3, no test (n = 1)"

@@ -302,5 +302,5 @@ def test_bad_training_overrides_fail_before_any_query(store):
 
 def test_worker_processes_only_when_they_save_more_than_they_cost():
     assert workers_worth_starting([0.5] * 4, 2) == 1  # a quick study: seconds of training
-    assert workers_worth_starting([3.0] * 10, 2) == 2  # the full study: ~30 s of training
+    assert workers_worth_starting([3.0] * 10, 2) == 2  # ten 3 s runs: worth a second worker
     assert workers_worth_starting([100.0], 4) == 1  # one job needs one process

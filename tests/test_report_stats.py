@@ -77,7 +77,7 @@ def test_wilcoxon_exact_p_values_counted_by_hand():
 
 def test_degenerate_pairs_give_nan_not_errors():
     few = paired_test([1.0, math.nan], [2.0, 3.0], alpha=0.05)
-    assert few.n == 1 and math.isnan(few.p_t)
+    assert few.n == 1 and few.mean_diff == 1.0 and math.isnan(few.p_t)  # the one difference
     constant = paired_test([1.0, 2.0, 3.0], [1.5, 2.5, 3.5], alpha=0.05)
     assert constant.mean_diff == 0.5 and math.isnan(constant.p_t) and math.isnan(constant.p_w)
     with pytest.raises(ValueError, match="differ in length"):

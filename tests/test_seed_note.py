@@ -67,7 +67,9 @@ def test_gao_with_the_notes_settings_equals_the_notes_loop_over_100_steps():
 def test_the_preset_is_the_notes_set_up(compose_cfg, tmp_path):
     cfg = compose_cfg("experiment=seed_note", "optimizer=gao", f"paths.data_cache={tmp_path}",
                       hydra=True)  # fmt: skip
-    assert (cfg.trainer.epochs, cfg.trainer.batch_size, cfg.objective) == (25, 64, "best")
+    trainer = cfg.trainer
+    assert (trainer.epochs, trainer.batch_size, trainer.eval_batch_size) == (25, 64, 256)
+    assert cfg.objective == "best"
     assert cfg.hydra.sweeper.n_trials == 30
     assert dict(cfg.hydra.sweeper.params) == {
         "optimizer.lr": "tag(log, interval(1e-5, 1e-1))",

@@ -146,10 +146,12 @@ def _text(
         summary = (
             f"{_number(claim, float(np.mean(ours)))} vs {_number(claim, float(np.mean(theirs)))}"
         )
-    if test.n < 2 or math.isnan(test.p_t):
-        return f"{verdict}: {summary}"
     scale = 100 if claim.key in ("throughout", "test_acc") else 1
     unit = " pp" if scale == 100 else ""
+    if test.n == 1:
+        return f"{verdict}: {summary}; diff {scale * test.mean_diff:+.3g}{unit}, no test (n = 1)"
+    if test.n < 2 or math.isnan(test.p_t):
+        return f"{verdict}: {summary}"
     low, high = (scale * bound for bound in test.ci)
     return (
         f"{verdict}: {summary}; diff {scale * test.mean_diff:+.3g}{unit} "

@@ -39,6 +39,10 @@ def _number(x: float) -> str:
     return "—" if not math.isfinite(x) else f"{x:.3g}"
 
 
+def _signed(x: float) -> str:
+    return "—" if not math.isfinite(x) else f"{x:+.4g}"
+
+
 def _param(value: str) -> str:
     try:
         return f"{float(value):.4g}"
@@ -170,8 +174,8 @@ def render(
                     c.optimizer,
                     OUTCOMES[outcome].label + marker,
                     str(t.n),
-                    f"{t.mean_diff:+.4g}",
-                    f"[{t.ci[0]:+.4g}, {t.ci[1]:+.4g}]",
+                    _signed(t.mean_diff),
+                    f"[{_signed(t.ci[0])}, {_signed(t.ci[1])}]" if math.isfinite(t.ci[0]) else "—",
                     _number(t.t),
                     _number(t.p_t),
                     _number(t.w),

@@ -80,7 +80,8 @@ class PairedTest:
     """Paired comparison of ``other`` with ``baseline`` over the seeds where both are finite.
 
     Differences are other minus baseline. ``ci`` is the (1 - alpha) t-interval of their mean.
-    Statistics that are undefined (fewer than 2 pairs, or all differences equal) are NaN.
+    Statistics that are undefined (fewer than 2 pairs, or all differences equal) are NaN; one
+    pair still has its difference as ``mean_diff``.
     """
 
     n: int
@@ -102,7 +103,8 @@ def paired_test(baseline: Sequence[float], other: Sequence[float], alpha: float)
     n = len(pairs)
     nan = math.nan
     if n < 2:
-        return PairedTest(n, nan, nan, (nan, nan), nan, nan, nan, nan, nan)
+        diff = pairs[0][1] - pairs[0][0] if pairs else nan
+        return PairedTest(n, diff, nan, (nan, nan), nan, nan, nan, nan, nan)
     base, oth = (np.asarray(side, dtype=float) for side in zip(*pairs, strict=True))
     d = oth - base
     mean, sd = float(d.mean()), float(d.std(ddof=1))
