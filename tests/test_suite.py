@@ -242,14 +242,29 @@ def test_a_sixth_workload_is_a_preset_and_a_part_with_no_code(tmp_path):
 def test_quick_suite_end_to_end(tmp_path):
     done = study(tmp_path, "--suite", "--quick", "--name", "suite")
     assert done.returncode == 0, done.stderr[-3000:]
-    folder = tmp_path / "out" / "report" / "suite"
-    assert done.stdout.strip() == str(folder / "suite.md")
+    assert_quick_suite(tmp_path, "suite", done.stdout)
+
+    again = study(tmp_path, "--suite", "--quick")  # the summary alone: nothing to sweep or train
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "15 sweep(s), 15 stored already" in again.stderr
+    assert not [
+        line
+        for line in again.stderr.splitlines()
+        if "final run(s) to train" in line and not line.split(": ")[1].startswith("0 ")
+    ]
+
+
+def assert_quick_suite(root, name, stdout):
+    """What a quick suite named ``name`` run with ``paths.outputs=<root>/out`` and the store
+    ``<root>/mlflow.db`` must have written."""
+    folder = root / "out" / "report" / name
+    assert stdout.strip() == str(folder / "suite.md")
     text = (folder / "suite.md").read_text()
     for section in ("## Verdict", "tuned, on each workload", "## Effects on", "## Wins, ties",
                     "## Figure", "own verdict"):  # fmt: skip
         assert section in text
     for workload in WORKLOADS:
-        part = (tmp_path / "out" / "report" / f"suite-{workload}" / "report.md").read_text()
+        part = (root / "out" / "report" / f"{name}-{workload}" / "report.md").read_text()
         assert "## Final runs: 1 epochs" in part  # the workload's budget, as quick sets it
         assert text.count(f"| {workload} | gao") == 2  # gao and gao_update rows
     (wtl,) = [line for line in text.splitlines() if line.startswith("| optimizer | win |")]
@@ -257,7 +272,7 @@ def test_quick_suite_end_to_end(tmp_path):
     assert wtl == "| optimizer | win | tie | loss | untested |" and len(rows) == 2
     assert all(sum(int(c) for c in row.strip("| ").split(" | ")[1:]) == 5 for row in rows)
     assert (folder / "suite_forest.png").stat().st_size > 10_000
-    recorded = runs(f"sqlite:///{tmp_path / 'mlflow.db'}", experiment="workloads-quick")
+    recorded = runs(f"sqlite:///{root / 'mlflow.db'}", experiment="workloads-quick")
     (suite,) = [r for r in recorded if r.data.tags["stage"] == "study"]
     reports = [r for r in recorded if r.data.tags["stage"] == "report"]
     assert {r.data.tags["mlflow.parentRunId"] for r in reports} == {suite.info.run_id}
@@ -269,18 +284,9 @@ def test_quick_suite_end_to_end(tmp_path):
         for stat in ("mean_diff", "ci_low", "ci_high", "p_t", "p_holm"):
             assert f"{w}/gao/{stat}" in suite.data.metrics
     assert sum(suite.data.metrics[f"gao/{r}"] for r in ("win", "tie", "loss", "untested")) == 5
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
     artifacts = {a.path for a in client.list_artifacts(suite.info.run_id)}
     assert {"suite.md", "suite_forest.png"} <= artifacts
-
-    again = study(tmp_path, "--suite", "--quick")  # the summary alone: nothing to sweep or train
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert "15 sweep(s), 15 stored already" in again.stderr
-    assert not [
-        line
-        for line in again.stderr.splitlines()
-        if "final run(s) to train" in line and not line.split(": ")[1].startswith("0 ")
-    ]
 
 
 def test_a_preset_with_an_unknown_summary_is_refused_before_anything_runs(tmp_path):

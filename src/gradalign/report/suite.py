@@ -38,6 +38,7 @@ from gradalign.schema import Tag
 
 MARKDOWN, FIGURE = "suite.md", "suite_forest.png"
 RESULTS = ("win", "tie", "loss", "untested")
+PLURALS = {"win": "wins", "tie": "ties", "loss": "losses", "untested": "untested"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,7 +169,7 @@ def render(
         lines.append(
             f"- **{optimizer}** against {baseline} over {sum(count.values())} workloads: "
             + ", ".join(
-                f"{count[r]} {r}{'s' if count[r] != 1 and r != 'untested' else ''}"
+                f"{count[r]} {r if count[r] == 1 else PLURALS[r]}"
                 for r in RESULTS
                 if count[r] or r != "untested"
             )  # fmt: skip
@@ -259,9 +260,10 @@ def render(
         "## Each workload's own verdict (uncorrected)",
         "",
     ]
+    own = {part.name: part.overrides for part in settings.parts}
     for workload, r in reports.items():
-        lines.append(f"- **{workload}** (`{r.out_dir.name}/report.md`, overrides "
-                     + " ".join(f"`{o}`" for o in parts[workload].overrides) + "):")  # fmt: skip
+        lines.append(f"- **{workload}** (`{r.out_dir.name}/report.md`, "
+                     + " ".join(f"`{o}`" for o in own[workload]) + "):")  # fmt: skip
         lines += [f"  - {c.verdict}" for c in r.comparisons]
     return "\n".join(lines) + "\n"
 
