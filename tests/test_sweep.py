@@ -196,7 +196,7 @@ def free_port():
         ("optimizer.target=foo", r"target='foo' is not one of"),
         ("model.hidden=[0]", r"invalid model config 'mlp' \(.*\): model.hidden=\[0\] is invalid"),
         ("optimizer=adamm", r"(?s)Could not find 'optimizer/adamm'.*options in 'optimizer':.*adam"),
-        ("model=transformer", r"(?s)Could not find 'model/transformer'.*options in 'model'"),
+        ("model=no_such_model", r"(?s)Could not find 'model/no_such_model'.*options in 'model'"),
         ("dataset=mnist2d", r"(?s)Could not find 'dataset/mnist2d'.*options in 'dataset'"),
         ("hydra.sweeper.max_failure_rate=2", r"max_failure_rate=2.*\[0, 1\]"),
         ("tracking.uri=http://127.0.0.1:PORT", r"http://127.0.0.1:PORT \(unreachable"),
