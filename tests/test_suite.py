@@ -218,9 +218,12 @@ def test_a_sixth_workload_is_a_preset_and_a_part_with_no_code(tmp_path):
     (tmp_path / "train.py").touch()
     settings = parse(tmp_path, "--suite")
     assert [p.name for p in settings.parts] == [*WORKLOADS, "digits_linear"]
-    register_resolvers(tmp_path)
     sixth = part_settings(settings, settings.parts[-1], "n")
-    cfg = compose_optimizer(sixth.conf_dir, "gao", sixth.overrides_of("gao")).cfg
+    register_resolvers(tmp_path)  # ${repo_root:} is the copy's, as a study there would see it
+    try:
+        cfg = compose_optimizer(sixth.conf_dir, "gao", sixth.overrides_of("gao")).cfg
+    finally:
+        register_resolvers(REPO_ROOT)  # the resolver is global: the tests after us need ours
     assert (cfg.model.name, cfg.dataset.name, cfg.trainer.epochs) == ("linear", "digits", 4)
     # the summary reads whatever parts there are: six here, no name known in advance
     reports = six_workloads(tmp_path)
