@@ -6,6 +6,8 @@
 #   make report                                  # the report only, from the sweeps already tracked
 #   make replica                                 # the research note's own study, as it ran it
 #   make audit                                   # that study under variations, claim by claim
+#   make suite                                   # adam vs gao on five workloads, one verdict
+#   make suite-quick                             # the same with one-epoch runs
 PYTHON ?= python
 # Empty: conf/report.yaml's optimizers.
 OPTIMIZERS ?=
@@ -13,7 +15,7 @@ OPTIMIZERS ?=
 OVERRIDES ?=
 PICK = $(if $(strip $(OPTIMIZERS)),--optimizers $(OPTIMIZERS))
 
-.PHONY: study study-quick report replica audit test test-slow lint
+.PHONY: study study-quick report replica audit suite suite-quick test test-slow lint
 
 study:
 	$(PYTHON) study.py $(PICK) -- $(OVERRIDES)
@@ -29,6 +31,12 @@ replica:
 
 audit:
 	$(PYTHON) study.py --preset seed_note_audit
+
+suite:
+	$(PYTHON) study.py --suite
+
+suite-quick:
+	$(PYTHON) study.py --suite --quick
 
 lint:
 	$(PYTHON) -m ruff check .

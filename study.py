@@ -4,6 +4,7 @@
     python study.py --quick                   # the same pipeline in seconds (own MLflow experiment)
     python study.py --preset seed_note        # the research note's own study, as it ran it
     python study.py --preset seed_note_audit  # ... and under variations, claim by claim
+    python study.py --suite                   # = --preset suite: adam vs gao on five workloads
     python study.py --optimizers adam gao gao_update -- model=cnn
     python study.py --pruner median           # sweeps whose hopeless trials stop early
 
@@ -32,6 +33,9 @@ def main(argv: list[str]) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--preset", default="default", help="conf/study/<name>.yaml")
+    parser.add_argument(
+        "--suite", action="store_const", const="suite", dest="preset", help="= --preset suite"
+    )
     parser.add_argument("--quick", action="store_true", help="the preset's quick budgets")
     parser.add_argument("--trials", type=int, metavar="N", help="Optuna trials per sweep")
     parser.add_argument(

@@ -4,7 +4,7 @@ to the ones a study being audited published (the experiment's ``reference``), a 
 part's validation curves, and the verdicts in plain words.
 
 It is written to ``<outputs>/report/<name>/audit.md`` (and ``audit_curves.png``), and logged to
-one MLflow run (stage ``study``) under which every part's report run, and their final runs, nest.
+the study's MLflow run (gradalign.report.summary).
 """
 
 from __future__ import annotations
@@ -21,15 +21,13 @@ import torch
 from matplotlib.figure import Figure
 from omegaconf import OmegaConf
 
-from gradalign import tracking
-from gradalign.experiment import git_tags
-from gradalign.report.build import Report, report_target, write_report
+from gradalign.report.build import Report
 from gradalign.report.claims import CLAIMS, Check, check
-from gradalign.report.configs import compose_optimizer
 from gradalign.report.plots import band
 from gradalign.report.settings import ReportSettings, StudySettings
 from gradalign.report.stats import detectable_effect
-from gradalign.schema import Metric, Param, Stage, Tag
+from gradalign.report.summary import summary_run
+from gradalign.schema import Metric, Tag
 
 log = logging.getLogger(__name__)
 MARKDOWN, FIGURE = "audit.md", "audit_curves.png"
@@ -52,24 +50,12 @@ def checks(report: Report, settings: ReportSettings) -> dict[str, Check]:
 
 
 def write_audit(settings: StudySettings, name: str, parts: Mapping[str, ReportSettings]) -> Path:
-    """Write every part's report, then the audit page; its folder."""
-    first = next(iter(parts.values()))
-    cfg = compose_optimizer(first.conf_dir, first.baseline, first.overrides_of(first.baseline)).cfg
-    client, experiment = tracking.connect(cfg.tracking)
-    folder, resume = report_target(
-        client, experiment, Path(cfg.paths.outputs), name, stage=Stage.STUDY
-    )
-    tags = {Tag.STAGE: Stage.STUDY, Tag.REPORT_NAME: name, **git_tags(str(first.root))}
-    params = {
-        f"{Param.REPORT_PREFIX}preset": settings.preset,
-        f"{Param.REPORT_PREFIX}trials": settings.trials,
-    }
-    with tracking.start_run(
-        cfg.tracking, run_name=f"audit {name}", tags=tags, params=params, resume_run_id=resume
-    ) as run:
-        reports = {part: write_report(s, parent_run_id=run.run_id) for part, s in parts.items()}
+    """Write every part's report, then the audit page; the page."""
+    with summary_run(settings, name, parts, "audit") as summary:
+        reports, folder, run = summary.reports, summary.folder, summary.run
         found = {part: checks(reports[part], parts[part]) for part in parts}
         plot_parts(reports, parts, folder / FIGURE)
+        cfg = summary.cfg
         reference = OmegaConf.to_container(cfg.reference, resolve=True) if cfg.reference else {}
         text = render(settings, name, parts, reports, found, reference, run.run_id)
         (folder / MARKDOWN).write_text(text)
@@ -85,8 +71,7 @@ def write_audit(settings: StudySettings, name: str, parts: Mapping[str, ReportSe
             for key, c in per.items()
         }
         run.log_summary(values, verdicts)
-        run.client.log_artifacts(run.run_id, str(folder))
-    return folder
+    return folder / MARKDOWN
 
 
 def plot_parts(

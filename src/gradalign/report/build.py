@@ -81,6 +81,11 @@ class Plan:
     finals: dict[str, DictConfig]
     existing: dict[str, dict[int, Run]]
 
+    @property
+    def final_epochs(self) -> str:
+        """The final runs' budget in epochs ("25", or "25/50" if the optimizers' differ)."""
+        return "/".join(sorted({str(cfg.trainer.epochs) for cfg in self.finals.values()}))
+
     def jobs(self, seeds: tuple[int, ...]) -> list[FinalJob]:
         """The final runs still to train."""
         return [
@@ -145,7 +150,7 @@ def plan(settings: ReportSettings) -> Plan:
             settings.conf_dir,
             compositions[name],
             choices[name].params,
-            epochs=settings.final_epochs,
+            epochs=settings.final_epochs or compositions[name].cfg.trainer.epochs,
         )
         for name in settings.optimizers
     }
@@ -381,7 +386,7 @@ def write_report(settings: ReportSettings, parent_run_id: str | None = None) -> 
                 for name in settings.optimizers
             },
             out_dir / FIGURE,
-            title=f"{header['title']}: {settings.final_epochs} epochs, {len(settings.seeds)} seeds",
+            title=f"{header['title']}: {the_plan.final_epochs} epochs, {len(settings.seeds)} seeds",
         )
         hyper = {
             name: hyperparameters(the_plan.compositions[name], the_plan.choices[name].params)
@@ -394,6 +399,7 @@ def write_report(settings: ReportSettings, parent_run_id: str | None = None) -> 
                 choices=the_plan.choices,
                 hyperparameters=hyper,
                 finals=results,
+                final_epochs=the_plan.final_epochs,
                 summaries=summaries,
                 comparisons=comparisons,
                 figure=FIGURE,

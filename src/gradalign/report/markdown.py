@@ -62,6 +62,7 @@ def render(
     choices: Mapping[str, SweepChoice],
     hyperparameters: Mapping[str, Mapping[str, str]],
     finals: Sequence[FinalResult],
+    final_epochs: str,
     summaries: Mapping[str, Mapping[str, Summary]],
     comparisons: Sequence[Comparison],
     figure: str,
@@ -149,7 +150,7 @@ def render(
 
     lines += [
         "",
-        f"## Final runs: {settings.final_epochs} epochs, seeds {list(settings.seeds)} "
+        f"## Final runs: {final_epochs} epochs, seeds {list(settings.seeds)} "
         "(mean ± std over seeds)",
         "",
     ]

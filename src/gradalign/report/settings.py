@@ -21,6 +21,7 @@ from gradalign.checks import is_int, is_number
 from gradalign.report.stats import TESTED
 
 DIRECTIONS = ("minimize", "maximize")
+SUMMARIES = ("audit", "suite")  # the page a study of several parts ends with (report/study.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,7 +37,7 @@ class ReportSettings:
     optimizers: tuple[str, ...]
     baseline: str
     seeds: tuple[int, ...]
-    final_epochs: int
+    final_epochs: int | None  # None: each run's own trainer.epochs (a workload's budget)
     metric: str
     direction: str
     primary: str
@@ -78,8 +79,9 @@ class Part:
 @dataclasses.dataclass(frozen=True)
 class StudySettings:
     """A study preset (conf/study/<preset>.yaml): the sweeps' trials, the report that follows
-    them, and, for a study of several comparisons (an audit), its parts and how its summary
-    groups them into columns."""
+    them, and, for a study of several comparisons, its parts, which summary ends it (``audit``:
+    claim by claim, grouped into ``columns``; ``suite``: a cross-workload verdict, one part per
+    workload)."""
 
     preset: str
     trials: int
@@ -87,6 +89,7 @@ class StudySettings:
     parts: tuple[Part, ...]
     columns: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
     pruner: str = "none"  # the sweeps' hydra/sweeper/pruner
+    summary: str = "audit"
 
 
 def available_optimizers(root: Path) -> list[str]:
@@ -174,8 +177,9 @@ def report_settings(
     if raw["baseline"] not in optimizers:
         _fail("baseline", raw["baseline"], f"one of the optimizers {list(optimizers)}")
     seeds = _check_seeds(raw["seeds"])
-    if not (is_int(raw["final_epochs"]) and raw["final_epochs"] >= 1):
-        _fail("final_epochs", raw["final_epochs"], "an integer >= 1")
+    final_epochs = raw["final_epochs"]
+    if final_epochs is not None and not (is_int(final_epochs) and final_epochs >= 1):
+        _fail("final_epochs", final_epochs, "an integer >= 1, or null (the runs' trainer.epochs)")
     if not (isinstance(raw["metric"], str) and raw["metric"]):
         _fail("metric", raw["metric"], "a metric name, e.g. objective")
     if raw["direction"] not in DIRECTIONS:
@@ -195,7 +199,7 @@ def report_settings(
         optimizers=optimizers,
         baseline=raw["baseline"],
         seeds=seeds,
-        final_epochs=raw["final_epochs"],
+        final_epochs=final_epochs,
         metric=raw["metric"],
         direction=raw["direction"],
         primary=raw["primary"],
@@ -234,8 +238,9 @@ def study_settings_from_args(
     ``--trials``, ``--quick`` and ``--pruner``.
 
     A preset holds ``trials``, ``report`` (values over conf/report.yaml), ``overrides``
-    (training overrides, before the user's), optionally ``parts`` and ``columns`` (a study of
-    several comparisons), and ``quick``: smaller values of the same keys for ``--quick``.
+    (training overrides, before the user's), optionally ``parts``, ``summary`` and ``columns``
+    (a study of several comparisons), and ``quick``: smaller values of the same keys for
+    ``--quick``.
     Explicit flags and the user's overrides after ``--`` still win.
     """
     presets = available_presets(root)
@@ -243,10 +248,13 @@ def study_settings_from_args(
         _fail("preset", args.preset, f"one of {presets} (conf/study/)")
     path = Path(root) / "conf" / "study" / f"{args.preset}.yaml"
     study = OmegaConf.to_container(OmegaConf.load(path))
-    unknown = set(study) - {"trials", "report", "overrides", "parts", "columns", "quick"}
+    keys = ("trials", "report", "overrides", "parts", "summary", "columns", "quick")
+    unknown = set(study) - set(keys)
     if unknown:
-        _fail("keys of " + str(path.name), sorted(unknown), "trials, report, overrides, parts, "
-              "columns, quick")  # fmt: skip
+        _fail("keys of " + str(path.name), sorted(unknown), ", ".join(keys))
+    summary = study.get("summary", "audit")
+    if summary not in SUMMARIES:
+        _fail(f"summary of {path.name}", summary, f"one of {list(SUMMARIES)}")
     quick = study.get("quick", {}) if args.quick else {}
     values = {**study.get("report", {}), **quick.get("report", {}), **_report_flags(args)}
     overrides = [*study.get("overrides", []), *quick.get("overrides", []), *args.overrides]
@@ -263,7 +271,7 @@ def study_settings_from_args(
     pruner = getattr(args, "pruner", "none")
     if pruner not in available_pruners(root):
         _fail("pruner", pruner, f"one of {available_pruners(root)} (conf/hydra/sweeper/pruner/)")
-    return StudySettings(args.preset, trials, report, parts, columns, pruner)
+    return StudySettings(args.preset, trials, report, parts, columns, pruner, summary)
 
 
 def _parts(raw: Mapping[str, Any], report: ReportSettings, root: str | os.PathLike) -> tuple:

@@ -126,6 +126,23 @@ def paired_test(baseline: Sequence[float], other: Sequence[float], alpha: float)
     )
 
 
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm's step-down adjusted p values, in the order given: with the m finite p values sorted
+    ascending, p_(i) becomes max over j <= i of min(1, (m - j + 1) p_(j)). Rejecting where the
+    adjusted p < alpha controls the family-wise error rate at alpha under any dependence.
+
+    A NaN p value (an untestable comparison) stays NaN and is not counted in m.
+    """
+    finite = [i for i, p in enumerate(p_values) if math.isfinite(p)]
+    order = sorted(finite, key=lambda i: p_values[i])
+    adjusted = [math.nan] * len(p_values)
+    running = 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(order) - rank) * p_values[i]))
+        adjusted[i] = running
+    return adjusted
+
+
 def min_wilcoxon_p(n: int) -> float:
     """Smallest two-sided p-value the exact signed-rank test can give with n untied pairs: 2 / 2**n
     (all differences of one sign). 0.0625 for n = 5: such a test cannot reach p < 0.05."""

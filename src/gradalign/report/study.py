@@ -1,6 +1,7 @@
 """A study end to end: the Optuna sweeps its comparisons need, each a ``train.py -m`` run as a
 parallel subprocess, then a report per comparison in this process, and, for a study of several
-comparisons, a summary across them (gradalign.report.audit).
+comparisons, a summary across them (gradalign.report.audit: claim by claim; gradalign.report.suite:
+across workloads).
 
 The sweeps are plain train.py commands, the same a user would type, so the study adds nothing a
 single sweep does not already do; each one's output goes to a log file. Every sweep keeps its
@@ -29,15 +30,18 @@ from optuna.trial import TrialState
 
 from gradalign import tracking
 from gradalign.config import hydra_quoted, register_resolvers
-from gradalign.report.audit import MARKDOWN as AUDIT_MARKDOWN
 from gradalign.report.audit import write_audit
 from gradalign.report.build import MARKDOWN, write_report
 from gradalign.report.configs import compose_optimizer, optimizer_overrides
 from gradalign.report.settings import Part, ReportSettings, StudySettings
+from gradalign.report.suite import write_suite
 
 log = logging.getLogger(__name__)
 TAIL = 40  # lines of a failed sweep's log shown
 STUDIES = "studies"  # under paths.outputs: the Optuna storage and the sweeps' logs and folders
+# The page a study of several parts ends with (StudySettings.summary): each writes every part's
+# report, then its own page, and returns the page.
+SUMMARIES = {"audit": write_audit, "suite": write_suite}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,7 +175,8 @@ def run_sweeps(commands: dict[str, list[str]], logs: Path, jobs: int) -> None:
 
 def run_study(settings: StudySettings) -> Path:
     """Run the sweeps the study's parts need (only what is missing), then report each part,
-    then summarise them; the study's page (report.md, or audit.md for several parts).
+    then summarise them; the study's page (report.md, or for several parts the summary's page:
+    audit.md or suite.md).
 
     Every configuration is composed and validated first, and the MLflow store and experiment
     are created once here, so parallel sweeps neither fail late on a typo nor race to create them.
@@ -209,7 +214,7 @@ def run_study(settings: StudySettings) -> Path:
     if len(parts) == 1:
         page = write_report(next(iter(parts.values()))).out_dir / MARKDOWN
     else:
-        page = write_audit(settings, name, parts) / AUDIT_MARKDOWN
+        page = SUMMARIES[settings.summary](settings, name, parts)
     log.info(
         "reports: %.1f s (study %.1f s)", time.perf_counter() - swept, time.perf_counter() - start
     )

@@ -1,0 +1,58 @@
+"""What every summary of a study of several parts shares (an audit, a workload suite): one MLflow
+run (stage ``study``) under which every part's report, and their final runs, nest; the study's
+folder ``<outputs>/report/<name>/``; every part's report written first; the folder logged as the
+run's artifacts once the summary's page is in it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from gradalign import tracking
+from gradalign.experiment import git_tags
+from gradalign.report.build import Report, report_target, write_report
+from gradalign.report.configs import compose_optimizer
+from gradalign.report.settings import ReportSettings, StudySettings
+from gradalign.schema import Param, Stage, Tag
+
+
+@dataclasses.dataclass(frozen=True)
+class SummaryRun:
+    """An open summary: its MLflow run, its folder, every part's written report, and the first
+    part's composed baseline config (its tracking settings and ``reference``)."""
+
+    run: tracking.Run
+    folder: Path
+    reports: dict[str, Report]
+    cfg: DictConfig
+
+
+@contextlib.contextmanager
+def summary_run(
+    settings: StudySettings, name: str, parts: Mapping[str, ReportSettings], kind: str
+) -> Iterator[SummaryRun]:
+    """Open (or resume) the study's MLflow run, write every part's report under it, and yield;
+    on a clean exit log the folder as the run's artifacts. ``kind`` names the run
+    (``<kind> <name>``)."""
+    first = next(iter(parts.values()))
+    cfg = compose_optimizer(first.conf_dir, first.baseline, first.overrides_of(first.baseline)).cfg
+    client, experiment = tracking.connect(cfg.tracking)
+    folder, resume = report_target(
+        client, experiment, Path(cfg.paths.outputs), name, stage=Stage.STUDY
+    )
+    tags = {Tag.STAGE: Stage.STUDY, Tag.REPORT_NAME: name, **git_tags(str(first.root))}
+    params = {
+        f"{Param.REPORT_PREFIX}preset": settings.preset,
+        f"{Param.REPORT_PREFIX}trials": settings.trials,
+    }
+    with tracking.start_run(
+        cfg.tracking, run_name=f"{kind} {name}", tags=tags, params=params, resume_run_id=resume
+    ) as run:
+        reports = {part: write_report(s, parent_run_id=run.run_id) for part, s in parts.items()}
+        yield SummaryRun(run, folder, reports, cfg)
+        run.client.log_artifacts(run.run_id, str(folder))
