@@ -9,7 +9,9 @@ params as overrides, and is checked to reproduce them exactly. The same composit
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -26,6 +28,14 @@ DEFAULT_OVERRIDES = ("trainer.threads=1",)
 
 
 def _compose(conf_dir: Path, overrides: Sequence[str], hydra: bool = False) -> DictConfig:
+    """conf/config.yaml composed with ``overrides``: a copy the caller may change."""
+    return copy.deepcopy(_composed(conf_dir, tuple(overrides), hydra))
+
+
+@functools.cache
+def _composed(conf_dir: Path, overrides: tuple[str, ...], hydra: bool) -> DictConfig:
+    """Each composition once per process: a study composes the same ones for every part it
+    reports, and one Hydra composition costs far more than a copy."""
     with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
         try:
             return compose("config", overrides=list(overrides), return_hydra_config=hydra)

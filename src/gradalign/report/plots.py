@@ -99,7 +99,8 @@ def _alignment_panel(
 def plot_convergence(runs: Mapping[str, Sequence[Curves]], path: Path, *, title: str) -> Path:
     """Write the 2x2 figure (val loss, train loss (log scale), val accuracy, GAO alignment) of
     ``runs`` (optimizer -> curves of its final runs, one per seed) to ``path``."""
-    fig = Figure(figsize=(11, 7.5), layout="constrained")
+    fig = Figure(figsize=(11, 7.5))
+    fig.subplots_adjust(left=0.07, right=0.98, bottom=0.07, top=0.9, wspace=0.2, hspace=0.3)
     (val_loss, train_loss), (val_acc, alignment) = fig.subplots(2, 2)
     _panel(val_loss, runs, Metric.VAL_LOSS, f"val loss (band: {BAND})")
     _panel(
