@@ -11,10 +11,21 @@ from hydra import compose, initialize_config_dir
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
+from gradalign.schema import Metric
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONF = REPO_ROOT / "conf"
 TRAIN = [sys.executable, str(REPO_ROOT / "train.py")]
 EXPERIMENT = OmegaConf.load(CONF / "config.yaml").tracking.experiment
+# The per-epoch metrics every training run logs.
+EPOCH_METRICS = (
+    Metric.TRAIN_LOSS,
+    Metric.VAL_LOSS,
+    Metric.VAL_ACC,
+    Metric.TEST_LOSS,
+    Metric.TEST_ACC,
+    Metric.EPOCH_TIME,
+)
 
 
 def options(group: str) -> list[str]:

@@ -15,7 +15,14 @@ import pytest
 from services import fresh_database, mlflow_server, postgres_server
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
-from test_scale import assert_complete_and_tracked, environment, runs, study_trials, sweep_command
+from test_scale import (
+    assert_complete_and_tracked,
+    environment,
+    run_together,
+    runs,
+    study_trials,
+    sweep_command,
+)
 
 from gradalign import stores
 
@@ -141,18 +148,7 @@ def test_two_sweeps_share_a_fresh_postgres_study_and_a_postgres_tracking_server(
             "hydra.sweeper.study_name=shared-pg",
             f"tracking.uri={with_credentials}",
         )
-        sweeps = [
-            subprocess.Popen(
-                command,
-                env=environment(uri),
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
-            for _ in range(2)
-        ]
-        outputs = [sweep.communicate(timeout=900)[0] for sweep in sweeps]
-        assert [s.returncode for s in sweeps] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+        outputs = run_together(command, environment(uri), copies=2, timeout=900)
 
         trials = study_trials(storage, "shared-pg")
         assert len(trials) == 6

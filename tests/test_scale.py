@@ -14,6 +14,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+from helpers import EPOCH_METRICS, REPO_ROOT
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 from services import mlflow_server
@@ -22,16 +23,7 @@ from gradalign import tracking
 from gradalign.schema import Metric
 
 pytestmark = pytest.mark.slow
-REPO_ROOT = Path(__file__).resolve().parents[1]
 SEARCHED = {"adam": {"optimizer.lr"}, "gao": {"optimizer.lr", "optimizer.beta"}}
-EPOCH_METRICS = (
-    Metric.TRAIN_LOSS,
-    Metric.VAL_LOSS,
-    Metric.VAL_ACC,
-    Metric.TEST_LOSS,
-    Metric.TEST_ACC,
-    Metric.EPOCH_TIME,
-)
 
 
 def sweep_command(sweep_dir, *overrides):
@@ -75,6 +67,20 @@ def runs(uri, stage=None):
         order_by=["attributes.start_time ASC"],
     )
     return client, found
+
+
+def run_together(command: list[str], env: dict[str, str], copies: int, timeout: float) -> list[str]:
+    """Run ``copies`` processes of ``command`` at once (sweeps sharing a study); assert that
+    each exits 0, showing the ends of their outputs otherwise; their outputs."""
+    processes = [
+        subprocess.Popen(
+            command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        for _ in range(copies)
+    ]
+    outputs = [process.communicate(timeout=timeout)[0] for process in processes]
+    assert [p.returncode for p in processes] == [0] * copies, "".join(o[-2000:] for o in outputs)
+    return outputs
 
 
 def study_trials(storage, name):
@@ -175,18 +181,7 @@ def test_two_sweep_processes_share_one_study_and_one_parent(tmp_path):
         f"hydra.sweeper.storage={storage}",
         "hydra.sweeper.study_name=shared",
     )
-    processes = [
-        subprocess.Popen(
-            command,
-            env=environment(uri),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for _ in range(2)
-    ]
-    outputs = [process.communicate(timeout=300)[0] for process in processes]
-    assert [p.returncode for p in processes] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+    run_together(command, environment(uri), copies=2, timeout=300)
 
     trials = study_trials(storage, "shared")
     assert len(trials) == 6  # 3 + 3

@@ -10,26 +10,15 @@ import signal
 import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-from helpers import train_in_process
+from helpers import EPOCH_METRICS, REPO_ROOT, train_in_process
 from mlflow.tracking import MlflowClient
 
 from gradalign import experiment, processes, tracking
 from gradalign.progress import EpochProgress
 from gradalign.schema import Metric
 from gradalign.training import EpochMetrics
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-EPOCH_METRICS = {
-    Metric.TRAIN_LOSS,
-    Metric.VAL_LOSS,
-    Metric.VAL_ACC,
-    Metric.TEST_LOSS,
-    Metric.TEST_ACC,
-    Metric.EPOCH_TIME,
-}
 
 
 @pytest.fixture(scope="module")
