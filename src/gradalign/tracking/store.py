@@ -265,8 +265,8 @@ def client(uri: str, wait_s: float) -> MlflowClient:
             f"MLflow store {uri}: directory {db.parent} does not exist (a relative path is taken "
             "from the repository root). Create it, or fix tracking.uri / MLFLOW_TRACKING_URI"
         )
-    _check_mlflow_schema(db, uri)
-    with file_lock(db.parent / f"{db.name}.lock"):
+    with file_lock(db.parent / f"{db.name}.lock"):  # a process creating the schema holds it
+        _check_mlflow_schema(db, uri)  # so never half-migrated here
         try:
             opened = _retrying(uri, wait_s, MlflowClient, tracking_uri=uri)
         except (SQLAlchemyError, MlflowException) as error:
