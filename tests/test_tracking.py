@@ -188,6 +188,11 @@ def test_links_open_the_runs_table_even_for_a_first_time_visitor(tmp_path):
     )
     chosen = OmegaConf.merge(cfg, {"ui_url": "https://ui.example/mlflow"})
     assert tracking.ui_url(chosen) == "https://ui.example/mlflow"
+    # a printed link or command never shows a password of the store
+    secret = OmegaConf.merge(cfg, {"uri": "https://me:s3cret@tracking:5000/"})
+    assert tracking.ui_url(secret) == "https://tracking:5000"
+    database = OmegaConf.merge(cfg, {"uri": "postgresql+psycopg://me:s3cret@db/mlflow"})
+    assert "s3cret" not in tracking.serve_command(database)
 
 
 def test_a_saved_view_is_the_ui_s_own_envelope():

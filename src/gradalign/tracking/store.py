@@ -361,12 +361,14 @@ def experiment_id(uri: str, wait_s: float, name: str) -> str:
 
 def ui_url(tracking: DictConfig) -> str:
     """The MLflow UI that shows the configured store: tracking.ui_url; else the tracking server
-    itself; else tracking.default_ui_url (where ``mlflow ui`` serves by default)."""
+    itself, without the user and password a tracking URI may carry (a printed link must not
+    show them); else tracking.default_ui_url (where ``mlflow ui`` serves by default)."""
     if tracking.ui_url:
         return str(tracking.ui_url).rstrip("/")
     uri = tracking_uri(tracking)
     if uri.startswith(("http://", "https://")):
-        return uri.rstrip("/")
+        parts = urllib.parse.urlsplit(uri)
+        return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl().rstrip("/")
     return str(tracking.default_ui_url).rstrip("/")
 
 
@@ -375,7 +377,7 @@ def serve_command(tracking: DictConfig) -> str | None:
     uri = tracking_uri(tracking)
     if uri.startswith(("http://", "https://")):
         return None
-    return f"mlflow ui --backend-store-uri {uri}"
+    return mask(f"mlflow ui --backend-store-uri {uri}")
 
 
 def store_client(tracking: DictConfig) -> MlflowClient:
