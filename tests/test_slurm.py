@@ -21,6 +21,8 @@ from test_scale import (
     wait_for_epochs,
 )
 
+from gradalign.schema import Metric
+
 pytestmark = [pytest.mark.slow, pytest.mark.services]
 # The scancelled sweep and its resumption: one configuration (the study refuses another), with
 # trials long enough to be seen training before the scancel and short enough to resume.
@@ -129,7 +131,7 @@ def test_scancel_ends_the_runs_killed_stops_the_sweep_and_the_study_resumes(tmp_
         run = client.get_run(run_id)
         assert run.info.status == "KILLED"
         assert run.data.tags["failure_reason"] == "interrupted (Terminated)"  # not the sweep's
-        assert len(client.get_metric_history(run_id, "val_loss")) >= epochs
+        assert len(client.get_metric_history(run_id, Metric.VAL_LOSS)) >= epochs
     before = study_trials(storage, "on-slurm")
     assert [t.state for t in before] == [TrialState.FAIL] * 2
     for trial in before:
