@@ -46,6 +46,9 @@ def _rank_main(rank, fn, port, args):
     )
     try:
         fn(rank, *args)
+        # No rank closes its connections while the other's last collective may still be using
+        # them (gloo aborts the process then: "terminate called without an active exception").
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -225,12 +225,19 @@ def test_parallel_sweep_against_a_tracking_server(tmp_path, tracking_server):
         assert ".hydra/config.yaml" in artifacts
 
 
-def wait_for_epochs(uri, trials, deadline_s=240):
+def wait_for_epochs(uri, trials, sweep, deadline_s=240):
     """Poll the store until the runs of Optuna trials ``trials`` each logged an epoch; the
     number of val_loss points each has then, by run id. (The trials must last long enough for
-    a poll to see them training: the callers give them far more epochs than they let them run.)"""
+    a poll to see them training: the callers give them far more epochs than they let them run.)
+    Fails at once, with its exit status, if the ``sweep`` process ends first."""
     deadline = time.monotonic() + deadline_s
     while time.monotonic() < deadline:
+        if sweep.poll() is not None:
+            output = sweep.communicate()[0] if sweep.stdout else ""
+            raise AssertionError(
+                f"the sweep exited ({sweep.returncode}) before trials {trials} trained: "
+                f"{output[-3000:]}"
+            )
         try:
             client, found = runs(uri, "sweep")
         except Exception:  # the store is being created, or is busy with the sweep's writes
@@ -265,7 +272,7 @@ def test_interrupted_sweep_ends_killed_and_resumes_without_repeating_trials(tmp_
         stderr=subprocess.DEVNULL,
     )
     try:
-        logged = wait_for_epochs(uri, {1})
+        logged = wait_for_epochs(uri, {1}, first)
     finally:
         first.send_signal(signum)
         assert first.wait(timeout=60) != 0
@@ -332,7 +339,7 @@ def test_sigterm_to_a_parallel_sweep_leaves_no_run_running_and_no_worker(tmp_pat
         start_new_session=True,
     )
     try:
-        logged = wait_for_epochs(uri, {0, 1})
+        logged = wait_for_epochs(uri, {0, 1}, sweep)
     finally:
         sweep.send_signal(signal.SIGTERM)
         assert sweep.wait(timeout=90) != 0

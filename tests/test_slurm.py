@@ -112,7 +112,7 @@ def test_scancel_ends_the_runs_killed_stops_the_sweep_and_the_study_resumes(tmp_
         text=True,
     )
     try:
-        logged = wait_for_epochs(uri, {0, 1}, deadline_s=600)
+        logged = wait_for_epochs(uri, {0, 1}, sweep, deadline_s=600)
         arrays, _ = array_jobs(sweep_dir)
         subprocess.run(["scancel", *arrays], check=True)
         output = sweep.communicate(timeout=300)[0]

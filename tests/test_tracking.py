@@ -10,6 +10,7 @@ import multiprocessing
 import os
 import signal
 import socket
+import sqlite3
 import threading
 import time
 
@@ -457,3 +458,56 @@ def test_a_signal_during_a_store_call_is_delivered_after_it():
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def dataset_record(name="mnist1d"):
+    return tracking.DatasetRecord(
+        name=name, digest="0123456789ab", source="/data", profile={"train": 4}, schema={}
+    )
+
+
+def test_a_run_that_loses_the_race_to_insert_its_dataset_logs_it_again(tmp_path, monkeypatch):
+    """Two runs starting at once on a store new to their data set both insert it, and the later
+    one's insert fails on the datasets table's key (seen on PostgreSQL under SLURM): that run
+    logs its input again, finds the winner's row, and trains."""
+    cfg = store(tmp_path)
+    client = MlflowClient(cfg.uri)
+    experiment = tracking.experiment_id(cfg.uri, 60, cfg.experiment)
+    winner = client.create_run(experiment).info.run_id
+    attempts = []
+    log_inputs = MlflowClient.log_inputs
+
+    def racing(self, run_id, datasets=None, models=None):
+        attempts.append(run_id)
+        if len(attempts) == 1:  # the other run's insert lands between this one's look-up and insert
+            log_inputs(self, winner, datasets=datasets)
+            raise MlflowException('duplicate key value violates unique constraint "dataset_pk"')
+        return log_inputs(self, run_id, datasets=datasets)
+
+    monkeypatch.setattr(MlflowClient, "log_inputs", racing)
+    with tracking.start_run(cfg, run_name="r", tags={}, params={}, dataset=dataset_record()) as run:
+        pass
+    assert attempts == [run.run_id, run.run_id]
+    assert client.get_run(run.run_id).info.status == "FINISHED"
+    inputs = [client.get_run(r).inputs.dataset_inputs for r in (winner, run.run_id)]
+    assert [[i.dataset.name for i in found] for found in inputs] == [["mnist1d"], ["mnist1d"]]
+    with contextlib.closing(sqlite3.connect(cfg.uri.removeprefix("sqlite:///"))) as db:
+        assert db.execute("SELECT count(*) FROM datasets").fetchone() == (1,)
+
+
+def test_a_store_that_keeps_refusing_a_dataset_fails_the_run_with_its_error(tmp_path, monkeypatch):
+    cfg = store(tmp_path)
+
+    def refusing(self, run_id, datasets=None, models=None):
+        raise MlflowException("disk I/O error")
+
+    monkeypatch.setattr(MlflowClient, "log_inputs", refusing)
+    unwritable = pytest.raises(tracking.TrackingUnavailable, match=r"not be written \(disk I/O")
+    with (
+        unwritable,
+        tracking.start_run(cfg, run_name="r", tags={}, params={}, dataset=dataset_record()),
+    ):
+        raise AssertionError("the run must not start without its input")
+    (run,) = MlflowClient(cfg.uri).search_runs([tracking.experiment_id(cfg.uri, 60, "exp")])
+    assert run.info.status == "FAILED"
+    assert run.data.tags["failure_reason"].startswith("TrackingUnavailable: MLflow store sqlite")

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, RunStatus
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
@@ -426,7 +427,7 @@ def start_run(
     with sigterm_raises():
         try:
             if dataset is not None:
-                mlflow.log_inputs(run_id, datasets=[dataset.entity()])
+                log_dataset(mlflow, run_id, dataset)
             if artifacts_dir is not None:
                 _log_masked_artifacts(mlflow, run.run_id, artifacts_dir)
             yield run
@@ -440,6 +441,20 @@ def start_run(
             raise
     if not run.ended:
         run.end(RunStatus.FINISHED)
+
+
+def log_dataset(mlflow: MlflowClient, run_id: str, dataset: DatasetRecord) -> None:
+    """Record ``dataset`` as the run's input. MLflow's SQL store looks the dataset up, then
+    inserts it if absent, so two runs that start at once on a store new to this dataset (a
+    sweep's first batch, a report's parallel finals) can both insert it, and the later one fails
+    on the datasets table's primary key. Its second attempt finds the row the first wrote; a store
+    that fails for any other reason fails the second attempt too, and that error is raised."""
+    entity = dataset.entity()
+    try:
+        mlflow.log_inputs(run_id, datasets=[entity])
+    except MlflowException as collision:
+        log.info("dataset input of run %s collided (%s); logging it again", run_id, collision)
+        mlflow.log_inputs(run_id, datasets=[entity])
 
 
 def _log_masked_artifacts(mlflow: MlflowClient, run_id: str, directory: Path) -> None:
