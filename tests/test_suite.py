@@ -234,7 +234,8 @@ def test_a_sixth_workload_is_a_preset_and_a_part_with_no_code(tmp_path):
     for w in reports:
         assert f"| {w} | data-{w} / m | 3 |" in text
         assert text.count(f"| {w} | gao") == 2 and f"**{w}**" in text
-    assert "**gao** against adam over 6 workloads: 2 wins, 3 ties, 1 loss." in text
+    assert "**gao** against adam over 6 workloads: 2 wins (w1, w2), 3 ties, 1 loss (w3)." in text
+    assert "**gao_update** against adam over 6 workloads: 0 wins, 6 ties, 0 losses." in text
     assert "| gao | 2 | 3 | 1 | 0 |" in text and "94% (paper)" in text
     assert "Holm-corrected over 12 comparisons" in text
     plot_forest(found, tmp_path / "forest.png", "best_val_loss", "95% CI")

@@ -95,6 +95,14 @@ def tally(found: Sequence[Effect]) -> dict[str, dict[str, int]]:
     return table
 
 
+def _which(found: Sequence[Effect], optimizer: str, result: str) -> str:
+    """The workloads behind a count of wins or losses, in parentheses; nothing for ties."""
+    if result not in ("win", "loss"):
+        return ""
+    named = [e.workload for e in found if e.optimizer == optimizer and e.result == result]
+    return f" ({', '.join(named)})" if named else ""
+
+
 def plot_forest(found: Sequence[Effect], path: Path, primary: str, level: str) -> None:
     """One row per (workload, challenger): the difference in % of the baseline's mean with its
     interval; a line at no difference."""
@@ -169,7 +177,7 @@ def render(
         lines.append(
             f"- **{optimizer}** against {baseline} over {sum(count.values())} workloads: "
             + ", ".join(
-                f"{count[r]} {r if count[r] == 1 else PLURALS[r]}"
+                f"{count[r]} {r if count[r] == 1 else PLURALS[r]}{_which(found, optimizer, r)}"
                 for r in RESULTS
                 if count[r] or r != "untested"
             )  # fmt: skip
