@@ -8,7 +8,7 @@
 Failed trials, deliberately in two kinds:
 
 - A fit that diverges returns math.inf. Divergence is a property of the hyperparameters (the
-  same config and seeds diverge again), and TPE must learn from it: optuna 2.10's TPE uses only
+  same config and seeds diverge again), and TPE must learn from it: Optuna's TPE learns only from
   COMPLETE (and PRUNED) trials, so a diverged trial is COMPLETE with value inf, ranked below every
   finite one, and the sampler moves away from the region. It is still visibly a failure: the
   MLflow run ends FAILED with tags failure_reason and diverged=true, and the sweeper (gradalign's,
