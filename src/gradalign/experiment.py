@@ -15,20 +15,23 @@ import json
 import logging
 import shlex
 import subprocess
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
 from gradalign import processes
 from gradalign.components import build_dataset, build_model, build_optimizer
 from gradalign.config import config_hash, flatten, validate
 from gradalign.data import Splits
+from gradalign.optim import GradientAlignmentOptimizer
 from gradalign.progress import EpochProgress
 from gradalign.schema import VALIDATION_CARVED, VALIDATION_ON_TEST, MlflowTag, Stage, Tag
+from gradalign.stacked import NotStackable, Stack, fit_stacked, model_refusal, optimizer_refusal
 from gradalign.training import EpochMetrics, History, fit
 
 log = logging.getLogger(__name__)
@@ -199,14 +202,47 @@ class TrialResult(float):
         return result
 
 
+def seeded_model(cfg: DictConfig, splits: Splits) -> torch.nn.Module:
+    """``cfg.model`` initialised right after ``torch.manual_seed(cfg.seed.model)``."""
+    torch.manual_seed(cfg.seed.model)
+    return build_model(cfg, splits)
+
+
 def seeded_model_and_optimizer(
     cfg: DictConfig, splits: Splits
 ) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
-    """``cfg.model`` initialised right after ``torch.manual_seed(cfg.seed.model)``, and
-    ``cfg.optimizer`` over its parameters: what a run of ``cfg`` trains."""
-    torch.manual_seed(cfg.seed.model)
-    model = build_model(cfg, splits)
+    """``seeded_model(cfg)`` and ``cfg.optimizer`` over its parameters: what a run of ``cfg``
+    trains."""
+    model = seeded_model(cfg, splits)
     return model, build_optimizer(cfg, model.parameters())
+
+
+def same_but_seeds(cfg: DictConfig) -> str:
+    """``cfg`` without its seeds, as text: equal for runs that can train stacked together."""
+    rest = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k != "seed"}
+    return json.dumps(rest, sort_keys=True, default=str)
+
+
+def seeded_stack_and_optimizer(
+    cfgs: Sequence[DictConfig], splits: Splits, device: torch.device | str
+) -> tuple[Stack, torch.optim.Optimizer]:
+    """The models of ``cfgs`` (configs equal but for their seeds), each ``seeded_model``'s, on
+    ``device`` and stacked, and ``cfgs[0].optimizer`` over the stacked tensors (GAO with
+    ``stack_dims=1``); raises NotStackable, with the reason, when they cannot train stacked."""
+    if len({same_but_seeds(cfg) for cfg in cfgs}) > 1:
+        raise ValueError("configs to train stacked must be equal but for their seeds")
+    models = [seeded_model(cfg, splits).to(device) for cfg in cfgs]
+    reason = model_refusal(models, splits.x_val[:2].to(device))
+    if reason is not None:
+        raise NotStackable(f"model {cfgs[0].model.name!r} cannot train stacked: {reason}")
+    stack = Stack(models)
+    target = get_class(cfgs[0].optimizer._target_)
+    options = {"stack_dims": 1} if issubclass(target, GradientAlignmentOptimizer) else {}
+    optimizer = build_optimizer(cfgs[0], list(stack.params.values()), **options)
+    reason = optimizer_refusal(optimizer)
+    if reason is not None:
+        raise NotStackable(f"optimizer {cfgs[0].optimizer.name!r} cannot train stacked: {reason}")
+    return stack, optimizer
 
 
 def fit_as_configured(
@@ -232,6 +268,30 @@ def fit_as_configured(
         device=device,
         on_epoch=on_epoch,
         should_stop=should_stop,
+    )
+
+
+def fit_stacked_as_configured(
+    cfgs: Sequence[DictConfig],
+    stack: Stack,
+    optimizer: torch.optim.Optimizer,
+    splits: Splits,
+    device: torch.device | str,
+    on_epoch: Callable[[int, EpochMetrics], None] | None = None,
+) -> list[History]:
+    """``fit_as_configured`` of each of ``cfgs``, trained stacked (``stacked.fit_stacked``):
+    model k in ``stack`` with ``cfgs[k].seed.data``'s batch order."""
+    cfg = cfgs[0]
+    return fit_stacked(
+        stack,
+        optimizer,
+        splits,
+        epochs=cfg.trainer.epochs,
+        batch_size=cfg.trainer.batch_size,
+        eval_batch_size=cfg.trainer.eval_batch_size,
+        data_seeds=[c.seed.data for c in cfgs],
+        device=device,
+        on_epoch=on_epoch,
     )
 
 
