@@ -1,6 +1,7 @@
 """The architecture, checked: imports point one way (optim <- data, models <- training <-
-experiment <- sweep, report; report never imports sweep), and the optimizer's import loads torch
-but none of the pipeline's dependencies, so the optimizer drops into any PyTorch project."""
+stacked <- experiment <- sweep, report; report never imports sweep), and the optimizer's import
+loads torch but none of the pipeline's dependencies, so the optimizer drops into any PyTorch
+project."""
 
 import ast
 import subprocess
@@ -25,6 +26,7 @@ RANKS = {
     "training": 2,
     "components": 2,
     "progress": 3,
+    "stacked": 3,
     "tracking": 3,
     "experiment": 4,
     "sweep": 5,

@@ -308,6 +308,112 @@ def test_matches_reference_with_mixed_dtypes_and_groups(target, granularity):
     assert [opt.ema_state[p].dtype for p in params] == [p.dtype for p in params]
 
 
+# --- 1b. stacked models (stack_dims) ------------------------------------------------------------
+K_MODELS = 3
+
+
+def stacked(per_model):
+    """Each model's tensors stacked along a new dim 0, as torch.func.stack_module_state does."""
+    return [nn.Parameter(torch.stack(ts).detach().clone()) for ts in zip(*per_model, strict=True)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("base", ["Adam", "SGD"])
+@pytest.mark.parametrize("min_scale", [0.0, 0.3])
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+@pytest.mark.parametrize("target", TARGETS)
+def test_stacked_models_each_match_the_reference_alone(target, granularity, min_scale, base, dtype):
+    """stack_dims=1 over K models' stacked tensors steps each model as the plain per-tensor
+    reference steps it alone, and last_scales[:, k] is model k's."""
+    base_cls, kwargs = BASES[base]
+    models = [make_params(dtype=dtype, seed=k) for k in range(K_MODELS)]
+    refs = [
+        Reference(base_cls(params, **kwargs), 0.8, target, granularity, min_scale)
+        for params in models
+    ]
+    together = stacked(models)
+    opt = GAO(
+        base_cls(together, **kwargs),
+        beta=0.8,
+        target=target,
+        granularity=granularity,
+        min_scale=min_scale,
+        stack_dims=1,
+    )
+    sequences = [grad_sequence(SHAPES, steps=6, seed=10 + k, dtype=dtype) for k in range(K_MODELS)]
+    for step_grads in zip(*sequences, strict=True):
+        for params, ref, grads in zip(models, refs, step_grads, strict=True):
+            set_grads(params, grads)
+            ref.step()
+        set_grads(together, [torch.stack(gs) for gs in zip(*step_grads, strict=True)])
+        opt.step()
+        for k, (params, ref) in enumerate(zip(models, refs, strict=True)):
+            assert_params_close([p[k] for p in together], params, dtype)
+            torch.testing.assert_close(
+                opt.last_scales[:, k].double(), ref.last_scales, rtol=1e-5, atol=1e-6
+            )
+        assert opt.last_scales.shape == (len(SHAPES), K_MODELS)
+    scales = torch.stack([ref.last_scales for ref in refs])
+    assert not torch.equal(scales[0], scales[1])  # the models' own cosines, not a shared one
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_stacked_tensor_granularity_is_row_over_dim_0(target):
+    """Per model and tensor over stacked tensors of >= 2 dims is what granularity "row" computes
+    over dim 0 without stacking: bit for bit."""
+    shapes = [s for s in SHAPES if len(s) >= 1]
+    models = [make_params(shapes, dtype=torch.float32, seed=k) for k in range(K_MODELS)]
+    a, b = stacked(models), stacked(models)
+    per_model = GAO(torch.optim.Adam(a, lr=1e-2), target=target, stack_dims=1)
+    by_row = GAO(torch.optim.Adam(b, lr=1e-2), target=target, granularity="row")
+    for step in range(4):
+        grads = [
+            torch.stack(gs)
+            for gs in zip(
+                *(grad_sequence(shapes, 4, seed=k, dtype=torch.float32)[step] for k in range(3)),
+                strict=True,
+            )
+        ]
+        set_grads(a, grads)
+        set_grads(b, grads)
+        per_model.step()
+        by_row.step()
+        assert all(torch.equal(p, q) for p, q in zip(a, b, strict=True))
+
+
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_stacked_missing_gradients_give_nan_rows(granularity):
+    models = [make_params(seed=k) for k in range(K_MODELS)]
+    together = stacked(models)
+    opt = GAO(torch.optim.SGD(together, lr=0.1), granularity=granularity, stack_dims=1)
+    grads = [torch.randn(p.shape, dtype=p.dtype) for p in together]
+    set_grads(together, [None, *grads[1:]])
+    opt.step()
+    assert torch.isnan(opt.last_scales[0]).all()
+    assert (opt.last_scales[1:] == 1.0).all()  # a first step's EMA points along its gradient
+    set_grads(together, [None] * len(together))
+    opt.step()
+    assert opt.last_scales.shape == (len(SHAPES), K_MODELS)
+    assert torch.isnan(opt.last_scales).all()
+
+
+@pytest.mark.parametrize("stack_dims", [-1, 1.5, True, "1"])
+def test_invalid_stack_dims_raises_value_error_naming_it(stack_dims):
+    with pytest.raises(ValueError, match=rf"stack_dims={re.escape(repr(stack_dims))} is not"):
+        GAO(make_params(), "Adam", lr=1e-3, stack_dims=stack_dims)
+
+
+def test_parameters_that_do_not_share_the_models_dims_are_refused():
+    with pytest.raises(ValueError, match=r"parameter 1 of shape \(4, 2\) does not fit"):
+        GAO([torch.zeros(3, 2), torch.zeros(4, 2)], "SGD", lr=0.1, stack_dims=1)
+    with pytest.raises(ValueError, match=r"parameter 0 of shape \(3,\) does not fit stack_dims=2"):
+        GAO([torch.zeros(3)], "SGD", lr=0.1, stack_dims=2)
+    opt = GAO([torch.zeros(3, 2)], "SGD", lr=0.1, stack_dims=1)
+    with pytest.raises(ValueError, match=r"parameter 1 of shape \(2,\) does not fit"):
+        opt.add_param_group({"params": [torch.zeros(2)]})
+    assert len(opt.param_groups) == 1
+
+
 # --- 2. invariants ------------------------------------------------------------------------------
 @pytest.mark.parametrize("min_scale", [0.0, 0.3])
 @pytest.mark.parametrize("granularity", GRANULARITIES)

@@ -111,9 +111,11 @@ def check_fits(model: torch.nn.Module, splits: Splits, refusal: str) -> None:
         )
 
 
-def build_optimizer(cfg: DictConfig, params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
-    """``cfg.optimizer`` over ``params``."""
-    return build("optimizer", cfg.optimizer, params)
+def build_optimizer(
+    cfg: DictConfig, params: Iterable[torch.nn.Parameter], **options: Any
+) -> torch.optim.Optimizer:
+    """``cfg.optimizer`` over ``params``, with the pipeline's ``options`` (GAO's stack_dims)."""
+    return build("optimizer", cfg.optimizer, params, **options)
 
 
 def check_optimizer(cfg: DictConfig) -> None:

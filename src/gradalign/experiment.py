@@ -1,4 +1,5 @@
-"""One experiment from a composed config: data, seeded model, optimizer, fit, MLflow run.
+"""One experiment from a composed config: data, seeded model, optimizer, fit, MLflow run; or
+several that differ only in their seeds, trained as one stacked model, each its own run.
 
 Used by train.py (single runs and sweep trials) and by the report (final runs). Everything that
 can be wrong with the config fails here before a run is opened in MLflow, and before MLflow is
@@ -15,20 +16,23 @@ import json
 import logging
 import shlex
 import subprocess
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
 from gradalign import processes
 from gradalign.components import build_dataset, build_model, build_optimizer
 from gradalign.config import config_hash, flatten, validate
 from gradalign.data import Splits
+from gradalign.optim import GradientAlignmentOptimizer
 from gradalign.progress import EpochProgress
 from gradalign.schema import VALIDATION_CARVED, VALIDATION_ON_TEST, MlflowTag, Stage, Tag
+from gradalign.stacked import NotStackable, Stack, fit_stacked, model_refusal, optimizer_refusal
 from gradalign.training import EpochMetrics, History, fit
 
 log = logging.getLogger(__name__)
@@ -199,14 +203,47 @@ class TrialResult(float):
         return result
 
 
+def seeded_model(cfg: DictConfig, splits: Splits) -> torch.nn.Module:
+    """``cfg.model`` initialised right after ``torch.manual_seed(cfg.seed.model)``."""
+    torch.manual_seed(cfg.seed.model)
+    return build_model(cfg, splits)
+
+
 def seeded_model_and_optimizer(
     cfg: DictConfig, splits: Splits
 ) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
-    """``cfg.model`` initialised right after ``torch.manual_seed(cfg.seed.model)``, and
-    ``cfg.optimizer`` over its parameters: what a run of ``cfg`` trains."""
-    torch.manual_seed(cfg.seed.model)
-    model = build_model(cfg, splits)
+    """``seeded_model(cfg)`` and ``cfg.optimizer`` over its parameters: what a run of ``cfg``
+    trains."""
+    model = seeded_model(cfg, splits)
     return model, build_optimizer(cfg, model.parameters())
+
+
+def same_but_seeds(cfg: DictConfig) -> str:
+    """``cfg`` without its seeds, as text: equal for runs that can train stacked together."""
+    rest = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k != "seed"}
+    return json.dumps(rest, sort_keys=True, default=str)
+
+
+def seeded_stack_and_optimizer(
+    cfgs: Sequence[DictConfig], splits: Splits, device: torch.device | str
+) -> tuple[Stack, torch.optim.Optimizer]:
+    """The models of ``cfgs`` (configs equal but for their seeds), each ``seeded_model``'s, on
+    ``device`` and stacked, and ``cfgs[0].optimizer`` over the stacked tensors (GAO with
+    ``stack_dims=1``); raises NotStackable, with the reason, when they cannot train stacked."""
+    if len({same_but_seeds(cfg) for cfg in cfgs}) > 1:
+        raise ValueError("configs to train stacked must be equal but for their seeds")
+    models = [seeded_model(cfg, splits).to(device) for cfg in cfgs]
+    reason = model_refusal(models, splits.x_val[:2].to(device))
+    if reason is not None:
+        raise NotStackable(f"model {cfgs[0].model.name!r} cannot train stacked: {reason}")
+    stack = Stack(models)
+    target = get_class(cfgs[0].optimizer._target_)
+    options = {"stack_dims": 1} if issubclass(target, GradientAlignmentOptimizer) else {}
+    optimizer = build_optimizer(cfgs[0], list(stack.params.values()), **options)
+    reason = optimizer_refusal(optimizer)
+    if reason is not None:
+        raise NotStackable(f"optimizer {cfgs[0].optimizer.name!r} cannot train stacked: {reason}")
+    return stack, optimizer
 
 
 def fit_as_configured(
@@ -235,6 +272,79 @@ def fit_as_configured(
     )
 
 
+def fit_stacked_as_configured(
+    cfgs: Sequence[DictConfig],
+    stack: Stack,
+    optimizer: torch.optim.Optimizer,
+    splits: Splits,
+    device: torch.device | str,
+    on_epoch: Callable[[int, EpochMetrics], None] | None = None,
+) -> list[History]:
+    """``fit_as_configured`` of each of ``cfgs``, trained stacked (``stacked.fit_stacked``):
+    model k in ``stack`` with ``cfgs[k].seed.data``'s batch order."""
+    cfg = cfgs[0]
+    return fit_stacked(
+        stack,
+        optimizer,
+        splits,
+        epochs=cfg.trainer.epochs,
+        batch_size=cfg.trainer.batch_size,
+        eval_batch_size=cfg.trainer.eval_batch_size,
+        data_seeds=[c.seed.data for c in cfgs],
+        device=device,
+        on_epoch=on_epoch,
+    )
+
+
+def _prepare(cfg: DictConfig) -> tuple[torch.device, Splits]:
+    """Validate ``cfg``, set this process up as a run of it does, and build its data set."""
+    validate(cfg)
+    processes.adopt()  # a worker stops when the process that started it is gone
+    device = resolve_device(cfg.trainer.device)
+    if cfg.trainer.threads is not None:
+        torch.set_num_threads(cfg.trainer.threads)
+    splits = build_dataset(cfg)
+    if splits.val_is_test:
+        log.warning("validation = the test split: what this run selects, it selects on test data")
+    return device, splits
+
+
+def _run_record(
+    cfg: DictConfig,
+    splits: Splits,
+    model: torch.nn.Module,
+    stage: str,
+    parent_run_id: str | None,
+    extra_tags: Mapping[str, str] | None,
+    searched: Iterable[str] | None,
+) -> dict[str, Any]:
+    """The ``tracking.start_run`` arguments of a run of ``cfg`` training ``model`` (untrained:
+    its init_hash is taken now)."""
+    from gradalign import tracking
+
+    tags = {
+        Tag.OPTIMIZER: cfg.optimizer.name,
+        Tag.STAGE: stage,
+        Tag.CONFIG_HASH: config_hash(cfg),
+        Tag.INIT_HASH: init_hash(model),
+        Tag.VALIDATION: VALIDATION_ON_TEST if splits.val_is_test else VALIDATION_CARVED,
+        **source_tags(str(cfg.paths.root), "train.py"),
+        **(extra_tags or {}),
+    }
+    if searched is None and HydraConfig.initialized():
+        searched = OmegaConf.select(HydraConfig.get(), "sweeper.params") or {}
+    values = searched_values(cfg, searched or ())
+    return {
+        "run_name": tracking.run_name(cfg.optimizer.name, values, _detail(cfg, stage, tags)),
+        "tags": tags,
+        "params": flatten(cfg),
+        "parent_run_id": parent_run_id,
+        "artifacts_dir": _hydra_config_dir(),
+        "description": describe(cfg, stage, values, tags),
+        "dataset": dataset_record(cfg, splits),
+    }
+
+
 def run_experiment(
     cfg: DictConfig,
     *,
@@ -254,44 +364,15 @@ def run_experiment(
     ``searched`` keys (default: the Hydra job's search space, hydra.sweeper.params). A bad
     config fails before MLflow is imported, an unreachable store before anything is trained.
     """
-    validate(cfg)
-    processes.adopt()  # a worker stops when the process that started it is gone
-    device = resolve_device(cfg.trainer.device)
-    if cfg.trainer.threads is not None:
-        torch.set_num_threads(cfg.trainer.threads)
-    splits = build_dataset(cfg)
+    device, splits = _prepare(cfg)
     model, optimizer = seeded_model_and_optimizer(cfg, splits)
     from gradalign import tracking  # MLflow: only once the config is known to build
 
     tracking.connect(cfg.tracking)
+    record = _run_record(cfg, splits, model, stage, parent_run_id, extra_tags, searched)
+    progress = EpochProgress(record["run_name"], cfg.trainer.epochs)
 
-    tags = {
-        Tag.OPTIMIZER: cfg.optimizer.name,
-        Tag.STAGE: stage,
-        Tag.CONFIG_HASH: config_hash(cfg),
-        Tag.INIT_HASH: init_hash(model),
-        Tag.VALIDATION: VALIDATION_ON_TEST if splits.val_is_test else VALIDATION_CARVED,
-        **source_tags(str(cfg.paths.root), "train.py"),
-        **(extra_tags or {}),
-    }
-    if splits.val_is_test:
-        log.warning("validation = the test split: what this run selects, it selects on test data")
-    if searched is None and HydraConfig.initialized():
-        searched = OmegaConf.select(HydraConfig.get(), "sweeper.params") or {}
-    values = searched_values(cfg, searched or ())
-    run_name = tracking.run_name(cfg.optimizer.name, values, _detail(cfg, stage, tags))
-    progress = EpochProgress(run_name, cfg.trainer.epochs)
-
-    with tracking.start_run(
-        cfg.tracking,
-        run_name=run_name,
-        tags=tags,
-        params=flatten(cfg),
-        parent_run_id=parent_run_id,
-        artifacts_dir=_hydra_config_dir(),
-        description=describe(cfg, stage, values, tags),
-        dataset=dataset_record(cfg, splits),
-    ) as run:
+    with tracking.start_run(cfg.tracking, **record) as run:
 
         def on_epoch(metrics: EpochMetrics) -> None:
             run.log_epoch(metrics)
@@ -305,3 +386,60 @@ def run_experiment(
             progress.close()
         run.finish(history, history.objective(cfg.objective))
     return history, run.run_id
+
+
+def run_stacked_experiments(
+    cfgs: Sequence[DictConfig],
+    *,
+    stage: str = Stage.SINGLE,
+    parent_run_id: str | None = None,
+    extra_tags: Sequence[Mapping[str, str] | None] | None = None,
+    searched: Iterable[str] | None = None,
+) -> list[tuple[History, str]]:
+    """``run_experiment`` of each of ``cfgs`` (equal but for their seeds), trained as one
+    stacked model (``stacked.fit_stacked``): each its own MLflow run, logged as run_experiment
+    logs it (tags, init_hash, params, name, dataset input, per-epoch metrics, status), with
+    ``extra_tags[k]`` for run k. Models or an optimizer that cannot stack (``NotStackable``)
+    are trained one by one by run_experiment instead, after a log line saying why.
+    """
+    extra_tags = list(extra_tags or [None] * len(cfgs))
+    for cfg in cfgs[1:]:
+        validate(cfg)
+    device, splits = _prepare(cfgs[0])
+    try:
+        stack, optimizer = seeded_stack_and_optimizer(cfgs, splits, device)
+    except NotStackable as refusal:
+        log.info("training %d runs one by one, not stacked: %s", len(cfgs), refusal)
+        return [
+            run_experiment(
+                cfg, stage=stage, parent_run_id=parent_run_id, extra_tags=tags, searched=searched
+            )
+            for cfg, tags in zip(cfgs, extra_tags, strict=True)
+        ]
+    from gradalign import tracking
+
+    tracking.connect(cfgs[0].tracking)
+    searched = None if searched is None else list(searched)
+    records = [
+        _run_record(cfg, splits, model, stage, parent_run_id, tags, searched)
+        for cfg, model, tags in zip(cfgs, stack.models, extra_tags, strict=True)
+    ]
+    label = f"{records[0]['run_name']} and {len(cfgs) - 1} more, stacked"
+    progress = EpochProgress(label, cfgs[0].trainer.epochs)
+    with contextlib.ExitStack() as opened:  # an error ends every run, as start_run says
+        runs = [
+            opened.enter_context(tracking.start_run(cfg.tracking, **record))
+            for cfg, record in zip(cfgs, records, strict=True)
+        ]
+
+        def on_epoch(k: int, metrics: EpochMetrics) -> None:
+            runs[k].log_epoch(metrics)
+            progress.update(metrics)
+
+        try:
+            histories = fit_stacked_as_configured(cfgs, stack, optimizer, splits, device, on_epoch)
+        finally:
+            progress.close()
+        for run, history, cfg in zip(runs, histories, cfgs, strict=True):
+            run.finish(history, history.objective(cfg.objective))
+    return [(history, run.run_id) for history, run in zip(histories, runs, strict=True)]

@@ -63,7 +63,9 @@ def _resolve_base(base: type[Optimizer] | str | None) -> type[Optimizer]:
     )
 
 
-def _validate(beta: float, target: str, granularity: str, min_scale: float, eps: float) -> None:
+def _validate(
+    beta: float, target: str, granularity: str, min_scale: float, eps: float, stack_dims: int
+) -> None:
     if not 0.0 <= beta < 1.0:
         raise ValueError(f"beta={beta!r} is outside the allowed range [0, 1)")
     if target not in TARGETS:
@@ -74,6 +76,27 @@ def _validate(beta: float, target: str, granularity: str, min_scale: float, eps:
         raise ValueError(f"min_scale={min_scale!r} is outside the allowed range [0, 1]")
     if not eps > 0.0:
         raise ValueError(f"eps={eps!r} must be > 0")
+    if isinstance(stack_dims, bool) or not isinstance(stack_dims, int) or stack_dims < 0:
+        raise ValueError(
+            f"stack_dims={stack_dims!r} is not an integer >= 0 (0: each parameter is one model's; "
+            "1: dim 0 indexes models, as torch.func.stack_module_state stacks them)"
+        )
+
+
+def _stack_shape(params: Iterable[torch.Tensor], stack_dims: int) -> tuple[int, ...] | None:
+    """The leading ``stack_dims`` dims all ``params`` share (the models' grid); None if there are
+    no parameters. Raises ValueError naming the first parameter that does not have them."""
+    shape = None
+    for index, p in enumerate(params):
+        lead = tuple(p.shape[:stack_dims])
+        if p.dim() < stack_dims or (shape is not None and lead != shape):
+            raise ValueError(
+                f"parameter {index} of shape {tuple(p.shape)} does not fit stack_dims="
+                f"{stack_dims}: every parameter needs >= {stack_dims} dims, the leading ones "
+                f"equal to the first parameter's {shape or lead}"
+            )
+        shape = lead
+    return shape
 
 
 def _refuse_fsdp1(params: Iterable[torch.Tensor]) -> None:
@@ -113,11 +136,23 @@ class GradientAlignmentOptimizer(Optimizer):
         min_scale: lower clamp of the scale, in [0, 1].
         eps: floor of the norm product in the cosine's denominator; it only guards the division
             (a zero gradient or EMA gives s = 0 whatever eps is).
+        stack_dims: how many leading dims of every parameter index separate models trained
+            together (an integer >= 0). 0 (default): each parameter is one model's tensor. With
+            ``stack_dims=1`` a parameter of shape (K, *shape) holds K models' tensors (as
+            ``torch.func.stack_module_state`` stacks them) and every granularity acts per model:
+            ``"tensor"`` one cosine per model and tensor, ``"row"`` one per model and output unit
+            (slices along dim ``stack_dims``; tensors with no dim beyond the models' get one per
+            model), ``"global"`` one per model over all its tensors. All parameters must share
+            the leading dims (checked when they are added) and must not be DTensors. With an
+            elementwise base (Adam, AdamW, SGD, RMSprop) whose hyperparameters the models share,
+            each model then steps exactly as it would alone.
         **base_kwargs: keyword arguments of ``base`` (``lr``, ``weight_decay``, ...).
 
     After each step ``last_scales`` holds the mean scale applied to every parameter, in
     ``param_groups`` order (NaN where a parameter had no gradient), as a float32 tensor on the
-    parameters' device, for logging without a host synchronisation. It is ``None`` before the
+    parameters' device, for logging without a host synchronisation. Its shape is (parameters,
+    *models' leading dims*): (parameters,) by default, and with ``stack_dims=1``
+    ``last_scales[i, k]`` is model k's mean scale of parameter i. It is ``None`` before the
     first step and then updated in place (so a ``torch.compile``-d step updates it too): copy it to
     keep a step's values. Public attributes GAO lacks are read from the base (``opt.train()`` of a
     schedule-free base).
@@ -133,9 +168,10 @@ class GradientAlignmentOptimizer(Optimizer):
         granularity: str = "tensor",
         min_scale: float = 0.0,
         eps: float = 1e-30,
+        stack_dims: int = 0,
         **base_kwargs: Any,
     ) -> None:
-        _validate(beta, target, granularity, min_scale, eps)
+        _validate(beta, target, granularity, min_scale, eps, stack_dims)
         if isinstance(params_or_optimizer, Optimizer):
             if base is not None or base_kwargs:
                 raise TypeError(
@@ -146,6 +182,8 @@ class GradientAlignmentOptimizer(Optimizer):
         else:
             self.base = _resolve_base(base)(params_or_optimizer, **base_kwargs)
         _refuse_fsdp1(self._params())
+        _stack_shape(self._params(), stack_dims)
+        self.stack_dims = stack_dims
         self.beta = beta
         self.target = target
         self.granularity = granularity
@@ -200,6 +238,11 @@ class GradientAlignmentOptimizer(Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         self.base.add_param_group(param_group)
         _refuse_fsdp1(self.base.param_groups[-1]["params"])
+        try:
+            _stack_shape(self._params(), self.stack_dims)
+        except ValueError:
+            self.base.param_groups.pop()  # refused: the optimizer stays as it was
+            raise
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.base.zero_grad(set_to_none=set_to_none)
@@ -208,7 +251,7 @@ class GradientAlignmentOptimizer(Optimizer):
         return (
             f"GradientAlignmentOptimizer(beta={self.beta}, target={self.target!r}, "
             f"granularity={self.granularity!r}, min_scale={self.min_scale}, eps={self.eps}, "
-            f"base={self.base!r})"
+            f"stack_dims={self.stack_dims}, base={self.base!r})"
         )
 
     def __getstate__(self) -> dict[str, Any]:
@@ -328,6 +371,11 @@ class GradientAlignmentOptimizer(Optimizer):
                 pending.append((p, ema))
             rows.append((index, p, grad, ema))
         batch = _Batch(len(all_params), rows, pending)
+        if batch.sharded and self.stack_dims:
+            raise ValueError(
+                f"stack_dims={self.stack_dims} needs plain tensors; DTensor parameters (FSDP2) "
+                "are allowed only with stack_dims=0"
+            )
         devices = {g.device for g in batch.grads}
         if len(devices) > 1:
             raise RuntimeError(
@@ -351,13 +399,18 @@ class GradientAlignmentOptimizer(Optimizer):
         """Update the EMAs, record ``last_scales`` and return the parameters' scales."""
         device = batch.grads[0].device if batch.grads else _any_device(self._params())
         if not batch.params:  # no gradient at all: every scale NaN, as for each absent one
-            self._record(torch.empty(0, device=device), [], batch.n_params, device)
+            models = self._models_shape() if self.stack_dims else ()
+            self._record(torch.empty((0, *models), device=device), [], batch.n_params, device)
             return _Scales([], None)
         ema_grads = [
             g if g.dtype == m.dtype else g.to(m.dtype)
             for g, m in zip(batch.grads, batch.emas, strict=True)
         ]
         torch._foreach_lerp_(batch.emas, ema_grads, 1.0 - self.beta)
+        if self.stack_dims:
+            scales, means = self._stacked_scales(ema_grads, batch)
+            self._record(means, batch.indices, batch.n_params, device)
+            return _Scales(scales, None)
         if self.granularity == "row":
             scales, means = self._row_scales(ema_grads, batch)
         else:
@@ -419,6 +472,42 @@ class GradientAlignmentOptimizer(Optimizer):
         counts = [p.shape[0] if p.dim() >= 2 else 1 for p in batch.params]
         return scales, sums.view(-1) / torch.tensor(counts, dtype=sums.dtype, device=sums.device)
 
+    def _stacked_scales(
+        self, grads: list[torch.Tensor], batch: _Batch
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Per-model scales of stacked parameters (the leading ``stack_dims`` dims index models),
+        shaped to broadcast over each parameter, and each parameter's mean scale per model,
+        shaped (parameters, *models). Each tensor is cut into the slices that get one cosine (a
+        model's tensor, or a model's row) and all their cosines are one ``_scale`` call."""
+        models = tuple(batch.params[0].shape[: self.stack_dims])
+        n_models = math.prod(models)
+        leads = [
+            self.stack_dims + 1
+            if self.granularity == "row" and p.dim() > self.stack_dims + 1
+            else self.stack_dims
+            for p in batch.params
+        ]
+        slices, products = [], []
+        for g, m, lead in zip(grads, batch.emas, leads, strict=True):
+            n = math.prod(g.shape[:lead])
+            g_rows, m_rows = g.reshape(n, -1), m.reshape(n, -1)
+            dot, grad_square = (g_rows * m_rows).sum(1), g_rows.square().sum(1)
+            products.append(torch.stack([dot, grad_square, m_rows.square().sum(1)]))
+            slices.append(n)
+        products = torch.cat(products, 1)
+        if self.granularity == "global":  # each tensor is one slice per model: add them up
+            scale = self._scale(products.view(3, len(grads), n_models).sum(1))
+            per_slice = [scale] * len(grads)
+            means = scale.expand(len(grads), n_models)
+        else:
+            per_slice = self._scale(products).split(slices)
+            means = torch.stack([s.view(n_models, -1).mean(1) for s in per_slice])
+        scales = [
+            s.view(*g.shape[:lead], *(1,) * (g.dim() - lead))
+            for s, g, lead in zip(per_slice, grads, leads, strict=True)
+        ]
+        return scales, means.view(len(grads), *models)
+
     def _flat(self, p: torch.Tensor, ema: torch.Tensor) -> torch.Tensor:
         """A flat view of ``p``'s EMA, made once per EMA tensor: a reshape costs a torch call,
         and the EMAs (unlike gradients) live from step to step. An EMA replaced in the state (a
@@ -451,8 +540,9 @@ class GradientAlignmentOptimizer(Optimizer):
     ) -> None:
         """Write this step's mean scales into ``last_scales`` in place (NaN where no gradient)."""
         last = self.last_scales
-        if last is None or last.shape[0] != n_params or last.device != device:
-            last = self._new_last_scales(n_params, device)
+        shape = (n_params, *means.shape[1:])  # (parameters, *models)
+        if last is None or last.shape != shape or last.device != device:
+            last = self._new_last_scales(shape, device)
         if len(indices) == n_params:
             last.copy_(means)
             return
@@ -461,9 +551,13 @@ class GradientAlignmentOptimizer(Optimizer):
             last.index_copy_(0, torch.tensor(indices, device=device), means.to(last.dtype))
 
     @torch._disable_dynamo  # a compiled step drops attribute stores on optimizers; this one runs
-    def _new_last_scales(self, n_params: int, device: torch.device) -> torch.Tensor:
-        self.last_scales = torch.full((n_params,), math.nan, device=device)
+    def _new_last_scales(self, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        self.last_scales = torch.full(shape, math.nan, device=device)
         return self.last_scales
+
+    def _models_shape(self) -> tuple[int, ...]:
+        """The models' grid: the leading ``stack_dims`` dims of the parameters."""
+        return _stack_shape(self._params(), self.stack_dims) or ()
 
 
 class _Batch:

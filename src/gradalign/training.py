@@ -125,7 +125,7 @@ def fit(
     batch_sizes = batch_sizes.to(device)
     generator = torch.Generator().manual_seed(data_seed)
     names = _parameter_names(model, optimizer) if hasattr(optimizer, "last_scales") else None
-    loss_fn = F.cross_entropy if data.y_train.dim() == 1 else _positions_cross_entropy
+    loss_fn = loss_function(data.y_train)
     completed: list[EpochMetrics] = []
 
     model.train()
@@ -161,7 +161,7 @@ def fit(
         train_loss, val_loss, val_acc, test_loss, test_acc, *scales_mean = values
 
         if not math.isfinite(train_loss):
-            return History(completed, True, _train_divergence(epoch, step_losses))
+            return History(completed, True, train_divergence(epoch, step_losses))
         if not math.isfinite(val_loss):
             return History(completed, True, f"non-finite val loss at epoch {epoch}")
         metrics = EpochMetrics(
@@ -181,6 +181,11 @@ def fit(
         if stop and epoch < epochs:
             return History(completed, False, None, stopped=True)
     return History(completed, False, None)
+
+
+def loss_function(targets: torch.Tensor) -> LossFn:
+    """The cross-entropy for ``targets``: over examples (N,), or over all positions (N, T)."""
+    return F.cross_entropy if targets.dim() == 1 else _positions_cross_entropy
 
 
 def _positions_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -206,7 +211,7 @@ def _metrics(logits: torch.Tensor, y: torch.Tensor, loss_fn: LossFn) -> torch.Te
     return torch.stack([loss, accuracy])
 
 
-def _train_divergence(epoch: int, step_losses: torch.Tensor) -> str:
+def train_divergence(epoch: int, step_losses: torch.Tensor) -> str:
     """Reason for a non-finite epoch train loss, naming the first non-finite step (1-based)."""
     bad = torch.nonzero(~torch.isfinite(step_losses)).flatten().tolist()
     if not bad:  # every step finite, but their sum overflowed

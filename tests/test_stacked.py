@@ -1,0 +1,235 @@
+"""gradalign.stacked: K seeds trained as one stacked model equal the same K runs trained one by
+one (curves, alignment, final weights), each with its own initial weights and data order; a model
+that diverges stops alone; models and optimizers that cannot stack are refused with the reason.
+
+Tolerance: float32, rtol 1e-5 and atol 1e-6 on every metric and weight. The stacked run does
+the same arithmetic per model, but batched kernels (a bmm in place of K mm, sums over a
+stacked tensor) reduce in another order, so results differ in the last bits (a few ulps, about
+1e-7 here); a wrong data order, seed or cosine shows up at 1e-3 and more.
+"""
+
+import math
+import re
+
+import pytest
+import torch
+from torch import nn
+
+from gradalign import GradientAlignmentOptimizer as GAO
+from gradalign.components import build_dataset
+from gradalign.experiment import (
+    fit_as_configured,
+    fit_stacked_as_configured,
+    init_hash,
+    seeded_model,
+    seeded_model_and_optimizer,
+    seeded_stack_and_optimizer,
+)
+from gradalign.models.mlp import MLP
+from gradalign.models.transformer import Transformer
+from gradalign.stacked import NotStackable, Stack, model_refusal, optimizer_refusal
+
+TOL = {"rtol": 1e-5, "atol": 1e-6}
+SEEDS = (1, 2, 3)
+FIELDS = ("train_loss", "val_loss", "val_acc", "test_loss", "test_acc")
+OPTIMIZERS = {
+    "adam": ["optimizer=adam"],
+    "adam-eval-batches": ["optimizer=adam", "trainer.eval_batch_size=70"],
+    **{
+        f"gao-{target}-{granularity}": [
+            "optimizer=gao",
+            f"optimizer.target={target}",
+            f"optimizer.granularity={granularity}",
+            "optimizer.min_scale=0.1",
+        ]
+        for target in ("grad", "update")
+        for granularity in ("tensor", "global", "row")
+    },
+}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def configs(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("data")
+    base = [
+        "trainer.epochs=3",
+        "trainer.device=cpu",
+        "dataset.generation.num_samples=1000",
+        f"paths.data_cache={cache}",
+    ]
+
+    def make(*overrides, seeds=SEEDS, data_seeds=None):
+        from helpers import compose_config
+
+        data_seeds = data_seeds or seeds
+        return [
+            compose_config(*base, *overrides, f"seed.model={s}", f"seed.data={d}")
+            for s, d in zip(seeds, data_seeds, strict=True)
+        ]
+
+    return make
+
+
+@pytest.fixture(scope="module")
+def splits(configs):
+    return build_dataset(configs("optimizer=adam")[0])
+
+
+def one_by_one(cfgs, splits, on_epoch=None):
+    """The unstacked runs, as run_experiment trains them: (model, history) per config."""
+    runs = []
+    for k, cfg in enumerate(cfgs):
+        model, optimizer = seeded_model_and_optimizer(cfg, splits)
+        hook = None if on_epoch is None else (lambda m, k=k, net=model: on_epoch(k, net, m))
+        runs.append((model, fit_as_configured(cfg, model, optimizer, splits, "cpu", hook)))
+    return runs
+
+
+def assert_same_history(stacked, alone):
+    assert (stacked.diverged, stacked.reason, stacked.stopped) == (
+        alone.diverged,
+        alone.reason,
+        alone.stopped,
+    )
+    assert [e.epoch for e in stacked.epochs] == [e.epoch for e in alone.epochs]
+    for mine, theirs in zip(stacked.epochs, alone.epochs, strict=True):
+        for field in FIELDS:
+            assert close(getattr(mine, field), getattr(theirs, field)), field
+        assert mine.alignment.keys() == theirs.alignment.keys()
+        for name, scale in theirs.alignment.items():
+            assert close(mine.alignment[name], scale), name
+
+
+def close(a, b):
+    return math.isclose(a, b, rel_tol=TOL["rtol"], abs_tol=TOL["atol"])
+
+
+def assert_same_weights(stacked_model, model):
+    for (name, p), (other, q) in zip(
+        stacked_model.named_parameters(), model.named_parameters(), strict=True
+    ):
+        assert name == other
+        torch.testing.assert_close(p, q, **TOL)
+
+
+@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
+def test_stacked_runs_equal_the_runs_one_by_one(configs, splits, optimizer):
+    cfgs = configs(*OPTIMIZERS[optimizer])
+    stack, opt = seeded_stack_and_optimizer(cfgs, splits, "cpu")
+    histories = fit_stacked_as_configured(cfgs, stack, opt, splits, "cpu")
+    alone = one_by_one(cfgs, splits)
+    for history, model, (single_model, single) in zip(histories, stack.models, alone, strict=True):
+        assert len(history.epochs) == 3 and not history.diverged
+        assert_same_history(history, single)
+        assert_same_weights(model, single_model)
+    if optimizer.startswith("gao"):
+        assert histories[0].epochs[-1].alignment  # the per-model scales were recorded ...
+        assert histories[0].epochs[-1].alignment != histories[1].epochs[-1].alignment  # ... own
+    first = [h.epochs[0].train_loss for h in histories]
+    assert len(set(first)) == len(SEEDS)  # the seeds' runs are not copies of one another
+
+
+def test_each_model_starts_from_its_unstacked_runs_weights(configs, splits):
+    cfgs = configs("optimizer=gao")
+    stack, _ = seeded_stack_and_optimizer(cfgs, splits, "cpu")
+    hashes = [init_hash(seeded_model(cfg, splits)) for cfg in cfgs]
+    assert [init_hash(model) for model in stack.models] == hashes
+    assert len(set(hashes)) == len(cfgs)
+    for k, cfg in enumerate(cfgs):
+        for name, tensor in seeded_model(cfg, splits).named_parameters():
+            assert torch.equal(stack.params[name][k], tensor)
+
+
+def test_each_model_follows_its_own_data_order(configs, splits):
+    """Equal initial weights, different seed.data: the runs differ, each as its own fit; equal
+    seed.data as well: the runs are identical."""
+    cfgs = configs("optimizer=adam", seeds=(1, 1, 1), data_seeds=(1, 2, 1))
+    stack, opt = seeded_stack_and_optimizer(cfgs, splits, "cpu")
+    histories = fit_stacked_as_configured(cfgs, stack, opt, splits, "cpu")
+    a, b, c = (h.epochs[0].train_loss for h in histories)
+    assert abs(a - b) > 1e-4
+    assert a == c
+    for history, (_, single) in zip(histories, one_by_one(cfgs, splits), strict=True):
+        assert_same_history(history, single)
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "gao-update-global"])
+def test_a_diverging_model_stops_alone(configs, splits, optimizer):
+    """Model 1's weights turn NaN after epoch 1: its history ends diverged at epoch 2 as its
+    unstacked fit does, and the other models train on, equal to their unstacked runs."""
+    cfgs = configs(*OPTIMIZERS[optimizer])
+
+    def poison_stacked(k, metrics):
+        if k == 1 and metrics.epoch == 1:
+            with torch.no_grad():
+                stack.params["layers.0.weight"][1].fill_(math.nan)
+
+    def poison_alone(k, model, metrics):
+        if k == 1 and metrics.epoch == 1:
+            with torch.no_grad():
+                model.get_parameter("layers.0.weight").fill_(math.nan)
+
+    stack, opt = seeded_stack_and_optimizer(cfgs, splits, "cpu")
+    histories = fit_stacked_as_configured(cfgs, stack, opt, splits, "cpu", poison_stacked)
+    alone = one_by_one(cfgs, splits, poison_alone)
+    assert histories[1].diverged and [e.epoch for e in histories[1].epochs] == [1]
+    assert histories[1].reason == "non-finite train loss (nan) at epoch 2 step 1"
+    assert [len(h.epochs) for h in histories] == [3, 1, 3]
+    for history, (_, single) in zip(histories, alone, strict=True):
+        assert_same_history(history, single)
+    for k in (0, 2):
+        assert_same_weights(stack.models[k], alone[k][0])
+
+
+def test_a_model_vmap_cannot_batch_is_refused(configs, splits):
+    cfgs = configs("optimizer=adam", "model=gru")
+    message = "model 'gru' cannot train stacked: torch.func.vmap cannot run it: Batching rule"
+    with pytest.raises(NotStackable, match=re.escape(message)):
+        seeded_stack_and_optimizer(cfgs, splits, "cpu")
+
+
+def transformers(dropout):
+    torch.manual_seed(0)
+    return [Transformer([8], 5, width=16, layers=1, heads=2, dropout=dropout) for _ in SEEDS]
+
+
+def test_models_that_cannot_stack_say_why():
+    tokens = torch.randint(0, 5, (2, 8))
+    assert "called random operation" in model_refusal(transformers(0.1), tokens)
+    # scaled_dot_product_attention has no batching rule on the CPU: vmap would loop
+    assert model_refusal(transformers(0.0), tokens).startswith("vmap would loop over the models")
+    normed = [nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3)) for _ in SEEDS]
+    assert model_refusal(normed, torch.randn(2, 4)) == (
+        "it has buffers (1.running_mean, 1.running_var, 1.num_batches_tracked) that training "
+        "may update per model"
+    )
+    mixed = [MLP([4], 3, [5], False), MLP([4], 3, [6], False)]
+    assert model_refusal(mixed, torch.randn(2, 4)) == "the models differ in architecture"
+    assert model_refusal([MLP([4], 3, [5], True) for _ in SEEDS], torch.randn(2, 4)) is None
+
+
+def test_optimizers_that_cannot_stack_say_why():
+    params = list(Stack([MLP([4], 3, [5], False) for _ in SEEDS]).params.values())
+    assert optimizer_refusal(torch.optim.Adam(params)) is None
+    assert optimizer_refusal(GAO(params, "AdamW", stack_dims=1)) is None
+    assert optimizer_refusal(torch.optim.Adagrad(params)) == (
+        "Adagrad is not known to be elementwise (stacking needs Adam, AdamW, SGD, RMSprop)"
+    )
+    assert optimizer_refusal(GAO(params, "Adagrad", stack_dims=1)).startswith("Adagrad is not")
+    assert optimizer_refusal(GAO(params, "Adam")) == (
+        "GAO has stack_dims=0, not 1: its cosines would mix models"
+    )
+
+
+def test_configs_that_differ_beyond_their_seeds_are_not_stacked(configs, splits):
+    cfgs = [*configs("optimizer=adam", seeds=(1,)), *configs("optimizer=gao", seeds=(2,))]
+    with pytest.raises(ValueError, match="equal but for their seeds"):
+        seeded_stack_and_optimizer(cfgs, splits, "cpu")
