@@ -15,7 +15,6 @@ training, an op vmap cannot batch or would only loop over), and callers then tra
 from __future__ import annotations
 
 import copy
-import math
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -28,7 +27,7 @@ from torch.func import functional_call, stack_module_state, vmap
 from gradalign.checks import positive_int
 from gradalign.data import Splits
 from gradalign.optim import GradientAlignmentOptimizer
-from gradalign.training import EpochMetrics, History, LossFn, loss_function, train_divergence
+from gradalign.training import EpochMetrics, History, LossFn, epoch_outcome, loss_function
 
 # Optimizers whose update of an element depends on that element's own history only, so one
 # instance over stacked tensors is K independent instances (with shared hyperparameters).
@@ -203,27 +202,11 @@ def fit_stacked(
         values = torch.cat([p.view(n_models, -1) for p in parts], 1).tolist()  # one sync
         epoch_time = (time.perf_counter() - start) / len(active)
         for k in list(active):
-            train_loss, val_loss, val_acc, test_loss, test_acc, *scales_mean = values[k]
-            if not math.isfinite(train_loss):
-                reason = train_divergence(epoch, step_losses[:, k])
-            elif not math.isfinite(val_loss):
-                reason = f"non-finite val loss at epoch {epoch}"
-            else:
-                reason = None
-            if reason is not None:
-                histories[k] = History(histories[k].epochs, True, reason)
+            metrics = epoch_outcome(epoch, values[k], step_losses[:, k], epoch_time, names)
+            if isinstance(metrics, str):
+                histories[k] = History(histories[k].epochs, True, metrics)
                 active.remove(k)
                 continue
-            metrics = EpochMetrics(
-                epoch=epoch,
-                train_loss=train_loss,
-                val_loss=val_loss,
-                val_acc=val_acc,
-                test_loss=test_loss,
-                test_acc=test_acc,
-                epoch_time=epoch_time,
-                alignment=dict(zip(names, scales_mean, strict=True)) if scales_mean else {},
-            )
             histories[k].epochs.append(metrics)
             if on_epoch is not None:
                 on_epoch(k, metrics)

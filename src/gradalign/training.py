@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -158,22 +158,9 @@ def fit(
         if scale_sum is not None:
             parts.append(scale_sum / scale_steps)
         values = torch.cat(parts).tolist()  # the epoch's single host synchronisation
-        train_loss, val_loss, val_acc, test_loss, test_acc, *scales_mean = values
-
-        if not math.isfinite(train_loss):
-            return History(completed, True, train_divergence(epoch, step_losses))
-        if not math.isfinite(val_loss):
-            return History(completed, True, f"non-finite val loss at epoch {epoch}")
-        metrics = EpochMetrics(
-            epoch=epoch,
-            train_loss=train_loss,
-            val_loss=val_loss,
-            val_acc=val_acc,
-            test_loss=test_loss,
-            test_acc=test_acc,
-            epoch_time=time.perf_counter() - start,
-            alignment=_alignment(names, scales_mean),
-        )
+        metrics = epoch_outcome(epoch, values, step_losses, time.perf_counter() - start, names)
+        if isinstance(metrics, str):
+            return History(completed, True, metrics)
         completed.append(metrics)
         if on_epoch is not None:
             on_epoch(metrics)
@@ -181,6 +168,33 @@ def fit(
         if stop and epoch < epochs:
             return History(completed, False, None, stopped=True)
     return History(completed, False, None)
+
+
+def epoch_outcome(
+    epoch: int,
+    values: Sequence[float],
+    step_losses: torch.Tensor,
+    epoch_time: float,
+    names: list[str] | None,
+) -> EpochMetrics | str:
+    """An epoch's metrics from its ``values`` [train loss, val loss, val acc, test loss, test
+    acc, *mean scales] and its per-step train losses; the reason instead when it diverged (a
+    non-finite train or val loss)."""
+    train_loss, val_loss, val_acc, test_loss, test_acc, *scales_mean = values
+    if not math.isfinite(train_loss):
+        return _train_divergence(epoch, step_losses)
+    if not math.isfinite(val_loss):
+        return f"non-finite val loss at epoch {epoch}"
+    return EpochMetrics(
+        epoch=epoch,
+        train_loss=train_loss,
+        val_loss=val_loss,
+        val_acc=val_acc,
+        test_loss=test_loss,
+        test_acc=test_acc,
+        epoch_time=epoch_time,
+        alignment=_alignment(names, scales_mean),
+    )
 
 
 def loss_function(targets: torch.Tensor) -> LossFn:
@@ -211,7 +225,7 @@ def _metrics(logits: torch.Tensor, y: torch.Tensor, loss_fn: LossFn) -> torch.Te
     return torch.stack([loss, accuracy])
 
 
-def train_divergence(epoch: int, step_losses: torch.Tensor) -> str:
+def _train_divergence(epoch: int, step_losses: torch.Tensor) -> str:
     """Reason for a non-finite epoch train loss, naming the first non-finite step (1-based)."""
     bad = torch.nonzero(~torch.isfinite(step_losses)).flatten().tolist()
     if not bad:  # every step finite, but their sum overflowed
