@@ -114,13 +114,13 @@ def trials_left(storage: Path, sweeps: Sequence[Sweep], trials: int) -> dict[Swe
     study)."""
     if not storage.exists():
         return dict.fromkeys(sweeps, trials)
-    url = f"sqlite:///{storage}"
-    stored = {summary.study_name for summary in optuna.get_all_study_summaries(url)}
+    opened = optuna.storages.RDBStorage(f"sqlite:///{storage}")  # once: each opening checks it
+    stored = {study.study_name for study in opened.get_all_studies()}
     left = {}
     for sweep in sweeps:
         done = 0
         if sweep.study_name in stored:
-            study = optuna.load_study(study_name=sweep.study_name, storage=url)
+            study = optuna.load_study(study_name=sweep.study_name, storage=opened)
             finished = (TrialState.COMPLETE, TrialState.PRUNED)
             done = len(study.get_trials(deepcopy=False, states=finished))
         left[sweep] = max(0, trials - done)
