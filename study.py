@@ -40,10 +40,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--trials", type=int, metavar="N", help="Optuna trials per sweep")
     parser.add_argument(
         "--pruner",
-        default="none",
         choices=available_pruners(ROOT),
-        help="the sweeps' trial pruner, hydra/sweeper/pruner (default none: every trial trains "
-        "its budget, the protocol of the presets)",
+        help="the sweeps' trial pruner, hydra/sweeper/pruner (default: the preset's key pruner; "
+        "none, every trial training its budget, unless the preset says otherwise)",
     )
     add_report_arguments(parser)
     return run_command(argv, parser, study_settings_from_args, run_study, ROOT, "study.py")

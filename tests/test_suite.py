@@ -35,6 +35,7 @@ def parse(root, *argv):
     parser.add_argument("--suite", action="store_const", const="suite", dest="preset")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--trials", type=int)
+    parser.add_argument("--pruner")
     add_report_arguments(parser)
     return study_settings_from_args(root, parser.parse_args(argv), "cmd")
 
@@ -182,6 +183,17 @@ def test_the_suite_preset_is_five_workloads_each_an_experiment_preset():
     assert suite.report.primary == "best_val_loss" and len(suite.report.seeds) == 5
     quick = parse(REPO_ROOT, "--suite", "--quick")
     assert quick.trials == 2 and quick.report.overrides[-1] == "trainer.epochs=1"
+
+
+def test_the_suite_prunes_its_sweeps_unless_told_otherwise(tmp_path):
+    assert parse(REPO_ROOT, "--suite").pruner == "median"  # the protocol of its result
+    assert parse(REPO_ROOT, "--suite", "--pruner", "none").pruner == "none"
+    assert parse(REPO_ROOT).pruner == "none"  # a preset without the key: every trial trains
+    shutil.copytree(REPO_ROOT / "conf", tmp_path / "conf")
+    suite = tmp_path / "conf" / "study" / "suite.yaml"
+    suite.write_text(suite.read_text().replace("pruner: median", "pruner: meadian", 1))
+    with pytest.raises(ValueError, match=r"invalid setting pruner='meadian': must be one of \["):
+        parse(tmp_path, "--suite")
 
 
 @pytest.mark.parametrize("workload", WORKLOADS)

@@ -249,8 +249,8 @@ def study_settings_from_args(
 
     A preset holds ``trials``, ``report`` (values over conf/report.yaml), ``overrides``
     (training overrides, before the user's), optionally ``parts``, ``summary`` and ``columns``
-    (a study of several comparisons), and ``quick``: smaller values of the same keys for
-    ``--quick``.
+    (a study of several comparisons), ``pruner`` (its sweeps' hydra/sweeper/pruner, default
+    none; ``--pruner`` wins), and ``quick``: smaller values of the same keys for ``--quick``.
     Explicit flags and the user's overrides after ``--`` still win.
     """
     presets = available_presets(root)
@@ -258,7 +258,7 @@ def study_settings_from_args(
         _fail("preset", args.preset, f"one of {presets} (conf/study/)")
     path = Path(root) / "conf" / "study" / f"{args.preset}.yaml"
     study = OmegaConf.to_container(OmegaConf.load(path))
-    keys = ("trials", "report", "overrides", "parts", "summary", "columns", "quick")
+    keys = ("trials", "report", "overrides", "parts", "summary", "columns", "pruner", "quick")
     unknown = set(study) - set(keys)
     if unknown:
         _fail("keys of " + str(path.name), sorted(unknown), ", ".join(keys))
@@ -278,7 +278,7 @@ def study_settings_from_args(
         missing = sorted(set(names) - {part.name for part in parts})
         if missing:
             _fail(f"columns.{column}", list(names), f"names of parts (unknown: {missing})")
-    pruner = getattr(args, "pruner", "none")
+    pruner = getattr(args, "pruner", None) or study.get("pruner", "none")
     if pruner not in available_pruners(root):
         _fail("pruner", pruner, f"one of {available_pruners(root)} (conf/hydra/sweeper/pruner/)")
     return StudySettings(args.preset, trials, report, parts, columns, pruner, summary)
