@@ -3,11 +3,14 @@ the schema-creation race and how often it is retried, and one database for two p
 The real server is exercised by tests/test_postgres.py."""
 
 import hashlib
+import multiprocessing
 
+import optuna
 import pytest
 from sqlalchemy.exc import IntegrityError
 
 from gradalign import databases
+from gradalign.sweep import studies
 
 
 @pytest.mark.parametrize(
@@ -102,3 +105,44 @@ def test_optuna_and_mlflow_in_one_database_are_refused_naming_no_password():
     assert "s3cret" not in str(error.value)
     databases.check_separate("postgresql://h:5432/optuna", "postgresql://h:5432/mlflow")
     databases.check_separate("sqlite:////tmp/o.db", "http://127.0.0.1:5000")
+
+
+def _open_after(barrier, url, opener, results):
+    barrier.wait()  # every process opens the fresh file at the same moment
+    try:
+        opener(url)
+        results.put("ok")
+    except Exception as error:  # the failure is the result: reported to the test
+        results.put(f"{type(error).__name__}: {str(error).splitlines()[0]}")
+
+
+def _lock_and_open(url):
+    studies.open_storage(url, 60)
+
+
+def _open_bare(url):
+    optuna.storages.RDBStorage(url)
+
+
+def _open_together(tmp_path, opener, processes=4):
+    context = multiprocessing.get_context("spawn")
+    barrier, results = context.Barrier(processes), context.Queue()
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    started = [
+        context.Process(target=_open_after, args=(barrier, url, opener, results))
+        for _ in range(processes)
+    ]
+    for process in started:
+        process.start()
+    for process in started:
+        process.join(120)
+    return sorted(results.get(timeout=5) for _ in started)
+
+
+def test_sweeps_opening_a_new_sqlite_storage_together_create_its_schema_once(tmp_path):
+    """Sweeps a study starts side by side on a new Optuna storage (two at once by default):
+    each opens it, and without the lock beside the file more than one creates its tables and
+    the later ones fail on alembic_version."""
+    assert _open_together(tmp_path, _lock_and_open) == ["ok"] * 4
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'optuna.db'}")
+    assert storage.get_all_studies() == []  # a complete, current schema

@@ -9,7 +9,9 @@ cannot serialise that across machines; a PostgreSQL advisory lock, held by one s
 database itself, can. ``exclusive(url, name)`` takes one (on its own connection, so the caller's
 transactions are not involved); ``schema_created(url, create)`` creates a schema under it and
 retries the race with a process that does not take it (an ``mlflow server`` starting at the same
-moment, say). For any other URL (SQLite has its file locks, beside the file) both just run.
+moment, say). On a SQLite file, processes on one machine take turns under a file lock beside it
+(``sqlite_lock``): two sweeps starting together on a new Optuna storage would otherwise both
+create its tables, and one fail on ``alembic_version``. For any other URL both just run.
 
 Optuna and MLflow cannot share one database: both keep their schema revision in a table named
 ``alembic_version``. ``check_separate`` says so before anything is created.
@@ -18,11 +20,13 @@ Optuna and MLflow cannot share one database: both keep their schema revision in 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import logging
 import random
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import TypeVar
 
 from sqlalchemy.engine import URL, make_url
@@ -32,6 +36,7 @@ from gradalign.credentials import mask
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+_SQLITE = "sqlite:///"
 SCHEMA = "gradalign:schema"  # the name of the lock held while a schema is created
 # SQLSTATEs of the creation race: unique_violation (pg_type_typname_nsp_index,
 # alembic_version_pkc), duplicate_table, duplicate_object, deadlock_detected.
@@ -51,6 +56,28 @@ def postgres_url(url: str) -> URL | None:
     except ArgumentError:  # not a database URL (http://, a path)
         return None
     return parsed if parsed.get_backend_name() == "postgresql" else None
+
+
+def sqlite_file(url: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URL; None for any other store."""
+    return Path(url[len(_SQLITE) :]).resolve() if url.startswith(_SQLITE) else None
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """Exclusive advisory lock on ``path`` (created if absent), across processes."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def sqlite_lock(db: Path) -> contextlib.AbstractContextManager[None]:
+    """The lock held while the schema of the SQLite file ``db`` is created or checked."""
+    return file_lock(db.parent / f"{db.name}.lock")
 
 
 def lock_key(name: str) -> int:
@@ -108,8 +135,11 @@ def is_creation_race(error: BaseException) -> bool:
 def schema_created(url: str, create: Callable[[], T], timeout_s: float) -> T:
     """``create()`` (which opens the store at ``url``, creating its schema if there is none)
     under the lock ``SCHEMA`` of a PostgreSQL database, again after a pause when it lost the
-    creation race to a process that does not take the lock; its result."""
-    with exclusive(url, SCHEMA, timeout_s):
+    creation race to a process that does not take the lock; its result. On a SQLite file the
+    lock is ``sqlite_lock``'s."""
+    db = sqlite_file(url)
+    lock = sqlite_lock(db) if db is not None else exclusive(url, SCHEMA, timeout_s)
+    with lock:
         for attempt in range(1, RACE_ATTEMPTS + 1):
             try:
                 return create()

@@ -40,9 +40,7 @@ from gradalign.schema import MlflowTag, Stage, Tag
 from gradalign.tracking.store import (
     TrackingUnavailable,
     connect,
-    file_lock,
     log_batch,
-    sqlite_file,
     tag_filter,
     tracking_uri,
 )
@@ -139,11 +137,13 @@ def _parents_lock(
     for url in (uri, storage):
         if url and databases.postgres_url(url) is not None:
             return databases.exclusive(url, name, tracking.store_wait_s)
-    db = sqlite_file(uri)
+    db = databases.sqlite_file(uri)
     if db is not None:
-        return file_lock(db.parent / f"{db.name}.parents.lock")
+        return databases.file_lock(db.parent / f"{db.name}.parents.lock")
     digest = hashlib.sha256(f"{uri} {name}".encode()).hexdigest()
-    return file_lock(Path(tempfile.gettempdir()) / "gradalign-locks" / f"{digest[:16]}.lock")
+    return databases.file_lock(
+        Path(tempfile.gettempdir()) / "gradalign-locks" / f"{digest[:16]}.lock"
+    )
 
 
 def open_sweep_parent(

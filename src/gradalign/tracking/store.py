@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import fcntl
 import functools
 import logging
 import os
@@ -49,7 +48,6 @@ from gradalign.tracking.labels import experiment_tags
 
 log = logging.getLogger(__name__)
 
-_SQLITE = "sqlite:///"
 _LOCKED = "database is locked"
 # SQLite's errors for a store that cannot take a write: a full disk, a file size limit, a
 # read-only or damaged file.
@@ -103,23 +101,6 @@ def tracking_uri(tracking: DictConfig) -> str:
     the config is."""
     uri = tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or tracking.default_uri
     return anchored_uri(uri, tracking.root)
-
-
-def sqlite_file(uri: str) -> Path | None:
-    """The database file of a ``sqlite:///`` URI; None for any other store."""
-    return Path(uri[len(_SQLITE) :]).resolve() if uri.startswith(_SQLITE) else None
-
-
-@contextlib.contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    """Exclusive advisory lock on ``path`` (created if absent), across processes."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 @contextlib.contextmanager
@@ -253,7 +234,7 @@ def client(uri: str, wait_s: float) -> MlflowClient:
     check_reachable(uri)
     if mask(uri) != uri:  # MLflow prints a server run's URL as it ends: with the password
         os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
-    db = sqlite_file(uri)
+    db = databases.sqlite_file(uri)
     if db is None:
         try:
             created = databases.schema_created(uri, lambda: MlflowClient(tracking_uri=uri), wait_s)
@@ -265,7 +246,7 @@ def client(uri: str, wait_s: float) -> MlflowClient:
             f"MLflow store {uri}: directory {db.parent} does not exist (a relative path is taken "
             "from the repository root). Create it, or fix tracking.uri / MLFLOW_TRACKING_URI"
         )
-    with file_lock(db.parent / f"{db.name}.lock"):  # a process creating the schema holds it
+    with databases.sqlite_lock(db):  # a process creating the schema holds it
         _check_mlflow_schema(db, uri)  # so never half-migrated here
         try:
             opened = _retrying(uri, wait_s, MlflowClient, tracking_uri=uri)
@@ -337,7 +318,7 @@ def experiment_id(uri: str, wait_s: float, name: str) -> str:
     mlflow = client(uri, wait_s)
     experiment = mlflow.get_experiment_by_name(name)
     if experiment is None:
-        db = sqlite_file(uri)
+        db = databases.sqlite_file(uri)
         try:
             return mlflow.create_experiment(
                 name,
