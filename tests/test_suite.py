@@ -188,6 +188,8 @@ def test_the_suite_preset_is_five_workloads_each_an_experiment_preset():
 def test_the_suite_prunes_its_sweeps_unless_told_otherwise(tmp_path):
     assert parse(REPO_ROOT, "--suite").pruner == "median"  # the protocol of its result
     assert parse(REPO_ROOT, "--suite", "--pruner", "none").pruner == "none"
+    assert parse(REPO_ROOT, "--suite", "--quick").pruner == "none"  # 2 trials: none to prune
+    assert parse(REPO_ROOT, "--suite", "--quick", "--pruner", "median").pruner == "median"
     assert parse(REPO_ROOT).pruner == "none"  # a preset without the key: every trial trains
     shutil.copytree(REPO_ROOT / "conf", tmp_path / "conf")
     suite = tmp_path / "conf" / "study" / "suite.yaml"

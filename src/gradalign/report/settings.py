@@ -278,7 +278,7 @@ def study_settings_from_args(
         missing = sorted(set(names) - {part.name for part in parts})
         if missing:
             _fail(f"columns.{column}", list(names), f"names of parts (unknown: {missing})")
-    pruner = getattr(args, "pruner", None) or study.get("pruner", "none")
+    pruner = getattr(args, "pruner", None) or quick.get("pruner", study.get("pruner", "none"))
     if pruner not in available_pruners(root):
         _fail("pruner", pruner, f"one of {available_pruners(root)} (conf/hydra/sweeper/pruner/)")
     return StudySettings(args.preset, trials, report, parts, columns, pruner, summary)
