@@ -27,7 +27,14 @@ from torch.func import functional_call, stack_module_state, vmap
 from gradalign.checks import positive_int
 from gradalign.data import Splits
 from gradalign.optim import GradientAlignmentOptimizer
-from gradalign.training import EpochMetrics, History, LossFn, epoch_outcome, loss_function
+from gradalign.training import (
+    EpochMetrics,
+    History,
+    LossFn,
+    ScaleMean,
+    epoch_outcome,
+    loss_function,
+)
 
 # Optimizers whose update of an element depends on that element's own history only, so one
 # instance over stacked tensors is K independent instances (with shared hyperparameters).
@@ -177,18 +184,15 @@ def fit_stacked(
         start = time.perf_counter()
         orders = torch.stack([torch.randperm(n_train, generator=g) for g in generators])
         losses = []
-        scale_sum, scale_steps = None, 0
+        scales = ScaleMean()
         for idx in orders.to(device).split(batch_size, dim=1):
             optimizer.zero_grad()
             loss = stack.losses(data.x_train[idx], data.y_train[idx], loss_fn)
             loss.sum().backward()  # model k's parameters get the gradient of its own loss only
             optimizer.step()
             losses.append(loss.detach())
-            if names is not None and (scales := optimizer.last_scales) is not None:
-                if scale_sum is None:
-                    scale_sum = torch.zeros_like(scales)
-                scale_sum.add_(scales)
-                scale_steps += 1
+            if names is not None:
+                scales.add(optimizer.last_scales)
 
         step_losses = torch.stack(losses)  # (steps, K)
         parts = [(step_losses * batch_sizes).sum(0) / n_train]
@@ -197,8 +201,8 @@ def fit_stacked(
             parts.append(_evaluate(stack, data.x_val, data.y_val, eval_batch_size, loss_fn))
             parts.append(_evaluate(stack, data.x_test, data.y_test, eval_batch_size, loss_fn))
         stack.train()
-        if scale_sum is not None:
-            parts.append((scale_sum / scale_steps).T)  # (K, parameters)
+        if (mean := scales.mean()) is not None:
+            parts.append(mean.T)  # (K, parameters)
         values = torch.cat([p.view(n_models, -1) for p in parts], 1).tolist()  # one sync
         epoch_time = (time.perf_counter() - start) / len(active)
         for k in list(active):

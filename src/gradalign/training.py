@@ -80,6 +80,26 @@ class History:
         return min(self.epochs, key=lambda e: e.val_loss).epoch
 
 
+class ScaleMean:
+    """The mean of an optimizer's ``last_scales`` over an epoch's steps, kept on its device
+    (no host synchronisation per step); None when no step recorded scales."""
+
+    def __init__(self) -> None:
+        self.total: torch.Tensor | None = None
+        self.steps = 0
+
+    def add(self, scales: torch.Tensor | None) -> None:
+        if scales is None:
+            return
+        if self.total is None:
+            self.total = torch.zeros_like(scales)
+        self.total.add_(scales)
+        self.steps += 1
+
+    def mean(self) -> torch.Tensor | None:
+        return None if self.total is None else self.total / self.steps
+
+
 def fit(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -133,18 +153,15 @@ def fit(
         start = time.perf_counter()
         order = torch.randperm(n_train, generator=generator).to(device)
         losses = []
-        scale_sum, scale_steps = None, 0
+        scales = ScaleMean()
         for idx in order.split(batch_size):
             optimizer.zero_grad()
             loss = loss_fn(model(data.x_train[idx]), data.y_train[idx])
             loss.backward()
             optimizer.step()
             losses.append(loss.detach())
-            if names is not None and (scales := optimizer.last_scales) is not None:
-                if scale_sum is None:
-                    scale_sum = torch.zeros_like(scales)
-                scale_sum.add_(scales)
-                scale_steps += 1
+            if names is not None:
+                scales.add(optimizer.last_scales)
         if scheduler is not None:
             scheduler.step()
 
@@ -155,8 +172,8 @@ def fit(
             parts.append(_evaluate(model, data.x_val, data.y_val, eval_batch_size, loss_fn))
             parts.append(_evaluate(model, data.x_test, data.y_test, eval_batch_size, loss_fn))
         model.train()
-        if scale_sum is not None:
-            parts.append(scale_sum / scale_steps)
+        if (mean := scales.mean()) is not None:
+            parts.append(mean)
         values = torch.cat(parts).tolist()  # the epoch's single host synchronisation
         metrics = epoch_outcome(epoch, values, step_losses, time.perf_counter() - start, names)
         if isinstance(metrics, str):
