@@ -246,6 +246,16 @@ def seeded_stack_and_optimizer(
     return stack, optimizer
 
 
+def _budget(cfg: DictConfig) -> dict[str, Any]:
+    """cfg.trainer's budget and evaluation, as fit and fit_stacked take them."""
+    trainer = cfg.trainer
+    return {
+        "epochs": trainer.epochs,
+        "batch_size": trainer.batch_size,
+        "eval_batch_size": trainer.eval_batch_size,
+    }
+
+
 def fit_as_configured(
     cfg: DictConfig,
     model: torch.nn.Module,
@@ -262,9 +272,7 @@ def fit_as_configured(
         model,
         optimizer,
         splits,
-        epochs=cfg.trainer.epochs,
-        batch_size=cfg.trainer.batch_size,
-        eval_batch_size=cfg.trainer.eval_batch_size,
+        **_budget(cfg),
         data_seed=cfg.seed.data,
         device=device,
         on_epoch=on_epoch,
@@ -282,14 +290,11 @@ def fit_stacked_as_configured(
 ) -> list[History]:
     """``fit_as_configured`` of each of ``cfgs``, trained stacked (``stacked.fit_stacked``):
     model k in ``stack`` with ``cfgs[k].seed.data``'s batch order."""
-    cfg = cfgs[0]
     return fit_stacked(
         stack,
         optimizer,
         splits,
-        epochs=cfg.trainer.epochs,
-        batch_size=cfg.trainer.batch_size,
-        eval_batch_size=cfg.trainer.eval_batch_size,
+        **_budget(cfgs[0]),
         data_seeds=[c.seed.data for c in cfgs],
         device=device,
         on_epoch=on_epoch,
