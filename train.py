@@ -29,7 +29,6 @@ first trial, not once per trial. Ctrl-C or SIGTERM ends the open MLflow run KILL
 sweep's parent, after flushing what it logged; a stored study resumes with the same command.
 """
 
-import logging
 import sys
 from pathlib import Path
 
@@ -42,7 +41,6 @@ from gradalign.config import ConfigError, register_resolvers, validate
 from gradalign.credentials import mask, mask_logs
 
 register_resolvers(Path(__file__).resolve().parent)
-log = logging.getLogger(__name__)
 # Exit statuses of a single run that did not finish: a setting or store the user must fix, a fit
 # that diverged (a result: its run is FAILED, tag diverged), and an interruption.
 EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 3, 130
@@ -70,43 +68,15 @@ def main(cfg: DictConfig) -> float:
 def trial(cfg: DictConfig) -> float:
     """Train ``cfg`` (a sweep's trial when Hydra runs a multirun) and return its TrialResult."""
     validate(cfg)  # before torch and MLflow are imported: a bad value answers at once
-    from gradalign.experiment import TrialResult, run_experiment
+    from gradalign.experiment import run_experiment, trial_result
 
-    hydra_cfg = HydraConfig.get()
-    if hydra_cfg.mode == RunMode.MULTIRUN:
-        from gradalign.schema import Stage, Tag
-        from gradalign.sweep.pruning import trial_pruning
-        from gradalign.sweep.runs import trial_tags
+    if HydraConfig.get().mode == RunMode.MULTIRUN:
+        from gradalign.sweep.runs import trial_options
 
-        tags = trial_tags(cfg, sweep_dir=Path(hydra_cfg.sweep.dir), sweeper=hydra_cfg.sweeper)
-        tags[Tag.HYDRA_JOB_NUM] = str(hydra_cfg.job.num)
-        if cfg.tracking.optuna_trial is not None:
-            tags[Tag.OPTUNA_TRIAL] = str(cfg.tracking.optuna_trial)
-        history, run_id = run_experiment(
-            cfg,
-            stage=Stage.SWEEP,
-            parent_run_id=cfg.tracking.parent_run_id,
-            extra_tags=tags,
-            should_stop=trial_pruning(cfg, hydra_cfg.sweeper),
-        )
+        history, run_id = run_experiment(cfg, **trial_options(cfg))
     else:
         history, run_id = run_experiment(cfg)
-    from gradalign import tracking
-
-    objective = history.objective(cfg.objective)
-    pruned_epoch = history.epochs[-1].epoch if history.stopped else None
-    if history.diverged:
-        outcome = f"diverged ({history.reason})"
-    elif pruned_epoch is not None:
-        outcome = f"pruned at epoch {pruned_epoch} (objective so far {objective:.4f})"
-    else:
-        outcome = f"objective={objective:.4f}"
-    _, experiment = tracking.connect(cfg.tracking)
-    page = tracking.run_link(tracking.ui_url(cfg.tracking), experiment, run_id)
-    log.info("%s  mlflow run %s: %s", outcome, run_id, page)
-    return TrialResult(
-        objective, run_id=run_id, failure_reason=history.reason, pruned_epoch=pruned_epoch
-    )
+    return trial_result(cfg, history, run_id)
 
 
 def _exit_status(error: BaseException) -> int | None:

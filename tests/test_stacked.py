@@ -8,6 +8,7 @@ stacked tensor) reduce in another order, so results differ in the last bits (a f
 1e-7 here); a wrong data order, seed or cosine shows up at 1e-3 and more.
 """
 
+import copy
 import math
 import re
 
@@ -28,6 +29,7 @@ from gradalign.experiment import (
 from gradalign.models.mlp import MLP
 from gradalign.models.transformer import Transformer
 from gradalign.stacked import NotStackable, Stack, model_refusal, optimizer_refusal
+from gradalign.training import History
 
 TOL = {"rtol": 1e-5, "atol": 1e-6}
 SEEDS = (1, 2, 3)
@@ -221,7 +223,8 @@ def test_optimizers_that_cannot_stack_say_why():
     assert optimizer_refusal(torch.optim.Adam(params)) is None
     assert optimizer_refusal(GAO(params, "AdamW", stack_dims=1)) is None
     assert optimizer_refusal(torch.optim.Adagrad(params)) == (
-        "Adagrad is not known to be elementwise (stacking needs Adam, AdamW, SGD, RMSprop)"
+        "Adagrad is not known to be elementwise (stacking needs Adam, AdamW, SGD, RMSprop, "
+        "StackedAdam, StackedAdamW)"
     )
     assert optimizer_refusal(GAO(params, "Adagrad", stack_dims=1)).startswith("Adagrad is not")
     assert optimizer_refusal(GAO(params, "Adam")) == (
@@ -233,3 +236,164 @@ def test_configs_that_differ_beyond_their_seeds_are_not_stacked(configs, splits)
     cfgs = [*configs("optimizer=adam", seeds=(1,)), *configs("optimizer=gao", seeds=(2,))]
     with pytest.raises(ValueError, match="equal but for their seeds"):
         seeded_stack_and_optimizer(cfgs, splits, "cpu")
+
+
+# --- models with hyperparameters of their own (a sweep's trials) -----------------------------
+
+LRS, WEIGHT_DECAYS, BETAS = [1e-3, 3e-2, 1e-1], [0.0, 1e-2, 1e-1], [0.5, 0.9, 0.99]
+
+
+def stacked_and_alone(torch_class, gao=None):
+    """Two stacked parameters of 3 models, with StackedAdam(W) (inside GAO when ``gao`` gives
+    its target and granularity) of per-model values, and each model's copies with its own
+    torch optimizer."""
+    from gradalign.stacked_adam import StackedAdam, StackedAdamW
+
+    torch.manual_seed(0)
+    params = [torch.randn(3, 5, 4, requires_grad=True), torch.randn(3, 4, requires_grad=True)]
+    alone = [[p[k].detach().clone().requires_grad_() for p in params] for k in range(3)]
+    stacked_class = StackedAdamW if torch_class is torch.optim.AdamW else StackedAdam
+    stacked = stacked_class(params, lr=LRS, weight_decay=WEIGHT_DECAYS, eps=[1e-8, 1e-6, 1e-3])
+    singles = [
+        torch_class(a, lr=LRS[k], weight_decay=WEIGHT_DECAYS[k], eps=[1e-8, 1e-6, 1e-3][k])
+        for k, a in enumerate(alone)
+    ]
+    if gao is not None:
+        target, granularity = gao
+        options = {"target": target, "granularity": granularity, "min_scale": 0.1}
+        stacked = GAO(stacked, beta=BETAS, stack_dims=1, **options)
+        singles = [GAO(o, beta=BETAS[k], **options) for k, o in enumerate(singles)]
+    return params, stacked, alone, singles
+
+
+@pytest.mark.parametrize("torch_class", [torch.optim.Adam, torch.optim.AdamW])
+@pytest.mark.parametrize(
+    "gao", [None, *((t, g) for t in ("grad", "update") for g in ("tensor", "global", "row"))]
+)
+def test_per_model_hyperparameters_step_each_model_as_its_own_optimizer(torch_class, gao):
+    params, stacked, alone, singles = stacked_and_alone(torch_class, gao)
+    for _ in range(30):
+        grads = [torch.randn_like(p) for p in params]
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g.clone()
+        stacked.step()
+        for k, single in enumerate(singles):
+            for a, g in zip(alone[k], grads, strict=True):
+                a.grad = g[k].clone()
+            single.step()
+    for k in range(3):
+        for p, a in zip(params, alone[k], strict=True):
+            torch.testing.assert_close(p[k], a, **TOL)
+    assert not torch.allclose(params[0][0], params[0][1])  # the values did differ
+
+
+def test_per_model_hyperparameters_are_checked():
+    from gradalign.stacked_adam import StackedAdam
+
+    p = torch.zeros(3, 2, requires_grad=True)
+    with pytest.raises(ValueError, match=r"lr has 2 values for 3 stacked models"):
+        StackedAdam([p], lr=[1e-3, 1e-2])
+    with pytest.raises(ValueError, match=r"betas\[1\]=1.0 is outside the allowed range"):
+        StackedAdam([p], betas=(0.9, [0.9, 0.99, 1.0]))
+    with pytest.raises(ValueError, match=r"parameter 1 of shape \(2, 2\) is not stacked"):
+        StackedAdam([p, torch.zeros(2, 2, requires_grad=True)])
+    with pytest.raises(ValueError, match=r"beta=1.0 is outside the allowed range \[0, 1\)"):
+        GAO([p], "Adam", beta=[0.9, 0.5, 1.0], stack_dims=1)
+    with pytest.raises(ValueError, match=r"beta has 3 values: one per model needs stack_dims=1"):
+        GAO([p], "Adam", beta=[0.9, 0.5, 0.1])
+    with pytest.raises(ValueError, match=r"beta has 2 values: .* \(dim 0 of the parameters: 3"):
+        GAO([p], "Adam", beta=[0.9, 0.5], stack_dims=1)
+
+
+def test_a_stacked_adam_checkpoint_resumes_exactly():
+    """The per-model values are in the state dict (as torch's lr is), GAO's beta is not."""
+    from gradalign.stacked_adam import StackedAdam
+
+    params, stacked, _, _ = stacked_and_alone(torch.optim.Adam, ("grad", "tensor"))
+    for _ in range(3):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        stacked.step()
+    copies = [p.detach().clone().requires_grad_() for p in params]
+    options = {"target": "grad", "granularity": "tensor", "min_scale": 0.1}
+    resumed = GAO(StackedAdam(copies, lr=0.5), beta=BETAS, stack_dims=1, **options)
+    resumed.load_state_dict(copy.deepcopy(stacked.state_dict()))  # not sharing tensors
+    assert resumed.base.per_model["lr"].tolist() == LRS  # the saved values, not 0.5
+    grads = [torch.randn_like(p) for p in params]
+    for p, q, g in zip(params, copies, grads, strict=True):
+        p.grad, q.grad = g.clone(), g.clone()
+    stacked.step()
+    resumed.step()
+    for p, q in zip(params, copies, strict=True):
+        assert torch.equal(p, q)
+
+
+TRIALS = {  # per-model values of three trials, as a sweep's sampler would set them
+    "adam": ["optimizer=adam"],
+    "adamw": ["optimizer=adamw"],
+    **{
+        f"gao-{t}-{g}": ["optimizer=gao", f"optimizer.target={t}", f"optimizer.granularity={g}"]
+        for t in ("grad", "update")
+        for g in ("tensor", "global", "row")
+    },
+}
+
+
+def trial_configs(configs, name):
+    cfgs = configs(*TRIALS[name])
+    for k, cfg in enumerate(cfgs):
+        cfg.optimizer.lr = LRS[k] / 10
+        if "weight_decay" in cfg.optimizer:
+            cfg.optimizer.weight_decay = WEIGHT_DECAYS[k]
+        if "beta" in cfg.optimizer:
+            cfg.optimizer.beta = BETAS[k]
+    return cfgs
+
+
+@pytest.mark.parametrize("name", list(TRIALS))
+def test_trials_with_their_own_values_train_stacked_as_they_would_alone(configs, splits, name):
+    cfgs = trial_configs(configs, name)
+    stack, opt = seeded_stack_and_optimizer(cfgs, splits, "cpu")
+    histories = fit_stacked_as_configured(cfgs, stack, opt, splits, "cpu")
+    for history, model, (single_model, single) in zip(
+        histories, stack.models, one_by_one(cfgs, splits), strict=True
+    ):
+        assert_same_history(history, single)
+        assert_same_weights(model, single_model)
+
+
+def test_a_model_whose_should_stop_says_so_ends_alone(configs, splits):
+    cfgs = trial_configs(configs, "gao-grad-tensor")
+    asked = []
+
+    def stop_model_1_at_epoch_2(history):
+        asked.append(history.epochs[-1].epoch)
+        return history.epochs[-1].epoch == 2
+
+    should_stop = [None, stop_model_1_at_epoch_2, None]
+    stack, opt = seeded_stack_and_optimizer(cfgs, splits, "cpu")
+    histories = fit_stacked_as_configured(cfgs, stack, opt, splits, "cpu", None, should_stop)
+    assert asked == [1, 2]
+    assert [len(h.epochs) for h in histories] == [3, 2, 3]
+    assert [h.stopped for h in histories] == [False, True, False]
+    alone = [history for _, history in one_by_one(cfgs, splits)]
+    for k in (0, 2):
+        assert_same_history(histories[k], alone[k])
+    assert_same_history(histories[1], History(alone[1].epochs[:2], False, None, stopped=True))
+
+
+def test_what_keeps_configs_apart_is_named(configs):
+    from gradalign.per_model import per_model_spec, stack_key
+
+    gao = trial_configs(configs, "gao-grad-tensor")
+    assert len({stack_key(cfg) for cfg in gao}) == 1  # lr, beta and seeds differ: one stack
+    wider = configs("optimizer=gao", "model.hidden=[64,64]")[0]
+    assert stack_key(wider) != stack_key(gao[0])
+    sgd = configs("optimizer=sgd")
+    sgd[1].optimizer.lr = 0.5
+    assert stack_key(sgd[0]) != stack_key(sgd[1])  # SGD's values are shared, never per model
+    with pytest.raises(ValueError, match=r"optimizer.lr differs .* only none of its values may"):
+        per_model_spec([cfg.optimizer for cfg in sgd])
+    spec = per_model_spec([cfg.optimizer for cfg in gao])
+    assert spec["base"] == "gradalign.stacked_adam.StackedAdam"
+    assert spec["lr"] == [lr / 10 for lr in LRS] and spec["beta"] == BETAS

@@ -9,6 +9,7 @@ even imported: a bad value answers in the time torch takes to import.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import getpass
 import hashlib
@@ -25,8 +26,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
-from gradalign import processes
-from gradalign.components import build_dataset, build_model, build_optimizer
+from gradalign import per_model, processes
+from gradalign.components import build, build_dataset, build_model, build_optimizer
 from gradalign.config import config_hash, flatten, validate
 from gradalign.data import Splits
 from gradalign.optim import GradientAlignmentOptimizer
@@ -203,6 +204,27 @@ class TrialResult(float):
         return result
 
 
+def trial_result(cfg: DictConfig, history: History, run_id: str) -> TrialResult:
+    """What a run of ``cfg`` that trained ``history`` as MLflow run ``run_id`` returns (to a
+    sweeper: its objective), after logging its outcome and its page in the MLflow UI."""
+    from gradalign import tracking
+
+    objective = history.objective(cfg.objective)
+    pruned_epoch = history.epochs[-1].epoch if history.stopped else None
+    if history.diverged:
+        outcome = f"diverged ({history.reason})"
+    elif pruned_epoch is not None:
+        outcome = f"pruned at epoch {pruned_epoch} (objective so far {objective:.4f})"
+    else:
+        outcome = f"objective={objective:.4f}"
+    _, experiment = tracking.connect(cfg.tracking)
+    page = tracking.run_link(tracking.ui_url(cfg.tracking), experiment, run_id)
+    log.info("%s  mlflow run %s: %s", outcome, run_id, page)
+    return TrialResult(
+        objective, run_id=run_id, failure_reason=history.reason, pruned_epoch=pruned_epoch
+    )
+
+
 def seeded_model(cfg: DictConfig, splits: Splits) -> torch.nn.Module:
     """``cfg.model`` initialised right after ``torch.manual_seed(cfg.seed.model)``."""
     torch.manual_seed(cfg.seed.model)
@@ -218,28 +240,43 @@ def seeded_model_and_optimizer(
     return model, build_optimizer(cfg, model.parameters())
 
 
-def same_but_seeds(cfg: DictConfig) -> str:
-    """``cfg`` without its seeds, as text: equal for runs that can train stacked together."""
-    rest = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k != "seed"}
-    return json.dumps(rest, sort_keys=True, default=str)
-
-
 def seeded_stack_and_optimizer(
     cfgs: Sequence[DictConfig], splits: Splits, device: torch.device | str
 ) -> tuple[Stack, torch.optim.Optimizer]:
-    """The models of ``cfgs`` (configs equal but for their seeds), each ``seeded_model``'s, on
-    ``device`` and stacked, and ``cfgs[0].optimizer`` over the stacked tensors (GAO with
-    ``stack_dims=1``); raises NotStackable, with the reason, when they cannot train stacked."""
-    if len({same_but_seeds(cfg) for cfg in cfgs}) > 1:
-        raise ValueError("configs to train stacked must be equal but for their seeds")
-    models = [seeded_model(cfg, splits).to(device) for cfg in cfgs]
+    """``stack_and_optimizer`` of the ``seeded_model`` of each of ``cfgs``."""
+    return stack_and_optimizer(cfgs, [seeded_model(cfg, splits) for cfg in cfgs], splits, device)
+
+
+def stack_and_optimizer(
+    cfgs: Sequence[DictConfig],
+    models: Sequence[torch.nn.Module],
+    splits: Splits,
+    device: torch.device | str,
+) -> tuple[Stack, torch.optim.Optimizer]:
+    """``models`` (model k: a run of ``cfgs[k]``; configs equal but for what
+    ``per_model.stack_key`` leaves out) on ``device`` and stacked, and the optimizer of
+    ``cfgs`` over the stacked tensors (GAO with ``stack_dims=1``; each model's own optimizer
+    values through ``per_model``, when they differ); raises NotStackable, with the reason, when
+    they cannot train stacked."""
+    if len({per_model.stack_key(cfg) for cfg in cfgs}) > 1:
+        raise ValueError(
+            "configs to train stacked must be equal but for their seeds and per-model optimizer "
+            "values (gradalign.per_model)"
+        )
+    models = [model.to(device) for model in models]
     reason = model_refusal(models, splits.x_val[:2].to(device))
     if reason is not None:
         raise NotStackable(f"model {cfgs[0].model.name!r} cannot train stacked: {reason}")
     stack = Stack(models)
     target = get_class(cfgs[0].optimizer._target_)
     options = {"stack_dims": 1} if issubclass(target, GradientAlignmentOptimizer) else {}
-    optimizer = build_optimizer(cfgs[0], list(stack.params.values()), **options)
+    params = list(stack.params.values())
+    optimizers = [cfg.optimizer for cfg in cfgs]
+    if per_model.varying_keys(optimizers):
+        spec = per_model.per_model_spec(optimizers)
+        optimizer = build("optimizer", OmegaConf.create(spec), params, **options)
+    else:
+        optimizer = build_optimizer(cfgs[0], params, **options)
     reason = optimizer_refusal(optimizer)
     if reason is not None:
         raise NotStackable(f"optimizer {cfgs[0].optimizer.name!r} cannot train stacked: {reason}")
@@ -287,9 +324,10 @@ def fit_stacked_as_configured(
     splits: Splits,
     device: torch.device | str,
     on_epoch: Callable[[int, EpochMetrics], None] | None = None,
+    should_stop: Sequence[Callable[[History], bool] | None] | None = None,
 ) -> list[History]:
     """``fit_as_configured`` of each of ``cfgs``, trained stacked (``stacked.fit_stacked``):
-    model k in ``stack`` with ``cfgs[k].seed.data``'s batch order."""
+    model k in ``stack`` with ``cfgs[k].seed.data``'s batch order and ``should_stop[k]``."""
     return fit_stacked(
         stack,
         optimizer,
@@ -298,11 +336,13 @@ def fit_stacked_as_configured(
         data_seeds=[c.seed.data for c in cfgs],
         device=device,
         on_epoch=on_epoch,
+        should_stop=should_stop,
     )
 
 
-def _prepare(cfg: DictConfig) -> tuple[torch.device, Splits]:
-    """Validate ``cfg``, set this process up as a run of it does, and build its data set."""
+def prepare_process(cfg: DictConfig) -> tuple[torch.device, Splits]:
+    """Validate ``cfg``, set this process up as a run of it does, and build its data set: the
+    device and the splits its runs train on."""
     validate(cfg)
     processes.adopt()  # a worker stops when the process that started it is gone
     device = resolve_device(cfg.trainer.device)
@@ -324,7 +364,7 @@ def _run_record(
     searched: Iterable[str] | None,
 ) -> dict[str, Any]:
     """The ``tracking.start_run`` arguments of a run of ``cfg`` training ``model`` (untrained:
-    its init_hash is taken now)."""
+    its init_hash is taken now), read in the Hydra job that runs it (if any)."""
     from gradalign import tracking
 
     tags = {
@@ -350,6 +390,40 @@ def _run_record(
     }
 
 
+@dataclasses.dataclass
+class PreparedRun:
+    """A run of ``cfg`` ready to train: its seeded, untrained model, the arguments of its
+    MLflow run (``tracking.start_run``), and whether to stop it early (a sweep trial's pruner,
+    see ``training.fit``)."""
+
+    cfg: DictConfig
+    model: torch.nn.Module
+    record: dict[str, Any]
+    should_stop: Callable[[History], bool] | None = None
+
+
+def prepare_run(
+    cfg: DictConfig,
+    splits: Splits,
+    *,
+    stage: str = Stage.SINGLE,
+    parent_run_id: str | None = None,
+    extra_tags: Mapping[str, str] | None = None,
+    searched: Iterable[str] | None = None,
+    should_stop: Callable[[History], bool] | None = None,
+) -> PreparedRun:
+    """A run of ``cfg`` (validated, its process set up by ``prepare_process``) on ``splits``,
+    with its model seeded and its optimizer checked to build, before MLflow is imported. The
+    run's name, description and artifacts come from the Hydra job this is called in; see
+    ``run_experiment`` for the arguments."""
+    model, _ = seeded_model_and_optimizer(cfg, splits)
+    from gradalign import tracking  # MLflow: only once the config is known to build
+
+    tracking.connect(cfg.tracking)
+    record = _run_record(cfg, splits, model, stage, parent_run_id, extra_tags, searched)
+    return PreparedRun(cfg, model, record, should_stop)
+
+
 def run_experiment(
     cfg: DictConfig,
     *,
@@ -360,8 +434,9 @@ def run_experiment(
     should_stop: Callable[[History], bool] | None = None,
 ) -> tuple[History, str]:
     """Train as ``cfg`` says and track it in MLflow; return the history and the MLflow run id.
-    ``should_stop`` (a sweep trial's pruner, gradalign.sweep.pruning) may end the fit early:
-    see ``training.fit``; the run then ends FINISHED, tagged pruned.
+    ``stage``, ``parent_run_id`` and ``extra_tags`` place and tag the run; ``should_stop`` (a
+    sweep trial's pruner, gradalign.sweep.pruning) may end the fit early: see
+    ``training.fit``; the run then ends FINISHED, tagged pruned.
 
     The model is initialised right after ``torch.manual_seed(cfg.seed.model)`` (on the CPU, so
     equal seeds give equal weights on any device), and tagged ``init_hash``; ``cfg.seed.data``
@@ -369,28 +444,78 @@ def run_experiment(
     ``searched`` keys (default: the Hydra job's search space, hydra.sweeper.params). A bad
     config fails before MLflow is imported, an unreachable store before anything is trained.
     """
-    device, splits = _prepare(cfg)
-    model, optimizer = seeded_model_and_optimizer(cfg, splits)
-    from gradalign import tracking  # MLflow: only once the config is known to build
+    device, splits = prepare_process(cfg)
+    run = prepare_run(
+        cfg,
+        splits,
+        stage=stage,
+        parent_run_id=parent_run_id,
+        extra_tags=extra_tags,
+        searched=searched,
+        should_stop=should_stop,
+    )
+    return train_alone(run, splits, device)
 
-    tracking.connect(cfg.tracking)
-    record = _run_record(cfg, splits, model, stage, parent_run_id, extra_tags, searched)
-    progress = EpochProgress(record["run_name"], cfg.trainer.epochs)
 
-    with tracking.start_run(cfg.tracking, **record) as run:
+def train_alone(run: PreparedRun, splits: Splits, device: torch.device) -> tuple[History, str]:
+    """Train the prepared ``run`` on its own, tracked in MLflow: its history and run id."""
+    from gradalign import tracking
+
+    cfg = run.cfg
+    optimizer = build_optimizer(cfg, run.model.parameters())
+    progress = EpochProgress(run.record["run_name"], cfg.trainer.epochs)
+    with tracking.start_run(cfg.tracking, **run.record) as tracked:
 
         def on_epoch(metrics: EpochMetrics) -> None:
-            run.log_epoch(metrics)
+            tracked.log_epoch(metrics)
             progress.update(metrics)
 
         try:
             history = fit_as_configured(
-                cfg, model, optimizer, splits, device, on_epoch, should_stop
+                cfg, run.model, optimizer, splits, device, on_epoch, run.should_stop
             )
         finally:
             progress.close()
-        run.finish(history, history.objective(cfg.objective))
-    return history, run.run_id
+        tracked.finish(history, history.objective(cfg.objective))
+    return history, tracked.run_id
+
+
+def train_together(
+    runs: Sequence[PreparedRun], splits: Splits, device: torch.device
+) -> list[tuple[History, str]]:
+    """Train the prepared ``runs`` (configs equal but for what ``per_model.stack_key`` leaves
+    out) as one stacked model (``stacked.fit_stacked``), each its own MLflow run, logged as
+    ``train_alone`` logs it (tags, init_hash, params, name, dataset input, per-epoch metrics,
+    status) and stopped by its own ``should_stop``. Runs that cannot stack (``NotStackable``)
+    are trained one by one instead, after a log line saying why."""
+    from gradalign import tracking
+
+    cfgs = [run.cfg for run in runs]
+    try:
+        stack, optimizer = stack_and_optimizer(cfgs, [run.model for run in runs], splits, device)
+    except NotStackable as refusal:
+        log.info("training %d runs one by one, not stacked: %s", len(runs), refusal)
+        return [train_alone(run, splits, device) for run in runs]
+    label = f"{runs[0].record['run_name']} and {len(runs) - 1} more, stacked"
+    progress = EpochProgress(label, cfgs[0].trainer.epochs)
+    with contextlib.ExitStack() as opened:  # an error ends every run, as start_run says
+        tracked = [
+            opened.enter_context(tracking.start_run(run.cfg.tracking, **run.record)) for run in runs
+        ]
+
+        def on_epoch(k: int, metrics: EpochMetrics) -> None:
+            tracked[k].log_epoch(metrics)
+            progress.update(metrics)
+
+        try:
+            histories = fit_stacked_as_configured(
+                cfgs, stack, optimizer, splits, device, on_epoch, [r.should_stop for r in runs]
+            )
+        finally:
+            progress.close()
+        for one, history, cfg in zip(tracked, histories, cfgs, strict=True):
+            one.finish(history, history.objective(cfg.objective))
+    return [(history, one.run_id) for history, one in zip(histories, tracked, strict=True)]
 
 
 def run_stacked_experiments(
@@ -401,50 +526,22 @@ def run_stacked_experiments(
     extra_tags: Sequence[Mapping[str, str] | None] | None = None,
     searched: Iterable[str] | None = None,
 ) -> list[tuple[History, str]]:
-    """``run_experiment`` of each of ``cfgs`` (equal but for their seeds), trained as one
-    stacked model (``stacked.fit_stacked``): each its own MLflow run, logged as run_experiment
-    logs it (tags, init_hash, params, name, dataset input, per-epoch metrics, status), with
-    ``extra_tags[k]`` for run k. Models or an optimizer that cannot stack (``NotStackable``)
-    are trained one by one by run_experiment instead, after a log line saying why.
-    """
+    """``run_experiment`` of each of ``cfgs`` (equal but for their seeds, or per-model optimizer
+    values), trained together (``train_together``), with ``extra_tags[k]`` for run k."""
     extra_tags = list(extra_tags or [None] * len(cfgs))
     for cfg in cfgs[1:]:
         validate(cfg)
-    device, splits = _prepare(cfgs[0])
-    try:
-        stack, optimizer = seeded_stack_and_optimizer(cfgs, splits, device)
-    except NotStackable as refusal:
-        log.info("training %d runs one by one, not stacked: %s", len(cfgs), refusal)
-        return [
-            run_experiment(
-                cfg, stage=stage, parent_run_id=parent_run_id, extra_tags=tags, searched=searched
-            )
-            for cfg, tags in zip(cfgs, extra_tags, strict=True)
-        ]
-    from gradalign import tracking
-
-    tracking.connect(cfgs[0].tracking)
+    device, splits = prepare_process(cfgs[0])
     searched = None if searched is None else list(searched)
-    records = [
-        _run_record(cfg, splits, model, stage, parent_run_id, tags, searched)
-        for cfg, model, tags in zip(cfgs, stack.models, extra_tags, strict=True)
+    runs = [
+        prepare_run(
+            cfg,
+            splits,
+            stage=stage,
+            parent_run_id=parent_run_id,
+            extra_tags=tags,
+            searched=searched,
+        )
+        for cfg, tags in zip(cfgs, extra_tags, strict=True)
     ]
-    label = f"{records[0]['run_name']} and {len(cfgs) - 1} more, stacked"
-    progress = EpochProgress(label, cfgs[0].trainer.epochs)
-    with contextlib.ExitStack() as opened:  # an error ends every run, as start_run says
-        runs = [
-            opened.enter_context(tracking.start_run(cfg.tracking, **record))
-            for cfg, record in zip(cfgs, records, strict=True)
-        ]
-
-        def on_epoch(k: int, metrics: EpochMetrics) -> None:
-            runs[k].log_epoch(metrics)
-            progress.update(metrics)
-
-        try:
-            histories = fit_stacked_as_configured(cfgs, stack, optimizer, splits, device, on_epoch)
-        finally:
-            progress.close()
-        for run, history, cfg in zip(runs, histories, cfgs, strict=True):
-            run.finish(history, history.objective(cfg.objective))
-    return [(history, run.run_id) for history, run in zip(histories, runs, strict=True)]
+    return train_together(runs, splits, device)

@@ -44,7 +44,7 @@ _LOW_PRECISION = (torch.float16, torch.bfloat16)
 _ShardSum = tuple[Any, tuple[int, ...]]
 
 
-def _resolve_base(base: type[Optimizer] | str | None) -> type[Optimizer]:
+def resolve_base(base: type[Optimizer] | str | None) -> type[Optimizer]:
     """Turn ``Adam``, ``"Adam"`` or ``"torch.optim.Adam"`` into an optimizer class."""
     if isinstance(base, type) and issubclass(base, Optimizer):
         return base
@@ -64,10 +64,11 @@ def _resolve_base(base: type[Optimizer] | str | None) -> type[Optimizer]:
 
 
 def _validate(
-    beta: float, target: str, granularity: str, min_scale: float, eps: float, stack_dims: int
+    betas: list[float], target: str, granularity: str, min_scale: float, eps: float, stack_dims: int
 ) -> None:
-    if not 0.0 <= beta < 1.0:
-        raise ValueError(f"beta={beta!r} is outside the allowed range [0, 1)")
+    for beta in betas:
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f"beta={beta!r} is outside the allowed range [0, 1)")
     if target not in TARGETS:
         raise ValueError(f"target={target!r} is not one of {TARGETS}")
     if granularity not in GRANULARITIES:
@@ -127,7 +128,8 @@ class GradientAlignmentOptimizer(Optimizer):
         params_or_optimizer: the optimizer to wrap, or the parameters (or param-group dicts) to
             build ``base`` on.
         base: optimizer class or name; only with parameters.
-        beta: decay of the gradient EMA, in [0, 1).
+        beta: decay of the gradient EMA, in [0, 1); with ``stack_dims=1``, also a sequence of
+            one decay per stacked model (a sweep's trials trained as one stacked model).
         target: ``"grad"`` scales the gradient before the base step (the note's method);
             ``"update"`` scales the parameter change the base step makes.
         granularity: ``"tensor"`` one cosine per parameter tensor (the note's method), ``"global"``
@@ -163,7 +165,7 @@ class GradientAlignmentOptimizer(Optimizer):
         params_or_optimizer: Optimizer | Iterable[Any],
         base: type[Optimizer] | str | None = None,
         *,
-        beta: float = 0.9,
+        beta: float | Sequence[float] = 0.9,
         target: str = "grad",
         granularity: str = "tensor",
         min_scale: float = 0.0,
@@ -171,7 +173,9 @@ class GradientAlignmentOptimizer(Optimizer):
         stack_dims: int = 0,
         **base_kwargs: Any,
     ) -> None:
-        _validate(beta, target, granularity, min_scale, eps, stack_dims)
+        per_model = not isinstance(beta, int | float)
+        betas = [float(b) for b in beta] if per_model else [float(beta)]
+        _validate(betas, target, granularity, min_scale, eps, stack_dims)
         if isinstance(params_or_optimizer, Optimizer):
             if base is not None or base_kwargs:
                 raise TypeError(
@@ -180,11 +184,17 @@ class GradientAlignmentOptimizer(Optimizer):
                 )
             self.base = params_or_optimizer
         else:
-            self.base = _resolve_base(base)(params_or_optimizer, **base_kwargs)
+            self.base = resolve_base(base)(params_or_optimizer, **base_kwargs)
         _refuse_fsdp1(self._params())
-        _stack_shape(self._params(), stack_dims)
+        models = _stack_shape(self._params(), stack_dims)
+        if per_model and (stack_dims != 1 or models is None or models[0] != len(betas)):
+            raise ValueError(
+                f"beta has {len(betas)} values: one per model needs stack_dims=1 and as many "
+                f"models (dim 0 of the parameters: {models and models[0]}, stack_dims={stack_dims})"
+            )
         self.stack_dims = stack_dims
-        self.beta = beta
+        self.beta = betas if per_model else float(beta)
+        self._ema_weights = torch.tensor([1.0 - b for b in betas]) if per_model else None
         self.target = target
         self.granularity = granularity
         self.min_scale = min_scale
@@ -406,7 +416,12 @@ class GradientAlignmentOptimizer(Optimizer):
             g if g.dtype == m.dtype else g.to(m.dtype)
             for g, m in zip(batch.grads, batch.emas, strict=True)
         ]
-        torch._foreach_lerp_(batch.emas, ema_grads, 1.0 - self.beta)
+        if self._ema_weights is None:
+            torch._foreach_lerp_(batch.emas, ema_grads, 1.0 - self.beta)
+        else:  # one decay per model (dim 0)
+            for ema, g in zip(batch.emas, ema_grads, strict=True):
+                weights = self._ema_weights.to(device=ema.device, dtype=ema.dtype)
+                ema.lerp_(g, weights.view(-1, *(1,) * (ema.dim() - 1)))
         if self.stack_dims:
             scales, means = self._stacked_scales(ema_grads, batch)
             self._record(means, batch.indices, batch.n_params, device)

@@ -27,6 +27,7 @@ from torch.func import functional_call, stack_module_state, vmap
 from gradalign.checks import positive_int
 from gradalign.data import Splits
 from gradalign.optim import GradientAlignmentOptimizer
+from gradalign.stacked_adam import StackedAdam, StackedAdamW
 from gradalign.training import (
     EpochMetrics,
     History,
@@ -37,8 +38,16 @@ from gradalign.training import (
 )
 
 # Optimizers whose update of an element depends on that element's own history only, so one
-# instance over stacked tensors is K independent instances (with shared hyperparameters).
-ELEMENTWISE = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD, torch.optim.RMSprop)
+# instance over stacked tensors is K independent instances (with shared hyperparameters, or,
+# for StackedAdam, each model's own).
+ELEMENTWISE = (
+    torch.optim.Adam,
+    torch.optim.AdamW,
+    torch.optim.SGD,
+    torch.optim.RMSprop,
+    StackedAdam,
+    StackedAdamW,
+)
 _PROBE_TOLERANCE = {"rtol": 1e-4, "atol": 1e-5}
 
 
@@ -147,17 +156,21 @@ def fit_stacked(
     device: torch.device | str,
     eval_batch_size: int | None = None,
     on_epoch: Callable[[int, EpochMetrics], None] | None = None,
+    should_stop: Sequence[Callable[[History], bool] | None] | None = None,
 ) -> list[History]:
     """Train the stacked models with ``optimizer`` (over ``stack.params``) and return each
-    model's history, as ``training.fit`` of that model with ``data_seed=data_seeds[k]`` would.
+    model's history, as ``training.fit`` of that model with ``data_seed=data_seeds[k]`` and
+    ``should_stop=should_stop[k]`` would.
 
     Model k's batches follow its own ``torch.randperm`` from a CPU generator seeded with
     ``data_seeds[k]``; losses, metrics, alignment scales and divergence are fit's, per model. A
-    model that diverges ends its history there (``History(diverged=True, reason)``), is no
-    longer passed to ``on_epoch`` and stops counting; its tensors keep being stepped (NaN),
-    which no other model's step reads. ``on_epoch(k, metrics)`` receives model k's completed
-    epochs; ``epoch_time`` is each model's share of the stacked epoch's wall time. The stack's
-    tensors must be on ``device``; the trained ones are copied back into the models at the end.
+    model that diverges ends its history there (``History(diverged=True, reason)``), and one
+    whose ``should_stop`` says so before the last epoch ends there stopped; either is no longer
+    passed to ``on_epoch`` and stops counting; its tensors keep being stepped, which no other
+    model's step reads, until every model has ended. ``on_epoch(k, metrics)`` receives model
+    k's completed epochs; ``epoch_time`` is each model's share of the stacked epoch's wall time.
+    The stack's tensors must be on ``device``; the trained ones are copied back into the models
+    at the end.
     """
     positive_int("trainer.epochs", epochs)
     positive_int("trainer.batch_size", batch_size)
@@ -166,6 +179,9 @@ def fit_stacked(
     n_models = len(stack.models)
     if len(data_seeds) != n_models:
         raise ValueError(f"data_seeds has {len(data_seeds)} seeds for {n_models} stacked models")
+    should_stop = list(should_stop or [None] * n_models)
+    if len(should_stop) != n_models:
+        raise ValueError(f"should_stop has {len(should_stop)} entries for {n_models} models")
     data = splits.to(device)
     n_train = len(data.y_train)
     if n_train == 0:
@@ -214,6 +230,10 @@ def fit_stacked(
             histories[k].epochs.append(metrics)
             if on_epoch is not None:
                 on_epoch(k, metrics)
+            stop = should_stop[k] is not None and should_stop[k](histories[k])
+            if stop and epoch < epochs:
+                histories[k].stopped = True
+                active.remove(k)
         if not active:
             break
     stack.unstack()

@@ -18,7 +18,8 @@ from collections.abc import Sequence
 from omegaconf import DictConfig
 
 from gradalign import processes
-from gradalign.experiment import run_experiment, run_stacked_experiments, same_but_seeds
+from gradalign.experiment import run_experiment, run_stacked_experiments
+from gradalign.per_model import stack_key
 from gradalign.schema import Stage
 
 log = logging.getLogger(__name__)
@@ -82,15 +83,16 @@ def _train(jobs: Sequence[FinalJob], parent_run_id: str) -> list[str]:
 
 
 def trainings(jobs: Sequence[FinalJob], stack: bool) -> list[list[int]]:
-    """The jobs (their positions) each training trains: with ``stack``, all the jobs that differ
-    only in seed together, else each job alone."""
+    """The jobs (their positions) each training trains: with ``stack``, together all the jobs
+    of one optimizer and tags that can train stacked (``per_model.stack_key``), else each job
+    alone."""
     if not stack:
         return [[i] for i in range(len(jobs))]
     groups: dict[tuple, list[int]] = {}
     for i, job in enumerate(jobs):
         key = (
             job.optimizer,
-            same_but_seeds(job.cfg),
+            stack_key(job.cfg),
             tuple(sorted(job.tags.items())),
             job.searched,
         )

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import Any
 
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from gradalign import tracking
@@ -43,6 +45,25 @@ def trial_tags(cfg: DictConfig, *, sweep_dir: Path, sweeper: DictConfig) -> dict
     if key.startswith("optuna:"):
         tags[Tag.OPTUNA_STUDY] = OmegaConf.select(sweeper, "study_name")
     return tags
+
+
+def trial_options(cfg: DictConfig) -> dict[str, Any]:
+    """How the Hydra job running ``cfg`` (a sweep's trial) places, tags and stops its run: the
+    keywords of ``experiment.run_experiment`` (stage, parent run, tags, the pruner's
+    ``should_stop``)."""
+    from gradalign.sweep.pruning import trial_pruning
+
+    hydra_cfg = HydraConfig.get()
+    tags = trial_tags(cfg, sweep_dir=Path(hydra_cfg.sweep.dir), sweeper=hydra_cfg.sweeper)
+    tags[Tag.HYDRA_JOB_NUM] = str(hydra_cfg.job.num)
+    if cfg.tracking.optuna_trial is not None:
+        tags[Tag.OPTUNA_TRIAL] = str(cfg.tracking.optuna_trial)
+    return {
+        "stage": Stage.SWEEP,
+        "parent_run_id": cfg.tracking.parent_run_id,
+        "extra_tags": tags,
+        "should_stop": trial_pruning(cfg, hydra_cfg.sweeper),
+    }
 
 
 def parent_label(cfg: DictConfig) -> str:
