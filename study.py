@@ -7,6 +7,7 @@
     python study.py --suite                   # = --preset suite: adam vs gao on five workloads
     python study.py --optimizers adam gao gao_update -- model=cnn
     python study.py --pruner median           # sweeps whose hopeless trials stop early
+    python study.py --parallel serial         # each sweep one trial at a time (default: stacked)
 
 Presets and their keys: conf/study/<name>.yaml (report defaults: conf/report.yaml). Overrides
 after `--` go to every sweep and final run. Sweeps are stored (outputs/studies/optuna.db) and
@@ -20,6 +21,7 @@ from pathlib import Path
 from gradalign.report.cli import run_command
 from gradalign.report.settings import (
     add_report_arguments,
+    available_parallel,
     available_pruners,
     study_settings_from_args,
 )
@@ -43,6 +45,12 @@ def main(argv: list[str]) -> int:
         choices=available_pruners(ROOT),
         help="the sweeps' trial pruner, hydra/sweeper/pruner (default: the preset's key pruner; "
         "none, every trial training its budget, unless the preset says otherwise)",
+    )
+    parser.add_argument(
+        "--parallel",
+        choices=available_parallel(ROOT),
+        help="how each sweep runs its trials, conf/parallel/ (default: the preset's key parallel; "
+        "stacked: each batch of trials as one stacked model)",
     )
     add_report_arguments(parser)
     return run_command(argv, parser, study_settings_from_args, run_study, ROOT, "study.py")

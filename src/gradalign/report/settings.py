@@ -91,6 +91,7 @@ class StudySettings:
     columns: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
     pruner: str = "none"  # the sweeps' hydra/sweeper/pruner
     summary: str = "audit"
+    parallel: str = "serial"  # how each sweep runs its trials: a conf/parallel/ preset
 
 
 def available_optimizers(root: Path) -> list[str]:
@@ -230,6 +231,11 @@ def report_settings_from_args(
     )
 
 
+def available_parallel(root: str | os.PathLike) -> list[str]:
+    """Names of the parallel presets, conf/parallel/<name>.yaml."""
+    return sorted(path.stem for path in (Path(root) / "conf" / "parallel").glob("*.yaml"))
+
+
 def available_pruners(root: str | os.PathLike) -> list[str]:
     """Names of the sweeper's pruner configs, conf/hydra/sweeper/pruner/<name>.yaml."""
     folder = Path(root) / "conf" / "hydra" / "sweeper" / "pruner"
@@ -245,12 +251,14 @@ def study_settings_from_args(
     root: str | os.PathLike, args: argparse.Namespace, command: str
 ) -> StudySettings:
     """StudySettings from ``conf/study/<--preset>.yaml``, the flags of ``add_report_arguments``,
-    ``--trials``, ``--quick`` and ``--pruner``.
+    ``--trials``, ``--quick``, ``--pruner`` and ``--parallel``.
 
     A preset holds ``trials``, ``report`` (values over conf/report.yaml), ``overrides``
     (training overrides, before the user's), optionally ``parts``, ``summary`` and ``columns``
     (a study of several comparisons), ``pruner`` (its sweeps' hydra/sweeper/pruner, default
-    none; ``--pruner`` wins), and ``quick``: smaller values of the same keys for ``--quick``.
+    none; ``--pruner`` wins), ``parallel`` (how each sweep runs its trials, a conf/parallel/
+    preset, default serial; ``--parallel`` wins), and ``quick``: smaller values of the same keys
+    for ``--quick``.
     Explicit flags and the user's overrides after ``--`` still win.
     """
     presets = available_presets(root)
@@ -258,7 +266,17 @@ def study_settings_from_args(
         _fail("preset", args.preset, f"one of {presets} (conf/study/)")
     path = Path(root) / "conf" / "study" / f"{args.preset}.yaml"
     study = OmegaConf.to_container(OmegaConf.load(path))
-    keys = ("trials", "report", "overrides", "parts", "summary", "columns", "pruner", "quick")
+    keys = (
+        "trials",
+        "report",
+        "overrides",
+        "parts",
+        "summary",
+        "columns",
+        "pruner",
+        "parallel",
+        "quick",
+    )
     unknown = set(study) - set(keys)
     if unknown:
         _fail("keys of " + str(path.name), sorted(unknown), ", ".join(keys))
@@ -281,7 +299,10 @@ def study_settings_from_args(
     pruner = getattr(args, "pruner", None) or quick.get("pruner", study.get("pruner", "none"))
     if pruner not in available_pruners(root):
         _fail("pruner", pruner, f"one of {available_pruners(root)} (conf/hydra/sweeper/pruner/)")
-    return StudySettings(args.preset, trials, report, parts, columns, pruner, summary)
+    parallel = getattr(args, "parallel", None) or study.get("parallel", "serial")
+    if parallel not in available_parallel(root):
+        _fail("parallel", parallel, f"one of {available_parallel(root)} (conf/parallel/)")
+    return StudySettings(args.preset, trials, report, parts, columns, pruner, summary, parallel)
 
 
 def _parts(raw: Mapping[str, Any], report: ReportSettings, root: str | os.PathLike) -> tuple:

@@ -91,8 +91,11 @@ def sweep_of(report: ReportSettings, optimizer: str, part: Part, pruner: str = "
     return Sweep(optimizer, report.overrides_of(optimizer), part.sweep_seed, pruner)
 
 
-def sweep_command(report: ReportSettings, sweep: Sweep, trials: int, folder: Path) -> list[str]:
-    """The train.py command that runs ``trials`` more trials of ``sweep``."""
+def sweep_command(
+    report: ReportSettings, sweep: Sweep, trials: int, folder: Path, parallel: str = "serial"
+) -> list[str]:
+    """The train.py command that runs ``trials`` more trials of ``sweep``, with the
+    ``parallel`` preset (how its trials run: it changes how fast, not what the study is)."""
     storage = f"sqlite:///{folder / 'optuna.db'}"
     return [
         sys.executable,
@@ -105,6 +108,7 @@ def sweep_command(report: ReportSettings, sweep: Sweep, trials: int, folder: Pat
         f"hydra.sweeper.storage={hydra_quoted(storage)}",
         f"hydra.sweeper.study_name={sweep.study_name}",
         *([] if sweep.pruner == "none" else [f"hydra/sweeper/pruner={sweep.pruner}"]),
+        *([] if parallel == "serial" else [f"parallel={parallel}"]),
     ]
 
 
@@ -202,7 +206,7 @@ def run_study(settings: StudySettings) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     left = trials_left(folder / "optuna.db", list(sweeps), settings.trials)
     commands = {
-        sweep.study_name: sweep_command(report, sweep, trials, folder)
+        sweep.study_name: sweep_command(report, sweep, trials, folder, settings.parallel)
         for sweep, trials in left.items()
         if trials > 0
     }
