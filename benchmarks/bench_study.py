@@ -35,6 +35,8 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
+from gradalign.schema import Metric, Stage
+
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ("note", "serial", "stacked")
 TRIALS, TRIAL_EPOCHS, FINAL_EPOCHS, BATCH, EVAL_BATCH = 30, 25, 100, 64, 256  # the note's
@@ -120,11 +122,16 @@ def study_command(preset: str, parallel: str, tmp: Path) -> list[str]:
 
 
 def study_epochs(tmp: Path) -> int:
-    """Epochs trained by the study's runs (every experiment of its store)."""
+    """Epochs trained by the study's sweep trials and final runs (every experiment of its
+    store)."""
     client = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
     experiments = [e.experiment_id for e in client.search_experiments()]
-    runs = client.search_runs(experiments, "tags.stage != 'report'", max_results=10_000)
-    return sum(len(client.get_metric_history(r.info.run_id, "val_loss")) for r in runs)
+    runs = [
+        run
+        for stage in (Stage.SWEEP, Stage.FINAL)
+        for run in client.search_runs(experiments, f"tags.stage = '{stage}'", max_results=10_000)
+    ]
+    return sum(len(client.get_metric_history(r.info.run_id, Metric.VAL_LOSS)) for r in runs)
 
 
 def measure(variant: str, preset: str) -> tuple[float, int]:

@@ -1,4 +1,4 @@
-"""The architecture, checked: imports point one way (optim, stacked_adam <- per_model, data,
+"""The architecture, checked: imports point one way (optim <- stacked_adam, per_model, data,
 models <- training <- stacked <- experiment <- sweep, report; report never imports sweep), and
 the optimizer's import loads torch but none of the pipeline's dependencies, so the optimizer
 drops into any PyTorch project."""
@@ -15,7 +15,6 @@ PACKAGE = REPO_ROOT / "src" / "gradalign"
 # its own subpackage). Leaves first; sweep and report, at the top, never import each other.
 RANKS = {
     "optim": 0,
-    "stacked_adam": 0,
     "checks": 0,
     "schema": 0,
     "processes": 0,
@@ -25,6 +24,7 @@ RANKS = {
     "data": 1,
     "models": 1,
     "per_model": 1,
+    "stacked_adam": 1,
     "training": 2,
     "components": 2,
     "progress": 3,

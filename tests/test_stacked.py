@@ -380,6 +380,15 @@ def test_a_model_whose_should_stop_says_so_ends_alone(configs, splits):
     for k in (0, 2):
         assert_same_history(histories[k], alone[k])
     assert_same_history(histories[1], History(alone[1].epochs[:2], False, None, stopped=True))
+    assert stack.active == [0, 2]  # model 1 left the stack: its slices are no longer computed
+    assert all(t.shape[0] == 2 for t in stack.params.values())
+    assert all(
+        v.shape[0] == 2 for entry in opt.state.values() for v in entry.values() if v.dim() > 0
+    )
+    model, single_opt = seeded_model_and_optimizer(cfgs[1], splits)
+    stop_at_2 = lambda history: history.epochs[-1].epoch == 2  # noqa: E731
+    fit_as_configured(cfgs[1], model, single_opt, splits, "cpu", None, stop_at_2)
+    assert_same_weights(stack.models[1], model)  # its weights as it left
 
 
 def test_what_keeps_configs_apart_is_named(configs):

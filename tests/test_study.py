@@ -4,6 +4,8 @@ down by what is stored), a failing sweep's error, and (slow) the quick study and
 end to end in subprocesses, rerun without sweeping or training again."""
 
 import argparse
+import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -30,6 +32,7 @@ def parse(*argv):
     parser.add_argument("--preset", default="default")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--trials", type=int)
+    parser.add_argument("--parallel")
     add_report_arguments(parser)
     return study_settings_from_args(REPO_ROOT, parser.parse_args(argv), "cmd")
 
@@ -100,6 +103,26 @@ def test_sweep_commands_are_train_py_multiruns_in_their_own_folders(tmp_path):
     parsed = {o.key_or_group: o.value() for o in OverridesParser.create().parse_overrides(quoted)}
     assert parsed["hydra.sweep.dir"] == str(root / sweep.study_name)  # never two in one
     assert parsed["hydra.sweeper.storage"] == f"sqlite:///{root / 'optuna.db'}"
+
+
+def test_the_presets_sweep_stacked_in_studies_of_their_own(tmp_path):
+    """Stacked sweeps draw their trials in batches, so they are other studies than serial ones
+    (whose stored names do not change)."""
+    settings = parse()
+    assert settings.parallel == "stacked"
+    overrides = settings.report.overrides_of("gao")
+    serial, stacked = Sweep("gao", overrides, 0), Sweep("gao", overrides, 0, "none", "stacked")
+    digest = hashlib.sha256(json.dumps([list(overrides), 0]).encode()).hexdigest()[:10]
+    assert serial.study_name == f"gao-{digest}" != stacked.study_name
+    assert "parallel=stacked" in sweep_command(settings.report, stacked, 4, tmp_path)
+    assert not any(
+        a.startswith("parallel=") for a in sweep_command(settings.report, serial, 4, tmp_path)
+    )
+    assert parse("--parallel", "serial").parallel == "serial"
+    assert parse("--preset", "suite").parallel == "serial"
+    message = r"invalid setting parallel='threads': must be one of \['joblib', 'serial', 'sl"
+    with pytest.raises(ValueError, match=message):
+        parse("--parallel", "threads")
 
 
 def test_trials_left_counts_the_completed_trials_of_each_stored_study(tmp_path):

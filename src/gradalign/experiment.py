@@ -490,6 +490,8 @@ def train_together(
     are trained one by one instead, after a log line saying why."""
     from gradalign import tracking
 
+    if len(runs) == 1:
+        return [train_alone(runs[0], splits, device)]
     cfgs = [run.cfg for run in runs]
     try:
         stack, optimizer = stack_and_optimizer(cfgs, [run.model for run in runs], splits, device)

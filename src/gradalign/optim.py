@@ -26,7 +26,7 @@ from __future__ import annotations
 import importlib
 import math
 from collections import OrderedDict, defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from itertools import chain
 from typing import Any, NamedTuple
 
@@ -82,6 +82,18 @@ def _validate(
             f"stack_dims={stack_dims!r} is not an integer >= 0 (0: each parameter is one model's; "
             "1: dim 0 indexes models, as torch.func.stack_module_state stacks them)"
         )
+
+
+def keep_stacked(
+    state: Mapping[torch.Tensor, dict[str, Any]], positions: torch.Tensor, models: int
+) -> None:
+    """Keep, in an optimizer's per-parameter ``state``, the slices ``positions`` (along dim 0)
+    of every tensor stacked over ``models`` models: what an optimizer of stacked models keeps
+    when the others leave the stack. Scalars (a step count) stay as they are."""
+    for entry in state.values():
+        for key, value in entry.items():
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == models:
+                entry[key] = value[positions]
 
 
 def _stack_shape(params: Iterable[torch.Tensor], stack_dims: int) -> tuple[int, ...] | None:
@@ -256,6 +268,23 @@ class GradientAlignmentOptimizer(Optimizer):
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.base.zero_grad(set_to_none=set_to_none)
+
+    def keep_models(self, positions: torch.Tensor, models: int) -> None:
+        """With ``stack_dims=1``, after the parameters were cut to the models at ``positions``
+        (of ``models``): keep their EMAs, per-model betas and the base's state, drop the rest.
+        The base keeps its own through its ``keep_models`` when it has one."""
+        if self.stack_dims != 1:
+            raise ValueError(f"keep_models needs stack_dims=1, not {self.stack_dims}")
+        if self._ema_weights is not None:
+            self._ema_weights = self._ema_weights[positions]
+            self.beta = [self.beta[i] for i in positions.tolist()]
+        self.last_scales = None
+        self._flat_emas = {}
+        keep = getattr(self.base, "keep_models", None)
+        if keep is not None:
+            keep(positions, models)
+        else:
+            keep_stacked(self.base.state, positions, models)
 
     def __repr__(self) -> str:
         return (

@@ -7,6 +7,9 @@ per kernel for all K. Each model keeps its own initial weights and its own data 
 elementwise optimizer (Adam, AdamW, SGD, RMSprop, or GAO with ``stack_dims=1`` around one) over
 the stacked tensors steps each model exactly as it would alone, so the K histories mean what K
 ``fit`` calls would return (equal up to float rounding: batched kernels reduce in another order).
+The models' optimizer values may differ too (``StackedAdam``, GAO's per-model ``beta``: a
+sweep's trials). A model that diverges or is stopped (a pruned trial) leaves the stack, so the
+others go on without computing it.
 
 Not every model stacks: ``model_refusal`` says why one does not (buffers, random draws in
 training, an op vmap cannot batch or would only loop over), and callers then train one by one.
@@ -26,7 +29,7 @@ from torch.func import functional_call, stack_module_state, vmap
 
 from gradalign.checks import positive_int
 from gradalign.data import Splits
-from gradalign.optim import GradientAlignmentOptimizer
+from gradalign.optim import GradientAlignmentOptimizer, keep_stacked
 from gradalign.stacked_adam import StackedAdam, StackedAdamW
 from gradalign.training import (
     EpochMetrics,
@@ -57,10 +60,14 @@ class NotStackable(Exception):
 
 class Stack:
     """K models of one architecture as one: ``params`` maps each parameter name to a leaf
-    tensor of shape (K, *shape) (model k's tensor at index k), and ``logits`` runs all K."""
+    tensor of shape (K, *shape) (model k's tensor at index k), and ``logits`` runs all K.
+
+    ``keep`` cuts the stack to some of its models (those still training): ``active`` lists the
+    models (positions in ``models``) its tensors hold, in order."""
 
     def __init__(self, models: Sequence[nn.Module]) -> None:
         self.models = list(models)
+        self.active = list(range(len(self.models)))
         self.params, self.buffers = stack_module_state(self.models)
         self._base = copy.deepcopy(self.models[0]).to("meta")  # the architecture, no weights
 
@@ -96,10 +103,35 @@ class Stack:
 
     @torch.no_grad()
     def unstack(self) -> None:
-        """Copy the stacked tensors back into the models (their trained weights)."""
+        """Copy the stacked tensors back into the active models (their trained weights)."""
         for name, tensor in self.params.items():
-            for model, value in zip(self.models, tensor.unbind(0), strict=True):
-                model.get_parameter(name).copy_(value)
+            for k, value in zip(self.active, tensor.unbind(0), strict=True):
+                self.models[k].get_parameter(name).copy_(value)
+
+    @torch.no_grad()
+    def keep(self, kept: Sequence[int], optimizer: torch.optim.Optimizer) -> None:
+        """Go on with the models ``kept`` (of ``active``) only: the others get their weights
+        back (``unstack``); the stacked tensors are replaced by their kept slices, in
+        ``optimizer`` too, whose state is cut the same way."""
+        self.unstack()
+        positions = torch.tensor([self.active.index(k) for k in kept])
+        models = len(self.active)
+        replaced = {}
+        for name, tensor in self.params.items():
+            cut = tensor.detach()[positions.to(tensor.device)].requires_grad_(tensor.requires_grad)
+            replaced[tensor] = self.params[name] = cut
+        for group in optimizer.param_groups:
+            group["params"] = [replaced.get(p, p) for p in group["params"]]
+        state = optimizer.state
+        for old, new in replaced.items():
+            if old in state:
+                state[new] = state.pop(old)
+        keep = getattr(optimizer, "keep_models", None)  # GAO, StackedAdam
+        if keep is not None:
+            keep(positions, models)
+        else:
+            keep_stacked(state, positions, models)
+        self.active = list(kept)
 
 
 def model_refusal(models: Sequence[nn.Module], x: torch.Tensor) -> str | None:
@@ -166,8 +198,8 @@ def fit_stacked(
     ``data_seeds[k]``; losses, metrics, alignment scales and divergence are fit's, per model. A
     model that diverges ends its history there (``History(diverged=True, reason)``), and one
     whose ``should_stop`` says so before the last epoch ends there stopped; either is no longer
-    passed to ``on_epoch`` and stops counting; its tensors keep being stepped, which no other
-    model's step reads, until every model has ended. ``on_epoch(k, metrics)`` receives model
+    passed to ``on_epoch`` and leaves the stack (``Stack.keep``), so the others train on
+    without computing it. ``on_epoch(k, metrics)`` receives model
     k's completed epochs; ``epoch_time`` is each model's share of the stacked epoch's wall time.
     The stack's tensors must be on ``device``; the trained ones are copied back into the models
     at the end.
@@ -190,15 +222,17 @@ def fit_stacked(
     batch_sizes[-1] = n_train - batch_size * (len(batch_sizes) - 1)
     batch_sizes = batch_sizes.to(device)
     generators = [torch.Generator().manual_seed(seed) for seed in data_seeds]
+    if stack.active != list(range(n_models)):
+        raise ValueError(f"the stack holds models {stack.active}, not all {n_models}")
     names = _parameter_names(stack, optimizer) if hasattr(optimizer, "last_scales") else None
     loss_fn = loss_function(data.y_train)
     histories = [History([], False, None) for _ in range(n_models)]
-    active = list(range(n_models))
 
     stack.train()
     for epoch in range(1, epochs + 1):
         start = time.perf_counter()
-        orders = torch.stack([torch.randperm(n_train, generator=g) for g in generators])
+        active = stack.active
+        orders = torch.stack([torch.randperm(n_train, generator=generators[k]) for k in active])
         losses = []
         scales = ScaleMean()
         for idx in orders.to(device).split(batch_size, dim=1):
@@ -218,14 +252,15 @@ def fit_stacked(
             parts.append(_evaluate(stack, data.x_test, data.y_test, eval_batch_size, loss_fn))
         stack.train()
         if (mean := scales.mean()) is not None:
-            parts.append(mean.T)  # (K, parameters)
-        values = torch.cat([p.view(n_models, -1) for p in parts], 1).tolist()  # one sync
+            parts.append(mean.T)  # (models, parameters)
+        values = torch.cat([p.view(len(active), -1) for p in parts], 1).tolist()  # one sync
         epoch_time = (time.perf_counter() - start) / len(active)
-        for k in list(active):
-            metrics = epoch_outcome(epoch, values[k], step_losses[:, k], epoch_time, names)
+        going_on = []
+        for position, k in enumerate(active):
+            losses_k = step_losses[:, position]
+            metrics = epoch_outcome(epoch, values[position], losses_k, epoch_time, names)
             if isinstance(metrics, str):
                 histories[k] = History(histories[k].epochs, True, metrics)
-                active.remove(k)
                 continue
             histories[k].epochs.append(metrics)
             if on_epoch is not None:
@@ -233,9 +268,12 @@ def fit_stacked(
             stop = should_stop[k] is not None and should_stop[k](histories[k])
             if stop and epoch < epochs:
                 histories[k].stopped = True
-                active.remove(k)
-        if not active:
+                continue
+            going_on.append(k)
+        if not going_on:
             break
+        if going_on != active and epoch < epochs:
+            stack.keep(going_on, optimizer)
     stack.unstack()
     return histories
 

@@ -7,7 +7,7 @@ that trains K trials as one stacked model needs exactly that, so this optimizer 
 ``betas``, ``eps`` and ``weight_decay`` either as one value or as K values, and steps model k as
 ``torch.optim.Adam`` (or AdamW, ``decoupled=True``) with model k's values would: the same update
 formula, in the same order of operations, so the results agree to float rounding. Only torch is
-imported here.
+imported here (and gradalign.optim, which is torch only too).
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 from torch.optim import Optimizer
+
+from gradalign.optim import keep_stacked
 
 PerModel = float | Sequence[float]
 _HYPERPARAMETERS = ("lr", "beta1", "beta2", "eps", "weight_decay")
@@ -129,6 +131,13 @@ class StackedAdam(Optimizer):
         exp_avg_sq.mul_(per_model(h["beta2"])).addcmul_(grad, grad * per_model(1 - h["beta2"]))
         denom = (exp_avg_sq.sqrt() / per_model(bias_correction2_sqrt)).add_(per_model(h["eps"]))
         p.addcmul_(exp_avg / denom, per_model(-step_size))
+
+    def keep_models(self, positions: torch.Tensor, models: int) -> None:
+        """After the parameters were cut to the models at ``positions`` (of ``models``): keep
+        their hyperparameters and state, drop the rest."""
+        self.per_model = {k: v[positions] for k, v in self.per_model.items()}
+        self.models = len(positions)
+        keep_stacked(self.state, positions, models)
 
     def state_dict(self) -> dict[str, Any]:
         """Optimizer's state dict, with the per-model hyperparameters."""

@@ -46,19 +46,23 @@ SUMMARIES = {"audit": write_audit, "suite": write_suite}
 
 @dataclasses.dataclass(frozen=True)
 class Sweep:
-    """One optimizer's sweep with given training overrides, sampler seed and trial pruner."""
+    """One optimizer's sweep with given training overrides, sampler seed, trial pruner and
+    parallel preset (which decides how many trials the sampler draws before it sees results)."""
 
     optimizer: str
     overrides: tuple[str, ...]
     seed: int
     pruner: str = "none"
+    parallel: str = "serial"
 
     @property
     def study_name(self) -> str:
         """The Optuna study of the sweep: the optimizer and a digest of what else defines it
-        (the pruner only when there is one, so unpruned studies keep their names)."""
+        (the pruner and the parallel preset only when they are not the defaults, so the
+        studies stored before either existed keep their names)."""
         pruned = [] if self.pruner == "none" else [self.pruner]
-        identity = json.dumps([self.overrides, self.seed, *pruned])
+        batched = [] if self.parallel == "serial" else [f"parallel={self.parallel}"]
+        identity = json.dumps([self.overrides, self.seed, *pruned, *batched])
         return f"{self.optimizer}-{hashlib.sha256(identity.encode()).hexdigest()[:10]}"
 
     @property
@@ -86,16 +90,19 @@ def part_settings(settings: StudySettings, part: Part, name: str) -> ReportSetti
     )
 
 
-def sweep_of(report: ReportSettings, optimizer: str, part: Part, pruner: str = "none") -> Sweep:
+def sweep_of(
+    report: ReportSettings,
+    optimizer: str,
+    part: Part,
+    pruner: str = "none",
+    parallel: str = "serial",
+) -> Sweep:
     """The sweep that tunes ``optimizer`` for the part whose report is ``report``."""
-    return Sweep(optimizer, report.overrides_of(optimizer), part.sweep_seed, pruner)
+    return Sweep(optimizer, report.overrides_of(optimizer), part.sweep_seed, pruner, parallel)
 
 
-def sweep_command(
-    report: ReportSettings, sweep: Sweep, trials: int, folder: Path, parallel: str = "serial"
-) -> list[str]:
-    """The train.py command that runs ``trials`` more trials of ``sweep``, with the
-    ``parallel`` preset (how its trials run: it changes how fast, not what the study is)."""
+def sweep_command(report: ReportSettings, sweep: Sweep, trials: int, folder: Path) -> list[str]:
+    """The train.py command that runs ``trials`` more trials of ``sweep``."""
     storage = f"sqlite:///{folder / 'optuna.db'}"
     return [
         sys.executable,
@@ -108,7 +115,7 @@ def sweep_command(
         f"hydra.sweeper.storage={hydra_quoted(storage)}",
         f"hydra.sweeper.study_name={sweep.study_name}",
         *([] if sweep.pruner == "none" else [f"hydra/sweeper/pruner={sweep.pruner}"]),
-        *([] if parallel == "serial" else [f"parallel={parallel}"]),
+        *([] if sweep.parallel == "serial" else [f"parallel={sweep.parallel}"]),
     ]
 
 
@@ -194,9 +201,10 @@ def run_study(settings: StudySettings) -> Path:
         for optimizer in part_report.optimizers:
             overrides = part_report.overrides_of(optimizer)
             composed = compose_optimizer(report.conf_dir, optimizer, overrides)  # validated now
-            sweeps[sweep_of(part_report, optimizer, part, settings.pruner)] = composed.cfg
+            sweep = sweep_of(part_report, optimizer, part, settings.pruner, settings.parallel)
+            sweeps[sweep] = composed.cfg
         sweep_ids = {
-            o: sweep_of(part_report, o, part, settings.pruner).sweep_id
+            o: sweep_of(part_report, o, part, settings.pruner, settings.parallel).sweep_id
             for o in part_report.optimizers
         }
         parts[part.name] = dataclasses.replace(part_report, sweep_ids=sweep_ids)
@@ -206,7 +214,7 @@ def run_study(settings: StudySettings) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     left = trials_left(folder / "optuna.db", list(sweeps), settings.trials)
     commands = {
-        sweep.study_name: sweep_command(report, sweep, trials, folder, settings.parallel)
+        sweep.study_name: sweep_command(report, sweep, trials, folder)
         for sweep, trials in left.items()
         if trials > 0
     }

@@ -104,16 +104,22 @@ def launch(
             cfg = job.return_value.cfg
             groups.setdefault((_process_key(cfg), stack_key(cfg)), []).append(job)
     for (key, _), jobs in groups.items():
-        _train_group(jobs, *processes[key])
+        _train_group(jobs, *processes[key], alone=len(returns) > 1)
     return returns
 
 
-def _train_group(jobs: Sequence[JobReturn], device: Any, splits: Any) -> None:
-    """Train the prepared trials of ``jobs`` together and set each job's outcome."""
+def _train_group(jobs: Sequence[JobReturn], device: Any, splits: Any, alone: bool) -> None:
+    """Train the prepared trials of ``jobs`` together and set each job's outcome; ``alone``:
+    a single job of a batch of several."""
     runs = [job.return_value for job in jobs]
+    numbers = [job.hydra_cfg.hydra.job.num for job in jobs]
     if len(runs) > 1:
+        log.info("training jobs %s as one stacked model", numbers)
+    elif alone:
         log.info(
-            "training trials %s as one stacked model", [job.hydra_cfg.hydra.job.num for job in jobs]
+            "training job %s alone: its config differs from the others' in more than stacked "
+            "models may (gradalign.per_model)",
+            numbers[0],
         )
     try:
         results = train_together(runs, splits, device)
