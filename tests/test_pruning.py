@@ -342,3 +342,21 @@ def test_processes_sharing_a_study_prune_against_each_others_trials(tmp_path, ti
     trials = real_sweep_checks(uri, storage, "shared", "optuna:shared", 8)
     owners = {t.user_attrs["owner"] for t in trials}
     assert len(owners) == 2  # both processes ran trials of the one study
+
+
+@pytest.mark.slow
+def test_a_stacked_sweep_prunes_real_trials_out_of_its_stacks(tmp_path, tiny):
+    """parallel=stacked with batches of 3 (adam's lr per model): the real median rule prunes
+    some trials of the later batches, which leave their stack, and every record agrees."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    sweep_dir = tmp_path / "s"
+    result = subprocess.run(
+        [*TRAIN, "-m", *tiny, *REAL, "parallel=stacked", "parallel.workers=3",
+         "hydra.sweeper.n_trials=6", f"tracking.uri={uri}", f"hydra.sweep.dir={sweep_dir}"],
+        capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "training jobs [3, 4, 5] as one stacked model" in result.stdout
+    storage = journal_storage(str(sweep_dir / JOURNAL))
+    (name,) = optuna.get_all_study_names(storage)
+    real_sweep_checks(uri, storage, name, str(sweep_dir.resolve()), 6)

@@ -95,8 +95,15 @@ def test_a_stacked_sweep_trains_the_trials_a_serial_sweep_trains(
 
 # Median pruner after 2 complete trials, 3 epochs, batches of 2: trials 0 and 1 complete
 # together; in the next batch trial 2 is worse than their median (1.1) at epoch 1 and trial 3
-# at epoch 2 (1.5 > 1.0); trial 4, alone in the last batch, is better at every epoch.
-PLANS = ([1.0, 0.9, 0.8], [1.2, 1.1, 1.0], [2.0, 1.9, 1.8], [1.05, 1.5, 0.1], [1.0, 0.95, 0.5])
+# at epoch 2 (1.5 > 1.0); trials 4 and 5, in the last batch, are better at every epoch.
+PLANS = (
+    [1.0, 0.9, 0.8],
+    [1.2, 1.1, 1.0],
+    [2.0, 1.9, 1.8],
+    [1.05, 1.5, 0.1],
+    [1.0, 0.95, 0.5],
+    [0.9, 0.8, 0.7],
+)
 
 
 def planned_stacked_fits(monkeypatch):
@@ -135,7 +142,7 @@ def test_a_stacked_sweep_prunes_each_trial_against_the_earlier_batches(monkeypat
         "trainer.epochs=3",
         "hydra/sweeper/pruner=median",
         "hydra.sweeper.pruner.n_startup_trials=2",
-        "hydra.sweeper.n_trials=5",
+        "hydra.sweeper.n_trials=6",
         f"hydra.sweep.dir={tmp_path / 's'}",
         f"tracking.uri={uri}",
     )
@@ -149,8 +156,9 @@ def test_a_stacked_sweep_prunes_each_trial_against_the_earlier_batches(monkeypat
         "PRUNED",
         "PRUNED",
         "COMPLETE",
+        "COMPLETE",
     ]
-    assert [t.user_attrs.get("pruned_epoch") for t in trials] == [None, None, 1, 2, None]
+    assert [t.user_attrs.get("pruned_epoch") for t in trials] == [None, None, 1, 2, None, None]
     by_trial = {int(r.data.tags[Tag.OPTUNA_TRIAL]): r for r in runs(uri, "tags.stage = 'sweep'")}
     for trial in trials:
         run = by_trial[trial.number]
