@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import sys
 import tempfile
@@ -42,6 +43,7 @@ class Result:
     sweep_s: float
     trials: int
     best: float
+    pruned: int  # trials a pruner stopped (hydra/sweeper/pruner=... in the overrides)
 
     def per_minute(self, seconds: float) -> float:
         return 60 * self.trials / seconds
@@ -81,8 +83,9 @@ def run_mode(mode: str, trials: int, overrides: list[str], stack: int) -> Result
         if len(runs) != trials or any(r.info.status != "FINISHED" for r in runs):
             raise RuntimeError(f"{mode}: {len(runs)} runs for {trials} trials, or not finished")
         span = max(r.info.end_time for r in runs) - min(r.info.start_time for r in runs)
-        best = min(r.data.metrics["objective"] for r in runs)
-        return Result(wall, span / 1000, trials, best)
+        best = min(r.data.metrics.get("objective", math.inf) for r in runs)  # pruned: none
+        pruned = sum(r.data.tags.get("pruned") == "true" for r in runs)
+        return Result(wall, span / 1000, trials, best, pruned)
 
 
 def main() -> None:
@@ -100,7 +103,8 @@ def main() -> None:
             result = run_mode(mode, args.trials, args.overrides, args.stack)
             print(
                 f"round {round_ + 1} {mode:14s} wall {result.wall_s:6.1f} s, sweep phase "
-                f"{result.sweep_s:6.1f} s, best objective {result.best:.4f}",
+                f"{result.sweep_s:6.1f} s, best objective {result.best:.4f}, "
+                f"{result.pruned} pruned",
                 flush=True,
             )
             if mode not in best or result.wall_s < best[mode].wall_s:

@@ -145,7 +145,7 @@ def overlapping(a, b):
     return a.info.start_time < b.info.end_time and b.info.start_time < a.info.end_time
 
 
-@pytest.mark.parametrize("preset", ["joblib", "submitit_local"])
+@pytest.mark.parametrize("preset", ["joblib", "submitit_local", "stacked"])
 def test_parallel_launcher_runs_trials_at_once_and_tracks_every_one(tmp_path, preset):
     uri, storage = sqlite_uri(tmp_path), f"sqlite:///{tmp_path / 'optuna.db'}"
     run(
@@ -319,7 +319,7 @@ def session_processes(session):
     return found
 
 
-@pytest.mark.parametrize("preset", ["joblib", "submitit_local"])
+@pytest.mark.parametrize("preset", ["joblib", "submitit_local", "stacked"])
 def test_sigterm_to_a_parallel_sweep_leaves_no_run_running_and_no_worker(tmp_path, preset):
     uri, storage = sqlite_uri(tmp_path), f"sqlite:///{tmp_path / 'optuna.db'}"
     sweep = subprocess.Popen(

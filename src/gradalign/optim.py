@@ -207,6 +207,7 @@ class GradientAlignmentOptimizer(Optimizer):
         self.stack_dims = stack_dims
         self.beta = betas if per_model else float(beta)
         self._ema_weights = torch.tensor([1.0 - b for b in betas]) if per_model else None
+        self._ema_weight_views: dict[tuple, torch.Tensor] = {}  # _ema_weights_like's
         self.target = target
         self.granularity = granularity
         self.min_scale = min_scale
@@ -277,6 +278,7 @@ class GradientAlignmentOptimizer(Optimizer):
             raise ValueError(f"keep_models needs stack_dims=1, not {self.stack_dims}")
         if self._ema_weights is not None:
             self._ema_weights = self._ema_weights[positions]
+            self._ema_weight_views = {}
             self.beta = [self.beta[i] for i in positions.tolist()]
         self.last_scales = None
         self._flat_emas = {}
@@ -299,7 +301,8 @@ class GradientAlignmentOptimizer(Optimizer):
         return {**self.__dict__, "_flat_emas": {}}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
+        # an optimizer pickled before per-model betas existed has no _ema_weights
+        self.__dict__.update({"_ema_weights": None, "_ema_weight_views": {}, **state})
 
     # --- checkpointing ---------------------------------------------------------------------
     def _params(self) -> list[torch.Tensor]:
@@ -449,8 +452,7 @@ class GradientAlignmentOptimizer(Optimizer):
             torch._foreach_lerp_(batch.emas, ema_grads, 1.0 - self.beta)
         else:  # one decay per model (dim 0)
             for ema, g in zip(batch.emas, ema_grads, strict=True):
-                weights = self._ema_weights.to(device=ema.device, dtype=ema.dtype)
-                ema.lerp_(g, weights.view(-1, *(1,) * (ema.dim() - 1)))
+                ema.lerp_(g, self._ema_weights_like(ema))
         if self.stack_dims:
             scales, means = self._stacked_scales(ema_grads, batch)
             self._record(means, batch.indices, batch.n_params, device)
@@ -598,6 +600,17 @@ class GradientAlignmentOptimizer(Optimizer):
     def _new_last_scales(self, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
         self.last_scales = torch.full(shape, math.nan, device=device)
         return self.last_scales
+
+    def _ema_weights_like(self, ema: torch.Tensor) -> torch.Tensor:
+        """The per-model EMA weights (1 - beta) as a (K, 1, ...) tensor of ``ema``'s device,
+        dtype and rank, made once."""
+        key = (ema.device, ema.dtype, ema.dim())
+        weights = self._ema_weight_views.get(key)
+        if weights is None:
+            weights = self._ema_weights.to(device=ema.device, dtype=ema.dtype)
+            weights = weights.view(-1, *(1,) * (ema.dim() - 1))
+            self._ema_weight_views[key] = weights
+        return weights
 
     def _models_shape(self) -> tuple[int, ...]:
         """The models' grid: the leading ``stack_dims`` dims of the parameters."""

@@ -41,7 +41,8 @@ class StackedAdam(Optimizer):
     """Adam (``decoupled=False``) or AdamW (``decoupled=True``) over parameters whose dim 0
     indexes K models, each with its own ``lr``, ``betas``, ``eps`` and ``weight_decay`` (one
     value for all, or a sequence of K). ``per_model[name]`` holds the K values of each as a
-    float64 tensor on the CPU; ``step`` reads them there and applies them per model."""
+    float64 tensor on the CPU (set at construction, by ``load_state_dict`` and by
+    ``keep_models``; ``step`` keeps copies of them on the parameters' device)."""
 
     def __init__(
         self,
@@ -72,10 +73,15 @@ class StackedAdam(Optimizer):
         }
         self.models = models
         self.decoupled = decoupled
-        self.per_model = {k: torch.tensor(v, dtype=torch.float64) for k, v in values.items()}
+        self._set_per_model({k: torch.tensor(v, dtype=torch.float64) for k, v in values.items()})
         super().__init__(
             params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay}
         )
+
+    def _set_per_model(self, per_model: dict[str, torch.Tensor]) -> None:
+        self.per_model = per_model
+        self._decays = bool(per_model["weight_decay"].any())
+        self._views: dict[tuple, dict[str, Any]] = {}  # _per_model_views, by device/dtype/rank
 
     def __repr__(self) -> str:
         kind = "AdamW" if self.decoupled else "Adam"
@@ -89,7 +95,6 @@ class StackedAdam(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        h = self.per_model
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
@@ -100,42 +105,57 @@ class StackedAdam(Optimizer):
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["step"] += 1
-                step = state["step"].item()
-                # torch.optim.Adam's scalars, in float64 as its Python floats are, one per model
-                step_size = h["lr"] / (1 - h["beta1"] ** step)
-                bias_correction2_sqrt = (1 - h["beta2"] ** step).sqrt()
-                self._update(p, state, step_size, bias_correction2_sqrt)
+                self._update(p, state, int(state["step"].item()))
         return loss
 
-    def _update(
-        self,
-        p: torch.Tensor,
-        state: dict[str, Any],
-        step_size: torch.Tensor,
-        bias_correction2_sqrt: torch.Tensor,
-    ) -> None:
-        """torch.optim.Adam's single-tensor update of ``p``, with per-model (K,) scalars."""
+    def _per_model_views(self, p: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
+        """The per-model values ``p``'s update needs, as (K, 1, ...) tensors of ``p``'s device,
+        dtype and rank: made once (the step's bias corrections once per step), so a step costs
+        no host-to-device copy per parameter."""
+        key = (p.device, p.dtype, p.dim())
+        shape = (self.models,) + (1,) * (p.dim() - 1)
         h = self.per_model
+        views = self._views.get(key)
+        if views is None:
+            values = {
+                "decay": 1 - h["lr"] * h["weight_decay"],
+                "weight_decay": h["weight_decay"],
+                "ema_weight": 1 - h["beta1"],
+                "beta2": h["beta2"],
+                "sq_weight": 1 - h["beta2"],
+                "eps": h["eps"],
+            }
+            views = {k: v.to(device=p.device, dtype=p.dtype).view(shape) for k, v in values.items()}
+            self._views[key] = views
+        if views.get("step") != step:
+            # torch.optim.Adam's scalars, in float64 as its Python floats are, one per model
+            step_size = h["lr"] / (1 - h["beta1"] ** step)
+            bias_correction2_sqrt = (1 - h["beta2"] ** step).sqrt()
+            views["step"] = step
+            views["neg_step_size"] = (-step_size).to(device=p.device, dtype=p.dtype).view(shape)
+            views["bias_correction2_sqrt"] = bias_correction2_sqrt.to(
+                device=p.device, dtype=p.dtype
+            ).view(shape)
+        return views
 
-        def per_model(values: torch.Tensor) -> torch.Tensor:
-            shape = (self.models,) + (1,) * (p.dim() - 1)
-            return values.to(device=p.device, dtype=p.dtype).view(shape)
-
+    def _update(self, p: torch.Tensor, state: dict[str, Any], step: int) -> None:
+        """torch.optim.Adam's single-tensor update of ``p``, with per-model (K,) scalars."""
+        v = self._per_model_views(p, step)
         grad = p.grad
         if self.decoupled:
-            p.mul_(per_model(1 - h["lr"] * h["weight_decay"]))
-        elif bool(h["weight_decay"].any()):
-            grad = grad.addcmul(p, per_model(h["weight_decay"]))
+            p.mul_(v["decay"])
+        elif self._decays:
+            grad = grad.addcmul(p, v["weight_decay"])
         exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-        exp_avg.lerp_(grad, per_model(1 - h["beta1"]))
-        exp_avg_sq.mul_(per_model(h["beta2"])).addcmul_(grad, grad * per_model(1 - h["beta2"]))
-        denom = (exp_avg_sq.sqrt() / per_model(bias_correction2_sqrt)).add_(per_model(h["eps"]))
-        p.addcmul_(exp_avg / denom, per_model(-step_size))
+        exp_avg.lerp_(grad, v["ema_weight"])
+        exp_avg_sq.mul_(v["beta2"]).addcmul_(grad, grad * v["sq_weight"])
+        denom = (exp_avg_sq.sqrt() / v["bias_correction2_sqrt"]).add_(v["eps"])
+        p.addcmul_(exp_avg / denom, v["neg_step_size"])
 
     def keep_models(self, positions: torch.Tensor, models: int) -> None:
         """After the parameters were cut to the models at ``positions`` (of ``models``): keep
         their hyperparameters and state, drop the rest."""
-        self.per_model = {k: v[positions] for k, v in self.per_model.items()}
+        self._set_per_model({k: v[positions] for k, v in self.per_model.items()})
         self.models = len(positions)
         keep_stacked(self.state, positions, models)
 
@@ -153,9 +173,9 @@ class StackedAdam(Optimizer):
         if set(per_model) != set(_HYPERPARAMETERS):
             raise ValueError(f"per_model has {sorted(per_model)}, not {sorted(_HYPERPARAMETERS)}")
         super().load_state_dict(state_dict)
-        self.per_model = {
-            k: torch.as_tensor(v, dtype=torch.float64).clone() for k, v in per_model.items()
-        }
+        self._set_per_model(
+            {k: torch.as_tensor(v, dtype=torch.float64).clone() for k, v in per_model.items()}
+        )
         self.models = len(self.per_model["lr"])
 
 
