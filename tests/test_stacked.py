@@ -403,6 +403,9 @@ def test_what_keeps_configs_apart_is_named(configs):
     assert stack_key(sgd[0]) != stack_key(sgd[1])  # SGD's values are shared, never per model
     with pytest.raises(ValueError, match=r"optimizer.lr differs .* only none of its values may"):
         per_model_spec([cfg.optimizer for cfg in sgd])
+    gao_eps = trial_configs(configs, "gao-grad-tensor")
+    gao_eps[1].optimizer.eps = 1e-20  # GAO's own eps (the cosine's floor): one for all models
+    assert stack_key(gao_eps[0]) != stack_key(gao_eps[1])
     spec = per_model_spec([cfg.optimizer for cfg in gao])
     assert spec["base"] == "gradalign.stacked_adam.StackedAdam"
     assert spec["lr"] == [lr / 10 for lr in LRS] and spec["beta"] == BETAS

@@ -105,7 +105,7 @@ def test_sweep_commands_are_train_py_multiruns_in_their_own_folders(tmp_path):
     assert parsed["hydra.sweeper.storage"] == f"sqlite:///{root / 'optuna.db'}"
 
 
-def test_the_presets_sweep_stacked_in_studies_of_their_own(tmp_path):
+def test_the_default_study_sweeps_stacked_in_studies_of_its_own(tmp_path):
     """Stacked sweeps draw their trials in batches, so they are other studies than serial ones
     (whose stored names do not change)."""
     settings = parse()
@@ -119,7 +119,9 @@ def test_the_presets_sweep_stacked_in_studies_of_their_own(tmp_path):
         a.startswith("parallel=") for a in sweep_command(settings.report, serial, 4, tmp_path)
     )
     assert parse("--parallel", "serial").parallel == "serial"
-    assert parse("--preset", "suite").parallel == "serial"
+    for preset in ("seed_note", "seed_note_audit", "suite"):  # as their results were swept
+        assert parse("--preset", preset).parallel == "serial"
+    assert parse("--preset", "seed_note", "--parallel", "stacked").parallel == "stacked"
     message = r"invalid setting parallel='threads': must be one of \['joblib', 'serial', 'sl"
     with pytest.raises(ValueError, match=message):
         parse("--parallel", "threads")

@@ -5,9 +5,10 @@ Runs of a sweep differ in the values its sampler chose (``optimizer.lr``, ``opti
 a report's finals in their seeds. Runs can train stacked when their configs are equal but for
 those: the seeds always (each model has its own initial weights and data order), and the
 optimizer's values that a stacked optimizer takes per model: Adam's and AdamW's ``lr``, ``eps``
-and ``weight_decay`` (``StackedAdam`` / ``StackedAdamW``), and GAO's ``beta`` too when its base
-is one of them. Every other difference (a model width, a batch size, SGD's momentum) keeps runs
-apart, because one stacked model has one architecture, one batch size and one optimizer.
+and ``weight_decay`` (``StackedAdam`` / ``StackedAdamW``), and GAO's ``lr``, ``weight_decay`` and
+``beta`` when its base is one of them. Every other difference (a model width, a batch size,
+SGD's momentum) keeps runs apart, because one stacked model has one architecture, one batch size
+and one optimizer.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ STACKED = {
     torch.optim.AdamW: "gradalign.stacked_adam.StackedAdamW",
 }
 BASE_KEYS = ("lr", "eps", "weight_decay")  # StackedAdam's per-model arguments
-GAO_KEYS = ("beta",)  # GAO's own per-model argument
+# GAO's: its base's but eps (GAO's own eps is the cosine's floor, one for all), and its beta.
+GAO_KEYS = ("lr", "weight_decay", "beta")
 # Bookkeeping that differs between a sweep's trials and is no part of what they train.
 BOOKKEEPING = ("tracking.optuna_trial",)
 
@@ -51,7 +53,7 @@ def per_model_keys(optimizer: DictConfig) -> tuple[str, ...]:
     if base is None:
         return ()
     is_gao = issubclass(get_class(optimizer._target_), GradientAlignmentOptimizer)
-    return BASE_KEYS + GAO_KEYS if is_gao else BASE_KEYS
+    return GAO_KEYS if is_gao else BASE_KEYS
 
 
 def stack_key(cfg: DictConfig) -> str:
