@@ -14,6 +14,7 @@ import re
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
 from gradalign import GradientAlignmentOptimizer as GAO
@@ -404,8 +405,8 @@ def test_what_keeps_configs_apart_is_named(configs):
     with pytest.raises(ValueError, match=r"optimizer.lr differs .* only none of its values may"):
         per_model_spec([cfg.optimizer for cfg in sgd])
     gao_eps = trial_configs(configs, "gao-grad-tensor")
-    gao_eps[1].optimizer.eps = 1e-20  # GAO's own eps (the cosine's floor): one for all models
-    assert stack_key(gao_eps[0]) != stack_key(gao_eps[1])
+    OmegaConf.update(gao_eps[1], "optimizer.eps", 1e-20, force_add=True)  # GAO's own eps,
+    assert stack_key(gao_eps[0]) != stack_key(gao_eps[1])  # the cosine's floor: one for all
     spec = per_model_spec([cfg.optimizer for cfg in gao])
     assert spec["base"] == "gradalign.stacked_adam.StackedAdam"
     assert spec["lr"] == [lr / 10 for lr in LRS] and spec["beta"] == BETAS
