@@ -11,6 +11,9 @@ the figure kept per variant is its minimum wall time over the rounds (load only 
 The data set is generated (cached) before the first round, so no variant pays for it.
 
     python benchmarks/bench_stacked.py [--rounds 3] [--seeds 5] [--workers 2] [-- overrides]
+
+A sweep's trials stacked (``parallel=stacked``) against serial and process-parallel sweeps are
+``bench_sweep.py``'s modes; whole studies with either, ``bench_study.py``.
 """
 
 from __future__ import annotations
