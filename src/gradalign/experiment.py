@@ -1,7 +1,12 @@
 """One experiment from a composed config: data, seeded model, optimizer, fit, MLflow run; or
-several that differ only in their seeds, trained as one stacked model, each its own run.
+several that differ only in their seeds and per-model optimizer values (a report's final seeds,
+a sweep's batch of trials), trained as one stacked model, each its own run.
 
-Used by train.py (single runs and sweep trials) and by the report (final runs). Everything that
+A run is prepared (``prepare_run``: checked, seeded, its MLflow record taken from the Hydra job
+it belongs to), then trained (``train_alone``, or ``train_together`` with others).
+
+Used by train.py (single runs and sweep trials), by the stacked launcher (gradalign.sweep.
+stacked_launcher) and by the report (final runs). Everything that
 can be wrong with the config fails here before a run is opened in MLflow, and before MLflow is
 even imported: a bad value answers in the time torch takes to import.
 """
