@@ -2,12 +2,14 @@
 study also as the note's kind of script runs it.
 
 - ``note script``: what the note describes, written the way such a script is (one process, one
-  torch thread, no tracking): an Optuna TPE study of 30 trials per optimizer (Adam's lr; GAO's
-  lr and beta, the note's ranges), each trial 25 epochs of SimpleMLP(40, 128, 128, 10) from the
-  same initial weights, a ``DataLoader`` of batch 64 shuffled every epoch, the minimum val loss
-  (on mnist1d's test split, in batches of 256) as objective; then each optimizer's best config
-  retrained for 100 epochs. The data come from the pipeline's cache, so no variant pays for
-  generating them.
+  torch thread, no tracking): an Optuna TPE study per optimizer (Adam's lr; GAO's lr and beta),
+  each trial a plain MLP from the same initial weights, a ``DataLoader`` shuffled every epoch,
+  the minimum val loss (on mnist1d's test split, in batches) as objective; then each
+  optimizer's best config retrained. Its settings (trials, epochs, widths, batch sizes, search
+  ranges) are the seed_note preset's (conf/study/seed_note.yaml, conf/experiment/seed_note.yaml:
+  30 trials of 25 epochs, 40-128-128-10, batch 64, evaluation in batches of 256, 100-epoch
+  finals), so both sides do the same work. The data come from the pipeline's cache, so no
+  variant pays for generating them.
   Only with ``--preset seed_note`` (the default).
 - ``serial`` / ``stacked``: ``python study.py --preset PRESET --parallel serial|stacked`` (the
   same work, tracked in MLflow, both sweeps at once on the two cores, the finals, the report
@@ -15,8 +17,8 @@ study also as the note's kind of script runs it.
 
 The variants alternate within every round and the minimum wall time over the rounds is kept
 (other processes only ever add time). Work is counted in epochs trained (the note script counts
-its own; the studies' are read from their MLflow runs; in seed_note all epochs are the same 63
-steps of batch 64), so the ratios are per unit of work.
+its own; the studies' are read from their MLflow runs; in seed_note all epochs are the same
+size), so the ratios are per unit of work.
 
     python benchmarks/bench_study.py [--rounds 1] [--preset seed_note]
         [--variants note serial stacked]
@@ -39,13 +41,14 @@ from gradalign.schema import Metric, Stage
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ("note", "serial", "stacked")
-TRIALS, TRIAL_EPOCHS, FINAL_EPOCHS, BATCH, EVAL_BATCH = 30, 25, 100, 64, 256  # the note's
 
 
 def note_script() -> int:
     """The note's study as a plain script; the epochs it trained."""
     import optuna
     import torch
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
     from torch import nn
     from torch.utils.data import DataLoader, TensorDataset
 
@@ -56,15 +59,26 @@ def note_script() -> int:
 
     torch.set_num_threads(1)
     register_resolvers(ROOT)
-    splits = build_dataset(compose_config(ROOT / "conf", ["experiment=seed_note"]))
+    cfg = compose_config(ROOT / "conf", ["experiment=seed_note"])
+    preset = OmegaConf.load(ROOT / "conf" / "study" / "seed_note.yaml")
+    parser = OverridesParser.create()
+    ranges = {k: parser.parse_override(f"{k}={v}").value() for k, v in cfg.search.items()}
+    splits = build_dataset(cfg)
     train = TensorDataset(splits.x_train, splits.y_train)
+    batch, eval_batch = cfg.trainer.batch_size, cfg.trainer.eval_batch_size
+    widths = [math.prod(splits.input_shape), *cfg.model.hidden, splits.n_classes]
     epochs_trained = 0
 
     def model() -> nn.Module:
-        torch.manual_seed(0)
-        return nn.Sequential(
-            nn.Linear(40, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10)
-        )
+        torch.manual_seed(cfg.seed.model)
+        layers: list[nn.Module] = []
+        for n_in, n_out in zip(widths[:-1], widths[1:], strict=True):
+            layers += [nn.Linear(n_in, n_out), nn.ReLU()]
+        return nn.Sequential(*layers[:-1])
+
+    def suggest(trial: optuna.Trial, key: str) -> float:
+        found = ranges[key]
+        return trial.suggest_float(key, found.start, found.end, log="log" in found.tags)
 
     def run(name: str, params: dict, epochs: int) -> float:
         nonlocal epochs_trained
@@ -74,7 +88,7 @@ def note_script() -> int:
         best = math.inf
         for _ in range(epochs):
             net.train()
-            for x, y in DataLoader(train, batch_size=BATCH, shuffle=True):
+            for x, y in DataLoader(train, batch_size=batch, shuffle=True):
                 opt.zero_grad()
                 nn.functional.cross_entropy(net(x), y).backward()
                 opt.step()
@@ -84,7 +98,7 @@ def note_script() -> int:
                 losses = [
                     nn.functional.cross_entropy(net(x), y).item()
                     for x, y in zip(
-                        splits.x_val.split(EVAL_BATCH), splits.y_val.split(EVAL_BATCH), strict=True
+                        splits.x_val.split(eval_batch), splits.y_val.split(eval_batch), strict=True
                     )
                 ]
             best = min(best, sum(losses) / len(losses))
@@ -94,14 +108,14 @@ def note_script() -> int:
     for name in ("adam", "gao"):
 
         def objective(trial: optuna.Trial, name: str = name) -> float:
-            params = {"lr": trial.suggest_float("lr", 1e-5, 1e-1, log=True)}
+            params = {"lr": suggest(trial, "lr")}
             if name == "gao":
-                params["beta"] = trial.suggest_float("beta", 0.8, 0.99)
-            return run(name, params, TRIAL_EPOCHS)
+                params["beta"] = suggest(trial, "beta")
+            return run(name, params, cfg.trainer.epochs)
 
         study = optuna.create_study()
-        study.optimize(objective, n_trials=TRIALS)
-        run(name, study.best_params, FINAL_EPOCHS)
+        study.optimize(objective, n_trials=preset.trials)
+        run(name, study.best_params, preset.report.final_epochs)
     return epochs_trained
 
 

@@ -1,7 +1,7 @@
 """Trial pruning (hydra/sweeper/pruner): the pruner configs, the fit's early stop, the per-epoch
 reports, a pruned sweep in this process (serial, and a resumed study) with planned val losses so
 that what the median rule prunes is known exactly, study.py's option, and (slow) real sweeps in
-joblib workers and in two processes sharing one study."""
+joblib workers, in stacked batches and in two processes sharing one study."""
 
 import hashlib
 import math
@@ -308,15 +308,23 @@ REAL = [
 
 
 @pytest.mark.slow
-def test_joblib_workers_report_through_the_journal_the_sweeper_provides(tmp_path, tiny):
+@pytest.mark.parametrize("preset, workers", [("joblib", 2), ("stacked", 3)])
+def test_parallel_trials_report_through_the_journal_the_sweeper_provides(
+    tmp_path, tiny, preset, workers
+):
+    """joblib's workers report their epochs through the journal in the sweep directory; a
+    stacked batch (adam's lr per model) prunes trials of its later batches out of their stacks.
+    Either way the real median rule prunes some trials, and every record agrees."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     sweep_dir = tmp_path / "s"
     result = subprocess.run(
-        [*TRAIN, "-m", *tiny, *REAL, "parallel=joblib", "parallel.workers=2",
+        [*TRAIN, "-m", *tiny, *REAL, f"parallel={preset}", f"parallel.workers={workers}",
          "hydra.sweeper.n_trials=6", f"tracking.uri={uri}", f"hydra.sweep.dir={sweep_dir}"],
         capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
+    if preset == "stacked":
+        assert "training jobs [3, 4, 5] as one stacked model" in result.stdout
     storage = journal_storage(str(sweep_dir / JOURNAL))
     (name,) = optuna.get_all_study_names(storage)
     real_sweep_checks(uri, storage, name, str(sweep_dir.resolve()), 6)
@@ -342,21 +350,3 @@ def test_processes_sharing_a_study_prune_against_each_others_trials(tmp_path, ti
     trials = real_sweep_checks(uri, storage, "shared", "optuna:shared", 8)
     owners = {t.user_attrs["owner"] for t in trials}
     assert len(owners) == 2  # both processes ran trials of the one study
-
-
-@pytest.mark.slow
-def test_a_stacked_sweep_prunes_real_trials_out_of_its_stacks(tmp_path, tiny):
-    """parallel=stacked with batches of 3 (adam's lr per model): the real median rule prunes
-    some trials of the later batches, which leave their stack, and every record agrees."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    sweep_dir = tmp_path / "s"
-    result = subprocess.run(
-        [*TRAIN, "-m", *tiny, *REAL, "parallel=stacked", "parallel.workers=3",
-         "hydra.sweeper.n_trials=6", f"tracking.uri={uri}", f"hydra.sweep.dir={sweep_dir}"],
-        capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "training jobs [3, 4, 5] as one stacked model" in result.stdout
-    storage = journal_storage(str(sweep_dir / JOURNAL))
-    (name,) = optuna.get_all_study_names(storage)
-    real_sweep_checks(uri, storage, name, str(sweep_dir.resolve()), 6)

@@ -397,12 +397,14 @@ def _run_record(
 
 @dataclasses.dataclass
 class PreparedRun:
-    """A run of ``cfg`` ready to train: its seeded, untrained model, the arguments of its
-    MLflow run (``tracking.start_run``), and whether to stop it early (a sweep trial's pruner,
-    see ``training.fit``)."""
+    """A run of ``cfg`` ready to train: its seeded, untrained model and the optimizer over it
+    (what it trains alone; trained stacked, the stack gets an optimizer of its own), the
+    arguments of its MLflow run (``tracking.start_run``), and whether to stop it early (a sweep
+    trial's pruner, see ``training.fit``)."""
 
     cfg: DictConfig
     model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
     record: dict[str, Any]
     should_stop: Callable[[History], bool] | None = None
 
@@ -418,15 +420,15 @@ def prepare_run(
     should_stop: Callable[[History], bool] | None = None,
 ) -> PreparedRun:
     """A run of ``cfg`` (validated, its process set up by ``prepare_process``) on ``splits``,
-    with its model seeded and its optimizer checked to build, before MLflow is imported. The
+    with its model seeded and its optimizer built, before MLflow is imported. The
     run's name, description and artifacts come from the Hydra job this is called in; see
     ``run_experiment`` for the arguments."""
-    model, _ = seeded_model_and_optimizer(cfg, splits)
+    model, optimizer = seeded_model_and_optimizer(cfg, splits)
     from gradalign import tracking  # MLflow: only once the config is known to build
 
     tracking.connect(cfg.tracking)
     record = _run_record(cfg, splits, model, stage, parent_run_id, extra_tags, searched)
-    return PreparedRun(cfg, model, record, should_stop)
+    return PreparedRun(cfg, model, optimizer, record, should_stop)
 
 
 def run_experiment(
@@ -467,7 +469,6 @@ def train_alone(run: PreparedRun, splits: Splits, device: torch.device) -> tuple
     from gradalign import tracking
 
     cfg = run.cfg
-    optimizer = build_optimizer(cfg, run.model.parameters())
     progress = EpochProgress(run.record["run_name"], cfg.trainer.epochs)
     with tracking.start_run(cfg.tracking, **run.record) as tracked:
 
@@ -477,7 +478,7 @@ def train_alone(run: PreparedRun, splits: Splits, device: torch.device) -> tuple
 
         try:
             history = fit_as_configured(
-                cfg, run.model, optimizer, splits, device, on_epoch, run.should_stop
+                cfg, run.model, run.optimizer, splits, device, on_epoch, run.should_stop
             )
         finally:
             progress.close()

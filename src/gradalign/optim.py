@@ -96,6 +96,18 @@ def keep_stacked(
                 entry[key] = value[positions]
 
 
+def keep_models(optimizer: Optimizer, positions: torch.Tensor, models: int) -> None:
+    """Cut ``optimizer`` (of ``models`` stacked models, its parameters already cut) to the
+    models at ``positions``: through its own ``keep_models`` when it has one (GAO,
+    StackedAdam, which hold per-model values beside their state), else ``keep_stacked`` of its
+    state (torch's elementwise optimizers)."""
+    keep = getattr(optimizer, "keep_models", None)
+    if keep is not None:
+        keep(positions, models)
+    else:
+        keep_stacked(optimizer.state, positions, models)
+
+
 def _stack_shape(params: Iterable[torch.Tensor], stack_dims: int) -> tuple[int, ...] | None:
     """The leading ``stack_dims`` dims all ``params`` share (the models' grid); None if there are
     no parameters. Raises ValueError naming the first parameter that does not have them."""
@@ -272,8 +284,8 @@ class GradientAlignmentOptimizer(Optimizer):
 
     def keep_models(self, positions: torch.Tensor, models: int) -> None:
         """With ``stack_dims=1``, after the parameters were cut to the models at ``positions``
-        (of ``models``): keep their EMAs, per-model betas and the base's state, drop the rest.
-        The base keeps its own through its ``keep_models`` when it has one."""
+        (of ``models``): keep their EMAs, per-model betas and the base's state (``keep_models``
+        of the base), drop the rest."""
         if self.stack_dims != 1:
             raise ValueError(f"keep_models needs stack_dims=1, not {self.stack_dims}")
         if self._ema_weights is not None:
@@ -282,11 +294,7 @@ class GradientAlignmentOptimizer(Optimizer):
             self.beta = [self.beta[i] for i in positions.tolist()]
         self.last_scales = None
         self._flat_emas = {}
-        keep = getattr(self.base, "keep_models", None)
-        if keep is not None:
-            keep(positions, models)
-        else:
-            keep_stacked(self.base.state, positions, models)
+        keep_models(self.base, positions, models)
 
     def __repr__(self) -> str:
         return (

@@ -29,7 +29,7 @@ from torch.func import functional_call, stack_module_state, vmap
 
 from gradalign.checks import positive_int
 from gradalign.data import Splits
-from gradalign.optim import GradientAlignmentOptimizer, keep_stacked
+from gradalign.optim import GradientAlignmentOptimizer, keep_models
 from gradalign.stacked_adam import StackedAdam, StackedAdamW
 from gradalign.training import (
     EpochMetrics,
@@ -126,11 +126,7 @@ class Stack:
         for old, new in replaced.items():
             if old in state:
                 state[new] = state.pop(old)
-        keep = getattr(optimizer, "keep_models", None)  # GAO, StackedAdam
-        if keep is not None:
-            keep(positions, models)
-        else:
-            keep_stacked(state, positions, models)
+        keep_models(optimizer, positions, models)
         self.active = list(kept)
 
 

@@ -104,18 +104,18 @@ def launch(
             cfg = job.return_value.cfg
             groups.setdefault((_process_key(cfg), stack_key(cfg)), []).append(job)
     for (key, _), jobs in groups.items():
-        _train_group(jobs, *processes[key], alone=len(returns) > 1)
+        _train_group(jobs, *processes[key], several=len(returns) > 1)
     return returns
 
 
-def _train_group(jobs: Sequence[JobReturn], device: Any, splits: Any, alone: bool) -> None:
-    """Train the prepared trials of ``jobs`` together and set each job's outcome; ``alone``:
-    a single job of a batch of several."""
+def _train_group(jobs: Sequence[JobReturn], device: Any, splits: Any, several: bool) -> None:
+    """Train the prepared trials of ``jobs`` together and set each job's outcome; ``several``:
+    the batch had more jobs than this group (a lone job says why it trains alone)."""
     runs = [job.return_value for job in jobs]
     numbers = [job.hydra_cfg.hydra.job.num for job in jobs]
     if len(runs) > 1:
         log.info("training jobs %s as one stacked model", numbers)
-    elif alone:
+    elif several:
         log.info(
             "training job %s alone: its config differs from the others' in more than stacked "
             "models may (gradalign.per_model)",
