@@ -140,8 +140,10 @@ def test_every_optimizer_builds_with_every_setting_and_steps(compose_cfg, name):
         for key in ("beta", "target", "granularity", "min_scale"):
             assert getattr(optimizer, key) == settings[key], key
     before = layer.weight.detach().clone()
-    layer(torch.randn(4, 3)).square().sum().backward()
-    optimizer.step()
+    for _ in range(2):  # ADOPT's first step only takes the gradient's second moment
+        optimizer.zero_grad()
+        layer(torch.randn(4, 3)).square().sum().backward()
+        optimizer.step()
     assert not torch.equal(layer.weight, before)
 
 
@@ -218,3 +220,106 @@ def test_errors_that_are_not_about_config_pass_through(compose_cfg, tmp_path):
     blocker.write_text("not a directory")
     with pytest.raises(OSError):
         build_dataset(compose_cfg(f"paths.data_cache={blocker}/cache"))
+
+
+# Optimizers of another library (pytorch_optimizer) held to torch.optim's standard.
+LIBRARY = ["lion", "adopt", "lookahead"]  # conf/optimizer's options from pytorch_optimizer
+
+
+@pytest.mark.parametrize(
+    "overrides,ignored",
+    [
+        # Lion takes **kwargs and keeps them in its param groups without reading them
+        (["optimizer=lion", "+optimizer.wieght_decay=0.1"], "wieght_decay"),
+        # AdaBelief reads no cautious flag (Lion, ADOPT and LaProp do)
+        (
+            ["optimizer._target_=pytorch_optimizer.AdaBelief", "+optimizer.cautious=true"],
+            "cautious",
+        ),
+        # through GAO and through a wrapper, checked against the base they pass them to
+        (["optimizer=gao", "optimizer.base=pytorch_optimizer.Lion", "+optimizer.wd=0.1"], "wd"),
+        (["optimizer=lookahead", "optimizer.base=pytorch_optimizer.Lion", "+optimizer.K=3"], "K"),
+    ],
+)
+def test_a_keyword_a_kwargs_catch_all_would_ignore_is_refused(compose_cfg, overrides, ignored):
+    with pytest.raises(ConfigError) as info:
+        build_optimizer(compose_cfg(*overrides), torch.nn.Linear(2, 2).parameters())
+    (line,) = str(info.value).splitlines()
+    assert line.startswith("invalid optimizer config ")
+    assert f" would ignore {ignored}: neither one of its parameters (" in line
+    assert "weight_decay" in line and "nor an option its code reads" in line
+
+
+@pytest.mark.parametrize(
+    "overrides,group_key",
+    [
+        (["optimizer=lion", "+optimizer.cautious=true"], "cautious"),
+        (["optimizer=adopt", "optimizer.cautious=true"], "cautious"),
+        (
+            ["optimizer=gao", "optimizer.base=pytorch_optimizer.Lion", "+optimizer.use_gc=true"],
+            "use_gc",
+        ),
+    ],
+)
+def test_an_option_a_kwargs_catch_all_reads_is_taken(compose_cfg, overrides, group_key):
+    optimizer = build_optimizer(compose_cfg(*overrides), torch.nn.Linear(2, 2).parameters())
+    assert optimizer.param_groups[0][group_key] is True
+
+
+@pytest.mark.parametrize("wrapper", ["Lookahead", "OrthoGrad"])
+def test_a_wrapper_builds_from_parameters_as_gao_does_and_steps_as_built_by_hand(
+    compose_cfg, wrapper
+):
+    import pytorch_optimizer
+
+    overrides = ["optimizer=lookahead", "optimizer.lr=0.05"]
+    if wrapper == "OrthoGrad":  # no k, alpha: OrthoGrad names neither
+        overrides += ["optimizer._target_=pytorch_optimizer.OrthoGrad", "~optimizer.k"]
+        overrides += ["~optimizer.alpha"]
+    cfg = compose_cfg(*overrides, "optimizer.base=SGD", "+optimizer.momentum=0.5")
+    torch.manual_seed(0)
+    layers = [torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)]
+    layers[1].load_state_dict(layers[0].state_dict())
+    built = build_optimizer(cfg, layers[0].parameters())
+    base = torch.optim.SGD(layers[1].parameters(), lr=0.05, momentum=0.5)
+    own = {"k": 5, "alpha": 0.5} if wrapper == "Lookahead" else {}
+    by_hand = getattr(pytorch_optimizer, wrapper)(base, **own)
+    assert type(built) is type(by_hand) and type(built.optimizer) is torch.optim.SGD
+    assert built.param_groups[0]["lr"] == 0.05 and built.param_groups[0]["momentum"] == 0.5
+    x = torch.randn(8, 3)
+    for _ in range(7):  # past Lookahead's k=5: its slow weights are used once
+        for layer, optimizer in zip(layers, (built, by_hand), strict=True):
+            optimizer.zero_grad()
+            layer(x).square().sum().backward()
+            optimizer.step()
+    assert torch.equal(layers[0].weight, layers[1].weight)
+    assert not torch.equal(layers[0].weight, torch.nn.Linear(3, 2).weight)
+
+
+def test_an_optimizer_training_with_another_lr_than_configured_is_refused(compose_cfg):
+    """GrokFastAdamW divides its lr by 1 + grokfast_lamb: runs would record an lr it does not
+    train with. With normalize_lr=false it trains with the lr it is given."""
+    overrides = ["optimizer._target_=pytorch_optimizer.GrokFastAdamW", "optimizer.lr=0.03"]
+    with pytest.raises(ConfigError) as info:
+        build_optimizer(compose_cfg(*overrides), torch.nn.Linear(2, 2).parameters())
+    assert str(info.value).endswith(
+        "pytorch_optimizer.GrokFastAdamW trains with lr=0.01, not the configured lr=0.03 that "
+        "runs record: set the option that rescales it"
+    )
+    cfg = compose_cfg(*overrides, "+optimizer.normalize_lr=false")
+    assert build_optimizer(cfg, torch.nn.Linear(2, 2).parameters()).param_groups[0]["lr"] == 0.03
+
+
+@pytest.mark.parametrize("name", LIBRARY)
+def test_each_library_optimizer_trains_a_tracked_run(compose_cfg, tiny, mlflow_uri, name):
+    from mlflow.tracking import MlflowClient
+
+    from gradalign import experiment
+
+    cfg = compose_cfg(f"optimizer={name}", *tiny)
+    history, run_id = experiment.run_experiment(cfg)
+    run = MlflowClient(mlflow_uri).get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["optimizer"] == name
+    assert run.data.params["optimizer._target_"] == cfg.optimizer._target_
+    assert run.data.params["optimizer.lr"] == str(cfg.optimizer.lr)
+    assert [e.epoch for e in history.epochs] == [1, 2] and not history.diverged

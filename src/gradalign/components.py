@@ -12,11 +12,20 @@ A model and a data set know nothing of each other, so a built model is run once 
 validation examples: a model that cannot read the data set's inputs (token ids into a linear
 layer), or whose output does not match its targets (one prediction per example where the targets
 are one per position), is refused as a ConfigError before anything trains.
+
+Any optimizer is held to torch.optim's standard (``build_optimizer``): a keyword it would ignore
+is refused, a wrapper of another optimizer builds from parameters as GAO does, and the lr it
+trains with is the configured one, the value every run records.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import ast
+import functools
+import importlib
+import inspect
+import textwrap
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -24,8 +33,10 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from gradalign.checks import is_number
 from gradalign.config import ConfigError
 from gradalign.data import Splits
+from gradalign.optim import resolve_base
 
 _ARGUMENT_ERRORS = (ValueError, TypeError, IndexError, KeyError)
 
@@ -37,6 +48,14 @@ def build(group: str, node: DictConfig, *args: Any, **kwargs: Any) -> Any:
     """
     spec = OmegaConf.to_container(node, resolve=True)
     label = spec.pop("name", None)
+    return _instantiate(group, label, spec, spec, *args, **kwargs)
+
+
+def _instantiate(
+    group: str, label: Any, shown: dict[str, Any], spec: dict[str, Any], *args: Any, **kwargs: Any
+) -> Any:
+    """``spec`` (the node ``shown``, or a part of it) instantiated with ``args`` and ``kwargs``;
+    a refusal of its arguments is a ConfigError naming ``group``, ``label`` and ``shown``."""
     try:
         return instantiate(spec, *args, _convert_="all", **kwargs)
     except InstantiationException as error:
@@ -48,9 +67,11 @@ def build(group: str, node: DictConfig, *args: Any, **kwargs: Any) -> Any:
             ) from None
         if cause is not None and not isinstance(cause, _ARGUMENT_ERRORS):
             raise cause from None  # not a config problem (a full disk, a bug): as it is
-        raise ConfigError(
-            f"invalid {group} config {label!r} ({_settings(group, spec)}): {cause or error}"
-        ) from None
+        raise _refusal(group, label, shown, cause or error) from None
+
+
+def _refusal(group: str, label: Any, spec: dict[str, Any], reason: Any) -> ConfigError:
+    return ConfigError(f"invalid {group} config {label!r} ({_settings(group, spec)}): {reason}")
 
 
 def _settings(group: str, spec: dict[str, Any]) -> str:
@@ -114,11 +135,118 @@ def check_fits(model: torch.nn.Module, splits: Splits, refusal: str) -> None:
 def build_optimizer(
     cfg: DictConfig, params: Iterable[torch.nn.Parameter], **options: Any
 ) -> torch.optim.Optimizer:
-    """``cfg.optimizer`` over ``params``, with the pipeline's ``options`` (GAO's stack_dims)."""
-    return build("optimizer", cfg.optimizer, params, **options)
+    """``cfg.optimizer`` over ``params``, with the pipeline's ``options`` (GAO's stack_dims), held
+    to torch.optim's standard whatever its ``_target_``:
+
+    - A wrapper of an optimizer instance (pytorch_optimizer's Lookahead, OrthoGrad: a target
+      that takes no ``base``, in a config that names one) builds as GAO does: its ``base`` over
+      ``params`` with the keys the wrapper does not name, then the wrapper around it with those
+      it names.
+    - A keyword that a ``**kwargs`` catch-all would take and ignore is refused
+      (``ignored_keywords``); the keys for a base (GAO's or a wrapper's) are checked against it.
+    - It trains with the configured ``lr``: one whose param groups hold another (pytorch_optimizer's
+      GrokFastAdamW divides it by 1 + grokfast_lamb) is refused, so the lr a run records is the
+      lr it trains with.
+
+    Raises ConfigError.
+    """
+    spec = OmegaConf.to_container(cfg.optimizer, resolve=True)
+    label = spec.pop("name", None)
+    make = functools.partial(_instantiate, "optimizer", label, spec)
+    refuse = functools.partial(_refusal, "optimizer", label, spec)
+    target = _locate(spec.get("_target_"))
+    if target is None:  # not importable: instantiate says why
+        return make(spec, params, **options)
+    try:
+        base = resolve_base(spec["base"]) if "base" in spec else None
+    except ValueError as error:
+        raise refuse(error) from None
+    own = _parameters(target)[0]
+    mine = {k: v for k, v in spec.items() if k in own}
+    theirs = {k: v for k, v in spec.items() if k not in own and k not in ("_target_", "base")}
+    ignored = ignored_keywords(base or target, theirs)  # a base takes what target does not name
+    if ignored:
+        named = ", ".join(sorted(_parameters(base or target)[0] - {"params"}))
+        raise refuse(
+            f"{spec.get('base', spec['_target_'])} would ignore {', '.join(ignored)}: neither "
+            f"one of its parameters ({named}) nor an option its code reads"
+        )
+    if base is not None and "base" not in own:  # a wrapper of an optimizer instance
+        inner = make({"_target_": _path(base), **theirs}, params)
+        optimizer = make({"_target_": spec["_target_"], **mine}, inner, **options)
+    else:
+        optimizer = make(spec, params, **options)
+    configured = spec.get("lr")
+    used = sorted({float(group["lr"]) for group in optimizer.param_groups if "lr" in group})
+    if is_number(configured) and used and used != [float(configured)]:
+        raise refuse(
+            f"{spec['_target_']} trains with lr={used[0]:.6g}, not the configured "
+            f"lr={configured!r} that runs record: set the option that rescales it"
+        )
+    return optimizer
 
 
-def check_optimizer(cfg: DictConfig) -> None:
-    """Build ``cfg.optimizer`` on a dummy parameter, so its constructor checks its arguments
-    before anything is trained. Raises ConfigError."""
-    build_optimizer(cfg, [torch.nn.Parameter(torch.zeros(2, 2))])
+def ignored_keywords(target: Callable[..., Any], keywords: Iterable[str]) -> list[str]:
+    """The ``keywords`` that ``target`` would take through a ``**kwargs`` catch-all and never
+    use: neither a parameter it names nor a key its own code looks up (``group.get("cautious")``,
+    ``group["lr"]``: pytorch_optimizer's optional flags). None when its signature has no
+    ``**kwargs``: Python refuses an unknown keyword itself."""
+    named, catch_all = _parameters(target)
+    if not catch_all:
+        return []
+    read = _keys_read(target) if isinstance(target, type) else frozenset()
+    return [k for k in keywords if k not in named and k not in read]
+
+
+def _parameters(target: Callable[..., Any]) -> tuple[set[str], bool]:
+    """The names of ``target``'s parameters, and whether it has a ``**kwargs`` catch-all."""
+    try:
+        parameters = inspect.signature(target).parameters.values()
+    except (TypeError, ValueError):  # no signature to read (a builtin)
+        return set(), False
+    variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    catch_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
+    return {p.name for p in parameters if p.kind not in variadic}, catch_all
+
+
+@functools.cache
+def _keys_read(cls: type) -> frozenset[str]:
+    """The string keys that the code of ``cls`` and of its base classes outside torch looks up:
+    ``x["key"]``, ``x.get("key")``, ``x.pop("key")``, ``x.setdefault("key")``."""
+    keys = set()
+    for klass in cls.__mro__:
+        if klass is object or klass.__module__.split(".")[0] == "torch":
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError):  # no source to read: it reads nothing we can tell
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Subscript):
+                key = node.slice
+            elif (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr in ("get", "pop", "setdefault")
+                and node.args
+            ):
+                key = node.args[0]
+            else:
+                continue
+            if isinstance(key, ast.Constant) and isinstance(key.value, str):
+                keys.add(key.value)
+    return frozenset(keys)
+
+
+def _locate(path: Any) -> Callable[..., Any] | None:
+    """The class or function a ``_target_`` (``module.name``) names; None when it cannot be
+    imported (instantiate then says why)."""
+    module, _, name = str(path).rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return None
+
+
+def _path(obj: Callable[..., Any]) -> str:
+    return f"{obj.__module__}.{obj.__qualname__}"
