@@ -1,48 +1,83 @@
-# The study in one command, the way research repos offer it. Run inside the virtual environment
-# (. .venv/bin/activate), or pass PYTHON=.venv/bin/python.
-#   make study                                   # adam vs gao: 30-trial sweeps, 5 seeds x 100 epochs
-#   make study-quick                             # the same pipeline in seconds
+# The README's two commands, on a fresh clone with Python >= 3.11 and nothing else:
+#   make study    make .venv if it is missing or older than the requirements, then the study:
+#                 adam vs gao, each tuned by a 30-trial Optuna sweep, 5 seeds x 100 epochs, the report
+#   make test     the same environment with the test tools (requirements-ci.txt), then ruff and
+#                 the fast suite
+# Once .venv is made, a target starts at once: it is remade only when requirements.txt,
+# requirements-ci.txt or pyproject.toml change. Every target runs in .venv:
+#   make study-quick                             # the study's pipeline in seconds
 #   make study OPTIMIZERS="adam gao gao_update" OVERRIDES="model=cnn"
+#   make study OPTIMIZERS="lion gao" BASELINE=lion   # GAO against another optimizer (lion: conf/optimizer)
 #   make report                                  # the report only, from the sweeps already tracked
 #   make replica                                 # the research note's own study, as it ran it
 #   make audit                                   # that study under variations, claim by claim
 #   make suite                                   # adam vs gao on five workloads, one verdict
 #   make suite-quick                             # the same with one-epoch runs
-PYTHON ?= python
-# Empty: conf/report.yaml's optimizers.
+#   make test-slow                               # the slow suite (.ci/run starts its servers)
+# torch is installed first, by pip, at requirements.txt's pin: the pin picks the version, not the
+# build. Where pip's index offers CUDA builds (PyPI on Linux), ask for the CPU one with
+#   make study TORCH_INDEX=https://download.pytorch.org/whl/cpu
+# (this project's machines take a local CPU wheel without it).
+
+# The Python that makes .venv.
+PYTHON3 ?= python3
+VENV ?= .venv
+# The index torch comes from (empty: pip's own).
+TORCH_INDEX ?=
+# Empty: conf/report.yaml's optimizers and baseline.
 OPTIMIZERS ?=
+BASELINE ?=
 # Training-config overrides for every sweep and final run, e.g. model=cnn.
 OVERRIDES ?=
-PICK = $(if $(strip $(OPTIMIZERS)),--optimizers $(OPTIMIZERS))
+
+PY = $(VENV)/bin/python
+# Recipes run as in the activated .venv: what they start by name (python, mlflow) is its own.
+export VIRTUAL_ENV := $(abspath $(VENV))
+export PATH := $(VIRTUAL_ENV)/bin:$(PATH)
+TORCH = $(shell grep -m1 '^torch==' requirements.txt)
+PICK = $(if $(strip $(OPTIMIZERS)),--optimizers $(OPTIMIZERS)) $(if $(BASELINE),--baseline $(BASELINE))
 
 .PHONY: study study-quick report replica audit suite suite-quick test test-slow lint
 
-study:
-	$(PYTHON) study.py $(PICK) -- $(OVERRIDES)
+$(VENV)/.study: requirements.txt pyproject.toml
+	@$(PYTHON3) -c 'import sys; sys.version_info >= (3, 11) or sys.exit("make: gradalign needs Python >= 3.11; $(PYTHON3) is " + sys.version.split()[0] + ": pass PYTHON3=python3.11 (or newer)")'
+	test -x $(PY) || $(PYTHON3) -m venv $(VENV)
+	$(PY) -m pip install --quiet uv
+	$(PY) -m pip install --quiet $(TORCH) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(PY) -m uv pip install --quiet --python $(PY) --compile-bytecode -r requirements.txt
+	touch $@
 
-study-quick:
-	$(PYTHON) study.py --quick $(PICK) -- $(OVERRIDES)
+$(VENV)/.test: $(VENV)/.study requirements-ci.txt
+	$(PY) -m uv pip install --quiet --python $(PY) --compile-bytecode -r requirements-ci.txt
+	touch $@
 
-report:
-	$(PYTHON) report.py $(PICK) -- $(OVERRIDES)
+study: $(VENV)/.study
+	$(PY) study.py $(PICK) -- $(OVERRIDES)
 
-replica:
-	$(PYTHON) study.py --preset seed_note
+study-quick: $(VENV)/.study
+	$(PY) study.py --quick $(PICK) -- $(OVERRIDES)
 
-audit:
-	$(PYTHON) study.py --preset seed_note_audit
+report: $(VENV)/.study
+	$(PY) report.py $(PICK) -- $(OVERRIDES)
 
-suite:
-	$(PYTHON) study.py --suite
+replica: $(VENV)/.study
+	$(PY) study.py --preset seed_note
 
-suite-quick:
-	$(PYTHON) study.py --suite --quick
+audit: $(VENV)/.study
+	$(PY) study.py --preset seed_note_audit
 
-lint:
-	$(PYTHON) -m ruff check .
+suite: $(VENV)/.study
+	$(PY) study.py --suite
+
+suite-quick: $(VENV)/.study
+	$(PY) study.py --suite --quick
+
+lint: $(VENV)/.test
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 
 test: lint
-	$(PYTHON) -m pytest
+	$(PY) -m pytest
 
-test-slow:
-	$(PYTHON) -m pytest -m slow
+test-slow: $(VENV)/.test
+	$(PY) -m pytest -m slow

@@ -7,6 +7,7 @@ and refuse a bad setting before torch is loaded.
 
 from typing import Any
 
+__version__ = "0.1.0"
 __all__ = ["GradientAlignmentOptimizer"]
 
 

@@ -43,11 +43,18 @@ def register_resolvers(repo_root: str | Path) -> None:
 
 def repo_root() -> Path:
     """The checkout whose conf/ the command-line tools (doctor, stores) read: the working
-    directory or one above it, else the one this package was installed from."""
+    directory or one above it, else the one this package was installed from (``pip install -e``).
+
+    The study runs in a checkout (its conf/ is the user's to edit; outputs/ and mlruns/ sit
+    beside it): an installed package holds the optimizer and the pipeline's modules, not conf/.
+    """
     for folder in (Path.cwd(), *Path.cwd().parents, Path(__file__).resolve().parents[2]):
         if (folder / "conf" / "config.yaml").is_file() and (folder / "train.py").is_file():
             return folder
-    raise ValueError("no gradalign checkout (conf/config.yaml and train.py) here or above")
+    raise ValueError(
+        f"no gradalign checkout (conf/config.yaml and train.py) in {Path.cwd()} or above it: "
+        "the study's commands run in a clone of the repository"
+    )
 
 
 class ConfigError(ValueError):
