@@ -8,7 +8,14 @@ from helpers import options
 from omegaconf import OmegaConf
 
 from gradalign import GradientAlignmentOptimizer
-from gradalign.components import build, build_dataset, build_model, build_optimizer, check_fits
+from gradalign.components import (
+    build,
+    build_dataset,
+    build_model,
+    build_optimizer,
+    check_fits,
+    ignored_keywords,
+)
 from gradalign.config import ConfigError
 from gradalign.data import Splits
 from gradalign.models.linear import Linear
@@ -248,6 +255,17 @@ def test_a_keyword_a_kwargs_catch_all_would_ignore_is_refused(compose_cfg, overr
     assert line.startswith("invalid optimizer config ")
     assert f" would ignore {ignored}: neither one of its parameters (" in line
     assert "weight_decay" in line and "nor an option its code reads" in line
+
+
+def test_ignored_keywords_are_those_neither_named_nor_read_by_the_code():
+    def factory(params, lr=0.1, **kwargs):  # a target of one's own with a catch-all
+        return torch.optim.SGD(params, lr=lr, momentum=kwargs.get("momentum", 0.0))
+
+    assert ignored_keywords(factory, ["lr", "momentum", "momentm", "nesterov"]) == [
+        "momentm",
+        "nesterov",
+    ]
+    assert ignored_keywords(torch.optim.SGD, ["momentm"]) == []  # Python refuses it itself
 
 
 @pytest.mark.parametrize(

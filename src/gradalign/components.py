@@ -194,8 +194,7 @@ def ignored_keywords(target: Callable[..., Any], keywords: Iterable[str]) -> lis
     named, catch_all = _parameters(target)
     if not catch_all:
         return []
-    read = _keys_read(target) if isinstance(target, type) else frozenset()
-    return [k for k in keywords if k not in named and k not in read]
+    return [k for k in keywords if k not in named and k not in _keys_read(target)]
 
 
 def _parameters(target: Callable[..., Any]) -> tuple[set[str], bool]:
@@ -210,15 +209,16 @@ def _parameters(target: Callable[..., Any]) -> tuple[set[str], bool]:
 
 
 @functools.cache
-def _keys_read(cls: type) -> frozenset[str]:
-    """The string keys that the code of ``cls`` and of its base classes outside torch looks up:
-    ``x["key"]``, ``x.get("key")``, ``x.pop("key")``, ``x.setdefault("key")``."""
+def _keys_read(target: Callable[..., Any]) -> frozenset[str]:
+    """The string keys that the code of ``target`` (a function, or a class and its base classes
+    outside torch) looks up: ``x["key"]``, ``x.get("key")``, ``x.pop("key")``,
+    ``x.setdefault("key")``."""
     keys = set()
-    for klass in cls.__mro__:
-        if klass is object or klass.__module__.split(".")[0] == "torch":
+    for code in target.__mro__ if isinstance(target, type) else (target,):
+        if code is object or code.__module__.split(".")[0] == "torch":
             continue
         try:
-            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+            tree = ast.parse(textwrap.dedent(inspect.getsource(code)))
         except (OSError, TypeError):  # no source to read: it reads nothing we can tell
             continue
         for node in ast.walk(tree):
