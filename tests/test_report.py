@@ -8,6 +8,7 @@ import html
 import json
 import math
 import re
+from pathlib import Path
 
 import pytest
 from helpers import CONF, EXPERIMENT, REPO_ROOT
@@ -15,8 +16,9 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from gradalign import experiment, schema, tracking
-from gradalign.config import flatten
+from gradalign.config import config_hash, flatten
 from gradalign.experiment import run_experiment
+from gradalign.report import build as report_build
 from gradalign.report import finals as report_finals
 from gradalign.report.build import FIGURE, MARKDOWN, make_report
 from gradalign.report.configs import (
@@ -501,3 +503,54 @@ def test_curves_of_runs_logged_under_the_old_metric_keys_are_read_under_todays(s
         schema.Metric.TEST_ACC: [0.1, 0.3],
         f"{schema.Metric.ALIGNMENT_PREFIX}layers.0.weight": [0.5, 0.6],
     }
+
+
+RECORDED = Path(__file__).parent / "fixtures" / "report_statistics.json"
+
+
+def recorded_store(uri, overrides):
+    """A store as a finished study leaves it: sweeps of adam and gao, and five final runs of
+    each one's best configuration (seeds 1-5, a shared init_hash per seed) with fixed curves:
+    gao's min val loss lower by about 0.03, its test accuracy noisier."""
+    sweep(uri, overrides, "adam", [0.02, 0.01])
+    sweep(uri, overrides, "gao", [0.005, 0.02])
+    chosen = settings(overrides, seeds=[1, 2, 3, 4, 5], final_epochs=4, name="recorded")
+    client = MlflowClient(uri)
+    for name, cfg in report_build.plan(chosen).finals.items():
+        shift = {"adam": 0.0, "gao": -0.03}[name]
+        for seed in chosen.seeds:
+            wobble = 0.01 * ((seed * 7 + len(name)) % 5 - 2)
+            val = [1.5, 1.1 + shift + wobble, 1.0 + shift + 0.5 * wobble + 0.002 * seed, 1.05]
+            acc = [0.3, 0.5 + wobble, 0.55 - shift - wobble, 0.54 + 0.01 * seed]
+            tags = {"stage": "final", "optimizer": name, "init_hash": f"init-{seed}"}
+            run_id = client.create_run(
+                experiment_id(uri), tags={**tags, "config_hash": config_hash(cfg)}
+            ).info.run_id
+            curves = {"loss/train": [v - 0.2 for v in val], "loss/val": val,
+                      "accuracy/val": acc, "accuracy/test": acc}  # fmt: skip
+            client.log_batch(
+                run_id,
+                metrics=[
+                    Metric(k, v, 0, e) for k, vs in curves.items() for e, v in enumerate(vs, 1)
+                ],
+                params=[Param("seed.model", str(seed)), Param("seed.data", str(seed))],
+            )
+            client.set_terminated(run_id, "FINISHED")
+    return chosen
+
+
+def test_the_report_of_a_recorded_store_gives_the_recorded_statistics(store):
+    """What must not change while the report's code does: a report of final runs already in a
+    store trains nothing and logs the same statistics and verdict as the code of main at
+    900ff71 did (tests/fixtures/report_statistics.json, recorded from that code)."""
+    uri, overrides = store
+    chosen = recorded_store(uri, overrides)
+    make_report(chosen)
+    client = MlflowClient(uri)
+    [run] = client.search_runs([experiment_id(uri)], "tags.stage = 'report'")
+    assert len(client.search_runs([experiment_id(uri)], "tags.stage = 'final'")) == 10
+    recorded = json.loads(RECORDED.read_text())
+    assert run.data.metrics == recorded["metrics"]
+    verdicts = {k: v for k, v in run.data.tags.items() if k.startswith("verdict/")}
+    assert verdicts == recorded["verdicts"]
+    assert verdicts["verdict/gao"].startswith("gao is significantly better than adam")
