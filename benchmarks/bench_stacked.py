@@ -1,13 +1,16 @@
-"""A report's final runs trained stacked, one by one, and in worker processes, side by side.
+"""A report's final runs trained one by one, in worker processes, and stacked, side by side:
+whether stacking them would gain anything (the report trains them one by one since it did not).
 
 The finals of ``--seeds`` seeds for adam and gao (their conf/optimizer settings on the default
-config: the residual MLP on mnist1d, 25 epochs, unless overrides say otherwise) are trained by
-``report.finals.train``, as a report trains them, three ways: ``stacked`` (the seeds of each
-optimizer as one stacked model, in this process), ``one by one`` (each run alone, in this
-process) and ``workers`` (each run alone, in ``--workers`` spawned processes: the report's path
-before stacking, start-up included). Each variant of a round writes to a fresh SQLite store, and
-the variants alternate within every round so drifting load on a shared machine hits all alike;
-the figure kept per variant is its minimum wall time over the rounds (load only adds time).
+config: the residual MLP on mnist1d, 25 epochs, unless overrides say otherwise) are trained four
+ways: ``one by one`` (``report.finals.train`` in this process), ``workers`` (the same in
+``--workers`` spawned processes, start-up included: what a report does with ``jobs`` one per
+core), ``stacked`` (the seeds of each optimizer as one stacked model,
+``experiment.run_stacked_experiments``, in this process) and ``stacked workers`` (each
+optimizer's stack in a worker process of its own). Each variant of a round
+writes to a fresh SQLite store, and the variants alternate within every round so drifting load
+on a shared machine hits all alike; the figure kept per variant is its minimum wall time over
+the rounds (load only adds time).
 The data set is generated (cached) before the first round, so no variant pays for it.
 
     python benchmarks/bench_stacked.py [--rounds 3] [--seeds 5] [--workers 2] [-- overrides]
@@ -19,6 +22,8 @@ A sweep's trials stacked (``parallel=stacked``) against serial and process-paral
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import multiprocessing
 import os
 import tempfile
 import time
@@ -29,6 +34,7 @@ from mlflow.tracking import MlflowClient
 from gradalign import tracking
 from gradalign.components import build_dataset
 from gradalign.config import register_resolvers
+from gradalign.experiment import run_stacked_experiments
 from gradalign.report.configs import compose_config, seeded
 from gradalign.report.finals import FinalJob, train
 from gradalign.schema import Stage, Tag
@@ -36,7 +42,12 @@ from gradalign.schema import Stage, Tag
 ROOT = Path(__file__).resolve().parents[1]
 OPTIMIZERS = ("adam", "gao")
 # variant -> (stack, whether to use the worker processes)
-VARIANTS = {"stacked": (True, False), "one by one": (False, False), "workers": (False, True)}
+VARIANTS = {
+    "one by one": (False, False),
+    "workers": (False, True),
+    "stacked": (True, False),
+    "stacked workers": (True, True),
+}
 
 
 def jobs(store: Path, overrides: list[str], seeds: int) -> list[FinalJob]:
@@ -59,8 +70,14 @@ def jobs(store: Path, overrides: list[str], seeds: int) -> list[FinalJob]:
     return found
 
 
+def _stacked(cfgs: list, parent: str) -> None:
+    """Train ``cfgs`` (one optimizer's seeds) as one stacked model, each its own final run."""
+    tags = [{Tag.SELECTED_FROM: "benchmark"}] * len(cfgs)
+    run_stacked_experiments(cfgs, stage=Stage.FINAL, parent_run_id=parent, extra_tags=tags)
+
+
 def run(variant: str, folder: Path, overrides: list[str], seeds: int, workers: int) -> float:
-    """Wall seconds of ``train`` for ``variant`` into a fresh store under ``folder``."""
+    """Wall seconds of ``variant``'s training into a fresh store under ``folder``."""
     store = folder / f"{variant.replace(' ', '_')}.db"
     todo = jobs(store, overrides, seeds)
     cfg = todo[0].cfg
@@ -69,7 +86,17 @@ def run(variant: str, folder: Path, overrides: list[str], seeds: int, workers: i
     parent = client.create_run(experiment, tags={Tag.STAGE: Stage.REPORT}).info.run_id
     stack, parallel = VARIANTS[variant]
     start = time.perf_counter()
-    train(todo, parent_run_id=parent, workers=workers if parallel else 1, stack=stack)
+    stacks = [[job.cfg for job in todo if job.optimizer == name] for name in OPTIMIZERS]
+    if not stack:
+        train(todo, parent_run_id=parent, workers=workers if parallel else 1)
+    elif parallel:
+        context = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+            for future in [pool.submit(_stacked, cfgs, parent) for cfgs in stacks]:
+                future.result()
+    else:
+        for cfgs in stacks:
+            _stacked(cfgs, parent)
     seconds = time.perf_counter() - start
     finished = client.search_runs([experiment], "attributes.status = 'FINISHED'")
     if len(finished) != len(todo):
@@ -98,12 +125,12 @@ def main() -> None:
                 folder.mkdir(exist_ok=True)
                 seconds = run(name, folder, args.overrides, args.seeds, args.workers)
                 best[name] = min(best[name], seconds)
-                print(f"round {i + 1}: {name:<11}{seconds:8.2f}s", flush=True)
+                print(f"round {i + 1}: {name:<16}{seconds:8.2f}s", flush=True)
     runs = args.seeds * len(OPTIMIZERS)
-    print(f"{'variant':<12}{'wall (min s)':>13}{'s per run':>11}{'vs stacked':>12}")
+    print(f"{'variant':<17}{'wall (min s)':>13}{'s per run':>11}{'vs workers':>12}")
     for name, seconds in best.items():
-        ratio = seconds / best["stacked"]
-        print(f"{name:<12}{seconds:>12.2f}s{seconds / runs:>10.2f}s{ratio:>11.2f}x")
+        ratio = seconds / best["workers"]
+        print(f"{name:<17}{seconds:>12.2f}s{seconds / runs:>10.2f}s{ratio:>11.2f}x")
     print(f"load average {os.getloadavg()[0]:.2f} at the end")
 
 

@@ -2,7 +2,6 @@
 metric-less and other-settings runs skipped), the missing-sweep error, final configs rebuilt from
 logged params, a whole report with tiny final runs, and its rerun that trains nothing."""
 
-import argparse
 import base64
 import html
 import json
@@ -15,7 +14,7 @@ from helpers import CONF, EXPERIMENT, REPO_ROOT
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
-from gradalign import experiment, schema, tracking
+from gradalign import schema, tracking
 from gradalign.config import config_hash, flatten
 from gradalign.experiment import run_experiment
 from gradalign.report import build as report_build
@@ -34,9 +33,7 @@ from gradalign.report.finals import workers_worth_starting
 from gradalign.report.html import to_html
 from gradalign.report.runs import MissingSweepError, best_sweep_run, curves, final_runs
 from gradalign.report.settings import (
-    add_report_arguments,
     report_settings,
-    report_settings_from_args,
 )
 from gradalign.schema import Tag
 
@@ -210,13 +207,7 @@ def test_report_trains_finals_once_and_a_rerun_reuses_them(store, tmp_path, monk
         calls.append((cfg.optimizer.name, cfg.seed.model, cfg.seed.data, cfg.trainer.epochs))
         return real(cfg, **kwargs)
 
-    def counting_stacked(cfgs, **kwargs):
-        calls.extend((c.optimizer.name, c.seed.model, c.seed.data, c.trainer.epochs) for c in cfgs)
-        return real_stacked(cfgs, **kwargs)
-
-    real_stacked = report_finals.run_stacked_experiments
     monkeypatch.setattr(report_finals, "run_experiment", counting)
-    monkeypatch.setattr(report_finals, "run_stacked_experiments", counting_stacked)
     first = make_report(settings(overrides, name="first"))
     assert sorted(calls) == [
         ("adam", 1, 1, 2),
@@ -335,7 +326,6 @@ def test_finals_are_reused_when_finished_or_diverged_but_not_when_failed_or_kill
         ({"primary": "best_epoch"}, "primary='best_epoch'"),
         ({"alpha": 1.5}, "alpha=1.5"),
         ({"jobs": 0}, "jobs=0"),
-        ({"stack": "yes"}, "stack='yes': must be true or false"),
         ({"nope": 1}, "unknown report settings"),
     ],
 )
@@ -350,97 +340,6 @@ def test_bad_training_overrides_fail_before_any_query(store):
         make_report(settings([*overrides, "model=no_such_model"]))
     with pytest.raises(ValueError, match="trainer.epochs=-1"):
         make_report(settings([*overrides, "trainer.epochs=-1"]))
-
-
-def final_records(uri):
-    """Each final run of a store as the report and MLflow's UI see it, by (optimizer, seed):
-    what must not depend on whether it trained stacked (run ids, owner, epoch times aside)."""
-    client = MlflowClient(uri)
-    records = {}
-    for run in client.search_runs([experiment_id(uri)], "tags.stage = 'final'"):
-        tags = dict(run.data.tags)
-        selected = tags.pop(Tag.SELECTED_FROM)
-        note = tags.pop("mlflow.note.content").replace(selected, "<sweep run>")
-        for key in ("owner", "mlflow.parentRunId", *(k for k in tags if k.startswith("reported"))):
-            tags.pop(key)
-        metrics = {
-            key: [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, key)]
-            for key in run.data.metrics
-            if key != "epoch_time"
-        }
-        [dataset] = run.inputs.dataset_inputs
-        records[tags["optimizer"], int(run.data.params["seed.model"])] = {
-            "name": run.info.run_name,
-            "status": run.info.status,
-            "tags": tags,
-            "note": note,
-            "params": run.data.params,
-            "metrics": metrics,
-            "dataset": dataset.dataset.to_dictionary(),
-            "steps": [m.step for m in client.get_metric_history(run.info.run_id, "epoch_time")],
-        }
-    return records
-
-
-def test_stacked_finals_are_the_runs_trained_one_by_one(store, tmp_path, monkeypatch):
-    """The same report on two stores, its finals stacked in one and one by one in the other:
-    every final run has the same name, tags, params, description, dataset input and status,
-    and its curves agree within float32 rounding (batched kernels reduce in another order)."""
-    uri, overrides = store
-    other = f"sqlite:///{tmp_path / 'other.db'}"
-    kept = [o for o in overrides if not o.startswith(("tracking.uri=", "paths.outputs="))]
-    other_overrides = [f"tracking.uri={other}", f"paths.outputs={tmp_path / 'other'}", *kept]
-    for u, o in ((uri, overrides), (other, other_overrides)):
-        sweep(u, o, "adam", [0.02, 0.01])
-        sweep(u, o, "gao", [0.005, 0.02])
-    stacks = []
-    real = experiment.fit_stacked
-
-    def counting(stack, *args, **kwargs):
-        stacks.append(len(stack.models))
-        return real(stack, *args, **kwargs)
-
-    monkeypatch.setattr(experiment, "fit_stacked", counting)
-    make_report(settings(overrides, seeds=[1, 2, 3], name="stacked"))
-    assert stacks == [3, 3]  # each optimizer's three seeds as one stacked model
-    make_report(settings(other_overrides, seeds=[1, 2, 3], stack=False, name="stacked"))
-    assert stacks == [3, 3]
-    stacked, alone = final_records(uri), final_records(other)
-    assert sorted(stacked) == sorted(alone) == [(o, s) for o in ("adam", "gao") for s in (1, 2, 3)]
-    for key, record in stacked.items():
-        expected = alone[key]
-        for field in ("name", "status", "tags", "params", "dataset", "steps"):
-            assert record[field] == expected[field], (key, field)
-        assert record["metrics"].keys() == expected["metrics"].keys()
-        for name, history in record["metrics"].items():
-            steps, values = zip(*history, strict=True)
-            assert list(steps) == [s for s, _ in expected["metrics"][name]], (key, name)
-            for value, (_, theirs) in zip(values, expected["metrics"][name], strict=True):
-                assert math.isclose(value, theirs, rel_tol=1e-5, abs_tol=1e-6), (key, name)
-        assert any(k.startswith("scale/") for k in record["metrics"]) == (key[0] == "gao")
-        assert record["status"] == "FINISHED" and record["steps"] == [1, 2]
-    notes = {record["note"].split("\n\n", 1)[1] for record in stacked.values()}
-    assert notes == {record["note"].split("\n\n", 1)[1] for record in alone.values()}
-
-
-def test_finals_of_a_model_that_cannot_stack_train_one_by_one(store, caplog):
-    uri, overrides = store
-    overrides = [*overrides, "model=gru", "model.hidden=2"]
-    sweep(uri, overrides, "adam", [0.01])
-    sweep(uri, overrides, "gao", [0.01])
-    with caplog.at_level("INFO", logger="gradalign.experiment"):
-        make_report(settings(overrides, name="gru"))
-    assert caplog.text.count("training 2 runs one by one, not stacked: model 'gru' cannot") == 2
-    finals = MlflowClient(uri).search_runs([experiment_id(uri)], "tags.stage = 'final'")
-    assert sorted(r.info.status for r in finals) == ["FINISHED"] * 4
-
-
-def test_stack_is_a_flag_with_a_no_form():
-    parser = argparse.ArgumentParser()
-    add_report_arguments(parser)
-    assert report_settings_from_args(REPO_ROOT, parser.parse_args([]), "").stack is True
-    args = parser.parse_args(["--no-stack"])
-    assert report_settings_from_args(REPO_ROOT, args, "").stack is False
 
 
 def test_worker_processes_only_when_they_save_more_than_they_cost():

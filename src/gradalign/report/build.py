@@ -354,7 +354,7 @@ def write_report(settings: ReportSettings, parent_run_id: str | None = None) -> 
     ) as run:
         # now, not with the first flush: a resumed report is checked against them
         tracking.log_batch(run.client, run.run_id, params=params)
-        run_ids = train(jobs, parent_run_id=run.run_id, workers=settings.jobs, stack=settings.stack)
+        run_ids = train(jobs, parent_run_id=run.run_id, workers=settings.jobs)
         trained = {(job.optimizer, job.seed): rid for job, rid in zip(jobs, run_ids, strict=True)}
         results = [
             _result(

@@ -1,6 +1,9 @@
 """Final runs: the best configuration of each optimizer trained for the final budget per seed,
-the seeds of one configuration as one stacked model (unless ``stack`` is off), in parallel
-worker processes when there are several such trainings.
+one by one, in parallel worker processes when that saves more than starting them costs.
+
+They are not stacked (the seeds of one configuration as one model, as a stacked sweep trains
+its trials): measured against one by one in worker processes, stacking them gained nothing
+(docs/benchmarks.md, "Stacked final runs").
 
 Every run carries tag ``init_hash``, a hash of the model's initial state_dict logged by
 run_experiment, so the report can check that all optimizers of a seed started from the same
@@ -18,8 +21,7 @@ from collections.abc import Sequence
 from omegaconf import DictConfig
 
 from gradalign import processes
-from gradalign.experiment import run_experiment, run_stacked_experiments
-from gradalign.per_model import stack_key
+from gradalign.experiment import run_experiment
 from gradalign.schema import Stage
 
 log = logging.getLogger(__name__)
@@ -59,45 +61,16 @@ class FinalResult:
     outcomes: dict[str, float]
 
 
-def _train(jobs: Sequence[FinalJob], parent_run_id: str) -> list[str]:
-    """Train final runs that differ only in seed (in this or a worker process), stacked when
-    there are several; their MLflow run ids, in order."""
-    if len(jobs) == 1:
-        job = jobs[0]
-        _, run_id = run_experiment(
-            job.cfg,
-            stage=Stage.FINAL,
-            parent_run_id=parent_run_id,
-            extra_tags=job.tags,
-            searched=job.searched,
-        )
-        return [run_id]
-    done = run_stacked_experiments(
-        [job.cfg for job in jobs],
+def _train(job: FinalJob, parent_run_id: str) -> str:
+    """Train one final run (in this or a worker process); its MLflow run id."""
+    _, run_id = run_experiment(
+        job.cfg,
         stage=Stage.FINAL,
         parent_run_id=parent_run_id,
-        extra_tags=[job.tags for job in jobs],
-        searched=jobs[0].searched,
+        extra_tags=job.tags,
+        searched=job.searched,
     )
-    return [run_id for _, run_id in done]
-
-
-def trainings(jobs: Sequence[FinalJob], stack: bool) -> list[list[int]]:
-    """The jobs (their positions) each training trains: with ``stack``, together all the jobs
-    of one optimizer and tags that can train stacked (``per_model.stack_key``), else each job
-    alone."""
-    if not stack:
-        return [[i] for i in range(len(jobs))]
-    groups: dict[tuple, list[int]] = {}
-    for i, job in enumerate(jobs):
-        key = (
-            job.optimizer,
-            stack_key(job.cfg),
-            tuple(sorted(job.tags.items())),
-            job.searched,
-        )
-        groups.setdefault(key, []).append(i)
-    return list(groups.values())
+    return run_id
 
 
 def workers_worth_starting(estimates_s: Sequence[float], workers: int) -> int:
@@ -110,42 +83,34 @@ def workers_worth_starting(estimates_s: Sequence[float], workers: int) -> int:
     return workers if saved > WORKER_START_S else 1
 
 
-def train(jobs: Sequence[FinalJob], *, parent_run_id: str, workers: int, stack: bool) -> list[str]:
+def train(jobs: Sequence[FinalJob], *, parent_run_id: str, workers: int) -> list[str]:
     """Train ``jobs`` nested under ``parent_run_id``; their run ids, in order.
 
-    ``trainings`` says which jobs train together (stacked); a training's estimate is the sum of
-    its jobs' (an upper bound when stacked). In this process, one training after another,
-    unless ``workers_worth_starting`` says otherwise; then in spawned processes (spawn, not
-    fork: this process holds an open SQLite connection and torch's thread pool, neither of
-    which survives a fork).
+    In this process, one after another, unless ``workers_worth_starting`` says otherwise; then
+    in spawned processes (spawn, not fork: this process holds an open SQLite connection and
+    torch's thread pool, neither of which survives a fork).
     """
-    groups = trainings(jobs, stack)
-    units = [[jobs[i] for i in group] for group in groups]
-    estimates = [sum(job.estimate_s for job in unit) for unit in units]
-    workers = workers_worth_starting(estimates, workers)
+    workers = workers_worth_starting([job.estimate_s for job in jobs], workers)
     run_ids: dict[int, str] = {}
-    done = 0
 
-    def record(group: list[int], ids: list[str]) -> None:
-        nonlocal done
-        for i, run_id in zip(group, ids, strict=True):
-            run_ids[i] = run_id
-            done += 1
-            log.info(
-                "final run %d/%d done: %s seed %d", done, len(jobs), jobs[i].optimizer, jobs[i].seed
-            )
+    def record(i: int, run_id: str) -> None:
+        run_ids[i] = run_id
+        log.info(
+            "final run %d/%d done: %s seed %d",
+            len(run_ids),
+            len(jobs),
+            jobs[i].optimizer,
+            jobs[i].seed,
+        )
 
     if workers == 1:
-        for group, unit in zip(groups, units, strict=True):
-            record(group, _train(unit, parent_run_id))
+        for i, job in enumerate(jobs):
+            record(i, _train(job, parent_run_id))
         return [run_ids[i] for i in range(len(jobs))]
     context = multiprocessing.get_context("spawn")
     pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=context)
     try:
-        futures = {
-            pool.submit(_train, unit, parent_run_id): group
-            for group, unit in zip(groups, units, strict=True)
-        }
+        futures = {pool.submit(_train, job, parent_run_id): i for i, job in enumerate(jobs)}
         for future in concurrent.futures.as_completed(futures):
             record(futures[future], future.result())  # re-raise a worker's error here
     except BaseException:  # an error or an interruption: the other runs stop too, KILLED

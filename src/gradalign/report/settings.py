@@ -43,7 +43,6 @@ class ReportSettings:
     primary: str
     alpha: float
     jobs: int
-    stack: bool
     overrides: tuple[str, ...] = ()
     name: str | None = None
     command: str = ""
@@ -113,12 +112,6 @@ def add_report_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--primary", choices=TESTED, help="outcome the verdict is about")
     parser.add_argument("--alpha", type=float, help="significance level (two-sided)")
     parser.add_argument("--jobs", type=int, metavar="N", help="trainings at once (default: cores)")
-    parser.add_argument(
-        "--stack",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="train the seeds of each final config as one stacked model (--no-stack: one by one)",
-    )
     parser.add_argument("--name", help="report folder name under outputs/report/ (default: time)")
     parser.add_argument(
         "overrides",
@@ -130,7 +123,7 @@ def add_report_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _report_flags(args: argparse.Namespace) -> dict[str, Any]:
     keys = ("optimizers", "baseline", "seeds", "final_epochs", "metric", "direction", "primary")
-    flags = {key: getattr(args, key) for key in (*keys, "alpha", "jobs", "stack")}
+    flags = {key: getattr(args, key) for key in (*keys, "alpha", "jobs")}
     return {key: value for key, value in flags.items() if value is not None}
 
 
@@ -200,8 +193,6 @@ def report_settings(
     jobs = raw["jobs"] if raw["jobs"] is not None else (os.cpu_count() or 1)
     if not (is_int(jobs) and jobs >= 1):
         _fail("jobs", jobs, "null or an integer >= 1")
-    if not isinstance(raw["stack"], bool):
-        _fail("stack", raw["stack"], "true or false")
     if name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
         _fail("name", name, "a folder name of letters, digits, '.', '_' and '-'")
     return ReportSettings(
@@ -215,7 +206,6 @@ def report_settings(
         primary=raw["primary"],
         alpha=float(alpha),
         jobs=jobs,
-        stack=raw["stack"],
         overrides=tuple(overrides),
         name=name,
         command=command,
