@@ -5,14 +5,14 @@
 #                 the fast suite
 # Once .venv is made, a target starts at once: it is remade only when requirements.txt,
 # requirements-ci.txt or pyproject.toml change. Every target runs in .venv:
-#   make study-quick                             # the study's pipeline in seconds
+#   make study-quick                             # the study's pipeline in seconds: a smoke run, no verdict
 #   make study OPTIMIZERS="adam gao gao_update" OVERRIDES="model=cnn"
 #   make study OPTIMIZERS="lion gao" BASELINE=lion   # GAO against another optimizer (lion: conf/optimizer)
 #   make report                                  # the report only, from the sweeps already tracked
 #   make replica                                 # the research note's own study, as it ran it
 #   make audit                                   # that study under variations, claim by claim
 #   make suite                                   # adam vs gao on five workloads, one verdict
-#   make suite-quick                             # the same with one-epoch runs
+#   make suite-quick                             # the same with one-epoch runs: a smoke run
 #   make test-slow                               # the slow suite (.ci/run starts its servers)
 # torch is installed first, by pip, at requirements.txt's pin: the pin picks the version, not the
 # build. Where pip's index offers CUDA builds (PyPI on Linux), ask for the CPU one with

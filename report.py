@@ -1,15 +1,15 @@
 """Compare the optimizers' best sweep runs over several seeds: figure, statistics, verdict.
 
     python report.py                       # conf/report.yaml: adam vs gao, 5 seeds x 100 epochs
-    python report.py --optimizers adam gao gao_update --seeds 1 2 3 -- model=cnn
+    python report.py --optimizers adam gao gao_update --seeds 1 2 3 4 5 -- model=cnn
     python report.py -- tracking.experiment=gradient-alignment-quick trainer.epochs=3
 
 Needs a finished sweep per optimizer (python train.py optimizer=<name> -m, with the same
 overrides). Writes outputs/report/<name>/{report.md,convergence_comparison.png}, also logged to
-MLflow; final runs already tracked for the same configuration and seed are reused.
+MLflow; final runs already tracked for the same configuration and seed are reused. With fewer
+paired seeds than --min-pairs a comparison is a smoke run: its numbers, no verdict.
 """
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -21,13 +21,10 @@ ROOT = Path(__file__).resolve().parent
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    add_report_arguments(parser)
     return run_command(
         argv,
-        parser,
+        __doc__,
+        add_report_arguments,
         report_settings_from_args,
         lambda s: make_report(s) / MARKDOWN,
         ROOT,

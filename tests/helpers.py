@@ -3,6 +3,7 @@ config group as conf/ has them, composing a config as train.py does, and reading
 
 from __future__ import annotations
 
+import re
 import runpy
 import sys
 from pathlib import Path
@@ -25,6 +26,12 @@ EPOCH_METRICS = (
     Metric.TEST_LOSS,
     Metric.TEST_ACC,
     Metric.EPOCH_TIME,
+)
+# What no view of a smoke run may say: the words of a verdict ("val loss" is not one; a loss as
+# a suite's result is, counted or in a table cell).
+SIGNIFICANCE = re.compile(
+    r"significan|\bholds\b|contradicted|not shown|\bpartly\b|\bwins?\b|\bties?\b|\blosses\b"
+    r"|\| loss \||\d loss\b"
 )
 
 

@@ -6,12 +6,18 @@ import math
 import pytest
 from scipy import stats
 
-from gradalign.report.claims import CLAIMS, check, share_below
+from gradalign.report import claims
+from gradalign.report.claims import CLAIMS, share_below
 from gradalign.report.finals import FinalResult
 from gradalign.report.stats import outcomes
 from gradalign.schema import Metric
 
 BY_KEY = {claim.key: claim for claim in CLAIMS}
+
+
+def check(claim, challenger, baseline, alpha, min_pairs=2, **options):
+    """The claim's check; these tests judge even two seeds (min_pairs=2), to test the words."""
+    return claims.check(claim, challenger, baseline, alpha, min_pairs=min_pairs, **options)
 
 
 def run(optimizer, seed, val_loss, test_acc=None):
@@ -71,3 +77,18 @@ def test_one_seed_shows_its_difference_and_no_test():
                 alpha=0.05)  # fmt: skip
     assert one.verdict == "one seed" and one.test.mean_diff == pytest.approx(-0.3)
     assert one.text == "one seed: 0.9000 vs 1.2000; diff -0.3, no test (n = 1)"
+
+
+def test_a_smoke_run_judges_no_claim_and_shows_its_numbers_without_a_test():
+    """Two seeds below the report's min_pairs, or a quick study: "smoke run", never "holds" or
+    "contradicted", even for a challenger lower in every epoch; the cell keeps the difference
+    and its interval, not the p or d_z that would read as a verdict."""
+    adam = [run("adam", s, [2.0, 1.5, 1.4 + 0.01 * s]) for s in (1, 2)]
+    always = [run("gao", s, [1.9, 1.4, 1.3 + 0.02 * s]) for s in (1, 2)]
+    for claim in CLAIMS:
+        under = check(claim, always, adam, 0.05, min_pairs=5)
+        assert under.verdict == "smoke run", claim.key
+        assert under.text.startswith("smoke run: ") and "p =" not in under.text
+    assert check(BY_KEY["score"], always, adam, 0.05).verdict == "holds"  # judged at min_pairs 2
+    quick = check(BY_KEY["score"], always * 3, adam * 3, 0.05, smoke=True)
+    assert quick.verdict == "smoke run" and quick.text.endswith(", n = 6")

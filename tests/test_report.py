@@ -2,24 +2,33 @@
 metric-less and other-settings runs skipped), the missing-sweep error, final configs rebuilt from
 logged params, a whole report with tiny final runs, and its rerun that trains nothing."""
 
+import argparse
 import base64
+import dataclasses
 import html
 import json
 import math
 import re
+import shlex
+import shutil
 from pathlib import Path
 
 import pytest
-from helpers import CONF, EXPERIMENT, REPO_ROOT
+import torch
+from helpers import CONF, EXPERIMENT, REPO_ROOT, SIGNIFICANCE, options
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
+from omegaconf import OmegaConf
 
-from gradalign import schema, tracking
-from gradalign.config import config_hash, flatten
+from gradalign import processes, schema, tracking
+from gradalign.checks import UserError
+from gradalign.config import ConfigError, config_hash, flatten
 from gradalign.experiment import run_experiment
 from gradalign.report import build as report_build
 from gradalign.report import finals as report_finals
+from gradalign.report import keys
 from gradalign.report.build import FIGURE, MARKDOWN, make_report
+from gradalign.report.cli import run_command
 from gradalign.report.configs import (
     compose_config,
     compose_optimizer,
@@ -33,7 +42,10 @@ from gradalign.report.finals import workers_worth_starting
 from gradalign.report.html import to_html
 from gradalign.report.runs import MissingSweepError, best_sweep_run, curves, final_runs
 from gradalign.report.settings import (
+    ReportSettings,
+    add_report_arguments,
     report_settings,
+    report_settings_from_args,
 )
 from gradalign.schema import Tag
 
@@ -77,7 +89,7 @@ def sweep(uri, overrides, name, lrs):
 
 def settings(overrides, **values):
     values = {"seeds": [1, 2], "final_epochs": 2, "jobs": 1} | values
-    return report_settings(REPO_ROOT, values, overrides=overrides, name=values.pop("name", None))
+    return report_settings(REPO_ROOT, values, overrides=overrides)
 
 
 def test_best_sweep_run_skips_pruned_failed_killed_metricless_and_other_settings(store):
@@ -223,7 +235,10 @@ def test_report_trains_finals_once_and_a_rerun_reuses_them(store, tmp_path, monk
     assert "| adam | lr=0.01 |" in text and "| gao | lr=0.005, beta=0.9 |" in text  # the best
     # finished, pruned, failed, killed, unfinished, other settings: the skipped ones are said
     assert re.search(r"\| adam \| lr=0.01 \|.*\| 3 \| 0 \| 1 \| 1 \| 0 \| 0 \|", text)
-    assert "## Verdict" in text and "gao" in text.split("## Verdict")[1].split("##")[0]
+    # two seeds: a smoke run, its numbers under that label, no verdict in any view
+    assert "## SMOKE RUN: no verdict" in text and "## Verdict" not in text
+    assert "- SMOKE RUN, no verdict (2 paired seeds, fewer than the 5" in text
+    assert not SIGNIFICANCE.search(text), SIGNIFICANCE.search(text)
     assert "4 trained by this report, 0 reused" in text
 
     client = MlflowClient(uri)
@@ -237,8 +252,12 @@ def test_report_trains_finals_once_and_a_rerun_reuses_them(store, tmp_path, monk
         assert len(hashes) == 1  # same initial weights for every optimizer
     artifacts = {a.path for a in client.list_artifacts(report_run.info.run_id)}
     assert {FIGURE, MARKDOWN} <= artifacts
-    assert report_run.data.tags["verdict/gao"]
+    assert report_run.data.tags["verdict/gao"].startswith("SMOKE RUN, no verdict")
+    assert report_run.data.tags["smoke_run"] == "true"
     assert math.isfinite(report_run.data.metrics["gao/best_val_loss/mean"])
+    assert math.isfinite(report_run.data.metrics["gao/best_val_loss/mean_diff"])
+    assert "gao/best_val_loss/p_t" not in report_run.data.metrics  # no test statistic
+    assert not SIGNIFICANCE.search(report_run.data.tags["mlflow.note.content"])
 
     calls.clear()
     second = make_report(settings(overrides, name="second"))
@@ -253,14 +272,14 @@ def test_report_trains_finals_once_and_a_rerun_reuses_them(store, tmp_path, monk
     assert (first / MARKDOWN).read_text() == text  # the first report is left as it was
     check_report_page(client, exp, first, "first")
     check_report_page(client, exp, second, "second")
-    with pytest.raises(ValueError, match="report .second. is complete"):
+    with pytest.raises(UserError, match="report .second. is complete"):
         make_report(settings(overrides, name="second"))
 
     gao_seed_1 = next(
         r for r in finals if (r.data.tags["optimizer"], r.data.params["seed.model"]) == ("gao", "1")
     )
     client.set_tag(gao_seed_1.info.run_id, "init_hash", "0" * 12)  # as if the model had changed
-    with pytest.raises(RuntimeError, match="seed 1: .* not start from the same initial weights"):
+    with pytest.raises(UserError, match="seed 1: .* not start from the same initial weights"):
         make_report(settings(overrides, name="third"))
 
 
@@ -274,6 +293,7 @@ def check_report_page(client, exp, folder, name):
     assert note.startswith(f"**{run.data.tags['verdict/gao']}**\n")
     assert f"![convergence comparison](get-artifact?path={FIGURE}&run_uuid={rid})" in note
     assert run.info.run_name == f"report {name}: adam vs gao"
+    assert "(SMOKE RUN)" in note
     assert run.data.tags["mlflow.source.type"] == "LOCAL"
     assert "report.html" in {a.path for a in client.list_artifacts(rid)}
     page_html = (folder / "report.html").read_text()
@@ -326,11 +346,14 @@ def test_finals_are_reused_when_finished_or_diverged_but_not_when_failed_or_kill
         ({"primary": "best_epoch"}, "primary='best_epoch'"),
         ({"alpha": 1.5}, "alpha=1.5"),
         ({"jobs": 0}, "jobs=0"),
-        ({"nope": 1}, "unknown report settings"),
+        ({"nope": 1}, r"unknown report settings \['nope'\]: allowed \['alpha', 'baseline'"),
+        ({"min_pairs": 1}, "min_pairs=1: must be an integer >= 2"),
+        ({"name": "../x"}, "name='../x': must be a folder name"),
+        ({"seeds": [1, "2"]}, r"seeds=\[1, '2'\]: must be a list of distinct integers"),
     ],
 )
 def test_bad_settings_name_the_value_and_what_is_allowed(values, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ConfigError, match=match):
         report_settings(REPO_ROOT, values)
 
 
@@ -453,3 +476,101 @@ def test_the_report_of_a_recorded_store_gives_the_recorded_statistics(store):
     verdicts = {k: v for k, v in run.data.tags.items() if k.startswith("verdict/")}
     assert verdicts == recorded["verdicts"]
     assert verdicts["verdict/gao"].startswith("gao is significantly better than adam")
+
+
+def test_an_optimizer_has_one_name_its_config_files(tmp_path):
+    """The report asks for conf/optimizer/<name>.yaml and finds its runs by the tag its
+    optimizer.name gives them: a file whose name: differs, or an override of it, is refused
+    before anything is read."""
+    for name in options("optimizer"):
+        assert compose_optimizer(CONF, name, ()).cfg.optimizer.name == name
+    with pytest.raises(ConfigError, match=r"optimizer.name='adamw' for conf/optimizer/adam.yaml"):
+        compose_optimizer(CONF, "adam", ("optimizer.name=adamw",))
+    shutil.copytree(CONF, tmp_path / "conf")
+    gao = (tmp_path / "conf" / "optimizer" / "gao.yaml").read_text()
+    (tmp_path / "conf" / "optimizer" / "mygao.yaml").write_text(gao)  # a copy, name: gao
+    with pytest.raises(ConfigError, match=r"optimizer.name='gao' for conf/optimizer/mygao.yaml"):
+        compose_optimizer(tmp_path / "conf", "mygao", ())
+
+
+def test_every_report_key_is_one_field_with_its_yaml_line_flag_and_help():
+    """The flags, the check and --help derive from ReportSettings' keys; conf/report.yaml
+    holds exactly those keys, and --help shows each flag with the file's value."""
+    declared = keys.keys(ReportSettings)
+    written = OmegaConf.load(CONF.parent / "conf" / "report.yaml")
+    assert set(declared) == set(written)
+    parser = argparse.ArgumentParser()
+    add_report_arguments(parser, REPO_ROOT)
+    text = " ".join(parser.format_help().split())
+    for name in declared:
+        assert f"--{name.replace('_', '-')}" in text
+    assert "epochs of each final run (null: each run's own trainer.epochs) (default: 100)" in text
+    assert "one of best_val_loss, final_val_loss, test_acc_at_best, final_test_acc" in text
+    argv = shlex.split(
+        "--optimizers adam sgd gao --seeds 7 8 --final-epochs 3 --alpha 0.01 --min-pairs 2 "
+        "--name n1 -- model=cnn"
+    )
+    got = report_settings_from_args(REPO_ROOT, parser.parse_args(argv), "cmd")
+    assert (got.optimizers, got.seeds, got.final_epochs, got.alpha) == (
+        ("adam", "sgd", "gao"), (7, 8), 3, 0.01)  # fmt: skip
+    assert (got.min_pairs, got.name, got.overrides) == (2, "n1", ("model=cnn",))
+    assert (got.baseline, got.primary) == ("adam", "best_val_loss")  # the file's
+    with pytest.raises(ConfigError, match=r"direction='up': must be one of \['minimize', 'max"):
+        report_settings_from_args(REPO_ROOT, parser.parse_args(["--direction", "up"]), "")
+
+
+def test_a_new_key_is_a_field_and_its_flag_check_and_help_follow():
+    """The mechanism on a key the report does not have: its flag (typed and counted from the
+    annotation), its help (with the value used without it), its checks."""
+
+    @dataclasses.dataclass(frozen=True)
+    class Toy:
+        warmup: int = keys.key("epochs of warm-up", allowed="an integer >= 0",
+                               valid=lambda n: n >= 0, metavar="N")  # fmt: skip
+        base: str = keys.key("an optimizer to wrap", group="optimizer")
+        tags: tuple[str, ...] = keys.key("free tags", default=())
+
+    parser = argparse.ArgumentParser()
+    keys.add_flags(parser, Toy, REPO_ROOT, {"warmup": 3})
+    text = " ".join(parser.format_help().split())
+    assert "--warmup N epochs of warm-up (default: 3)" in text
+    assert "an optimizer to wrap; one of adam, adamw, " in text and ", gao, gao_global," in text
+    given = keys.given(parser.parse_args(["--warmup", "2", "--tags", "a", "b"]), Toy)
+    assert given == {"warmup": 2, "tags": ["a", "b"]}
+    values = {"warmup": 2, "tags": ["a"], "base": "gao"}
+    assert keys.read(Toy, values, REPO_ROOT) == {"warmup": 2, "tags": ("a",), "base": "gao"}
+    with pytest.raises(ConfigError, match=r"invalid setting warmup=-1: must be an integer >= 0"):
+        keys.read(Toy, {"warmup": -1}, REPO_ROOT)
+    with pytest.raises(ConfigError, match=r"warmup=True: must be an integer >= 0"):
+        keys.read(Toy, {"warmup": True}, REPO_ROOT)  # a bool is not an integer
+    with pytest.raises(ConfigError, match=r"base='nadam': must be one of \['adam', .*optimizer/"):
+        keys.read(Toy, {"base": "nadam"}, REPO_ROOT)
+    with pytest.raises(ConfigError, match=r"unknown toy settings \['x'\]: allowed \['base', "):
+        keys.read(Toy, {"x": 1}, REPO_ROOT, what="toy settings")
+
+
+def test_only_the_users_errors_become_one_line_anything_else_keeps_its_traceback(
+    capsys, monkeypatch
+):
+    """report.py and study.py: a bad setting or a missing sweep is one line and exit 2; a bug
+    (a shape mismatch, CUDA out of memory: a RuntimeError) is raised, traceback and all."""
+    monkeypatch.delenv(processes.OWNER_ENV, raising=False)  # run_command adopts this process
+
+    def command(argv, error):
+        def run(settings):
+            raise error
+
+        return run_command(argv, "doc", add_report_arguments, report_settings_from_args, run,
+                           REPO_ROOT, "report.py")  # fmt: skip
+
+    assert command(["--alpha", "2"], RuntimeError("not reached")) == 2
+    assert capsys.readouterr().err == (
+        "error: invalid setting alpha=2.0: must be a number in (0, 1)\n"
+    )
+    missing = MissingSweepError("no usable sweep of optimizer 'gao'. Make one with: ...")
+    assert command([], missing) == 2
+    assert capsys.readouterr().err == f"error: {missing}\n"
+    with pytest.raises(RuntimeError, match="mat1 and mat2 shapes cannot be multiplied"):
+        command([], RuntimeError("mat1 and mat2 shapes cannot be multiplied (2x3 and 4x5)"))
+    with pytest.raises(torch.OutOfMemoryError):
+        command([], torch.OutOfMemoryError("CUDA out of memory"))

@@ -5,17 +5,21 @@ import math
 
 import numpy as np
 import pytest
+from helpers import SIGNIFICANCE
 from scipy import stats
 
+from gradalign.report import claims, suite
 from gradalign.report.stats import (
+    Verdict,
     compare,
     detectable_effect,
+    judge,
+    mean_std,
     min_wilcoxon_p,
     outcomes,
     paired_test,
-    summarize,
+    sentence,
     t_test_power,
-    verdict,
 )
 
 BASE = [1.00, 1.10, 0.90, 1.05, 0.95]
@@ -39,9 +43,9 @@ def test_outcomes_of_one_run():
 
 
 def test_summary_ignores_non_finite_values():
-    s = summarize([1.0, 2.0, 3.0, math.nan, math.inf])
+    s = mean_std([1.0, 2.0, 3.0, math.nan, math.inf])
     assert (s.n, s.mean, s.std) == (3, 2.0, 1.0)
-    assert summarize([math.nan]).n == 0
+    assert mean_std([math.nan]).n == 0
 
 
 def test_paired_t_and_cohens_dz_match_the_formulas():
@@ -93,6 +97,10 @@ def test_power_and_the_smallest_detectable_effect():
     assert detectable_effect(20, 0.05) < d  # more seeds, smaller detectable effects
 
 
+def verdict(optimizer, baseline, outcome, test, alpha, **options):
+    return sentence(optimizer, baseline, outcome, test, alpha, min_pairs=5, **options)
+
+
 def test_verdict_words_follow_the_data():
     better = verdict("gao", "adam", "best_val_loss", paired_test(BASE, OTHER, 0.05), 0.05)
     assert better.startswith("gao is significantly better than adam on min val loss")
@@ -105,6 +113,38 @@ def test_verdict_words_follow_the_data():
     )
     with pytest.raises(ValueError, match="descriptive"):
         verdict("gao", "adam", "best_epoch", noisy, 0.05)
+
+
+def test_too_few_pairs_or_a_quick_study_make_a_smoke_run_with_no_verdict():
+    """The quick study's numbers (n = 2, every seed moved by nearly the same amount: p tiny,
+    d_z huge) once read "gao is significantly worse"; below min_pairs, or in a quick study,
+    they are a smoke run."""
+    two = paired_test([1.0, 1.1], [1.2, 1.3000001], 0.05)
+    assert two.p_t < 1e-5 and abs(two.d_z) > 1e5  # what the t-test says of n = 2
+    assert judge(two, 0.05, False, min_pairs=5) is Verdict.SMOKE
+    words = verdict("gao", "adam", "best_val_loss", two, 0.05)
+    assert words.startswith("SMOKE RUN, no verdict (2 paired seeds, fewer than the 5")
+    assert "+0.2" in words and not SIGNIFICANCE.search(words)
+    powered = paired_test(BASE, OTHER, 0.05)  # n = 5: p = 0.0004
+    assert judge(powered, 0.05, False, min_pairs=5) is Verdict.BETTER
+    assert judge(powered, 0.05, False, min_pairs=6) is Verdict.SMOKE
+    quick = verdict("gao", "adam", "best_val_loss", powered, 0.05, smoke=True)
+    assert quick.startswith("SMOKE RUN, no verdict (a --quick study") and not SIGNIFICANCE.search(
+        quick
+    )
+    assert judge(powered, 0.05, False, min_pairs=5, smoke=True) is Verdict.SMOKE
+    one = paired_test([1.0], [1.2], 0.05)  # one seed: no test, not a smoke run
+    assert judge(one, 0.05, False, min_pairs=5) is Verdict.UNTESTABLE
+    constant = paired_test([1.0, 2.0, 3.0, 4.0, 5.0], [1.5, 2.5, 3.5, 4.5, 5.5], 0.05)
+    assert judge(constant, 0.05, False, min_pairs=5) is Verdict.WORSE  # the test's limit
+    assert verdict("gao", "adam", "best_val_loss", constant, 0.05).endswith("no test: worse.")
+
+
+def test_the_suite_and_the_claims_words_are_the_one_verdicts():
+    """Every verdict has a word in each view, and each view's words are distinct."""
+    for words in (suite.WORDS, claims.WORDS):
+        assert set(words) == set(Verdict) and len(set(words.values())) == len(Verdict)
+    assert suite.WORDS[Verdict.BETTER] == "win" and claims.WORDS[Verdict.WORSE] == "contradicted"
 
 
 def test_compare_tests_every_optimizer_but_the_baseline():
@@ -121,7 +161,8 @@ def test_compare_tests_every_optimizer_but_the_baseline():
         }
         for name, values in (("adam", BASE), ("gao", OTHER), ("sgd", BASE))
     }
-    result = compare(per_seed, "adam", "best_val_loss", 0.05)
+    result = compare(per_seed, "adam", "best_val_loss", 0.05, min_pairs=5)
     assert [c.optimizer for c in result] == ["gao", "sgd"]
     assert "best_epoch" not in result[0].tests
-    assert result[0].verdict.startswith("gao is significantly better")
+    assert result[0].sentence.startswith("gao is significantly better")
+    assert result[0].verdict is Verdict.BETTER

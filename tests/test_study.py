@@ -13,28 +13,19 @@ import time
 
 import optuna
 import pytest
-from helpers import REPO_ROOT, runs
+from helpers import REPO_ROOT, SIGNIFICANCE, runs
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
-from gradalign.report.settings import add_report_arguments, study_settings_from_args
-from gradalign.report.study import (
-    Sweep,
-    part_settings,
-    run_sweeps,
-    sweep_command,
-    sweep_of,
-    trials_left,
-)
+from gradalign.checks import UserError
+from gradalign.report.settings import add_study_arguments, study_settings_from_args
+from gradalign.report.study import Sweep, part_settings, run_sweeps, sweep_of, trials_left
 
 
-def parse(*argv):
+def parse(*argv, root=REPO_ROOT):
+    """study.py's settings from its command line ``argv``, in checkout ``root``."""
     parser = argparse.ArgumentParser()
-    parser.add_argument("--preset", default="default")
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--trials", type=int)
-    parser.add_argument("--parallel")
-    add_report_arguments(parser)
-    return study_settings_from_args(REPO_ROOT, parser.parse_args(argv), "cmd")
+    add_study_arguments(parser, root)
+    return study_settings_from_args(root, parser.parse_args(argv), "cmd")
 
 
 def test_quick_preset_then_flags_then_user_overrides():
@@ -94,8 +85,9 @@ def test_sweep_commands_are_train_py_multiruns_in_their_own_folders(tmp_path):
     report = parse("--quick", "--", "model=cnn").report
     root = tmp_path / "runs, 'best' (1)"  # a comma or bracket unquoted breaks a Hydra override
     sweep = Sweep("gao", report.overrides_of("gao"), 2)
-    command = sweep_command(report, sweep, 4, root)
-    assert command[:4] == [sys.executable, str(REPO_ROOT / "train.py"), "-m", "optimizer=gao"]
+    command = sweep.command(REPO_ROOT, 4, root)
+    assert command[:3] == [sys.executable, str(REPO_ROOT / "train.py"), "optimizer=gao"]
+    assert command[-1] == "-m"
     assert "model=cnn" in command and "hydra.sweeper.n_trials=4" in command
     assert "hydra.sweeper.seed=2" in command
     assert f"hydra.sweeper.study_name={sweep.study_name}" in command
@@ -114,10 +106,8 @@ def test_the_default_study_sweeps_stacked_in_studies_of_its_own(tmp_path):
     serial, stacked = Sweep("gao", overrides, 0), Sweep("gao", overrides, 0, "none", "stacked")
     digest = hashlib.sha256(json.dumps([list(overrides), 0]).encode()).hexdigest()[:10]
     assert serial.study_name == f"gao-{digest}" != stacked.study_name
-    assert "parallel=stacked" in sweep_command(settings.report, stacked, 4, tmp_path)
-    assert not any(
-        a.startswith("parallel=") for a in sweep_command(settings.report, serial, 4, tmp_path)
-    )
+    assert "parallel=stacked" in stacked.command(REPO_ROOT, 4, tmp_path)
+    assert not any(a.startswith("parallel=") for a in serial.command(REPO_ROOT, 4, tmp_path))
     assert parse("--parallel", "serial").parallel == "serial"
     for preset in ("seed_note", "seed_note_audit", "suite"):  # as their results were swept
         assert parse("--preset", preset).parallel == "serial"
@@ -146,7 +136,7 @@ def test_a_failing_sweep_stops_the_others_and_shows_its_log(tmp_path):
         "bad": [sys.executable, "-c", "import sys; print('boom'); sys.exit(3)"],
     }
     start = time.perf_counter()
-    with pytest.raises(RuntimeError, match=r"(?s)sweep bad failed \(exit 3\).*boom"):
+    with pytest.raises(UserError, match=r"(?s)sweep bad failed \(exit 3\).*boom"):
         run_sweeps(commands, tmp_path, jobs=2)
     assert time.perf_counter() - start < 20  # "ok" was stopped, not waited for
     assert (tmp_path / "bad.log").read_text().strip() == "boom"
@@ -167,8 +157,20 @@ def test_quick_study_end_to_end(tmp_path):
     report = tmp_path / "out" / "report" / "t"
     assert done.stdout.strip() == str(report / "report.md")
     text = (report / "report.md").read_text()
-    assert "| adam |" in text and "| gao |" in text and "## Verdict" in text
+    assert "| adam |" in text and "| gao |" in text
     assert (report / "convergence_comparison.png").stat().st_size > 10_000
+    # a smoke run in every view, and no verdict in any: the page, its HTML, the console, MLflow
+    assert text.startswith("# adam vs gao on mnist1d / mlp (SMOKE RUN)\n")
+    assert "## SMOKE RUN: no verdict" in text and "- SMOKE RUN, no verdict (a --quick study" in text
+    (run,) = runs(f"sqlite:///{tmp_path / 'mlflow.db'}", "tags.stage = 'report'",
+                  experiment="gradient-alignment-quick")  # fmt: skip
+    assert run.data.tags["smoke_run"] == "true"
+    assert run.data.tags["verdict/gao"].startswith("SMOKE RUN, no verdict")
+    assert run.data.tags["mlflow.note.content"].startswith("**SMOKE RUN, no verdict")
+    views = [text, (report / "report.html").read_text(), done.stderr, *run.data.tags.values()]
+    for view in views:
+        assert not SIGNIFICANCE.search(view), SIGNIFICANCE.search(view)
+    assert "SMOKE RUN, no verdict" in done.stderr
 
     again = study(tmp_path, "--quick", "--name", "t2")
     assert again.returncode == 0, again.stderr[-3000:]
@@ -186,8 +188,9 @@ def test_quick_audit_end_to_end_and_its_rerun_reuses_every_run(tmp_path):
     folder = tmp_path / "out" / "report" / "audit"
     assert done.stdout.strip() == str(folder / "audit.md")
     text = (folder / "audit.md").read_text()
-    for section in ("## The claims", "## In plain words", "## Figure", "## The parts"):
+    for section in ("## The claims", "## SMOKE RUN: no verdict", "## Figure", "## The parts"):
         assert section in text
+    assert text.startswith("# Audit `audit` (SMOKE RUN): the claims, part by part")
     header = next(line for line in text.splitlines() if line.startswith("| claim"))
     assert header.count("|") == 8  # the claim and the 6 columns of conf/study/seed_note_audit
     for claim in ("tuned values", "throughout", "more stable", "validation score", "test accuracy"):
@@ -207,7 +210,15 @@ def test_quick_audit_end_to_end_and_its_rerun_reuses_every_run(tmp_path):
     assert {r.data.tags["mlflow.parentRunId"] for r in reports} == {audit.info.run_id}
     finals = [r for r in recorded if r.data.tags["stage"] == "final"]
     assert {r.data.tags["validation"] for r in finals} >= {"carved from train"}
-    assert any(k.startswith("verdict/") for k in audit.data.tags)
+    verdicts = {k: v for k, v in audit.data.tags.items() if k.startswith("verdict/")}
+    assert len(verdicts) == 7 * 4 and set(verdicts.values()) == {"smoke run"}
+    assert audit.data.tags["smoke_run"] == "true"
+    parts = [(tmp_path / "out" / "report" / f"audit-{p}" / "report.md").read_text() for p in "ab"]
+    views = [text, *parts, done.stderr, *audit.data.tags.values()]
+    for report in reports:
+        views += report.data.tags.values()
+    for view in views:
+        assert not SIGNIFICANCE.search(view), SIGNIFICANCE.search(view)
 
     again = study(tmp_path, "--preset", "seed_note_audit", "--quick")
     assert again.returncode == 0, again.stderr[-3000:]

@@ -3,7 +3,6 @@ correction and the effects' intervals against independent formulas, win/tie/loss
 forest plot for any number of workloads (a sixth one needs no code), and (slow) the quick suite
 end to end."""
 
-import argparse
 import dataclasses
 import math
 import shutil
@@ -11,17 +10,17 @@ import types
 
 import numpy as np
 import pytest
-from helpers import REPO_ROOT, runs
+from helpers import REPO_ROOT, SIGNIFICANCE, runs
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 from scipy import stats as scipy_stats
+from test_study import parse as parse_study
 from test_study import study
 
 from gradalign.config import register_resolvers
 from gradalign.report.build import Report
 from gradalign.report.configs import compose_optimizer
 from gradalign.report.finals import FinalResult
-from gradalign.report.settings import add_report_arguments, study_settings_from_args
 from gradalign.report.stats import compare, holm
 from gradalign.report.study import SUMMARIES, part_settings
 from gradalign.report.suite import effects, plot_forest, render, tally
@@ -30,14 +29,10 @@ WORKLOADS = ("mnist1d_mlp", "mnist1d_cnn", "mnist1d_gru", "digits", "charlm")
 
 
 def parse(root, *argv):
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--preset", default="default")
-    parser.add_argument("--suite", action="store_const", const="suite", dest="preset")
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--trials", type=int)
-    parser.add_argument("--pruner")
-    add_report_arguments(parser)
-    return study_settings_from_args(root, parser.parse_args(argv), "cmd")
+    return parse_study(*argv, root=root)
+
+
+SUITE = parse(REPO_ROOT, "--suite").report  # adam the baseline, best_val_loss, alpha 0.05
 
 
 def holm_by_definition(p_values, alpha):
@@ -86,8 +81,10 @@ def finals(optimizer, values, accuracy=0.9):
     ]
 
 
-def report(workload, per_optimizer, tmp_path, reference=None):
-    """A written report of one workload as the suite reads it."""
+def report(workload, per_optimizer, tmp_path, reference=None, settings=None):
+    """A written report of one workload as the suite reads it (compared with ``settings``:
+    SUITE's unless given)."""
+    settings = settings or SUITE
     results = [r for name, values in per_optimizer.items() for r in finals(name, values)]
     per_seed = {
         name: {o: [r.outcomes.get(o, math.nan) for r in results if r.optimizer == name]
@@ -105,14 +102,15 @@ def report(workload, per_optimizer, tmp_path, reference=None):
         compositions={"adam": types.SimpleNamespace(cfg=cfg)}, final_epochs="3"
     )
     hyper = {name: {"optimizer.lr": "0.01"} for name in per_optimizer}
-    comparisons = compare(per_seed, "adam", "best_val_loss", 0.05)
+    comparisons = compare(per_seed, "adam", "best_val_loss", 0.05, min_pairs=settings.min_pairs,
+                          smoke=settings.smoke)  # fmt: skip
     return Report(tmp_path / workload, "run", plan, results, hyper, comparisons)
 
 
 ADAM = [1.00, 1.10, 0.90, 1.05, 0.95]
 
 
-def six_workloads(tmp_path):
+def six_workloads(tmp_path, settings=None):
     """Six workloads: gao clearly better on the first two, clearly worse on the third, noise
     elsewhere; gao_update noise everywhere."""
     noise = [0.003, -0.004, 0.001, 0.002, -0.003]
@@ -127,14 +125,15 @@ def six_workloads(tmp_path):
     update = [a + 2 * n for a, n in zip(ADAM, reversed(noise), strict=True)]
     return {
         w: report(w, {"adam": ADAM, "gao": values, "gao_update": update}, tmp_path,
-                  reference={"test_acc": 0.94, "source": "paper"} if w == "w1" else None)
+                  reference={"test_acc": 0.94, "source": "paper"} if w == "w1" else None,
+                  settings=settings)
         for w, values in gao.items()
     }  # fmt: skip
 
 
 def test_effects_are_paired_differences_holm_corrected_over_the_whole_suite(tmp_path):
     reports = six_workloads(tmp_path)
-    found = effects(reports, "best_val_loss", "adam", 0.05)
+    found = effects(reports, SUITE)
     assert [(e.workload, e.optimizer) for e in found][:3] == [
         ("w1", "gao"), ("w1", "gao_update"), ("w2", "gao")]  # fmt: skip
     assert len(found) == 12
@@ -163,14 +162,48 @@ def test_effects_are_paired_differences_holm_corrected_over_the_whole_suite(tmp_
     assert results["w3", "gao"] == "loss"
     assert {results[w, "gao"] for w in ("w4", "w5", "w6")} == {"tie"}
     assert tally(found) == {
-        "gao": {"win": 2, "tie": 3, "loss": 1, "untested": 0},
-        "gao_update": {"win": 0, "tie": 6, "loss": 0, "untested": 0},
+        "gao": {"win": 2, "tie": 3, "loss": 1, "untested": 0, "smoke run": 0},
+        "gao_update": {"win": 0, "tie": 6, "loss": 0, "untested": 0, "smoke run": 0},
     }
+
+
+def render_six(tmp_path, settings, reports):
+    """suite.md of ``reports`` (six_workloads'), each workload a part of study ``settings``."""
+    named = tuple(dataclasses.replace(settings.parts[0], name=w, label=w) for w in reports)
+    parts = {w: part_settings(settings, settings.parts[0], "n") for w in reports}
+    found = effects(reports, settings.report)
+    return render(dataclasses.replace(settings, parts=named), "six", parts, reports, found, "rid")
+
+
+def test_a_quick_suite_is_a_smoke_run_with_no_verdict_on_its_page(tmp_path):
+    """The quick suite's page once counted "0 losses" where the console said "significantly
+    worse": a quick suite shows its numbers as a smoke run, with no verdict in any words."""
+    quick = parse(REPO_ROOT, "--suite", "--quick")
+    reports = six_workloads(tmp_path, quick.report)  # the six's clear effects, judged quick
+    found = effects(reports, quick.report)
+    assert {e.result for e in found} == {"smoke run"} and all(math.isnan(e.p_holm) for e in found)
+    text = render_six(tmp_path, quick, reports)
+    assert "# Workload suite `six` (SMOKE RUN)" in text and "## SMOKE RUN: no verdict" in text
+    assert "**gao** against adam over 6 workloads: smoke run, numbers only, no verdict." in text
+    assert not SIGNIFICANCE.search(text), SIGNIFICANCE.search(text)
+    assert "| w1 | gao | -0.1002 [" in text  # the numbers are still there
+    full = render_six(tmp_path, parse(REPO_ROOT, "--suite"), six_workloads(tmp_path))
+    assert SIGNIFICANCE.search(full) and "SMOKE" not in full  # a powered suite still judges
+
+
+def test_an_under_powered_workload_is_left_out_of_the_holm_family(tmp_path):
+    reports = six_workloads(tmp_path)
+    reports["w1"] = report("w1", {"adam": ADAM[:3], "gao": ADAM[:3], "gao_update": ADAM[:3]},
+                           tmp_path)  # fmt: skip
+    found = effects(reports, SUITE)
+    assert [e.result for e in found[:2]] == ["smoke run", "smoke run"]
+    assert sum(math.isfinite(e.p_holm) for e in found) == 10  # the family: the tested ones
+    assert tally(found)["gao"] == {"win": 1, "tie": 3, "loss": 1, "untested": 0, "smoke run": 1}
 
 
 def test_one_seed_is_untested_not_a_tie(tmp_path):
     reports = {"w": report("w", {"adam": [1.0], "gao": [0.5]}, tmp_path)}
-    (effect,) = effects(reports, "best_val_loss", "adam", 0.05)
+    (effect,) = effects(reports, SUITE)
     assert effect.result == "untested" and math.isnan(effect.p_holm)
 
 
@@ -242,7 +275,7 @@ def test_a_sixth_workload_is_a_preset_and_a_part_with_no_code(tmp_path):
     # the summary reads whatever parts there are: six here, no name known in advance
     reports = six_workloads(tmp_path)
     parts = {w: part_settings(settings, settings.parts[0], "n") for w in reports}
-    found = effects(reports, "best_val_loss", "adam", 0.05)
+    found = effects(reports, SUITE)
     named = tuple(dataclasses.replace(settings.parts[0], name=w, label=w) for w in reports)
     text = render(dataclasses.replace(settings, parts=named), "six", parts, reports, found, "rid")
     for w in reports:
@@ -261,6 +294,8 @@ def test_quick_suite_end_to_end(tmp_path):
     done = study(tmp_path, "--suite", "--quick", "--name", "suite")
     assert done.returncode == 0, done.stderr[-3000:]
     assert_quick_suite(tmp_path, "suite", done.stdout)
+    assert "against adam over 5 workloads: smoke run, numbers only, no verdict." in done.stderr
+    assert not SIGNIFICANCE.search(done.stderr), SIGNIFICANCE.search(done.stderr)  # the console
 
     again = study(tmp_path, "--suite", "--quick")  # the summary alone: nothing to sweep or train
     assert again.returncode == 0, again.stderr[-3000:]
@@ -278,17 +313,16 @@ def assert_quick_suite(root, name, stdout):
     folder = root / "out" / "report" / name
     assert stdout.strip() == str(folder / "suite.md")
     text = (folder / "suite.md").read_text()
-    for section in ("## Verdict", "tuned, on each workload", "## Effects on", "## Wins, ties",
-                    "## Figure", "own verdict"):  # fmt: skip
+    for section in ("## SMOKE RUN: no verdict", "tuned, on each workload", "## Effects on",
+                    "## Figure", "own numbers"):  # fmt: skip
         assert section in text
+    assert "## Wins, ties" not in text  # a quick suite counts no wins, ties or losses
     for workload in WORKLOADS:
         part = (root / "out" / "report" / f"{name}-{workload}" / "report.md").read_text()
         assert "## Final runs: 1 epochs" in part  # the workload's budget, as quick sets it
         assert text.count(f"| {workload} | gao") == 2  # gao and gao_update rows
-    (wtl,) = [line for line in text.splitlines() if line.startswith("| optimizer | win |")]
-    rows = [line for line in text.splitlines() if line.startswith(("| gao |", "| gao_update |"))]
-    assert wtl == "| optimizer | win | tie | loss | untested |" and len(rows) == 2
-    assert all(sum(int(c) for c in row.strip("| ").split(" | ")[1:]) == 5 for row in rows)
+        assert not SIGNIFICANCE.search(part), SIGNIFICANCE.search(part)
+    assert not SIGNIFICANCE.search(text), SIGNIFICANCE.search(text)
     assert (folder / "suite_forest.png").stat().st_size > 10_000
     recorded = runs(f"sqlite:///{root / 'mlflow.db'}", experiment="workloads-quick")
     (suite,) = [r for r in recorded if r.data.tags["stage"] == "study"]
@@ -297,11 +331,16 @@ def assert_quick_suite(root, name, stdout):
     assert len(reports) == 5
     verdicts = {k: v for k, v in suite.data.tags.items() if k.startswith("verdict/")}
     assert set(verdicts) == {f"verdict/{w}/{o}" for w in WORKLOADS for o in ("gao", "gao_update")}
-    assert set(verdicts.values()) <= {"win", "tie", "loss", "untested"}
+    assert set(verdicts.values()) == {"smoke run"} and suite.data.tags["smoke_run"] == "true"
+    for view in [
+        suite.data.tags["mlflow.note.content"],
+        *(r.data.tags["verdict/gao"] for r in reports),
+    ]:
+        assert not SIGNIFICANCE.search(view), SIGNIFICANCE.search(view)
     for w in WORKLOADS:
-        for stat in ("mean_diff", "ci_low", "ci_high", "p_t", "p_holm"):
+        for stat in ("mean_diff", "ci_low", "ci_high"):
             assert f"{w}/gao/{stat}" in suite.data.metrics
-    assert sum(suite.data.metrics[f"gao/{r}"] for r in ("win", "tie", "loss", "untested")) == 5
+        assert f"{w}/gao/p_t" not in suite.data.metrics  # a smoke run's tests are not logged
     client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
     artifacts = {a.path for a in client.list_artifacts(suite.info.run_id)}
     assert {"suite.md", "suite_forest.png"} <= artifacts
@@ -311,7 +350,7 @@ def test_a_preset_with_an_unknown_summary_is_refused_before_anything_runs(tmp_pa
     shutil.copytree(REPO_ROOT / "conf", tmp_path / "conf")
     suite = tmp_path / "conf" / "study" / "suite.yaml"
     suite.write_text(suite.read_text().replace("summary: suite", "summary: forest"))
-    with pytest.raises(ValueError, match=r"summary of suite.yaml='forest': must be one of"):
+    with pytest.raises(ValueError, match=r"summary='forest': must be one of \['audit', 'suite'\]"):
         parse(tmp_path, "--suite")
     text = suite.read_text().replace("summary: forest", "summary: suite")
     suite.write_text(text.replace("final_epochs: null", "final_epochs: 0"))

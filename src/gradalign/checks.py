@@ -3,6 +3,10 @@
 Each component validates its own arguments (a model its widths, a dataset its split fraction,
 an optimizer its hyperparameters), so a bad value is refused by the code that would misuse it,
 with a message naming the argument, the value and what is allowed.
+
+Errors the user must fix (a bad setting, a missing sweep, a report name taken) are UserErrors:
+the command-line tools print their message as one line and exit with status 2. Any other
+exception is a bug or an accident (a shape mismatch, CUDA out of memory) and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -10,6 +14,11 @@ from __future__ import annotations
 import numbers
 from collections.abc import Sequence
 from typing import Any
+
+
+class UserError(Exception):
+    """Something only the user can fix; its message says what and how, in one line (or a few,
+    when it shows a log). Subclasses say what kind (config.ConfigError: a bad setting)."""
 
 
 def is_number(value: Any) -> bool:

@@ -19,7 +19,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from gradalign.checks import is_int, is_number
+from gradalign.checks import UserError, is_int, is_number
 
 # Keys that say where and how things run, not what is computed: never logged as params nor hashed.
 NOT_PARAMS = ("paths", "tracking", "parallel", "reference", "dataset.cache_dir")
@@ -57,7 +57,7 @@ def repo_root() -> Path:
     )
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config value that cannot run; the message names the key, the value and what is allowed."""
 
 

@@ -22,15 +22,17 @@ from matplotlib.figure import Figure
 from omegaconf import OmegaConf
 
 from gradalign.report.build import Report
-from gradalign.report.claims import CLAIMS, Check, check
+from gradalign.report.claims import CLAIMS, WORDS, Check, check
+from gradalign.report.markdown import table
 from gradalign.report.plots import band
 from gradalign.report.settings import ReportSettings, StudySettings
-from gradalign.report.stats import detectable_effect
+from gradalign.report.stats import TEST, Verdict, detectable_effect, smoke_reason
 from gradalign.report.summary import summary_run
 from gradalign.schema import Metric, Tag
 
 log = logging.getLogger(__name__)
 MARKDOWN, FIGURE = "audit.md", "audit_curves.png"
+SMOKE = WORDS[Verdict.SMOKE]
 
 
 def challenger(settings: ReportSettings) -> str:
@@ -44,13 +46,21 @@ def checks(report: Report, settings: ReportSettings) -> dict[str, Check]:
     runs = {name: [r for r in report.finals if r.optimizer == name] for name in settings.optimizers}
     other = challenger(settings)
     return {
-        claim.key: check(claim, runs[other], runs[settings.baseline], settings.alpha)
+        claim.key: check(
+            claim,
+            runs[other],
+            runs[settings.baseline],
+            settings.alpha,
+            min_pairs=settings.min_pairs,
+            smoke=settings.smoke,
+        )  # fmt: skip
         for claim in CLAIMS
     }
 
 
 def write_audit(settings: StudySettings, name: str, parts: Mapping[str, ReportSettings]) -> Path:
-    """Write every part's report, then the audit page; the page."""
+    """Write every part's report, then the audit page; the page. Its plain-words lines go to
+    the log and the study run's description too, so every view says the same."""
     with summary_run(settings, name, parts, "audit") as summary:
         reports, folder, run = summary.reports, summary.folder, summary.run
         found = {part: checks(reports[part], parts[part]) for part in parts}
@@ -59,19 +69,47 @@ def write_audit(settings: StudySettings, name: str, parts: Mapping[str, ReportSe
         reference = OmegaConf.to_container(cfg.reference, resolve=True) if cfg.reference else {}
         text = render(settings, name, parts, reports, found, reference, run.run_id)
         (folder / MARKDOWN).write_text(text)
-        values = {
-            f"{part}/{key}/{stat}": getattr(c.test, stat)
-            for part, per_claim in found.items()
-            for key, c in per_claim.items()
-            for stat in ("mean_diff", "p_t", "d_z")
-        }
+        values = {}
+        for part, per_claim in found.items():
+            for key, c in per_claim.items():
+                stats = {"mean_diff": c.test.mean_diff}
+                if c.verdict != SMOKE:
+                    stats |= {"p_t": c.test.p, "d_z": c.test.d_z}
+                values |= {f"{part}/{key}/{stat}": value for stat, value in stats.items()}
         verdicts = {
             f"{Tag.VERDICT_PREFIX}{part}/{key}": c.verdict
             for part, per in found.items()
             for key, c in per.items()
         }
-        run.log_summary(values, verdicts)
+        summary.finish(values, verdicts, plain_words(found), smoke=_all_smoke(found))
     return folder / MARKDOWN
+
+
+def _all_smoke(found: Mapping[str, Mapping[str, Check]]) -> bool:
+    return all(c.verdict == SMOKE for per in found.values() for c in per.values())
+
+
+def plain_words(found: Mapping[str, Mapping[str, Check]]) -> list[str]:
+    """Per claim, in how many parts it holds and where it is contradicted; parts that are
+    smoke runs are named, and judge nothing."""
+    lines = []
+    for claim in CLAIMS:
+        verdicts = {p: per[claim.key].verdict for p, per in found.items()}
+        judged = {p: v for p, v in verdicts.items() if v != SMOKE}
+        smoke = [p for p in verdicts if p not in judged]
+        if not judged:
+            lines.append(f"- **{claim.words}**: smoke run in every part, no verdict.")
+            continue
+        held = [p for p, v in judged.items() if v == "holds"]
+        against = [p for p, v in judged.items() if v == "contradicted"]
+        lines.append(
+            f"- **{claim.words}**: holds in {len(held)} of {len(judged)} parts"
+            + (f" ({', '.join(held)})" if held else "")
+            + (f"; contradicted in {', '.join(against)}" if against else "")
+            + (f"; smoke run (no verdict) in {', '.join(smoke)}" if smoke else "")
+            + "."
+        )
+    return lines
 
 
 def plot_parts(
@@ -146,8 +184,20 @@ def render(
     figure, what each part is, and how sure the data allow us to be."""
     labels = {part.name: part.label for part in settings.parts}
     columns = settings.columns or {part: (part,) for part in parts}
+    smoke = _all_smoke(found)
+    n = max(len(s.seeds) for s in parts.values())
+    alpha, min_pairs = settings.report.alpha, settings.report.min_pairs
+    legend = (
+        f"Every cell is a smoke run ({smoke_reason(n, min_pairs, settings.report.smoke)}): the "
+        "challenger's mean against the baseline's and the paired difference with its 95% CI, "
+        "numbers that judge no claim."
+        if smoke
+        else "Each cell: the verdict (holds / contradicted / not shown / partly / one seed / "
+        "smoke run), the challenger's mean against the baseline's, the paired difference with "
+        f"its 95% CI, the {TEST}'s p, Cohen's d_z and the number of seeds."
+    )
     lines = [
-        f"# Audit `{name}`: the claims, part by part",
+        f"# Audit `{name}`{' (SMOKE RUN)' if smoke else ''}: the claims, part by part",
         "",
         f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
         f"- command: `{settings.report.command}`"
@@ -161,9 +211,7 @@ def render(
         "## The claims",
         "",
         *_quoted(reference),
-        "Each cell: the verdict (holds / contradicted / not shown / partly / one seed), the "
-        "challenger's mean against the baseline's, the paired difference with its 95% CI, the "
-        "paired t-test's p, Cohen's d_z and the number of seeds.",
+        legend,
         "",
     ]
     header = ["claim (quantity per seed)", *columns]
@@ -183,19 +231,9 @@ def render(
                 )
             )
         rows.append([f"{claim.words} ({claim.quantity})", *cells])
-    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    lines += ["", "## In plain words", ""]
-    for claim in CLAIMS:
-        verdicts = {p: found[p][claim.key].verdict for p in parts}
-        held = [p for p, v in verdicts.items() if v == "holds"]
-        against = [p for p, v in verdicts.items() if v == "contradicted"]
-        lines.append(
-            f"- **{claim.words}**: holds in {len(held)} of {len(verdicts)} parts"
-            + (f" ({', '.join(held)})" if held else "")
-            + (f"; contradicted in {', '.join(against)}" if against else "")
-            + "."
-        )
+    lines += table(header, rows)
+    lines += ["", "## SMOKE RUN: no verdict" if smoke else "## In plain words", ""]
+    lines += plain_words(found)
     on_test = [p for p, r in reports.items() if selects_on_test(r, parts[p])]
     if on_test:
         lines.append(
@@ -204,12 +242,13 @@ def render(
             "chosen on test data, so their test accuracy is not an unbiased estimate. Part (d) "
             "carves validation from train and reports test only."
         )
-    n = max(len(s.seeds) for s in parts.values())
-    alpha = settings.report.alpha
+    if not smoke:
+        lines.append(
+            f"- With {n} seeds a two-sided {TEST} at alpha = {alpha:g} has 80% power only "
+            f'for effects |d_z| >= {detectable_effect(n, alpha):.2f}: "not shown" is not '
+            "evidence of no effect. A single seed (the replica) admits no test at all."
+        )
     lines += [
-        f"- With {n} seeds a two-sided paired t-test at alpha = {alpha:g} has 80% power only "
-        f'for effects |d_z| >= {detectable_effect(n, alpha):.2f}: "not shown" is not '
-        "evidence of no effect. A single seed (the replica) admits no test at all.",
         "",
         "## Figure",
         "",

@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import datetime
 import logging
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -23,9 +24,10 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
 from gradalign import processes, tracking
+from gradalign.checks import UserError
 from gradalign.config import config_hash, flatten, register_resolvers
 from gradalign.experiment import source_tags
-from gradalign.report import page
+from gradalign.report import keys, page
 from gradalign.report.configs import (
     Composition,
     compose_optimizer,
@@ -33,6 +35,7 @@ from gradalign.report.configs import (
     final_config,
     hyperparameters,
     seeded,
+    sweep_command,
 )
 from gradalign.report.finals import FinalJob, FinalResult, train
 from gradalign.report.html import write_html
@@ -44,17 +47,19 @@ from gradalign.report.runs import (
     best_sweep_run,
     curves,
     final_runs,
-    sweep_command,
 )
 from gradalign.report.settings import ReportSettings
 from gradalign.report.stats import (
-    OUTCOMES,
+    LOGGED,
+    PER_SEED_OUTCOMES,
     TESTED,
     Comparison,
-    Summary,
+    MeanStd,
+    Verdict,
     compare,
+    is_smoke,
+    mean_std,
     outcomes,
-    summarize,
 )
 from gradalign.schema import Metric, Param, Stage, Tag
 from gradalign.tracking import tag_filter
@@ -119,7 +124,8 @@ def plan(settings: ReportSettings) -> Plan:
     experiment = client.get_experiment_by_name(first.tracking.experiment)
     if experiment is None or experiment.lifecycle_stage != "active":
         commands = "\n".join(
-            sweep_command(name, settings.overrides_of(name)) for name in settings.optimizers
+            shlex.join(sweep_command(name, settings.overrides_of(name)))
+            for name in settings.optimizers
         )
         raise MissingSweepError(
             f"no MLflow experiment {first.tracking.experiment!r} in {uri}: "
@@ -170,12 +176,12 @@ def _result(plan: Plan, name: str, seed: int, run: Run, reused: bool) -> FinalRe
 
 
 def check_same_init(results: list[FinalResult]) -> None:
-    """Raise RuntimeError unless, for each seed, every optimizer's final run started from the
+    """Raise UserError unless, for each seed, every optimizer's final run started from the
     same initial weights (equal init_hash tags, as run_experiment logs them)."""
     for seed in sorted({r.seed for r in results}):
         hashes = {r.optimizer: r.init_hash for r in results if r.seed == seed}
         if len(set(hashes.values())) != 1 or None in hashes.values():
-            raise RuntimeError(
+            raise UserError(
                 f"seed {seed}: the optimizers' final runs did not start from the same initial "
                 f"weights (init_hash per optimizer: {hashes}); model initialisation changed "
                 "between them, or a run predates the tag"
@@ -207,7 +213,7 @@ def report_target(
             with contextlib.suppress(FileExistsError):
                 (parent / f"{stamp}{suffix}").mkdir()
                 return parent / f"{stamp}{suffix}", None
-        raise RuntimeError(f"no free report folder name for {stamp} under {parent}")
+        raise UserError(f"no free report folder name for {stamp} under {parent}")
     folder = parent / name
     previous = client.search_runs(
         [experiment_id],
@@ -217,15 +223,15 @@ def report_target(
     )
     if not previous:
         if folder.exists() and any(folder.iterdir()):
-            raise ValueError(f"report folder {folder} exists: choose another --name")
+            raise UserError(f"report folder {folder} exists: choose another --name")
         folder.mkdir(exist_ok=True)
         return folder, None
     run = previous[0]
     if run.info.status == "FINISHED" and not overwrite:
-        raise ValueError(f"report {name!r} is complete ({folder}): choose another --name")
+        raise UserError(f"report {name!r} is complete ({folder}): choose another --name")
     owner = run.data.tags.get(Tag.OWNER)
     if run.info.status == "RUNNING" and owner and processes.owner_alive(owner) is not False:
-        raise ValueError(f"report {name!r} is being written by process {owner}: wait for it")
+        raise UserError(f"report {name!r} is being written by process {owner}: wait for it")
     folder.mkdir(exist_ok=True)
     log.info("resuming report %r (MLflow run %s, %s)", name, run.info.run_id, run.info.status)
     return folder, run.info.run_id
@@ -234,21 +240,22 @@ def report_target(
 def _check_same_settings(
     client: MlflowClient, run_id: str, params: dict[str, Any], name: str
 ) -> None:
-    """Raise ValueError unless the report run ``run_id`` was started with ``params``."""
+    """Raise UserError unless the report run ``run_id`` was started with ``params``."""
     logged = client.get_run(run_id).data.params
     differing = sorted(k for k, v in params.items() if k in logged and logged[k] != str(v))
     if differing:
         shown = ", ".join(f"{k}: {logged[k]} then, {params[k]} now" for k in differing)
-        raise ValueError(
+        raise UserError(
             f"report {name!r} was started with other settings ({shown}): rerun it with the "
             "same ones, or choose another --name"
         )
 
 
 def _log_summary(
-    run: tracking.Run, summaries: dict[str, dict[str, Summary]], comparisons: list[Comparison]
+    run: tracking.Run, summaries: dict[str, dict[str, MeanStd]], comparisons: list[Comparison]
 ) -> None:
-    """Outcome means and stds, test statistics as metrics of the report run; verdicts as tags."""
+    """Outcome means and stds, test statistics (a smoke run's: the mean differences only) as
+    metrics of the report run; verdict sentences as tags, and a smoke run as one."""
     values = {
         f"{name}/{outcome}/{stat}": getattr(summary, stat)
         for name, per_outcome in summaries.items()
@@ -256,14 +263,23 @@ def _log_summary(
         for stat in ("mean", "std")
     }
     for c in comparisons:
+        logged = LOGGED if c.verdict is not Verdict.SMOKE else ("mean_diff",)
         for outcome in TESTED:
-            for stat in ("mean_diff", "p_t", "p_w", "d_z"):
+            for stat in logged:
                 values[f"{c.optimizer}/{outcome}/{stat}"] = getattr(c.tests[outcome], stat)
-    run.log_summary(values, {f"{Tag.VERDICT_PREFIX}{c.optimizer}": c.verdict for c in comparisons})
+    tags = {f"{Tag.VERDICT_PREFIX}{c.optimizer}": c.sentence for c in comparisons}
+    if is_smoke(comparisons):
+        tags[Tag.SMOKE_RUN] = "true"
+    run.log_summary(values, tags)
 
 
 def _header(
-    settings: ReportSettings, plan: Plan, run_id: str, tags: dict[str, str], trained: int
+    settings: ReportSettings,
+    plan: Plan,
+    run_id: str,
+    tags: dict[str, str],
+    trained: int,
+    smoke: bool,
 ) -> dict[str, str]:
     first = plan.compositions[settings.baseline].cfg
     git = tags.get(Tag.GIT_COMMIT, "unknown")
@@ -271,7 +287,8 @@ def _header(
         git += " (with uncommitted changes)"
     total = len(settings.optimizers) * len(settings.seeds)
     return {
-        "title": f"{' vs '.join(settings.optimizers)} on {first.dataset.name} / {first.model.name}",
+        "title": f"{' vs '.join(settings.optimizers)} on {first.dataset.name} / {first.model.name}"
+        + (" (SMOKE RUN)" if smoke else ""),
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "command": f"`{settings.command}`" if settings.command else "(called from Python)",
         "MLflow": f"experiment `{first.tracking.experiment}` at `{plan.uri}`, run `{run_id}`",
@@ -322,19 +339,11 @@ def write_report(settings: ReportSettings, parent_run_id: str | None = None) -> 
         len(settings.optimizers) * len(settings.seeds) - len(jobs),
     )
     params = {
-        f"{Param.REPORT_PREFIX}{field}": getattr(settings, field)
-        for field in (
-            "optimizers",
-            "baseline",
-            "seeds",
-            "final_epochs",
-            "metric",
-            "direction",
-            "primary",
-            "alpha",
-            "overrides",
-        )
+        f"{Param.REPORT_PREFIX}{name}": getattr(settings, name)
+        for name, (spec, _) in keys.keys(ReportSettings).items()
+        if spec.param
     }
+    params[f"{Param.REPORT_PREFIX}overrides"] = settings.overrides
     tags = {
         Tag.STAGE: Stage.REPORT,
         Tag.REPORT_NAME: out_dir.name,
@@ -371,15 +380,25 @@ def write_report(settings: ReportSettings, parent_run_id: str | None = None) -> 
         ]
         check_same_init(results)
         per_seed = {
-            name: {o: [r.outcomes[o] for r in results if r.optimizer == name] for o in OUTCOMES}
+            name: {
+                o: [r.outcomes[o] for r in results if r.optimizer == name]
+                for o in PER_SEED_OUTCOMES
+            }
             for name in settings.optimizers
         }
         summaries = {
-            name: {o: summarize(values) for o, values in per_outcome.items()}
+            name: {o: mean_std(values) for o, values in per_outcome.items()}
             for name, per_outcome in per_seed.items()
         }
-        comparisons = compare(per_seed, settings.baseline, settings.primary, settings.alpha)
-        header = _header(settings, the_plan, run.run_id, tags, len(jobs))
+        comparisons = compare(
+            per_seed,
+            settings.baseline,
+            settings.primary,
+            settings.alpha,
+            min_pairs=settings.min_pairs,
+            smoke=settings.smoke,
+        )
+        header = _header(settings, the_plan, run.run_id, tags, len(jobs), is_smoke(comparisons))
         plot_convergence(
             {
                 name: [r.curves for r in results if r.optimizer == name]
@@ -429,7 +448,7 @@ def write_report(settings: ReportSettings, parent_run_id: str | None = None) -> 
             report_name=out_dir.name,
         )
     for c in comparisons:
-        log.info("%s", c.verdict)
+        log.info("%s", c.sentence)
     ui = tracking.ui_url(the_plan.compositions[settings.baseline].cfg.tracking)
     log.info("MLflow: report %s", tracking.run_link(ui, the_plan.experiment_id, run.run_id))
     log.info(

@@ -11,11 +11,13 @@ per seed (runs of the same seed share initial weights and data order, so they pa
 - "maintains a better validation score": the minimum validation loss, lower is better;
 - and, as what a user keeps: the test accuracy at the epoch of that minimum, higher is better.
 
-Each check says what holds in plain words: "holds" (significant, paired t-test, in the claimed
-direction; or the same difference on every seed), "contradicted" (the same, the other way),
-"not shown" (no significant difference; with few seeds only large effects can be detected),
-"partly" (a lower val loss in significantly more than half the epochs, not in all) or, with one
-seed, the two runs' values alone.
+Each check says what holds in words derived from the paired test's verdict (stats.judge):
+"holds" (better in the claimed direction), "contradicted" (the other way), "not shown" (no
+significant difference; with few seeds only large effects can be detected), "partly" (a lower
+val loss in significantly more than half the epochs, not in all), "not testable" or, with one
+seed, "one seed" and the two runs' values alone; "smoke run" (a quick study, or too few seeds)
+shows the numbers without a verdict. "Throughout" holds without a test when every epoch of
+every seed is lower: that is the claim's own definition.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from gradalign.report.finals import FinalResult
-from gradalign.report.stats import PairedTest, paired_test
+from gradalign.report.stats import PairedTest, Verdict, judge, paired_test
 from gradalign.schema import Metric
 
 
@@ -42,6 +44,14 @@ class Claim:
     lower: bool
 
 
+# The claims table's word for each verdict on a claim (better: in the claimed direction).
+WORDS = {
+    Verdict.BETTER: "holds",
+    Verdict.WORSE: "contradicted",
+    Verdict.NO_DIFFERENCE: "not shown",
+    Verdict.UNTESTABLE: "not testable",
+    Verdict.SMOKE: "smoke run",
+}
 CLAIMS = (
     Claim("throughout", "lower validation loss throughout the run",
           "share of epochs with a lower val loss", lower=False),
@@ -91,8 +101,12 @@ def check(
     challenger: Sequence[FinalResult],
     baseline: Sequence[FinalResult],
     alpha: float,
+    *,
+    min_pairs: int,
+    smoke: bool = False,
 ) -> Check:
-    """``claim`` for the challenger's final runs against the baseline's of the same seeds."""
+    """``claim`` for the challenger's final runs against the baseline's of the same seeds
+    (``min_pairs``, ``smoke``: see stats.judge)."""
     by_seed = {run.seed: run for run in baseline}
     pairs = [(run, by_seed[run.seed]) for run in challenger if run.seed in by_seed]
     ours = [per_seed(claim, run, other) for run, other in pairs]
@@ -102,24 +116,22 @@ def check(
         else [per_seed(claim, other, run) for run, other in pairs]
     )
     test = paired_test(theirs, ours, alpha)
-    verdict = _verdict(claim, ours, test, alpha)
+    found = judge(test, alpha, not claim.lower, min_pairs=min_pairs, smoke=smoke)
+    verdict = _word(claim, ours, test, found)
     return Check(claim, ours, theirs, test, verdict, _text(claim, ours, theirs, test, verdict))
 
 
-def _verdict(claim: Claim, values: Sequence[float], test: PairedTest, alpha: float) -> str:
+def _word(claim: Claim, values: Sequence[float], test: PairedTest, found: Verdict) -> str:
+    """The claims table's word for ``found`` on ``claim``."""
+    if found is Verdict.SMOKE:
+        return WORDS[found]
     if claim.key == "throughout" and values and all(v == 1.0 for v in values):
         return "holds"
-    if test.n < 2:
-        return "one seed" if test.n == 1 else "not testable"
-    if math.isnan(test.p_t):  # every seed differs by exactly the same amount: no variance
-        if test.mean_diff == 0:
-            return "no difference"
-    elif test.p_t >= alpha:
-        return "not shown"
-    supports = (test.mean_diff < 0) == claim.lower
-    if claim.key == "throughout":  # significantly above half the epochs is not "throughout"
-        return "partly" if supports else "contradicted"
-    return "holds" if supports else "contradicted"
+    if found is Verdict.UNTESTABLE and test.n == 1:
+        return "one seed"
+    if claim.key == "throughout" and found is Verdict.BETTER:
+        return "partly"  # significantly above half the epochs is not "throughout"
+    return WORDS[found]
 
 
 def _number(claim: Claim, value: float) -> str:
@@ -150,10 +162,12 @@ def _text(
     unit = " pp" if scale == 100 else ""
     if test.n == 1:
         return f"{verdict}: {summary}; diff {scale * test.mean_diff:+.3g}{unit}, no test (n = 1)"
-    if test.n < 2 or math.isnan(test.p_t):
+    if test.n < 2 or math.isnan(test.p):
         return f"{verdict}: {summary}"
     low, high = (scale * bound for bound in test.ci)
-    return (
-        f"{verdict}: {summary}; diff {scale * test.mean_diff:+.3g}{unit} "
-        f"[{low:+.3g}, {high:+.3g}], p = {test.p_t:.2g}, d_z = {test.d_z:+.2f}, n = {test.n}"
+    interval = (
+        f"{verdict}: {summary}; diff {scale * test.mean_diff:+.3g}{unit} [{low:+.3g}, {high:+.3g}]"
     )
+    if verdict == WORDS[Verdict.SMOKE]:  # numbers, but no test statistic to read as a verdict
+        return f"{interval}, n = {test.n}"
+    return f"{interval}, p = {test.p:.2g}, d_z = {test.d_z:+.2f}, n = {test.n}"

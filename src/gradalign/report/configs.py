@@ -19,7 +19,7 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from gradalign.config import NOT_HASHED, flatten, validate
+from gradalign.config import NOT_HASHED, ConfigError, flatten, validate
 from gradalign.schema import Param
 
 # One thread per process: results do not depend on the core count, and parallel runs do not
@@ -40,7 +40,7 @@ def _composed(conf_dir: Path, overrides: tuple[str, ...], hydra: bool) -> DictCo
         try:
             return compose("config", overrides=list(overrides), return_hydra_config=hydra)
         except HydraException as error:
-            raise ValueError(
+            raise ConfigError(
                 f"invalid training-config overrides {list(overrides)}: {error}"
             ) from None
 
@@ -72,10 +72,33 @@ def optimizer_overrides(optimizer: str, overrides: Sequence[str]) -> tuple[str, 
     return (f"optimizer={optimizer}", *DEFAULT_OVERRIDES, *overrides)
 
 
+def sweep_command(
+    optimizer: str,
+    overrides: Sequence[str],
+    *settings: str,
+    program: Sequence[str] = ("python", "train.py"),
+) -> list[str]:
+    """The ``train.py -m`` command of ``optimizer``'s sweep with ``overrides`` (those of
+    ``optimizer_overrides``, so the report accepts its runs), and the sweeper's ``settings``:
+    what the report tells a user to run, and what a study runs (with its own ``program``)."""
+    return [*program, *optimizer_overrides(optimizer, overrides), *settings, "-m"]
+
+
 def compose_optimizer(conf_dir: Path, optimizer: str, overrides: Sequence[str]) -> Composition:
-    """The Composition of ``optimizer``'s runs with the user's ``overrides``."""
+    """The Composition of ``optimizer``'s runs with the user's ``overrides``.
+
+    An optimizer has one name: its config file's, conf/optimizer/<name>.yaml, which its runs
+    carry as ``optimizer.name`` (their tag ``optimizer``, by which the report finds them), so
+    a config, or an override, that names it otherwise is refused (ConfigError).
+    """
     base = optimizer_overrides(optimizer, overrides)
     cfg = _compose(conf_dir, base, hydra=True)
+    if cfg.optimizer.name != optimizer:
+        raise ConfigError(
+            f"invalid config value optimizer.name={cfg.optimizer.name!r} for "
+            f"conf/optimizer/{optimizer}.yaml: must be {optimizer!r}, its file's name (runs are "
+            "tagged, and the report finds them, by that one name)"
+        )
     searched = frozenset(cfg.hydra.sweeper.params or {})
     with open_dict(cfg):
         del cfg["hydra"]
@@ -111,12 +134,12 @@ def optimizer_params(params: Mapping[str, str]) -> dict[str, str]:
 def tuned_overrides(cfg: DictConfig, best: Mapping[str, str]) -> dict[str, str]:
     """The best run's optimizer params that differ from ``cfg``'s (the tuned hyperparameters).
 
-    Raises ValueError if the run's optimizer keys are not the config's: the optimizer's config
+    Raises ConfigError if the run's optimizer keys are not the config's: the optimizer's config
     changed since the sweep, so its best run cannot be reproduced.
     """
     current = optimizer_params(logged_params(cfg))
     if set(current) != set(best):
-        raise ValueError(
+        raise ConfigError(
             f"the best sweep run of optimizer {cfg.optimizer.name!r} logged optimizer keys "
             f"{sorted(best)} but conf/optimizer/{cfg.optimizer.name}.yaml now has "
             f"{sorted(current)}: rerun its sweep: python train.py optimizer={cfg.optimizer.name} -m"
@@ -137,7 +160,7 @@ def final_config(
     """The final-run config: ``composition`` with the best run's optimizer params ``best`` and
     ``epochs`` epochs; seeds are set by ``seeded``.
 
-    Raises ValueError unless the composed config logs exactly the params in ``best``.
+    Raises ConfigError unless the composed config logs exactly the params in ``best``.
     """
     tuned = [f"{k}={v}" for k, v in tuned_overrides(composition.cfg, best).items()]
     cfg = compose_config(conf_dir, [*composition.overrides, *tuned, f"trainer.epochs={epochs}"])
@@ -145,7 +168,7 @@ def final_config(
     if got != dict(best):
         diff = {k: (best.get(k), got.get(k)) for k in sorted(set(best) | set(got))}
         diff = {k: pair for k, pair in diff.items() if pair[0] != pair[1]}
-        raise ValueError(
+        raise ConfigError(
             f"cannot reproduce the best run's params {{key: (logged, composed)}}: {diff}"
         )
     return cfg

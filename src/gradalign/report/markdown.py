@@ -1,5 +1,7 @@
 """report.md: the verdict first, then how it was reached: the selected hyperparameters, the
-outcomes over seeds, the paired tests, every per-seed value, and the caveats of a small n."""
+outcomes over seeds, the paired tests, every per-seed value, and the caveats of a small n. A
+smoke run (stats.Verdict.SMOKE) shows the same numbers under that label, without a verdict or
+the test statistics that would read as one."""
 
 from __future__ import annotations
 
@@ -11,12 +13,17 @@ from gradalign.report.plots import BAND
 from gradalign.report.runs import SweepChoice
 from gradalign.report.settings import ReportSettings
 from gradalign.report.stats import (
-    OUTCOMES,
+    COLUMNS,
+    PER_SEED_OUTCOMES,
+    TEST,
     TESTED,
     Comparison,
-    Summary,
+    MeanStd,
+    Verdict,
     detectable_effect,
+    is_smoke,
     min_wilcoxon_p,
+    smoke_reason,
 )
 
 ACCURACY = ("test_acc_at_best", "final_test_acc")
@@ -30,7 +37,7 @@ def _value(outcome: str, x: float) -> str:
     return f"{x:.1f}" if outcome == "best_epoch" else f"{x:.4f}"
 
 
-def _summary(outcome: str, s: Summary, n_total: int) -> str:
+def _summary(outcome: str, s: MeanStd, n_total: int) -> str:
     text = f"{_value(outcome, s.mean)} ± {_value(outcome, s.std)}"
     return text if s.n == n_total else f"{text} (n={s.n})"
 
@@ -50,7 +57,8 @@ def _param(value: str) -> str:
         return value
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    """The lines of a markdown table."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return lines + ["| " + " | ".join(row) + " |" for row in rows]
 
@@ -63,7 +71,7 @@ def render(
     hyperparameters: Mapping[str, Mapping[str, str]],
     finals: Sequence[FinalResult],
     final_epochs: str,
-    summaries: Mapping[str, Mapping[str, Summary]],
+    summaries: Mapping[str, Mapping[str, MeanStd]],
     comparisons: Sequence[Comparison],
     figure: str,
 ) -> str:
@@ -71,19 +79,21 @@ def render(
 
     ``header``: title and provenance lines (label -> value); ``hyperparameters``: per optimizer,
     the best run's searched params (configs.hyperparameters); ``summaries``: optimizer ->
-    outcome -> Summary.
+    outcome -> MeanStd.
     """
     n = len(settings.seeds)
-    primary = OUTCOMES[settings.primary].label
+    primary = PER_SEED_OUTCOMES[settings.primary].label
+    smoke = is_smoke(comparisons)
     lines = [f"# {header['title']}", ""]
     lines += [f"- {label}: {value}" for label, value in header.items() if label != "title"]
 
-    lines += [
-        "",
-        f"## Verdict (primary outcome: {primary}, paired t-test, alpha = {settings.alpha:g})",
-        "",
-    ]
-    lines += [f"- {c.verdict}" for c in comparisons]
+    heading = (
+        "SMOKE RUN: no verdict"
+        if smoke
+        else f"Verdict (primary outcome: {primary}, {TEST}, alpha = {settings.alpha:g})"
+    )
+    lines += ["", f"## {heading}", ""]
+    lines += [f"- {c.sentence}" for c in comparisons]
     shared = sorted({s for c in choices.values() for s in c.seeds} & set(settings.seeds))
     if shared:
         lines += [
@@ -96,11 +106,15 @@ def render(
     floor = min_wilcoxon_p(n)
     lines += [
         "",
-        f"With n = {n} seeds, a two-sided paired t-test at alpha = {settings.alpha:g} has 80% "
-        "power "
-        f"only for effects |d_z| >= {detectable_effect(n, settings.alpha):.2f}: a smaller true "
-        'difference is likely to be missed, so "no significant difference" is not evidence of '
-        f"equality. The exact Wilcoxon signed-rank test cannot give p below 2/2^n = {floor:.4g}"
+        f"This report is a smoke run ({smoke_reason(n, settings.min_pairs, settings.smoke)}): "
+        "its numbers show that the pipeline ran, not how the optimizers compare; its tables "
+        "leave out the test statistics."
+        if smoke
+        else f"With n = {n} seeds, a two-sided {TEST} at alpha = {settings.alpha:g} has 80% "
+        f"power only for effects |d_z| >= {detectable_effect(n, settings.alpha):.2f}: a smaller "
+        'true difference is likely to be missed, so "no significant difference" is not '
+        "evidence of equality. The exact Wilcoxon signed-rank test cannot give p below 2/2^n = "
+        f"{floor:.4g}"
         + (" with this n, so it cannot reach significance." if floor >= settings.alpha else "."),
     ]
 
@@ -132,7 +146,7 @@ def render(
                 str(choice.other_settings),
             ]
         )
-    lines += _table(
+    lines += table(
         [
             "optimizer",
             "hyperparameters",
@@ -157,8 +171,11 @@ def render(
     rows = []
     for name in choices:
         diverged = sum(r.diverged for r in finals if r.optimizer == name)
-        rows.append([name, *(_summary(o, summaries[name][o], n) for o in OUTCOMES), str(diverged)])
-    lines += _table(["optimizer", *(OUTCOMES[o].label for o in OUTCOMES), "diverged"], rows)
+        rows.append(
+            [name, *(_summary(o, summaries[name][o], n) for o in PER_SEED_OUTCOMES), str(diverged)]
+        )
+    labels = [outcome.label for outcome in PER_SEED_OUTCOMES.values()]
+    lines += table(["optimizer", *labels, "diverged"], rows)
 
     lines += [
         "",
@@ -168,32 +185,30 @@ def render(
     ]
     rows = []
     for c in comparisons:
+        tested = c.verdict is not Verdict.SMOKE  # a smoke run's test statistics are not shown
         for outcome in TESTED:
             t = c.tests[outcome]
             marker = " (primary)" if outcome == settings.primary else ""
             rows.append(
                 [
                     c.optimizer,
-                    OUTCOMES[outcome].label + marker,
+                    PER_SEED_OUTCOMES[outcome].label + marker,
                     str(t.n),
                     _signed(t.mean_diff),
                     f"[{_signed(t.ci[0])}, {_signed(t.ci[1])}]" if math.isfinite(t.ci[0]) else "—",
-                    _number(t.t),
-                    _number(t.p_t),
-                    _number(t.w),
-                    _number(t.p_w),
-                    _number(t.d_z),
+                    *(_number(getattr(t, key)) if tested else "—" for key, _ in COLUMNS),
                 ]
             )
     level = f"{1 - settings.alpha:.0%} CI"
-    lines += _table(
-        ["optimizer", "outcome", "n", "mean diff", level, "t", "p (t)", "W", "p (Wilcoxon)", "d_z"],
-        rows,
+    lines += table(
+        ["optimizer", "outcome", "n", "mean diff", level, *(header for _, header in COLUMNS)], rows
     )
     lines += [
         "",
-        "Only the primary outcome decides the verdict; the other rows are descriptive and not "
-        "corrected for multiple comparisons. Lower loss and higher accuracy are better.",
+        "Smoke run: these numbers decide nothing. Lower loss and higher accuracy are better."
+        if smoke
+        else "Only the primary outcome decides the verdict; the other rows are descriptive and "
+        "not corrected for multiple comparisons. Lower loss and higher accuracy are better.",
     ]
 
     lines += ["", "## Figure", "", f"![convergence comparison]({figure})", ""]
@@ -209,11 +224,11 @@ def render(
             str(r.seed),
             f"`{r.run_id}`",
             "reused" if r.reused else "trained",
-            *(_value(o, r.outcomes[o]) for o in OUTCOMES),
+            *(_value(o, r.outcomes[o]) for o in PER_SEED_OUTCOMES),
         ]
         for r in finals
     ]
-    lines += _table(["optimizer", "seed", "run", "", *(OUTCOMES[o].label for o in OUTCOMES)], rows)
+    lines += table(["optimizer", "seed", "run", "", *labels], rows)
     lines += [
         "",
         "For each seed s every optimizer ran with seed.model = seed.data = s: identical initial "

@@ -77,7 +77,7 @@ def description(
 ) -> str:
     """The report run's description (markdown): the verdicts first (MLflow shows the first
     lines before "Show more"), the compared configurations, the figure, where the rest is."""
-    lines = [f"**{c.verdict}**" for c in comparisons] or ["**(no optimizer to compare)**"]
+    lines = [f"**{c.sentence}**" for c in comparisons] or ["**(no optimizer to compare)**"]
     lines += [
         "",
         f"{title}.",

@@ -16,7 +16,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from mlflow.entities import Run, ViewType
 from mlflow.tracking import MlflowClient
 
-from gradalign.report.configs import optimizer_params, run_context
+from gradalign.checks import UserError
+from gradalign.report.configs import optimizer_params, run_context, sweep_command
 from gradalign.schema import Metric, Stage, Tag
 from gradalign.tracking import tag_filter
 
@@ -25,10 +26,10 @@ EPOCH_METRICS = (Metric.TRAIN_LOSS, Metric.VAL_LOSS, Metric.VAL_ACC, Metric.TEST
 
 
 # What became of a sweep run, as SweepChoice.counts counts them; only "finished" ones are chosen.
-OUTCOMES = ("finished", "pruned", "failed", "killed", "unfinished", "no metric")
+RUN_STATES = ("finished", "pruned", "failed", "killed", "unfinished", "no metric")
 
 
-class MissingSweepError(LookupError):
+class MissingSweepError(UserError, LookupError):
     """An optimizer has no usable sweep run; the message names the command that makes one."""
 
 
@@ -36,7 +37,7 @@ class MissingSweepError(LookupError):
 class SweepChoice:
     """The best sweep run of one optimizer, and what the search over its runs found.
 
-    ``counts``: sweep runs with this configuration by outcome (``finished`` runs with a finite
+    ``counts``: sweep runs with this configuration by state (``finished`` runs with a finite
     metric are the candidates; ``pruned`` (stopped early by the sweep's pruner, so not trained
     for the budget the others were), ``failed``, ``killed``, ``unfinished`` and ``no metric``
     are skipped); ``other_settings``: sweep runs of this optimizer made with other settings;
@@ -67,12 +68,8 @@ def search(client: MlflowClient, experiment_id: str, filter_string: str) -> Iter
             return
 
 
-def sweep_command(optimizer: str, overrides: Sequence[str]) -> str:
-    """The command that runs ``optimizer``'s sweep with the study's overrides."""
-    return shlex.join(["python", "train.py", f"optimizer={optimizer}", *overrides, "-m"])
-
-
-def _outcome(run: Run, metric: str) -> str:
+def _state(run: Run, metric: str) -> str:
+    """What became of a sweep run: one of RUN_STATES."""
     status = run.info.status
     if status == "FINISHED" and run.data.tags.get(Tag.PRUNED) == "true":
         return "pruned"
@@ -116,9 +113,9 @@ def best_sweep_run(
                 k for k in set(settings) | set(context) if settings.get(k) != context.get(k)
             }
             continue
-        outcome = _outcome(run, metric)
-        counts[outcome] += 1
-        if outcome == "finished":
+        state = _state(run, metric)
+        counts[state] += 1
+        if state == "finished":
             candidates.append(run)
     if not candidates:
         found = (
@@ -128,7 +125,7 @@ def best_sweep_run(
             found += f"; {other} more made with other settings (differing in {sorted(differing)})"
         raise MissingSweepError(
             f"no usable sweep of optimizer {optimizer!r} ({found}). "
-            f"Make one with: {sweep_command(optimizer, overrides)}"
+            f"Make one with: {shlex.join(sweep_command(optimizer, overrides))}"
         )
     sign = 1 if direction == "minimize" else -1
     best = min(candidates, key=lambda r: (sign * r.data.metrics[metric], r.info.start_time))
@@ -137,7 +134,7 @@ def best_sweep_run(
         run_id=best.info.run_id,
         value=best.data.metrics[metric],
         params=optimizer_params(best.data.params),
-        counts={key: counts[key] for key in OUTCOMES},
+        counts={key: counts[key] for key in RUN_STATES},
         other_settings=other,
         seconds_per_epoch=(best.info.end_time - best.info.start_time)
         / 1000

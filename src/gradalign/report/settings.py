@@ -1,5 +1,8 @@
-"""Settings of the report and of the study: conf/report.yaml and conf/study.yaml, overridden by
-command-line flags, checked before anything is composed, queried or trained.
+"""Settings of the report and of the study, each key declared once, below, as a field with what
+it means and allows (report.keys): its values come from conf/report.yaml and the study preset
+conf/study/<preset>.yaml, overridden by command-line flags of the same names; its flag, its
+--help line and its check all derive from the declaration. Adding a report key is its field
+here, its line in conf/report.yaml, and its use.
 
 A bad value fails here, in milliseconds, with a message naming the key, the value and what is
 allowed, rather than after minutes of sweeps.
@@ -17,40 +20,92 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from gradalign.checks import is_int, is_number
+from gradalign.config import ConfigError
+from gradalign.report import keys
+from gradalign.report.keys import key
 from gradalign.report.stats import TESTED
 
 DIRECTIONS = ("minimize", "maximize")
+REPORT_YAML = Path("conf") / "report.yaml"
 SUMMARIES = ("audit", "suite")  # the page a study of several parts ends with (report/study.py)
+# What a list of optimizers and a list of seeds allow, for the report's keys and a part's.
+OPTIMIZERS = {
+    "allowed": "at least 2 distinct names (a baseline and a challenger)",
+    "valid": lambda names: len(names) >= 2 and len(set(names)) == len(names),
+    "group": "optimizer",
+}
+SEEDS = {
+    "allowed": "a list of distinct integers >= 0",
+    "valid": lambda seeds: bool(seeds) and len(set(seeds)) == len(seeds) and min(seeds) >= 0,
+}
+POSITIVE = {"allowed": "an integer >= 1", "valid": lambda n: n >= 1}
 
 
 @dataclasses.dataclass(frozen=True)
 class ReportSettings:
-    """What the report compares and how (see conf/report.yaml for the meaning of each field).
-
-    ``overrides`` are training-config overrides (``model=cnn``); ``name`` is the report folder's
-    name under ``<paths.outputs>/report/`` (None: a timestamp); ``command`` is the command line
-    recorded in report.md.
-    """
+    """What the report compares and how: the keys of conf/report.yaml, then what the command or
+    a study adds (``overrides``: training-config overrides such as ``model=cnn``; ``command``:
+    the command line recorded in report.md)."""
 
     root: Path
-    optimizers: tuple[str, ...]
-    baseline: str
-    seeds: tuple[int, ...]
-    final_epochs: int | None  # None: each run's own trainer.epochs (a workload's budget)
-    metric: str
-    direction: str
-    primary: str
-    alpha: float
-    jobs: int
+    optimizers: tuple[str, ...] = key(
+        "the optimizers compared, conf/optimizer/ names", metavar="NAME", **OPTIMIZERS
+    )
+    baseline: str = key("the optimizer every other one is tested against", metavar="NAME")
+    seeds: tuple[int, ...] = key(
+        "seeds of the final runs: seed.model = seed.data = s for every optimizer, disjoint "
+        "from the sweeps' (0)",
+        metavar="S",
+        **SEEDS,
+    )
+    final_epochs: int | None = key(
+        "epochs of each final run (null: each run's own trainer.epochs)",
+        allowed="an integer >= 1, or null (the runs' trainer.epochs)",
+        valid=POSITIVE["valid"],
+        metavar="N",
+    )
+    metric: str = key(
+        "sweep-run metric that picks each optimizer's best run",
+        allowed="a metric name, e.g. objective",
+        valid=bool,
+    )
+    direction: str = key("of --metric", choices=DIRECTIONS)
+    primary: str = key("per-seed outcome the verdict is about", choices=TESTED)
+    alpha: float = key(
+        "two-sided significance level of the paired tests",
+        allowed="a number in (0, 1)",
+        valid=lambda alpha: 0 < alpha < 1,
+    )
+    min_pairs: int = key(
+        "fewest seeds (where both runs completed) a comparison needs for a verdict; with "
+        "fewer it is a smoke run: its numbers, no verdict",
+        allowed="an integer >= 2",
+        valid=lambda n: n >= 2,
+        metavar="N",
+    )
+    jobs: int | None = key(
+        "trainings run at once (null: one per core)",
+        allowed="null or an integer >= 1",
+        valid=POSITIVE["valid"],
+        metavar="N",
+        param=False,
+    )
+    name: str | None = key(
+        "the report's folder under <outputs>/report/ (null: the date and time)",
+        allowed="a folder name of letters, digits, '.', '_' and '-'",
+        valid=lambda name: re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name) is not None,
+        param=False,
+    )
     overrides: tuple[str, ...] = ()
-    name: str | None = None
     command: str = ""
     # Set by a study, which knows its sweeps: extra overrides of one optimizer's runs (on top of
-    # ``overrides``), and the sweep (MLflow tag sweep_id) each optimizer's best run is taken from.
+    # ``overrides``), the sweep (MLflow tag sweep_id) each optimizer's best run is taken from,
+    # whether a finished report of this name may be written again (a study's part), and whether
+    # the whole study is a smoke run (--quick), whose numbers never make a verdict.
     optimizer_overrides: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
     sweep_ids: Mapping[str, str] = dataclasses.field(default_factory=dict)
-    overwrite: bool = False  # a finished report of this name may be written again (a study's part)
+    overwrite: bool = False
+    smoke: bool = False
 
     @property
     def conf_dir(self) -> Path:
@@ -63,56 +118,82 @@ class ReportSettings:
 
 @dataclasses.dataclass(frozen=True)
 class Part:
-    """One comparison of a study: which optimizers (None: the report's), with which extra
-    training overrides (for all of them, and per optimizer), tuned by a sweep with which sampler
-    seed, finally trained on which seeds (None: the report's)."""
+    """One comparison of a study (a key of the preset's ``parts``): which optimizers, with which
+    extra training overrides (for all of them, and per optimizer), tuned by a sweep with which
+    sampler seed, finally trained on which seeds."""
 
     name: str
-    label: str
-    optimizers: tuple[str, ...] | None = None
-    seeds: tuple[int, ...] | None = None
-    sweep_seed: int = 0
-    overrides: tuple[str, ...] = ()
-    optimizer_overrides: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+    label: str | None = key("what the part is, in the summary (null: its name)", default=None)
+    optimizers: tuple[str, ...] | None = key(
+        "the optimizers it compares (null: the report's)", default=None, **OPTIMIZERS
+    )
+    seeds: tuple[int, ...] | None = key(
+        "its final seeds (null: the report's)", default=None, **SEEDS
+    )
+    sweep_seed: int = key("the seed of its sweeps' sampler", default=0)
+    overrides: tuple[str, ...] = key("training overrides of all its runs", default=())
+    optimizer_overrides: Mapping[str, tuple[str, ...]] = key(
+        "training overrides of one optimizer's runs", default={}
+    )
 
 
 @dataclasses.dataclass(frozen=True)
 class StudySettings:
-    """A study preset (conf/study/<preset>.yaml): the sweeps' trials, the report that follows
-    them, and, for a study of several comparisons, its parts, which summary ends it (``audit``:
-    claim by claim, grouped into ``columns``; ``suite``: a cross-workload verdict, one part per
-    workload)."""
+    """A study: its preset (conf/study/<preset>.yaml, whose keys are below, beside ``report``:
+    values over conf/report.yaml, ``overrides``: training overrides of every run, before the
+    user's, ``parts``: several comparisons, and ``quick``: smaller values of the same keys, for
+    --quick); the report that follows its sweeps; for a study of several comparisons its parts
+    and the summary that ends it (``audit``: claim by claim, grouped into ``columns``;
+    ``suite``: a cross-workload verdict, one part per workload)."""
 
-    preset: str
-    trials: int
     report: ReportSettings
     parts: tuple[Part, ...]
-    columns: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
-    pruner: str = "none"  # the sweeps' hydra/sweeper/pruner
-    summary: str = "audit"
-    parallel: str = "serial"  # how each sweep runs its trials: a conf/parallel/ preset
-
-
-def available_optimizers(root: Path) -> list[str]:
-    """Names of the optimizer configs, conf/optimizer/<name>.yaml."""
-    return sorted(path.stem for path in (Path(root) / "conf" / "optimizer").glob("*.yaml"))
-
-
-def add_report_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags for the keys of conf/report.yaml (unset flags keep the file's values), ``--name``,
-    and the training-config overrides after ``--``."""
-    parser.add_argument("--optimizers", nargs="+", metavar="NAME", help="conf/optimizer names")
-    parser.add_argument(
-        "--baseline", metavar="NAME", help="the optimizer the others are tested against"
+    preset: str = key(
+        "the study preset, conf/study/<name>.yaml", group="study", yaml=False, metavar="NAME"
     )
-    parser.add_argument("--seeds", nargs="+", type=int, metavar="S", help="seeds of the final runs")
-    parser.add_argument("--final-epochs", type=int, metavar="N", help="epochs of each final run")
-    parser.add_argument("--metric", help="sweep-run metric that picks the best run")
-    parser.add_argument("--direction", choices=DIRECTIONS, help="of --metric")
-    parser.add_argument("--primary", choices=TESTED, help="outcome the verdict is about")
-    parser.add_argument("--alpha", type=float, help="significance level (two-sided)")
-    parser.add_argument("--jobs", type=int, metavar="N", help="trainings at once (default: cores)")
-    parser.add_argument("--name", help="report folder name under outputs/report/ (default: time)")
+    trials: int = key("Optuna trials per sweep", metavar="N", **POSITIVE)
+    quick: bool = key(
+        "the preset's quick budgets: the whole pipeline in seconds, a smoke run (no verdict)",
+        yaml=False,
+        default=False,
+    )
+    pruner: str = key(
+        "the sweeps' trial pruner, conf/hydra/sweeper/pruner/",
+        group="hydra/sweeper/pruner",
+        metavar="NAME",
+        default="none",
+    )
+    parallel: str = key(
+        "how each sweep runs its trials, conf/parallel/",
+        group="parallel",
+        metavar="NAME",
+        default="serial",
+    )
+    summary: str = key(
+        "the page a study of several parts ends with",
+        choices=SUMMARIES,
+        flag=False,
+        default="audit",
+    )
+    columns: Mapping[str, tuple[str, ...]] = key(
+        "an audit's columns: the parts each one reads", flag=False, default={}
+    )
+
+
+PRESET_KEYS = ("report", "overrides", "parts", "quick")  # the preset's keys that are not fields
+# The value of each study flag when it is not given, as its help says.
+STUDY_FLAGS = {
+    "preset": "default",
+    "trials": "the preset's",
+    "pruner": "the preset's, or none",
+    "parallel": "the preset's, or serial",
+}
+
+
+def add_report_arguments(parser: argparse.ArgumentParser, root: str | os.PathLike) -> None:
+    """A flag per report key (not given: conf/report.yaml's value, which the help shows), and
+    the training-config overrides after ``--``."""
+    keys.add_flags(parser, ReportSettings, root, OmegaConf.load(Path(root) / REPORT_YAML))
     parser.add_argument(
         "overrides",
         nargs="*",
@@ -121,38 +202,13 @@ def add_report_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _report_flags(args: argparse.Namespace) -> dict[str, Any]:
-    keys = ("optimizers", "baseline", "seeds", "final_epochs", "metric", "direction", "primary")
-    flags = {key: getattr(args, key) for key in (*keys, "alpha", "jobs")}
-    return {key: value for key, value in flags.items() if value is not None}
-
-
-def _fail(key: str, value: Any, allowed: str) -> None:
-    raise ValueError(f"invalid setting {key}={value!r}: must be {allowed}")
-
-
-def _check_names(value: Any, allowed: Sequence[str]) -> tuple[str, ...]:
-    if isinstance(value, str) or not isinstance(value, Sequence):
-        _fail("optimizers", value, f"a list of names from {list(allowed)}")
-    names = tuple(value)
-    unknown = [name for name in names if name not in allowed]
-    if unknown:
-        _fail("optimizers", list(names), f"names from {list(allowed)} (unknown: {unknown})")
-    if len(names) < 2 or len(set(names)) != len(names):
-        _fail("optimizers", list(names), "at least 2 distinct names (a baseline and a challenger)")
-    return names
-
-
-def _check_seeds(value: Any) -> tuple[int, ...]:
-    """Distinct integers >= 0; one seed is allowed (a replica of a one-run study), though it
-    admits no test."""
-    allowed = "a list of distinct integers >= 0 (2 or more for paired tests)"
-    if isinstance(value, str) or not isinstance(value, Sequence):
-        _fail("seeds", value, allowed)
-    seeds = tuple(value)
-    if not seeds or len(set(seeds)) != len(seeds) or not all(is_int(s) and s >= 0 for s in seeds):
-        _fail("seeds", list(seeds), allowed)
-    return seeds
+def add_study_arguments(parser: argparse.ArgumentParser, root: str | os.PathLike) -> None:
+    """The study's flags (``--suite`` = ``--preset suite``), then the report's."""
+    keys.add_flags(parser, StudySettings, root, STUDY_FLAGS)
+    parser.add_argument(
+        "--suite", action="store_const", const="suite", dest="preset", help="= --preset suite"
+    )
+    add_report_arguments(parser, root)
 
 
 def report_settings(
@@ -160,55 +216,25 @@ def report_settings(
     values: Mapping[str, Any] | None = None,
     *,
     overrides: Sequence[str] = (),
-    name: str | None = None,
     command: str = "",
+    smoke: bool = False,
 ) -> ReportSettings:
-    """conf/report.yaml under ``root`` updated with ``values``, validated.
+    """conf/report.yaml under ``root`` updated with ``values``, checked.
 
-    Raises ValueError naming the first bad key, its value and what is allowed.
+    Raises ConfigError naming the first bad key, its value and what is allowed.
     """
     root = Path(root).resolve()
-    raw = OmegaConf.to_container(OmegaConf.load(root / "conf" / "report.yaml"))
-    unknown = set(values or {}) - set(raw)
-    if unknown:
-        raise ValueError(f"unknown report settings {sorted(unknown)}; allowed: {sorted(raw)}")
-    raw.update(values or {})
-
-    optimizers = _check_names(raw["optimizers"], available_optimizers(root))
-    if raw["baseline"] not in optimizers:
-        _fail("baseline", raw["baseline"], f"one of the optimizers {list(optimizers)}")
-    seeds = _check_seeds(raw["seeds"])
-    final_epochs = raw["final_epochs"]
-    if final_epochs is not None and not (is_int(final_epochs) and final_epochs >= 1):
-        _fail("final_epochs", final_epochs, "an integer >= 1, or null (the runs' trainer.epochs)")
-    if not (isinstance(raw["metric"], str) and raw["metric"]):
-        _fail("metric", raw["metric"], "a metric name, e.g. objective")
-    if raw["direction"] not in DIRECTIONS:
-        _fail("direction", raw["direction"], f"one of {list(DIRECTIONS)}")
-    if raw["primary"] not in TESTED:
-        _fail("primary", raw["primary"], f"one of {list(TESTED)}")
-    alpha = raw["alpha"]
-    if not (is_number(alpha) and 0 < alpha < 1):
-        _fail("alpha", alpha, "a number in (0, 1)")
-    jobs = raw["jobs"] if raw["jobs"] is not None else (os.cpu_count() or 1)
-    if not (is_int(jobs) and jobs >= 1):
-        _fail("jobs", jobs, "null or an integer >= 1")
-    if name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
-        _fail("name", name, "a folder name of letters, digits, '.', '_' and '-'")
+    raw = OmegaConf.to_container(OmegaConf.load(root / REPORT_YAML))
+    missing = sorted(set(keys.keys(ReportSettings)) - set(raw))
+    if missing:
+        raise ConfigError(f"{REPORT_YAML} lacks the keys {missing}")
+    checked = keys.read(ReportSettings, {**raw, **(values or {})}, root, what="report settings")
+    optimizers = list(checked["optimizers"])
+    if checked["baseline"] not in optimizers:
+        keys.fail("baseline", checked["baseline"], f"one of the optimizers {optimizers}")
+    checked["jobs"] = checked["jobs"] or os.cpu_count() or 1
     return ReportSettings(
-        root=root,
-        optimizers=optimizers,
-        baseline=raw["baseline"],
-        seeds=seeds,
-        final_epochs=final_epochs,
-        metric=raw["metric"],
-        direction=raw["direction"],
-        primary=raw["primary"],
-        alpha=float(alpha),
-        jobs=jobs,
-        overrides=tuple(overrides),
-        name=name,
-        command=command,
+        root=root, overrides=tuple(overrides), command=command, smoke=smoke, **checked
     )
 
 
@@ -216,115 +242,52 @@ def report_settings_from_args(
     root: str | os.PathLike, args: argparse.Namespace, command: str
 ) -> ReportSettings:
     """ReportSettings from the flags of ``add_report_arguments``."""
-    return report_settings(
-        root, _report_flags(args), overrides=args.overrides, name=args.name, command=command
-    )
-
-
-def available_parallel(root: str | os.PathLike) -> list[str]:
-    """Names of the parallel presets, conf/parallel/<name>.yaml."""
-    return sorted(path.stem for path in (Path(root) / "conf" / "parallel").glob("*.yaml"))
-
-
-def available_pruners(root: str | os.PathLike) -> list[str]:
-    """Names of the sweeper's pruner configs, conf/hydra/sweeper/pruner/<name>.yaml."""
-    folder = Path(root) / "conf" / "hydra" / "sweeper" / "pruner"
-    return sorted(path.stem for path in folder.glob("*.yaml"))
-
-
-def available_presets(root: str | os.PathLike) -> list[str]:
-    """Names of the study presets, conf/study/<name>.yaml."""
-    return sorted(path.stem for path in (Path(root) / "conf" / "study").glob("*.yaml"))
+    values = keys.given(args, ReportSettings)
+    return report_settings(root, values, overrides=args.overrides, command=command)
 
 
 def study_settings_from_args(
     root: str | os.PathLike, args: argparse.Namespace, command: str
 ) -> StudySettings:
-    """StudySettings from ``conf/study/<--preset>.yaml``, the flags of ``add_report_arguments``,
-    ``--trials``, ``--quick``, ``--pruner`` and ``--parallel``.
-
-    A preset holds ``trials``, ``report`` (values over conf/report.yaml), ``overrides``
-    (training overrides, before the user's), optionally ``parts``, ``summary`` and ``columns``
-    (a study of several comparisons), ``pruner`` (its sweeps' hydra/sweeper/pruner, default
-    none; ``--pruner`` wins), ``parallel`` (how each sweep runs its trials, a conf/parallel/
-    preset, default serial; ``--parallel`` wins), and ``quick``: smaller values of the same keys
-    for ``--quick``.
-    Explicit flags and the user's overrides after ``--`` still win.
-    """
-    presets = available_presets(root)
-    if args.preset not in presets:
-        _fail("preset", args.preset, f"one of {presets} (conf/study/)")
-    path = Path(root) / "conf" / "study" / f"{args.preset}.yaml"
-    study = OmegaConf.to_container(OmegaConf.load(path))
-    keys = (
-        "trials",
-        "report",
-        "overrides",
-        "parts",
-        "summary",
-        "columns",
-        "pruner",
-        "parallel",
-        "quick",
+    """StudySettings from ``conf/study/<--preset>.yaml``, with its ``quick`` values for
+    ``--quick``, then the flags and the user's overrides after ``--``, which win."""
+    root = Path(root)
+    given = {"preset": STUDY_FLAGS["preset"], **keys.given(args, StudySettings)}
+    flags = keys.read(StudySettings, given, root, source="flag")
+    preset = flags["preset"]
+    path = root / "conf" / "study" / f"{preset}.yaml"
+    raw = OmegaConf.to_container(OmegaConf.load(path))
+    what = f"keys of conf/study/{path.name}"
+    study = keys.read(StudySettings, raw, root, what=what, extra=PRESET_KEYS)
+    quick = raw.get("quick", {}) if flags.get("quick") else {}
+    study |= keys.read(StudySettings, quick, root, what=f"quick {what}", extra=PRESET_KEYS[:2])
+    if "trials" not in study:
+        raise ConfigError(f"conf/study/{path.name} lacks the key trials")
+    report = report_settings(
+        root,
+        {**raw.get("report", {}), **quick.get("report", {}), **keys.given(args, ReportSettings)},
+        overrides=[*raw.get("overrides", []), *quick.get("overrides", []), *args.overrides],
+        command=command,
+        smoke=bool(flags.get("quick")),
     )
-    unknown = set(study) - set(keys)
-    if unknown:
-        _fail("keys of " + str(path.name), sorted(unknown), ", ".join(keys))
-    summary = study.get("summary", "audit")
-    if summary not in SUMMARIES:
-        _fail(f"summary of {path.name}", summary, f"one of {list(SUMMARIES)}")
-    quick = study.get("quick", {}) if args.quick else {}
-    values = {**study.get("report", {}), **quick.get("report", {}), **_report_flags(args)}
-    overrides = [*study.get("overrides", []), *quick.get("overrides", []), *args.overrides]
-    report = report_settings(root, values, overrides=overrides, name=args.name, command=command)
-    trials = args.trials if args.trials is not None else quick.get("trials", study["trials"])
-    if not (is_int(trials) and trials >= 1):
-        _fail("trials", trials, "an integer >= 1")
-    parts = _parts(study.get("parts") or {"main": {"label": ""}}, report, root)
-    columns = {k: tuple(v) for k, v in (study.get("columns") or {}).items()}
-    for column, names in columns.items():
+    parts = _parts(raw.get("parts") or {"main": {"label": ""}}, report, root)
+    for column, names in study.get("columns", {}).items():
         missing = sorted(set(names) - {part.name for part in parts})
         if missing:
-            _fail(f"columns.{column}", list(names), f"names of parts (unknown: {missing})")
-    pruner = getattr(args, "pruner", None) or quick.get("pruner", study.get("pruner", "none"))
-    if pruner not in available_pruners(root):
-        _fail("pruner", pruner, f"one of {available_pruners(root)} (conf/hydra/sweeper/pruner/)")
-    parallel = getattr(args, "parallel", None) or study.get("parallel", "serial")
-    if parallel not in available_parallel(root):
-        _fail("parallel", parallel, f"one of {available_parallel(root)} (conf/parallel/)")
-    return StudySettings(args.preset, trials, report, parts, columns, pruner, summary, parallel)
+            keys.fail(f"columns.{column}", list(names), f"names of parts (unknown: {missing})")
+    return StudySettings(report=report, parts=parts, **{**study, **flags})
 
 
-def _parts(raw: Mapping[str, Any], report: ReportSettings, root: str | os.PathLike) -> tuple:
+def _parts(raw: Mapping[str, Any], report: ReportSettings, root: Path) -> tuple[Part, ...]:
     """The parts of a preset, checked like the report's own settings."""
-    allowed = available_optimizers(Path(root))
     parts = []
-    for name, part in raw.items():
-        unknown = set(part) - {f.name for f in dataclasses.fields(Part)}
-        if unknown:
-            _fail(f"parts.{name}", sorted(unknown), "label, optimizers, seeds, sweep_seed, "
-                  "overrides, optimizer_overrides")  # fmt: skip
-        optimizers = part.get("optimizers")
-        if optimizers is not None:
-            optimizers = _check_names(optimizers, allowed)
-        seeds = part.get("seeds")
-        sweep_seed = part.get("sweep_seed", 0)
-        if not is_int(sweep_seed):
-            _fail(f"parts.{name}.sweep_seed", sweep_seed, "an integer")
-        per_optimizer = part.get("optimizer_overrides", {})
-        if set(per_optimizer) - set(optimizers or report.optimizers):
-            _fail(
-                f"parts.{name}.optimizer_overrides", sorted(per_optimizer), "optimizers it compares"
-            )
-        parts.append(
-            Part(
-                name=name,
-                label=part.get("label", name),
-                optimizers=optimizers,
-                seeds=None if seeds is None else _check_seeds(seeds),
-                sweep_seed=sweep_seed,
-                overrides=tuple(part.get("overrides", [])),
-                optimizer_overrides={k: tuple(v) for k, v in per_optimizer.items()},
-            )
-        )
+    for name, values in raw.items():
+        part = keys.read(Part, values, root, prefix=f"parts.{name}.", what=f"keys of parts.{name}")
+        compared = part.get("optimizers") or report.optimizers
+        per_optimizer = sorted(part.get("optimizer_overrides", {}))
+        if set(per_optimizer) - set(compared):
+            allowed = f"optimizers it compares {list(compared)}"
+            keys.fail(f"parts.{name}.optimizer_overrides", per_optimizer, allowed)
+        part["label"] = name if part.get("label") is None else part["label"]
+        parts.append(Part(name=name, **part))
     return tuple(parts)

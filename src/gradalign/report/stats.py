@@ -7,11 +7,19 @@ minus baseline), the exact Wilcoxon signed-rank test as a check that needs no no
 Cohen's d_z = mean(d) / sd(d). The verdict is decided by the paired t-test on one primary
 outcome, stated before looking (conf/report.yaml), so that reporting several outcomes does not
 become a search for a significant one.
+
+``judge`` is the one verdict over a paired test, in one vocabulary (Verdict); the report's
+sentence (``sentence``), the suite's win/tie/loss and the claims table's holds/contradicted are
+words for it. A comparison with fewer paired seeds than the report's ``min_pairs``, or any of a
+``--quick`` study, is a smoke run: its numbers are shown, never a verdict. Another statistical
+test is this module's: ``paired_test`` and the p it gives (``PairedTest.p``), its columns
+(``COLUMNS``), and its power (``detectable_effect``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import enum
 import math
 from collections.abc import Mapping, Sequence
 
@@ -27,26 +35,28 @@ class Outcome:
     higher_is_better: bool | None
 
 
-OUTCOMES: dict[str, Outcome] = {
+PER_SEED_OUTCOMES: dict[str, Outcome] = {
     "best_val_loss": Outcome("min val loss", False),
     "best_epoch": Outcome("epoch of min val loss", None),
     "final_val_loss": Outcome("final val loss", False),
     "test_acc_at_best": Outcome("test acc at min val loss", True),
     "final_test_acc": Outcome("final test acc", True),
 }
-TESTED = tuple(name for name, outcome in OUTCOMES.items() if outcome.higher_is_better is not None)
+TESTED = tuple(
+    name for name, outcome in PER_SEED_OUTCOMES.items() if outcome.higher_is_better is not None
+)
 
 
 def outcomes(
     val_loss: Sequence[float], test_acc: Sequence[float], diverged: bool
 ) -> dict[str, float]:
-    """The OUTCOMES of one run from its per-epoch val loss and test accuracy.
+    """The PER_SEED_OUTCOMES of one run from its per-epoch val loss and test accuracy.
 
     The minimum is over the completed epochs (the first on ties, epochs 1-based); a diverged run
     has no final values (NaN), and a run without epochs has none at all.
     """
     if not val_loss:
-        return dict.fromkeys(OUTCOMES, math.nan)
+        return dict.fromkeys(PER_SEED_OUTCOMES, math.nan)
     best = int(np.argmin(val_loss))
     return {
         "best_val_loss": float(val_loss[best]),
@@ -58,7 +68,7 @@ def outcomes(
 
 
 @dataclasses.dataclass(frozen=True)
-class Summary:
+class MeanStd:
     """Mean and sample standard deviation (ddof=1) of the finite values; n counts them."""
 
     n: int
@@ -66,13 +76,13 @@ class Summary:
     std: float
 
 
-def summarize(values: Sequence[float]) -> Summary:
-    """Summary of ``values``, ignoring NaN and inf (a diverged run); std is NaN below 2 values."""
+def mean_std(values: Sequence[float]) -> MeanStd:
+    """MeanStd of ``values``, ignoring NaN and inf (a diverged run); std is NaN below 2 values."""
     finite = np.asarray([v for v in values if math.isfinite(v)], dtype=float)
     if finite.size == 0:
-        return Summary(0, math.nan, math.nan)
+        return MeanStd(0, math.nan, math.nan)
     std = float(finite.std(ddof=1)) if finite.size > 1 else math.nan
-    return Summary(int(finite.size), float(finite.mean()), std)
+    return MeanStd(int(finite.size), float(finite.mean()), std)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,6 +103,18 @@ class PairedTest:
     w: float
     p_w: float
     d_z: float
+
+    @property
+    def p(self) -> float:
+        """The p value the verdict rests on: the paired t-test's."""
+        return self.p_t
+
+
+TEST = "paired t-test"  # the test ``PairedTest.p`` comes from, as the pages name it
+# The paired tests' columns in report.md: (PairedTest attribute, header); and the statistics
+# each comparison logs to MLflow as metrics ``<optimizer>/<outcome>/<attribute>``.
+COLUMNS = (("t", "t"), ("p_t", "p (t)"), ("w", "W"), ("p_w", "p (Wilcoxon)"), ("d_z", "d_z"))
+LOGGED = ("mean_diff", "p_t", "p_w", "d_z")
 
 
 def paired_test(baseline: Sequence[float], other: Sequence[float], alpha: float) -> PairedTest:
@@ -177,24 +199,87 @@ def detectable_effect(n: int, alpha: float, power: float = 0.8) -> float:
     return float(optimize.brentq(lambda d: t_test_power(d, n, alpha) - power, 1e-6, 1e3))
 
 
-def verdict(optimizer: str, baseline: str, outcome: str, test: PairedTest, alpha: float) -> str:
+class Verdict(enum.StrEnum):
+    """What one paired comparison shows: the vocabulary every view's words derive from."""
+
+    BETTER = "better"  # p < alpha, the difference in the outcome's better direction
+    WORSE = "worse"  # p < alpha, the other way
+    NO_DIFFERENCE = "no significant difference"  # p >= alpha: not evidence of equality
+    UNTESTABLE = "untestable"  # fewer than 2 pairs: no test
+    SMOKE = "smoke run"  # a --quick study, or fewer pairs than min_pairs: numbers, no verdict
+
+
+def judge(
+    test: PairedTest,
+    alpha: float,
+    higher_is_better: bool,
+    *,
+    min_pairs: int,
+    smoke: bool = False,
+    p: float | None = None,
+) -> Verdict:
+    """The verdict on ``test``: ``smoke`` (a quick study) or 2 <= n < ``min_pairs`` is a smoke
+    run, n < 2 untestable; then significance is ``p`` (default: ``test.p``; the suite passes a
+    Holm-corrected one) < alpha, in the direction of the mean difference. The same difference
+    on every seed (no variance, where p is undefined) is the test's limit: that direction, or
+    no difference when it is 0."""
+    if smoke:
+        return Verdict.SMOKE
+    if test.n < 2:
+        return Verdict.UNTESTABLE
+    if test.n < min_pairs:
+        return Verdict.SMOKE
+    direction = Verdict.BETTER if (test.mean_diff > 0) == higher_is_better else Verdict.WORSE
+    if test.sd_diff == 0:  # every seed moved by exactly the same amount: the test's limit
+        return Verdict.NO_DIFFERENCE if test.mean_diff == 0 else direction
+    p = test.p if p is None else p
+    if math.isnan(p):
+        return Verdict.UNTESTABLE
+    return Verdict.NO_DIFFERENCE if p >= alpha else direction
+
+
+def smoke_reason(n: int, min_pairs: int, smoke: bool) -> str:
+    """Why a comparison of ``n`` pairs is a smoke run, in words."""
+    if smoke:
+        return "a --quick study, whose budgets only exercise the pipeline"
+    return f"{n} paired seeds, fewer than the {min_pairs} a verdict needs (min_pairs)"
+
+
+def sentence(
+    optimizer: str,
+    baseline: str,
+    outcome: str,
+    test: PairedTest,
+    alpha: float,
+    *,
+    min_pairs: int,
+    smoke: bool = False,
+) -> str:
     """One plain-words sentence: does ``optimizer`` differ from ``baseline`` on ``outcome``?
 
-    Significance is the paired t-test's p < alpha; the Wilcoxon p and, when the rank test cannot
-    reach alpha at this n, that fact are stated beside it.
+    The verdict is ``judge``'s; the Wilcoxon p and, when the rank test cannot reach alpha at
+    this n, that fact are stated beside it. A smoke run states its numbers and why they make
+    no verdict.
     """
-    spec = OUTCOMES[outcome]
+    spec = PER_SEED_OUTCOMES[outcome]
     if spec.higher_is_better is None:
         raise ValueError(f"outcome {outcome!r} is descriptive; allowed: {list(TESTED)}")
+    found = judge(test, alpha, spec.higher_is_better, min_pairs=min_pairs, smoke=smoke)
+    difference = f"{optimizer} - {baseline} on {spec.label} = {test.mean_diff:+.4g}"
+    if found is Verdict.SMOKE:
+        return (
+            f"SMOKE RUN, no verdict ({smoke_reason(test.n, min_pairs, smoke)}): "
+            f"{difference} over {test.n} seed(s)."
+        )
     if test.n < 2:
         return (
             f"{optimizer} vs {baseline}: not testable on {spec.label} "
             f"({test.n} seed(s) where both runs completed)."
         )
-    if math.isnan(test.p_t):
+    if test.sd_diff == 0:
         return (
             f"{optimizer} vs {baseline}: {spec.label} differs by exactly {test.mean_diff:+.4g} "
-            f"on every one of {test.n} seeds; no variance, so no test."
+            f"on every one of {test.n} seeds; no variance, so no test: {found}."
         )
     level = f"{1 - alpha:.0%} CI"
     numbers = (
@@ -205,24 +290,23 @@ def verdict(optimizer: str, baseline: str, outcome: str, test: PairedTest, alpha
     floor = min_wilcoxon_p(test.n)
     if floor >= alpha:
         numbers += f"; Wilcoxon cannot go below p = {floor:.3g} with {test.n} seeds"
-    if test.p_t >= alpha:
+    if found is Verdict.NO_DIFFERENCE:
         return (
             f"No significant difference in {spec.label} between {optimizer} and {baseline} "
             f"at alpha = {alpha:g} ({numbers})."
         )
-    better = (test.mean_diff > 0) == spec.higher_is_better
-    word = "better" if better else "worse"
-    return f"{optimizer} is significantly {word} than {baseline} on {spec.label} ({numbers})."
+    return f"{optimizer} is significantly {found} than {baseline} on {spec.label} ({numbers})."
 
 
 @dataclasses.dataclass(frozen=True)
 class Comparison:
     """One optimizer against the baseline: a paired test per TESTED outcome, and the verdict on
-    the primary one."""
+    the primary one, as a Verdict and as a sentence."""
 
     optimizer: str
     tests: dict[str, PairedTest]
-    verdict: str
+    verdict: Verdict
+    sentence: str
 
 
 def compare(
@@ -230,10 +314,14 @@ def compare(
     baseline: str,
     primary: str,
     alpha: float,
+    *,
+    min_pairs: int,
+    smoke: bool = False,
 ) -> list[Comparison]:
     """Every optimizer of ``per_seed`` (optimizer -> outcome -> values in seed order) but the
     baseline, tested against it on every TESTED outcome."""
     comparisons = []
+    better = PER_SEED_OUTCOMES[primary].higher_is_better
     for optimizer, values in per_seed.items():
         if optimizer == baseline:
             continue
@@ -241,6 +329,14 @@ def compare(
             outcome: paired_test(per_seed[baseline][outcome], values[outcome], alpha)
             for outcome in TESTED
         }
-        sentence = verdict(optimizer, baseline, primary, tests[primary], alpha)
-        comparisons.append(Comparison(optimizer, tests, sentence))
+        test = tests[primary]
+        words = sentence(optimizer, baseline, primary, test, alpha, min_pairs=min_pairs,
+                         smoke=smoke)  # fmt: skip
+        found = judge(test, alpha, better, min_pairs=min_pairs, smoke=smoke)
+        comparisons.append(Comparison(optimizer, tests, found, words))
     return comparisons
+
+
+def is_smoke(comparisons: Sequence[Comparison]) -> bool:
+    """Whether a report is a smoke run: every comparison in it is one."""
+    return bool(comparisons) and all(c.verdict is Verdict.SMOKE for c in comparisons)

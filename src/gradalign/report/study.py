@@ -29,10 +29,11 @@ import optuna
 from optuna.trial import TrialState
 
 from gradalign import tracking
+from gradalign.checks import UserError
 from gradalign.config import hydra_quoted, register_resolvers
 from gradalign.report.audit import write_audit
 from gradalign.report.build import MARKDOWN, write_report
-from gradalign.report.configs import compose_optimizer, optimizer_overrides
+from gradalign.report.configs import compose_optimizer, sweep_command
 from gradalign.report.settings import Part, ReportSettings, StudySettings
 from gradalign.report.suite import write_suite
 
@@ -70,6 +71,23 @@ class Sweep:
         """The MLflow tag its trials carry (gradalign.sweep.runs.sweep_id of a stored study)."""
         return f"optuna:{self.study_name}"
 
+    def command(self, root: Path, trials: int, folder: Path) -> list[str]:
+        """The train.py command that runs ``trials`` more trials of the sweep, its study
+        stored in ``folder``/optuna.db and its outputs in a folder of its own there."""
+        storage = f"sqlite:///{folder / 'optuna.db'}"
+        return sweep_command(
+            self.optimizer,
+            self.overrides,
+            f"hydra.sweeper.n_trials={trials}",
+            f"hydra.sweeper.seed={self.seed}",
+            f"hydra.sweep.dir={hydra_quoted(folder / self.study_name)}",
+            f"hydra.sweeper.storage={hydra_quoted(storage)}",
+            f"hydra.sweeper.study_name={self.study_name}",
+            *([] if self.pruner == "none" else [f"hydra/sweeper/pruner={self.pruner}"]),
+            *([] if self.parallel == "serial" else [f"parallel={self.parallel}"]),
+            program=(sys.executable, str(root / "train.py")),
+        )
+
 
 def part_settings(settings: StudySettings, part: Part, name: str) -> ReportSettings:
     """The report of one part of the study named ``name``: the study's report settings narrowed
@@ -101,24 +119,6 @@ def sweep_of(
     return Sweep(optimizer, report.overrides_of(optimizer), part.sweep_seed, pruner, parallel)
 
 
-def sweep_command(report: ReportSettings, sweep: Sweep, trials: int, folder: Path) -> list[str]:
-    """The train.py command that runs ``trials`` more trials of ``sweep``."""
-    storage = f"sqlite:///{folder / 'optuna.db'}"
-    return [
-        sys.executable,
-        str(report.root / "train.py"),
-        "-m",
-        *optimizer_overrides(sweep.optimizer, sweep.overrides),
-        f"hydra.sweeper.n_trials={trials}",
-        f"hydra.sweeper.seed={sweep.seed}",
-        f"hydra.sweep.dir={hydra_quoted(folder / sweep.study_name)}",
-        f"hydra.sweeper.storage={hydra_quoted(storage)}",
-        f"hydra.sweeper.study_name={sweep.study_name}",
-        *([] if sweep.pruner == "none" else [f"hydra/sweeper/pruner={sweep.pruner}"]),
-        *([] if sweep.parallel == "serial" else [f"parallel={sweep.parallel}"]),
-    ]
-
-
 def trials_left(storage: Path, sweeps: Sequence[Sweep], trials: int) -> dict[Sweep, int]:
     """How many of its ``trials`` each sweep's stored study still has to run: all of them for a
     new study, fewer once some completed or were pruned (an earlier or interrupted run of the
@@ -148,8 +148,8 @@ def _stop(running: dict[str, subprocess.Popen]) -> None:
 def run_sweeps(commands: dict[str, list[str]], logs: Path, jobs: int) -> None:
     """Run ``commands`` (name -> argv), at most ``jobs`` at once, output to logs/<name>.log.
 
-    If one fails, the others are stopped (their MLflow runs end KILLED) and RuntimeError shows
-    the tail of its log.
+    If one fails, the others are stopped (their MLflow runs end KILLED) and a UserError shows
+    the tail of its log (the sweep's own traceback is there).
     """
     pending = list(commands)
     running: dict[str, subprocess.Popen] = {}
@@ -171,7 +171,7 @@ def run_sweeps(commands: dict[str, list[str]], logs: Path, jobs: int) -> None:
                 handles[name].close()
                 if process.returncode != 0:  # the except below stops the others
                     tail = (logs / f"{name}.log").read_text().splitlines()[-TAIL:]
-                    raise RuntimeError(
+                    raise UserError(
                         f"sweep {name} failed (exit {process.returncode}); "
                         f"{logs / f'{name}.log'} ends:\n" + "\n".join(tail)
                     )
@@ -214,7 +214,7 @@ def run_study(settings: StudySettings) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     left = trials_left(folder / "optuna.db", list(sweeps), settings.trials)
     commands = {
-        sweep.study_name: sweep_command(report, sweep, trials, folder)
+        sweep.study_name: sweep.command(report.root, trials, folder)
         for sweep, trials in left.items()
         if trials > 0
     }

@@ -5,10 +5,12 @@ of its own; this page puts their primary outcomes side by side.
 Per workload and challenger: the paired difference (challenger - baseline) of the primary
 outcome over the final seeds with its (1 - alpha) t-interval, the paired t-test's p, and that p
 corrected for multiplicity by Holm's method over every (workload, challenger) comparison of the
-suite (stats.holm). A comparison is a *win* or a *loss* when its Holm-corrected p < alpha, in the
-better or the worse direction of the outcome, a *tie* otherwise, *untested* when the seeds admit
-no test. The forest plot shows each difference as a percentage of the baseline's mean, so that
-workloads whose losses differ in scale share one axis; the interval is scaled by the same
+suite (stats.holm). Its result is the paired test's verdict (stats.judge) on the Holm-corrected
+p in the suite's words: a *win* or a *loss* when p < alpha, in the better or the worse direction
+of the outcome, a *tie* otherwise, *untested* when the seeds admit no test, a *smoke run* (no
+verdict) in a quick suite or with fewer seeds than ``min_pairs``. The forest plot shows each
+difference as a percentage of the baseline's mean, so that workloads whose losses differ in
+scale share one axis; the interval is scaled by the same
 constant, so it excludes 0 exactly when the unadjusted p < alpha.
 
 Written to ``<outputs>/report/<name>/suite.md`` (and ``suite_forest.png``), and logged to the
@@ -20,6 +22,8 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
+import logging
 import math
 import os
 import platform
@@ -31,14 +35,35 @@ from matplotlib.figure import Figure
 from omegaconf import OmegaConf
 
 from gradalign.report.build import Report
+from gradalign.report.markdown import table
 from gradalign.report.settings import ReportSettings, StudySettings
-from gradalign.report.stats import OUTCOMES, PairedTest, detectable_effect, holm, summarize
+from gradalign.report.stats import (
+    PER_SEED_OUTCOMES,
+    TEST,
+    PairedTest,
+    Verdict,
+    detectable_effect,
+    holm,
+    judge,
+    mean_std,
+    smoke_reason,
+)
 from gradalign.report.summary import summary_run
 from gradalign.schema import Tag
 
+log = logging.getLogger(__name__)
 MARKDOWN, FIGURE = "suite.md", "suite_forest.png"
-RESULTS = ("win", "tie", "loss", "untested")
-PLURALS = {"win": "wins", "tie": "ties", "loss": "losses", "untested": "untested"}
+# The suite's word for each verdict, and the order its tables count them in.
+WORDS = {
+    Verdict.BETTER: "win",
+    Verdict.NO_DIFFERENCE: "tie",
+    Verdict.WORSE: "loss",
+    Verdict.UNTESTABLE: "untested",
+    Verdict.SMOKE: "smoke run",
+}
+RESULTS = tuple(WORDS.values())
+PLURALS = {"win": "wins", "tie": "ties", "loss": "losses", "smoke run": "smoke runs"}
+SMOKE = WORDS[Verdict.SMOKE]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,31 +84,24 @@ class Effect:
         return tuple(scale * v for v in (self.test.mean_diff, *self.test.ci))
 
 
-def result_of(test: PairedTest, p_holm: float, higher_is_better: bool, alpha: float) -> str:
-    """``win``/``loss`` when the Holm-corrected p < alpha (by the direction of the mean
-    difference), ``tie`` when not, ``untested`` when the test is undefined."""
-    if math.isnan(p_holm):
-        return "untested"
-    if p_holm >= alpha:
-        return "tie"
-    return "win" if (test.mean_diff > 0) == higher_is_better else "loss"
-
-
-def effects(
-    reports: Mapping[str, Report], primary: str, baseline: str, alpha: float
-) -> list[Effect]:
-    """Every (workload, challenger) comparison of the suite on ``primary``, Holm-corrected as
-    one family."""
+def effects(reports: Mapping[str, Report], settings: ReportSettings) -> list[Effect]:
+    """Every (workload, challenger) comparison of the suite on the primary outcome, judged on
+    its p Holm-corrected over the family of the suite's tested comparisons (smoke runs are
+    not tested, so not counted)."""
+    primary, alpha = settings.primary, settings.alpha
+    better = PER_SEED_OUTCOMES[primary].higher_is_better
+    judged = functools.partial(
+        judge, alpha=alpha, higher_is_better=better, min_pairs=settings.min_pairs,
+        smoke=settings.smoke)  # fmt: skip
     rows = []
     for workload, report in reports.items():
-        base = [r.outcomes[primary] for r in report.finals if r.optimizer == baseline]
+        base = [r.outcomes[primary] for r in report.finals if r.optimizer == settings.baseline]
         for comparison in report.comparisons:
             rows.append((workload, comparison.optimizer, comparison.tests[primary], base))
-    adjusted = holm([test.p_t for _, _, test, _ in rows])
-    better = OUTCOMES[primary].higher_is_better
+    tested = [math.nan if judged(test) is Verdict.SMOKE else test.p for _, _, test, _ in rows]
     return [
-        Effect(w, o, test, summarize(base).mean, p, result_of(test, p, better, alpha))
-        for (w, o, test, base), p in zip(rows, adjusted, strict=True)
+        Effect(w, o, test, mean_std(base).mean, p, WORDS[judged(test, p=p)])
+        for (w, o, test, base), p in zip(rows, holm(tested), strict=True)
     ]
 
 
@@ -119,13 +137,15 @@ def plot_forest(found: Sequence[Effect], path: Path, primary: str, level: str) -
     for optimizer in optimizers:
         ax.plot([], [], "o", color=colors[optimizer], label=optimizer)
     ax.legend(loc="best", fontsize=8)
-    ax.set_xlabel(f"{OUTCOMES[primary].label}: difference to the baseline, % of its mean ({level})")
+    ax.set_xlabel(
+        f"{PER_SEED_OUTCOMES[primary].label}: difference to the baseline, % of its mean ({level})"
+    )
     ax.grid(axis="x", alpha=0.3)
     fig.savefig(path, dpi=90)
 
 
 def _mean_sd(values: Sequence[float], scale: float = 1.0, digits: int = 4) -> str:
-    s = summarize(values)
+    s = mean_std(values)
     if s.n == 0:
         return "n/a"
     sd = "" if math.isnan(s.std) else f" ± {scale * s.std:.{digits}f}"
@@ -138,9 +158,22 @@ def _reference(cfg_reference: Mapping[str, object]) -> str:
     return f"{100 * float(cfg_reference['test_acc']):.0f}% ({cfg_reference.get('source', '?')})"
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+def verdict_lines(found: Sequence[Effect], baseline: str) -> list[str]:
+    """The suite's verdict on each challenger: its results counted (untested and smoke runs
+    only when there are some), the workloads of its wins and losses named."""
+    lines = []
+    for optimizer, count in tally(found).items():
+        counted = ", ".join(
+            f"{count[r]} {r if count[r] == 1 else PLURALS.get(r, r)}{_which(found, optimizer, r)}"
+            for r in RESULTS
+            if count[r] or r not in ("untested", SMOKE)
+        )
+        if count[SMOKE] == sum(count.values()):
+            counted = "smoke run, numbers only, no verdict"
+        lines.append(
+            f"- **{optimizer}** against {baseline} over {sum(count.values())} workloads: {counted}."
+        )
+    return lines
 
 
 def render(
@@ -152,14 +185,19 @@ def render(
     run_id: str,
 ) -> str:
     """suite.md: the verdict, the tuned baseline per workload, the effects, the win/tie/loss
-    table, the figure, each workload's own paired verdict, and how sure the data allow us to be."""
+    table, the figure, each workload's own paired verdict, and how sure the data allow us to be;
+    for a smoke run (every comparison one) its numbers, labelled, with no verdict."""
     report = settings.report
     labels = {part.name: part.label for part in settings.parts}
     primary, alpha, baseline = report.primary, report.alpha, report.baseline
+    label = PER_SEED_OUTCOMES[primary].label
     level = f"{1 - alpha:.0%} CI"
     counts = tally(found)
+    smoke = all(e.result == SMOKE for e in found)
+    seeds = max(len(s.seeds) for s in parts.values())
     lines = [
-        f"# Workload suite `{name}`: {', '.join(counts)} against {baseline}",
+        f"# Workload suite `{name}`{' (SMOKE RUN)' if smoke else ''}: "
+        f"{', '.join(counts)} against {baseline}",
         "",
         f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
         f"- command: `{report.command}`" if report.command else "- command: (called from Python)",
@@ -167,33 +205,32 @@ def render(
         f"{os.cpu_count()} core(s), torch {torch.__version__}, one thread per run",
         f"- MLflow run `{run_id}` (stage `study`); the workloads' reports nest under it",
         f"- preset: conf/study/{settings.preset}.yaml, {settings.trials} trials per sweep; "
-        f"primary outcome {OUTCOMES[primary].label}, alpha = {alpha:g}, Holm-corrected over "
+        f"primary outcome {label}, alpha = {alpha:g}, Holm-corrected over "
         f"{sum(not math.isnan(e.p_holm) for e in found)} comparisons",
         "",
-        "## Verdict",
-        "",
     ]
-    for optimizer, count in counts.items():
-        lines.append(
-            f"- **{optimizer}** against {baseline} over {sum(count.values())} workloads: "
-            + ", ".join(
-                f"{count[r]} {r if count[r] == 1 else PLURALS[r]}{_which(found, optimizer, r)}"
-                for r in RESULTS
-                if count[r] or r != "untested"
-            )  # fmt: skip
-            + "."
-        )
-    seeds = max(len(s.seeds) for s in parts.values())
-    lines += [
-        f"- How sure: a win or a loss is a paired t-test on {seeds} seeds whose p, Holm-corrected "
-        f"over the whole suite, is below {alpha:g}; the family-wise error rate is at most "
-        f"{alpha:g}. With {seeds} seeds one test has 80% power only for |d_z| >= "
-        f"{detectable_effect(seeds, alpha):.2f} before the correction, so a tie is not evidence "
-        "of no effect; the intervals below say how large an effect the data still allow.",
-        "",
-        f"## {baseline}, tuned, on each workload",
-        "",
-    ]
+    if smoke:
+        lines += [
+            "## SMOKE RUN: no verdict",
+            "",
+            f"This suite is a smoke run ({smoke_reason(seeds, report.min_pairs, report.smoke)}): "
+            "the numbers below show that the pipeline ran, not how the optimizers compare.",
+            "",
+            *verdict_lines(found, baseline),
+        ]
+    else:
+        lines += [
+            "## Verdict",
+            "",
+            *verdict_lines(found, baseline),
+            f"- How sure: a win or a loss is a {TEST} on {seeds} seeds whose p, Holm-corrected "
+            f"over the whole suite, is below {alpha:g}; the family-wise error rate is at most "
+            f"{alpha:g}. With {seeds} seeds one test has 80% power only for |d_z| >= "
+            f"{detectable_effect(seeds, alpha):.2f} before the correction, so a tie is not "
+            "evidence of no effect; the intervals below say how large an effect the data still "
+            "allow.",
+        ]
+    lines += ["", f"## {baseline}, tuned, on each workload", ""]
     rows = []
     for workload, r in reports.items():
         cfg = r.plan.compositions[baseline].cfg
@@ -216,71 +253,66 @@ def render(
         )
     header = ["workload", "data / model", "epochs", "tuned", "min val loss (nats)", "(bits)",
               "test acc at min val loss", "published"]  # fmt: skip
-    lines += _table(header, rows)
+    lines += table(header, rows)
     lines += [
         "",
         "Bits = nats / ln 2: for a character language model, bits per character.",
         "",
-        f"## Effects on {OUTCOMES[primary].label} (optimizer - {baseline})",
+        f"## Effects on {label} (optimizer - {baseline})",
         "",
     ]
     rows = []
     for e in found:
         rel = e.relative
+        tested = e.result != SMOKE  # a smoke run's test statistics are not shown
         rows.append(
             [
                 e.workload,
                 e.optimizer,
                 f"{e.test.mean_diff:+.4g} [{e.test.ci[0]:+.4g}, {e.test.ci[1]:+.4g}]",
                 f"{rel[0]:+.2f}% [{rel[1]:+.2f}, {rel[2]:+.2f}]",
-                f"{e.test.d_z:+.2f}",
-                f"{e.test.p_t:.3g}",
-                f"{e.p_holm:.3g}",
+                *(
+                    (f"{e.test.d_z:+.2f}", f"{e.test.p:.3g}", f"{e.p_holm:.3g}")
+                    if tested
+                    else ("—", "—", "—")
+                ),
                 str(e.test.n),
                 e.result,
             ]
         )
-    lines += _table(
-        [
-            "workload",
-            "optimizer",
-            f"difference ({level})",
-            f"% of {baseline} ({level})",
-            "d_z",
-            "p (paired t)",
-            "p (Holm)",
-            "seeds",
-            "result",
-        ],  # fmt: skip
-        rows,
-    )
-    lines += ["", "## Wins, ties and losses", ""]
-    lines += _table(
-        ["optimizer", *RESULTS],
-        [[o, *(str(c[r]) for r in RESULTS)] for o, c in counts.items()],
-    )
+    header = ["workload", "optimizer", f"difference ({level})", f"% of {baseline} ({level})",
+              "d_z", f"p ({TEST})", "p (Holm)", "seeds", "result"]  # fmt: skip
+    lines += table(header, rows)
+    if not smoke:
+        shown = [r for r in RESULTS if r != SMOKE or any(c[r] for c in counts.values())]
+        lines += ["", "## Wins, ties and losses", ""]
+        lines += table(["optimizer", *shown],
+                        [[o, *(str(c[r]) for r in shown)] for o, c in counts.items()])  # fmt: skip
     lines += [
         "",
-        f"## Figure: {OUTCOMES[primary].label}, difference to {baseline} ({level}, unadjusted)",
+        f"## Figure: {label}, difference to {baseline} ({level}, unadjusted)",
         "",
         f"![forest plot of the effects]({FIGURE})",
         "",
-        "## Each workload's own verdict (uncorrected)",
+        "## Each workload's own numbers"
+        if smoke
+        else "## Each workload's own verdict (uncorrected)",
         "",
     ]
     own = {part.name: part.overrides for part in settings.parts}
     for workload, r in reports.items():
         lines.append(f"- **{workload}** (`{r.out_dir.name}/report.md`, "
                      + " ".join(f"`{o}`" for o in own[workload]) + "):")  # fmt: skip
-        lines += [f"  - {c.verdict}" for c in r.comparisons]
+        lines += [f"  - {c.sentence}" for c in r.comparisons]
     return "\n".join(lines) + "\n"
 
 
 def write_suite(settings: StudySettings, name: str, parts: Mapping[str, ReportSettings]) -> Path:
-    """Write every workload's report, then the suite page; the page."""
+    """Write every workload's report, then the suite page; the page. Its verdict lines go to
+    the log and the study run's description too, so every view says the same."""
     report = settings.report
     with summary_run(settings, name, parts, "suite") as summary:
-        found = effects(summary.reports, report.primary, report.baseline, report.alpha)
+        found = effects(summary.reports, report)
         level = f"{1 - report.alpha:.0%} CI"
         plot_forest(found, summary.folder / FIGURE, report.primary, level)
         text = render(settings, name, parts, summary.reports, found, summary.run.run_id)
@@ -292,13 +324,15 @@ def write_suite(settings: StudySettings, name: str, parts: Mapping[str, ReportSe
                 "ci_low": e.test.ci[0],
                 "ci_high": e.test.ci[1],
                 "relative_diff": e.relative[0],
-                "d_z": e.test.d_z,
-                "p_t": e.test.p_t,
-                "p_holm": e.p_holm,
             }
+            if e.result != SMOKE:
+                stats |= {"d_z": e.test.d_z, "p_t": e.test.p, "p_holm": e.p_holm}
             values |= {f"{e.workload}/{e.optimizer}/{k}": v for k, v in stats.items()}
+        smoke = all(e.result == SMOKE for e in found)
         for optimizer, count in tally(found).items():
-            values |= {f"{optimizer}/{result}": n for result, n in count.items()}
+            if not smoke:
+                values |= {f"{optimizer}/{r.replace(' ', '_')}": n for r, n in count.items()}
         verdicts = {f"{Tag.VERDICT_PREFIX}{e.workload}/{e.optimizer}": e.result for e in found}
-        summary.run.log_summary(values, verdicts)
+        lines = verdict_lines(found, report.baseline)
+        summary.finish(values, verdicts, lines, smoke)
     return summary.folder / MARKDOWN

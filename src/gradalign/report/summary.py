@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Iterator, Mapping
+import logging
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -20,6 +21,8 @@ from gradalign.report.configs import compose_optimizer
 from gradalign.report.settings import ReportSettings, StudySettings
 from gradalign.schema import Param, Stage, Tag
 
+log = logging.getLogger(__name__)
+
 
 @dataclasses.dataclass(frozen=True)
 class SummaryRun:
@@ -30,6 +33,21 @@ class SummaryRun:
     folder: Path
     reports: dict[str, Report]
     cfg: DictConfig
+
+    def finish(
+        self,
+        values: Mapping[str, float],
+        verdicts: Mapping[str, str],
+        lines: Sequence[str],
+        smoke: bool,
+    ) -> None:
+        """Log the summary's statistics (metrics) and verdicts (tags), a smoke run as such, and
+        its verdict ``lines`` as the run's description and on the console: every view says the
+        same."""
+        self.run.log_summary(values, {**verdicts, **({Tag.SMOKE_RUN: "true"} if smoke else {})})
+        self.run.description = "\n".join(lines)
+        for line in lines:
+            log.info("%s", line)
 
 
 @contextlib.contextmanager

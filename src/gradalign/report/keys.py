@@ -1,0 +1,193 @@
+"""Settings declared once. Each key of a settings dataclass (report.settings) carries, as field
+metadata, what it means and what it allows; its type is the field's annotation. From that one
+declaration come the key's command-line flag (``final_epochs``: ``--final-epochs``, typed and
+counted from the annotation), its line in ``--help``, and the check of its value, whether it came
+from a YAML file (conf/report.yaml, conf/study/<preset>.yaml) or from a flag.
+
+A bad value fails with one line naming the key, the value and what is allowed (a ConfigError:
+the user's to fix).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from gradalign.checks import is_int, is_number
+from gradalign.config import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class Key:
+    """What one settings key means and allows, beyond its type.
+
+    ``allowed`` says what ``valid`` accepts (the error message's "must be ..."); ``group`` makes
+    its values names of ``conf/<group>/*.yaml``; ``flag``: it has a command-line flag; ``yaml``:
+    it may be set in a settings file; ``param``: it decides what a report computes, so the
+    report's MLflow run logs it (and a resumed report must have the same).
+    """
+
+    help: str
+    allowed: str = ""
+    valid: Callable[[Any], bool] | None = None
+    group: str | None = None
+    choices: tuple[str, ...] = ()
+    metavar: str | None = None
+    flag: bool = True
+    yaml: bool = True
+    param: bool = True
+
+
+def key(help: str, *, default: Any = dataclasses.MISSING, **options: Any) -> Any:
+    """A dataclass field that is a settings key (``options``: the other fields of Key); a
+    mapping default is copied for each instance."""
+    metadata = {"key": Key(help, **options)}
+    if isinstance(default, Mapping):
+        return dataclasses.field(default_factory=lambda: dict(default), metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def keys(cls: type) -> dict[str, tuple[Key, Any]]:
+    """The settings keys of dataclass ``cls``: name -> (Key, annotation), in field order."""
+    hints = typing.get_type_hints(cls)
+    return {
+        field.name: (field.metadata["key"], hints[field.name])
+        for field in dataclasses.fields(cls)
+        if "key" in field.metadata
+    }
+
+
+def conf_names(root: str | Path, group: str) -> list[str]:
+    """The names of the configs of a conf/ group: the stems of ``conf/<group>/*.yaml``."""
+    return sorted(path.stem for path in (Path(root) / "conf" / group).glob("*.yaml"))
+
+
+def fail(name: str, value: Any, allowed: str) -> NoReturn:
+    """Refuse setting ``name``'s ``value``, saying what is ``allowed``."""
+    raise ConfigError(f"invalid setting {name}={value!r}: must be {allowed}")
+
+
+def _optional(hint: Any) -> tuple[Any, bool]:
+    """(the type, whether None is allowed) of ``X`` or ``X | None``."""
+    args = typing.get_args(hint)
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        (inner,) = [a for a in args if a is not type(None)]
+        return inner, True
+    return hint, False
+
+
+_SCALARS: dict[Any, tuple[Callable[[Any], bool], str]] = {
+    bool: (lambda v: isinstance(v, bool), "true or false"),
+    int: (is_int, "an integer"),
+    float: (is_number, "a number"),
+    str: (lambda v: isinstance(v, str), "a string"),
+}
+
+
+def check(name: str, value: Any, spec: Key, hint: Any, root: str | Path) -> Any:
+    """``value`` of key ``name`` if it has the annotation's type (lists become tuples, integers
+    floats where a float is declared) and ``spec`` accepts it; else ConfigError."""
+    kind, nullable = _optional(hint)
+    if value is None:
+        if not nullable:
+            fail(name, value, spec.allowed or "set (not null)")
+        return None
+    names = conf_names(root, spec.group) if spec.group else list(spec.choices)
+    if typing.get_origin(kind) is tuple:
+        element = typing.get_args(kind)[0]
+        ok, what = _SCALARS[element]
+        if isinstance(value, str) or not isinstance(value, Sequence) or not all(map(ok, value)):
+            fail(name, value, spec.allowed or f"a list of {what.split(' ', 1)[1]}s")
+        value = tuple(value)
+        unknown = [v for v in value if names and v not in names]
+        if unknown:
+            fail(name, list(value), f"names from {names} (unknown: {unknown})")
+        if spec.valid is not None and not spec.valid(value):
+            fail(name, list(value), spec.allowed)
+        return value
+    if kind in _SCALARS:
+        ok, what = _SCALARS[kind]
+        if not ok(value):
+            fail(name, value, spec.allowed or what + (", or null" if nullable else ""))
+        if names and value not in names:
+            where = f" (conf/{spec.group}/)" if spec.group else ""
+            fail(name, value, f"one of {names}{where}")
+        if spec.valid is not None and not spec.valid(value):
+            fail(name, value, spec.allowed)
+        return float(value) if kind is float else value
+    if typing.get_origin(kind) is Mapping:
+        if not isinstance(value, Mapping):
+            fail(name, value, spec.allowed or "a mapping")
+        inner = typing.get_args(kind)[1]
+        return {k: check(f"{name}.{k}", v, Key(""), inner, root) for k, v in value.items()}
+    return value
+
+
+def read(
+    cls: type,
+    values: Mapping[str, Any],
+    root: str | Path,
+    *,
+    source: str = "yaml",
+    what: str = "settings",
+    prefix: str = "",
+    extra: Iterable[str] = (),
+) -> dict[str, Any]:
+    """The values of ``cls``'s keys in ``values`` (from ``source``: ``yaml`` or ``flag``), each
+    checked (``prefix`` goes before the names in messages). Other keys, but for ``extra`` ones
+    left to the caller, are refused as unknown ``what``."""
+    declared = {name: item for name, item in keys(cls).items() if getattr(item[0], source)}
+    unknown = sorted(set(values) - set(declared) - set(extra))
+    if unknown:
+        allowed = sorted({*declared, *extra})
+        raise ConfigError(f"unknown {what} {unknown}: allowed {allowed}")
+    return {
+        name: check(prefix + name, values[name], spec, hint, root)
+        for name, (spec, hint) in declared.items()
+        if name in values
+    }
+
+
+def _flag_options(spec: Key, hint: Any, default: Any, root: str | Path) -> dict[str, Any]:
+    """argparse options of a key's flag: typed and counted from the annotation; its help says
+    what is allowed and the value used when the flag is not given."""
+    kind, _ = _optional(hint)
+    names = conf_names(root, spec.group) if spec.group else list(spec.choices)
+    shown = "null" if default is None else default
+    if isinstance(shown, Sequence) and not isinstance(shown, str):
+        shown = " ".join(map(str, shown))
+    text = spec.help + (f"; one of {', '.join(names)}" if names else "")
+    if spec.yaml or kind is not bool:
+        text += f" (default: {shown})"
+    options: dict[str, Any] = {"help": text.replace("%", "%%")}
+    if kind is bool:
+        options["action"] = argparse.BooleanOptionalAction if spec.yaml else "store_true"
+    elif typing.get_origin(kind) is tuple:
+        options |= {"nargs": "+", "type": typing.get_args(kind)[0]}
+    else:
+        options["type"] = kind
+    if spec.metavar and kind is not bool:
+        options["metavar"] = spec.metavar
+    return options
+
+
+def add_flags(
+    parser: argparse.ArgumentParser, cls: type, root: str | Path, defaults: Mapping[str, Any]
+) -> None:
+    """A flag for each key of ``cls`` that has one (``defaults``: the values used without it,
+    shown in the help). Flags not given are None."""
+    for name, (spec, hint) in keys(cls).items():
+        if spec.flag:
+            options = _flag_options(spec, hint, defaults.get(name), root)
+            parser.add_argument(f"--{name.replace('_', '-')}", default=None, **options)
+
+
+def given(args: argparse.Namespace, cls: type) -> dict[str, Any]:
+    """The values of the flags of ``cls``'s keys that were given on the command line."""
+    values = {name: getattr(args, name, None) for name, (spec, _) in keys(cls).items() if spec.flag}
+    return {name: value for name, value in values.items() if value is not None}
