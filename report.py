@@ -13,7 +13,7 @@ paired seeds than --min-pairs a comparison is a smoke run: its numbers, no verdi
 import sys
 from pathlib import Path
 
-from gradalign.report.build import MARKDOWN, make_report
+from gradalign.report.build import MARKDOWN, write_report
 from gradalign.report.cli import run_command
 from gradalign.report.settings import add_report_arguments, report_settings_from_args
 
@@ -26,7 +26,7 @@ def main(argv: list[str]) -> int:
         __doc__,
         add_report_arguments,
         report_settings_from_args,
-        lambda s: make_report(s) / MARKDOWN,
+        lambda settings: write_report(settings).out_dir / MARKDOWN,
         ROOT,
         "report.py",
     )

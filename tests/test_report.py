@@ -27,7 +27,7 @@ from gradalign.experiment import run_experiment
 from gradalign.report import build as report_build
 from gradalign.report import finals as report_finals
 from gradalign.report import keys
-from gradalign.report.build import FIGURE, MARKDOWN, make_report
+from gradalign.report.build import FIGURE, MARKDOWN, write_report
 from gradalign.report.cli import run_command
 from gradalign.report.configs import (
     compose_config,
@@ -85,6 +85,11 @@ def sweep(uri, overrides, name, lrs):
     """A finished sweep of ``name``: one run per lr, objective = lr (so the smallest lr wins)."""
     cfg = compose_optimizer(CONF, name, overrides).cfg
     return [log_sweep_run(uri, cfg, lr=lr, objective=lr) for lr in lrs]
+
+
+def make_report(settings):
+    """Write the report of ``settings``; its folder."""
+    return write_report(settings).out_dir
 
 
 def settings(overrides, **values):

@@ -35,16 +35,10 @@ MARKDOWN, FIGURE = "audit.md", "audit_curves.png"
 SMOKE = WORDS[Verdict.SMOKE]
 
 
-def challenger(settings: ReportSettings) -> str:
-    """The optimizer a part tests against its baseline (a part compares two)."""
-    (other,) = [name for name in settings.optimizers if name != settings.baseline]
-    return other
-
-
 def checks(report: Report, settings: ReportSettings) -> dict[str, Check]:
     """Every claim on one part's final runs."""
     runs = {name: [r for r in report.finals if r.optimizer == name] for name in settings.optimizers}
-    other = challenger(settings)
+    (other,) = [name for name in settings.optimizers if name != settings.baseline]
     return {
         claim.key: check(
             claim,
@@ -143,12 +137,6 @@ def plot_parts(
     fig.savefig(path, dpi=90)
 
 
-def selects_on_test(report: Report, settings: ReportSettings) -> bool:
-    """Whether a part's runs validated, and so selected, on the test split."""
-    cfg = report.plan.compositions[settings.baseline].cfg
-    return OmegaConf.select(cfg, "dataset.validation") == "test"
-
-
 def _tuned(report: Report) -> str:
     return "; ".join(
         f"{optimizer} "
@@ -234,7 +222,12 @@ def render(
     lines += table(header, rows)
     lines += ["", "## SMOKE RUN: no verdict" if smoke else "## In plain words", ""]
     lines += plain_words(found)
-    on_test = [p for p, r in reports.items() if selects_on_test(r, parts[p])]
+    on_test = [  # parts whose runs validated, and so selected, on the test split
+        p
+        for p, r in reports.items()
+        if OmegaConf.select(r.plan.compositions[parts[p].baseline].cfg, "dataset.validation")
+        == "test"
+    ]
     if on_test:
         lines.append(
             f"- In parts {', '.join(on_test)} the validation set is the mnist1d test split (the "

@@ -38,7 +38,7 @@ from gradalign.report.configs import (
     sweep_command,
 )
 from gradalign.report.finals import FinalJob, FinalResult, train
-from gradalign.report.html import write_html
+from gradalign.report.html import to_html
 from gradalign.report.markdown import render
 from gradalign.report.plots import plot_convergence
 from gradalign.report.runs import (
@@ -67,6 +67,7 @@ from gradalign.tracking import tag_filter
 log = logging.getLogger(__name__)
 FIGURE = "convergence_comparison.png"
 MARKDOWN = "report.md"
+HTML = "report.html"  # report.md as one page, its figure inlined (MLflow's viewer shows it)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -311,11 +312,6 @@ class Report:
     comparisons: list[Comparison]
 
 
-def make_report(settings: ReportSettings) -> Path:
-    """``write_report``; the report folder."""
-    return write_report(settings).out_dir
-
-
 def write_report(settings: ReportSettings, parent_run_id: str | None = None) -> Report:
     """Plan, train the missing final runs, compare, write; the Report. Its MLflow run nests
     under ``parent_run_id`` when given.
@@ -340,7 +336,7 @@ def write_report(settings: ReportSettings, parent_run_id: str | None = None) -> 
     )
     params = {
         f"{Param.REPORT_PREFIX}{name}": getattr(settings, name)
-        for name, (spec, _) in keys.keys(ReportSettings).items()
+        for name, (spec, *_) in keys.keys(ReportSettings).items()
         if spec.param
     }
     params[f"{Param.REPORT_PREFIX}overrides"] = settings.overrides
@@ -411,20 +407,19 @@ def write_report(settings: ReportSettings, parent_run_id: str | None = None) -> 
             name: hyperparameters(the_plan.compositions[name], the_plan.choices[name].params)
             for name in settings.optimizers
         }
-        (out_dir / MARKDOWN).write_text(
-            render(
-                settings=settings,
-                header=header,
-                choices=the_plan.choices,
-                hyperparameters=hyper,
-                finals=results,
-                final_epochs=the_plan.final_epochs,
-                summaries=summaries,
-                comparisons=comparisons,
-                figure=FIGURE,
-            )
+        text = render(
+            settings=settings,
+            header=header,
+            choices=the_plan.choices,
+            hyperparameters=hyper,
+            finals=results,
+            final_epochs=the_plan.final_epochs,
+            summaries=summaries,
+            comparisons=comparisons,
+            figure=FIGURE,
         )
-        write_html(out_dir / MARKDOWN, header["title"])
+        (out_dir / MARKDOWN).write_text(text)
+        (out_dir / HTML).write_text(to_html(text, out_dir, header["title"]))
         _log_summary(run, summaries, comparisons)
         run.client.log_artifacts(run.run_id, str(out_dir))
         page.tag_finals(run.client, results, out_dir.name, run.run_id)

@@ -105,14 +105,13 @@ def compose_optimizer(conf_dir: Path, optimizer: str, overrides: Sequence[str]) 
     return Composition(base, _finish(cfg), searched)
 
 
-def _hashed(key: str) -> bool:
-    return not any(key == x or key.startswith(f"{x}.") for x in NOT_HASHED)
-
-
 def run_context(params: Mapping[str, str]) -> dict[str, str]:
     """The logged params of a run that a comparable run must share: hashed and non-optimizer."""
+    unhashed = tuple(f"{key}." for key in NOT_HASHED)
     return {
-        k: v for k, v in params.items() if _hashed(k) and not k.startswith(Param.OPTIMIZER_PREFIX)
+        k: v
+        for k, v in params.items()
+        if k not in NOT_HASHED and not k.startswith((*unhashed, Param.OPTIMIZER_PREFIX))
     }
 
 

@@ -103,10 +103,3 @@ def to_html(markdown: str, folder: Path, title: str) -> str:
         f"<!doctype html>\n<html><head><meta charset='utf-8'><title>{html.escape(title)}"
         f"</title><style>{_STYLE}</style></head>\n<body>\n" + "\n".join(body) + "\n</body></html>\n"
     )
-
-
-def write_html(markdown_path: Path, title: str) -> Path:
-    """Write ``report.html`` beside the markdown file ``markdown_path``; its path."""
-    path = markdown_path.with_suffix(".html")
-    path.write_text(to_html(markdown_path.read_text(), markdown_path.parent, title))
-    return path

@@ -52,14 +52,17 @@ def key(help: str, *, default: Any = dataclasses.MISSING, **options: Any) -> Any
     return dataclasses.field(default=default, metadata=metadata)
 
 
-def keys(cls: type) -> dict[str, tuple[Key, Any]]:
-    """The settings keys of dataclass ``cls``: name -> (Key, annotation), in field order."""
-    hints = typing.get_type_hints(cls)
-    return {
-        field.name: (field.metadata["key"], hints[field.name])
-        for field in dataclasses.fields(cls)
-        if "key" in field.metadata
-    }
+def keys(cls: type) -> dict[str, tuple[Key, Any, bool]]:
+    """The settings keys of dataclass ``cls`` in field order: name -> (Key, its type, whether
+    it may be None: an annotation ``X | None`` is type X, nullable)."""
+    found, hints = {}, typing.get_type_hints(cls)
+    for field in dataclasses.fields(cls):
+        if "key" in field.metadata:
+            hint = hints[field.name]
+            union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+            kind = [t for t in typing.get_args(hint) if t is not type(None)][0] if union else hint
+            found[field.name] = (field.metadata["key"], kind, union)
+    return found
 
 
 def conf_names(root: str | Path, group: str) -> list[str]:
@@ -72,15 +75,6 @@ def fail(name: str, value: Any, allowed: str) -> NoReturn:
     raise ConfigError(f"invalid setting {name}={value!r}: must be {allowed}")
 
 
-def _optional(hint: Any) -> tuple[Any, bool]:
-    """(the type, whether None is allowed) of ``X`` or ``X | None``."""
-    args = typing.get_args(hint)
-    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
-        (inner,) = [a for a in args if a is not type(None)]
-        return inner, True
-    return hint, False
-
-
 _SCALARS: dict[Any, tuple[Callable[[Any], bool], str]] = {
     bool: (lambda v: isinstance(v, bool), "true or false"),
     int: (is_int, "an integer"),
@@ -89,10 +83,10 @@ _SCALARS: dict[Any, tuple[Callable[[Any], bool], str]] = {
 }
 
 
-def check(name: str, value: Any, spec: Key, hint: Any, root: str | Path) -> Any:
-    """``value`` of key ``name`` if it has the annotation's type (lists become tuples, integers
-    floats where a float is declared) and ``spec`` accepts it; else ConfigError."""
-    kind, nullable = _optional(hint)
+def check(name: str, value: Any, spec: Key, kind: Any, nullable: bool, root: str | Path) -> Any:
+    """``value`` of key ``name`` if it is of type ``kind`` (lists become tuples, integers
+    floats where a float is declared) or a ``nullable`` None, and ``spec`` accepts it; else
+    ConfigError."""
     if value is None:
         if not nullable:
             fail(name, value, spec.allowed or "set (not null)")
@@ -124,7 +118,7 @@ def check(name: str, value: Any, spec: Key, hint: Any, root: str | Path) -> Any:
         if not isinstance(value, Mapping):
             fail(name, value, spec.allowed or "a mapping")
         inner = typing.get_args(kind)[1]
-        return {k: check(f"{name}.{k}", v, Key(""), inner, root) for k, v in value.items()}
+        return {k: check(f"{name}.{k}", v, Key(""), inner, False, root) for k, v in value.items()}
     return value
 
 
@@ -147,47 +141,43 @@ def read(
         allowed = sorted({*declared, *extra})
         raise ConfigError(f"unknown {what} {unknown}: allowed {allowed}")
     return {
-        name: check(prefix + name, values[name], spec, hint, root)
-        for name, (spec, hint) in declared.items()
+        name: check(prefix + name, values[name], *declared[name], root)
+        for name in declared
         if name in values
     }
-
-
-def _flag_options(spec: Key, hint: Any, default: Any, root: str | Path) -> dict[str, Any]:
-    """argparse options of a key's flag: typed and counted from the annotation; its help says
-    what is allowed and the value used when the flag is not given."""
-    kind, _ = _optional(hint)
-    names = conf_names(root, spec.group) if spec.group else list(spec.choices)
-    shown = "null" if default is None else default
-    if isinstance(shown, Sequence) and not isinstance(shown, str):
-        shown = " ".join(map(str, shown))
-    text = spec.help + (f"; one of {', '.join(names)}" if names else "")
-    if spec.yaml or kind is not bool:
-        text += f" (default: {shown})"
-    options: dict[str, Any] = {"help": text.replace("%", "%%")}
-    if kind is bool:
-        options["action"] = argparse.BooleanOptionalAction if spec.yaml else "store_true"
-    elif typing.get_origin(kind) is tuple:
-        options |= {"nargs": "+", "type": typing.get_args(kind)[0]}
-    else:
-        options["type"] = kind
-    if spec.metavar and kind is not bool:
-        options["metavar"] = spec.metavar
-    return options
 
 
 def add_flags(
     parser: argparse.ArgumentParser, cls: type, root: str | Path, defaults: Mapping[str, Any]
 ) -> None:
-    """A flag for each key of ``cls`` that has one (``defaults``: the values used without it,
-    shown in the help). Flags not given are None."""
-    for name, (spec, hint) in keys(cls).items():
-        if spec.flag:
-            options = _flag_options(spec, hint, defaults.get(name), root)
-            parser.add_argument(f"--{name.replace('_', '-')}", default=None, **options)
+    """A flag for each key of ``cls`` that has one, typed and counted from its type; its help
+    says what is allowed and, from ``defaults``, the value used without it. Flags not given
+    are None."""
+    for name, (spec, kind, _) in keys(cls).items():
+        if not spec.flag:
+            continue
+        names = conf_names(root, spec.group) if spec.group else list(spec.choices)
+        shown = "null" if defaults.get(name) is None else defaults[name]
+        if isinstance(shown, Sequence) and not isinstance(shown, str):
+            shown = " ".join(map(str, shown))
+        text = spec.help + (f"; one of {', '.join(names)}" if names else "")
+        if spec.yaml or kind is not bool:
+            text += f" (default: {shown})"
+        options: dict[str, Any] = {"help": text.replace("%", "%%")}
+        if kind is bool:
+            options["action"] = argparse.BooleanOptionalAction if spec.yaml else "store_true"
+        elif typing.get_origin(kind) is tuple:
+            options |= {"nargs": "+", "type": typing.get_args(kind)[0]}
+        else:
+            options["type"] = kind
+        if spec.metavar and kind is not bool:
+            options["metavar"] = spec.metavar
+        parser.add_argument(f"--{name.replace('_', '-')}", default=None, **options)
 
 
 def given(args: argparse.Namespace, cls: type) -> dict[str, Any]:
     """The values of the flags of ``cls``'s keys that were given on the command line."""
-    values = {name: getattr(args, name, None) for name, (spec, _) in keys(cls).items() if spec.flag}
+    values = {
+        name: getattr(args, name, None) for name, (spec, *_) in keys(cls).items() if spec.flag
+    }
     return {name: value for name, value in values.items() if value is not None}

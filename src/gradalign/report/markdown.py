@@ -42,12 +42,8 @@ def _summary(outcome: str, s: MeanStd, n_total: int) -> str:
     return text if s.n == n_total else f"{text} (n={s.n})"
 
 
-def _number(x: float) -> str:
-    return "—" if not math.isfinite(x) else f"{x:.3g}"
-
-
-def _signed(x: float) -> str:
-    return "—" if not math.isfinite(x) else f"{x:+.4g}"
+def _number(x: float, spec: str = ".3g") -> str:
+    return "—" if not math.isfinite(x) else format(x, spec)
 
 
 def _param(value: str) -> str:
@@ -194,8 +190,10 @@ def render(
                     c.optimizer,
                     PER_SEED_OUTCOMES[outcome].label + marker,
                     str(t.n),
-                    _signed(t.mean_diff),
-                    f"[{_signed(t.ci[0])}, {_signed(t.ci[1])}]" if math.isfinite(t.ci[0]) else "—",
+                    _number(t.mean_diff, "+.4g"),
+                    f"[{_number(t.ci[0], '+.4g')}, {_number(t.ci[1], '+.4g')}]"
+                    if math.isfinite(t.ci[0])
+                    else "—",
                     *(_number(getattr(t, key)) if tested else "—" for key, _ in COLUMNS),
                 ]
             )

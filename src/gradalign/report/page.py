@@ -24,11 +24,6 @@ def view_key(report_name: str) -> str:
     return f"report-{report_name}"
 
 
-def finals_filter(report_name: str, report_run_id: str) -> str:
-    """The runs-table filter that lists the final runs a report used."""
-    return f"tags.`{Tag.REPORTED_IN_PREFIX}{report_name}` = {quoted(report_run_id)}"
-
-
 def tag_finals(
     client: MlflowClient, results: Sequence[FinalResult], report_name: str, report_run_id: str
 ) -> None:
@@ -50,7 +45,7 @@ def save_view(
     tag, value = labels.view_tag(
         view_key(report_name),
         f"Report {report_name}: final runs by optimizer",
-        search_filter=finals_filter(report_name, report_run_id),
+        search_filter=f"tags.`{Tag.REPORTED_IN_PREFIX}{report_name}` = {quoted(report_run_id)}",
         columns=[
             *(labels.column("metrics", m) for m in metrics),
             *(labels.column("params", key) for key in searched),

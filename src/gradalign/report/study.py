@@ -138,13 +138,6 @@ def trials_left(storage: Path, sweeps: Sequence[Sweep], trials: int) -> dict[Swe
     return left
 
 
-def _stop(running: dict[str, subprocess.Popen]) -> None:
-    for process in running.values():
-        process.terminate()
-    for process in running.values():
-        process.wait()
-
-
 def run_sweeps(commands: dict[str, list[str]], logs: Path, jobs: int) -> None:
     """Run ``commands`` (name -> argv), at most ``jobs`` at once, output to logs/<name>.log.
 
@@ -177,7 +170,10 @@ def run_sweeps(commands: dict[str, list[str]], logs: Path, jobs: int) -> None:
                     )
                 log.info("sweep %s done", name)
     except BaseException:
-        _stop(running)
+        for process in running.values():
+            process.terminate()
+        for process in running.values():
+            process.wait()
         raise
     finally:
         for handle in handles.values():
