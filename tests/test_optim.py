@@ -12,6 +12,7 @@ import math
 import re
 import warnings
 from collections import defaultdict
+from pathlib import Path
 
 import pytest
 import torch
@@ -1024,6 +1025,68 @@ def test_state_dict_holds_the_ema_and_round_trips(tmp_path):
     set_grads(fresh_params, [torch.ones_like(p) for p in fresh_params])
     fresh.step()
     assert torch.equal(loaded["state"][0]["gao_ema"], saved)
+
+
+# Written by the optimizer of commit 900ff71 (before issue 23 changed the step): each entry is a
+# run saved after FIXTURE_STEPS steps and its parameters, EMAs and scales FIXTURE_STEPS steps
+# later. Configs: name -> (base, base kwargs, GAO kwargs); the stacked entry is built below.
+FIXTURE = Path(__file__).parent / "fixtures" / "gao_checkpoints.pt"
+FIXTURE_STEPS = 4
+FIXTURE_CONFIGS = {
+    "adam_grad_tensor": ("Adam", {"lr": 1e-2}, {"beta": 0.9}),
+    "adamw_update_row": (
+        "AdamW",
+        {"lr": 1e-2, "weight_decay": 0.1},
+        {"beta": 0.8, "target": "update", "granularity": "row"},
+    ),
+    "sgd_grad_global": (
+        "SGD",
+        {"lr": 0.1, "momentum": 0.9},
+        {"beta": 0.7, "granularity": "global", "min_scale": 0.1},
+    ),
+}
+
+
+def _assert_continues_as_saved(opt, params, after):
+    for p, expected, ema in zip(params, after["params"], after["emas"], strict=True):
+        assert torch.equal(p.detach(), expected)
+        assert torch.equal(opt.ema_state[p], ema)
+    assert torch.equal(opt.last_scales, after["last_scales"])
+
+
+@pytest.mark.parametrize("name", list(FIXTURE_CONFIGS))
+def test_a_checkpoint_of_the_previous_release_resumes_bit_identically(name):
+    saved = torch.load(FIXTURE, weights_only=True)[name]
+    base, base_kwargs, kwargs = FIXTURE_CONFIGS[name]
+    model = mlp(1)  # other initial weights: everything comes from the checkpoint
+    opt = GAO(model.parameters(), base, **base_kwargs, **kwargs)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=2 * FIXTURE_STEPS)
+    model.load_state_dict(saved["model"])
+    opt.load_state_dict(saved["opt"])
+    sched.load_state_dict(saved["sched"])
+    for step in range(FIXTURE_STEPS, 2 * FIXTURE_STEPS):
+        train_step(model, opt, step)
+        sched.step()
+    _assert_continues_as_saved(opt, list(model.parameters()), saved["after"])
+
+
+def test_a_stacked_checkpoint_of_the_previous_release_resumes_bit_identically():
+    from gradalign.stacked_adam import StackedAdam
+
+    saved = torch.load(FIXTURE, weights_only=True)["stacked_adam_row"]
+    together = [nn.Parameter(p.clone()) for p in saved["params"]]
+    base = StackedAdam(together, lr=0.5)  # the checkpoint brings the per-model values
+    opt = GAO(base, beta=[0.9, 0.8, 0.7], stack_dims=1, granularity="row")
+    opt.load_state_dict(saved["opt"])
+    sequences = [
+        grad_sequence(SHAPES, steps=2 * FIXTURE_STEPS, seed=20 + k, dtype=torch.float32)
+        for k in range(3)
+    ]
+    for step in range(FIXTURE_STEPS, 2 * FIXTURE_STEPS):
+        grads = zip(*(s[step] for s in sequences), strict=True)
+        set_grads(together, [torch.stack(gs) for gs in grads])
+        opt.step()
+    _assert_continues_as_saved(opt, together, saved["after"])
 
 
 def test_state_dict_has_no_ema_before_the_first_step():
