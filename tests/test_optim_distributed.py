@@ -19,11 +19,12 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from test_optim import TOL, Reference, grad_sequence, make_params
+from test_optim import TOL, grad_sequence, make_params
 from torch import nn
 from torch.nn import functional as F
 
 from gradalign import GradientAlignmentOptimizer
+from gradalign.optim.reference import ReferenceGAO
 
 pytestmark = pytest.mark.slow
 WORLD = 2
@@ -94,7 +95,7 @@ def _fsdp2_matches_a_single_process(rank):
                     min_scale=min_scale,
                 )
                 ref_params = make_params(SHAPES)
-                ref = Reference(
+                ref = ReferenceGAO(
                     torch.optim.Adam(ref_params, lr=1e-2), 0.8, target, granularity, min_scale
                 )
                 for grads in grad_sequence(SHAPES, steps=5):
@@ -260,7 +261,7 @@ def _zero_resume(rank, path):
         params = make_params(shapes)
         opt = _zero(params, granularity)
         ref_params = make_params(shapes)
-        ref = Reference(torch.optim.Adam(ref_params, lr=1e-2), 0.8, "grad", granularity, 0.0)
+        ref = ReferenceGAO(torch.optim.Adam(ref_params, lr=1e-2), 0.8, "grad", granularity, 0.0)
         for step, grads in enumerate(seq):
             for p, q, g in zip(params, ref_params, grads, strict=True):
                 p.grad, q.grad = g.clone(), g.clone()  # what DDP's averaging would give each rank

@@ -33,39 +33,72 @@ def new_ema(p: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(p, dtype=ema_dtype(p), memory_format=torch.contiguous_format)
 
 
+def real(t: torch.Tensor) -> torch.Tensor:
+    """A complex tensor's real view (a trailing dim of 2: real and imaginary parts), as torch's
+    optimizers read complex parameters; any other tensor as it is."""
+    return torch.view_as_real(t) if t.is_complex() else t
+
+
+def host_finite(values: list[torch.Tensor]) -> bool:
+    """Whether every one of ``values`` (one number or tensor each) is finite, when that can be
+    read on the host for free: on the CPU, in an eager step. False elsewhere (an accelerator
+    would have to synchronise; a compiled step would break its graph)."""
+    if not values[0].is_cpu or torch.compiler.is_compiling():
+        return False
+    return all(map(math.isfinite, torch.stack(values).tolist()))
+
+
+def zeroed(grads: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The gradients as GAO reads them for its EMA and its cosine: every element that is not
+    finite (NaN, inf) as 0; copies, so the gradients stay the caller's."""
+    return [torch.nan_to_num(g, 0.0, 0.0, 0.0) for g in grads]
+
+
+def readable(grads: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``zeroed(grads)``, or the gradients themselves where ``host_finite`` can tell that every
+    element is finite (the common case, on the CPU)."""
+    if host_finite(torch._foreach_norm(grads)):  # inf or NaN iff an element is (or overflows)
+        return grads
+    return zeroed(grads)
+
+
 def cosine_scales(products: torch.Tensor, min_scale: float, eps: float) -> torch.Tensor:
     """clamp(cos(g, m), min_scale, 1) in float64 from stacked products [g.m, g.g, m.m] (each
     row over the slices that get one cosine); 0 where a norm is 0, whatever ``min_scale``."""
-    dot, grad_square, ema_square = products.double().unbind(0)
-    norm_product = (grad_square * ema_square).sqrt()
-    scale = (dot / norm_product.clamp_min(eps)).clamp_(min_scale, 1.0)
-    if min_scale > 0:  # with min_scale = 0 the clamp already gives 0 for a zero norm
-        scale.masked_fill_(norm_product == 0, 0.0)
-    return scale
+    dot, grad_square, ema_square = products.double().unbind(0)  # views of a float64 copy
+    norm_product = grad_square.mul_(ema_square).sqrt_()
+    if min_scale == 0:  # the clamp gives 0 for a zero norm
+        return dot.div_(norm_product.clamp_min_(eps)).clamp_(0.0, 1.0)
+    scale = dot.div_(norm_product.clamp_min(eps)).clamp_(min_scale, 1.0)
+    return scale.masked_fill_(norm_product == 0, 0.0)
+
+
+def squares(flat: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each flat tensor's dot product with itself, by the kernel of the cosine's g.m."""
+    return [torch.dot(t, t) for t in flat]
 
 
 def tensor_scales(
     flat_grads: list[torch.Tensor],
     flat_emas: list[torch.Tensor],
+    grad_squares: list[torch.Tensor],
     whole: bool,
     min_scale: float,
     eps: float,
     sums: Layouts = None,
-) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """One 0-d scale per tensor (of flat gradients and EMAs), or one for all of them together
-    (``whole``: granularity "global"), and the same as a vector."""
+) -> torch.Tensor:
+    """One scale per tensor (of flat gradients, their ``squares`` and flat EMAs), or the one of
+    all of them together for each (``whole``: granularity "global"), as a vector."""
     products = torch.stack(
         [torch.dot(g, m) for g, m in zip(flat_grads, flat_emas, strict=True)]
-        + [torch.dot(g, g) for g in flat_grads]
-        + [torch.dot(m, m) for m in flat_emas]
+        + grad_squares
+        + squares(flat_emas)
     ).view(3, -1)
     if sums is not None:
         products = sum_over_shards(products, sums)
     if whole:
-        scale = cosine_scales(products.sum(1), min_scale, eps)
-        return [scale] * len(flat_grads), scale.expand(len(flat_grads))
-    scale = cosine_scales(products, min_scale, eps)
-    return list(scale.unbind(0)), scale
+        return cosine_scales(products.sum(1), min_scale, eps).expand(len(flat_grads))
+    return cosine_scales(products, min_scale, eps)
 
 
 def row_scales(
@@ -149,25 +182,35 @@ def stacked_scales(
 
 
 class Scales(NamedTuple):
-    """A step's scales in float64: one per tensor (0-d, or one entry per row or model shaped to
-    broadcast over it) and, when they are all 0-d, the same as one vector."""
+    """A step's scales in float64: one vector of a 0-d scale per tensor, or a list of scales each
+    shaped to broadcast over its tensor (one per row or model)."""
 
-    per_param: list[torch.Tensor]
     vector: torch.Tensor | None
+    per_param: list[torch.Tensor] | None = None
 
     def grad_factors(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
-        """What to multiply the gradients by. A 0-d float64 scale acts in the gradient's dtype;
-        float64 rows on float32 gradients would take torch's per-element casting loop."""
-        return self.per_param if self.vector is not None else in_dtypes(self.per_param, grads)
+        """What to multiply the gradients by, in place. A 0-d float64 scale acts in the
+        gradient's dtype; float64 rows on float32 gradients would take torch's per-element
+        casting loop."""
+        if self.vector is not None:
+            return list(self.vector.unbind(0))
+        return [s.to(g.dtype) for s, g in zip(self.per_param, grads, strict=True)]
 
     def update_weights(self, values: list[torch.Tensor]) -> list[torch.Tensor]:
-        """1 - s in each parameter's dtype (lerp's weight must match it), cast as one vector when
-        the parameters share a dtype."""
-        dtypes = {v.dtype for v in values}
-        if self.vector is not None and len(dtypes) == 1:
-            return list((1.0 - self.vector).to(dtypes.pop()).unbind(0))
-        return in_dtypes([1.0 - s for s in self.per_param], values)
+        """1 - s in each parameter's dtype (lerp's weight must match it)."""
+        if self.vector is not None:
+            return self._in_dtypes(1.0 - self.vector, None, values)
+        return self._in_dtypes(None, [1.0 - s for s in self.per_param], values)
 
-
-def in_dtypes(scales: list[torch.Tensor], tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    return [s.to(t.dtype) for s, t in zip(scales, tensors, strict=True)]
+    @staticmethod
+    def _in_dtypes(
+        vector: torch.Tensor | None,
+        per_param: list[torch.Tensor] | None,
+        tensors: list[torch.Tensor],
+    ) -> list[torch.Tensor]:
+        """The scales in ``tensors``' dtypes, cast as one vector when they share one."""
+        dtypes = {t.dtype for t in tensors}
+        if vector is not None and len(dtypes) == 1:
+            return list(vector.to(dtypes.pop()).unbind(0))
+        scales = per_param if vector is None else vector.unbind(0)
+        return [s.to(t.dtype) for s, t in zip(scales, tensors, strict=True)]

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import importlib
 import math
-from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from itertools import chain
 from typing import Any
@@ -21,7 +20,7 @@ import torch
 from torch.optim import Optimizer
 
 from gradalign.optim import functional
-from gradalign.optim.functional import Scales, ema_dtype, new_ema
+from gradalign.optim.functional import Scales, ema_dtype, new_ema, real
 from gradalign.optim.sharding import (
     any_dim,
     dim_0,
@@ -60,7 +59,12 @@ def resolve_base(base: type[Optimizer] | str | None) -> type[Optimizer]:
 
 
 def _validate(
-    betas: list[float], target: str, granularity: str, min_scale: float, eps: float, stack_dims: int
+    betas: list[float],
+    target: str,
+    granularity: str,
+    min_scale: float,
+    cos_eps: float,
+    stack_dims: int,
 ) -> None:
     for beta in betas:
         if not 0.0 <= beta < 1.0:
@@ -71,13 +75,62 @@ def _validate(
         raise ValueError(f"granularity={granularity!r} is not one of {GRANULARITIES}")
     if not 0.0 <= min_scale <= 1.0:
         raise ValueError(f"min_scale={min_scale!r} is outside the allowed range [0, 1]")
-    if not eps > 0.0:
-        raise ValueError(f"eps={eps!r} must be > 0")
+    if not cos_eps > 0.0:
+        raise ValueError(f"cos_eps={cos_eps!r} must be > 0")
     if isinstance(stack_dims, bool) or not isinstance(stack_dims, int) or stack_dims < 0:
         raise ValueError(
             f"stack_dims={stack_dims!r} is not an integer >= 0 (0: each parameter is one model's; "
             "1: dim 0 indexes models, as torch.func.stack_module_state stacks them)"
         )
+
+
+def _refuse_base_first(params: Any, base_kwargs: dict[str, Any]) -> None:
+    """``GradientAlignmentOptimizer(Adam, params=...)`` or ``(Adam, params)``: the base first."""
+    is_class = isinstance(params, type) and issubclass(params, Optimizer)
+    if is_class or isinstance(params, str):
+        name = params.__name__ if is_class else params
+        given = "params= as a keyword" if "params" in base_kwargs else "the parameters second"
+        raise TypeError(
+            f"GradientAlignmentOptimizer got the base optimizer {name!r} first and {given}: "
+            f"pass the parameters (or an optimizer instance) first and the base second, "
+            f"GradientAlignmentOptimizer(params, {name!r}, lr=...)"
+        )
+
+
+def _refuse_base_arguments(base: Any, base_kwargs: dict[str, Any]) -> None:
+    """An optimizer instance is wrapped as it is: no base and no base arguments besides it."""
+    if "eps" in base_kwargs:
+        raise TypeError(
+            "eps is the base optimizer's argument: build the wrapped instance with it (GAO's own "
+            "floor of the cosine's denominator, called eps before 2026-12, is cos_eps)"
+        )
+    if base is not None or base_kwargs:
+        raise TypeError(
+            "wrapping an optimizer instance takes no base or base keyword arguments; "
+            f"got base={base!r}, {sorted(base_kwargs)}"
+        )
+
+
+def _refuse_differentiable(groups: list[dict[str, Any]]) -> None:
+    """GAO's step (the EMA update, the cosine, the gradient it hands its base) runs without
+    autograd, so a differentiable base step through it would give wrong gradients."""
+    if any(group.get("differentiable") for group in groups):
+        raise ValueError(
+            "differentiable=True is not supported by GradientAlignmentOptimizer: its step is not "
+            "differentiable; build the base optimizer with differentiable=False"
+        )
+
+
+def _step_without_hooks(optimizer: Optimizer) -> None:
+    """``optimizer.step()`` without the wrapper torch puts around every optimizer class's step,
+    which runs the global and the optimizer's own step hooks: they ran around GAO's step, once.
+    A step that is not torch's wrapper (an instance's own, another library's) is called as it is.
+    """
+    function = getattr(optimizer.step, "__func__", None)
+    if getattr(function, "hooked", False):
+        function.__wrapped__(optimizer)
+    else:
+        optimizer.step()
 
 
 class GradientAlignmentOptimizer(Optimizer):
@@ -103,8 +156,9 @@ class GradientAlignmentOptimizer(Optimizer):
             one cosine over all parameters, ``"row"`` one per output unit (slice along dim 0;
             0/1-d tensors such as biases get one scale each).
         min_scale: lower clamp of the scale, in [0, 1].
-        eps: floor of the norm product in the cosine's denominator; it only guards the division
-            (a zero gradient or EMA gives s = 0 whatever eps is).
+        cos_eps: floor of the norm product in the cosine's denominator; it only guards the
+            division (a zero gradient or EMA gives s = 0 whatever cos_eps is). It was called
+            ``eps`` before 2026-12; ``eps`` is now the base's own (Adam's, ...).
         stack_dims: how many leading dims of every parameter index separate models trained
             together (an integer >= 0). 0 (default): each parameter is one model's tensor. With
             ``stack_dims=1`` a parameter of shape (K, *shape) holds K models' tensors (as
@@ -115,7 +169,8 @@ class GradientAlignmentOptimizer(Optimizer):
             the leading dims (checked when they are added) and must not be DTensors. With an
             elementwise base (Adam, AdamW, SGD, RMSprop) whose hyperparameters the models share,
             each model then steps exactly as it would alone.
-        **base_kwargs: keyword arguments of ``base`` (``lr``, ``weight_decay``, ...).
+        **base_kwargs: keyword arguments of ``base`` (``lr``, ``eps``, ``weight_decay``, ...);
+            ``differentiable=True`` is refused (GAO's step is not differentiable).
 
     After each step ``last_scales`` holds the mean scale applied to every parameter, in
     ``param_groups`` order (NaN where a parameter had no gradient), as a float32 tensor on the
@@ -125,6 +180,14 @@ class GradientAlignmentOptimizer(Optimizer):
     first step and then updated in place (so a ``torch.compile``-d step updates it too): copy it to
     keep a step's values. Public attributes GAO lacks are read from the base (``opt.train()`` of a
     schedule-free base).
+
+    It keeps the conventions of torch's optimizers: the base steps on the scaled gradient, and
+    ``p.grad`` holds the caller's own gradient again after the step; complex parameters are read
+    as their real views, so a complex tensor's cosine is the real part of the conjugate product
+    over the norms; the step hooks (global ones too) run once per ``step()``, and the state-dict
+    hooks registered on GAO run around its ``state_dict()`` and ``load_state_dict()``. A gradient
+    element that is not finite (NaN, inf) is read as 0 for the EMA and the cosine, and reaches
+    the base as it is: the base loses that element as it would alone, and nothing else is lost.
     """
 
     def __init__(
@@ -136,22 +199,20 @@ class GradientAlignmentOptimizer(Optimizer):
         target: str = "grad",
         granularity: str = "tensor",
         min_scale: float = 0.0,
-        eps: float = 1e-30,
+        cos_eps: float = 1e-30,
         stack_dims: int = 0,
         **base_kwargs: Any,
     ) -> None:
         per_model = not isinstance(beta, int | float)
         betas = [float(b) for b in beta] if per_model else [float(beta)]
-        _validate(betas, target, granularity, min_scale, eps, stack_dims)
+        _validate(betas, target, granularity, min_scale, cos_eps, stack_dims)
+        _refuse_base_first(params_or_optimizer, base_kwargs)
         if isinstance(params_or_optimizer, Optimizer):
-            if base is not None or base_kwargs:
-                raise TypeError(
-                    "wrapping an optimizer instance takes no base or base keyword arguments; "
-                    f"got base={base!r}, {sorted(base_kwargs)}"
-                )
+            _refuse_base_arguments(base, base_kwargs)
             self.base = params_or_optimizer
         else:
             self.base = resolve_base(base)(params_or_optimizer, **base_kwargs)
+        _refuse_differentiable(self.base.param_groups)
         refuse_fsdp1(self._params())
         models = stack_shape(self._params(), stack_dims)
         if per_model and (stack_dims != 1 or models is None or models[0] != len(betas)):
@@ -166,18 +227,14 @@ class GradientAlignmentOptimizer(Optimizer):
         self.target = target
         self.granularity = granularity
         self.min_scale = min_scale
-        self.eps = eps
+        self.cos_eps = cos_eps
         self.last_scales: torch.Tensor | None = None
         self._flat_emas: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         # Optimizer.__init__ is deliberately not called: it would copy param_groups, and copies go
-        # stale when the base's groups change. Set up the hook registries it would have made.
-        self._optimizer_step_pre_hooks = OrderedDict()
-        self._optimizer_step_post_hooks = OrderedDict()
-        self._optimizer_state_dict_pre_hooks = OrderedDict()
-        self._optimizer_state_dict_post_hooks = OrderedDict()
-        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
-        self._optimizer_load_state_dict_post_hooks = OrderedDict()
-        self._patch_step_function()
+        # stale when the base's groups change. Optimizer.__setstate__ sets up the rest of what an
+        # optimizer has, as torch does for an unpickled one: the hook registries, and the wrapper
+        # of step() that runs the step hooks.
+        super().__setstate__({})
 
     # --- delegation to the base optimizer -------------------------------------------------
     @property
@@ -215,8 +272,9 @@ class GradientAlignmentOptimizer(Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         self.base.add_param_group(param_group)
-        refuse_fsdp1(self.base.param_groups[-1]["params"])
         try:
+            _refuse_differentiable(self.base.param_groups[-1:])
+            refuse_fsdp1(self.base.param_groups[-1]["params"])
             stack_shape(self._params(), self.stack_dims)
         except ValueError:
             self.base.param_groups.pop()  # refused: the optimizer stays as it was
@@ -242,36 +300,55 @@ class GradientAlignmentOptimizer(Optimizer):
     def __repr__(self) -> str:
         return (
             f"GradientAlignmentOptimizer(beta={self.beta}, target={self.target!r}, "
-            f"granularity={self.granularity!r}, min_scale={self.min_scale}, eps={self.eps}, "
-            f"stack_dims={self.stack_dims}, base={self.base!r})"
+            f"granularity={self.granularity!r}, min_scale={self.min_scale}, "
+            f"cos_eps={self.cos_eps}, stack_dims={self.stack_dims}, base={self.base!r})"
         )
 
     def __getstate__(self) -> dict[str, Any]:
-        # Optimizer's own pickling keeps only defaults/state/param_groups, which live on the base.
-        # The flat views are keyed by the parameters' ids, which a copy does not keep.
-        return {**self.__dict__, "_flat_emas": {}}
+        """GAO's attributes (its base holds defaults, state and param_groups) but, as torch's
+        optimizers do, no hooks; the flat EMA views are keyed by the parameters' ids, which a
+        copy does not keep."""
+        kept = {k: v for k, v in self.__dict__.items() if not k.startswith("_optimizer_")}
+        return {**kept, "_flat_emas": {}}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        # an optimizer pickled before per-model betas existed has no _ema_weights
-        self.__dict__.update({"_ema_weights": None, "_ema_weight_views": {}, **state})
+        # Older pickles: no per-model betas before stacking, and GAO's floor was named eps.
+        state = {"_ema_weights": None, "_ema_weight_views": {}, **state}
+        if "eps" in state:
+            state["cos_eps"] = state.pop("eps")
+        super().__setstate__(state)
 
     # --- checkpointing ---------------------------------------------------------------------
     def _params(self) -> list[torch.Tensor]:
         return [p for group in self.param_groups for p in group["params"]]
 
+    @torch._disable_dynamo
     def state_dict(self) -> dict[str, Any]:
         """The base's state dict, in which each parameter's entry holds its EMA as ``"gao_ema"``.
 
         A base whose state dict is not torch's layout (``"state"`` keyed by parameter position,
         ``"param_groups"``) is nested whole under ``"gao_base"``, beside GAO's own ``"state"`` and
-        ``"param_groups"``, as Lookahead nests its base.
+        ``"param_groups"``, as Lookahead nests its base. The state-dict hooks registered on GAO
+        run around it as ``torch.optim.Optimizer.state_dict`` runs them.
         """
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
+        state_dict = self._state_dict()
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            hook_result = post_hook(self, state_dict)
+            if hook_result is not None:
+                state_dict = hook_result
+        return state_dict
+
+    def _state_dict(self) -> dict[str, Any]:
         emas = self._take_emas()
         try:
             base_state = self.base.state_dict()
         finally:
             self._put_emas(emas)
-        positions = {p: i for i, p in enumerate(self._params())}
+        positions: dict[torch.Tensor, int] = {}  # a parameter listed twice: its first position,
+        for index, p in enumerate(self._params()):  # as torch's state_dict() numbers it
+            positions.setdefault(p, index)
         own = {positions[p]: {_EMA_KEY: ema} for p, ema in emas.items() if p in positions}
         if _is_torch_layout(base_state):
             state = dict(base_state["state"])
@@ -281,14 +358,26 @@ class GradientAlignmentOptimizer(Optimizer):
         groups = [{"params": [positions[p] for p in g["params"]]} for g in self.param_groups]
         return {"state": own, "param_groups": groups, _BASE_KEY: base_state}
 
+    @torch._disable_dynamo
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore the base state and the EMAs, so a resumed run continues exactly.
 
         Entries are matched to parameters through the saved ``param_groups`` ids exactly as torch
         does, so integer keys (``state_dict()``) and parameter names
         (``torch.distributed.checkpoint``) both load. EMAs are copied, in float32 for
-        low-precision parameters, onto each parameter's device.
+        low-precision parameters, onto each parameter's device. The load-state-dict hooks
+        registered on GAO run around it as ``torch.optim.Optimizer.load_state_dict`` runs them.
         """
+        state_dict = state_dict.copy()  # shallow, as torch's: a pre-hook may edit it
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            hook_result = pre_hook(self, state_dict)
+            if hook_result is not None:
+                state_dict = hook_result
+        self._load_state_dict(state_dict)
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    def _load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if _BASE_KEY in state_dict:
             self.base.load_state_dict(state_dict[_BASE_KEY])
         else:
@@ -327,9 +416,7 @@ class GradientAlignmentOptimizer(Optimizer):
         batch = self._gather()
         scales = self._align(batch)
         if self.target == "grad":
-            if batch.params:
-                torch._foreach_mul_(batch.grads, scales.grad_factors(batch.grads))
-            self._base_step(batch)
+            self._step_on_scaled_grads(batch, scales)
         else:
             weights = scales.update_weights(batch.values)
             before = torch._foreach_clone(batch.values) if batch.params else []
@@ -344,7 +431,8 @@ class GradientAlignmentOptimizer(Optimizer):
         over several devices."""
         state = self.base.state
         all_params = self._params()
-        rows, pending, lonely = [], [], []
+        batch = _Batch(len(all_params))
+        lonely = []
         for index, p in enumerate(all_params):
             grad = p.grad
             if grad is None:
@@ -358,12 +446,12 @@ class GradientAlignmentOptimizer(Optimizer):
             ema = entry.get(_EMA_KEY) if entry else None
             if ema is None:
                 ema = new_ema(p)
-                pending.append((p, ema))
+                batch.pending.append((p, ema))
             elif len(entry) == 1:  # only GAO's: the base has not set up its own state for p yet
                 lonely.append(entry)
-                pending.append((p, ema))
-            rows.append((index, p, grad, ema))
-        batch = _Batch(len(all_params), rows, pending)
+                batch.pending.append((p, ema))
+            batch.add(index, p, grad, ema)
+        batch.prepare()
         if batch.sharded and self.stack_dims:
             raise ValueError(
                 f"stack_dims={self.stack_dims} needs plain tensors; DTensor parameters (FSDP2) "
@@ -379,10 +467,25 @@ class GradientAlignmentOptimizer(Optimizer):
             del entry[_EMA_KEY]
         return batch
 
+    def _step_on_scaled_grads(self, batch: _Batch, scales: Scales) -> None:
+        """Step the base on s * g in place of each gradient g, then give each parameter its own
+        gradient back (the same tensor, its values restored from a copy made for this step): a
+        torch optimizer leaves ``p.grad`` as the caller's (gradient logging, clipping checks, a
+        second optimizer read it after the step)."""
+        if not batch.params:
+            self._base_step(batch)
+            return
+        own = torch._foreach_clone(batch.grads)
+        torch._foreach_mul_(batch.grads, scales.grad_factors(batch.grads))
+        try:
+            self._base_step(batch)
+        finally:
+            torch._foreach_copy_(batch.grads, own)
+
     def _base_step(self, batch: _Batch) -> None:
         """Step the base, then store the EMAs it must not see before (new and lonely ones)."""
         try:
-            self.base.step()
+            _step_without_hooks(self.base)
         finally:
             state = self.base.state
             for p, ema in batch.pending:
@@ -394,41 +497,52 @@ class GradientAlignmentOptimizer(Optimizer):
         if not batch.params:  # no gradient at all: every scale NaN, as for each absent one
             models = self._models_shape() if self.stack_dims else ()
             self._record(torch.empty((0, *models), device=device), [], batch.n_params, device)
-            return Scales([], None)
-        ema_grads = [
+            return Scales(None, [])
+        emas = batch.emas  # in the EMA's dtype: float32 for low-precision parameters
+        grads = [
             g if g.dtype == m.dtype else g.to(m.dtype)
-            for g, m in zip(batch.grads, batch.emas, strict=True)
+            for g, m in zip(batch.grads, emas, strict=True)
         ]
-        cosine = (self.min_scale, self.eps)
-        if self._ema_weights is None:
-            torch._foreach_lerp_(batch.emas, ema_grads, 1.0 - self.beta)
-        else:  # one decay per model (dim 0)
-            for ema, g in zip(batch.emas, ema_grads, strict=True):
-                ema.lerp_(g, self._ema_weights_like(ema))
-        shapes = [p.shape for p in batch.params]
-        if self.stack_dims:
-            scales, means = functional.stacked_scales(
-                ema_grads, batch.emas, shapes, self.stack_dims, self.granularity, *cosine
-            )
+        cosine = (self.min_scale, self.cos_eps)
+        if self.stack_dims or self.granularity == "row":
+            grads = functional.readable(grads)
+            self._update_emas(emas, grads)
+            shapes = [p.shape for p in batch.params]
+            if self.stack_dims:
+                scales, means = functional.stacked_scales(
+                    grads, emas, shapes, self.stack_dims, self.granularity, *cosine
+                )
+            else:
+                scales, means = functional.row_scales(
+                    grads, emas, shapes, *cosine, batch.row_sums, batch.mean_sums
+                )
             self._record(means, batch.indices, batch.n_params, device)
-            return Scales(scales, None)
-        if self.granularity == "row":
-            scales, means = functional.row_scales(
-                ema_grads, batch.emas, shapes, *cosine, batch.row_sums, batch.mean_sums
-            )
-            self._record(means, batch.indices, batch.n_params, device)
-            return Scales(scales, None)
-        flat_grads = [g if g.dim() == 1 else g.reshape(-1) for g in ema_grads]
+            return Scales(None, scales)
+        flat_grads = [g if g.dim() == 1 else g.reshape(-1) for g in grads]
+        grad_squares = functional.squares(flat_grads)  # the cosine's g.g, checked on the way
+        if not functional.host_finite(grad_squares):  # maybe not finite: read those as 0
+            grads = functional.zeroed(grads)
+            flat_grads = [g if g.dim() == 1 else g.reshape(-1) for g in grads]
+            grad_squares = functional.squares(flat_grads)
+        self._update_emas(emas, grads)
         if torch.compiler.is_compiling():  # free in the graph; the eager cache would be guarded
-            flat_emas = [m.reshape(-1) for m in batch.emas]
+            flat_emas = [m.reshape(-1) for m in emas]
         else:
-            flat_emas = [self._flat(p, m) for p, m in zip(batch.params, batch.emas, strict=True)]
+            flat_emas = [self._flat(p, m) for p, m in zip(batch.params, emas, strict=True)]
         whole = self.granularity == "global"
-        scales, means = functional.tensor_scales(
-            flat_grads, flat_emas, whole, *cosine, batch.tensor_sums
+        scales = functional.tensor_scales(
+            flat_grads, flat_emas, grad_squares, whole, *cosine, batch.tensor_sums
         )
-        self._record(means, batch.indices, batch.n_params, device)
-        return Scales(scales, means)
+        self._record(scales, batch.indices, batch.n_params, device)
+        return Scales(scales)
+
+    def _update_emas(self, emas: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
+        """m <- beta * m + (1 - beta) * g, with one decay per model (dim 0) if given so."""
+        if self._ema_weights is None:
+            torch._foreach_lerp_(emas, grads, 1.0 - self.beta)
+        else:
+            for ema, g in zip(emas, grads, strict=True):
+                ema.lerp_(g, self._ema_weights_like(ema))
 
     def _flat(self, p: torch.Tensor, ema: torch.Tensor) -> torch.Tensor:
         """A flat view of ``p``'s EMA, made once per EMA tensor: a reshape costs a torch call,
@@ -482,31 +596,45 @@ class GradientAlignmentOptimizer(Optimizer):
 
 class _Batch:
     """What a step acts on: the parameters that have a gradient, in ``param_groups`` order, with
-    the local tensors of each (the rank's shard under FSDP2, the tensor itself otherwise) and,
-    for sharded ones, how their local sums add up to the whole tensor's (None: already whole)."""
+    the tensors the arithmetic reads of each (the rank's shard under FSDP2, the real view of a
+    complex tensor, the tensor itself otherwise) and, for sharded ones, how their local sums add
+    up to the whole tensor's (None: nothing is sharded)."""
 
-    def __init__(
-        self,
-        n_params: int,
-        rows: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]],
-        pending: list[tuple[torch.Tensor, torch.Tensor]],
-    ) -> None:
+    def __init__(self, n_params: int) -> None:
         self.n_params = n_params  # of all parameters, with a gradient or not
-        self.pending = pending  # EMAs to store after the base's step (new ones, lonely ones)
-        columns = [list(column) for column in zip(*rows, strict=True)] or [[], [], [], []]
-        self.indices, self.params, grads, emas = columns  # indices: positions among all
+        self.pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # EMAs to store after the
+        # base's step (new ones, lonely ones)
+        self.indices: list[int] = []  # positions among all parameters
+        self.params: list[torch.Tensor] = []
+        self.param_grads: list[torch.Tensor] = []  # the parameters' own gradients
+        self.emas: list[torch.Tensor] = []
+        self.special = False  # a DTensor or a complex tensor among them
+        self.sharded = False
+        self.tensor_sums = self.row_sums = self.mean_sums = None
+
+    def add(self, index: int, p: torch.Tensor, grad: torch.Tensor, ema: torch.Tensor) -> None:
+        self.indices.append(index)
+        self.params.append(p)
+        self.param_grads.append(grad)
+        self.emas.append(ema)
+        if type(grad) is not torch.Tensor or p.is_complex():
+            self.special = True
+
+    def prepare(self) -> None:
+        """Set up the tensors the arithmetic reads (the common case has nothing to do)."""
+        self.values, self.grads = self.params, self.param_grads
+        if not self.special:
+            return
         layouts = [
-            None if type(g) is torch.Tensor or not is_dtensor(p, g) else shard_sums(p, g, m)
-            for p, g, m in zip(self.params, grads, emas, strict=True)
+            shard_sums(p, g, m) if is_dtensor(p, g) else None
+            for p, g, m in zip(self.params, self.param_grads, self.emas, strict=True)
         ]
         self.sharded = any(layouts)
-        if not self.sharded:  # plain tensors: the common case, with no per-tensor work
-            self.values, self.grads, self.emas = self.params, grads, emas
-            self.tensor_sums = self.row_sums = self.mean_sums = None
+        self.values = [real(local(p)) for p in self.params]
+        self.grads = [real(local(g)) for g in self.param_grads]
+        self.emas = [real(local(m)) for m in self.emas]
+        if not self.sharded:
             return
-        self.values = [local(p) for p in self.params]
-        self.grads = [local(g) for g in grads]
-        self.emas = [local(m) for m in emas]
         # Which sharded tensor dims the local sums of a tensor, of one of its rows, and of its row
         # scales run over (a 0/1-d tensor has one "row": the whole tensor).
         self.tensor_sums, self.row_sums, self.mean_sums = [], [], []
