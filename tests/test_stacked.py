@@ -242,6 +242,7 @@ def test_configs_that_differ_beyond_their_seeds_are_not_stacked(configs, splits)
 # --- models with hyperparameters of their own (a sweep's trials) -----------------------------
 
 LRS, WEIGHT_DECAYS, BETAS = [1e-3, 3e-2, 1e-1], [0.0, 1e-2, 1e-1], [0.5, 0.9, 0.99]
+EPSILONS = [1e-8, 1e-6, 1e-3]  # Adam's, one per model
 
 
 def stacked_and_alone(torch_class, gao=None):
@@ -254,9 +255,9 @@ def stacked_and_alone(torch_class, gao=None):
     params = [torch.randn(3, 5, 4, requires_grad=True), torch.randn(3, 4, requires_grad=True)]
     alone = [[p[k].detach().clone().requires_grad_() for p in params] for k in range(3)]
     stacked_class = StackedAdamW if torch_class is torch.optim.AdamW else StackedAdam
-    stacked = stacked_class(params, lr=LRS, weight_decay=WEIGHT_DECAYS, eps=[1e-8, 1e-6, 1e-3])
+    stacked = stacked_class(params, lr=LRS, weight_decay=WEIGHT_DECAYS, eps=EPSILONS)
     singles = [
-        torch_class(a, lr=LRS[k], weight_decay=WEIGHT_DECAYS[k], eps=[1e-8, 1e-6, 1e-3][k])
+        torch_class(a, lr=LRS[k], weight_decay=WEIGHT_DECAYS[k], eps=EPSILONS[k])
         for k, a in enumerate(alone)
     ]
     if gao is not None:
@@ -405,8 +406,13 @@ def test_what_keeps_configs_apart_is_named(configs):
     with pytest.raises(ValueError, match=r"optimizer.lr differs .* only none of its values may"):
         per_model_spec([cfg.optimizer for cfg in sgd])
     gao_eps = trial_configs(configs, "gao-grad-tensor")
-    OmegaConf.update(gao_eps[1], "optimizer.eps", 1e-20, force_add=True)  # GAO's own eps,
+    OmegaConf.update(gao_eps[1], "optimizer.cos_eps", 1e-20, force_add=True)  # GAO's own eps,
     assert stack_key(gao_eps[0]) != stack_key(gao_eps[1])  # the cosine's floor: one for all
+    adam_eps = trial_configs(configs, "gao-grad-tensor")
+    for cfg, eps in zip(adam_eps, EPSILONS, strict=True):
+        OmegaConf.update(cfg, "optimizer.eps", eps, force_add=True)  # Adam's: one per model
+    assert len({stack_key(cfg) for cfg in adam_eps}) == 1
+    assert per_model_spec([cfg.optimizer for cfg in adam_eps])["eps"] == EPSILONS
     spec = per_model_spec([cfg.optimizer for cfg in gao])
     assert spec["base"] == "gradalign.stacked_adam.StackedAdam"
     assert spec["lr"] == [lr / 10 for lr in LRS] and spec["beta"] == BETAS

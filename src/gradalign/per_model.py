@@ -5,8 +5,8 @@ Runs of a sweep differ in the values its sampler chose (``optimizer.lr``, ``opti
 a report's finals in their seeds. Runs can train stacked when their configs are equal but for
 those: the seeds always (each model has its own initial weights and data order), and the
 optimizer's values that a stacked optimizer takes per model: Adam's and AdamW's ``lr``, ``eps``
-and ``weight_decay`` (``StackedAdam`` / ``StackedAdamW``), and GAO's ``lr``, ``weight_decay`` and
-``beta`` when its base is one of them. Every other difference (a model width, a batch size,
+and ``weight_decay`` (``StackedAdam`` / ``StackedAdamW``), and, when GAO's base is one of them,
+those of its base and GAO's ``beta``. Every other difference (a model width, a batch size,
 SGD's momentum) keeps runs apart, because one stacked model has one architecture, one batch size
 and one optimizer.
 """
@@ -29,8 +29,8 @@ STACKED = {
     torch.optim.AdamW: "gradalign.stacked_adam.StackedAdamW",
 }
 BASE_KEYS = ("lr", "eps", "weight_decay")  # StackedAdam's per-model arguments
-# GAO's: its base's but eps (GAO's own eps is the cosine's floor, one for all), and its beta.
-GAO_KEYS = ("lr", "weight_decay", "beta")
+# GAO's: its base's and its beta (its cos_eps, the cosine's floor, is one for all).
+GAO_KEYS = (*BASE_KEYS, "beta")
 # Bookkeeping that differs between a sweep's trials and is no part of what they train.
 BOOKKEEPING = ("tracking.optuna_trial",)
 
