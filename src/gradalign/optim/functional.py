@@ -48,6 +48,11 @@ def host_finite(values: list[torch.Tensor]) -> bool:
     return all(map(math.isfinite, torch.stack(values).tolist()))
 
 
+def complex_like(like: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``values``, a real view computed for ``like``, as a complex tensor if ``like`` is one."""
+    return torch.view_as_complex(values) if like.is_complex() else values
+
+
 def zeroed(grads: list[torch.Tensor]) -> list[torch.Tensor]:
     """The gradients as GAO reads them for its EMA and its cosine: every element that is not
     finite (NaN, inf) as 0; copies, so the gradients stay the caller's."""
@@ -189,12 +194,9 @@ class Scales(NamedTuple):
     per_param: list[torch.Tensor] | None = None
 
     def grad_factors(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
-        """What to multiply the gradients by, in place. A 0-d float64 scale acts in the
-        gradient's dtype; float64 rows on float32 gradients would take torch's per-element
-        casting loop."""
-        if self.vector is not None:
-            return list(self.vector.unbind(0))
-        return [s.to(g.dtype) for s, g in zip(self.per_param, grads, strict=True)]
+        """s in each gradient's dtype (a 0-d float64 scale would make a float64 product; float64
+        rows on float32 gradients would take torch's per-element casting loop)."""
+        return self._in_dtypes(self.vector, self.per_param, grads)
 
     def update_weights(self, values: list[torch.Tensor]) -> list[torch.Tensor]:
         """1 - s in each parameter's dtype (lerp's weight must match it)."""

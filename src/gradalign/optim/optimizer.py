@@ -20,11 +20,12 @@ import torch
 from torch.optim import Optimizer
 
 from gradalign.optim import functional
-from gradalign.optim.functional import Scales, ema_dtype, new_ema, real
+from gradalign.optim.functional import Scales, complex_like, ema_dtype, new_ema, real
 from gradalign.optim.sharding import (
     any_dim,
     dim_0,
     is_dtensor,
+    like,
     local,
     not_dim_0,
     refuse_fsdp1,
@@ -433,6 +434,7 @@ class GradientAlignmentOptimizer(Optimizer):
         all_params = self._params()
         batch = _Batch(len(all_params))
         lonely = []
+        special = False
         for index, p in enumerate(all_params):
             grad = p.grad
             if grad is None:
@@ -450,8 +452,12 @@ class GradientAlignmentOptimizer(Optimizer):
             elif len(entry) == 1:  # only GAO's: the base has not set up its own state for p yet
                 lonely.append(entry)
                 batch.pending.append((p, ema))
-            batch.add(index, p, grad, ema)
-        batch.prepare()
+            batch.indices.append(index)
+            batch.params.append(p)
+            batch.param_grads.append(grad)
+            batch.emas.append(ema)
+            special = special or type(grad) is not torch.Tensor or p.is_complex()
+        batch.prepare(special)
         if batch.sharded and self.stack_dims:
             raise ValueError(
                 f"stack_dims={self.stack_dims} needs plain tensors; DTensor parameters (FSDP2) "
@@ -469,18 +475,20 @@ class GradientAlignmentOptimizer(Optimizer):
 
     def _step_on_scaled_grads(self, batch: _Batch, scales: Scales) -> None:
         """Step the base on s * g in place of each gradient g, then give each parameter its own
-        gradient back (the same tensor, its values restored from a copy made for this step): a
-        torch optimizer leaves ``p.grad`` as the caller's (gradient logging, clipping checks, a
-        second optimizer read it after the step)."""
+        gradient back: a torch optimizer leaves ``p.grad`` as the caller's (gradient logging,
+        clipping checks, a second optimizer read it after the step). The scaled copies live for
+        the base's step only."""
         if not batch.params:
             self._base_step(batch)
             return
-        own = torch._foreach_clone(batch.grads)
-        torch._foreach_mul_(batch.grads, scales.grad_factors(batch.grads))
+        scaled = torch._foreach_mul(batch.grads, scales.grad_factors(batch.grads))
+        for p, g in zip(batch.params, batch.as_param_grads(scaled), strict=True):
+            p.grad = g
         try:
             self._base_step(batch)
         finally:
-            torch._foreach_copy_(batch.grads, own)
+            for p, g in zip(batch.params, batch.param_grads, strict=True):
+                p.grad = g
 
     def _base_step(self, batch: _Batch) -> None:
         """Step the base, then store the EMAs it must not see before (new and lonely ones)."""
@@ -608,22 +616,15 @@ class _Batch:
         self.params: list[torch.Tensor] = []
         self.param_grads: list[torch.Tensor] = []  # the parameters' own gradients
         self.emas: list[torch.Tensor] = []
-        self.special = False  # a DTensor or a complex tensor among them
         self.sharded = False
         self.tensor_sums = self.row_sums = self.mean_sums = None
 
-    def add(self, index: int, p: torch.Tensor, grad: torch.Tensor, ema: torch.Tensor) -> None:
-        self.indices.append(index)
-        self.params.append(p)
-        self.param_grads.append(grad)
-        self.emas.append(ema)
-        if type(grad) is not torch.Tensor or p.is_complex():
-            self.special = True
-
-    def prepare(self) -> None:
-        """Set up the tensors the arithmetic reads (the common case has nothing to do)."""
+    def prepare(self, special: bool) -> None:
+        """Set up the tensors the arithmetic reads: the parameters' own, unless some are DTensors
+        or complex (``special``)."""
+        self.plain = not special  # the parameters' own tensors are the ones the arithmetic reads
         self.values, self.grads = self.params, self.param_grads
-        if not self.special:
+        if self.plain:
             return
         layouts = [
             shard_sums(p, g, m) if is_dtensor(p, g) else None
@@ -643,6 +644,16 @@ class _Batch:
             self.tensor_sums.append(layout and layout(any_dim))
             self.row_sums.append(layout and layout(not_dim_0 if by_rows else any_dim))
             self.mean_sums.append(layout(dim_0) if layout and by_rows else None)
+
+    def as_param_grads(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Gradients computed on the batch's tensors (local shards, real views) as gradients of
+        the parameters themselves (DTensors, complex tensors)."""
+        if self.plain:
+            return grads
+        return [
+            like(own, complex_like(local(own), g)) if self.sharded else complex_like(own, g)
+            for own, g in zip(self.param_grads, grads, strict=True)
+        ]
 
 
 def _is_torch_layout(state_dict: Any) -> bool:

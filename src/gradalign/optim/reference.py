@@ -20,7 +20,7 @@ import math
 import torch
 from torch.optim import Optimizer
 
-from gradalign.optim.functional import ema_dtype, real
+from gradalign.optim.functional import complex_like, ema_dtype, real
 
 
 class ReferenceGAO:
@@ -53,7 +53,7 @@ class ReferenceGAO:
             own = {p: p.grad for p in present}
             for p in present:
                 scaled = real(own[p]).double() * scales[p]
-                p.grad = complex_like(own[p], scaled.to(real(own[p]).dtype))
+                p.grad = complex_like(own[p], scaled.to(real(own[p]).dtype).contiguous())
             try:
                 self.base.step()
             finally:
@@ -101,8 +101,3 @@ def cosine(g: torch.Tensor, m: torch.Tensor, min_scale: float) -> float:
     if ng == 0.0 or nm == 0.0:
         return 0.0
     return min(max(float(g @ m) / (ng * nm), min_scale), 1.0)
-
-
-def complex_like(like: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """``values``, a real view computed for ``like``, as a complex tensor if ``like`` is one."""
-    return torch.view_as_complex(values.contiguous()) if like.is_complex() else values

@@ -58,6 +58,20 @@ def local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if is_dtensor(t) else t
 
 
+@torch._disable_dynamo  # in a compiled step a DTensor's shape is symbolic, which from_local refuses
+def like(t: torch.Tensor, local_tensor: torch.Tensor) -> torch.Tensor:
+    """``local_tensor``, a local shard computed for the DTensor ``t``, as a DTensor laid out as
+    ``t`` (its shape and strides given: a shard may be uneven)."""
+    return type(t).from_local(
+        local_tensor,
+        t.device_mesh,
+        t.placements,
+        run_check=False,
+        shape=t.shape,
+        stride=t.stride(),
+    )
+
+
 def shard_sums(
     p: torch.Tensor, grad: torch.Tensor, ema: torch.Tensor
 ) -> Callable[[Callable[[int], bool]], ShardSum | None]:
