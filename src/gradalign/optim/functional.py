@@ -39,12 +39,15 @@ def real(t: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(t) if t.is_complex() else t
 
 
-def host_finite(values: list[torch.Tensor]) -> bool:
-    """Whether every one of ``values`` (one number or tensor each) is finite, when that can be
-    read on the host for free: on the CPU, in an eager step. False elsewhere (an accelerator
-    would have to synchronise; a compiled step would break its graph)."""
-    if not values[0].is_cpu or torch.compiler.is_compiling():
-        return False
+def host_readable(t: torch.Tensor) -> bool:
+    """Whether a value computed from ``t`` can be read on the host for free: on the CPU, in an
+    eager step (an accelerator would have to synchronise; a compiled step would break its graph).
+    """
+    return t.is_cpu and not torch.compiler.is_compiling()
+
+
+def all_finite(values: list[torch.Tensor]) -> bool:
+    """Whether every one of ``values`` (0-d tensors) is finite: one host read."""
     return all(map(math.isfinite, torch.stack(values).tolist()))
 
 
@@ -60,9 +63,9 @@ def zeroed(grads: list[torch.Tensor]) -> list[torch.Tensor]:
 
 
 def readable(grads: list[torch.Tensor]) -> list[torch.Tensor]:
-    """``zeroed(grads)``, or the gradients themselves where ``host_finite`` can tell that every
-    element is finite (the common case, on the CPU)."""
-    if host_finite(torch._foreach_norm(grads)):  # inf or NaN iff an element is (or overflows)
+    """``zeroed(grads)``, or the gradients themselves where a host read can tell that every
+    element is finite (the common case, on the CPU: ``host_readable``)."""
+    if host_readable(grads[0]) and all_finite(torch._foreach_norm(grads)):  # inf/NaN if one is
         return grads
     return zeroed(grads)
 

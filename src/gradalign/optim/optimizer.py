@@ -416,14 +416,16 @@ class GradientAlignmentOptimizer(Optimizer):
                 loss = closure()
         batch = self._gather()
         scales = self._align(batch)
-        if self.target == "grad":
-            self._step_on_scaled_grads(batch, scales)
+        if not batch.params:  # no gradient: nothing to scale, the base steps as it would
+            self._base_step(batch)
+        elif self.target == "grad":  # the base steps on scaled copies in p.grad (_base_step)
+            scaled = torch._foreach_mul(batch.grads, scales.grad_factors(batch.grads))
+            self._base_step(batch, batch.as_param_grads(scaled))
         else:
             weights = scales.update_weights(batch.values)
-            before = torch._foreach_clone(batch.values) if batch.params else []
+            before = torch._foreach_clone(batch.values)
             self._base_step(batch)
-            if batch.params:
-                torch._foreach_lerp_(batch.values, before, weights)  # before + s*(after - before)
+            torch._foreach_lerp_(batch.values, before, weights)  # before + s*(after - before)
         return loss
 
     def _gather(self) -> _Batch:
@@ -473,28 +475,20 @@ class GradientAlignmentOptimizer(Optimizer):
             del entry[_EMA_KEY]
         return batch
 
-    def _step_on_scaled_grads(self, batch: _Batch, scales: Scales) -> None:
-        """Step the base on s * g in place of each gradient g, then give each parameter its own
-        gradient back: a torch optimizer leaves ``p.grad`` as the caller's (gradient logging,
-        clipping checks, a second optimizer read it after the step). The scaled copies live for
-        the base's step only."""
-        if not batch.params:
-            self._base_step(batch)
-            return
-        scaled = torch._foreach_mul(batch.grads, scales.grad_factors(batch.grads))
-        for p, g in zip(batch.params, batch.as_param_grads(scaled), strict=True):
-            p.grad = g
-        try:
-            self._base_step(batch)
-        finally:
-            for p, g in zip(batch.params, batch.param_grads, strict=True):
+    def _base_step(self, batch: _Batch, grads: list[torch.Tensor] | None = None) -> None:
+        """Step the base, on ``grads`` in place of the parameters' gradients if given, and give
+        each parameter its own gradient back after: a torch optimizer leaves ``p.grad`` as the
+        caller's (gradient logging, clipping checks, a second optimizer read it after the step).
+        Then store the EMAs the base must not see before (new and lonely ones)."""
+        if grads is not None:
+            for p, g in zip(batch.params, grads, strict=True):
                 p.grad = g
-
-    def _base_step(self, batch: _Batch) -> None:
-        """Step the base, then store the EMAs it must not see before (new and lonely ones)."""
         try:
             _step_without_hooks(self.base)
         finally:
+            if grads is not None:
+                for p, g in zip(batch.params, batch.param_grads, strict=True):
+                    p.grad = g
             state = self.base.state
             for p, ema in batch.pending:
                 state[p][_EMA_KEY] = ema
@@ -527,8 +521,12 @@ class GradientAlignmentOptimizer(Optimizer):
             self._record(means, batch.indices, batch.n_params, device)
             return Scales(None, scales)
         flat_grads = [g if g.dim() == 1 else g.reshape(-1) for g in grads]
-        grad_squares = functional.squares(flat_grads)  # the cosine's g.g, checked on the way
-        if not functional.host_finite(grad_squares):  # maybe not finite: read those as 0
+        grad_squares = None  # the cosine's g.g: where it can be read, it tells if all is finite
+        if functional.host_readable(grads[0]):
+            grad_squares = functional.squares(flat_grads)
+            if not functional.all_finite(grad_squares):
+                grad_squares = None
+        if grad_squares is None:  # maybe not finite: read those elements as 0
             grads = functional.zeroed(grads)
             flat_grads = [g if g.dim() == 1 else g.reshape(-1) for g in grads]
             grad_squares = functional.squares(flat_grads)
