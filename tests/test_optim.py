@@ -1710,3 +1710,30 @@ def test_a_compiled_step_matches_eager_and_updates_last_scales(backend, target, 
             torch.testing.assert_close(opt.ema_state[p], eager.ema_state[q], rtol=0, atol=1e-6)
         seen.append(opt.last_scales.clone())
     assert all(not torch.equal(a, b) for a, b in itertools.pairwise(seen))  # new every step
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", TARGETS)
+def test_a_compiled_step_reads_a_non_finite_element_as_zero(target):
+    """A compiled step cannot read the host to find non-finite gradients: it cleans every
+    gradient, and steps as the eager step does, p.grad left as the caller's."""
+    torch._dynamo.reset()
+    params = make_params(dtype=torch.float32)
+    twin = clone_params(params)
+    kwargs = {"lr": 1e-2, "beta": 0.9, "target": target}
+    opt, eager = GAO(params, "Adam", **kwargs), GAO(twin, "Adam", **kwargs)
+    compiled_step = torch.compile(opt.step, backend="aot_eager")
+    for step, grads in enumerate(grad_sequence(SHAPES, steps=4, dtype=torch.float32)):
+        if step == 2:
+            grads[0][1, 1], grads[2][0, 1, 0] = math.nan, math.inf
+        set_grads(params, grads)
+        set_grads(twin, grads)
+        own = [p.grad.clone() for p in params]
+        compiled_step()
+        eager.step()
+        for p, g in zip(params, own, strict=True):
+            torch.testing.assert_close(p.grad, g, rtol=0, atol=0, equal_nan=True)
+        for p, q in zip(params, twin, strict=True):
+            torch.testing.assert_close(p, q, rtol=0, atol=1e-6, equal_nan=True)
+            assert torch.isfinite(opt.ema_state[p]).all()
+        torch.testing.assert_close(opt.last_scales, eager.last_scales, rtol=0, atol=1e-6)
