@@ -181,6 +181,16 @@ def _closure(optimizer, weight, bias, inputs):
     return loss
 
 
+def _step_in_lockstep(run, twin, inputs, steps):
+    """Step two (optimizer, weight, bias) runs on the same quadratic; they must stay equal."""
+    for _ in range(steps):
+        for optimizer, weight, bias in (run, twin):
+            _closure(optimizer, weight, bias, inputs)
+            optimizer.step()
+        torch.testing.assert_close(run[1], twin[1])
+        torch.testing.assert_close(run[2], twin[2])
+
+
 def _check_direction(optimizer, closure, kwargs, steps=20, schedulers=()):
     initial = closure().item()
     for _ in range(steps):
@@ -268,13 +278,7 @@ def test_tensor_lr(info):
         except ValueError as e:  # the base's own refusal (foreach without capturable)
             assert "lr as a Tensor is not supported" in str(e)
             continue
-        for _ in range(5):
-            _closure(optimizer, weight, bias, inputs)
-            _closure(optimizer_c, weight_c, bias_c, inputs)
-            optimizer.step()
-            optimizer_c.step()
-            torch.testing.assert_close(weight, weight_c)
-            torch.testing.assert_close(bias, bias_c)
+        _step_in_lockstep((optimizer, weight, bias), (optimizer_c, weight_c, bias_c), inputs, 5)
 
 
 @by_info
@@ -559,13 +563,7 @@ def test_state_dict_deterministic(info, named_0, named_1):
         weight_c, bias_c = (Parameter(t.detach().clone()) for t in (weight, bias))
         optimizer_c = info.optim_cls(_named([weight_c, bias_c], named_1), **optim_input.kwargs)
         optimizer_c.load_state_dict(copy.deepcopy(optimizer.state_dict()))
-        for _ in range(10):
-            _closure(optimizer, weight, bias, inputs)
-            _closure(optimizer_c, weight_c, bias_c, inputs)
-            optimizer.step()
-            optimizer_c.step()
-            torch.testing.assert_close(weight, weight_c)
-            torch.testing.assert_close(bias, bias_c)
+        _step_in_lockstep((optimizer, weight, bias), (optimizer_c, weight_c, bias_c), inputs, 10)
         _assert_same_tree(
             _without_names(optimizer.state_dict()), _without_names(optimizer_c.state_dict())
         )
