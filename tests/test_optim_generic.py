@@ -197,7 +197,9 @@ def _check_direction(optimizer, closure, kwargs, steps=20, schedulers=()):
         loss = closure()
         optimizer.step()
         for scheduler in schedulers:
-            scheduler.step(loss) if isinstance(scheduler, ReduceLROnPlateau) else scheduler.step()
+            scheduler.step(loss.item()) if isinstance(
+                scheduler, ReduceLROnPlateau
+            ) else scheduler.step()
     final = closure().item()
     assert final > initial if kwargs.get("maximize", False) else final < initial, kwargs
 
@@ -447,7 +449,8 @@ def test_sparse_gradients_are_refused(info):
     for optim_input in info.optim_inputs_func(device=DEVICE):
         param = Parameter(torch.tensor([1.5, 1.5]))
         optimizer = info.optim_cls([param], **optim_input.kwargs)
-        param.grad = torch.sparse_coo_tensor(torch.tensor([[0, 0]]), torch.tensor([1.0, 2.0]), (2,))
+        indices, values = torch.tensor([[0, 0]]), torch.tensor([1.0, 2.0])
+        param.grad = torch.sparse_coo_tensor(indices, values, (2,), check_invariants=True)
         with pytest.raises(RuntimeError, match="does not support sparse gradients"):
             optimizer.step()
         assert torch.equal(param.detach(), torch.tensor([1.5, 1.5]))
