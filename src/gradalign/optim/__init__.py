@@ -17,6 +17,8 @@ The package imports torch only, so it can be dropped into any PyTorch project:
 - ``optimizer``: ``GradientAlignmentOptimizer``, the ``torch.optim.Optimizer`` (state, state
   dict, hooks, the step);
 - ``functional``: the step's arithmetic on lists of tensors;
+- ``reference``: ``ReferenceGAO``, GAO written plainly: the definition the optimizer is tested
+  against (complex tensors read as real views, non-finite gradient elements read as 0);
 - ``sharding``: FSDP2 (DTensor) parameters; ``stacking``: stacked models.
 """
 
