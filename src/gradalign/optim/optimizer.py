@@ -85,8 +85,9 @@ def _validate(
         )
 
 
-def _refuse_base_first(params: Any, base_kwargs: dict[str, Any]) -> None:
-    """``GradientAlignmentOptimizer(Adam, params=...)`` or ``(Adam, params)``: the base first."""
+def _refuse_misplaced_arguments(params: Any, base: Any, base_kwargs: dict[str, Any]) -> None:
+    """The base optimizer given first (``GradientAlignmentOptimizer(Adam, params=...)``), or an
+    optimizer instance given with a base or base arguments: each in one line saying what to do."""
     is_class = isinstance(params, type) and issubclass(params, Optimizer)
     if is_class or isinstance(params, str):
         name = params.__name__ if is_class else params
@@ -96,10 +97,8 @@ def _refuse_base_first(params: Any, base_kwargs: dict[str, Any]) -> None:
             f"pass the parameters (or an optimizer instance) first and the base second, "
             f"GradientAlignmentOptimizer(params, {name!r}, lr=...)"
         )
-
-
-def _refuse_base_arguments(base: Any, base_kwargs: dict[str, Any]) -> None:
-    """An optimizer instance is wrapped as it is: no base and no base arguments besides it."""
+    if not isinstance(params, Optimizer):
+        return
     if "eps" in base_kwargs:
         raise TypeError(
             "eps is the base optimizer's argument: build the wrapped instance with it (GAO's own "
@@ -207,9 +206,8 @@ class GradientAlignmentOptimizer(Optimizer):
         per_model = not isinstance(beta, int | float)
         betas = [float(b) for b in beta] if per_model else [float(beta)]
         _validate(betas, target, granularity, min_scale, cos_eps, stack_dims)
-        _refuse_base_first(params_or_optimizer, base_kwargs)
+        _refuse_misplaced_arguments(params_or_optimizer, base, base_kwargs)
         if isinstance(params_or_optimizer, Optimizer):
-            _refuse_base_arguments(base, base_kwargs)
             self.base = params_or_optimizer
         else:
             self.base = resolve_base(base)(params_or_optimizer, **base_kwargs)
@@ -334,30 +332,34 @@ class GradientAlignmentOptimizer(Optimizer):
         """
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
             pre_hook(self)
-        state_dict = self._state_dict()
-        for post_hook in self._optimizer_state_dict_post_hooks.values():
-            hook_result = post_hook(self, state_dict)
-            if hook_result is not None:
-                state_dict = hook_result
-        return state_dict
-
-    def _state_dict(self) -> dict[str, Any]:
-        emas = self._take_emas()
+        state = self.base.state
+        emas = {  # out of the base's state while it saves its own
+            p: entry.pop(_EMA_KEY)
+            for p, entry in state.items()
+            if isinstance(entry, dict) and _EMA_KEY in entry
+        }
         try:
             base_state = self.base.state_dict()
         finally:
-            self._put_emas(emas)
+            for p, ema in emas.items():
+                state[p][_EMA_KEY] = ema
         positions: dict[torch.Tensor, int] = {}  # a parameter listed twice: its first position,
         for index, p in enumerate(self._params()):  # as torch's state_dict() numbers it
             positions.setdefault(p, index)
         own = {positions[p]: {_EMA_KEY: ema} for p, ema in emas.items() if p in positions}
         if _is_torch_layout(base_state):
-            state = dict(base_state["state"])
+            merged = dict(base_state["state"])
             for index, entry in own.items():
-                state[index] = {**state.get(index, {}), **entry}
-            return {**base_state, "state": state}
-        groups = [{"params": [positions[p] for p in g["params"]]} for g in self.param_groups]
-        return {"state": own, "param_groups": groups, _BASE_KEY: base_state}
+                merged[index] = {**merged.get(index, {}), **entry}
+            state_dict = {**base_state, "state": merged}
+        else:
+            groups = [{"params": [positions[p] for p in g["params"]]} for g in self.param_groups]
+            state_dict = {"state": own, "param_groups": groups, _BASE_KEY: base_state}
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            hook_result = post_hook(self, state_dict)
+            if hook_result is not None:
+                state_dict = hook_result
+        return state_dict
 
     @torch._disable_dynamo
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -374,11 +376,6 @@ class GradientAlignmentOptimizer(Optimizer):
             hook_result = pre_hook(self, state_dict)
             if hook_result is not None:
                 state_dict = hook_result
-        self._load_state_dict(state_dict)
-        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
-            post_hook(self)
-
-    def _load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if _BASE_KEY in state_dict:
             self.base.load_state_dict(state_dict[_BASE_KEY])
         else:
@@ -391,20 +388,8 @@ class GradientAlignmentOptimizer(Optimizer):
             if p is not None and isinstance(entry, dict) and _EMA_KEY in entry:
                 ema = entry[_EMA_KEY].to(device=p.device, dtype=ema_dtype(p), copy=True)
                 state[p][_EMA_KEY] = ema
-
-    def _take_emas(self) -> dict[torch.Tensor, torch.Tensor]:
-        """Remove the EMAs from the base's state (to let the base save only its own)."""
-        state = self.base.state
-        return {
-            p: entry.pop(_EMA_KEY)
-            for p, entry in state.items()
-            if isinstance(entry, dict) and _EMA_KEY in entry
-        }
-
-    def _put_emas(self, emas: dict[torch.Tensor, torch.Tensor]) -> None:
-        state = self.base.state
-        for p, ema in emas.items():
-            state[p][_EMA_KEY] = ema
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
 
     # --- the step ---------------------------------------------------------------------------
     @torch.no_grad()

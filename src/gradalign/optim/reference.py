@@ -78,20 +78,22 @@ class ReferenceGAO:
     def _scales(
         self, present: list[torch.Tensor], grads: dict[torch.Tensor, torch.Tensor]
     ) -> dict[torch.Tensor, torch.Tensor]:
-        def scale(p: torch.Tensor, rows: bool) -> torch.Tensor:
-            g, m = grads[p], real(self.ema[p])
-            if not rows or p.dim() < 2:
-                return torch.tensor(cosine(g, m, self.min_scale), dtype=torch.float64)
-            values = [cosine(g[i], m[i], self.min_scale) for i in range(p.shape[0])]
-            shape = (p.shape[0],) + (1,) * (g.dim() - 1)
-            return torch.tensor(values, dtype=torch.float64).reshape(shape)
-
+        """Each parameter's scale, float64, shaped to broadcast over its real view."""
         if self.granularity == "global":
             g = torch.cat([grads[p].reshape(-1) for p in present])
             m = torch.cat([real(self.ema[p]).reshape(-1) for p in present])
             s = torch.tensor(cosine(g, m, self.min_scale), dtype=torch.float64)
             return dict.fromkeys(present, s)
-        return {p: scale(p, self.granularity == "row") for p in present}
+        scales = {}
+        for p in present:
+            g, m = grads[p], real(self.ema[p])
+            if self.granularity == "row" and p.dim() >= 2:
+                rows = [cosine(g[i], m[i], self.min_scale) for i in range(p.shape[0])]
+                shape = (p.shape[0],) + (1,) * (g.dim() - 1)
+                scales[p] = torch.tensor(rows, dtype=torch.float64).reshape(shape)
+            else:
+                scales[p] = torch.tensor(cosine(g, m, self.min_scale), dtype=torch.float64)
+        return scales
 
 
 def cosine(g: torch.Tensor, m: torch.Tensor, min_scale: float) -> float:
