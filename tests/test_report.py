@@ -295,7 +295,8 @@ def check_report_page(client, exp, folder, name):
     [run] = client.search_runs([exp], f"tags.stage = 'report' and tags.report_name = '{name}'")
     rid = run.info.run_id
     note = run.data.tags["mlflow.note.content"]
-    assert note.startswith(f"**{run.data.tags['verdict/gao']}**\n")
+    verdict = run.data.tags["verdict/gao"]
+    assert note.startswith(f"{verdict}\n")  # plain: the Description column shows its words
     assert f"![convergence comparison](get-artifact?path={FIGURE}&run_uuid={rid})" in note
     assert run.info.run_name == f"report {name}: adam vs gao"
     assert "(SMOKE RUN)" in note
@@ -314,6 +315,31 @@ def check_report_page(client, exp, folder, name):
     listed = client.search_runs([exp], state["searchFilter"])  # the filter MLflow's UI sends
     assert len(listed) == 4 and {r.data.tags["stage"] for r in listed} == {"final"}
     assert {r.data.tags[f"reported_in/{name}"] for r in listed} == {rid}
+    # its chart view opens on the verdict's outcome: the val loss curves, then the minimum
+    first, *others = state["compareRunSections"]
+    assert first["name"] == "the verdict's outcome: best_val_loss" and state["isAccordionReordered"]
+    assert [s["name"] for s in others] == ["loss", "accuracy"]
+    charts = [(c["type"], c["metricKey"], c["metricSectionId"]) for c in state["compareRunCharts"]]
+    assert charts == [("LINE", "loss/val", first["uuid"]), ("BAR", "best_val_loss", first["uuid"])]
+    assert {"loss/val", "best_val_loss"} <= set(listed[0].data.metrics)
+
+    # the experiment's Reports view: the verdict's effect, CI and p as columns of this run's own
+    interval = run.data.tags["ci/gao"]
+    assert interval.endswith(" (95%)") and f"95% CI {interval[: -len(' (95%)')]}" in verdict
+    view = json.loads(client.get_experiment(exp).tags["mlflow.sharedViewState.reports"])
+    columns = json.loads(view["state"])["selectedColumns"]
+    expected = [
+        "metrics.`gao/best_val_loss/mean_diff`",
+        "tags.`ci/gao`",
+        "metrics.`gao/best_val_loss/p_t`",
+        "tags.`verdict/gao`",
+    ]
+    assert columns[-4:] == expected and columns.count("tags.`ci/gao`") == 1  # once per name
+    for column in columns:
+        kind, key = column.split(".", 1)
+        values = run.data.metrics if kind == "metrics" else run.data.tags
+        assert key.strip("`") in values, column
+    assert json.loads(view["state"])["searchFilter"] == "tags.stage = 'report'"
 
 
 def test_finals_are_reused_when_finished_or_diverged_but_not_when_failed_or_killed(store):

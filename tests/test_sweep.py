@@ -175,6 +175,16 @@ def check_parent_summary(capsys, client, runs, best):
     assert listed[0].info.run_id == runs[0].info.run_id  # the others have no objective
     assert {r.info.run_id for r in listed} == {r.info.run_id for r in runs}
     assert "params.`optimizer.momentum`" in state["selectedColumns"]
+    # its chart view opens on lr and momentum against the objective, over every trial
+    assert state["runsHiddenMode"] == "SHOW_ALL"
+    [section] = state["compareRunSections"]
+    [chart] = [c for c in state["compareRunCharts"] if c["metricSectionId"] == section["uuid"]]
+    assert chart["type"] == "PARALLEL" and chart["showAllRuns"]
+    assert chart["selectedParams"] == ["optimizer.lr", "optimizer.momentum"]
+    assert chart["selectedMetrics"] == ["objective"]
+    # and the experiment's view of all runs shows the searched values
+    runs = json.loads(json.loads(experiment_tags["mlflow.sharedViewState.runs"])["state"])
+    assert {"params.`optimizer.lr`", "params.`optimizer.momentum`"} <= set(runs["selectedColumns"])
 
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("sweep of sgd: 3 trials, outputs in ")

@@ -21,7 +21,7 @@ from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, TEMPORARILY_UN
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
-from gradalign import processes, tracking
+from gradalign import processes, tracking, ui
 from gradalign.tracking import labels
 from gradalign.tracking import store as tracking_store
 
@@ -181,7 +181,10 @@ def test_links_open_the_runs_table_even_for_a_first_time_visitor(tmp_path):
     assert (
         tracking.run_link("", "3", "r1") == "#/experiments/3/runs/r1?workflowType=machine_learning"
     )
-    assert tracking.serve_command(cfg) == f"mlflow ui --backend-store-uri {cfg.uri}"
+    # the store of tracking.uri (or $MLFLOW_TRACKING_URI, which gradalign.ui reads too)
+    assert tracking.serve_command(cfg) == f"python -m gradalign.ui -- tracking.uri={cfg.uri}"
+    default = OmegaConf.merge(cfg, {"uri": None, "default_uri": cfg.uri})
+    assert tracking.serve_command(default) == "python -m gradalign.ui"
     server = OmegaConf.merge(cfg, {"uri": "http://tracking:5000"})
     assert (tracking.ui_url(server), tracking.serve_command(server)) == (
         "http://tracking:5000",
@@ -194,6 +197,102 @@ def test_links_open_the_runs_table_even_for_a_first_time_visitor(tmp_path):
     assert tracking.ui_url(secret) == "https://tracking:5000"
     database = OmegaConf.merge(cfg, {"uri": "postgresql+psycopg://me:s3cret@db/mlflow"})
     assert "s3cret" not in tracking.serve_command(database)
+
+
+def test_a_view_s_chart_view_opens_on_its_sections_and_draws_every_run():
+    chart = labels.parallel_chart(["optimizer.lr", "optimizer.beta"], ["objective"])
+    _, value = labels.view_tag(
+        "k",
+        "Name",
+        search_filter="",
+        columns=["metrics.`gao/best_val_loss/mean_diff`", "tags.`verdict/gao`"],
+        sections=[labels.ChartSection("first", (chart, labels.line_chart("loss/val")), 1, 480)],
+        all_runs_in_charts=True,
+    )
+    state = json.loads(json.loads(value)["state"])
+    assert state["runsHiddenMode"] == "SHOW_ALL"  # not MLflow's first 10
+    [section] = state["compareRunSections"]
+    assert (section["name"], section["columns"], section["cardHeight"]) == ("first", 1, 480)
+    assert state["isAccordionReordered"] and section["isReordered"]  # kept first, in this order
+    parallel, line = state["compareRunCharts"]
+    assert parallel["type"] == "PARALLEL" and parallel["showAllRuns"]
+    assert parallel["selectedParams"] == ["optimizer.lr", "optimizer.beta"]
+    assert parallel["selectedMetrics"] == ["objective"]
+    assert (line["type"], line["metricKey"]) == ("LINE", "loss/val")
+    assert {c["metricSectionId"] for c in (parallel, line)} == {section["uuid"]}
+    assert len({c["uuid"] for c in (parallel, line)}) == 2
+    # the run names and the columns wide enough to read (MLflow sizes only ordered columns)
+    assert state["columnOrder"] == [labels.NAME_COLUMN, *state["selectedColumns"]]
+    assert state["columnWidths"][labels.NAME_COLUMN] == labels.NAME_WIDTH
+    key = "gao/best_val_loss/mean_diff"  # MLflow's 100 px show "gao/best_val..."
+    assert state["columnWidths"][f"metrics.`{key}`"] >= 8 * len(key)
+    assert state["columnWidths"]["tags.`verdict/gao`"] == 720  # a sentence
+
+
+def test_widening_a_view_appends_the_columns_it_lacks_and_keeps_a_person_s():
+    _, value = labels.view_tag("k", "Name", search_filter="", columns=["metrics.`a`"])
+    envelope = json.loads(value)
+    state = json.loads(envelope["state"])
+    state["selectedColumns"].append("params.`mine`")  # "Override saved view" in the UI
+    state["columnOrder"].append("params.`mine`")
+    envelope["state"] = json.dumps(state)
+    value = json.dumps(envelope)
+    wider = labels.widened(value, ["params.`optimizer.lr`", "metrics.`a`"])
+    wider_state = json.loads(json.loads(wider)["state"])
+    assert wider_state["selectedColumns"] == [
+        "metrics.`a`",
+        "params.`mine`",
+        "params.`optimizer.lr`",
+    ]
+    assert wider_state["columnOrder"][-1] == "params.`optimizer.lr`"
+    assert json.loads(wider)["name"] == "Name"
+    assert labels.widened(wider, ["metrics.`a`"]) is None  # nothing to write
+
+
+def test_an_experiment_lists_all_its_runs_with_objective_val_loss_and_searched_values(tmp_path):
+    cfg = store(tmp_path)
+    client, experiment = tracking.connect(cfg)
+    tags = client.get_experiment(experiment).tags
+    runs = json.loads(json.loads(tags["mlflow.sharedViewState.runs"])["state"])
+    assert runs["searchFilter"] == ""  # every run, a sweep's trials under its parent
+    assert runs["selectedColumns"] == [
+        "tags.`optimizer`",
+        "metrics.`objective`",
+        "metrics.`best_objective`",
+        "metrics.`best_val_loss`",
+        "params.`optimizer.lr`",
+    ]
+    labels.widen_view(client, experiment, labels.RUNS_VIEW, ["params.`optimizer.beta`"])
+    labels.widen_view(client, experiment, labels.RUNS_VIEW, ["params.`optimizer.beta`"])
+    tags = client.get_experiment(experiment).tags
+    runs = json.loads(json.loads(tags["mlflow.sharedViewState.runs"])["state"])
+    assert runs["selectedColumns"][-2:] == ["params.`optimizer.lr`", "params.`optimizer.beta`"]
+    for view in ("reports", "sweeps"):  # markdown, cut short: what it says is in columns
+        state = json.loads(json.loads(tags[f"mlflow.sharedViewState.{view}"])["state"])
+        assert "attributes.`Description`" not in state["selectedColumns"]
+
+
+def test_gradalign_ui_links_each_experiment_of_the_pipeline_to_its_runs(tmp_path):
+    cfg = store(tmp_path)
+    client = tracking.client(cfg.uri, 60)
+    assert ui.landing_lines(client, "http://h:5000") == [
+        "  no gradalign runs yet (python train.py makes some); experiments: "
+        "http://h:5000/#/experiments?workflowType=machine_learning"
+    ]
+    _, first = tracking.connect(cfg)
+    _, second = tracking.connect(OmegaConf.merge(cfg, {"experiment": "exp-quick"}))
+    client.create_experiment("someone else's")  # no view of ours: not listed, as Default
+    assert ui.landing_lines(client, "http://h:5000") == [
+        f"  {name}: http://h:5000/#/experiments/{eid}/runs?workflowType=machine_learning"
+        "&viewStateShareKey=runs"
+        for name, eid in (("exp", first), ("exp-quick", second))
+    ]
+    argv = ui.serve_argv(cfg.uri, "127.0.0.1", 5001)
+    assert argv[1:] == [
+        *("-m", "mlflow", "ui", "--backend-store-uri", cfg.uri, "--host", "127.0.0.1"),
+        *("--port", "5001", "--workers", "1", "--uvicorn-opts", "--no-access-log"),
+    ]
+    assert ui.SERVE_ENV == {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 
 
 def test_a_saved_view_is_the_ui_s_own_envelope():

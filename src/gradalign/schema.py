@@ -49,6 +49,7 @@ class Tag:
     REPORT_NAME: Final = "report_name"  # a report: its folder's name (--name), to resume it
     VERDICT_PREFIX: Final = "verdict/"  # a report: verdict/<optimizer>
     SMOKE_RUN: Final = "smoke_run"  # "true" on a report or study whose numbers make no verdict
+    CI_PREFIX: Final = "ci/"  # a report: ci/<optimizer>, the verdict's interval, "[lo, hi] (95%)"
     # a final run: reported_in/<report name> = the run id of each report that used it (a final
     # run is reused by later reports, and nests under the first one only)
     REPORTED_IN_PREFIX: Final = "reported_in/"

@@ -429,6 +429,15 @@ def write_report(settings: ReportSettings, parent_run_id: str | None = None) -> 
             out_dir.name,
             run.run_id,
             sorted({k for c in the_plan.compositions.values() for k in c.searched}),
+            settings.primary,
+        )
+        page.show_verdicts(
+            run.client,
+            the_plan.experiment_id,
+            run.run_id,
+            comparisons,
+            settings.primary,
+            settings.alpha,
         )
         run.description = page.description(
             run_id=run.run_id,

@@ -87,16 +87,20 @@ def _searched(cfg: DictConfig) -> list[str]:
 
 def save_sweep_view(cfg: DictConfig) -> None:
     """Store the saved view of the sweep's trials on the experiment: sorted by objective (best
-    first), with the data set and the searched values as columns."""
+    first), with the data set and the searched values as columns, its chart view opening on
+    the parallel coordinates of the searched values and the objective over every trial; and
+    add the searched values to the experiment's view of all runs."""
     mlflow, experiment = tracking.connect(cfg.tracking)
     key = sweep_id(Path(cfg.paths.root), Path(cfg.hydra.sweep.dir), cfg.hydra.sweeper)
     metrics = (Metric.OBJECTIVE, Metric.BEST_VAL_LOSS, Metric.BEST_EPOCH, Metric.TEST_ACC)
+    searched = [labels.column("params", k) for k in _searched(cfg)]
     columns = [
-        labels.column("attributes", "Dataset"),
         *(labels.column("metrics", m) for m in metrics),
-        *(labels.column("params", k) for k in _searched(cfg)),
+        *searched,
         labels.column("tags", Tag.OPTUNA_TRIAL),
+        labels.column("attributes", "Dataset"),
     ]
+    chart = labels.parallel_chart(_searched(cfg), [Metric.OBJECTIVE])
     tag, value = labels.view_tag(
         sweep_view_key(cfg),
         f"Sweep {parent_label(cfg)} ({cfg.optimizer.name}): trials by {Metric.OBJECTIVE}",
@@ -104,8 +108,11 @@ def save_sweep_view(cfg: DictConfig) -> None:
         columns=columns,
         order_by=labels.column("metrics", Metric.OBJECTIVE),
         ascending=OmegaConf.select(cfg.hydra.sweeper, "direction") != "maximize",
+        sections=[labels.ChartSection(f"{Metric.OBJECTIVE} by searched values", (chart,), 1, 480)],
+        all_runs_in_charts=True,
     )
     mlflow.set_experiment_tag(experiment, tag, value)
+    labels.widen_view(mlflow, experiment, labels.RUNS_VIEW, searched)
 
 
 def open_parent(cfg: DictConfig) -> str:

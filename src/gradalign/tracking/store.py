@@ -21,6 +21,7 @@ import functools
 import logging
 import os
 import random
+import shlex
 import signal
 import sqlite3
 import threading
@@ -354,11 +355,13 @@ def ui_url(tracking: DictConfig) -> str:
 
 
 def serve_command(tracking: DictConfig) -> str | None:
-    """The command that serves the UI of the configured store, when it is not a server."""
+    """The command that serves the UI of the configured store, when it is not a server:
+    gradalign.ui, which starts it fast and prints the links to each experiment's runs."""
     uri = tracking_uri(tracking)
     if uri.startswith(("http://", "https://")):
         return None
-    return mask(f"mlflow ui --backend-store-uri {uri}")
+    chosen = f" -- {shlex.quote(f'tracking.uri={uri}')}" if tracking.uri else ""
+    return mask(f"python -m gradalign.ui{chosen}")
 
 
 def store_client(tracking: DictConfig) -> MlflowClient:
