@@ -7,6 +7,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -18,7 +19,15 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from gradalign.checks import UserError
 from gradalign.report.settings import add_study_arguments, study_settings_from_args
-from gradalign.report.study import Sweep, part_settings, run_sweeps, sweep_of, trials_left
+from gradalign.report.study import (
+    Sweep,
+    named,
+    part_settings,
+    run_sweeps,
+    study_label,
+    sweep_of,
+    trials_left,
+)
 
 
 def parse(*argv, root=REPO_ROOT):
@@ -117,6 +126,58 @@ def test_the_default_study_sweeps_stacked_in_studies_of_its_own(tmp_path):
         parse("--parallel", "threads")
 
 
+def test_studies_are_named_so_that_a_person_tells_them_apart(tmp_path):
+    """optuna-dashboard lists studies by name: the preset, quick or not, the part, then what
+    identifies the sweep (the optimizer and the digest of the rest)."""
+
+    def names(*argv):
+        settings = parse(*argv)
+        labels = {}
+        for part in settings.parts:
+            report = part_settings(settings, part, "x")
+            for optimizer in report.optimizers:
+                sweep = sweep_of(report, optimizer, part, settings.pruner, settings.parallel)
+                labels.setdefault(sweep, study_label(settings, part))
+        return [s.study_name for s in named(tmp_path / "none.db", labels).values()]
+
+    default = names()
+    key = Sweep("gao", parse().report.overrides_of("gao"), 0, "none", "stacked").key
+    assert default == [f"default.adam-{key[4:]}", f"default.{key}"]
+    assert [n.split(".")[0] for n in names("--quick")] == ["default-quick"] * 2
+    audit = names("--preset", "seed_note_audit")
+    assert audit[0].startswith("seed_note_audit-a.adam-") and len(audit) == 10  # a, b share
+    assert "seed_note_audit-c1.gao-" in " ".join(audit)
+    suite = names("--preset", "suite", "--quick")
+    assert suite[0].startswith("suite-quick-mnist1d_mlp.adam-")
+    assert len(set(default + names("--quick") + audit + suite)) == 2 + 2 + 10 + 15
+    assert not (tmp_path / "none.db").exists()  # naming reads a storage, never makes one
+
+
+def test_a_stored_study_is_found_under_the_name_it_has_and_resumed(tmp_path):
+    """A study stored before names carried labels keeps its name (the sweep's key), and one
+    another preset stored is reused: the same command resumes it, running what is missing."""
+    storage = tmp_path / "optuna.db"
+    url = f"sqlite:///{storage}"
+    adam, gao = (
+        Sweep("adam", ("experiment=seed_note",), 0),
+        Sweep("gao", ("experiment=seed_note",), 0),
+    )
+    legacy = optuna.create_study(study_name=gao.key, storage=url)  # gao-<digest>, as before
+    for value in (1.0, 2.0):
+        legacy.tell(legacy.ask(), value)
+    optuna.create_study(study_name=f"seed_note.{adam.key}", storage=url)  # the replica's
+    optuna.create_study(study_name=f"x.{Sweep('adam', (), 0).key}", storage=url)  # another sweep
+    studies = named(storage, {adam: "seed_note_audit-a", gao: "seed_note_audit-a"})
+    assert studies[gao].study_name == gao.key and studies[gao] == gao
+    assert studies[adam].study_name == f"seed_note.{adam.key}"
+    assert trials_left(storage, list(studies.values()), 5) == {adam: 5, gao: 3}
+    command = studies[gao].command(REPO_ROOT, 3, tmp_path)
+    assert f"hydra.sweeper.study_name={gao.key}" in command
+    assert studies[gao].sweep_id == f"optuna:{gao.key}"  # where the report finds its trials
+    fresh = named(storage, {Sweep("gao", (), 5): "default"})
+    assert [s.study_name for s in fresh.values()] == [f"default.{Sweep('gao', (), 5).key}"]
+
+
 def test_trials_left_counts_the_completed_trials_of_each_stored_study(tmp_path):
     storage = tmp_path / "optuna.db"
     adam, gao = Sweep("adam", (), 0), Sweep("gao", (), 0)
@@ -172,6 +233,12 @@ def test_quick_study_end_to_end(tmp_path):
         assert not SIGNIFICANCE.search(view), SIGNIFICANCE.search(view)
     assert "SMOKE RUN, no verdict" in done.stderr
 
+    storage = f"sqlite:///{tmp_path / 'out' / 'studies' / 'optuna.db'}"
+    stored = sorted(s.study_name for s in optuna.get_all_study_summaries(storage))
+    assert [re.fullmatch(r"default-quick\.(\w+)-[0-9a-f]{10}", n)[1] for n in stored] == [
+        "adam",
+        "gao",
+    ]  # what optuna-dashboard lists
     again = study(tmp_path, "--quick", "--name", "t2")
     assert again.returncode == 0, again.stderr[-3000:]
     assert "2 sweep(s), 2 stored already" in again.stderr  # no sweep again

@@ -19,10 +19,11 @@ import datetime
 import hashlib
 import json
 import logging
+import re
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import optuna
@@ -48,23 +49,31 @@ SUMMARIES = {"audit": write_audit, "suite": write_suite}
 @dataclasses.dataclass(frozen=True)
 class Sweep:
     """One optimizer's sweep with given training overrides, sampler seed, trial pruner and
-    parallel preset (which decides how many trials the sampler draws before it sees results)."""
+    parallel preset (which decides how many trials the sampler draws before it sees results),
+    and the name of its study once known (``named``; not part of what the sweep is)."""
 
     optimizer: str
     overrides: tuple[str, ...]
     seed: int
     pruner: str = "none"
     parallel: str = "serial"
+    name: str | None = dataclasses.field(default=None, compare=False)
 
     @property
-    def study_name(self) -> str:
-        """The Optuna study of the sweep: the optimizer and a digest of what else defines it
-        (the pruner and the parallel preset only when they are not the defaults, so the
-        studies stored before either existed keep their names)."""
+    def key(self) -> str:
+        """What names the sweep's study for good: the optimizer and a digest of what else
+        defines it (the pruner and the parallel preset only when they are not the defaults, so
+        the studies stored before either existed keep their names)."""
         pruned = [] if self.pruner == "none" else [self.pruner]
         batched = [] if self.parallel == "serial" else [f"parallel={self.parallel}"]
         identity = json.dumps([self.overrides, self.seed, *pruned, *batched])
         return f"{self.optimizer}-{hashlib.sha256(identity.encode()).hexdigest()[:10]}"
+
+    @property
+    def study_name(self) -> str:
+        """The Optuna study of the sweep: its ``name``, else its key (the name of the studies
+        stored before names said which study they are part of)."""
+        return self.name or self.key
 
     @property
     def sweep_id(self) -> str:
@@ -87,6 +96,36 @@ class Sweep:
             *([] if self.parallel == "serial" else [f"parallel={self.parallel}"]),
             program=(sys.executable, str(root / "train.py")),
         )
+
+
+def study_label(settings: StudySettings, part: Part) -> str:
+    """What a person tells a study's sweeps apart by, in optuna-dashboard's list: the preset,
+    ``quick`` for --quick, the part of a study of several (``seed_note_audit-quick-c1``)."""
+    words = [settings.preset, *(["quick"] if settings.quick else [])]
+    words += [part.name] if len(settings.parts) > 1 else []
+    return re.sub(r"[^A-Za-z0-9_-]", "_", "-".join(words))
+
+
+def named(storage: Path, labels: Mapping[Sweep, str]) -> dict[Sweep, Sweep]:
+    """Each sweep of ``labels`` (sweep -> its study_label) with the name of its study: the one
+    it is stored under (its key, for a study stored before labels; ``<label>.<key>`` with the
+    label of the study that first needed it: another study's sweep is reused), else
+    ``<label>.<key>``, e.g. ``default-quick.gao-1a2b3c4d5e``."""
+    stored: set[str] = set()
+    if storage.exists():
+        opened = optuna.storages.RDBStorage(f"sqlite:///{storage}")
+        stored = {study.study_name for study in opened.get_all_studies()}
+    result = {}
+    for sweep, label in labels.items():
+        mine = f"{label}.{sweep.key}"
+        labelled = sorted(
+            name
+            for name in stored
+            if name.endswith(f".{sweep.key}") and "." not in name[: -len(sweep.key) - 1]
+        )
+        chosen = next((n for n in (sweep.key, mine, *labelled) if n in stored), mine)
+        result[sweep] = dataclasses.replace(sweep, name=chosen)
+    return result
 
 
 def part_settings(settings: StudySettings, part: Part, name: str) -> ReportSettings:
@@ -191,24 +230,28 @@ def run_study(settings: StudySettings) -> Path:
     report = settings.report
     register_resolvers(report.root)
     name = report.name or datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
-    parts, sweeps = {}, {}
+    parts, sweeps, labels = {}, {}, {}
     for part in settings.parts:
-        part_report = part_settings(settings, part, name)
+        parts[part.name] = part_report = part_settings(settings, part, name)
         for optimizer in part_report.optimizers:
             overrides = part_report.overrides_of(optimizer)
             composed = compose_optimizer(report.conf_dir, optimizer, overrides)  # validated now
             sweep = sweep_of(part_report, optimizer, part, settings.pruner, settings.parallel)
             sweeps[sweep] = composed.cfg
-        sweep_ids = {
-            o: sweep_of(part_report, o, part, settings.pruner, settings.parallel).sweep_id
-            for o in part_report.optimizers
-        }
-        parts[part.name] = dataclasses.replace(part_report, sweep_ids=sweep_ids)
+            labels.setdefault(sweep, study_label(settings, part))
     first = next(iter(sweeps.values()))
     tracking.connect(first.tracking)
     folder = Path(first.paths.outputs) / STUDIES
     folder.mkdir(parents=True, exist_ok=True)
-    left = trials_left(folder / "optuna.db", list(sweeps), settings.trials)
+    studies = named(folder / "optuna.db", labels)
+    for part in settings.parts:
+        part_report = parts[part.name]
+        sweep_ids = {
+            o: studies[sweep_of(part_report, o, part, settings.pruner, settings.parallel)].sweep_id
+            for o in part_report.optimizers
+        }
+        parts[part.name] = dataclasses.replace(part_report, sweep_ids=sweep_ids)
+    left = trials_left(folder / "optuna.db", list(studies.values()), settings.trials)
     commands = {
         sweep.study_name: sweep.command(report.root, trials, folder)
         for sweep, trials in left.items()
