@@ -1,9 +1,12 @@
-"""MLflow's UI as a researcher reads it, in a real browser: Debian's Chromium, headless, driven
-by playwright, against ``mlflow ui`` on 127.0.0.1 over a store this module makes with a tiny
-sweep and a quick study. The links followed are the ones the commands print.
+"""MLflow's UI and optuna-dashboard as a researcher reads them, in a real browser: Debian's
+Chromium, headless, driven by playwright, against ``python -m gradalign.ui`` (the README's
+command) on 127.0.0.1 over a store this module makes with a 12-trial sweep and a quick study.
+The links followed are the ones the commands print; each view is checked for the text a
+researcher reads in it.
 
-Screenshots go to the pytest temporary directory (``ui-screenshots*``; the path is printed).
-Waits are on elements, never on the network going idle: the runs page polls the server.
+Screenshots go to the pytest temporary directory (``ui-screenshots*``; the path is printed),
+one per view. Waits are on elements, never on the network going idle: the runs page polls the
+server.
 
 Needs requirements-ci.txt (playwright) and Debian's chromium, which .ci/run installs; playwright
 is imported by the fixtures, so that the fast suite collects this module without it.
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -31,7 +35,8 @@ from gradalign.tracking import labels
 pytestmark = pytest.mark.slow
 CHROMIUM = "/usr/bin/chromium"  # Debian's (apt-get install chromium); playwright's own is not used
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run"]
-SERVER_START_S = 240  # mlflow ui answers /health after 20-50 s on the loaded 2-core machine
+SERVER_START_S = 240  # gradalign.ui answers in 5-20 s on the loaded 2-core machine
+TRIALS = 12  # more than the 10 runs MLflow's charts draw by default
 TIMEOUT_MS = 60_000  # for one element to appear (plotly draws late on a busy machine)
 # Without these, MLflow's assistant panel opens on a first visit and covers the page.
 NO_ASSISTANT = (
@@ -55,9 +60,10 @@ def printed_link(text: str, after: str) -> str:
 
 @pytest.fixture(scope="module")
 def made(tmp_path_factory, tiny):
-    """The store: a 3-trial sweep of gao (experiment gradient-alignment) and a quick study
-    (experiment gradient-alignment-quick), what the commands printed, and the UI's address
-    (the commands are told it, so that their links point at the server started below)."""
+    """The store: a 12-trial sweep of gao (experiment gradient-alignment) and a quick study
+    (experiment gradient-alignment-quick, its sweeps stored in out/studies/optuna.db), what
+    the commands printed, and the UI's address (the commands are told it, so that their links
+    point at the server started below)."""
     root = tmp_path_factory.mktemp("ui-store")
     uri = f"sqlite:///{root / 'mlflow.db'}"
     base = f"http://127.0.0.1:{free_port()}"
@@ -66,7 +72,7 @@ def made(tmp_path_factory, tiny):
     common = [f"paths.outputs={root / 'out'}", f"tracking.ui_url={base}", cache]
     started = time.perf_counter()
     sweep = subprocess.run(
-        [*TRAIN, "-m", "optimizer=gao", "hydra.sweeper.n_trials=3", *tiny, *common],
+        [*TRAIN, "-m", "optimizer=gao", f"hydra.sweeper.n_trials={TRIALS}", *tiny, *common],
         env=env,
         capture_output=True,
         text=True,
@@ -82,42 +88,59 @@ def made(tmp_path_factory, tiny):
     )
     assert study.returncode == 0, study.stderr[-3000:]
     print(f"\n[ui] store made in {time.perf_counter() - started:.0f} s")
-    return {"uri": uri, "base": base, "sweep": sweep.stdout, "study": study.stderr}
+    storage = f"sqlite:///{root / 'out' / 'studies' / 'optuna.db'}"
+    return {
+        **{"uri": uri, "base": base, "storage": storage},
+        "sweep": sweep.stdout,
+        "study": study.stderr,
+    }
+
+
+def serve(command: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
+    """``command`` started in a session of its own, its output to ``log``."""
+    with open(log, "w") as output:
+        return subprocess.Popen(
+            command,
+            env={**os.environ, **env},
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            cwd=REPO_ROOT,
+        )
+
+
+def stop(process: subprocess.Popen) -> None:
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+
+
+def printed_links(text: str) -> dict[str, str]:
+    """Experiment name -> link, from what python -m gradalign.ui printed."""
+    return dict(re.findall(r"^  (\S+): (http\S+)$", text, flags=re.M))
 
 
 @pytest.fixture(scope="module")
 def server(made, tmp_path_factory):
-    """``mlflow ui`` on the store, at the address the commands were told."""
+    """``python -m gradalign.ui`` on the store, at the address the commands were told; what it
+    printed: the links to each experiment's runs."""
     port = made["base"].rsplit(":", 1)[1]
-    log = tmp_path_factory.mktemp("ui-server") / "mlflow-ui.log"
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # starts twice as fast
+    log = tmp_path_factory.mktemp("ui-server") / "gradalign-ui.log"
     started = time.perf_counter()
-    with open(log, "w") as output:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", made["uri"]]
-            + ["--host", "127.0.0.1", "--port", port, "--workers", "1"],
-            env=env,
-            stdout=output,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    command = [sys.executable, "-m", "gradalign.ui", "--port", port]
+    process = serve(command, log, {"MLFLOW_TRACKING_URI": made["uri"]})
     try:
-        while True:
-            assert process.poll() is None, f"mlflow ui exited: {log.read_text()[-2000:]}"
+        while "The runs of:" not in log.read_text():
+            assert process.poll() is None, f"gradalign.ui exited: {log.read_text()[-2000:]}"
             assert time.perf_counter() - started < SERVER_START_S, "mlflow ui did not start"
-            try:
-                urllib.request.urlopen(f"{made['base']}/health", timeout=2).close()
-                break
-            except OSError:
-                time.sleep(0.5)
-        print(f"[ui] mlflow ui answered after {time.perf_counter() - started:.0f} s")
-        yield made["base"]
+            time.sleep(0.5)
+        time.sleep(1)  # the links follow the line
+        print(f"[ui] python -m gradalign.ui answered after {time.perf_counter() - started:.0f} s")
+        yield {"base": made["base"], "printed": log.read_text()}
     finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
+        stop(process)
 
 
 @pytest.fixture(scope="module")
@@ -161,24 +184,94 @@ def page(browser, server):
 
 @pytest.fixture(scope="module")
 def store(made):
-    """What the store holds, read with MLflow's client: the sweep's parent and best trial, the
+    """What the store holds, read with MLflow's client: the sweep's parent and trials, the
     report run."""
     client = MlflowClient(made["uri"])
     sweeps = client.get_experiment_by_name("gradient-alignment").experiment_id
     quick = client.get_experiment_by_name("gradient-alignment-quick").experiment_id
     [parent] = client.search_runs([sweeps], f"tags.{Tag.STAGE} = '{Stage.SWEEP_PARENT}'")
+    trials = client.search_runs([sweeps], f"tags.{Tag.STAGE} = '{Stage.SWEEP}'")
     [report] = client.search_runs([quick], f"tags.{Tag.STAGE} = '{Stage.REPORT}'")
-    return {"sweeps": sweeps, "parent": parent, "report": report}
+    return {"sweeps": sweeps, "quick": quick, "parent": parent, "trials": trials, "report": report}
 
 
 def row(page, run_id):
     return page.locator(f'.ag-center-cols-container [role=row][row-id="{run_id}"]')
 
 
+def cell(page, run_id, column):
+    return row(page, run_id).locator(f'[col-id="{column}"]')
+
+
+def name_cell(page, run_id):
+    """The run's cell of the Run Name column (pinned left): its [+], its name."""
+    return page.locator(
+        f'.ag-pinned-left-cols-container [row-id="{run_id}"] [col-id="{labels.NAME_COLUMN}"]'
+    )
+
+
+def headers(page) -> list[str]:
+    """The runs table's column headers, as shown."""
+    return page.locator(".ag-header-cell[col-id]").evaluate_all(
+        "cells => cells.map(c => c.getAttribute('col-id'))"
+    )
+
+
+def whole(locator) -> bool:
+    """Whether ``locator``'s text is shown whole (not cut with an ellipsis)."""
+    return locator.evaluate("e => e.scrollWidth <= e.clientWidth + 1")
+
+
+def section_names(page) -> list[str]:
+    """The chart view's section titles, in order ("loss (3)" -> "loss")."""
+    return [n for n, _ in re.findall(r"^(\S[^\n]*)\n\((\d+)\)$", page.inner_text("body"), re.M)]
+
+
 def loaded(expect, page, image) -> None:
     """Wait until ``image`` (a locator) has been drawn: loaded, with a width."""
     expect(image).to_be_visible()
     page.wait_for_function("i => i.complete && i.naturalWidth > 0", arg=image.element_handle())
+
+
+def test_the_ui_command_links_each_experiment_to_all_its_runs(page, expect, server, store, shots):
+    """The README's command prints, per experiment, the link that opens its runs (not MLflow's
+    GenAI overview): each run with its objective, best val loss, searched values, optimizer;
+    a sweep's name, which carries its best values, shown whole; its trials under its [+]."""
+    links = printed_links(server["printed"])
+    assert set(links) == {"gradient-alignment", "gradient-alignment-quick"}
+    page.goto(links["gradient-alignment"])
+    parent = store["parent"]
+    name = name_cell(page, parent.info.run_id).locator("a span")
+    expect(name).to_have_text(parent.info.run_name)
+    assert ": best " in parent.info.run_name and "beta=" in parent.info.run_name
+    assert whole(name), parent.info.run_name
+    expect(page.get_by_role("heading", name="Runs")).to_be_visible()
+    shown = headers(page)
+    for column in (
+        labels.column("tags", Tag.OPTIMIZER),
+        labels.column("metrics", Metric.OBJECTIVE),
+        labels.column("metrics", Metric.BEST_OBJECTIVE),
+        labels.column("metrics", Metric.BEST_VAL_LOSS),
+        labels.column("params", "optimizer.lr"),
+        labels.column("params", "optimizer.beta"),
+    ):
+        assert column in shown, (column, shown)
+    best = parent.data.metrics[Metric.BEST_OBJECTIVE]
+    best_cell = cell(page, parent.info.run_id, labels.column("metrics", Metric.BEST_OBJECTIVE))
+    assert float(best_cell.inner_text()) == pytest.approx(best, rel=1e-3)
+    expect(cell(page, parent.info.run_id, labels.column("tags", Tag.OPTIMIZER))).to_have_text("gao")
+    name_cell(page, parent.info.run_id).locator("button").click()  # the [+]: its trials
+    trial = store["trials"][0]
+    objective = cell(page, trial.info.run_id, labels.column("metrics", Metric.OBJECTIVE))
+    expect(objective).to_be_visible()
+    assert float(objective.inner_text()) == pytest.approx(
+        trial.data.metrics[Metric.OBJECTIVE], rel=1e-3
+    )
+    lr = cell(page, trial.info.run_id, labels.column("params", "optimizer.lr"))
+    assert float(lr.inner_text()) == pytest.approx(
+        float(trial.data.params["optimizer.lr"]), rel=1e-3
+    )
+    page.screenshot(path=shots / "01_all_runs.png")
 
 
 def test_the_link_a_sweep_prints_lists_its_trials_best_first(page, expect, made, store, shots):
@@ -188,40 +281,52 @@ def test_the_link_a_sweep_prints_lists_its_trials_best_first(page, expect, made,
     expect(best).to_be_visible()
     first = page.locator('.ag-center-cols-container [role=row][row-index="0"]')
     assert first.get_attribute("row-id") == best_id
-    objective = best.locator(f'[col-id="{labels.column("metrics", Metric.OBJECTIVE)}"]')
+    objective = cell(page, best_id, labels.column("metrics", Metric.OBJECTIVE))
     best_objective = store["parent"].data.metrics[Metric.BEST_OBJECTIVE]
     assert float(objective.inner_text()) == pytest.approx(best_objective)
-    lr = best.locator(f'[col-id="{labels.column("params", "optimizer.lr")}"]')
+    lr = cell(page, best_id, labels.column("params", "optimizer.lr"))
     assert float(lr.inner_text()) == pytest.approx(
         float(store["parent"].data.tags["best.optimizer.lr"])
     )
-    dataset = best.locator(f'[col-id="{labels.column("attributes", "Dataset")}"]')
-    expect(dataset).to_contain_text("mnist1d (")
-    expect(page.get_by_text("3 matching runs")).to_be_visible()
-    page.screenshot(path=shots / "01_sweep_trials_by_objective.png")
+    expect(cell(page, best_id, labels.column("attributes", "Dataset"))).to_contain_text("mnist1d (")
+    expect(page.get_by_text(f"{TRIALS} matching runs")).to_be_visible()
+    page.screenshot(path=shots / "02_sweep_trials_by_objective.png")
 
 
-def test_the_runs_page_lists_the_sweep_parent_with_its_best_objective(
+def test_the_sweep_s_chart_view_draws_every_trial_in_parallel_coordinates(
+    page, expect, made, shots
+):
+    """Its chart view opens on beta and lr against the objective, a line per trial: all 12,
+    where MLflow's charts draw only the first 10 runs unless told otherwise ("Showing only
+    visible runs", 2 runs' eyes closed)."""
+    page.goto(printed_link(made["sweep"], "its trials at") + "&compareRunsMode=CHART")
+    expect(page.get_by_text("Showing all runs")).to_be_visible()
+    chart = page.locator(".parcoords")
+    expect(chart).to_be_visible()
+    assert section_names(page)[0] == "objective by searched values"
+    for axis in ("optimizer.beta", "optimizer.lr", "objective"):
+        expect(chart.locator("svg .dimension").get_by_text(axis, exact=True)).to_be_visible()
+    visible = page.locator("input.is-visibility-toggle-checkbox")
+    expect(visible).to_have_count(TRIALS)
+    assert visible.evaluate_all("boxes => boxes.filter(b => b.checked).length") == TRIALS
+    page.screenshot(path=shots / "03_sweep_parallel_coordinates.png")
+
+
+def test_the_sweeps_view_lists_each_sweep_with_its_best_objective(
     page, expect, server, store, shots
 ):
     parent = store["parent"]
     best = parent.data.metrics[Metric.BEST_OBJECTIVE]
-    page.goto(labels.runs_link(server, store["sweeps"]))  # what a sweep's end line links to
-    name = page.locator(f'.ag-pinned-left-cols-container [row-id="{parent.info.run_id}"]')
-    expect(name).to_contain_text(f"gao sweep {parent.info.run_name.split()[2]}")
-    assert f": best {best:.4g} (lr=" in name.inner_text()
-    page.screenshot(path=shots / "02_runs_page.png")
-    page.goto(labels.runs_link(server, store["sweeps"], labels.SWEEPS_VIEW))
-    cell = row(page, parent.info.run_id).locator(
-        f'[col-id="{labels.column("metrics", Metric.BEST_OBJECTIVE)}"]'
-    )
-    expect(cell).to_be_visible()
-    assert float(cell.inner_text()) == pytest.approx(best)
-    description = row(page, parent.info.run_id).locator(
-        f'[col-id="{labels.column("attributes", "Description")}"]'
-    )
-    expect(description).to_contain_text(f"best objective {best:.4f} at trial")
-    page.screenshot(path=shots / "03_sweeps_view.png")
+    page.goto(labels.runs_link(server["base"], store["sweeps"], labels.SWEEPS_VIEW))
+    best_cell = cell(page, parent.info.run_id, labels.column("metrics", Metric.BEST_OBJECTIVE))
+    expect(best_cell).to_be_visible()
+    assert float(best_cell.inner_text()) == pytest.approx(best)
+    name = name_cell(page, parent.info.run_id).locator("a span")
+    expect(name).to_contain_text(f": best {best:.4g} (lr=")
+    assert whole(name)
+    complete = cell(page, parent.info.run_id, labels.column("metrics", Metric.TRIALS_COMPLETE))
+    assert int(complete.inner_text()) == parent.data.metrics[Metric.TRIALS_COMPLETE]
+    page.screenshot(path=shots / "04_sweeps_view.png")
 
 
 def test_the_sweep_parents_page_shows_its_best_trial_and_history(page, expect, made, store, shots):
@@ -231,7 +336,7 @@ def test_the_sweep_parents_page_shows_its_best_trial_and_history(page, expect, m
     expect(page.get_by_text(f"best objective {best:.4f} at trial")).to_be_visible()
     page.get_by_text("Show more").click()
     loaded(expect, page, page.locator('img[src*="optimization_history.png"]'))
-    page.screenshot(path=shots / "04_sweep_parent.png", full_page=True)
+    page.screenshot(path=shots / "05_sweep_parent.png", full_page=True)
     best_id = parent.data.tags[Tag.BEST_RUN_ID]
     link = page.get_by_role("link", name="the trial's run")
     href = labels.run_link("", store["sweeps"], best_id)
@@ -241,18 +346,43 @@ def test_the_sweep_parents_page_shows_its_best_trial_and_history(page, expect, m
     expect(page.get_by_text(best).first).to_be_visible()
 
 
+def test_the_reports_view_shows_each_verdict_s_effect_ci_and_p(page, expect, server, store, shots):
+    report = store["report"]
+    rid = report.info.run_id
+    page.goto(labels.runs_link(server["base"], store["quick"], labels.REPORTS_VIEW))
+    metrics, tags = report.data.metrics, report.data.tags
+    effect = cell(page, rid, labels.column("metrics", "gao/best_val_loss/mean_diff"))
+    expect(effect).to_be_visible()
+    assert float(effect.inner_text()) == pytest.approx(
+        metrics["gao/best_val_loss/mean_diff"], rel=1e-3
+    )
+    interval = cell(page, rid, labels.column("tags", "ci/gao"))
+    expect(interval).to_have_text(tags["ci/gao"])
+    assert re.fullmatch(r"\[[-+][\d.e-]+, [-+][\d.e-]+\] \(95%\)", tags["ci/gao"])
+    p_value = cell(page, rid, labels.column("metrics", "gao/best_val_loss/p_t"))
+    assert float(p_value.inner_text()) == pytest.approx(metrics["gao/best_val_loss/p_t"], rel=1e-2)
+    verdict = cell(page, rid, labels.column("tags", "verdict/gao"))
+    expect(verdict).to_contain_text(tags["verdict/gao"][:60])
+    for column in ("metrics.`gao/best_val_loss/mean_diff`", "metrics.`gao/best_val_loss/p_t`"):
+        header = page.locator(f'.ag-header-cell[col-id="{column}"]')
+        expect(header).to_contain_text(column.split("`")[1])
+    page.screenshot(path=shots / "06_reports_view.png")
+
+
 def test_the_report_runs_page_shows_the_verdict_and_the_figure(page, expect, made, store, shots):
     verdict = store["report"].data.tags[f"{Tag.VERDICT_PREFIX}gao"]
     page.goto(printed_link(made["study"], "MLflow: report"))
-    expect(page.get_by_test_id("note-editor-preview-content").get_by_text(verdict)).to_be_visible()
+    preview = page.get_by_test_id("note-editor-preview-content")
+    expect(preview.get_by_text(verdict)).to_be_visible()
+    assert "**" not in preview.first.inner_text()
     page.get_by_text("Show more").click()
     loaded(expect, page, page.locator('img[src*="convergence_comparison.png"]'))
-    page.screenshot(path=shots / "05_report_run.png", full_page=True)
+    page.screenshot(path=shots / "07_report_run.png", full_page=True)
 
 
 def test_the_report_html_shows_the_verdict_and_the_figure(page, expect, server, store, shots):
     report = store["report"]
-    artifacts = labels.run_link(server, report.info.experiment_id, report.info.run_id)
+    artifacts = labels.run_link(server["base"], report.info.experiment_id, report.info.run_id)
     page.goto(artifacts.replace("?", "/artifacts?"))
     page.locator('[data-testid="artifact-tree-node"][artifact-name="report.html"]').click()
     frame = page.frame_locator("iframe.mlflow-html-iframe")
@@ -261,27 +391,89 @@ def test_the_report_html_shows_the_verdict_and_the_figure(page, expect, server, 
     figure = frame.locator('img[alt="convergence comparison"]')
     expect(figure).to_be_visible()
     assert figure.evaluate("i => i.complete && i.naturalWidth") > 0
-    page.screenshot(path=shots / "06_report_html.png")
+    page.screenshot(path=shots / "08_report_html.png")
 
 
-def test_the_final_runs_link_groups_them_by_optimizer_in_charts(page, expect, made, shots):
+def test_the_final_runs_link_opens_on_the_verdict_s_outcome_by_optimizer(page, expect, made, shots):
     page.goto(printed_link(made["study"], "its final runs by optimizer"))
     for group in ("Group: adam", "Group: gao"):
         expect(page.get_by_text(group).first).to_be_visible()
     expect(page.get_by_text("4 matching runs")).to_be_visible()
     expect(page.locator(".js-plotly-plot").first).to_be_visible()
-    sections = re.findall(r"^(\S[^\n]*)\n\((\d+)\)$", page.inner_text("body"), flags=re.M)
-    assert [name for name, _ in sections][:2] == ["accuracy", "loss"], sections
-    page.screenshot(path=shots / "07_final_runs_by_optimizer.png")
+    sections = section_names(page)
+    assert sections[:3] == ["the verdict's outcome: best_val_loss", "loss", "accuracy"], sections
+    charts = re.findall(
+        r"^(loss/val|best_val_loss|accuracy/test|accuracy/val)$", page.inner_text("body"), re.M
+    )
+    assert charts[:2] == ["loss/val", "best_val_loss"], charts  # the outcome's curve and bars
+    page.screenshot(path=shots / "09_final_runs_by_optimizer.png")
 
 
 def test_a_trials_charts_begin_with_its_curves(page, expect, server, store, shots):
     trial = store["parent"].data.tags[Tag.BEST_RUN_ID]
-    link = labels.run_link(server, store["sweeps"], trial).replace("?", "/model-metrics?")
+    link = labels.run_link(server["base"], store["sweeps"], trial).replace("?", "/model-metrics?")
     page.goto(link)
     expect(page.locator(".js-plotly-plot").first).to_be_visible()
-    sections = re.findall(r"^(\S[^\n]*)\n\((\d+)\)$", page.inner_text("body"), flags=re.M)
+    sections = section_names(page)
     # accuracy/{test,val}, loss/{test,train,val}, GAO's per-parameter scales, the summaries
-    assert [name for name, _ in sections] == ["accuracy", "loss", "scale", "Model metrics"]
-    assert sections[1] == ("loss", "3")
-    page.screenshot(path=shots / "08_trial_charts.png")
+    assert sections == ["accuracy", "loss", "scale", "Model metrics"]
+    page.screenshot(path=shots / "10_trial_charts.png")
+
+
+def test_optuna_dashboard_tells_the_studies_apart_by_name(page, expect, made, tmp_path, shots):
+    """The quick study's sweeps, as optuna-dashboard lists them: preset, quick, optimizer."""
+    command = shutil.which("optuna-dashboard", path=str(Path(sys.executable).parent))
+    port = free_port()
+    dashboard = serve(
+        [
+            command,
+            made["storage"],
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--server",
+            "wsgiref",
+        ],
+        tmp_path / "dashboard.log",
+        {},
+    )
+    try:
+        deadline = time.monotonic() + SERVER_START_S
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=2).close()
+                break
+            except OSError:
+                assert dashboard.poll() is None, "optuna-dashboard exited"
+                assert time.monotonic() < deadline, "optuna-dashboard did not answer"
+                time.sleep(0.3)
+        page.goto(f"http://127.0.0.1:{port}/dashboard")
+        for optimizer in ("adam", "gao"):
+            name = page.get_by_text(
+                re.compile(rf"^\d+\. default-quick\.{optimizer}-[0-9a-f]{{10}}$")
+            )
+            expect(name).to_be_visible()
+        page.screenshot(path=shots / "11_optuna_dashboard.png")
+    finally:
+        stop(dashboard)
+
+
+def test_the_ui_command_says_why_it_could_not_serve(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run(
+            [sys.executable, "-m", "gradalign.ui", "--port", str(port)],
+            env={**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'm.db'}"},
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd=REPO_ROOT,
+        )
+    assert done.returncode == 1
+    assert (
+        done.stdout
+        == f"error: http://127.0.0.1:{port} is taken by another server: --port picks another\n"
+    )
