@@ -13,6 +13,7 @@
 #   make audit                                   # that study under variations, claim by claim
 #   make suite                                   # adam vs gao on five workloads, one verdict
 #   make suite-quick                             # the same with one-epoch runs: a smoke run
+#   make ui                                      # MLflow's UI of mlruns/, printing the links to the runs
 #   make test-slow                               # the slow suite (.ci/run starts its servers)
 # torch is installed first, by pip, at requirements.txt's pin: the pin picks the version, not the
 # build. Where pip's index offers CUDA builds (PyPI on Linux), ask for the CPU one with
@@ -37,7 +38,7 @@ export PATH := $(VIRTUAL_ENV)/bin:$(PATH)
 TORCH = $(shell grep -m1 '^torch==' requirements.txt)
 PICK = $(if $(strip $(OPTIMIZERS)),--optimizers $(OPTIMIZERS)) $(if $(BASELINE),--baseline $(BASELINE))
 
-.PHONY: study study-quick report replica audit suite suite-quick test test-slow lint
+.PHONY: study study-quick report replica audit suite suite-quick ui test test-slow lint
 
 $(VENV)/.study: requirements.txt pyproject.toml
 	@$(PYTHON3) -c 'import sys; sys.version_info >= (3, 11) or sys.exit("make: gradalign needs Python >= 3.11; $(PYTHON3) is " + sys.version.split()[0] + ": pass PYTHON3=python3.11 (or newer)")'
@@ -71,6 +72,9 @@ suite: $(VENV)/.study
 
 suite-quick: $(VENV)/.study
 	$(PY) study.py --suite --quick
+
+ui: $(VENV)/.study
+	$(PY) -m gradalign.ui
 
 lint: $(VENV)/.test
 	$(PY) -m ruff check .

@@ -5,11 +5,12 @@ across workloads).
 
 The sweeps are plain train.py commands, the same a user would type, so the study adds nothing a
 single sweep does not already do; each one's output goes to a log file. Every sweep keeps its
-Optuna study in ``<outputs>/studies/optuna.db`` under a name derived from what it sweeps (the
-optimizer, the training overrides, the sampler's seed), so a rerun, or another comparison that
-needs the same sweep, resumes or reuses it instead of sweeping again; the reports reuse the final
-runs already tracked. A study is thereby fixed by its configuration: rerunning it only redoes
-what is missing.
+Optuna study in ``<outputs>/studies/optuna.db`` under a name that says which study needed it
+and what it sweeps (``default-quick.gao-1a2b3c4d5e``: the preset, quick or not, the part; the
+optimizer and a digest of the training overrides and the sampler's seed), so a rerun, or another
+comparison that needs the same sweep, resumes or reuses it instead of sweeping again (``named``
+finds it under the name it has); the reports reuse the final runs already tracked. A study is
+thereby fixed by its configuration: rerunning it only redoes what is missing.
 """
 
 from __future__ import annotations
