@@ -323,23 +323,27 @@ def check_report_page(client, exp, folder, name):
     assert charts == [("LINE", "loss/val", first["uuid"]), ("BAR", "best_val_loss", first["uuid"])]
     assert {"loss/val", "best_val_loss"} <= set(listed[0].data.metrics)
 
-    # the experiment's Reports view: the verdict's effect, CI and p as columns of this run's own
-    interval = run.data.tags["ci/gao"]
-    assert interval.endswith(" (95%)") and f"95% CI {interval[: -len(' (95%)')]}" in verdict
+    # the experiment's Reports view: per comparison its effect, CI, p and verdict; a smoke run
+    # (2 seeds) fills the effect and the verdict's words, and has no interval, as it has no p
     view = json.loads(client.get_experiment(exp).tags["mlflow.sharedViewState.reports"])
-    columns = json.loads(view["state"])["selectedColumns"]
-    expected = [
-        "metrics.`gao/best_val_loss/mean_diff`",
-        "tags.`ci/gao`",
-        "metrics.`gao/best_val_loss/p_t`",
-        "tags.`verdict/gao`",
-    ]
-    assert columns[-4:] == expected and columns.count("tags.`ci/gao`") == 1  # once per name
-    for column in columns:
-        kind, key = column.split(".", 1)
-        values = run.data.metrics if kind == "metrics" else run.data.tags
-        assert key.strip("`") in values, column
-    assert json.loads(view["state"])["searchFilter"] == "tags.stage = 'report'"
+    state = json.loads(view["state"])
+    assert state["searchFilter"] == "tags.stage = 'report'"
+    assert state["selectedColumns"] == [
+        "tags.`optimizers`",
+        "tags.`smoke_run`",
+        *REPORTS_COLUMNS,
+    ]  # once, however many reports widened it
+    assert run.data.tags["smoke_run"] == "true" and "ci/gao" not in run.data.tags
+    assert "gao/best_val_loss/mean_diff" in run.data.metrics
+    assert "gao/best_val_loss/p_t" not in run.data.metrics
+
+
+REPORTS_COLUMNS = [
+    "metrics.`gao/best_val_loss/mean_diff`",
+    "tags.`ci/gao`",
+    "metrics.`gao/best_val_loss/p_t`",
+    "tags.`verdict/gao`",
+]
 
 
 def test_finals_are_reused_when_finished_or_diverged_but_not_when_failed_or_killed(store):
@@ -507,6 +511,14 @@ def test_the_report_of_a_recorded_store_gives_the_recorded_statistics(store):
     verdicts = {k: v for k, v in run.data.tags.items() if k.startswith("verdict/")}
     assert verdicts == recorded["verdicts"]
     assert verdicts["verdict/gao"].startswith("gao is significantly better than adam")
+    # the Reports view's columns, each filled by this run: the interval is the recorded one
+    assert run.data.tags["ci/gao"] == "[-0.04388, -0.01612] (95%)"
+    view = client.get_experiment(experiment_id(uri)).tags["mlflow.sharedViewState.reports"]
+    columns = json.loads(json.loads(view)["state"])["selectedColumns"]
+    assert columns[-4:] == REPORTS_COLUMNS
+    for column in REPORTS_COLUMNS:
+        kind, key = column.split(".", 1)
+        assert key.strip("`") in (run.data.metrics if kind == "metrics" else run.data.tags)
 
 
 def test_an_optimizer_has_one_name_its_config_files(tmp_path):

@@ -104,6 +104,7 @@ def test_the_experiment_opens_for_model_training_and_a_users_description_stays(t
         if key.startswith("mlflow.sharedViewState.")
     }
     assert {k: v["name"] for k, v in views.items()} == {
+        "runs": "All runs: objective, best val loss, searched values",
         "sweeps": "Sweeps: best objective of each",
         "reports": "Reports: verdicts",
     }

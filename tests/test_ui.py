@@ -87,6 +87,19 @@ def made(tmp_path_factory, tiny):
         timeout=900,
     )
     assert study.returncode == 0, study.stderr[-3000:]
+    # the same comparison with a verdict: the quick study is a smoke run (numbers, no verdict)
+    quick = ["tracking.experiment=gradient-alignment-quick", "trainer.epochs=3"]
+    quick += ["dataset.generation.num_samples=1000"]  # conf/study/default.yaml's quick
+    verdict = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "report.py"), "--seeds", "1", "2", "--final-epochs"]
+        + ["5", "--min-pairs", "2", "--name", "verdict", "--", *quick, *common],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert verdict.returncode == 0, verdict.stderr[-3000:]
+    assert "0 final run(s) to train, 4 reused" in verdict.stderr
     print(f"\n[ui] store made in {time.perf_counter() - started:.0f} s")
     storage = f"sqlite:///{root / 'out' / 'studies' / 'optuna.db'}"
     return {
@@ -191,8 +204,13 @@ def store(made):
     quick = client.get_experiment_by_name("gradient-alignment-quick").experiment_id
     [parent] = client.search_runs([sweeps], f"tags.{Tag.STAGE} = '{Stage.SWEEP_PARENT}'")
     trials = client.search_runs([sweeps], f"tags.{Tag.STAGE} = '{Stage.SWEEP}'")
-    [report] = client.search_runs([quick], f"tags.{Tag.STAGE} = '{Stage.REPORT}'")
-    return {"sweeps": sweeps, "quick": quick, "parent": parent, "trials": trials, "report": report}
+    reports = client.search_runs([quick], f"tags.{Tag.STAGE} = '{Stage.REPORT}'")
+    [report] = [r for r in reports if r.data.tags[Tag.REPORT_NAME] != "verdict"]
+    [verdict] = [r for r in reports if r.data.tags[Tag.REPORT_NAME] == "verdict"]
+    return {
+        **{"sweeps": sweeps, "quick": quick, "parent": parent, "trials": trials},
+        **{"report": report, "verdict": verdict},
+    }
 
 
 def row(page, run_id):
@@ -347,25 +365,41 @@ def test_the_sweep_parents_page_shows_its_best_trial_and_history(page, expect, m
 
 
 def test_the_reports_view_shows_each_verdict_s_effect_ci_and_p(page, expect, server, store, shots):
-    report = store["report"]
-    rid = report.info.run_id
+    """A report's row: the effect (mean paired difference), its CI and p, and the verdict; a
+    smoke run's row the effect and its words only, as its report says."""
     page.goto(labels.runs_link(server["base"], store["quick"], labels.REPORTS_VIEW))
-    metrics, tags = report.data.metrics, report.data.tags
+    report = store["verdict"]
+    rid, metrics, tags = report.info.run_id, report.data.metrics, report.data.tags
     effect = cell(page, rid, labels.column("metrics", "gao/best_val_loss/mean_diff"))
     expect(effect).to_be_visible()
     assert float(effect.inner_text()) == pytest.approx(
         metrics["gao/best_val_loss/mean_diff"], rel=1e-3
     )
-    interval = cell(page, rid, labels.column("tags", "ci/gao"))
-    expect(interval).to_have_text(tags["ci/gao"])
     assert re.fullmatch(r"\[[-+][\d.e-]+, [-+][\d.e-]+\] \(95%\)", tags["ci/gao"])
+    expect(cell(page, rid, labels.column("tags", "ci/gao"))).to_have_text(tags["ci/gao"])
+    assert f"95% CI {tags['ci/gao'].removesuffix(' (95%)')}" in tags["verdict/gao"]
     p_value = cell(page, rid, labels.column("metrics", "gao/best_val_loss/p_t"))
     assert float(p_value.inner_text()) == pytest.approx(metrics["gao/best_val_loss/p_t"], rel=1e-2)
     verdict = cell(page, rid, labels.column("tags", "verdict/gao"))
     expect(verdict).to_contain_text(tags["verdict/gao"][:60])
-    for column in ("metrics.`gao/best_val_loss/mean_diff`", "metrics.`gao/best_val_loss/p_t`"):
-        header = page.locator(f'.ag-header-cell[col-id="{column}"]')
-        expect(header).to_contain_text(column.split("`")[1])
+    assert tags["verdict/gao"].startswith("No significant difference in min val loss")
+    for column in ("gao/best_val_loss/mean_diff", "ci/gao", "gao/best_val_loss/p_t"):
+        header = page.locator(f'.ag-header-cell[col-id$="`{column}`"]')
+        expect(header).to_have_text(column)
+    smoke = store["report"]
+    sid = smoke.info.run_id
+    assert smoke.data.tags[Tag.SMOKE_RUN] == "true"
+    expect(cell(page, sid, labels.column("tags", Tag.SMOKE_RUN))).to_have_text("true")
+    expect(cell(page, sid, labels.column("tags", "verdict/gao"))).to_contain_text("SMOKE RUN")
+    smoke_effect = cell(page, sid, labels.column("metrics", "gao/best_val_loss/mean_diff"))
+    assert float(smoke_effect.inner_text()) == pytest.approx(
+        smoke.data.metrics["gao/best_val_loss/mean_diff"], rel=1e-3
+    )
+    for column in (
+        labels.column("tags", "ci/gao"),
+        labels.column("metrics", "gao/best_val_loss/p_t"),
+    ):
+        expect(cell(page, sid, column)).to_have_text("-")
     page.screenshot(path=shots / "06_reports_view.png")
 
 

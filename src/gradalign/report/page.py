@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from mlflow.tracking import MlflowClient
 
 from gradalign.report.finals import FinalResult
-from gradalign.report.stats import Comparison
+from gradalign.report.stats import Comparison, Verdict
 from gradalign.schema import Metric, Tag
 from gradalign.tracking import labels, log_batch, quoted
 
@@ -86,13 +86,13 @@ def show_verdicts(
     alpha: float,
 ) -> None:
     """Tag the report run with each verdict's confidence interval (``ci/<optimizer>``, the
-    interval of the paired t test on ``primary``: "[-0.0439, -0.0161] (95%)"), and add the
-    report's comparisons to the experiment's "Reports: verdicts" view: per challenger its
-    effect, CI, p and verdict (labels.verdict_columns)."""
+    interval of the paired t test on ``primary``: "[-0.0439, -0.0161] (95%)"; a smoke run has
+    none, as it has no p), and add the report's comparisons to the experiment's "Reports:
+    verdicts" view: per challenger its effect, CI, p and verdict (labels.verdict_columns)."""
     tags = {}
     for comparison in comparisons:
         low, high = comparison.tests[primary].ci
-        if math.isfinite(low) and math.isfinite(high):
+        if comparison.verdict is not Verdict.SMOKE and math.isfinite(low + high):
             interval = f"[{low:+.4g}, {high:+.4g}] ({1 - alpha:.0%})"
             tags[f"{Tag.CI_PREFIX}{comparison.optimizer}"] = interval
     log_batch(client, run_id, tags=tags)

@@ -332,7 +332,7 @@ def experiment_tags() -> dict[str, str]:
         REPORTS_VIEW,
         "Reports: verdicts",
         search_filter=f"tags.{Tag.STAGE} = '{Stage.REPORT}'",
-        columns=[column("tags", Tag.OPTIMIZERS)],
+        columns=[column("tags", Tag.OPTIMIZERS), column("tags", Tag.SMOKE_RUN)],
     )
     return {
         MlflowTag.EXPERIMENT_KIND: EXPERIMENT_KIND,
