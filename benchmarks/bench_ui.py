@@ -101,8 +101,10 @@ def main() -> None:
             for name, (args, env) in VARIANTS.items():
                 results[name].append(start_once(folder, args, env))
                 health, page, processes = results[name][-1]
-                print(f"round {round_ + 1} {name}: /health {health:.1f} s, page {page:.1f} s, "
-                      f"{processes} processes")
+                print(
+                    f"round {round_ + 1} {name}: /health {health:.1f} s, page {page:.1f} s, "
+                    f"{processes} processes"
+                )
     print(f"load average at end: {os.getloadavg()}")
     print("| command | processes | /health, min (median) | page, min (median) |")
     print("|---|---|---|---|")
