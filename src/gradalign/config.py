@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
 from gradalign.checks import UserError, is_int, is_number
@@ -94,6 +95,15 @@ _RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("parallel.workers", lambda v: is_int(v) and v >= 1, "an integer >= 1"),
 )
 _ABSENT = object()
+
+
+def checkout_config(overrides: Iterable[str]) -> DictConfig:
+    """The checkout's conf/config.yaml (repo_root) with ``overrides``, composed as train.py
+    composes it: what the command-line tools (doctor, ui) read the store's settings from."""
+    root = repo_root()
+    register_resolvers(root)
+    with initialize_config_dir(config_dir=str(root / "conf"), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
 
 
 def anchored_uri(uri: str, root: str | Path) -> str:

@@ -26,12 +26,11 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import optuna
-from hydra import compose, initialize_config_dir
 from mlflow.entities import ViewType
 from optuna.trial import TrialState
 
 from gradalign import processes, tracking
-from gradalign.config import anchored_uri, register_resolvers, repo_root
+from gradalign.config import anchored_uri, checkout_config, repo_root
 from gradalign.credentials import MASK, mask
 from gradalign.schema import Param, Stage, Tag
 
@@ -113,9 +112,7 @@ def main(argv: Iterable[str]) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     try:
         root = repo_root()
-        register_resolvers(root)
-        with initialize_config_dir(config_dir=str(root / "conf"), version_base="1.3"):
-            cfg = compose("config", overrides=args.overrides)
+        cfg = checkout_config(args.overrides)
         uri = tracking.tracking_uri(cfg.tracking)
         client = tracking.store_client(cfg.tracking)
         experiments = [e.experiment_id for e in client.search_experiments()]

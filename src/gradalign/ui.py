@@ -37,10 +37,8 @@ import urllib.parse
 import urllib.request
 from collections.abc import Iterable
 
-from hydra import compose, initialize_config_dir
-
 from gradalign import tracking
-from gradalign.config import register_resolvers, repo_root
+from gradalign.config import checkout_config
 from gradalign.credentials import mask
 from gradalign.schema import MlflowTag
 from gradalign.tracking import labels
@@ -143,10 +141,7 @@ def main(argv: Iterable[str]) -> int:
     # a SIGTERM ends the server too, as Ctrl-C does
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
-        root = repo_root()
-        register_resolvers(root)
-        with initialize_config_dir(config_dir=str(root / "conf"), version_base="1.3"):
-            cfg = compose("config", overrides=args.overrides)
+        cfg = checkout_config(args.overrides)
         uri = tracking.tracking_uri(cfg.tracking)
         if uri.startswith(("http://", "https://")):
             base = tracking.ui_url(cfg.tracking)
