@@ -227,7 +227,7 @@ def test_quick_study_end_to_end(tmp_path):
                   experiment="gradient-alignment-quick")  # fmt: skip
     assert run.data.tags["smoke_run"] == "true"
     assert run.data.tags["verdict/gao"].startswith("SMOKE RUN, no verdict")
-    assert run.data.tags["mlflow.note.content"].startswith("**SMOKE RUN, no verdict")
+    assert run.data.tags["mlflow.note.content"].startswith("SMOKE RUN, no verdict")  # plain
     views = [text, (report / "report.html").read_text(), done.stderr, *run.data.tags.values()]
     for view in views:
         assert not SIGNIFICANCE.search(view), SIGNIFICANCE.search(view)
