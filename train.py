@@ -7,14 +7,12 @@
 
 Failed trials, deliberately in two kinds:
 
-- A fit that diverges returns math.inf. Divergence is a property of the hyperparameters (the
+- A fit that diverges has objective inf. Divergence is a property of the hyperparameters (the
   same config and seeds diverge again), and TPE must learn from it: Optuna's TPE learns only from
   COMPLETE (and PRUNED) trials, so a diverged trial is COMPLETE with value inf, ranked below every
   finite one, and the sampler moves away from the region. It is still visibly a failure: the
-  MLflow run ends FAILED with tags failure_reason and diverged=true, and the sweeper (gradalign's,
-  conf/hydra/sweeper/optuna_tpe.yaml) sets the trial's user attrs diverged and failure_reason.
-  (NaN would not do: optuna rejects it and hydra-optuna-sweeper 1.3.0 then crashes while marking
-  the trial failed.)
+  MLflow run ends FAILED with tags failure_reason and diverged=true, and the trial has user attrs
+  diverged and failure_reason (gradalign.sweep.trial).
 - A trial that raises (a bug, memory, a store that went away) says nothing about its
   hyperparameters: the MLflow run ends FAILED with the exception as failure_reason, the Optuna
   trial is FAIL with the same user attr, TPE ignores it, and the sweep goes on until more than
@@ -32,13 +30,17 @@ sweep's parent, after flushing what it logged; a stored study resumes with the s
 import sys
 from pathlib import Path
 
-import hydra
-from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
-from omegaconf import DictConfig
+from gradalign import processes
 
-from gradalign.config import ConfigError, register_resolvers, validate
-from gradalign.credentials import mask, mask_logs
+processes.adopt()  # first: this process stops if the process that started it is gone
+
+import hydra  # noqa: E402 (after the line above, on purpose)
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from hydra.types import RunMode  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from gradalign.config import ConfigError, register_resolvers, validate  # noqa: E402
+from gradalign.credentials import mask, mask_logs  # noqa: E402
 
 register_resolvers(Path(__file__).resolve().parent)
 # Exit statuses of a single run that did not finish: a setting or store the user must fix, a fit
@@ -47,36 +49,32 @@ EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 3, 130
 
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
-def main(cfg: DictConfig) -> float:
-    """Run the composed experiment and return its objective (see the module docstring)."""
+def main(cfg: DictConfig) -> object:
+    """Run the composed experiment (see the module docstring): in a sweep, one trial, whose
+    outcome (gradalign.sweep.trial.Outcome) goes back to the sweep; alone, one run, whose
+    objective is returned."""
     mask_logs()  # no password of a store URL in this job's log (Hydra configured it just now)
     if HydraConfig.get().mode == RunMode.MULTIRUN:
-        return trial(cfg)  # the sweeper records every outcome, raised ones included
+        from gradalign.sweep.trial import run_trial
+
+        return run_trial(cfg)  # the sweep records every outcome, raised ones included
     try:
-        result = trial(cfg)
+        validate(cfg)  # before torch and MLflow are imported: a bad value answers at once
+        from gradalign.experiment import run_experiment
+
+        history, run_id = run_experiment(cfg)
     except BaseException as error:
         status = _exit_status(error)
         if status is None:
             raise
         sys.exit(status)
-    if result.failure_reason:
-        message = f"diverged: {result.failure_reason}; MLflow run {result.run_id} FAILED"
-        sys.exit(_say(message, EXIT_DIVERGED))
-    return result
+    from gradalign.sweep.trial import log_outcome, outcome_of_history
 
-
-def trial(cfg: DictConfig) -> float:
-    """Train ``cfg`` (a sweep's trial when Hydra runs a multirun) and return its TrialResult."""
-    validate(cfg)  # before torch and MLflow are imported: a bad value answers at once
-    from gradalign.experiment import run_experiment, trial_result
-
-    if HydraConfig.get().mode == RunMode.MULTIRUN:
-        from gradalign.sweep.runs import trial_options
-
-        history, run_id = run_experiment(cfg, **trial_options(cfg))
-    else:
-        history, run_id = run_experiment(cfg)
-    return trial_result(cfg, history, run_id)
+    outcome = outcome_of_history(history, cfg.objective)
+    log_outcome(cfg, outcome, run_id)
+    if history.diverged:
+        sys.exit(_say(f"diverged: {history.reason}; MLflow run {run_id} FAILED", EXIT_DIVERGED))
+    return outcome.value
 
 
 def _exit_status(error: BaseException) -> int | None:

@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 from optuna.distributions import FloatDistribution
 
 from gradalign.config import ConfigError, anchored_uri, config_hash, flatten, validate
-from gradalign.sweep.stock import params_from_overrides
+from gradalign.sweep.search_space import parse
 from gradalign.tracking import tracking_uri
 
 # The config groups of conf/config.yaml's defaults list (experiment presets among them).
@@ -26,7 +26,8 @@ GROUPS = sorted(
 def search_space(cfg):
     """The optuna distributions the sweeper would build from hydra.sweeper.params."""
     params = [f"{k}={v}" for k, v in (cfg.hydra.sweeper.params or {}).items()]
-    distributions, fixed = params_from_overrides(params)
+    space = parse(params)
+    distributions, fixed = space.distributions, space.fixed
     assert not fixed
     return distributions
 

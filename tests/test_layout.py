@@ -33,8 +33,8 @@ RANKS = {
     "experiment": 4,
     "sweep": 5,
     "report": 5,
-    "doctor": 5,
-    "ui": 5,
+    "doctor": 6,
+    "ui": 6,
     "stores": 6,  # above sweep: it opens Optuna storages as sweeps do
 }
 PIPELINE_DEPENDENCIES = ("mlflow", "hydra", "optuna", "omegaconf", "scipy", "matplotlib", "mnist1d")
@@ -96,3 +96,32 @@ def test_the_package_and_its_config_module_load_neither_torch_nor_mlflow():
     answer without torch's or MLflow's import (seconds each)."""
     assert not _loaded_after("import gradalign") & {"torch", *PIPELINE_DEPENDENCIES}
     assert not _loaded_after("import gradalign.config") & {"torch", "mlflow", "optuna"}
+
+
+HYDRA_APP = """
+import sys
+sys.modules["hydra_plugins.hydra_optuna_sweeper"] = None  # as if it were not installed
+import hydra
+
+@hydra.main(version_base=None, config_path=None)
+def main(cfg):
+    print("ran")
+
+main()
+"""
+
+
+def test_the_plugin_shims_are_silent_in_any_hydra_app_when_the_study_is_not_installed(tmp_path):
+    """gradalign's Hydra plugins are installed with the optimizer: a Hydra app of the user's own,
+    in an environment without the study's hydra-optuna-sweeper, must not hear of them."""
+    (tmp_path / "app.py").write_text(HYDRA_APP)
+    result = subprocess.run(
+        [sys.executable, "app.py", f"hydra.run.dir={tmp_path / 'out'}"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ran"
+    assert "gradalign" not in result.stderr and "Error importing" not in result.stderr

@@ -26,7 +26,8 @@ from gradalign.components import build_dataset
 from gradalign.experiment import seeded_model_and_optimizer
 from gradalign.report.study import Sweep, trials_left
 from gradalign.schema import Metric, Stage, Tag
-from gradalign.sweep.pruning import JOURNAL, EpochPruning, build_pruner, journal_storage
+from gradalign.sweep.pruning import JOURNAL, EpochPruning, build_pruner
+from gradalign.sweep.studies import open_storage
 from gradalign.training import EpochMetrics, History, fit
 
 PRUNERS = {
@@ -217,8 +218,8 @@ def test_a_serial_sweep_prunes_what_the_median_rule_prunes(monkeypatch, tmp_path
     )
     assert train_in_process(monkeypatch, *argv) == 0
     journal = tmp_path / "s" / JOURNAL  # no storage given: the sweeper kept the study here
-    (name,) = optuna.get_all_study_names(journal_storage(str(journal)))
-    trials = optuna.load_study(study_name=name, storage=journal_storage(str(journal))).trials
+    (name,) = optuna.get_all_study_names(open_storage(str(journal), 60))
+    trials = optuna.load_study(study_name=name, storage=open_storage(str(journal), 60)).trials
     assert [t.state.name for t in trials] == STATES
     assert [t.user_attrs.get("pruned_epoch") for t in trials] == PRUNED_EPOCHS
     assert [len(t.intermediate_values) for t in trials] == [3, 3, 1, 2, 3]
@@ -325,7 +326,7 @@ def test_parallel_trials_report_through_the_journal_the_sweeper_provides(
     assert result.returncode == 0, result.stderr[-3000:]
     if preset == "stacked":
         assert "training jobs [3, 4, 5] as one stacked model" in result.stdout
-    storage = journal_storage(str(sweep_dir / JOURNAL))
+    storage = open_storage(str(sweep_dir / JOURNAL), 60)
     (name,) = optuna.get_all_study_names(storage)
     real_sweep_checks(uri, storage, name, str(sweep_dir.resolve()), 6)
 

@@ -15,7 +15,8 @@ from optuna.trial import TrialState
 
 from gradalign import experiment
 from gradalign.schema import Metric, Stage, Tag
-from gradalign.sweep.pruning import JOURNAL, journal_storage
+from gradalign.sweep.pruning import JOURNAL
+from gradalign.sweep.studies import open_storage
 from gradalign.training import EpochMetrics, History
 
 RTOL = 1e-5
@@ -147,7 +148,7 @@ def test_a_stacked_sweep_prunes_each_trial_against_the_earlier_batches(monkeypat
         f"tracking.uri={uri}",
     )
     assert code == 0
-    journal = journal_storage(str(tmp_path / "s" / JOURNAL))
+    journal = open_storage(str(tmp_path / "s" / JOURNAL), 60)
     (name,) = optuna.get_all_study_names(journal)
     trials = optuna.load_study(study_name=name, storage=journal).trials
     assert [t.state.name for t in trials] == [

@@ -15,17 +15,18 @@ import optuna
 import pytest
 from helpers import asked_lrs, train_in_process
 from mlflow.tracking import MlflowClient
-from optuna.distributions import CategoricalDistribution, FloatDistribution
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.samplers import TPESampler
 from optuna.trial import TrialState
 
 from gradalign import experiment
 from gradalign.components import build_dataset
-from gradalign.experiment import TrialResult
 from gradalign.schema import Metric
-from gradalign.sweep import summary
+from gradalign.sweep import search_space, summary
+from gradalign.sweep.checks import check_search_space
 from gradalign.sweep.sampler import ResumableTPESampler
-from gradalign.sweep.sweeper import CLAIM, check_search_space, claim_sweep_dir
+from gradalign.sweep.sweeper import CLAIM, claim_sweep_dir
+from gradalign.sweep.trial import Outcome
 from gradalign.tracking.labels import short_value
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -327,16 +328,59 @@ def test_each_sweep_process_claims_its_own_directory(tmp_path):
     assert claim_sweep_dir(tmp_path / "empty") == tmp_path / "empty"  # made but not claimed
 
 
-def test_trial_result_is_the_objective_and_survives_pickling():
-    result = TrialResult(math.inf, run_id="abc", failure_reason="non-finite train loss")
-    assert float(result) == math.inf and result > 1e300
-    again = pickle.loads(pickle.dumps(result))  # as launchers return it from workers
-    assert (float(again), again.run_id, again.failure_reason) == (
-        math.inf,
-        "abc",
-        "non-finite train loss",
+def test_a_trials_outcome_is_a_plain_value_that_survives_pickling():
+    outcome = Outcome("diverged", math.inf, "non-finite train loss")
+    assert pickle.loads(pickle.dumps(outcome)) == outcome  # as launchers return it from workers
+    assert outcome.attrs() == {"diverged": True, "failure_reason": "non-finite train loss"}
+    assert Outcome("pruned", pruned_epoch=3).attrs() == {"pruned_epoch": 3}
+    assert Outcome("complete", 1.5).attrs() == {}
+
+
+def test_the_search_space_grammar_reads_as_hydra_optuna_sweeper_documents_it():
+    space = search_space.parse(
+        [
+            "a=interval(0.1, 0.5)",
+            "b=tag(log, interval(1e-4, 1e-1))",
+            "c=range(1, 9, 2)",  # Hydra's range: 9 excluded
+            "d=choice(x, 2, true)",
+            "e=3",
+            "f=interval(1, 8)",  # Hydra reads an interval's ends as floats
+            "g=tag(log, interval(1, 64))",
+            "h=range(0.5, 2.0, 0.5)",
+            "i=shuffle(range(3))",
+            "e=4",  # a later override replaces an earlier one
+        ]
     )
-    assert TrialResult(1.5).run_id is None
+    assert space.distributions == {
+        "a": FloatDistribution(0.1, 0.5),
+        "b": FloatDistribution(1e-4, 1e-1, log=True),
+        "c": IntDistribution(1, 7, step=2),
+        "d": CategoricalDistribution(["x", 2, True]),
+        "f": FloatDistribution(1, 8),
+        "g": FloatDistribution(1, 64, log=True),
+        "h": FloatDistribution(0.5, 1.5, step=0.5),
+        "i": space.distributions["i"],
+    }
+    assert sorted(space.distributions["i"].choices) == [0, 1, 2]  # in shuffled order
+    assert list(space.distributions) == list("abcdfghi")  # the order the sampler draws in
+    assert space.fixed == {"e": "4"}  # as the override gives it
+    grid = search_space.parse(["c=range(1, 9, 2)", "h=range(0.5, 2.0, 0.5)", "d=choice(x,y)"])
+    assert grid.grid() == {"c": [1, 3, 5, 7], "h": [0.5, 1.0, 1.5], "d": ["x", "y"]}
+    with pytest.raises(ValueError, match="grid needs a discrete search space, but a is"):
+        space.grid()
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("optimizer.lr=range(1,0)", r"search space optimizer.lr=range\(1,0\): the range holds no"),
+        ("optimizer.lr=interval(1,0)", r"search space optimizer.lr=interval\(1,0\): .*low"),
+        ("optimizer.lr=tag(log, interval(0, 1))", r"optimizer.lr=tag\(log, interval\(0, 1\)\)"),
+    ],
+)
+def test_a_search_space_optuna_cannot_sample_is_refused_naming_its_key(override, message):
+    with pytest.raises(ValueError, match=message):
+        search_space.parse([override])
 
 
 def test_a_study_name_belongs_to_one_configuration(monkeypatch, capsys, stores):

@@ -20,8 +20,9 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, TEMPORARILY_UNAVAILABLE
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
+from sqlalchemy.exc import OperationalError
 
-from gradalign import processes, tracking, ui
+from gradalign import databases, processes, tracking, ui
 from gradalign.tracking import labels
 from gradalign.tracking import store as tracking_store
 
@@ -400,12 +401,25 @@ def test_a_sweep_id_with_a_quote_finds_its_own_parent(tmp_path):
         parent(cfg, "it" + "'" + 's "quoted"')
 
 
-LOCKED = MlflowException("(sqlite3.OperationalError) database is locked", TEMPORARILY_UNAVAILABLE)
+def mlflow_error(message, sqlite_error=None):
+    """An MlflowException as MLflow's SQL store raises it: from SQLAlchemy's error, when given."""
+    try:
+        if sqlite_error is None:
+            raise MlflowException(message, RESOURCE_DOES_NOT_EXIST)
+        try:
+            raise OperationalError("INSERT ...", {}, sqlite3.OperationalError(sqlite_error))
+        except OperationalError as cause:
+            raise MlflowException(str(cause), TEMPORARILY_UNAVAILABLE) from cause
+    except MlflowException as error:
+        return error
+
+
+LOCKED = mlflow_error("", "database is locked")
 
 
 def test_a_locked_store_is_retried_with_backoff_until_it_answers(monkeypatch):
     sleeps, calls = [], []
-    monkeypatch.setattr(tracking_store.time, "sleep", sleeps.append)
+    monkeypatch.setattr(databases.time, "sleep", sleeps.append)
 
     def flaky(value):
         calls.append(value)
@@ -418,38 +432,45 @@ def test_a_locked_store_is_retried_with_backoff_until_it_answers(monkeypatch):
     assert len(sleeps) == 2 and sleeps[0] < sleeps[1]  # growing waits (jittered)
 
 
-def test_other_errors_and_a_store_locked_for_good_are_not_hidden(monkeypatch):
-    monkeypatch.setattr(tracking_store.time, "sleep", lambda s: None)
+def test_other_errors_are_not_retried_and_a_full_disk_is_one_line(monkeypatch):
+    monkeypatch.setattr(databases.time, "sleep", lambda s: pytest.fail("retried"))
 
     def broken():
-        raise MlflowException("no such run", RESOURCE_DOES_NOT_EXIST)
+        raise mlflow_error("no such run")
 
-    calls = []
-
-    def locked():
-        calls.append(1)
-        raise LOCKED
+    def full():
+        raise mlflow_error("", "database or disk is full")
 
     with pytest.raises(MlflowException, match="no such run"):
         tracking_store._retrying("sqlite:///s.db", 60, broken)
-    with pytest.raises(tracking.TrackingUnavailable, match=r"MLflow store sqlite:///s.db stayed"):
-        tracking_store._retrying("sqlite:///s.db", 1e9, locked)
-    assert len(calls) == len(tracking_store.RETRY_WAITS_S) + 1
+    with pytest.raises(tracking.TrackingUnavailable, match=r"s.db could not be written \("):
+        tracking_store._retrying("sqlite:///s.db", 60, full)
 
 
-def test_a_locked_store_is_waited_for_at_most_store_wait_s(monkeypatch):
+@pytest.mark.parametrize(
+    "fault,advice",
+    [
+        ("database is locked", "another process holds its write lock"),
+        ("connection to server at 127.0.0.1 failed: Connection refused", "start it again"),
+    ],
+)
+def test_a_store_that_does_not_answer_is_waited_for_at_most_store_wait_s(
+    monkeypatch, fault, advice
+):
     clock = [0.0]
-    monkeypatch.setattr(tracking_store.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(databases.time, "monotonic", lambda: clock[0])
 
-    def locked():
-        clock[0] += 20.0  # each attempt waits out SQLite's busy timeout
-        raise LOCKED
+    def down():
+        clock[0] += 20.0  # each attempt waits out SQLite's busy timeout, or a connect timeout
+        raise mlflow_error("", fault)
 
-    monkeypatch.setattr(tracking_store.time, "sleep", lambda s: clock.__setitem__(0, clock[0] + s))
-    with pytest.raises(tracking.TrackingUnavailable, match="locked for 60 s") as info:
-        tracking_store._retrying("sqlite:///s.db", 60, locked)
-    assert clock[0] <= 60 + 20.0  # bounded: at most one busy timeout past it
-    assert "another process holds its write lock" in str(info.value)
+    monkeypatch.setattr(databases.time, "sleep", lambda s: clock.__setitem__(0, clock[0] + s))
+    with pytest.raises(tracking.TrackingUnavailable) as info:
+        tracking_store._retrying("postgresql://u:secret@h/m", 60, down)
+    assert clock[0] <= 60 + 20.0  # bounded: at most one attempt past it
+    message = str(info.value)
+    assert message.startswith("MLflow store postgresql://u:***@h/m did not answer for 60 s (")
+    assert fault in message and advice in message and "secret" not in message
 
 
 def test_the_client_retries_every_call(tmp_path, monkeypatch):
@@ -465,7 +486,7 @@ def test_the_client_retries_every_call(tmp_path, monkeypatch):
         return real(self, *args, **kwargs)
 
     monkeypatch.setattr(MlflowClient, "search_experiments", locked_once)
-    monkeypatch.setattr(tracking_store.time, "sleep", lambda s: None)
+    monkeypatch.setattr(databases.time, "sleep", lambda s: None)
     assert client.search_experiments() is not None and len(attempts) == 2
 
 
@@ -510,32 +531,6 @@ def test_a_tracking_server_is_probed_before_use():
         tracking.client(uri, 60)
     assert time.monotonic() - start < 5
     tracking.check_reachable("sqlite:///nowhere/mlflow.db")  # not a server: nothing to probe
-
-
-def test_interrupted_sweep_runs_end_killed_and_leave_the_parent_to_its_sweep(tmp_path):
-    cfg = store(tmp_path)
-    client = MlflowClient(cfg.uri)
-    parent_id = parent(cfg, str(tmp_path / "sweep"))
-    experiment = tracking.experiment_id(cfg.uri, 60, cfg.experiment)
-
-    def trial(number, sweep_id=str(tmp_path / "sweep"), status=None):
-        tags = {"sweep_id": sweep_id, "optuna_trial": str(number)}
-        run_id = client.create_run(experiment, tags=tags).info.run_id
-        if status:
-            client.set_terminated(run_id, status)
-        return run_id
-
-    ours, done, not_ours = trial(3), trial(2, status="FINISHED"), trial(4)
-    other_sweep = trial(3, sweep_id="other")
-    killed = tracking.kill_sweep_runs(
-        cfg, sweep_id=str(tmp_path / "sweep"), trials=[2, 3], reason="interrupted (Terminated)"
-    )
-    assert killed == 1
-    status = {run_id: client.get_run(run_id).info.status for run_id in (ours, done, not_ours)}
-    assert status == {ours: "KILLED", done: "FINISHED", not_ours: "RUNNING"}
-    assert client.get_run(ours).data.tags["failure_reason"] == "interrupted (Terminated)"
-    assert client.get_run(other_sweep).info.status == "RUNNING"
-    assert client.get_run(parent_id).info.status == "RUNNING"  # close_sweep_parent ends it
 
 
 def test_a_signal_during_a_store_call_is_delivered_after_it():

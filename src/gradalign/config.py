@@ -88,6 +88,7 @@ _RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
         "null or an int >= 0",
     ),
     ("tracking.parent_run_id", lambda v: v is None or isinstance(v, str), "null or a run id"),
+    ("tracking.run_id", lambda v: v is None or isinstance(v, str), "null or a run id"),
     ("tracking.ui_url", lambda v: v is None or _is_url(v), "null or an http(s):// URL"),
     ("tracking.default_ui_url", _is_url, "an http(s):// URL"),
     ("tracking.optuna_storage", lambda v: v is None or isinstance(v, str), "null or a storage"),

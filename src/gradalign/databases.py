@@ -11,7 +11,14 @@ transactions are not involved); ``schema_created(url, create)`` creates a schema
 retries the race with a process that does not take it (an ``mlflow server`` starting at the same
 moment, say). On a SQLite file, processes on one machine take turns under a file lock beside it
 (``sqlite_lock``): two sweeps starting together on a new Optuna storage would otherwise both
-create its tables, and one fail on ``alembic_version``. For any other URL both just run.
+create its tables, and one fail on ``alembic_version``. A new SQLite store is made beside its
+final name and renamed into place once its schema is complete (``created_aside``), so a process
+killed while making it leaves no file, never a half-made one. For any other URL both just run.
+
+A store on a server can restart under a running sweep. SQLAlchemy checks a pooled connection
+before using it (``pool_pre_ping``: Optuna's storage is opened with it, MLflow's store sets it
+itself), and ``retrying`` repeats a call that met a server that is down or restarting, for a
+bounded time, then raises ``StoreUnavailable`` naming the store.
 
 Optuna and MLflow cannot share one database: both keep their schema revision in a table named
 ``alembic_version``. ``check_separate`` says so before anything is created.
@@ -20,17 +27,18 @@ Optuna and MLflow cannot share one database: both keep their schema revision in 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import logging
+import os
 import random
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
+from filelock import FileLock
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ArgumentError
+from sqlalchemy.exc import ArgumentError, DBAPIError, InterfaceError, OperationalError
 
 from gradalign.credentials import mask
 
@@ -45,8 +53,28 @@ RACE_ATTEMPTS = 5
 RACE_PAUSE_S = 0.5  # times the attempt number, plus up to as much again at random
 
 
+# SQLite's answers that no retry changes: a full disk, a read-only or damaged file.
+PERMANENT = (
+    "disk I/O error",
+    "database or disk is full",
+    "attempt to write a readonly database",
+    "database disk image is malformed",
+)
+# Waits between attempts of a call that met a transient fault, with up to as much again at random
+# (writers that collided do not retry in step); the last one repeats until the deadline.
+RETRY_WAITS_S = (0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 6.4, 12.8)
+
+
 class LockTimeout(RuntimeError):
     """An advisory lock was not granted in time: another process holds it."""
+
+
+class StoreUnavailable(RuntimeError):
+    """A store (Optuna's storage, MLflow's store) cannot be used now: the message names it
+    (its password masked) and says what to do."""
+
+    def __init__(self, message: str):
+        super().__init__(mask(message))
 
 
 def postgres_url(url: str) -> URL | None:
@@ -63,16 +91,11 @@ def sqlite_file(url: str) -> Path | None:
     return Path(url[len(_SQLITE) :]).resolve() if url.startswith(_SQLITE) else None
 
 
-@contextlib.contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    """Exclusive advisory lock on ``path`` (created if absent), across processes."""
+def file_lock(path: Path) -> contextlib.AbstractContextManager[Any]:
+    """Exclusive lock on the file ``path`` (created if absent), across processes of this
+    machine."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    return FileLock(path)
 
 
 def sqlite_lock(db: Path) -> contextlib.AbstractContextManager[None]:
@@ -118,6 +141,16 @@ def exclusive(url: str, name: str, timeout_s: float) -> Iterator[None]:
             connection.execute("SELECT pg_advisory_unlock(%s)", (lock_key(name),))
 
 
+def store_lock(url: str, name: str, timeout_s: float) -> contextlib.AbstractContextManager[Any]:
+    """The lock ``name`` of the store at ``url``, for work one process at a time may do on it:
+    a PostgreSQL advisory lock (across machines; LockTimeout after ``timeout_s``), a file lock
+    beside a SQLite file (on one machine), or none for any other store."""
+    db = sqlite_file(url)
+    if db is not None:
+        return sqlite_lock(db)
+    return exclusive(url, name, timeout_s)
+
+
 def is_creation_race(error: BaseException) -> bool:
     """Whether ``error`` (or an error it was raised from) is PostgreSQL's answer to two
     processes creating the same table, type or row at once."""
@@ -137,9 +170,7 @@ def schema_created(url: str, create: Callable[[], T], timeout_s: float) -> T:
     under the lock ``SCHEMA`` of a PostgreSQL database, again after a pause when it lost the
     creation race to a process that does not take the lock; its result. On a SQLite file the
     lock is ``sqlite_lock``'s."""
-    db = sqlite_file(url)
-    lock = sqlite_lock(db) if db is not None else exclusive(url, SCHEMA, timeout_s)
-    with lock:
+    with store_lock(url, SCHEMA, timeout_s):
         for attempt in range(1, RACE_ATTEMPTS + 1):
             try:
                 return create()
@@ -156,6 +187,74 @@ def schema_created(url: str, create: Callable[[], T], timeout_s: float) -> T:
                 )
                 time.sleep(pause)
     raise AssertionError("unreachable")
+
+
+def created_aside(db: Path, create: Callable[[str], None]) -> None:
+    """Make the SQLite store ``db`` whole or not at all: ``create(url)`` builds it at a temporary
+    name beside ``db`` (and must leave no connection open on it), which is then renamed to
+    ``db``. A ``db`` that exists and is not empty is left alone; an empty one (a file touched, or
+    one a process that was killed left) is replaced. Call it under ``sqlite_lock(db)``:
+    leftovers of a killed creator are removed first."""
+    if db.is_file() and db.stat().st_size > 0:
+        return
+    for leftover in db.parent.glob(f".{db.name}.*.creating*"):
+        leftover.unlink(missing_ok=True)
+    aside = db.parent / f".{db.name}.{os.getpid()}.creating"
+    try:
+        create(f"{_SQLITE}{aside}")
+        os.replace(aside, db)
+    finally:
+        for left in db.parent.glob(f"{aside.name}*"):  # the file, a journal if any
+            left.unlink(missing_ok=True)
+
+
+def is_transient(error: BaseException) -> bool:
+    """Whether ``error`` (or an error it was raised from) is a database that did not answer now
+    but may soon: a connection refused or lost (a server restarting), or a SQLite file locked by
+    another writer; not a full disk, a read-only or damaged file, nor a bad query."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, OperationalError | InterfaceError) or (
+            isinstance(seen, DBAPIError) and seen.connection_invalidated
+        ):
+            return not any(fault in str(seen) for fault in PERMANENT)
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def retrying(
+    what: str,
+    wait_s: float,
+    call: Callable[[], T],
+    unavailable: type[StoreUnavailable] = StoreUnavailable,
+) -> T:
+    """``call()``, again after a backoff while it fails with a transient database error
+    (``is_transient``), until ``wait_s`` have passed; then ``unavailable`` naming ``what`` (the
+    store), the last error and what to do. Retry only calls that are safe to repeat: a write
+    whose transaction failed was rolled back whole."""
+    deadline = time.monotonic() + wait_s
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            return call()
+        except Exception as error:
+            if not is_transient(error):
+                raise
+            reason = str(getattr(error, "orig", None) or error).strip().splitlines()[0]
+            wait = RETRY_WAITS_S[min(attempt, len(RETRY_WAITS_S)) - 1] * (1 + random.random())
+            if time.monotonic() + wait > deadline:
+                advice = (
+                    "another process holds its write lock: stop it, or wait and rerun"
+                    if "locked" in reason
+                    else "start it again (or wait for it) and rerun"
+                )
+                raise unavailable(
+                    f"{what} did not answer for {wait_s:g} s ({attempt} attempts; {reason}): "
+                    f"{advice}"
+                ) from None
+            log.warning("%s: %s (attempt %d); retrying in %.1f s", what, reason, attempt, wait)
+            time.sleep(wait)
 
 
 def check_separate(optuna_url: str, mlflow_url: str) -> None:

@@ -5,9 +5,11 @@ had open: its MLflow runs stay RUNNING, a sweep parent it owned stays RUNNING, a
 trials it was running stay RUNNING in their study. Every run records its owner (tag ``owner``:
 host, pid and start time of its process; sweep parents one ``owner.<host>.<pid>`` tag per sweep
 process), and every trial its sweep process (user attr ``owner``). The doctor finds those whose
-owner is gone, on this host, and ends them: runs KILLED, trials FAIL, each with a
-failure_reason saying so. Owners on other hosts, and runs without an owner, are listed and left
-alone.
+owner is gone, on this host, and ends them: runs KILLED, with a failure_reason saying so; then
+each trial takes the outcome its MLflow run records (gradalign.sweep.trial.settle): a run that
+finished with an objective makes its trial COMPLETE with that value, a pruned one PRUNED, a
+diverged one COMPLETE with inf, a killed or failed one FAIL. A resumed sweep does the same for
+its own study. Owners on other hosts, and runs without an owner, are listed and left alone.
 
     python -m gradalign.doctor                 # the configured MLflow store and its studies
     python -m gradalign.doctor --dry-run       # say what would be done, do nothing
@@ -27,15 +29,20 @@ from pathlib import Path
 
 import optuna
 from mlflow.entities import ViewType
+from omegaconf import DictConfig
 from optuna.trial import TrialState
 
 from gradalign import processes, tracking
 from gradalign.config import anchored_uri, checkout_config, repo_root
 from gradalign.credentials import MASK, mask
 from gradalign.schema import Param, Stage, Tag
+from gradalign.sweep.runs import trial_run_finder
+from gradalign.sweep.studies import open_storage
+from gradalign.sweep.trial import COMPLETE, DIVERGED, FAILED, OWNER, PRUNED, settle
 
 log = logging.getLogger(__name__)
 REASON = "its process {owner} is gone (ended by python -m gradalign.doctor)"
+STATES = {COMPLETE: "COMPLETE", DIVERGED: "COMPLETE", PRUNED: "PRUNED", FAILED: "FAIL"}
 
 
 def _dead(owner: str | None) -> bool:
@@ -73,20 +80,30 @@ def clean_runs(client, experiment_ids: Sequence[str], dry_run: bool) -> tuple[li
     return done, storages
 
 
-def clean_trials(storage: str, dry_run: bool) -> list[str]:
-    """Tell FAIL the RUNNING trials of every study in ``storage`` whose sweep process is gone."""
+def clean_trials(storage: str, tracking_cfg: DictConfig, dry_run: bool) -> list[str]:
+    """Complete from MLflow the RUNNING trials of every study in ``storage`` whose sweep process
+    is gone (their runs in the configured MLflow store)."""
     done = []
-    for summary in optuna.get_all_study_summaries(storage):
-        study = optuna.load_study(study_name=summary.study_name, storage=storage)
-        for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            owner = trial.user_attrs.get("owner")
-            if not _dead(owner):
-                continue
-            done.append(f"trial {trial.number} of study {summary.study_name} -> FAIL")
-            if not dry_run:
-                running = optuna.trial.Trial(study, trial._trial_id)
-                running.set_user_attr("failure_reason", REASON.format(owner=owner))
-                study.tell(running, state=TrialState.FAIL)
+    client = tracking.store_client(tracking_cfg)
+    opened = open_storage(storage, tracking_cfg.store_wait_s)
+    for summary in optuna.get_all_study_summaries(opened):
+        study = optuna.load_study(study_name=summary.study_name, storage=opened)
+        gone = [
+            trial
+            for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            if _dead(trial.user_attrs.get(OWNER))
+        ]
+        if not gone:
+            continue
+        find = trial_run_finder(tracking_cfg, f"optuna:{summary.study_name}")
+        outcomes = settle(study, opened, gone, client, find, dry_run=dry_run)
+        for number, outcome in sorted(outcomes.items()):
+            state = STATES[outcome.kind]
+            value = f" {outcome.value:.4g}" if outcome.value is not None else ""
+            done.append(
+                f"trial {number} of study {summary.study_name} -> {state}{value} "
+                "(from its MLflow run)"
+            )
     return done
 
 
@@ -122,7 +139,7 @@ def main(argv: Iterable[str]) -> int:
                 lines.append(f"skipped Optuna storage {storage}: pass it with --storage URL")
                 continue
             try:
-                lines += clean_trials(storage, args.dry_run)
+                lines += clean_trials(storage, cfg.tracking, args.dry_run)
             except Exception as error:  # a storage that moved or went away: say so, go on
                 lines.append(f"skipped Optuna storage {mask(storage)}: {mask(str(error))}")
     except (ValueError, tracking.TrackingUnavailable) as error:

@@ -189,47 +189,6 @@ def init_hash(model: torch.nn.Module) -> str:
     return digest.hexdigest()[:12]
 
 
-class TrialResult(float):
-    """A run's objective, the value a sweeper optimises, carrying the MLflow run id, for a
-    diverged fit why, and for a pruned one the epoch it stopped at; gradalign's Optuna sweeper
-    records them on the trial (a pruned one told PRUNED), and any other sweeper sees a plain
-    float."""
-
-    def __new__(
-        cls,
-        value: float,
-        run_id: str | None = None,
-        failure_reason: str | None = None,
-        pruned_epoch: int | None = None,
-    ):
-        result = super().__new__(cls, value)
-        result.run_id = run_id
-        result.failure_reason = failure_reason
-        result.pruned_epoch = pruned_epoch  # the last epoch of a trial its pruner stopped
-        return result
-
-
-def trial_result(cfg: DictConfig, history: History, run_id: str) -> TrialResult:
-    """What a run of ``cfg`` that trained ``history`` as MLflow run ``run_id`` returns (to a
-    sweeper: its objective), after logging its outcome and its page in the MLflow UI."""
-    from gradalign import tracking
-
-    objective = history.objective(cfg.objective)
-    pruned_epoch = history.epochs[-1].epoch if history.stopped else None
-    if history.diverged:
-        outcome = f"diverged ({history.reason})"
-    elif pruned_epoch is not None:
-        outcome = f"pruned at epoch {pruned_epoch} (objective so far {objective:.4f})"
-    else:
-        outcome = f"objective={objective:.4f}"
-    _, experiment = tracking.connect(cfg.tracking)
-    page = tracking.run_link(tracking.ui_url(cfg.tracking), experiment, run_id)
-    log.info("%s  mlflow run %s: %s", outcome, run_id, page)
-    return TrialResult(
-        objective, run_id=run_id, failure_reason=history.reason, pruned_epoch=pruned_epoch
-    )
-
-
 def seeded_model(cfg: DictConfig, splits: Splits) -> torch.nn.Module:
     """``cfg.model`` initialised right after ``torch.manual_seed(cfg.seed.model)``."""
     torch.manual_seed(cfg.seed.model)
@@ -392,6 +351,7 @@ def _run_record(
         "artifacts_dir": _hydra_config_dir(),
         "description": describe(cfg, stage, values, tags),
         "dataset": dataset_record(cfg, splits),
+        "resume_run_id": cfg.tracking.run_id,  # a sweep trial's: its sweep created the run
     }
 
 

@@ -32,7 +32,7 @@ BASE_KEYS = ("lr", "eps", "weight_decay")  # StackedAdam's per-model arguments
 # GAO's: its base's and its beta (its cos_eps, the cosine's floor, is one for all).
 GAO_KEYS = (*BASE_KEYS, "beta")
 # Bookkeeping that differs between a sweep's trials and is no part of what they train.
-BOOKKEEPING = ("tracking.optuna_trial",)
+BOOKKEEPING = ("tracking.optuna_trial", "tracking.run_id")  # set per trial by the sweep
 
 
 def _stacked_base(optimizer: DictConfig) -> type[torch.optim.Optimizer] | None:

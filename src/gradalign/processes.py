@@ -2,17 +2,22 @@
 their owner.
 
 A sweep process that is stopped by SIGTERM dies without stopping its launcher's children: a
-submitit local job keeps training (and later ends its MLflow run FINISHED for a trial Optuna was
-told had failed). Asking them to stop with SIGTERM lets each end its run KILLED itself (submitit's
-local controller forwards the signal to its job). A process killed with SIGKILL cannot ask
-anything, so every worker also watches its owner (``adopt``) and stops itself when the owner is
-gone. Processes are found through /proc (Linux); on other systems there is nothing to find and
-nothing is done.
+submitit local job keeps training. Asking them to stop with SIGTERM lets each end its run
+KILLED itself (submitit's local controller forwards the signal to its job). A process killed
+with SIGKILL cannot ask anything, so every worker watches its owner and stops itself when the
+owner is gone.
+
+Supervision starts at a worker's first instruction of ours (``adopt``: train.py calls it before
+anything else, a sweep trial's job and the report's workers as their first step). The owner
+passes its identity at spawn, in ``$GRADALIGN_OWNER`` (host, pid and start time, so a reused pid
+is not mistaken for it). A worker that finds its owner already gone stops at once; one whose
+owner lives watches it from a thread. Processes are read through psutil.
 
 Only a process that the owner started (its parent, or an ancestor further up) is tied to it. A
 SLURM job is started by SLURM, not by the sweep process that submitted it: it runs on whatever
 node SLURM picks, lives on if the sweep process on the login node is killed (as every SLURM job
-outlives the shell that submitted it) and is stopped by ``scancel``, even on the sweep's host.
+outlives the shell that submitted it; a resumed sweep records what it finished) and is stopped
+by ``scancel``, even on the sweep's host.
 """
 
 from __future__ import annotations
@@ -24,89 +29,59 @@ import signal
 import socket
 import threading
 import time
-from pathlib import Path
+
+import psutil
 
 log = logging.getLogger(__name__)
 
-_PROC = Path("/proc")
-
-
-def _status(pid: int) -> dict[str, str]:
-    """The fields of /proc/<pid>/status ({} if the process is gone)."""
-    try:
-        lines = (_PROC / str(pid) / "status").read_text().splitlines()
-    except OSError:
-        return {}
-    return dict(line.split(":\t", 1) for line in lines if ":\t" in line)
-
-
-def _alive(pid: int) -> bool:
-    """True unless the process is gone or a zombie (exited, waiting to be reaped)."""
-    state = _status(pid).get("State", "Z")
-    return not state.startswith(("Z", "X"))
-
-
-def _ignores_sigterm(pid: int) -> bool:
-    mask = int(_status(pid).get("SigIgn", "0"), 16)
-    return bool(mask >> (signal.SIGTERM - 1) & 1)
-
-
-def children() -> list[int]:
-    """Pids of the live child processes of this process."""
-    parent = str(os.getpid())
-    found = []
-    for path in _PROC.glob("[0-9]*"):
-        if _status(int(path.name)).get("PPid") == parent and _alive(int(path.name)):
-            found.append(int(path.name))
-    return found
-
-
-def stop_children(timeout_s: float) -> list[int]:
-    """Send SIGTERM to this process's children and wait up to ``timeout_s`` for those that do
-    not ignore it (a loky resource tracker does) to exit; the pids still alive then."""
-    targets = [pid for pid in children() if not _ignores_sigterm(pid)]
-    for pid in targets:
-        with contextlib.suppress(ProcessLookupError):  # exited meanwhile
-            os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout_s
-    while (alive := [pid for pid in targets if _alive(pid)]) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return alive
-
-
-# --- owners: a process that starts others passes itself on, so they die with it -------------
 OWNER_ENV = "GRADALIGN_OWNER"
+OWNER_JOB_ENV = "GRADALIGN_OWNER_SLURM_JOB"  # the owner's SLURM job ("" outside SLURM)
 WATCH_INTERVAL_S = 1.0  # how often a worker checks that its owner is alive
 GRACE_S = 5.0  # after SIGTERM, how long an orphan may take to end its run before SIGKILL
 _watched: list[str] = []  # the owner this process watches (at most one)
 orphaned: list[str] = []  # set when the owner died: the owner's token
 
 
-def _start_time(pid: int) -> str | None:
-    """The start time of process ``pid`` in clock ticks since boot (None if it is gone); with
-    the pid it identifies a process even after the pid is reused."""
+def _live(process: psutil.Process) -> bool:
     try:
-        stat = (_PROC / str(pid) / "stat").read_text()
-    except OSError:
-        return None
-    return stat.rsplit(")", 1)[1].split()[19]  # field 22; the command name may hold spaces
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def children() -> list[psutil.Process]:
+    """The live child processes of this process."""
+    return [child for child in psutil.Process().children() if _live(child)]
+
+
+def stop_children(timeout_s: float) -> list[int]:
+    """Send SIGTERM to this process's children and wait up to ``timeout_s`` for those that do
+    not ignore it (a loky resource tracker does) to exit; the pids still alive then."""
+    targets = []
+    for child in children():
+        with contextlib.suppress(psutil.Error):  # exited meanwhile
+            if signal.SIGTERM not in _ignored(child):
+                child.terminate()
+                targets.append(child)
+    _, alive = psutil.wait_procs(targets, timeout=timeout_s)
+    return [child.pid for child in alive if _live(child)]
+
+
+def _ignored(process: psutil.Process) -> set[int]:
+    """The signals ``process`` ignores (Linux; none known elsewhere)."""
+    try:
+        with open(f"/proc/{process.pid}/status") as status:
+            mask = next(line for line in status if line.startswith("SigIgn:")).split()[1]
+    except (OSError, StopIteration):
+        return set()
+    return {n for n in range(1, 65) if int(mask, 16) >> (n - 1) & 1}
 
 
 def owner_token(pid: int | None = None) -> str:
-    """``host:pid:start time`` of process ``pid`` (this one by default)."""
-    pid = os.getpid() if pid is None else pid
-    return f"{socket.gethostname()}:{pid}:{_start_time(pid)}"
-
-
-def ancestors(pid: int | None = None) -> list[int]:
-    """The pids of process ``pid``'s parent, its parent's parent, ... up to (not including) the
-    init process (this process by default)."""
-    found = []
-    parent = _status(os.getpid() if pid is None else pid).get("PPid", "0")
-    while parent not in ("0", "1") and int(parent) not in found:
-        found.append(int(parent))
-        parent = _status(int(parent)).get("PPid", "0")
-    return found
+    """``host:pid:start time`` of process ``pid`` (this one by default): with the start time,
+    it names a process even after its pid is reused."""
+    process = psutil.Process(pid)
+    return f"{socket.gethostname()}:{process.pid}:{process.create_time():.2f}"
 
 
 def owner_alive(token: str) -> bool | None:
@@ -115,37 +90,54 @@ def owner_alive(token: str) -> bool | None:
     host, pid, started = token.rsplit(":", 2)
     if host != socket.gethostname():
         return None
-    return started != "None" and _start_time(int(pid)) == started and _alive(int(pid))
+    try:
+        process = psutil.Process(int(pid))
+        return f"{process.create_time():.2f}" == started and _live(process)
+    except psutil.Error:
+        return False
+
+
+def ancestors() -> list[int]:
+    """The pids of this process's parent, its parent's parent, ... up to the init process."""
+    return [parent.pid for parent in psutil.Process().parents() if parent.pid > 1]
 
 
 def adopt() -> str:
     """Tie this process to the process that started it, and become the owner of its own children.
 
-    If ``$GRADALIGN_OWNER`` names another live process on this host that is an ancestor of this
-    one (not, say, the sweep process that submitted this SLURM job), a daemon thread watches it:
-    once it is gone (killed, even with SIGKILL), this process gets SIGTERM, so its open MLflow
-    run ends KILLED, and SIGKILL ``GRACE_S`` later if it is still alive. Then
-    ``$GRADALIGN_OWNER`` is set to this process, for the workers it starts. Returns this
-    process's token. Idempotent.
+    If ``$GRADALIGN_OWNER`` names another process on this host and this process runs in the
+    owner's SLURM job (or, like it, in none): if the owner is gone already, this process stops
+    now (SIGTERM, then SIGKILL ``GRACE_S`` later); if it lives and is an ancestor of this one, a
+    daemon thread watches it and does the same once it is gone (killed, even with SIGKILL), so
+    this process's open MLflow run ends KILLED. Then ``$GRADALIGN_OWNER`` names this process,
+    for the workers it starts. Returns this process's token. Idempotent.
     """
     mine = owner_token()
     owner = os.environ.get(OWNER_ENV)
-    if (
-        owner
-        and owner != mine
-        and not _watched
-        and owner_alive(owner)
-        and int(owner.rsplit(":", 2)[1]) in ancestors()
-    ):
-        _watched.append(owner)
-        threading.Thread(target=_watch, args=(owner,), name="owner-watchdog", daemon=True).start()
+    own_job = os.environ.get("SLURM_JOB_ID", "")
+    if owner and owner != mine and not _watched and os.environ.get(OWNER_JOB_ENV, "") == own_job:
+        alive = owner_alive(owner)
+        if alive is False:
+            _stop(owner)
+        elif alive and int(owner.rsplit(":", 2)[1]) in ancestors():
+            _watched.append(owner)
+            threading.Thread(
+                target=_watch, args=(owner,), name="owner-watchdog", daemon=True
+            ).start()
     os.environ[OWNER_ENV] = mine
+    os.environ[OWNER_JOB_ENV] = own_job
     return mine
 
 
 def _watch(owner: str) -> None:
     while owner_alive(owner):
         time.sleep(WATCH_INTERVAL_S)
+    _stop(owner)
+
+
+def _stop(owner: str) -> None:
+    """Stop this process because its owner is gone: SIGTERM (its runs end KILLED), and SIGKILL
+    ``GRACE_S`` later if it is still alive."""
     orphaned.append(owner)
     log.warning("owner process %s is gone: stopping", owner)
     os.kill(os.getpid(), signal.SIGTERM)

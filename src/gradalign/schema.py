@@ -42,6 +42,7 @@ class Tag:
     SWEEP_ID: Final = "sweep_id"  # the key of the sweep's parent run
     SWEEP_DIR: Final = "sweep_dir"  # the sweep process's output directory
     OPTUNA_STUDY: Final = "optuna_study"
+    STUDY_KEY: Final = "optuna_study_key"  # a sweep parent: the key of its Optuna study
     OPTUNA_TRIAL: Final = "optuna_trial"  # the trial's number in its Optuna study
     SELECTED_FROM: Final = "selected_from"  # a final run: the sweep run it retrains
     VALIDATION: Final = "validation"  # what the val metrics were computed on (values below)

@@ -24,8 +24,6 @@ from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 from optuna.pruners import BasePruner, NopPruner
 from optuna.samplers import RandomSampler
-from optuna.storages import BaseStorage, JournalStorage
-from optuna.storages.journal import JournalFileBackend
 from optuna.trial import Trial
 
 from gradalign.training import History
@@ -69,22 +67,13 @@ def prunes(pruner: BasePruner) -> bool:
     return not isinstance(pruner, NopPruner)
 
 
-def journal_storage(path: str) -> JournalStorage:
-    """An Optuna storage in the journal file ``path``, which processes on one machine share
-    safely (Optuna locks the file for each write)."""
-    return JournalStorage(JournalFileBackend(path))
+def open_trial(spec: str, study_name: str, number: int, pruner: BasePruner, wait_s: float) -> Trial:
+    """Trial ``number`` of study ``study_name`` in storage ``spec`` (a database URL or a journal
+    file: gradalign.sweep.studies.open_storage), RUNNING in the sweep, for a job to report to:
+    its study judges it with ``pruner``."""
+    from gradalign.sweep.studies import open_storage
 
-
-def open_storage(spec: str) -> BaseStorage:
-    """The storage a job was passed: a database URL (``sqlite:///...``, ``postgresql://...``),
-    or the path of a journal file."""
-    return optuna.storages.get_storage(spec) if "://" in spec else journal_storage(spec)
-
-
-def open_trial(spec: str, study_name: str, number: int, pruner: BasePruner) -> Trial:
-    """Trial ``number`` of study ``study_name`` in storage ``spec``, RUNNING in the sweep, for
-    a job to report to: its study judges it with ``pruner``."""
-    storage = open_storage(spec)
+    storage = open_storage(spec, wait_s)
     study_id = storage.get_study_id_from_name(study_name)
     trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, number)
     # The sampler of the job's copy of the study is never used: the sweep process samples.
@@ -117,6 +106,10 @@ def trial_pruning(cfg: DictConfig, sweeper: DictConfig) -> Callable[[History], b
     if not prunes(pruner):
         return None
     trial = open_trial(
-        tracking.optuna_storage, tracking.optuna_study, tracking.optuna_trial, pruner
+        tracking.optuna_storage,
+        tracking.optuna_study,
+        tracking.optuna_trial,
+        pruner,
+        tracking.store_wait_s,
     )
     return EpochPruning(trial, cfg.objective)

@@ -12,10 +12,9 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from gradalign import tracking
+from gradalign import processes, tracking
 from gradalign.config import flatten
 from gradalign.experiment import source_tags
 from gradalign.schema import Metric, MlflowTag, Param, Stage, Tag
@@ -36,34 +35,52 @@ def _relative(path: Path, root: Path) -> str:
     return str(path.relative_to(root) if path.is_relative_to(root) else path)
 
 
-def trial_tags(cfg: DictConfig, *, sweep_dir: Path, sweeper: DictConfig) -> dict[str, str]:
+def trial_tags(cfg: DictConfig, sweep_dir: str | Path, sweeper: DictConfig) -> dict[str, str]:
     """The tags every trial of a sweep carries: ``sweep_id``, ``sweep_dir`` (this process's
-    sweep directory) and, for a stored study, ``optuna_study``."""
+    sweep directory), for a stored study ``optuna_study``, and the trial's number
+    ``optuna_trial`` (when the config has it: tracking.optuna_trial)."""
     root = Path(cfg.paths.root)
-    key = sweep_id(root, sweep_dir, sweeper)
-    tags = {Tag.SWEEP_ID: key, Tag.SWEEP_DIR: _relative(sweep_dir, root)}
+    key = sweep_id(root, Path(sweep_dir), sweeper)
+    tags = {Tag.SWEEP_ID: key, Tag.SWEEP_DIR: _relative(Path(sweep_dir), root)}
     if key.startswith("optuna:"):
         tags[Tag.OPTUNA_STUDY] = OmegaConf.select(sweeper, "study_name")
+    if cfg.tracking.optuna_trial is not None:
+        tags[Tag.OPTUNA_TRIAL] = str(cfg.tracking.optuna_trial)
     return tags
 
 
-def trial_options(cfg: DictConfig) -> dict[str, Any]:
-    """How the Hydra job running ``cfg`` (a sweep's trial) places, tags and stops its run: the
-    keywords of ``experiment.run_experiment`` (stage, parent run, tags, the pruner's
-    ``should_stop``)."""
-    from gradalign.sweep.pruning import trial_pruning
-
-    hydra_cfg = HydraConfig.get()
-    tags = trial_tags(cfg, sweep_dir=Path(hydra_cfg.sweep.dir), sweeper=hydra_cfg.sweeper)
-    tags[Tag.HYDRA_JOB_NUM] = str(hydra_cfg.job.num)
-    if cfg.tracking.optuna_trial is not None:
-        tags[Tag.OPTUNA_TRIAL] = str(cfg.tracking.optuna_trial)
-    return {
-        "stage": Stage.SWEEP,
-        "parent_run_id": cfg.tracking.parent_run_id,
-        "extra_tags": tags,
-        "should_stop": trial_pruning(cfg, hydra_cfg.sweeper),
+def create_trial_run(cfg: DictConfig, parent_run_id: str, number: int) -> str:
+    """Create the MLflow run of trial ``number`` of the sweep that ``cfg`` (the sweep process's
+    config) runs, RUNNING under its parent and owned by this process until the trial's job
+    takes it over (start_run with resume_run_id); its id."""
+    mlflow, experiment = tracking.connect(cfg.tracking)
+    tags = {
+        **trial_tags(cfg, cfg.hydra.sweep.dir, cfg.hydra.sweeper),
+        Tag.OPTUNA_TRIAL: str(number),
+        Tag.STAGE: Stage.SWEEP,
+        Tag.OPTIMIZER: cfg.optimizer.name,
+        Tag.OWNER: processes.owner_token(),
+        MlflowTag.PARENT_RUN_ID: parent_run_id,
     }
+    name = f"{cfg.optimizer.name} (trial {number})"
+    return mlflow.create_run(experiment, tags=tags, run_name=name).info.run_id
+
+
+def trial_run_finder(tracking_cfg: DictConfig, key: str) -> Any:
+    """``find(trial)``: the MLflow run id of a trial (a FrozenTrial) of sweep ``key`` (its
+    sweep_id): its user attr ``mlflow_run_id``, else (trials of older sweeps) the run tagged with
+    its number in the sweep; None if it has none."""
+    from gradalign.sweep.trial import RUN_ID
+
+    def find(trial: Any) -> str | None:
+        if RUN_ID in trial.user_attrs:
+            return trial.user_attrs[RUN_ID]
+        mlflow, experiment = tracking.connect(tracking_cfg)
+        tags = {Tag.SWEEP_ID: key, Tag.STAGE: Stage.SWEEP, Tag.OPTUNA_TRIAL: str(trial.number)}
+        found = mlflow.search_runs([experiment], tracking.tag_filter(tags), max_results=1)
+        return found[0].info.run_id if found else None
+
+    return find
 
 
 def parent_label(cfg: DictConfig) -> str:
@@ -115,12 +132,13 @@ def save_sweep_view(cfg: DictConfig) -> None:
     labels.widen_view(mlflow, experiment, labels.RUNS_VIEW, searched)
 
 
-def open_parent(cfg: DictConfig) -> str:
+def open_parent(cfg: DictConfig, study_key: str | None = None) -> str:
     """The run id of the MLflow parent run of the sweep that ``cfg`` (the sweep process's
     config, with its ``hydra`` node) runs, opened for this process (see
     ``tracking.open_sweep_parent``, which the Optuna storage of a shared study serialises), with
-    the saved view of its trials. Its params are the sweeper settings (search space, n_trials,
-    sampler, storage; passwords masked)."""
+    the saved view of its trials and, for a stored study, its key (tag optuna_study_key). Its
+    params are the sweeper settings (search space, n_trials, sampler, storage; passwords
+    masked)."""
     sweeper = cfg.hydra.sweeper
     root = Path(cfg.paths.root)
     key = sweep_id(root, Path(cfg.hydra.sweep.dir), sweeper)
@@ -143,5 +161,8 @@ def open_parent(cfg: DictConfig) -> str:
         params={f"{Param.SWEEPER_PREFIX}{k}": v for k, v in flatten(sweeper, exclude=()).items()},
         storage=OmegaConf.select(sweeper, "storage"),
     )
+    if study_key is not None:
+        mlflow, _ = tracking.connect(cfg.tracking)
+        mlflow.set_tag(run_id, Tag.STUDY_KEY, study_key)
     save_sweep_view(cfg)
     return run_id

@@ -10,8 +10,8 @@ job (``experiment.prepare_run``), the pruner's reporting opened. Then the prepar
 can train together (``per_model.stack_key``: equal but for the values the sampler chose for the
 optimizer) are trained as one stacked model (``experiment.train_together``), each with its own
 hyperparameters, data order, pruner and MLflow run, and each job's return value is what
-train.py's would have been (``experiment.trial_result``). A trial whose preparation raised is
-FAILED alone; an error while a group trains fails that group's trials.
+train.py's would have been (an ``Outcome``, gradalign.sweep.trial). A trial whose preparation
+raised is FAILED alone; an error while a group trains fails that group's trials.
 
 The training half runs after every job's Hydra context has ended, so its log lines go to the
 sweep's console and log, not to each job's own ``<job>.log``.
@@ -37,15 +37,9 @@ from hydra.types import HydraContext
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from gradalign.config import validate
-from gradalign.experiment import (
-    PreparedRun,
-    prepare_process,
-    prepare_run,
-    train_together,
-    trial_result,
-)
+from gradalign.experiment import PreparedRun, prepare_process, prepare_run, train_together
 from gradalign.per_model import stack_key
-from gradalign.sweep.runs import trial_options
+from gradalign.sweep.trial import log_outcome, outcome_of_history, trial_options
 
 log = logging.getLogger(__name__)
 
@@ -128,4 +122,5 @@ def _train_group(jobs: Sequence[JobReturn], device: Any, splits: Any, several: b
             job.return_value, job.status = error, JobStatus.FAILED
         return
     for job, run, (history, run_id) in zip(jobs, runs, results, strict=True):
-        job.return_value = trial_result(run.cfg, history, run_id)
+        job.return_value = outcome_of_history(history, run.cfg.objective)
+        log_outcome(run.cfg, job.return_value, run_id)

@@ -1,20 +1,27 @@
-"""Optuna studies kept in a storage: what a storage must be before a sweep opens it, and the
-configuration a stored study belongs to.
+"""Optuna studies kept in a storage: opening a storage, and the study a sweep may work in.
 
 A study name is a promise that its trials are comparable: resuming it, or sharing it between
 processes, with another optimizer, model, data set, budget or search space would mix results
 that cannot be ranked together (an Adam trial reported as a GAO sweep's best). The first sweep
-of a study records the configuration it ran (user attr ``gradalign.config``); every later sweep
-of that study must match it.
+of a study records what it computes (user attr ``gradalign.config``: every setting but where and
+how things run, ``tracking``, ``paths``, ...); every later sweep of that study must match it, and
+may run anywhere (another MLflow store, say).
 
-A storage on a database server gets its schema created once, by whichever process opens it
-first, the others waiting (gradalign.databases).
+A study also has a key of its own (user attr ``gradalign.study_key``), which its sweep parent in
+MLflow carries (tag ``optuna_study_key``): a study that is new, or another one of the same name
+(a deleted or replaced storage file), beside an MLflow store that already holds a sweep of that
+name is refused, never merged into the old sweep's parent.
+
+Storages: a database URL (``sqlite:///...``, ``postgresql+psycopg://...``), opened with pooled
+connections checked before use, its schema created once (gradalign.databases), a new SQLite file
+whole or not at all; or a journal file (a pruned sweep without a storage).
 """
 
 from __future__ import annotations
 
 import contextlib
 import sqlite3
+import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,14 +30,18 @@ import optuna
 import optuna.storages._rdb  # where Optuna keeps its schema migrations
 from alembic.script import ScriptDirectory
 from omegaconf import DictConfig
-from optuna.distributions import BaseDistribution
+from optuna.storages import BaseStorage, JournalStorage, RDBStorage
+from optuna.storages.journal import JournalFileBackend
 
-from gradalign import databases
+from gradalign import databases, tracking
 from gradalign.config import NOT_HASHED, flatten
 from gradalign.credentials import mask
+from gradalign.schema import Stage, Tag
+from gradalign.sweep.search_space import SearchSpace, identity_settings
 from gradalign.tracking.store import TrackingUnavailable, check_schema
 
 IDENTITY_ATTR = "gradalign.config"
+KEY_ATTR = "gradalign.study_key"
 _SQLITE = "sqlite:///"
 
 
@@ -68,64 +79,101 @@ def check_storage(url: str) -> None:
         raise ValueError(f"hydra.sweeper.storage: {error}") from None
 
 
-def open_storage(url: str, wait_s: float) -> optuna.storages.RDBStorage:
-    """The Optuna storage at ``url``, its schema created if the database has none, by one
-    process at a time on a PostgreSQL server (waiting up to ``wait_s`` for another creator)."""
+def _rdb(url: str) -> RDBStorage:
+    """Optuna's storage at the database ``url``, its pooled connections checked before use (a
+    database server that restarted has closed them)."""
+    return RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
+
+
+def _create_rdb(url: str) -> None:
+    _rdb(url).engine.dispose()  # the schema made, no connection left open on the file
+
+
+def open_storage(spec: str, wait_s: float) -> BaseStorage:
+    """The Optuna storage ``spec``: a database URL (its schema created if the database has
+    none, by one process at a time, waiting up to ``wait_s`` for another creator; a new SQLite
+    file made aside and renamed into place), or the path of a journal file."""
+    if "://" not in spec:
+        return JournalStorage(JournalFileBackend(spec))
+    db = databases.sqlite_file(spec)
+
+    def create() -> RDBStorage:
+        if db is not None:
+            databases.created_aside(db, _create_rdb)
+        return _rdb(spec)
+
     try:
-        return databases.schema_created(url, lambda: optuna.storages.RDBStorage(url), wait_s)
+        return databases.schema_created(spec, create, wait_s)
     except databases.LockTimeout as error:
         raise ValueError(f"hydra.sweeper.storage: {error}") from None
 
 
-def study_identity(
-    cfg: DictConfig, distributions: Mapping[str, BaseDistribution], fixed: Mapping[str, Any]
-) -> dict[str, Any]:
+def study_identity(cfg: DictConfig, space: SearchSpace) -> dict[str, Any]:
     """What makes two sweeps' trials comparable: every hashed setting that the search does not
-    vary (``fixed``: the values the sweep's params pin, over the config's), and the search
-    space itself."""
+    vary (the values the sweep's overrides fix, over the config's), and the search space itself.
+    Where and how things run (``config.NOT_HASHED``: tracking, paths, ...) is no part of it."""
     settings = {
         key: str(value)
         for key, value in flatten(cfg, (*NOT_HASHED, "hydra")).items()
-        if key not in distributions
+        if key not in space.distributions
     }
-    settings |= {key: str(value) for key, value in fixed.items()}
+    settings |= identity_settings(space.fixed, NOT_HASHED)
     return {
         "config": settings,
-        "search_space": {key: str(d) for key, d in sorted(distributions.items())},
+        "search_space": {key: str(d) for key, d in sorted(space.distributions.items())},
     }
 
 
 def claim_study(
-    storage: optuna.storages.RDBStorage,
+    storage: BaseStorage,
+    url: str,
     name: str,
-    directions: Sequence[Any],
+    directions: Sequence[str],
     identity: Mapping[str, Any],
-) -> None:
-    """Create study ``name`` in ``storage`` (see open_storage) for ``identity``, or check that
-    the stored one was made for the same; raise ValueError naming what differs."""
-    study = optuna.create_study(
-        study_name=name, storage=storage, directions=list(directions), load_if_exists=True
-    )
-    stored = study.user_attrs.get(IDENTITY_ATTR)
-    if stored is None:
-        if study.trials:  # a study made before this check existed: adopt it as it is
-            return
-        study.set_user_attr(IDENTITY_ATTR, dict(identity))
-        return
-    differences = _differences(stored, identity)
-    if differences:
-        raise ValueError(
-            f"study {name!r} in {mask(storage.url)} belongs to another configuration, so its "
-            f"trials cannot be ranked with this sweep's: {'; '.join(differences[:6])}. Use "
-            "another hydra.sweeper.study_name, or the stored study's settings"
-        )
+    wait_s: float,
+    **options: Any,
+) -> tuple[optuna.Study, bool]:
+    """Study ``name`` in ``storage`` (opened from ``url``), created for ``identity`` if absent,
+    else checked to have been made for the same (ValueError naming what differs); with
+    ``options`` (sampler, pruner). (The study, whether this call created it.) Processes that
+    claim it together take turns."""
+    try:
+        with databases.store_lock(url, f"gradalign:study {name}", wait_s):
+            new = name not in {s.study_name for s in storage.get_all_studies()}
+            study = optuna.create_study(
+                study_name=name,
+                storage=storage,
+                directions=list(directions),
+                load_if_exists=True,
+                **options,
+            )
+            stored = study.user_attrs.get(IDENTITY_ATTR)
+            if stored is None and (new or not study.trials):
+                study.set_user_attr(IDENTITY_ATTR, dict(identity))
+            elif stored is not None:  # a study older than this check is taken as it is
+                differences = _differences(stored, identity)
+                if differences:
+                    raise ValueError(
+                        f"study {name!r} in {mask(url)} belongs to another configuration, so "
+                        f"its trials cannot be ranked with this sweep's: "
+                        f"{'; '.join(differences[:6])}. Use another hydra.sweeper.study_name, "
+                        "or the stored study's settings"
+                    )
+            if KEY_ATTR not in study.user_attrs:
+                study.set_user_attr(KEY_ATTR, uuid.uuid4().hex)
+    except databases.LockTimeout as error:
+        raise ValueError(f"hydra.sweeper.storage: {error}") from None
+    return study, new
 
 
 def _differences(stored: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
-    """``key: stored -> now`` for each setting or search range that differs."""
+    """``key: stored -> now`` for each setting or search range that differs (settings of where
+    and how things run, which older studies recorded, are no difference)."""
     found = []
     for part in ("config", "search_space"):
         old, new = stored.get(part, {}), current.get(part, {})
+        if part == "config":
+            old = identity_settings(old, NOT_HASHED)
         for key in sorted(set(old) | set(new)):
             if old.get(key) != new.get(key):
                 label = key if part == "config" else f"search space of {key}"
@@ -134,3 +182,34 @@ def _differences(stored: Mapping[str, Any], current: Mapping[str, Any]) -> list[
                     f"{new.get(key, '(absent)')} now"
                 )
     return found
+
+
+def check_not_merged(tracking_cfg: DictConfig, study: optuna.Study, new: bool, url: str) -> None:
+    """Raise ValueError if the MLflow store holds a sweep of ``study``'s name that belongs to
+    another study: one whose parent carries another study key, or, for a study this sweep has
+    just created, a parent with trials already (the storage that held their study was deleted
+    or replaced)."""
+    parent = tracking.find_sweep_parent(tracking_cfg, f"optuna:{study.study_name}")
+    if parent is None:
+        return
+    key = parent.data.tags.get(Tag.STUDY_KEY)
+    if key is None and new:
+        mlflow, experiment = tracking.connect(tracking_cfg)
+        trial_runs = mlflow.search_runs(
+            [experiment],
+            tracking.tag_filter(
+                {Tag.STAGE: Stage.SWEEP, Tag.SWEEP_ID: f"optuna:{study.study_name}"}
+            ),
+            max_results=1,
+        )
+        if not trial_runs:
+            return
+    elif key is None or key == study.user_attrs[KEY_ATTR]:
+        return
+    raise ValueError(
+        f"hydra.sweeper.study_name={study.study_name}: the MLflow store "
+        f"{tracking.tracking_uri(tracking_cfg)} holds a sweep of that name (parent run "
+        f"{parent.info.run_id}) whose Optuna study is not the one in {mask(url)} (that storage "
+        "was replaced, or lost the study): point hydra.sweeper.storage at the study's storage, "
+        "or use another hydra.sweeper.study_name"
+    )

@@ -1,76 +1,81 @@
-"""gradalign's Optuna sweep: hydra-optuna-sweeper 1.3.0's, plus what scaling out needs.
+"""gradalign's Optuna sweep (``python train.py -m``): one loop that owns each trial, from ask to
+record, so that Optuna and MLflow never disagree, whatever is killed or restarted.
 
-The stock sweeper (``OptunaSweeperImpl``, pinned) asks ``n_jobs`` trials, launches them as one
-batch through the configured launcher, tells Optuna their results, and repeats. This subclass
-keeps that loop and adds:
+It reads hydra-optuna-sweeper's settings (``hydra.sweeper.*``, ``hydra/sweeper/sampler=...``,
+its search-space grammar: gradalign.sweep.search_space) and runs, on Optuna's ask/tell API:
 
-- checks before the first trial is asked: the job config validates and its data set, model and
-  optimizer build, every searched key exists in it and the ends of its range build too, and the
-  MLflow store answers (a typo fails once, in a second, instead of once per trial);
-- a failure budget over the whole sweep: it stops once more than
-  ``max_failure_rate * n_trials`` trials have raised. The stock rule applies the rate to each
-  batch, which with ``n_jobs=1`` means any failure stops the sweep, or none does;
-- each trial's number passed to its job (override ``tracking.optuna_trial``, tagged on the MLflow
-  run), and the job's outcome written on the trial before it is told: user attrs
-  ``mlflow_run_id``, ``diverged``, ``failure_reason``;
-- on Ctrl-C or SIGTERM: the launcher's child processes get SIGTERM (submitit's local jobs end
-  their runs KILLED) and its SLURM jobs are cancelled, the trials in flight are told FAIL
-  (failure_reason ``interrupted``), and their MLflow runs left RUNNING (joblib kills its workers
-  before they can end them; what they flushed stays) and the sweep's parent run end KILLED. A
-  batch whose SLURM jobs were stopped (``scancel``, a time limit) stops the sweep the same way
-  (gradalign.sweep.slurm);
-- a sweep directory of its own: if ``hydra.sweep.dir`` is claimed by another sweep process (two
-  started in the same second), the first free ``<dir>-<n>``;
-- trial pruning (``hydra/sweeper/pruner``, gradalign.sweep.pruning): the study gets the pruner,
-  each job where to report its epochs (a journal file in the sweep directory when the user gave
-  no storage), and a trial whose job stopped pruned is told PRUNED (user attr ``pruned_epoch``),
-  never counted as a failure; the sweep's parent run gets the study's trial counts by state.
+1. **Check** (``_check``): the settings, the search space (every key exists, every range end
+   builds: gradalign.sweep.checks), the MLflow store; then open the study (a stored one is
+   claimed for this configuration: gradalign.sweep.studies) and complete from MLflow the trials
+   a killed process of it left RUNNING (``_settle_left``), and open the sweep's MLflow parent.
+2. **Ask** a batch of ``n_jobs`` trials. Each gets its values, its owner (this process), and
+   its MLflow run, created now, RUNNING under the parent, whose id the trial records (user attr
+   ``mlflow_run_id``) before anything runs.
+3. **Launch** the batch through the configured launcher (serial, stacked, joblib, submitit,
+   SLURM). Each job trains into its run, ends it with its outcome, and returns the outcome
+   (gradalign.sweep.trial.run_trial).
+4. **Record** each outcome: MLflow has it first (a job that could not end its run has it ended
+   here), then Optuna is told (gradalign.sweep.trial.record). More raised trials than
+   ``max_failure_rate * n_trials`` stop the sweep; a diverged trial is a result, not a failure.
+
+If anything stops the loop (Ctrl-C, SIGTERM, SLURM cancelling jobs, a store that stays down,
+an error), the trials in flight are completed from their MLflow runs (``_settle_in_flight``):
+the launcher's workers are stopped first, a run still open is ended KILLED, and a run that
+finished is recorded as finished. The parent run ends with the sweep, and one line says what
+happened and how to resume. A process killed outright (kill -9) leaves its trials RUNNING:
+its workers stop on their own (gradalign.processes), and the next run of the same command,
+or ``python -m gradalign.doctor``, completes them from MLflow the same way.
 """
 
 from __future__ import annotations
 
-import copy
-import functools
+import dataclasses
 import logging
 import math
 import os
+import shlex
 import socket
 import sys
-from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import optuna
+from hydra.core.plugins import Plugins
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.types import HydraContext, TaskFunction
+from hydra.utils import instantiate
 from mlflow.entities import RunStatus
 from omegaconf import DictConfig, OmegaConf, read_write
-from optuna.distributions import BaseDistribution, CategoricalDistribution
-from optuna.pruners import NopPruner
 from optuna.samplers import GridSampler
+from optuna.storages import BaseStorage
 from optuna.study import Study
 from optuna.trial import Trial, TrialState
 
 from gradalign import credentials, databases, processes, tracking
-from gradalign.checks import is_number
-from gradalign.components import build_dataset, build_model, build_optimizer
+from gradalign.checks import is_int, is_number
+from gradalign.components import build_dataset
 from gradalign.config import anchored_uri, hydra_quoted, validate
-from gradalign.data import Splits
-from gradalign.sweep import slurm, summary
-from gradalign.sweep.pruning import JOURNAL, build_pruner, journal_storage, prunes
-from gradalign.sweep.runs import open_parent, sweep_id
-from gradalign.sweep.stock import (
-    OptunaSweeperImpl,
-    current_distributions,
-    legacy_distributions_quiet,
-    params_from_overrides,
+from gradalign.schema import Tag
+from gradalign.sweep import search_space, slurm, summary
+from gradalign.sweep.checks import check_search_space, check_trial_config
+from gradalign.sweep.pruning import JOURNAL, build_pruner, prunes
+from gradalign.sweep.runs import create_trial_run, open_parent, trial_run_finder
+from gradalign.sweep.sampler import build_sampler
+from gradalign.sweep.search_space import SearchSpace
+from gradalign.sweep.studies import (
+    check_not_merged,
+    check_storage,
+    claim_study,
+    open_storage,
+    study_identity,
 )
-from gradalign.sweep.studies import check_storage, claim_study, open_storage, study_identity
+from gradalign.sweep.trial import FAILED, OWNER, RUN_ID, Outcome, failed, record, settle
 
 log = logging.getLogger(__name__)
 CLAIM = ".sweep_claim"  # created atomically in the sweep directory by the sweep that owns it
 STOP_CHILDREN_S = 30.0  # how long an interrupted sweep waits for its workers to end their runs
 EXIT_INTERRUPTED = 130  # as a single run's (train.py)
-_MISSING = object()
+DIRECTIONS = ("minimize", "maximize")
 
 
 class SweepEnded(Exception):
@@ -87,15 +92,12 @@ class SweepNotStarted(SweepEnded):
 
 
 class SweepStopped(SweepEnded):
-    """More trials raised than the failure budget allows; the message says how many and why."""
+    """Stopped before its last trial: more trials raised than the failure budget allows, SLURM
+    cancelled jobs, or a store stayed down; the message says which and how to resume."""
 
 
 class SweepFailed(SweepEnded):
     """The sweep ran but found no usable configuration (every trial diverged)."""
-
-
-class SweepCancelled(SweepEnded):
-    """SLURM stopped jobs of the running batch (scancel, a time limit, a node failure)."""
 
 
 def claim_sweep_dir(requested: Path) -> Path:
@@ -114,130 +116,71 @@ def claim_sweep_dir(requested: Path) -> Path:
     raise RuntimeError(f"no free sweep directory next to {requested}")
 
 
-def _range_ends(distribution: BaseDistribution) -> list[Any]:
-    """The values a distribution can produce at its extremes (both ends of a range, which
-    current Optuna includes; all choices of a categorical)."""
-    if isinstance(distribution, CategoricalDistribution):
-        return list(distribution.choices)
-    return [distribution.low, distribution.high]
+@dataclasses.dataclass
+class Pending:
+    """A trial in flight: asked, its MLflow run created, its job launched."""
+
+    trial: Trial
+    run_id: str
 
 
-def _own_key(key: str, cfg: DictConfig) -> bool:
-    """False for appended (+) or deleted (~) keys, Hydra's settings and config group choices
-    (``model=cnn``, ``experiment=seed_note``: composed, not set), which need no check."""
-    group = Path(cfg.paths.root) / "conf" / key.replace(".", "/")
-    return not key.startswith(("+", "~", "hydra.")) and not group.is_dir()
+class OptunaSweep:
+    """The sweep of ``python train.py -m`` (see the module docstring). Takes the settings of
+    conf/hydra/sweeper/gradalign.yaml: hydra-optuna-sweeper's (``sampler`` a config node,
+    ``direction``, ``storage``, ``study_name``, ``n_trials``, ``n_jobs``, ``max_failure_rate``
+    the fraction of ``n_trials`` that may raise, ``params``, ``custom_search_space``), plus
+    ``seed`` (the sampler's, unless its own config sets one) and ``pruner`` (an
+    ``optuna.pruners`` config; None: no pruning)."""
 
-
-def check_trial_config(cfg: DictConfig, splits: Splits) -> None:
-    """Raise ValueError (a ConfigError) unless a trial of ``cfg`` can start: its config
-    validates and its model and optimizer accept their arguments (built on ``splits``' shape)."""
-    validate(cfg)
-    build_optimizer(cfg, build_model(cfg, splits).parameters())
-
-
-def check_search_space(
-    cfg: DictConfig,
-    distributions: dict[str, BaseDistribution],
-    fixed: Iterable[str],
-    splits: Splits,
-) -> None:
-    """Raise ValueError if a searched (or ``fixed``) key is not in ``cfg``, or if a value at the
-    end of a searched range cannot run (``check_trial_config``; a data set key rebuilds the
-    data set), naming the key, the range and what is allowed."""
-    for key in [k for k in (*distributions, *fixed) if _own_key(k, cfg)]:
-        if OmegaConf.select(cfg, key, default=_MISSING) is _MISSING:
-            parent = key.rpartition(".")[0]  # the deepest node of the key that exists
-            while parent and not isinstance(OmegaConf.select(cfg, parent), DictConfig):
-                parent = parent.rpartition(".")[0]
-            node = OmegaConf.select(cfg, parent) if parent else cfg
-            known = sorted(k for k in node if k != "hydra")
-            where = f"{parent!r} has" if parent else "top-level keys are"
-            raise ValueError(
-                f"search space key {key!r} (hydra.sweeper.params or a sweep override) is not in "
-                f"the config: {where} {known}"
-            )
-    for key, distribution in distributions.items():
-        if not _own_key(key, cfg) or isinstance(OmegaConf.select(cfg, key), DictConfig):
-            continue  # a config group choice (model=mlp,cnn) composes its own values
-        for value in _range_ends(distribution):
-            trial_cfg = copy.deepcopy(cfg)
-            OmegaConf.update(trial_cfg, key, value, force_add=False)
-            try:
-                trial_splits = build_dataset(trial_cfg) if key.startswith("dataset.") else splits
-                check_trial_config(trial_cfg, trial_splits)
-            except ValueError as error:
-                raise ValueError(
-                    f"search space of {key} ({distribution}) reaches {value!r}: {error}"
-                ) from None
-
-
-class _RecordingLauncher:
-    """The configured launcher, with each batch's outcomes passed to the sweeper before the
-    stock loop tells Optuna."""
-
-    def __init__(self, launcher: Any, sweeper: SafeOptunaSweeperImpl):
-        self.launcher = launcher
-        self.sweeper = sweeper
-
-    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Any:
-        try:
-            returns = self.launcher.launch(job_overrides, initial_job_idx)
-        except Exception as error:
-            stopped = slurm.stopped_batch(error)
-            if stopped is None:
-                raise
-            raise stopped from error
-        self.sweeper.record(returns)
-        return returns
-
-
-def _outcome(job: JobReturn) -> tuple[bool, dict[str, Any]]:
-    """(whether the stock loop will tell the job's trial FAIL, user attrs for the trial: its
-    MLflow run, whether and why it failed, the epoch its pruner stopped it at)."""
-    if job.status == JobStatus.FAILED:
-        error = job._return_value  # the exception; job.return_value would raise it
-        return True, {"failure_reason": tracking.failure_reason(error)}
-    value = job.return_value
-    try:
-        objective = float(value)
-    except (TypeError, ValueError):
-        return True, {"failure_reason": f"return value {value!r} is not a number"}
-    attrs: dict[str, Any] = {}
-    if getattr(value, "run_id", None):
-        attrs["mlflow_run_id"] = value.run_id
-    if getattr(value, "pruned_epoch", None) is not None:
-        attrs["pruned_epoch"] = value.pruned_epoch
-    if not math.isfinite(objective):
-        attrs["diverged"] = True
-        attrs["failure_reason"] = getattr(value, "failure_reason", None) or "non-finite objective"
-    return False, attrs
-
-
-class SafeOptunaSweeperImpl(OptunaSweeperImpl):
-    """OptunaSweeperImpl with the checks, failure budget, trial records, interruption handling,
-    sweep-directory claim and pruning described in the module docstring. Same arguments, plus
-    ``pruner`` (a ``hydra.sweeper.pruner`` config; None: no pruning); its ``max_failure_rate``
-    is the fraction of ``n_trials`` that may raise before the sweep stops."""
-
-    def __init__(self, *, max_failure_rate: float, pruner: Any = None, **kwargs: Any) -> None:
-        super().__init__(max_failure_rate=1.0, **kwargs)  # the stock per-batch rule: never
-        self.budget_rate = max_failure_rate
-        self.failures = 0
-        self.in_flight: list[Trial] = []
-        self.parent_run_id: str | None = None
-        self.owner = ""
+    def __init__(
+        self,
+        *,
+        sampler: DictConfig,
+        seed: int | None,
+        direction: Any,
+        storage: str | None,
+        study_name: str | None,
+        n_trials: int,
+        n_jobs: int,
+        max_failure_rate: float,
+        params: DictConfig | None = None,
+        custom_search_space: str | None = None,
+        search_space: Any = None,
+        pruner: Any = None,
+    ) -> None:
+        self.settings = {
+            "direction": direction,
+            "n_trials": n_trials,
+            "n_jobs": n_jobs,
+            "max_failure_rate": max_failure_rate,
+            "search_space": search_space,  # hydra-optuna-sweeper 1.3's deprecated form
+        }
+        self.sampler_config, self.seed = sampler, seed
+        self.storage, self.study_name = storage, study_name
+        self.n_trials, self.n_jobs, self.budget_rate = n_trials, n_jobs, max_failure_rate
+        self.params = params
+        self.extend = (
+            instantiate({"_target_": custom_search_space, "_partial_": True})
+            if (custom_search_space)
+            else None
+        )
         self.pruner_config = pruner
-        self.pruner = NopPruner()
-        self.job_storage: str | None = None  # where a pruned sweep's jobs find their study
-        self.pruned: set[int] = set()  # numbers of the trials whose jobs stopped pruned
+        self.in_flight: list[Pending] = []
         self.study: Study | None = None
+        self.backend: BaseStorage | None = None  # the study's storage, opened
+        self.parent_run_id: str | None = None
+        self.job_storage: str | None = None  # where a pruned sweep's jobs find their study
+        self.job_idx = 0
+
+    # --- set-up --------------------------------------------------------------------------------
 
     def setup(
         self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig
     ) -> None:
-        credentials.mask_logs()  # the stock sweeper logs its storage URL
-        self.owner = processes.adopt()  # workers die with this process, this one with its own
+        """Claim a sweep directory of its own (``<dir>-<n>`` if another sweep process has the
+        requested one) and build the launcher."""
+        credentials.mask_logs()  # the sweep's settings are logged with the storage URL
+        processes.adopt()  # workers die with this process, this one with its own owner
         requested = Path(config.hydra.sweep.dir)
         claimed = claim_sweep_dir(requested)
         if claimed != requested:
@@ -245,59 +188,16 @@ class SafeOptunaSweeperImpl(OptunaSweeperImpl):
             with read_write(config.hydra):  # jobs recompose hydra.* from hydra.overrides.hydra
                 config.hydra.sweep.dir = str(claimed)
                 config.hydra.overrides.hydra.append(f"hydra.sweep.dir={hydra_quoted(claimed)}")
-        super().setup(hydra_context=hydra_context, task_function=task_function, config=config)
-        if isinstance(self.storage, str):
-            self.storage = anchored_uri(self.storage, config.paths.root)
-        self.launcher = _RecordingLauncher(self.launcher, self)
-
-    def _check(self, arguments: list[str]) -> None:
-        if not (is_number(self.budget_rate) and 0.0 <= self.budget_rate <= 1.0):
-            raise ValueError(
-                f"invalid config value hydra.sweeper.max_failure_rate={self.budget_rate!r}: "
-                "must be a number in [0, 1]"
-            )
-        self.pruner = build_pruner(self.pruner_config)
-        if prunes(self.pruner) and len(self._get_directions()) > 1:
-            raise ValueError(
-                f"hydra.sweeper.direction={self._get_directions()}: Optuna prunes only "
-                "single-objective studies; use hydra/sweeper/pruner=none"
-            )
-        validate(self.config)
-        splits = build_dataset(self.config)
-        check_trial_config(self.config, splits)
-        overrides = [*self._parse_sweeper_params_config(), *arguments]
-        distributions, fixed = params_from_overrides(overrides)
-        check_search_space(self.config, distributions, fixed, splits)
-        if isinstance(self.sampler, functools.partial) and self.sampler.func is GridSampler:
-            for key, distribution in distributions.items():
-                if not isinstance(distribution, CategoricalDistribution) and not distribution.step:
-                    raise ValueError(
-                        f"hydra/sweeper/sampler=grid needs a discrete search space, but {key} "
-                        f"is {distribution}: give it choice(...) or range(...)"
-                    )
-        if isinstance(self.storage, str):
-            check_storage(self.storage)
-            databases.check_separate(self.storage, tracking.tracking_uri(self.config.tracking))
-            storage = open_storage(self.storage, self.config.tracking.store_wait_s)  # its schema
-        tracking.connect(self.config.tracking)  # reachable; the experiment created once, here
-        if isinstance(self.storage, str) and self.study_name is not None:
-            identity = study_identity(self.config, distributions, fixed)
-            claim_study(storage, self.study_name, self._get_directions(), identity)
-        if prunes(self.pruner):
-            self._provide_storage()
-
-    def _provide_storage(self) -> None:
-        """Give a pruned sweep's jobs a storage to reach their trials through: the user's, or a
-        new journal file in this sweep's own directory (the study lives there, not in memory)."""
-        if self.storage is None:
-            journal = Path(self.config.hydra.sweep.dir) / JOURNAL
-            self.storage = journal_storage(str(journal))
-            self.job_storage = str(journal)
-            log.info("pruning: the study is kept in %s", journal)
-        else:
-            self.job_storage = self.storage
+        if self.storage is not None:
+            self.storage = anchored_uri(str(self.storage), config.paths.root)
+        self.config = config
+        self.launcher = Plugins.instance().instantiate_launcher(
+            config=config, hydra_context=hydra_context, task_function=task_function
+        )
 
     def sweep(self, arguments: list[str]) -> None:
+        """Run the sweep of ``arguments`` (the command line's overrides); its last line and exit
+        status when it does not finish."""
         try:
             self._sweep(arguments)
         except SweepEnded as ended:
@@ -309,45 +209,272 @@ class SafeOptunaSweeperImpl(OptunaSweeperImpl):
 
     def _sweep(self, arguments: list[str]) -> None:
         try:
-            self._check(arguments)
-            self.parent_run_id = open_parent(self.config)
-        except (ValueError, tracking.TrackingUnavailable) as error:
+            space = self._check(arguments)
+            self._open_study(space)
+            self._settle_left()
+            key = self.study.user_attrs.get("gradalign.study_key") if self.study_name else None
+            self.parent_run_id = open_parent(self.config, key)
+        except (ValueError, databases.StoreUnavailable) as error:
             raise SweepNotStarted(f"sweep not started, no trial run: {error}") from error
         summary.announce(self.config, self.parent_run_id, self.n_trials)
         with tracking.sigterm_raises():
             try:
-                with legacy_distributions_quiet():  # the stock loop builds Optuna 2-era ones
-                    super().sweep(arguments)
+                self._loop(space)
                 self._check_some_trial_converged()
             except slurm.JobsStopped as error:
-                reason = f"stopped by SLURM: {error}"
-                self._interrupted(reason)
-                self._close_parent(RunStatus.KILLED, reason)
-                raise SweepCancelled(
-                    f"sweep stopped: {error}. Its trials in flight are FAIL, their runs KILLED; "
-                    "run the same command to resume a stored study"
+                self._end(RunStatus.KILLED, f"stopped by SLURM: {error}")
+                raise SweepStopped(
+                    f"sweep stopped: {error}. Its trials in flight are recorded from their MLflow "
+                    f"runs; {self._resume_hint()}"
                 ) from None
+            except databases.StoreUnavailable as error:
+                self._end(RunStatus.FAILED, tracking.failure_reason(error))
+                raise SweepStopped(f"sweep stopped: {error}. {self._resume_hint()}") from None
             except (KeyboardInterrupt, tracking.Terminated) as error:
-                reason = tracking.interruption_reason(error)
-                self._interrupted(reason)
-                self._close_parent(RunStatus.KILLED, reason)
+                self._end(RunStatus.KILLED, tracking.interruption_reason(error))
                 raise
             except BaseException as error:
-                self._close_parent(RunStatus.FAILED, tracking.failure_reason(error))
+                self._end(RunStatus.FAILED, tracking.failure_reason(error))
                 raise
-        self._close_parent(RunStatus.FINISHED)
+        self._end(RunStatus.FINISHED)
 
-    def _close_parent(self, status: int, reason: str | None = None) -> None:
-        """Write the study's summary on the sweep's parent run and end it (if no other sweep
-        process still works in it), then print the sweep's last line; a store failure is logged,
-        not raised, so that the sweep's own outcome is what the user sees."""
+    def _check(self, arguments: list[str]) -> SearchSpace:
+        """Check the settings, the search space and the MLflow store; the search space. Raises
+        ValueError (or StoreUnavailable) with the one line that says what is wrong."""
+        direction, rate = self.settings["direction"], self.budget_rate
+        direction = getattr(direction, "name", direction)  # the schema's default is an Enum
+        self.settings["direction"] = direction
+        if self.settings["search_space"] is not None:
+            raise ValueError(
+                "hydra.sweeper.search_space is not supported (hydra-optuna-sweeper deprecated "
+                "it): write the search space as hydra.sweeper.params"
+            )
+        if OmegaConf.is_config(direction) or direction not in DIRECTIONS:
+            raise ValueError(
+                f"invalid config value hydra.sweeper.direction={direction!r}: must be one of "
+                f"{list(DIRECTIONS)} (a trial has one objective)"
+            )
+        for key, value in (("n_trials", self.n_trials), ("n_jobs", self.n_jobs)):
+            if not (is_int(value) and value >= 1):
+                raise ValueError(
+                    f"invalid config value hydra.sweeper.{key}={value!r}: must be an integer >= 1"
+                )
+        if not (is_number(rate) and 0.0 <= rate <= 1.0):
+            raise ValueError(
+                f"invalid config value hydra.sweeper.max_failure_rate={rate!r}: must be a number "
+                "in [0, 1]"
+            )
+        self.pruner = build_pruner(self.pruner_config)
+        validate(self.config)
+        splits = build_dataset(self.config)
+        check_trial_config(self.config, splits)
+        params = [f"{k!s}={v}" for k, v in (self.params or {}).items()]
+        space = search_space.parse([*params, *arguments])
+        check_search_space(self.config, space.distributions, space.fixed, splits)
+        self.sampler = build_sampler(self.sampler_config, self.seed)
+        if getattr(self.sampler, "func", None) is GridSampler:  # a partial, to complete
+            grid = space.grid()
+            self.sampler = self.sampler(grid)
+            self.n_trials = min(self.n_trials, math.prod(len(v) for v in grid.values()))
+        if self.storage is not None:
+            check_storage(self.storage)
+            databases.check_separate(self.storage, tracking.tracking_uri(self.config.tracking))
+        tracking.connect(self.config.tracking)  # reachable; the experiment created once, here
+        return space
+
+    def _open_study(self, space: SearchSpace) -> None:
+        """Open the study: in memory, in a journal in the sweep directory (a pruned sweep
+        without a storage: its jobs report to it), or claimed in the storage."""
+        options = {"sampler": self.sampler, "pruner": self.pruner}
+        if self.storage is None:
+            self.backend = optuna.storages.InMemoryStorage()
+            if prunes(self.pruner):
+                self.job_storage = str(Path(self.config.hydra.sweep.dir) / JOURNAL)
+                log.info("pruning: the study is kept in %s", self.job_storage)
+                self.backend = open_storage(self.job_storage, self._wait_s)
+            self.study = optuna.create_study(
+                storage=self.backend, direction=self.settings["direction"], **options
+            )
+            return
+        if self.study_name is None:
+            raise ValueError(
+                f"hydra.sweeper.storage={self.storage} needs hydra.sweeper.study_name: the name "
+                "the study is stored and resumed under"
+            )
+        self.backend = self._optuna(lambda: open_storage(self.storage, self._wait_s))
+        identity = study_identity(self.config, space)
+        self.study, new = self._optuna(
+            lambda: claim_study(
+                self.backend,
+                self.storage,
+                self.study_name,
+                [self.settings["direction"]],
+                identity,
+                self._wait_s,
+                **options,
+            )
+        )
+        check_not_merged(self.config.tracking, self.study, new, self.storage)
+        if prunes(self.pruner):
+            self.job_storage = self.storage
+
+    def _settle_left(self) -> None:
+        """Complete from MLflow the trials of the stored study that a process of it, now gone,
+        left RUNNING, and say so in one line."""
+        if self.study_name is None or self.storage is None:
+            return
+        gone = [
+            trial
+            for trial in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            if processes.owner_alive(trial.user_attrs.get(OWNER, "")) is False
+        ]
+        if not gone:
+            return
+        find = trial_run_finder(self.config.tracking, f"optuna:{self.study_name}")
+        client = tracking.store_client(self.config.tracking)
+        done = settle(self.study, self.backend, gone, client, find)
+        if done:
+            kinds = [outcome.kind for outcome in done.values()]
+            counts = ", ".join(f"{kinds.count(k)} {k}" for k in dict.fromkeys(kinds))
+            print(
+                f"study {self.study_name!r}: {len(done)} trial(s) left RUNNING by a process that "
+                f"is gone, recorded from their MLflow runs: {counts} (trials "
+                f"{sorted(done)})",
+                file=sys.stderr,
+            )
+
+    # --- the loop ------------------------------------------------------------------------------
+
+    def _loop(self, space: SearchSpace) -> None:
+        failures = 0
+        left = self.n_trials
+        while left > 0:
+            self.in_flight = [self._ask(space) for _ in range(min(self.n_jobs, left))]
+            overrides = [self._job_overrides(pending, space) for pending in self.in_flight]
+            try:
+                returns = self.launcher.launch(overrides, initial_job_idx=self.job_idx)
+            except Exception as error:
+                stopped = slurm.stopped_batch(error)
+                if stopped is None:
+                    raise
+                raise stopped from error
+            self.job_idx += len(returns)
+            outcomes = [self._outcome(job) for job in returns]
+            for pending, outcome in zip(self.in_flight, outcomes, strict=True):
+                self._record(pending, outcome)
+            self.in_flight = []
+            failures += sum(outcome.kind == FAILED for outcome in outcomes)
+            allowed = int(self.budget_rate * self.n_trials)
+            if failures > allowed:
+                first = next(o.reason for o in outcomes if o.kind == FAILED)
+                raise SweepStopped(
+                    f"sweep stopped: {failures} trials raised, more than "
+                    f"hydra.sweeper.max_failure_rate={self.budget_rate:g} of "
+                    f"n_trials={self.n_trials} allows ({allowed}); the last batch's first: "
+                    f"{first}"
+                )
+            left -= len(returns)
+        self._write_results()
+
+    def _ask(self, space: SearchSpace) -> Pending:
+        """A new trial with its values, its owner and its MLflow run (created now)."""
+        trial = self._optuna(lambda: self.study.ask(space.distributions))
+        if self.extend is not None:
+            self.extend(self.config, trial)
+        run_id = create_trial_run(self.config, self.parent_run_id, trial.number)
+        self._optuna(lambda: trial.set_user_attr(OWNER, processes.owner_token()))
+        self._optuna(lambda: trial.set_user_attr(RUN_ID, run_id))
+        return Pending(trial, run_id)
+
+    def _job_overrides(self, pending: Pending, space: SearchSpace) -> list[str]:
+        """The overrides of the trial's job: its values, the fixed ones, and where it reports."""
+        values = {**pending.trial.params, **space.fixed}
+        where = []
+        if self.job_storage is not None:
+            where = [
+                f"tracking.optuna_storage={hydra_quoted(self.job_storage)}",
+                f"tracking.optuna_study={hydra_quoted(self.study.study_name)}",
+            ]
+        return [
+            *(f"{key}={value}" for key, value in values.items()),
+            f"tracking.optuna_trial={pending.trial.number}",
+            f"tracking.parent_run_id={hydra_quoted(self.parent_run_id)}",
+            f"tracking.run_id={hydra_quoted(pending.run_id)}",
+            *where,
+        ]
+
+    @staticmethod
+    def _outcome(job: JobReturn) -> Outcome:
+        """A job's Outcome (its return value), or the failure it raised."""
+        if job.status == JobStatus.COMPLETED and isinstance(job.return_value, Outcome):
+            return job.return_value
+        try:
+            value = job.return_value  # raises what the job raised
+        except databases.StoreUnavailable:
+            raise  # a store that stays down stops the sweep: every trial would fail
+        except Exception as error:
+            return failed(tracking.failure_reason(error))
+        return failed(f"its job returned {value!r}, not an Outcome")
+
+    def _record(self, pending: Pending, outcome: Outcome) -> None:
+        """Record ``outcome`` in both stores: a failed trial's run is ended FAILED if its job
+        could not end it, then Optuna is told."""
+        if outcome.kind == FAILED:
+            client = tracking.store_client(self.config.tracking)
+            if client.get_run(pending.run_id).info.status == "RUNNING":
+                client.set_tag(pending.run_id, Tag.FAILURE_REASON, outcome.reason)
+                client.set_terminated(pending.run_id, "FAILED")
+        self._optuna(lambda: record(self.study, pending.trial, outcome))
+
+    # --- endings -------------------------------------------------------------------------------
+
+    def _end(self, status: int, reason: str | None = None) -> None:
+        """End the sweep: complete the trials in flight from MLflow, write the study's summary
+        on the parent run and end it (if no other sweep process still works in it), print the
+        sweep's last line. A store that fails here is logged, not raised: the sweep's own
+        outcome is what the user must see."""
+        if self.in_flight:
+            self._settle_in_flight(reason or "interrupted")
         storage = self.storage if isinstance(self.storage, str) else None
         summary.finish(self.config, self.parent_run_id, self.study, status, reason, storage)
+
+    def _settle_in_flight(self, reason: str) -> None:
+        """Stop the launcher's workers (SIGTERM; SLURM jobs: scancel), then record each trial
+        in flight from its MLflow run: a run still open is ended KILLED with ``reason``, one
+        that finished counts as finished."""
+        left = processes.stop_children(STOP_CHILDREN_S)
+        if left:
+            log.warning("worker processes %s did not stop within %g s", left, STOP_CHILDREN_S)
+        queued = slurm.cancel_jobs(self.config.hydra.launcher, STOP_CHILDREN_S)
+        if queued:
+            log.warning("SLURM jobs %s still queued %g s after scancel", queued, STOP_CHILDREN_S)
+        runs = {pending.trial.number: pending.run_id for pending in self.in_flight}
+        try:
+            frozen = self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            mine = [trial for trial in frozen if trial.number in runs]
+            client = tracking.store_client(self.config.tracking)
+            done = settle(
+                self.study,
+                self.backend,
+                mine,
+                client,
+                lambda trial: runs[trial.number],
+                force=reason,
+            )
+        except Exception as error:
+            log.warning("could not record the trials in flight %s: %s", sorted(runs), error)
+            return
+        self.in_flight = []
+        log.warning(
+            "%s: trials in flight recorded from their MLflow runs: %s",
+            reason,
+            ", ".join(f"{n} {o.kind}" for n, o in sorted(done.items())) or "none",
+        )
 
     def _check_some_trial_converged(self) -> None:
         """Raise SweepFailed when no trial of the study has a finite objective: every one of
         them diverged, and the sweep found nothing."""
-        trials = self.study.get_trials(deepcopy=False) if self.study else []
+        trials = self.study.get_trials(deepcopy=False)
         values = [t.value for t in trials if t.state != TrialState.PRUNED]
         finite = [v for v in values if v is not None and math.isfinite(v)]
         if values and not finite:
@@ -357,111 +484,34 @@ class SafeOptunaSweeperImpl(OptunaSweeperImpl):
                 "optimizer.lr)"
             )
 
-    def _configure_trials(
-        self,
-        trials: list[Trial],
-        search_space_distributions: dict[str, BaseDistribution],
-        fixed_params: dict[str, Any],
-    ) -> Sequence[Sequence[str]]:
-        if self.study is None:
-            self._adopt(trials[0].study)
-        distributions = current_distributions(search_space_distributions)  # stored as today's
-        overrides = super()._configure_trials(trials, distributions, fixed_params)
-        self.in_flight = list(trials)
-        for trial in trials:
-            trial.set_user_attr("owner", self.owner)
-        where = []
-        if self.job_storage is not None:
-            where = [
-                f"tracking.optuna_storage={hydra_quoted(self.job_storage)}",
-                f"tracking.optuna_study={hydra_quoted(self.study.study_name)}",
-            ]
-        return [
-            (
-                *override,
-                f"tracking.optuna_trial={trial.number}",
-                f"tracking.parent_run_id={self.parent_run_id}",
-                *where,
-            )
-            for override, trial in zip(overrides, trials, strict=True)
-        ]
-
-    def _adopt(self, study: Study) -> None:
-        """Take the study the stock loop made: judge its trials with the sweep's pruner (the
-        sampler sees it too: TPE samples a Hyperband trial from its own bracket), and have every
-        tell of a trial whose job stopped pruned tell PRUNED instead (the stock loop tells each
-        job's return value COMPLETE; Optuna then keeps the last reported value as the trial's)."""
-        self.study = study
-        study.pruner = self.pruner
-        tell = study.tell
-
-        def tell_pruned_as_pruned(
-            trial: Any, values: Any = None, state: Any = None, skip_if_finished: bool = False
-        ) -> Any:
-            number = trial if isinstance(trial, int) else trial.number
-            if number in self.pruned:
-                return tell(trial, state=TrialState.PRUNED, skip_if_finished=skip_if_finished)
-            return tell(trial, values, state, skip_if_finished)
-
-        study.tell = tell_pruned_as_pruned
-
-    def record(self, returns: Sequence[JobReturn]) -> None:
-        """Write each job's outcome on its trial; past the failure budget, tell Optuna this
-        batch's results and stop the sweep with SweepStopped."""
-        outcomes = [_outcome(job) for job in returns]
-        for trial, (failed, attrs) in zip(self.in_flight, outcomes, strict=True):
-            for key, value in attrs.items():
-                trial.set_user_attr(key, value)
-            if "pruned_epoch" in attrs:
-                self.pruned.add(trial.number)
-            self.failures += failed
-        allowed = int(self.budget_rate * self.n_trials)
-        if self.failures <= allowed:
+    def _write_results(self) -> None:
+        """``optimization_results.yaml`` in the sweep directory, as hydra-optuna-sweeper writes
+        it: the best values and objective."""
+        complete = self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if not complete:
             return
-        for trial, job, (failed, _) in zip(self.in_flight, returns, outcomes, strict=True):
-            if failed:
-                trial.study.tell(trial, state=TrialState.FAIL)
-            else:
-                trial.study.tell(trial, float(job.return_value))
-        first = next(attrs["failure_reason"] for failed, attrs in outcomes if failed)
-        raise SweepStopped(
-            f"sweep stopped: {self.failures} trials raised, more than "
-            f"hydra.sweeper.max_failure_rate={self.budget_rate:g} of n_trials={self.n_trials} "
-            f"allows ({allowed}); the last batch's first: {first}"
+        best = self.study.best_trial
+        results = {"name": "optuna", "best_params": best.params, "best_value": best.value}
+        OmegaConf.save(
+            OmegaConf.create(results),
+            Path(self.config.hydra.sweep.dir) / "optimization_results.yaml",
         )
 
-    def _interrupted(self, reason: str) -> None:
-        """Stop the workers, fail the trials in flight, end their leftover runs KILLED. A step
-        that fails is logged, not raised: the interruption itself must propagate."""
-        left = processes.stop_children(STOP_CHILDREN_S)
-        if left:
-            log.warning("worker processes %s did not stop within %g s", left, STOP_CHILDREN_S)
-        queued = slurm.cancel_jobs(self.config.hydra.launcher, STOP_CHILDREN_S)
-        if queued:
-            log.warning("SLURM jobs %s still queued %g s after scancel", queued, STOP_CHILDREN_S)
-        failed = []
-        for trial in self.in_flight:
-            try:
-                trial.set_user_attr("failure_reason", reason)
-                trial.study.tell(trial, state=TrialState.FAIL)
-                failed.append(trial.number)
-            except RuntimeError:
-                continue  # told before the interruption
-            except Exception as error:
-                log.warning("could not mark trial %d FAIL in Optuna: %s", trial.number, error)
-        numbers = [trial.number for trial in self.in_flight]  # only RUNNING runs are touched
-        cfg = self.config
-        key = sweep_id(Path(cfg.paths.root), Path(cfg.hydra.sweep.dir), cfg.hydra.sweeper)
-        try:
-            killed = tracking.kill_sweep_runs(
-                cfg.tracking, sweep_id=key, trials=numbers, reason=reason
-            )
-        except Exception as error:
-            log.warning("could not end the interrupted sweep's runs in MLflow: %s", error)
-            return
-        log.warning(
-            "%s: trials %s marked FAIL in Optuna, %d MLflow run(s) left RUNNING ended KILLED",
-            reason,
-            failed,
-            killed,
-        )
+    # --- stores --------------------------------------------------------------------------------
+
+    @property
+    def _wait_s(self) -> float:
+        return float(self.config.tracking.store_wait_s)
+
+    def _optuna(self, call: Any) -> Any:
+        """``call()``, a call to the study's storage, retried while its database does not answer
+        (a server restarting) for tracking.store_wait_s."""
+        where = credentials.mask(str(self.storage or self.job_storage or "in memory"))
+        return databases.retrying(f"Optuna storage {where}", self._wait_s, call)
+
+    def _resume_hint(self) -> str:
+        """How to go on: the same command (a stored study resumes)."""
+        if self.storage is None:
+            return "the study was in memory: a rerun starts a new one"
+        command = credentials.mask(shlex.join(["python", *sys.argv]))
+        return f"resume with: {command}"

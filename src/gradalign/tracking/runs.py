@@ -8,8 +8,9 @@ and the status (docs/benchmarks.md has what a call costs).
 
 Sweeps: the sweep process opens the sweep's parent run (stage ``sweep_parent``, tag
 ``sweep_id``) before its first trial, finding the one that exists when several sweep processes
-share one Optuna study, and ends it when its own work is done; its trials nest under it and
-never change its status.
+share one Optuna study, and ends it when its own work is done; it creates each trial's run
+(gradalign.sweep.runs), which the trial's job then fills and ends (``start_run`` with
+``resume_run_id``); trials never change their parent's status.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import signal
 import tempfile
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -119,6 +120,14 @@ def _parents(mlflow: MlflowClient, experiment: str, sweep_id: str) -> list[Any]:
         max_results=100,
     )
     return sorted(found, key=lambda run: (run.info.start_time, run.info.run_id))
+
+
+def find_sweep_parent(tracking: DictConfig, sweep_id: str) -> Any:
+    """The parent run of sweep ``sweep_id`` (the oldest, if processes on several machines made
+    one each), or None."""
+    mlflow, experiment = connect(tracking)
+    parents = _parents(mlflow, experiment, sweep_id)
+    return parents[0] if parents else None
 
 
 def _owner_key(token: str) -> str:
@@ -224,31 +233,6 @@ def _leave_parent(
         mlflow.set_tag(run_id, Tag.FAILURE_REASON, mask(failure_reason)[:_MAX_REASON])
     mlflow.set_terminated(run_id, RunStatus.to_string(status))
     return True
-
-
-def kill_sweep_runs(
-    tracking: DictConfig, *, sweep_id: str, trials: Iterable[int], reason: str
-) -> int:
-    """End KILLED, with tag failure_reason ``reason``, the runs of sweep ``sweep_id`` whose
-    ``optuna_trial`` tag is one of ``trials`` and that are still RUNNING (their process was
-    stopped before it could end them); how many.
-
-    For the sweeper process, after an interruption: what those runs flushed stays logged.
-    """
-    mlflow, experiment = connect(tracking)
-    numbers = {str(n) for n in trials}
-    running = mlflow.search_runs(
-        [experiment],
-        tag_filter({Tag.SWEEP_ID: sweep_id}) + " and attributes.status = 'RUNNING'",
-        max_results=1000,
-    )
-    killed = 0
-    for run in running:
-        if run.data.tags.get(Tag.OPTUNA_TRIAL) in numbers:
-            mlflow.set_tag(run.info.run_id, Tag.FAILURE_REASON, mask(reason))
-            mlflow.set_terminated(run.info.run_id, "KILLED")
-            killed += 1
-    return killed
 
 
 class Run:
@@ -397,7 +381,8 @@ def start_run(
     (markdown, MLflow's tag mlflow.note.content; the run's end puts its outcome above it) and,
     if given, ``dataset`` (a dataset input) and ``artifacts_dir``; params go with the first
     flush. Passwords in tags, params and the artifacts are masked (gradalign.credentials).
-    ``resume_run_id`` reopens that run (RUNNING again) instead of creating one.
+    ``resume_run_id`` writes into that run instead of creating one (RUNNING again, its name and
+    tags set): a sweep trial's run, which its sweep created, or a report's that is resumed.
 
     Leaving the block ends the run: as ``Run.finish`` decided; FINISHED if it was not called;
     KILLED on KeyboardInterrupt or SIGTERM (its owner process gone, say); FAILED with tag
@@ -415,7 +400,7 @@ def start_run(
         run_id = mlflow.create_run(experiment, tags=masked(run_tags), run_name=run_name).info.run_id
     else:
         run_id = resume_run_id
-        mlflow.update_run(run_id, status="RUNNING")
+        mlflow.update_run(run_id, status="RUNNING", name=run_name)
         log_batch(mlflow, run_id, tags=run_tags)
     run = Run(
         mlflow,

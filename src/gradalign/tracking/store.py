@@ -6,11 +6,13 @@ in ``artifacts/``, so a temporary store (tests) never writes into the repository
 server (``http(s)://``) is probed once per process before anything is written, so an unreachable
 one fails in seconds with its URI in the message instead of after MLflow's minutes of retries.
 
-Concurrency: parallel workers share one SQLite file, which admits one writer at a time; a call
-that still finds it locked after the time MLflow lets SQLite wait (``busy_timeout``) is retried
-with jittered exponential backoff (``client`` wraps every call), so a busy store delays a trial
-but never loses it. Clients and experiment ids are cached per process, so a sweep pays for
-MLflow's import and the store's set-up once.
+Concurrency and restarts: parallel workers share one SQLite file, which admits one writer at a
+time; a call that still finds it locked after the time MLflow lets SQLite wait (``busy_timeout``),
+or that meets a database server that is down or restarting, is retried with jittered exponential
+backoff for ``tracking.store_wait_s`` (``client`` wraps every call; gradalign.databases), so a
+busy or restarted store delays a trial but never loses it. A new SQLite store is created whole
+or not at all (``databases.created_aside``). Clients and experiment ids are cached per process,
+so a sweep pays for MLflow's import and the store's set-up once.
 """
 
 from __future__ import annotations
@@ -20,12 +22,10 @@ import contextlib
 import functools
 import logging
 import os
-import random
 import shlex
 import signal
 import sqlite3
 import threading
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -49,18 +49,7 @@ from gradalign.tracking.labels import experiment_tags
 
 log = logging.getLogger(__name__)
 
-_LOCKED = "database is locked"
-# SQLite's errors for a store that cannot take a write: a full disk, a file size limit, a
-# read-only or damaged file.
-_WRITE_FAULTS = (
-    "disk I/O error",
-    "database or disk is full",
-    "attempt to write a readonly database",
-    "database disk image is malformed",
-)
-# Waits between attempts of a call that found the SQLite store locked (each attempt already
-# waited MLflow's 20 s SQLite busy_timeout), until tracking.store_wait_s have passed.
-RETRY_WAITS_S = (0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 6.4, 12.8)
+_POOL_CLASS = "MLFLOW_SQLALCHEMYSTORE_POOLCLASS"
 # How long the probe of a tracking server may take before the run fails.
 CONNECT_TIMEOUT_S = 10.0
 # MLflow's own HTTP retries (7, doubling, 120 s timeouts: minutes of silence on a failing
@@ -74,23 +63,22 @@ for _name, _value in _HTTP_DEFAULTS.items():
     os.environ.setdefault(_name, _value)
 
 
-class TrackingUnavailable(RuntimeError):
-    """The store cannot be used (a server that does not answer, a file that is not a usable
-    database, a lock that is not released); the message names it (its password masked) and
-    what to do."""
-
-    def __init__(self, message: str):
-        super().__init__(mask(message))
+class TrackingUnavailable(databases.StoreUnavailable):
+    """The MLflow store cannot be used (a server that does not answer, a file that is not a
+    usable database, a lock that is not released); the message names it (its password masked)
+    and what to do."""
 
 
 class _HandledMessages(logging.Filter):
     """Drop MLflow's error tracebacks for store faults this module handles: a locked SQLite
-    store (the call is retried, and ``_retrying`` logs one warning line instead) and one that
-    cannot take a write (TrackingUnavailable says so in one line)."""
+    store or a database server that went away (the call is retried, and one warning line says
+    so) and one that cannot take a write (TrackingUnavailable says so in one line)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        return not any(fault in message for fault in (_LOCKED, *_WRITE_FAULTS))
+        error = record.exc_info[1] if record.exc_info else None
+        if error is not None and databases.is_transient(error):
+            return False
+        return not any(fault in record.getMessage() for fault in databases.PERMANENT)
 
 
 logging.getLogger("mlflow.store.db.utils").addFilter(_HandledMessages())
@@ -137,35 +125,29 @@ def _signals_held() -> Iterator[None]:
 
 def _retrying(uri: str, wait_s: float, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     """``call(*args, **kwargs)`` with signals held (see ``_signals_held``), again after a
-    backoff while the SQLite store is locked, until ``wait_s`` have passed; then
-    TrackingUnavailable naming the store.
+    backoff while the store is locked or its server does not answer, until ``wait_s`` have
+    passed (``databases.retrying``); then TrackingUnavailable naming the store. A store that
+    cannot take a write (a full disk, a read-only or damaged file) is TrackingUnavailable at
+    once.
 
-    Safe for writes: a locked SQLite transaction is rolled back whole before MLflow raises.
+    Safe for writes: a failed transaction is rolled back whole before MLflow raises.
     """
-    deadline = time.monotonic() + wait_s
-    for attempt, wait in enumerate((*RETRY_WAITS_S, None), 1):
-        try:
-            with _signals_held():
-                return call(*args, **kwargs)
-        except (MlflowException, SQLAlchemyError) as error:
-            if any(fault in str(error) for fault in _WRITE_FAULTS):
-                reason = str(error).splitlines()[0]
-                raise TrackingUnavailable(
-                    f"MLflow store {uri} could not be written ({reason}): its disk may be full or "
-                    "the file read-only or damaged; fix that, then python -m gradalign.doctor "
-                    "ends the runs left open"
-                ) from None
-            if _LOCKED not in str(error):
-                raise
-            if wait is None or time.monotonic() + wait > deadline:
-                raise TrackingUnavailable(
-                    f"MLflow store {uri} stayed locked for {wait_s:g} s ({attempt} "
-                    "attempts): another process holds its write lock. Stop it, or wait and rerun"
-                ) from None
-            wait *= 1 + random.random()  # jitter: writers that collided do not retry in step
-            log.warning("MLflow store locked (attempt %d); retrying in %.1f s", attempt, wait)
-            time.sleep(wait)
-    raise AssertionError("unreachable")
+
+    def attempt() -> Any:
+        with _signals_held():
+            return call(*args, **kwargs)
+
+    try:
+        return databases.retrying(f"MLflow store {uri}", wait_s, attempt, TrackingUnavailable)
+    except (MlflowException, SQLAlchemyError) as error:
+        if not any(fault in str(error) for fault in databases.PERMANENT):
+            raise
+        reason = str(error).splitlines()[0]
+        raise TrackingUnavailable(
+            f"MLflow store {uri} could not be written ({reason}): its disk may be full or "
+            "the file read-only or damaged; fix that, then python -m gradalign.doctor "
+            "ends the runs left open"
+        ) from None
 
 
 class _RetryingClient:
@@ -248,12 +230,30 @@ def client(uri: str, wait_s: float) -> MlflowClient:
             "from the repository root). Create it, or fix tracking.uri / MLFLOW_TRACKING_URI"
         )
     with databases.sqlite_lock(db):  # a process creating the schema holds it
-        _check_mlflow_schema(db, uri)  # so never half-migrated here
+        try:
+            databases.created_aside(db, _create_store)  # whole, or no file at all
+        except (SQLAlchemyError, MlflowException, OSError) as error:
+            raise TrackingUnavailable(_unusable(db, error)) from None
+        _check_mlflow_schema(db, uri)
         try:
             opened = _retrying(uri, wait_s, MlflowClient, tracking_uri=uri)
         except (SQLAlchemyError, MlflowException) as error:
             raise TrackingUnavailable(_unusable(db, error)) from None
     return _RetryingClient(opened, uri, wait_s)
+
+
+def _create_store(url: str) -> None:
+    """Create the MLflow store at the SQLite ``url`` (its schema and default experiment),
+    keeping no connection to it open (MLflow's documented pool setting), so it can be moved."""
+    previous = os.environ.get(_POOL_CLASS)
+    os.environ[_POOL_CLASS] = "NullPool"
+    try:
+        MlflowClient(tracking_uri=url)
+    finally:
+        if previous is None:
+            del os.environ[_POOL_CLASS]
+        else:
+            os.environ[_POOL_CLASS] = previous
 
 
 def schema_revision(db: Path) -> str | None:
