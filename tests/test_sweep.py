@@ -403,6 +403,52 @@ def test_a_study_name_belongs_to_one_configuration(monkeypatch, capsys, stores):
     assert resumed == 0 and len(trials()) == before + 1  # the same configuration resumes
 
 
+def sweep_once(monkeypatch, overrides, *extra):
+    return train_in_process(
+        monkeypatch, "-m", "optimizer=sgd", "hydra.sweeper.n_trials=1", *overrides, *extra
+    )
+
+
+def test_a_stored_study_resumes_after_its_mlflow_store_moved_and_keeps_its_parent(
+    monkeypatch, tmp_path, stores
+):
+    """tracking.* says where runs are written, not what is computed: no part of the study."""
+    overrides, trials, sweep_runs = stores
+    assert sweep_once(monkeypatch, overrides) == 0
+    (tmp_path / "mlflow.db").rename(tmp_path / "moved.db")
+    moved = [o for o in overrides if not o.startswith("tracking.uri=")]
+    moved.append(f"tracking.uri=sqlite:///{tmp_path / 'moved.db'}")
+    assert sweep_once(monkeypatch, moved) == 0
+    assert [t.number for t in trials()] == [0, 1]
+    runs = MlflowClient(f"sqlite:///{tmp_path / 'moved.db'}").search_runs(
+        ["1"], "tags.stage = 'sweep'", order_by=["tags.optuna_trial"]
+    )
+    assert [r.data.tags["optuna_trial"] for r in runs] == ["0", "1"]
+    assert len({r.data.tags["mlflow.parentRunId"] for r in runs}) == 1  # one parent
+
+
+@pytest.mark.parametrize("how", ["emptied", "replaced"])
+def test_a_new_study_beside_the_mlflow_sweep_of_its_name_is_refused_never_merged(
+    monkeypatch, capsys, tmp_path, stores, how
+):
+    overrides, trials, sweep_runs = stores
+    assert sweep_once(monkeypatch, overrides) == 0
+    storage = tmp_path / "optuna.db"
+    if how == "emptied":  # a 0-byte file where the study was
+        storage.write_bytes(b"")
+    else:  # another study of the same name (the file deleted, the name created again)
+        storage.unlink()
+        optuna.create_study(study_name="s", storage=f"sqlite:///{storage}")
+    capsys.readouterr()
+    assert sweep_once(monkeypatch, overrides) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(
+        "sweep not started, no trial run: hydra.sweeper.study_name=s: the MLflow store "
+    )
+    assert "holds a sweep of that name (parent run " in err[0]
+    assert len(sweep_runs()) == 1 and trials() == []  # nothing merged under the old parent
+
+
 def test_a_sweep_whose_every_trial_diverged_fails(monkeypatch, capsys, stores):
     overrides, trials, sweep_runs = stores
     failing_fits(monkeypatch, "diverge", "diverge")

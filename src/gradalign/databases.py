@@ -250,7 +250,8 @@ def retrying(
                     else "start it again (or wait for it) and rerun"
                 )
                 raise unavailable(
-                    f"{what} did not answer for {wait_s:g} s ({attempt} attempts; {reason}): "
+                    f"{what} did not answer for {wait_s:g} s ({attempt} "
+                    f"attempt{'s' * (attempt > 1)}; {reason}): "
                     f"{advice}"
                 ) from None
             log.warning("%s: %s (attempt %d); retrying in %.1f s", what, reason, attempt, wait)

@@ -260,7 +260,11 @@ def end_line(cfg: DictConfig, parent_run_id: str, summary: SweepSummary | None, 
     """The line a sweep prints when it ends: its status, trials, best, and the parent's page."""
     _, experiment = tracking.connect(cfg.tracking)
     page = tracking.run_link(tracking.ui_url(cfg.tracking), experiment, parent_run_id)
-    found = f"{summary.counts_text()}; {best_text(summary)}" if summary else "no trial ran"
+    found = (
+        f"{summary.counts_text()}; {best_text(summary)}"
+        if summary
+        else "its trials could not be counted (the study was not readable)"
+    )
     return f"sweep {status}: {found}; MLflow parent {page}"
 
 
@@ -281,12 +285,12 @@ def finish(
     status: int,
     reason: str | None,
     storage: str | None = None,
-) -> None:
+) -> bool:
     """The sweep process's last words on its parent run: ``record`` the study's summary (when a
     trial was asked), end the parent with ``status`` unless another process still works in it
     (``storage``: the Optuna database whose lock serialises that, see close_sweep_parent), and
     print end_line. Store failures are logged, not raised: the sweep's own outcome is
-    what the user must see."""
+    what the user must see. Whether the parent could be written."""
     found = None
     try:
         if study is not None:
@@ -300,6 +304,8 @@ def finish(
         print(end_line(cfg, parent_run_id, found, RunStatus.to_string(status)), flush=True)
     except Exception as error:
         log.warning("could not end the sweep's MLflow parent run %s: %s", parent_run_id, error)
+        return False
+    return True
 
 
 def interrupted_line(storage: Any, study_name: str | None) -> str:

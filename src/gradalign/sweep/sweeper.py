@@ -228,8 +228,7 @@ class OptunaSweep:
                     f"runs; {self._resume_hint()}"
                 ) from None
             except databases.StoreUnavailable as error:
-                self._end(RunStatus.FAILED, tracking.failure_reason(error))
-                raise SweepStopped(f"sweep stopped: {error}. {self._resume_hint()}") from None
+                raise SweepStopped(self._store_down(error)) from None
             except (KeyboardInterrupt, tracking.Terminated) as error:
                 self._end(RunStatus.KILLED, tracking.interruption_reason(error))
                 raise
@@ -381,8 +380,8 @@ class OptunaSweep:
         trial = self._optuna(lambda: self.study.ask(space.distributions))
         if self.extend is not None:
             self.extend(self.config, trial)
-        run_id = create_trial_run(self.config, self.parent_run_id, trial.number)
         self._optuna(lambda: trial.set_user_attr(OWNER, processes.owner_token()))
+        run_id = create_trial_run(self.config, self.parent_run_id, trial.number)
         self._optuna(lambda: trial.set_user_attr(RUN_ID, run_id))
         return Pending(trial, run_id)
 
@@ -437,6 +436,29 @@ class OptunaSweep:
             self._settle_in_flight(reason or "interrupted")
         storage = self.storage if isinstance(self.storage, str) else None
         summary.finish(self.config, self.parent_run_id, self.study, status, reason, storage)
+
+    def _store_down(self, error: databases.StoreUnavailable) -> str:
+        """End what can be ended after a store stayed down past its wait (``error``): with the
+        Optuna storage down, the parent run FAILED in MLflow; with MLflow down, nothing (every
+        write would wait again). The sweep's last line: the store, what is left, how to resume."""
+        left = ""
+        if isinstance(error, tracking.TrackingUnavailable):
+            left = (
+                f" Its MLflow parent run {self.parent_run_id} and the trials in flight are left "
+                "RUNNING: python -m gradalign.doctor ends them once the store answers."
+            )
+        else:
+            self.in_flight = []  # their trials stay RUNNING in the storage: a resume settles them
+            ended = summary.finish(
+                self.config,
+                self.parent_run_id,
+                None,
+                RunStatus.FAILED,
+                tracking.failure_reason(error),
+            )
+            if not ended:
+                left = f" Its MLflow parent run {self.parent_run_id} is left RUNNING."
+        return f"sweep stopped: {error}.{left} {self._resume_hint()}"
 
     def _settle_in_flight(self, reason: str) -> None:
         """Stop the launcher's workers (SIGTERM; SLURM jobs: scancel), then record each trial

@@ -1,0 +1,86 @@
+"""Faults at exact moments, for tests/test_faults.py: a process started with this directory on
+PYTHONPATH and ``$GRADALIGN_FAULT`` set runs one of these (Python imports ``sitecustomize`` at
+start-up). Each patches a dependency's function (never gradalign's, so the same fault hits any
+version of the pipeline; gradalign's ``experiment.train_together`` has kept its name and place)
+once that module is imported:
+
+- ``kill_after_job``: a sweep process kills itself (SIGKILL) as soon as its first Hydra job
+  returned, that is after the trial's MLflow run ended and before Optuna was told;
+- ``interrupt_after_stacked_batch``: a sweep process gets Ctrl-C (SIGINT) as soon as its first
+  stacked batch trained: every run of the batch FINISHED, no trial told;
+- ``kill_in_migration``: any process kills itself halfway through creating a database schema
+  (alembic's 10th revision step), as a kill -9 at that moment would.
+"""
+
+import importlib.abc
+import importlib.util
+import os
+import signal
+import sys
+
+FAULT = os.environ.get("GRADALIGN_FAULT", "")
+SWEEP = sys.argv[0].endswith("train.py") and "-m" in sys.argv
+
+
+def after_import(name, patch):
+    """Call ``patch(module)`` once module ``name`` has been imported."""
+
+    class Finder(importlib.abc.MetaPathFinder):
+        def find_spec(self, fullname, path, target=None):
+            if fullname != name:
+                return None
+            sys.meta_path.remove(self)
+            spec = importlib.util.find_spec(fullname)
+            load = spec.loader.exec_module
+
+            def exec_module(module):
+                load(module)
+                patch(module)
+
+            spec.loader.exec_module = exec_module
+            return spec
+
+    sys.meta_path.insert(0, Finder())
+
+
+def kill_after_job(utils):
+    run_job = utils.run_job
+
+    def killing(*args, **kwargs):
+        result = run_job(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGKILL)
+        return result
+
+    utils.run_job = killing
+
+
+def interrupt_after_stacked_batch(experiment):
+    train_together = experiment.train_together
+
+    def interrupting(*args, **kwargs):
+        results = train_together(*args, **kwargs)
+        signal.raise_signal(signal.SIGINT)
+        return results
+
+    experiment.train_together = interrupting
+
+
+def kill_in_migration(migration):
+    update = migration.HeadMaintainer.update_to_step
+    steps = []
+
+    def killing(self, step):
+        steps.append(step)
+        if len(steps) == 10:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return update(self, step)
+
+    migration.HeadMaintainer.update_to_step = killing
+
+
+if FAULT == "kill_after_job" and SWEEP:
+    after_import("hydra.core.utils", kill_after_job)
+elif FAULT == "interrupt_after_stacked_batch" and SWEEP:
+    after_import("gradalign.experiment", interrupt_after_stacked_batch)
+elif FAULT == "kill_in_migration":
+    after_import("alembic.runtime.migration", kill_in_migration)
