@@ -86,6 +86,18 @@ def postgres_server() -> str:
     return url
 
 
+POSTGRES_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "ci" / "postgres.sh"
+
+
+def postgres(command: str) -> None:
+    """``scripts/ci/postgres.sh COMMAND`` on the test server ($PG_BASE, as .ci/run set it;
+    through sudo unless this is root)."""
+    sudo = [] if os.geteuid() == 0 else ["sudo", "--preserve-env=PG_BASE"]
+    subprocess.run(
+        [*sudo, "bash", str(POSTGRES_SCRIPT), command], check=True, capture_output=True, timeout=300
+    )
+
+
 def fresh_database(server_url: str, name: str) -> str:
     """A new, empty database ``name`` on the server (dropped first if it exists); its URL."""
     import psycopg

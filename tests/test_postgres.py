@@ -5,16 +5,21 @@ databases; two sweep processes sharing one Optuna study on a fresh database, tra
 nothing RUNNING, and no password in any record."""
 
 import multiprocessing
+import shlex
 import subprocess
 import sys
+import threading
+import time
 import urllib.parse
 from pathlib import Path
 
 import optuna
 import pytest
-from services import fresh_database, mlflow_server, postgres_server
+from optuna.trial import TrialState
+from services import fresh_database, mlflow_server, postgres, postgres_server
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
+from test_faults import assert_stores_agree
 from test_scale import (
     assert_complete_and_tracked,
     environment,
@@ -171,3 +176,91 @@ def test_two_sweeps_share_a_fresh_postgres_study_and_a_postgres_tracking_server(
     assert len(job_logs) == 6
     for job_log in job_logs:
         assert password not in job_log.read_text() and secret not in job_log.read_text()
+
+
+def restart_once(ready, down_s):
+    """A thread that stops the PostgreSQL server once ``ready()`` is true, keeps it down for
+    ``down_s`` and starts it again (as a crash and a restart of the database host would)."""
+
+    def restart():
+        deadline = time.monotonic() + 600
+        while not ready() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        postgres("stop")
+        time.sleep(down_s)
+        postgres("start")
+
+    thread = threading.Thread(target=restart, daemon=True)
+    thread.start()
+    return thread
+
+
+def finished_trial_runs(uri, count):
+    def ready():
+        try:
+            _, found = runs(uri, "sweep")
+        except Exception:  # the store is being created
+            return False
+        return sum(r.info.status == "FINISHED" for r in found) >= count
+
+    return ready
+
+
+def test_a_postgres_restart_mid_sweep_delays_it_and_loses_nothing(server, tmp_path):
+    """Both stores on PostgreSQL, stopped for 20 s mid-sweep and started again: the pooled
+    connections the restart killed are replaced, the writes that met it are retried, and the
+    sweep ends as if nothing had happened."""
+    uri = fresh_database(server, "restart_mlflow")
+    storage = fresh_database(server, "restart_optuna")
+    command = sweep_command(
+        tmp_path / "sweep",
+        "hydra.sweeper.n_trials=6",
+        "trainer.epochs=30",
+        f"hydra.sweeper.storage={storage}",
+        "hydra.sweeper.study_name=restart",
+        f"tracking.uri={uri}",
+    )
+    restarting = restart_once(finished_trial_runs(uri, 2), down_s=20)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    restarting.join(timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "did not answer" not in result.stderr and "Traceback" not in result.stderr
+    trials = assert_stores_agree(uri, storage)
+    assert len(trials) == 6 and all(t.state == TrialState.COMPLETE for t in trials.values())
+    _, (parent,) = runs(uri, "sweep_parent")
+    assert parent.info.status == "FINISHED"
+
+
+def test_a_postgres_outage_past_store_wait_s_stops_the_sweep_in_one_line_and_it_resumes(
+    server, tmp_path
+):
+    """The Optuna storage down for longer than tracking.store_wait_s: one line names it, the
+    parent run ends, the line gives the command that resumes, and that command does."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    storage = fresh_database(server, "outage_optuna")
+    command = sweep_command(
+        tmp_path / "sweep",
+        "hydra.sweeper.n_trials=6",
+        "trainer.epochs=30",
+        "tracking.store_wait_s=5",
+        f"hydra.sweeper.storage={storage}",
+        "hydra.sweeper.study_name=outage",
+        f"tracking.uri={uri}",
+    )
+    restarting = restart_once(finished_trial_runs(uri, 2), down_s=40)
+    stopped = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    restarting.join(timeout=300)
+    assert stopped.returncode == 1, stopped.stderr[-3000:]
+    last = stopped.stderr.strip().splitlines()[-1]
+    masked = make_url(storage).render_as_string()  # the password as ***
+    assert last.startswith(f"sweep stopped: Optuna storage {masked} did not answer for 5 s (")
+    assert last.endswith(
+        shlex.join(["python", *command[1:]]).replace(make_url(storage).password, "***")
+    )
+    assert "Traceback" not in stopped.stderr
+    _, (parent,) = runs(uri, "sweep_parent")
+    assert parent.info.status == "FAILED"
+    resumed = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    trials = assert_stores_agree(uri, storage)
+    assert len(trials) >= 6
