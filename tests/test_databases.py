@@ -146,3 +146,23 @@ def test_sweeps_opening_a_new_sqlite_storage_together_create_its_schema_once(tmp
     assert _open_together(tmp_path, _lock_and_open) == ["ok"] * 4
     storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'optuna.db'}")
     assert storage.get_all_studies() == []  # a complete, current schema
+
+
+def test_a_new_sqlite_store_is_whole_or_absent_whatever_stops_its_creation(tmp_path):
+    db = tmp_path / "optuna.db"
+
+    def interrupted(url):
+        optuna.storages.RDBStorage(url).engine.dispose()  # a schema, made aside
+        raise KeyboardInterrupt  # stopped before the rename
+
+    with pytest.raises(KeyboardInterrupt):
+        databases.created_aside(db, interrupted)
+    assert list(tmp_path.iterdir()) == []  # no store, no leftover
+    (tmp_path / ".optuna.db.123.creating").write_bytes(b"half")  # a creator killed (kill -9)
+    db.write_bytes(b"")  # and an empty file where the store goes
+    databases.created_aside(db, lambda url: optuna.storages.RDBStorage(url).engine.dispose())
+    assert [p.name for p in tmp_path.iterdir()] == ["optuna.db"]
+    assert optuna.storages.RDBStorage(f"sqlite:///{db}").get_all_studies() == []
+    before = db.read_bytes()
+    databases.created_aside(db, lambda url: pytest.fail("a store that exists is made again"))
+    assert db.read_bytes() == before
