@@ -351,7 +351,7 @@ def _run_record(
         "artifacts_dir": _hydra_config_dir(),
         "description": describe(cfg, stage, values, tags),
         "dataset": dataset_record(cfg, splits),
-        "resume_run_id": cfg.tracking.run_id,  # a sweep trial's: its sweep created the run
+        "created_run_id": cfg.tracking.run_id,  # a sweep trial's: its sweep made the run
     }
 
 

@@ -111,6 +111,7 @@ class MlflowTag:
 
     NOTE: Final = "mlflow.note.content"  # a run's or an experiment's description (markdown)
     PARENT_RUN_ID: Final = "mlflow.parentRunId"
+    RUN_NAME: Final = "mlflow.runName"  # set as a tag, it renames the run
     SOURCE_TYPE: Final = "mlflow.source.type"
     SOURCE_NAME: Final = "mlflow.source.name"  # the Source column: the entry point script
     GIT_COMMIT: Final = "mlflow.source.git.commit"

@@ -217,6 +217,9 @@ class OptunaSweep:
         except (ValueError, databases.StoreUnavailable) as error:
             raise SweepNotStarted(f"sweep not started, no trial run: {error}") from error
         summary.announce(self.config, self.parent_run_id, self.n_trials)
+        log.info("Study name: %s", self.study.study_name)
+        log.info("Storage: %s", self.storage)  # its password masked (credentials.mask_logs)
+        log.info("Sampler: %s", type(self.sampler).__name__)
         with tracking.sigterm_raises():
             try:
                 self._loop(space)
@@ -316,9 +319,6 @@ class OptunaSweep:
         check_not_merged(self.config.tracking, self.study, new, self.storage)
         if prunes(self.pruner):
             self.job_storage = self.storage
-        log.info("Study name: %s", self.study.study_name)
-        log.info("Storage: %s", self.storage)  # its password masked (credentials.mask_logs)
-        log.info("Sampler: %s", type(self.sampler).__name__)
 
     def _settle_left(self) -> None:
         """Complete from MLflow the trials of the stored study that a process of it, now gone,

@@ -374,6 +374,7 @@ def start_run(
     parent_run_id: str | None = None,
     artifacts_dir: Path | None = None,
     resume_run_id: str | None = None,
+    created_run_id: str | None = None,
     description: str | None = None,
     dataset: DatasetRecord | None = None,
 ) -> Iterator[Run]:
@@ -381,8 +382,9 @@ def start_run(
     (markdown, MLflow's tag mlflow.note.content; the run's end puts its outcome above it) and,
     if given, ``dataset`` (a dataset input) and ``artifacts_dir``; params go with the first
     flush. Passwords in tags, params and the artifacts are masked (gradalign.credentials).
-    ``resume_run_id`` writes into that run instead of creating one (RUNNING again, its name and
-    tags set): a sweep trial's run, which its sweep created, or a report's that is resumed.
+    ``resume_run_id`` reopens that run (RUNNING again) instead of creating one;
+    ``created_run_id`` is a RUNNING run made for this one (a sweep trial's, by its sweep loop),
+    which gets its name and tags.
 
     Leaving the block ends the run: as ``Run.finish`` decided; FINISHED if it was not called;
     KILLED on KeyboardInterrupt or SIGTERM (its owner process gone, say); FAILED with tag
@@ -396,12 +398,15 @@ def start_run(
         run_tags[MlflowTag.PARENT_RUN_ID] = parent_run_id
     if description is not None:
         run_tags[MlflowTag.NOTE] = description
-    if resume_run_id is None:
-        run_id = mlflow.create_run(experiment, tags=masked(run_tags), run_name=run_name).info.run_id
-    else:
+    if created_run_id is not None:
+        run_id = created_run_id
+        log_batch(mlflow, run_id, tags={**run_tags, MlflowTag.RUN_NAME: run_name})
+    elif resume_run_id is not None:
         run_id = resume_run_id
-        mlflow.update_run(run_id, status="RUNNING", name=run_name)
+        mlflow.update_run(run_id, status="RUNNING")
         log_batch(mlflow, run_id, tags=run_tags)
+    else:
+        run_id = mlflow.create_run(experiment, tags=masked(run_tags), run_name=run_name).info.run_id
     run = Run(
         mlflow,
         run_id,
