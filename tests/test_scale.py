@@ -375,4 +375,4 @@ def test_a_store_locked_by_another_writer_delays_a_run_but_loses_nothing(tmp_pat
         other.close()
     assert time.monotonic() - start >= 22.0
     assert MlflowClient(uri).get_run(run_id).info.run_name == "patient"
-    assert "MLflow store locked (attempt 1)" in caplog.text
+    assert "database is locked (attempt 1); retrying in" in caplog.text
