@@ -1,12 +1,14 @@
 """A whole study with serial and with stacked sweeps, side by side, and for the research note's
 study also as the note's kind of script runs it.
 
-- ``note script``: what the note describes, written the way such a script is (one process, one
-  torch thread, no tracking): an Optuna TPE study per optimizer (Adam's lr; GAO's lr and beta),
-  each trial a plain MLP from the same initial weights, a ``DataLoader`` shuffled every epoch,
-  the minimum val loss (on mnist1d's test split, in batches) as objective; then each
-  optimizer's best config retrained. Its settings (trials, epochs, widths, batch sizes, search
-  ranges) are the seed_note preset's (conf/study/seed_note.yaml, conf/experiment/seed_note.yaml:
+- ``note script``: what the note's script did (one process, torch's default thread count, no
+  tracking): an Optuna TPE study per optimizer (Adam's lr; GAO's lr and beta), each trial a
+  plain MLP from the same initial weights, fed as light-dataloader's ``TensorDataLoader``
+  (``shuffle=True``) feeds it (``tensor_batches``: one permutation of the in-memory tensors per
+  epoch, then slices of it; the same steps, without the package), the minimum val loss (on
+  mnist1d's test split, in batches) as objective; then each optimizer's best config
+  retrained. Its settings (trials, epochs, widths, batch sizes, search ranges) are the
+  seed_note preset's (conf/study/seed_note.yaml, conf/experiment/seed_note.yaml:
   30 trials of 25 epochs, 40-128-128-10, batch 64, evaluation in batches of 256, 100-epoch
   finals), so both sides do the same work. The data come from the pipeline's cache, so no
   variant pays for generating them.
@@ -50,21 +52,18 @@ def note_script() -> int:
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from omegaconf import OmegaConf
     from torch import nn
-    from torch.utils.data import DataLoader, TensorDataset
 
     from gradalign import GradientAlignmentOptimizer
     from gradalign.components import build_dataset
     from gradalign.config import register_resolvers
     from gradalign.report.configs import compose_config
 
-    torch.set_num_threads(1)
-    register_resolvers(ROOT)
+    register_resolvers(ROOT)  # torch's default thread count, as the note's script ran
     cfg = compose_config(ROOT / "conf", ["experiment=seed_note"])
     preset = OmegaConf.load(ROOT / "conf" / "study" / "seed_note.yaml")
     parser = OverridesParser.create()
     ranges = {k: parser.parse_override(f"{k}={v}").value() for k, v in cfg.search.items()}
     splits = build_dataset(cfg)
-    train = TensorDataset(splits.x_train, splits.y_train)
     batch, eval_batch = cfg.trainer.batch_size, cfg.trainer.eval_batch_size
     widths = [math.prod(splits.input_shape), *cfg.model.hidden, splits.n_classes]
     epochs_trained = 0
@@ -88,7 +87,7 @@ def note_script() -> int:
         best = math.inf
         for _ in range(epochs):
             net.train()
-            for x, y in DataLoader(train, batch_size=batch, shuffle=True):
+            for x, y in tensor_batches(splits.x_train, splits.y_train, batch):
                 opt.zero_grad()
                 nn.functional.cross_entropy(net(x), y).backward()
                 opt.step()
@@ -117,6 +116,17 @@ def note_script() -> int:
         study.optimize(objective, n_trials=preset.trials)
         run(name, study.best_params, preset.report.final_epochs)
     return epochs_trained
+
+
+def tensor_batches(x, y, size):
+    """The batches light-dataloader's ``TensorDataLoader((x, y), size, shuffle=True)`` yields
+    in an epoch: both tensors reordered by one random permutation, then split into ``size``
+    rows each."""
+    import torch
+
+    order = torch.randperm(len(y))
+    xs, ys = x.index_select(0, order).split(size), y.index_select(0, order).split(size)
+    yield from zip(xs, ys, strict=True)
 
 
 def study_command(preset: str, parallel: str, tmp: Path) -> list[str]:
