@@ -154,6 +154,7 @@ def bare_child(values: list[dict[str, str]], root: Path, overrides: list[str]) -
             batch_size=cfg.trainer.batch_size,
             eval_batch_size=cfg.trainer.eval_batch_size,
             data_seed=cfg.seed.data,
+            device="cpu",
         )
         objectives.append(history.objective(cfg.objective))
     print(json.dumps(objectives))
