@@ -206,12 +206,9 @@ def finished_trial_runs(uri, count):
     return ready
 
 
-def test_a_postgres_restart_mid_sweep_delays_it_and_loses_nothing(server, tmp_path):
-    """Both stores on PostgreSQL, stopped for 20 s mid-sweep and started again: the pooled
-    connections the restart killed are replaced, the writes that met it are retried, and the
-    sweep ends as if nothing had happened."""
-    uri = fresh_database(server, "restart_mlflow")
-    storage = fresh_database(server, "restart_optuna")
+def sweep_through_a_restart(tmp_path, uri, storage, down_s, extra=()):
+    """A 6-trial sweep into ``uri`` and ``storage`` whose PostgreSQL server is stopped for
+    ``down_s`` once two trials finished; (its command, what it did)."""
     command = sweep_command(
         tmp_path / "sweep",
         "hydra.sweeper.n_trials=6",
@@ -219,10 +216,21 @@ def test_a_postgres_restart_mid_sweep_delays_it_and_loses_nothing(server, tmp_pa
         f"hydra.sweeper.storage={storage}",
         "hydra.sweeper.study_name=restart",
         f"tracking.uri={uri}",
+        *extra,
     )
-    restarting = restart_once(finished_trial_runs(uri, 2), down_s=20)
+    restarting = restart_once(finished_trial_runs(uri, 2), down_s=down_s)
     result = subprocess.run(command, capture_output=True, text=True, timeout=900)
     restarting.join(timeout=300)
+    return command, result
+
+
+def test_a_postgres_restart_mid_sweep_delays_it_and_loses_nothing(server, tmp_path):
+    """Both stores on PostgreSQL, stopped for 20 s mid-sweep and started again: the pooled
+    connections the restart killed are replaced, the writes that met it are retried, and the
+    sweep ends as if nothing had happened."""
+    uri = fresh_database(server, "restart_mlflow")
+    storage = fresh_database(server, "restart_optuna")
+    command, result = sweep_through_a_restart(tmp_path, uri, storage, down_s=20)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "did not answer" not in result.stderr and "Traceback" not in result.stderr
     trials = assert_stores_agree(uri, storage)
@@ -238,18 +246,9 @@ def test_a_postgres_outage_past_store_wait_s_stops_the_sweep_in_one_line_and_it_
     parent run ends, the line gives the command that resumes, and that command does."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     storage = fresh_database(server, "outage_optuna")
-    command = sweep_command(
-        tmp_path / "sweep",
-        "hydra.sweeper.n_trials=6",
-        "trainer.epochs=30",
-        "tracking.store_wait_s=5",
-        f"hydra.sweeper.storage={storage}",
-        "hydra.sweeper.study_name=outage",
-        f"tracking.uri={uri}",
+    command, stopped = sweep_through_a_restart(
+        tmp_path, uri, storage, down_s=40, extra=["tracking.store_wait_s=5"]
     )
-    restarting = restart_once(finished_trial_runs(uri, 2), down_s=40)
-    stopped = subprocess.run(command, capture_output=True, text=True, timeout=900)
-    restarting.join(timeout=300)
     assert stopped.returncode == 1, stopped.stderr[-3000:]
     last = stopped.stderr.strip().splitlines()[-1]
     masked = make_url(storage).render_as_string()  # the password as ***

@@ -82,27 +82,17 @@ def test_trials_left_running_take_the_outcome_their_mlflow_runs_record(store):
     storage = optuna.storages.InMemoryStorage()
     study = optuna.create_study(storage=storage)
     me = processes.owner_token()
+    records = [  # (status, objective, tags) of each trial's run
+        ("FINISHED", 1.2345, {}),
+        ("FINISHED", None, {"pruned": "true", "pruned_epoch": "3"}),
+        ("FAILED", None, {"diverged": "true", "failure_reason": "nan"}),
+        ("KILLED", None, {}),
+        (None, None, {"owner": GONE}),  # still RUNNING
+        (None, None, {"owner": me}),  # its job still runs
+    ]
     runs = dict(
-        [
-            trial_with_run(study, client, experiment, status="FINISHED", objective=1.2345),
-            trial_with_run(
-                study,
-                client,
-                experiment,
-                status="FINISHED",
-                tags={"pruned": "true", "pruned_epoch": "3"},
-            ),
-            trial_with_run(
-                study,
-                client,
-                experiment,
-                status="FAILED",
-                tags={"diverged": "true", "failure_reason": "nan"},
-            ),
-            trial_with_run(study, client, experiment, status="KILLED"),
-            trial_with_run(study, client, experiment, tags={"owner": GONE}),  # still RUNNING
-            trial_with_run(study, client, experiment, tags={"owner": me}),  # its job still runs
-        ]
+        trial_with_run(study, client, experiment, status=status, objective=value, tags=tags)
+        for status, value, tags in records
     )
     runs[study.ask().number] = None  # killed before its run was created
     running = study.get_trials(states=(TrialState.RUNNING,))
