@@ -21,6 +21,12 @@ from gradalign.training import EpochMetrics, History
 GONE = f"{socket.gethostname()}:1:0.00"  # pid 1 did not start at 0: a process that is gone
 
 
+def test_an_owner_that_is_no_process_token_is_unknown_not_gone():
+    """A trial another process has just asked has no owner yet: nobody may settle it."""
+    assert processes.owner_alive("") is None and processes.owner_alive("x:y") is None
+    assert processes.owner_alive(GONE) is False and processes.owner_alive(processes.owner_token())
+
+
 def epoch(n, val_loss):
     return EpochMetrics(n, 1.0, val_loss, 0.5, 2.0, 0.4, 0.01, {})
 

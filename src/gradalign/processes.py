@@ -86,10 +86,11 @@ def owner_token(pid: int | None = None) -> str:
 
 def owner_alive(token: str) -> bool | None:
     """Whether the process of ``token`` still runs; None when it runs on another host (which
-    this process cannot see)."""
-    host, pid, started = token.rsplit(":", 2)
-    if host != socket.gethostname():
+    this process cannot see, or a token that is not one)."""
+    parts = token.rsplit(":", 2)
+    if len(parts) != 3 or parts[0] != socket.gethostname() or not parts[1].isdigit():
         return None
+    host, pid, started = parts
     try:
         process = psutil.Process(int(pid))
         return f"{process.create_time():.2f}" == started and _live(process)
