@@ -34,7 +34,7 @@ RANKS = {
     "sweep": 5,
     "report": 5,
     "doctor": 6,
-    "ui": 6,
+    "ui": 5,
     "stores": 6,  # above sweep: it opens Optuna storages as sweeps do
 }
 PIPELINE_DEPENDENCIES = ("mlflow", "hydra", "optuna", "omegaconf", "scipy", "matplotlib", "mnist1d")
