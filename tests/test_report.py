@@ -11,12 +11,15 @@ import math
 import re
 import shlex
 import shutil
+import time
+import uuid
 from pathlib import Path
 
+import optuna
 import pytest
 import torch
 from helpers import CONF, EXPERIMENT, REPO_ROOT, SIGNIFICANCE, options
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
@@ -32,7 +35,6 @@ from gradalign.report.cli import run_command
 from gradalign.report.configs import (
     compose_config,
     compose_optimizer,
-    config_context,
     final_config,
     hyperparameters,
     seeded,
@@ -40,14 +42,14 @@ from gradalign.report.configs import (
 )
 from gradalign.report.finals import workers_worth_starting
 from gradalign.report.html import to_html
-from gradalign.report.runs import MissingSweepError, best_sweep_run, curves, final_runs
+from gradalign.report.runs import RUN_ID_ATTR, Budget, MissingSweepError, curves, final_runs
 from gradalign.report.settings import (
     ReportSettings,
     add_report_arguments,
     report_settings,
     report_settings_from_args,
 )
-from gradalign.schema import Tag
+from gradalign.sweep import trial as sweep_trial
 
 
 @pytest.fixture
@@ -62,29 +64,99 @@ def experiment_id(uri):
     return tracking.experiment_id(uri, 60, EXPERIMENT)
 
 
-def log_sweep_run(uri, cfg, *, lr, objective=None, status="FINISHED", **params):
-    """A sweep run as train.py -m logs it: flattened params (lr and ``params`` replaced), tags,
-    the objective metric and a final status."""
+@dataclasses.dataclass(frozen=True)
+class Trial:
+    """One trial of a recorded sweep: its lr, its objective (None: none logged), its MLflow
+    run's status and tags, and its Optuna state (None: the one the sweep loop records for such
+    a run: gradalign.sweep.trial)."""
+
+    lr: float
+    objective: float | None = None
+    status: str = "FINISHED"
+    state: str | None = None
+    tags: dict = dataclasses.field(default_factory=dict)
+
+    def optuna_state(self):
+        """The trial's Optuna state and value, as the sweep loop records this run."""
+        if self.state is not None:
+            return self.state, self.objective
+        if self.tags.get("pruned") == "true":
+            return "PRUNED", None
+        if self.tags.get("diverged") == "true":
+            return "COMPLETE", math.inf
+        if self.status == "FINISHED" and self.objective is not None:
+            return "COMPLETE", self.objective
+        return ("RUNNING", None) if self.status == "RUNNING" else ("FAIL", None)
+
+
+def log_sweep(uri, cfg, trials, *, storage=None, status="FINISHED", pruner=None, **params):
+    """A sweep of ``cfg``'s optimizer as the sweep loop records it: its parent run (its
+    sweeper's settings as params, ``status``, its study's trials by outcome as metrics), a
+    trial run per Trial (flattened params with the trial's lr and ``params``, tags, objective,
+    status) and, with ``storage`` (a SQLite file), its Optuna study, each trial naming its run.
+    Its sweep_id."""
     client = MlflowClient(uri)
-    tags = {"stage": "sweep", "optimizer": cfg.optimizer.name, "sweep_id": "s"}
-    run = client.create_run(experiment_id(uri), tags=tags)
-    logged = {k: str(v) for k, v in flatten(cfg).items()} | {"optimizer.lr": str(lr)}
-    logged |= {k: str(v) for k, v in params.items()}
-    metrics = [] if objective is None else [Metric("objective", objective, 0, 0)]
-    client.log_batch(
-        run.info.run_id,
-        metrics=metrics,
-        params=[Param(k, v) for k, v in logged.items()],
-        tags=[RunTag("unused", "")],
+    experiment = experiment_id(uri)
+    name = f"{cfg.optimizer.name}-{uuid.uuid4().hex[:8]}"
+    sweep_id = f"optuna:{name}" if storage else f"outputs/multirun/{name}"
+    url = f"sqlite:///{storage}" if storage else None
+    study = optuna.create_study(study_name=name, storage=url) if storage else None
+    tags = {"stage": "sweep_parent", "sweep_id": sweep_id, "optimizer": cfg.optimizer.name}
+    parent = client.create_run(experiment, tags=tags).info.run_id
+    sweeper = {
+        "sweeper.n_trials": len(trials),
+        "sweeper.storage": url,
+        "sweeper.study_name": name if storage else None,
+        "sweeper.pruner._target_": pruner or "optuna.pruners.NopPruner",
+    }
+    client.log_batch(parent, params=[Param(k, str(v)) for k, v in sweeper.items()])
+    states = []
+    for number, trial in enumerate(trials):
+        tags = {"stage": "sweep", "optimizer": cfg.optimizer.name, "sweep_id": sweep_id}
+        tags |= {"optuna_trial": str(number), "mlflow.parentRunId": parent, **trial.tags}
+        run_id = client.create_run(experiment, tags=tags).info.run_id
+        logged = {k: str(v) for k, v in flatten(cfg).items()} | {"optimizer.lr": str(trial.lr)}
+        logged |= {k: str(v) for k, v in params.items()}
+        objective = [] if trial.objective is None else [Metric("objective", trial.objective, 0, 0)]
+        client.log_batch(run_id, metrics=objective, params=[Param(k, v) for k, v in logged.items()])
+        if trial.status != "RUNNING":
+            client.set_terminated(run_id, trial.status)
+        state, value = trial.optuna_state()
+        states.append("DIVERGED" if value == math.inf else state)
+        if study is not None:
+            asked = study.ask()
+            asked.set_user_attr("mlflow_run_id", run_id)
+            if state == "COMPLETE":
+                study.tell(asked, value)
+            elif state != "RUNNING":
+                study.tell(asked, state=getattr(optuna.trial.TrialState, state))
+    outcomes = {
+        "complete": "COMPLETE",
+        "diverged": "DIVERGED",
+        "failed": "FAIL",
+        "pruned": "PRUNED",
+    }
+    summary = [Metric(f"trials_{k}", states.count(v), 0, 0) for k, v in outcomes.items()]
+    client.log_batch(parent, metrics=summary)
+    time.sleep(0.002)  # parents end in the order their sweeps were made
+    if status != "RUNNING":
+        client.set_terminated(parent, status)
+    return sweep_id
+
+
+def runs_of(uri, sweep_id):
+    """The trial run ids of sweep ``sweep_id``, in trial order."""
+    found = MlflowClient(uri).search_runs(
+        [experiment_id(uri)], f"tags.stage = 'sweep' and tags.sweep_id = '{sweep_id}'"
     )
-    client.set_terminated(run.info.run_id, status)
-    return run.info.run_id
+    return [r.info.run_id for r in sorted(found, key=lambda r: int(r.data.tags["optuna_trial"]))]
 
 
-def sweep(uri, overrides, name, lrs):
-    """A finished sweep of ``name``: one run per lr, objective = lr (so the smallest lr wins)."""
+def sweep(uri, overrides, name, lrs, **options):
+    """A finished sweep of ``name``: one run per lr, objective = lr (so the smallest lr wins);
+    its sweep_id."""
     cfg = compose_optimizer(CONF, name, overrides).cfg
-    return [log_sweep_run(uri, cfg, lr=lr, objective=lr) for lr in lrs]
+    return log_sweep(uri, cfg, [Trial(lr, lr) for lr in lrs], **options)
 
 
 def make_report(settings):
@@ -97,46 +169,152 @@ def settings(overrides, **values):
     return report_settings(REPO_ROOT, values, overrides=overrides)
 
 
-def test_best_sweep_run_skips_pruned_failed_killed_metricless_and_other_settings(store):
-    uri, overrides = store
-    cfg = compose_optimizer(CONF, "adam", overrides).cfg
-    chosen = log_sweep_run(uri, cfg, lr=0.01, objective=1.2)
-    log_sweep_run(uri, cfg, lr=0.02, objective=1.5)
-    log_sweep_run(uri, cfg, lr=0.03, objective=0.9, status="KILLED")  # better, but killed
-    log_sweep_run(uri, cfg, lr=0.04, objective=0.8, status="FAILED")
-    log_sweep_run(uri, cfg, lr=0.05)  # finished without an objective
-    log_sweep_run(uri, cfg, lr=0.06, objective=0.1, **{"model.hidden": [10]})  # another model
-    client = MlflowClient(uri)
-    pruned = log_sweep_run(uri, cfg, lr=0.07, objective=0.2)  # better, but stopped early
-    client.set_tag(pruned, Tag.PRUNED, "true")
+def choice_of(uri, overrides, name, **values):
+    """The SweepChoice the report makes for optimizer ``name`` (settings ``values``; the
+    budgets of the optimizers' sweeps are another test's)."""
+    values = {"unequal_budgets": True} | values
+    return report_build.plan(settings(overrides, **values)).choices[name]
 
-    choice = best_sweep_run(
-        client,
-        experiment_id(uri),
-        "adam",
-        config_context(cfg),
-        metric="objective",
-        direction="minimize",
-    )
+
+def test_a_sweeps_best_is_its_best_complete_trial(store):
+    """Pruned (stopped early), failed, killed, metric-less and diverged trials are counted by
+    kind and never chosen; a sweep made with other settings is not read."""
+    uri, overrides = store
+    adam = compose_optimizer(CONF, "adam", overrides).cfg
+    sweep(uri, overrides, "gao", [0.01])
+    trials = [
+        Trial(0.01, 1.2),
+        Trial(0.02, 1.5),
+        Trial(0.03, 0.9, status="KILLED"),  # better, but killed
+        Trial(0.04, 0.8, status="FAILED"),
+        Trial(0.05),  # finished without an objective
+        Trial(0.07, 0.2, tags={"pruned": "true", "pruned_epoch": "1"}),  # stopped early
+        Trial(0.08, tags={"diverged": "true"}, status="FAILED"),
+    ]
+    chosen = runs_of(uri, log_sweep(uri, adam, trials))[0]
+    log_sweep(uri, adam, [Trial(0.06, 0.1)], **{"model.hidden": [10]})  # another model
+    choice = choice_of(uri, overrides, "adam")
     assert (choice.run_id, choice.value, choice.params["optimizer.lr"]) == (chosen, 1.2, "0.01")
     assert choice.counts == {
-        "finished": 2,
+        "complete": 2,
+        "diverged": 1,
         "pruned": 1,
-        "failed": 1,
-        "killed": 1,
+        "failed": 3,
         "unfinished": 0,
-        "no metric": 1,
     }
-    assert choice.other_settings == 1
-    highest = best_sweep_run(
-        client,
-        experiment_id(uri),
-        "adam",
-        config_context(cfg),
-        metric="objective",
-        direction="maximize",
+    assert choice.budget == Budget(4)  # complete, diverged, pruned: what n_trials counts
+    assert (choice.other_sweeps, choice.other_settings) == ((), 1)
+    assert choice.outcomes_from.startswith("MLflow (its study was not stored)")
+    assert choice_of(uri, overrides, "adam", direction="maximize").value == 1.5
+
+
+def test_each_optimizer_gets_its_latest_complete_sweep_never_a_pool(store):
+    """`python train.py optimizer=gao -m`, then `make study`, then `python report.py`: gao has
+    two complete sweeps, and the report takes the latest alone, never the best of both."""
+    uri, overrides = store
+    older = sweep(uri, overrides, "gao", [0.001, 0.02])  # the best gao run of all
+    latest = sweep(uri, overrides, "gao", [0.005, 0.03])
+    killed = sweep(uri, overrides, "gao", [0.002], status="KILLED")  # interrupted, newest
+    sweep(uri, overrides, "adam", [0.01, 0.02])
+    choice = choice_of(uri, overrides, "gao")
+    assert (choice.sweep_id, choice.value, choice.budget) == (latest, 0.005, Budget(2))
+    assert choice.other_sweeps == (f"{killed} (KILLED, 1 trial)", f"{older} (FINISHED, 2 trials)")
+    picked = choice_of(uri, overrides, "gao", sweeps=[older])  # selected explicitly
+    assert (picked.sweep_id, picked.value) == (older, 0.001)
+    with pytest.raises(UserError, match=r"two sweeps of 'gao'"):
+        choice_of(uri, overrides, "gao", sweeps=[older, latest])
+    with pytest.raises(UserError, match=r"'nope' is no sweep of the compared optimizers"):
+        choice_of(uri, overrides, "gao", sweeps=["nope"])
+    hidden = sweep(uri, overrides, "gao", [0.01], **{"model.hidden": [10]})
+    with pytest.raises(UserError, match=rf"sweep {hidden} .* other settings .*'model.hidden'"):
+        choice_of(uri, overrides, "gao", sweeps=[hidden])
+
+
+def test_only_the_trials_their_optuna_study_completed_count(store, tmp_path):
+    """After an interrupted sweep under older code, a trial can be FAIL in its Optuna study but
+    FINISHED in MLflow: the study's record decides, so it is neither chosen nor counted in the
+    budget; the study's name selects the sweep; a study whose storage is gone is read from
+    MLflow, and the report says so."""
+    uri, overrides = store
+    adam = compose_optimizer(CONF, "adam", overrides).cfg
+    storage = tmp_path / "optuna.db"
+    trials = [
+        Trial(0.01, 1.2),
+        Trial(0.02, 0.7, state="FAIL"),  # the best objective in MLflow, FAIL in Optuna
+        Trial(0.03, 1.1),
+        Trial(0.04, 0.9, state="RUNNING"),  # left RUNNING in Optuna
+    ]
+    sweep_id = log_sweep(uri, adam, trials, storage=storage)
+    sweep(uri, overrides, "gao", [0.01, 0.02])
+    runs = runs_of(uri, sweep_id)
+    study = sweep_id.removeprefix("optuna:")
+    choice = choice_of(uri, overrides, "adam", sweeps=[study])
+    assert (choice.run_id, choice.value) == (runs[2], 1.1)
+    assert choice.counts == {
+        "complete": 2,
+        "diverged": 0,
+        "pruned": 0,
+        "failed": 1,
+        "unfinished": 1,
+    }
+    assert (choice.budget, choice.outcomes_from) == (Budget(2), "its Optuna study")
+    storage.unlink()  # the study is gone: MLflow is all there is
+    choice = choice_of(uri, overrides, "adam", sweeps=[study])
+    assert choice.run_id == runs[1] and choice.outcomes_from.startswith("MLflow (its storage")
+
+
+def test_unequal_budgets_are_refused_unless_asked_for_and_then_said_in_every_view(store):
+    """Adam tuned with 2 trials against GAO's 3 (or GAO's 3 pruned ones) is refused, in one
+    line that says how to select; --unequal-budgets compares them and every view of the
+    verdict says so; a sweep of Adam with 3 trials, the latest, makes the budgets equal."""
+    uri, overrides = store
+    short = sweep(uri, overrides, "adam", [0.01, 0.02])
+    gao = sweep(uri, overrides, "gao", [0.005, 0.02, 0.03])
+    with pytest.raises(report_build.UnequalBudgets) as refused:
+        make_report(settings(overrides, name="refused"))
+    message = str(refused.value)
+    assert "\n" not in message
+    assert message.startswith(
+        f"unequal tuning budgets: adam 2 trials (sweep {short}), gao 3 trials (sweep {gao}). "
     )
-    assert highest.value == 1.5
+    assert "--sweeps ID" in message and "--unequal-budgets" in message
+    assert not (Path(overrides[1].split("=", 1)[1]) / "report" / "refused").exists()
+
+    folder = make_report(settings(overrides, name="unequal", unequal_budgets=True))
+    said = "UNEQUAL TUNING BUDGETS: adam 2 trials, gao 3 trials."
+    text = (folder / MARKDOWN).read_text()
+    assert "SMOKE RUN, no verdict (2 paired seeds, fewer than the 5 a verdict needs " in text
+    assert text.count(said) == 1  # in the verdict's sentence
+    assert "- tuning budgets: adam 2 trials, gao 3 trials (UNEQUAL" in text
+    assert "**The budgets are UNEQUAL**" in text
+    client = MlflowClient(uri)
+    [run] = client.search_runs([experiment_id(uri)], "tags.report_name = 'unequal'")
+    assert run.data.tags["verdict/gao"].endswith(said)
+    assert said in run.data.tags["mlflow.note.content"]
+    params = run.data.params
+    assert (params["report.trials.adam"], params["report.trials.gao"]) == ("2", "3")
+    assert (params["report.sweep.adam"], params["report.sweep.gao"]) == (short, gao)
+    assert params["report.unequal_budgets"] == "True"
+
+    equal = sweep(uri, overrides, "adam", [0.03, 0.01, 0.02])
+    plan = report_build.plan(settings(overrides))
+    assert plan.equal_budgets and plan.budgets == "3 trials each"
+    assert plan.choices["adam"].sweep_id == equal
+    with pytest.raises(report_build.UnequalBudgets, match=rf"adam 2 trials \(sweep {short}\)"):
+        report_build.plan(settings(overrides, sweeps=[short]))  # selected: refused again
+    newest = sweep(uri, overrides, "adam", [0.1])
+    with pytest.raises(report_build.UnequalBudgets) as refused:
+        report_build.plan(settings(overrides, sweeps=[newest]))
+    others = f"adam: {equal} (FINISHED, 3 trials), {short} (FINISHED, 2 trials); gao: none"
+    assert f"(their other sweeps with these settings: {others})" in str(refused.value)
+
+    pruned = sweep(uri, overrides, "gao", [0.01, 0.02, 0.03], pruner="optuna.pruners.MedianPruner")
+    with pytest.raises(report_build.UnequalBudgets, match=r"gao 3 trials \(MedianPruner\)"):
+        report_build.plan(settings(overrides, sweeps=[equal, pruned]))
+
+
+def test_the_optuna_attribute_naming_a_trials_run_is_the_sweep_loops():
+    assert RUN_ID_ATTR == sweep_trial.RUN_ID
 
 
 def test_missing_sweep_names_the_command_and_writes_nothing(store, tmp_path):
@@ -212,11 +390,11 @@ def test_gao_variants_are_gao_with_one_option_changed(name, target, granularity)
 
 def test_report_trains_finals_once_and_a_rerun_reuses_them(store, tmp_path, monkeypatch):
     uri, overrides = store
-    sweep(uri, overrides, "adam", [0.02, 0.01, 0.03])
-    sweep(uri, overrides, "gao", [0.005, 0.02])
     adam = compose_optimizer(CONF, "adam", overrides).cfg
-    log_sweep_run(uri, adam, lr=0.004, objective=0.004, status="FAILED")  # better, but failed
-    log_sweep_run(uri, adam, lr=0.005, objective=0.005, status="KILLED")
+    trials = [Trial(lr, lr) for lr in (0.02, 0.01, 0.03)]
+    trials += [Trial(0.004, 0.004, status="FAILED"), Trial(0.005, 0.005, status="KILLED")]
+    log_sweep(uri, adam, trials)  # the two best failed or were killed
+    sweep(uri, overrides, "gao", [0.005, 0.02, 0.03])
     calls = []
     real = report_finals.run_experiment
 
@@ -238,8 +416,10 @@ def test_report_trains_finals_once_and_a_rerun_reuses_them(store, tmp_path, monk
     for name in ("adam", "gao"):
         assert f"| {name} |" in text
     assert "| adam | lr=0.01 |" in text and "| gao | lr=0.005, beta=0.9 |" in text  # the best
-    # finished, pruned, failed, killed, unfinished, other settings: the skipped ones are said
-    assert re.search(r"\| adam \| lr=0.01 \|.*\| 3 \| 0 \| 1 \| 1 \| 0 \| 0 \|", text)
+    # the budget, then complete, diverged, pruned, failed, unfinished: the skipped ones are said
+    assert re.search(r"\| adam \| lr=0.01 \|.*\| 3 trials \| 3 \| 0 \| 0 \| 2 \| 0 \| MLflow", text)
+    assert "Every optimizer was tuned with the same budget, 3 trials." in text
+    assert "- tuning budgets: 3 trials each" in text
     # two seeds: a smoke run, its numbers under that label, no verdict in any view
     assert "## SMOKE RUN: no verdict" in text and "## Verdict" not in text
     assert "- SMOKE RUN, no verdict (2 paired seeds, fewer than the 5" in text
@@ -385,6 +565,9 @@ def test_finals_are_reused_when_finished_or_diverged_but_not_when_failed_or_kill
         ({"min_pairs": 1}, "min_pairs=1: must be an integer >= 2"),
         ({"name": "../x"}, "name='../x': must be a folder name"),
         ({"seeds": [1, "2"]}, r"seeds=\[1, '2'\]: must be a list of distinct integers"),
+        ({"sweeps": []}, r"sweeps=\[\]: must be null, or a list of distinct sweep ids"),
+        ({"sweeps": ["a", "a"]}, r"sweeps=\['a', 'a'\]: must be null, or a list of distinct"),
+        ({"unequal_budgets": "yes"}, r"unequal_budgets='yes': must be true or false"),
     ],
 )
 def test_bad_settings_name_the_value_and_what_is_allowed(values, match):

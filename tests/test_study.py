@@ -49,6 +49,8 @@ def test_quick_preset_then_flags_then_user_overrides():
     assert parse("--quick", "--trials", "5", "--seeds", "7", "8").trials == 5
     with pytest.raises(ValueError, match="trials=0"):
         parse("--trials", "0")
+    with pytest.raises(ValueError, match=r"sweeps=\['x'\]: must be unset for study.py"):
+        parse("--sweeps", "x")  # a study reports on its own sweeps
     with pytest.raises(ValueError, match=r"preset='nope': must be one of \[.*'seed_note'"):
         parse("--preset", "nope")
 

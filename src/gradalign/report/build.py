@@ -47,6 +47,8 @@ from gradalign.report.runs import (
     best_sweep_run,
     curves,
     final_runs,
+    resolve,
+    sweeps_of,
 )
 from gradalign.report.settings import ReportSettings
 from gradalign.report.stats import (
@@ -68,6 +70,7 @@ log = logging.getLogger(__name__)
 FIGURE = "convergence_comparison.png"
 MARKDOWN = "report.md"
 HTML = "report.html"  # report.md as one page, its figure inlined (MLflow's viewer shows it)
+OTHERS_SHOWN = 5  # an optimizer's other sweeps listed when budgets differ, the latest first
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,6 +89,19 @@ class Plan:
     choices: dict[str, SweepChoice]
     finals: dict[str, DictConfig]
     existing: dict[str, dict[int, Run]]
+
+    @property
+    def equal_budgets(self) -> bool:
+        """Whether every optimizer's sweep spent the same tuning budget."""
+        return len({choice.budget for choice in self.choices.values()}) == 1
+
+    @property
+    def budgets(self) -> str:
+        """Each optimizer's tuning budget in words: "30 trials each", or "adam 30 trials,
+        gao 10 trials" when they differ."""
+        if self.equal_budgets:
+            return f"{next(iter(self.choices.values())).budget} each"
+        return ", ".join(f"{name} {choice.budget}" for name, choice in self.choices.items())
 
     @property
     def final_epochs(self) -> str:
@@ -134,23 +150,26 @@ def plan(settings: ReportSettings) -> Plan:
         )
     experiment_id = experiment.experiment_id
 
+    sweeps = {name: sweeps_of(client, experiment_id, name) for name in settings.optimizers}
+    given = resolve(settings.sweeps or (), sweeps)
     choices, missing = {}, []
     for name, composition in compositions.items():
         try:
             choices[name] = best_sweep_run(
-                client,
-                experiment_id,
+                sweeps[name],
                 name,
                 config_context(composition.cfg),
                 metric=settings.metric,
                 direction=settings.direction,
+                root=settings.root,
                 overrides=settings.overrides_of(name),
-                sweep_id=settings.sweep_ids.get(name),
+                sweep_id=given.get(name),
             )
         except MissingSweepError as error:
             missing.append(str(error))
     if missing:
         raise MissingSweepError("\n".join(missing))
+    check_budgets(choices, settings.unequal_budgets)
 
     finals = {
         name: final_config(
@@ -165,6 +184,31 @@ def plan(settings: ReportSettings) -> Plan:
         name: final_runs(client, experiment_id, config_hash(cfg)) for name, cfg in finals.items()
     }
     return Plan(client, uri, experiment_id, compositions, choices, finals, existing)
+
+
+class UnequalBudgets(UserError):
+    """The selected sweeps spent unequal tuning budgets (and --unequal-budgets was not given)."""
+
+
+def check_budgets(choices: dict[str, SweepChoice], unequal_budgets: bool) -> None:
+    """Raise UnequalBudgets, in one line that says how to select sweeps of one budget, unless
+    every optimizer's selected sweep spent the same tuning budget or ``unequal_budgets``
+    allows it."""
+    if unequal_budgets or len({c.budget for c in choices.values()}) <= 1:
+        return
+    selected = ", ".join(
+        f"{name} {choice.budget} (sweep {choice.sweep_id})" for name, choice in choices.items()
+    )
+    others = "; ".join(
+        f"{name}: {', '.join(choice.other_sweeps[:OTHERS_SHOWN]) or 'none'}"
+        for name, choice in choices.items()
+    )
+    raise UnequalBudgets(
+        f"unequal tuning budgets: {selected}. A fair comparison tunes every optimizer with the "
+        "same budget: select sweeps of one budget with --sweeps ID ... (their other sweeps with "
+        f"these settings: {others}), rerun a stored sweep's command to complete its trials, or "
+        "compare these anyway with --unequal-budgets (the verdict then says so)"
+    )
 
 
 def _result(plan: Plan, name: str, seed: int, run: Run, reused: bool) -> FinalResult:
@@ -295,6 +339,8 @@ def _header(
         "MLflow": f"experiment `{first.tracking.experiment}` at `{plan.uri}`, run `{run_id}`",
         "code": f"git {git}",
         "training overrides": " ".join(f"`{o}`" for o in settings.overrides) or "none",
+        "tuning budgets": plan.budgets
+        + ("" if plan.equal_budgets else " (UNEQUAL, compared by --unequal-budgets)"),
         "final runs": f"{trained} trained by this report, {total - trained} reused",
     }
 
@@ -340,6 +386,9 @@ def write_report(settings: ReportSettings, parent_run_id: str | None = None) -> 
         if spec.param
     }
     params[f"{Param.REPORT_PREFIX}overrides"] = settings.overrides
+    for name, choice in the_plan.choices.items():  # what each optimizer's best was chosen from
+        params[f"{Param.REPORT_PREFIX}sweep.{name}"] = choice.sweep_id
+        params[f"{Param.REPORT_PREFIX}trials.{name}"] = choice.budget.trials
     tags = {
         Tag.STAGE: Stage.REPORT,
         Tag.REPORT_NAME: out_dir.name,
@@ -394,6 +443,9 @@ def write_report(settings: ReportSettings, parent_run_id: str | None = None) -> 
             min_pairs=settings.min_pairs,
             smoke=settings.smoke,
         )
+        if not the_plan.equal_budgets:  # allowed by --unequal-budgets: every view says so
+            said = f" UNEQUAL TUNING BUDGETS: {the_plan.budgets}."
+            comparisons = [dataclasses.replace(c, sentence=c.sentence + said) for c in comparisons]
         header = _header(settings, the_plan, run.run_id, tags, len(jobs), is_smoke(comparisons))
         plot_convergence(
             {
@@ -445,7 +497,7 @@ def write_report(settings: ReportSettings, parent_run_id: str | None = None) -> 
             title=header["title"],
             comparisons=comparisons,
             hyperparameters=hyper,
-            choices={name: choice.run_id for name, choice in the_plan.choices.items()},
+            choices=the_plan.choices,
             figure=FIGURE,
             finals=len(results),
             trained=len(jobs),

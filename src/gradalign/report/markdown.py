@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 
 from gradalign.report.finals import FinalResult
 from gradalign.report.plots import BAND
-from gradalign.report.runs import SweepChoice
+from gradalign.report.runs import TRIAL_KINDS, SweepChoice
 from gradalign.report.settings import ReportSettings
 from gradalign.report.stats import (
     COLUMNS,
@@ -115,11 +115,20 @@ def render(
     ]
 
     lines += ["", "## Selected hyperparameters (best sweep run per optimizer)", ""]
+    budgets = {choice.budget for choice in choices.values()}
     lines.append(
-        f"Best FINISHED sweep run by `{settings.metric}` ({settings.direction}) among the runs "
-        "made "
-        "with this report's settings; pruned (stopped early by the sweep's pruner), failed, "
-        "killed, unfinished runs and runs without a finite metric are skipped."
+        f"Each optimizer's best `{settings.metric}` ({settings.direction}) run of one sweep, "
+        "made with this report's settings: the sweep given by `--sweeps` (or by the study), "
+        "else its latest complete one; the runs of several sweeps are never pooled. A trial "
+        "counts by the outcome its Optuna study records (by its MLflow run where the study was "
+        "not stored); only complete ones are candidates. Tuning budget: the trials a sweep "
+        "counts towards its `n_trials` (complete, diverged, pruned), and its pruner. "
+        + (
+            f"Every optimizer was tuned with the same budget, {next(iter(budgets))}."
+            if len(budgets) == 1
+            else "**The budgets are UNEQUAL** (compared by `--unequal-budgets`): the "
+            "optimizer with more trials had more chances to find a good configuration."
+        )
     )
     lines.append("")
     rows = []
@@ -127,18 +136,17 @@ def render(
         params = ", ".join(
             f"{k.split('.', 1)[1]}={_param(v)}" for k, v in hyperparameters[name].items()
         )
-        counts = choice.counts
         rows.append(
             [
                 name,
                 params or "(config defaults)",
                 f"{choice.value:.4f}",
                 f"`{choice.run_id}`",
-                str(counts["finished"]),
-                str(counts["pruned"]),
-                str(counts["failed"]),
-                str(counts["killed"]),
-                str(counts["unfinished"] + counts["no metric"]),
+                f"`{choice.sweep_id}`",
+                str(choice.budget),
+                *(str(choice.counts[kind]) for kind in TRIAL_KINDS),
+                choice.outcomes_from,
+                str(len(choice.other_sweeps)),
                 str(choice.other_settings),
             ]
         )
@@ -148,11 +156,11 @@ def render(
             "hyperparameters",
             settings.metric,
             "run",
-            "finished",
-            "pruned",
-            "failed",
-            "killed",
-            "unfinished / no metric",
+            "sweep",
+            "tuning budget",
+            *TRIAL_KINDS,
+            "outcomes from",
+            "other sweeps (not used)",
             "other settings (ignored)",
         ],
         rows,

@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from mlflow.tracking import MlflowClient
 
 from gradalign.report.finals import FinalResult
+from gradalign.report.runs import SweepChoice
 from gradalign.report.stats import Comparison, Verdict
 from gradalign.schema import Metric, Tag
 from gradalign.tracking import labels, log_batch, quoted
@@ -111,7 +112,7 @@ def description(
     title: str,
     comparisons: Sequence[Comparison],
     hyperparameters: Mapping[str, Mapping[str, str]],
-    choices: Mapping[str, str],
+    choices: Mapping[str, SweepChoice],
     figure: str,
     finals: int,
     trained: int,
@@ -126,12 +127,13 @@ def description(
         "",
         f"**{title}.**",
         "",
-        "| optimizer | hyperparameters | best sweep run |",
-        "|---|---|---|",
+        "| optimizer | hyperparameters | best sweep run | tuned with |",
+        "|---|---|---|---|",
     ]
     for name, values in hyperparameters.items():
         shown = labels.values_text({k: _number(v) for k, v in values.items()}) or "defaults"
-        lines.append(f"| {name} | {shown} | `{choices[name]}` |")
+        choice = choices[name]
+        lines.append(f"| {name} | {shown} | `{choice.run_id}` | {choice.budget} |")
     charts = labels.runs_link("", experiment_id, view_key(report_name), charts=True)
     lines += [
         "",

@@ -83,6 +83,18 @@ class ReportSettings:
         valid=lambda n: n >= 2,
         metavar="N",
     )
+    sweeps: tuple[str, ...] | None = key(
+        "the sweeps to take each optimizer's best from, one per optimizer: sweep_id tags or "
+        "Optuna study names (null: the latest complete sweep of each with the report's "
+        "settings; sweeps are never pooled)",
+        allowed="null, or a list of distinct sweep ids",
+        valid=lambda ids: bool(ids) and len(set(ids)) == len(ids),
+        metavar="ID",
+    )
+    unequal_budgets: bool = key(
+        "compare optimizers whose sweeps spent unequal tuning budgets (trials counted, "
+        "pruner); the verdict then says so (default: refused)"
+    )
     jobs: int | None = key(
         "trainings run at once (null: one per core)",
         allowed="null or an integer >= 1",
@@ -98,12 +110,10 @@ class ReportSettings:
     )
     overrides: tuple[str, ...] = ()
     command: str = ""
-    # Set by a study, which knows its sweeps: extra overrides of one optimizer's runs (on top of
-    # ``overrides``), the sweep (MLflow tag sweep_id) each optimizer's best run is taken from,
+    # Set by a study: extra overrides of one optimizer's runs (on top of ``overrides``),
     # whether a finished report of this name may be written again (a study's part), and whether
     # the whole study is a smoke run (--quick), whose numbers never make a verdict.
     optimizer_overrides: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
-    sweep_ids: Mapping[str, str] = dataclasses.field(default_factory=dict)
     overwrite: bool = False
     smoke: bool = False
 
@@ -252,6 +262,8 @@ def study_settings_from_args(
     """StudySettings from ``conf/study/<--preset>.yaml``, with its ``quick`` values for
     ``--quick``, then the flags and the user's overrides after ``--``, which win."""
     root = Path(root)
+    if getattr(args, "sweeps", None):
+        keys.fail("sweeps", args.sweeps, "unset for study.py, which reports on its own sweeps")
     given = {"preset": STUDY_FLAGS["preset"], **keys.given(args, StudySettings)}
     flags = keys.read(StudySettings, given, root, source="flag")
     preset = flags["preset"]

@@ -247,11 +247,11 @@ def run_study(settings: StudySettings) -> Path:
     studies = named(folder / "optuna.db", labels)
     for part in settings.parts:
         part_report = parts[part.name]
-        sweep_ids = {
-            o: studies[sweep_of(part_report, o, part, settings.pruner, settings.parallel)].sweep_id
+        own = tuple(
+            studies[sweep_of(part_report, o, part, settings.pruner, settings.parallel)].sweep_id
             for o in part_report.optimizers
-        }
-        parts[part.name] = dataclasses.replace(part_report, sweep_ids=sweep_ids)
+        )  # each part's report takes its best runs from the study's own sweeps
+        parts[part.name] = dataclasses.replace(part_report, sweeps=own)
     left = trials_left(folder / "optuna.db", list(studies.values()), settings.trials)
     commands = {
         sweep.study_name: sweep.command(report.root, trials, folder)
