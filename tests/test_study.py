@@ -5,6 +5,7 @@ end to end in subprocesses, rerun without sweeping or training again."""
 
 import argparse
 import hashlib
+import io
 import json
 import os
 import re
@@ -18,6 +19,7 @@ from helpers import REPO_ROOT, SIGNIFICANCE, runs
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from gradalign.checks import UserError
+from gradalign.report import sweep_progress
 from gradalign.report.settings import add_study_arguments, study_settings_from_args
 from gradalign.report.study import (
     Sweep,
@@ -203,6 +205,72 @@ def test_a_failing_sweep_stops_the_others_and_shows_its_log(tmp_path):
         run_sweeps(commands, tmp_path, jobs=2)
     assert time.perf_counter() - start < 20  # "ok" was stopped, not waited for
     assert (tmp_path / "bad.log").read_text().strip() == "boom"
+
+
+def test_sweep_progress_in_a_log_is_a_few_plain_lines(tmp_path, monkeypatch):
+    """Not on a terminal, each sweep gets a plain line when first seen, then one when its count
+    changed and a minute passed, and a last one at the end if it changed: trials counted (as
+    n_trials counts them) of the budget, the best finite objective in the study's direction,
+    the time left at the rate of the trials this run saw end."""
+    clock = [0.0]
+    monkeypatch.setattr(sweep_progress.time, "monotonic", lambda: clock[0])
+    storage, stream = tmp_path / "optuna.db", io.StringIO()
+    progress = sweep_progress.SweepProgress(storage, {"a": 4, "b": 2}, stream)
+    progress.update()  # neither sweep has created its study yet
+    url = f"sqlite:///{storage}"
+    a = optuna.create_study(study_name="a", storage=url)
+    for value in (1.5, 1.2, float("inf")):  # inf: diverged, counted, never the best
+        a.tell(a.ask(), value)
+    a.tell(a.ask(), state=optuna.trial.TrialState.PRUNED)
+    a.tell(a.ask(), state=optuna.trial.TrialState.FAIL)  # run again: not counted
+    b = optuna.create_study(study_name="b", storage=url, direction="maximize")
+    b.tell(b.ask(), 0.5)
+    clock[0] = 30.0
+    progress.update()  # changed, but within the minute: no line
+    clock[0] = 60.0
+    progress.update()
+    a.tell(a.ask(), 1.1)
+    b.tell(b.ask(), 0.9)
+    progress.close()
+    unknown = "best -, time left unknown until a trial ends"
+    assert stream.getvalue().splitlines() == [
+        f"a: 0/4 trials, {unknown}",
+        f"b: 0/2 trials, {unknown}",
+        "a: 4/4 trials, best 1.2000, done",
+        "b: 1/2 trials, best 0.5000, about 60 s left",  # 60 s for 1 trial, 1 left
+        "a: 5/4 trials, best 1.1000, done",
+        "b: 2/2 trials, best 0.9000, done",
+    ]
+
+
+def test_sweep_progress_on_a_terminal_rewrites_one_line_per_sweep(tmp_path):
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    stream = Terminal()
+    with sweep_progress.SweepProgress(tmp_path / "optuna.db", {"a": 4, "b": 2}, stream) as shown:
+        shown.update()
+        shown.update()
+    text = stream.getvalue()
+    assert text.count("a: 0/4 trials, best -") >= 2 and "b: 0/2 trials" in text  # redrawn
+    assert "\r" in text  # in place
+
+
+def test_run_sweeps_shows_each_sweeps_progress_from_its_study(tmp_path, monkeypatch):
+    monkeypatch.setattr("gradalign.report.study.PROGRESS_S", 0.0)
+    storage, stream = tmp_path / "optuna.db", io.StringIO()
+    script = (
+        "import optuna, time; "
+        f"s = optuna.create_study(study_name='s', storage='sqlite:///{storage}'); "
+        "[s.tell(s.ask(), v) for v in (0.3, 0.2)]; time.sleep(1)"
+    )
+    progress = sweep_progress.SweepProgress(storage, {"s": 2}, stream, interval_s=0.0)
+    with progress:
+        run_sweeps({"s": [sys.executable, "-c", script]}, tmp_path, jobs=1, progress=progress)
+    lines = stream.getvalue().splitlines()
+    assert lines[0] == "s: 0/2 trials, best -, time left unknown until a trial ends"
+    assert lines[-1] == "s: 2/2 trials, best 0.2000, done"
 
 
 def study(tmp_path, *argv, timeout=1200):

@@ -38,9 +38,11 @@ from gradalign.report.build import MARKDOWN, write_report
 from gradalign.report.configs import compose_optimizer, sweep_command
 from gradalign.report.settings import Part, ReportSettings, StudySettings
 from gradalign.report.suite import write_suite
+from gradalign.report.sweep_progress import SweepProgress
 
 log = logging.getLogger(__name__)
 TAIL = 40  # lines of a failed sweep's log shown
+PROGRESS_S = 2.0  # how often the sweeps' progress is read from their studies
 STUDIES = "studies"  # under paths.outputs: the Optuna storage and the sweeps' logs and folders
 # The page a study of several parts ends with (StudySettings.summary): each writes every part's
 # report, then its own page, and returns the page.
@@ -178,8 +180,14 @@ def trials_left(storage: Path, sweeps: Sequence[Sweep], trials: int) -> dict[Swe
     return left
 
 
-def run_sweeps(commands: dict[str, list[str]], logs: Path, jobs: int) -> None:
-    """Run ``commands`` (name -> argv), at most ``jobs`` at once, output to logs/<name>.log.
+def run_sweeps(
+    commands: dict[str, list[str]],
+    logs: Path,
+    jobs: int,
+    progress: SweepProgress | None = None,
+) -> None:
+    """Run ``commands`` (name -> argv), at most ``jobs`` at once, output to logs/<name>.log,
+    shown on ``progress`` (the sweeps by their study names) every PROGRESS_S while they run.
 
     If one fails, the others are stopped (their MLflow runs end KILLED) and a UserError shows
     the tail of its log (the sweep's own traceback is there).
@@ -187,6 +195,7 @@ def run_sweeps(commands: dict[str, list[str]], logs: Path, jobs: int) -> None:
     pending = list(commands)
     running: dict[str, subprocess.Popen] = {}
     handles = {}
+    shown = time.monotonic()
     try:
         while pending or running:
             while pending and len(running) < jobs:
@@ -197,6 +206,9 @@ def run_sweeps(commands: dict[str, list[str]], logs: Path, jobs: int) -> None:
                 )
                 log.info("sweep %s started: %s", name, logs / f"{name}.log")
             time.sleep(0.1)
+            if progress is not None and time.monotonic() - shown >= PROGRESS_S:
+                progress.update(tuple(handles))
+                shown = time.monotonic()
             for name, process in list(running.items()):
                 if process.poll() is None:
                     continue
@@ -260,7 +272,9 @@ def run_study(settings: StudySettings) -> Path:
     }
     log.info("study %s: %d sweep(s), %d stored already", name, len(left), len(left) - len(commands))
     start = time.perf_counter()
-    run_sweeps(commands, folder, report.jobs)
+    budgets = dict.fromkeys(commands, settings.trials)
+    with SweepProgress(folder / "optuna.db", budgets) as progress:
+        run_sweeps(commands, folder, report.jobs, progress)
     swept = time.perf_counter()
     log.info("sweeps: %.1f s", swept - start)
     if len(parts) == 1:
