@@ -93,7 +93,7 @@ class ReportSettings:
     )
     unequal_budgets: bool = key(
         "compare optimizers whose sweeps spent unequal tuning budgets (trials counted, "
-        "pruner); the verdict then says so (default: refused)"
+        "pruner) instead of refusing them; the verdict then says so"
     )
     jobs: int | None = key(
         "trainings run at once (null: one per core)",
