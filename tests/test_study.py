@@ -302,6 +302,11 @@ def test_quick_study_end_to_end(tmp_path):
     for view in views:
         assert not SIGNIFICANCE.search(view), SIGNIFICANCE.search(view)
     assert "SMOKE RUN, no verdict" in done.stderr
+    for optimizer in ("adam", "gao"):  # the sweeps' progress, as plain lines in a log
+        name = rf"default-quick\.{optimizer}-[0-9a-f]{{10}}"
+        line = rf"{name}: (\d+)/\1 trials, best \d\.\d{{4}}, done"
+        assert re.search(line, done.stderr), done.stderr[-3000:]
+    assert "\r" not in done.stderr
 
     storage = f"sqlite:///{tmp_path / 'out' / 'studies' / 'optuna.db'}"
     stored = sorted(s.study_name for s in optuna.get_all_study_summaries(storage))
@@ -312,6 +317,7 @@ def test_quick_study_end_to_end(tmp_path):
     again = study(tmp_path, "--quick", "--name", "t2")
     assert again.returncode == 0, again.stderr[-3000:]
     assert "2 sweep(s), 2 stored already" in again.stderr  # no sweep again
+    assert " trials, best " not in again.stderr  # nor its progress
     assert "0 final run(s) to train, 4 reused" in again.stderr
 
     taken = study(tmp_path, "--quick", "--name", "t")
