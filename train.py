@@ -39,7 +39,12 @@ from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from hydra.types import RunMode  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from gradalign.config import ConfigError, register_resolvers, validate  # noqa: E402
+from gradalign.checks import UserError  # noqa: E402
+from gradalign.config import (  # noqa: E402
+    discard_output_dir,
+    register_resolvers,
+    validate,
+)
 from gradalign.credentials import mask, mask_logs  # noqa: E402
 
 register_resolvers(Path(__file__).resolve().parent)
@@ -67,6 +72,8 @@ def main(cfg: DictConfig) -> object:
         status = _exit_status(error)
         if status is None:
             raise
+        if getattr(error, "mlflow_run_id", None) is None:  # refused: nothing ran, nothing kept
+            discard_output_dir(Path(HydraConfig.get().runtime.output_dir))
         sys.exit(status)
     from gradalign.sweep.trial import log_outcome, outcome_of_history
 
@@ -80,11 +87,10 @@ def main(cfg: DictConfig) -> object:
 def _exit_status(error: BaseException) -> int | None:
     """Print the one line of a single run that ended with ``error`` (a setting or store to fix,
     an interruption) and return its exit status; None for any other error, which propagates."""
-    # The tracking errors exist only once MLflow is imported, which a config error precedes.
+    # Terminated exists only once MLflow is imported, which a config error precedes.
     tracking = sys.modules.get("gradalign.tracking")
-    unavailable = (tracking.TrackingUnavailable,) if tracking else ()
     stopped = (KeyboardInterrupt, tracking.Terminated) if tracking else (KeyboardInterrupt,)
-    if isinstance(error, (ConfigError, *unavailable)):
+    if isinstance(error, UserError):  # a bad value (ConfigError), a store to fix
         return _say(f"error: {mask(str(error))}", EXIT_BAD_INPUT)
     if isinstance(error, stopped):
         run = getattr(error, "mlflow_run_id", None)

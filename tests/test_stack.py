@@ -89,11 +89,11 @@ def test_an_optuna_storage_of_an_older_optuna_is_refused_untouched(tmp_path):
     db = tmp_path / "optuna.db"
     url = f"sqlite:///{db}"
     optuna.create_study(storage=url)
-    check_storage(url)  # the installed schema: fine
+    check_storage(url, 1.0)  # the installed schema: fine
     age(db, "v2.6.0.a")  # Optuna 2.10's
     before = digest(db)
     with pytest.raises(ValueError) as info:
-        check_storage(url)
+        check_storage(url, 1.0)
     assert "written by an older Optuna (schema v2.6.0.a" in str(info.value)
     assert str(info.value).endswith(f"run: optuna storage upgrade --storage {url}")
     assert digest(db) == before
@@ -103,4 +103,4 @@ def test_an_mlflow_store_given_as_the_optuna_storage_is_named_as_such(tmp_path):
     db = tmp_path / "mlflow.db"
     MlflowClient(f"sqlite:///{db}").search_experiments()
     with pytest.raises(ValueError, match=r"is not an Optuna storage \(it is an MLflow store\)"):
-        check_storage(f"sqlite:///{db}")
+        check_storage(f"sqlite:///{db}", 1.0)

@@ -25,6 +25,7 @@ from gradalign.schema import Metric
 from gradalign.sweep import search_space, summary
 from gradalign.sweep.checks import check_search_space
 from gradalign.sweep.sampler import ResumableTPESampler
+from gradalign.sweep.settings import check_search_keys
 from gradalign.sweep.sweeper import CLAIM, claim_sweep_dir
 from gradalign.sweep.trial import Outcome
 from gradalign.tracking.labels import short_value
@@ -277,20 +278,21 @@ def test_a_search_space_in_the_config_is_checked_like_one_on_the_command_line(co
     cfg = compose_cfg("optimizer=gao", *tiny)
     splits = build_dataset(cfg)
     with pytest.raises(ValueError, match=r"'optimizer.bta' .* 'optimizer' has \["):
-        check_search_space(cfg, {"optimizer.bta": FloatDistribution(0.5, 0.9)}, [], splits)
+        check_search_keys(cfg, ["optimizer.bta=interval(0.5, 0.9)"])
     with pytest.raises(ValueError, match="'trainer.epoch' .* 'trainer' has"):
-        check_search_space(cfg, {}, ["trainer.epoch"], splits)  # fixed in hydra.sweeper.params
+        check_search_keys(cfg, ["trainer.epoch=3"])  # fixed in hydra.sweeper.params
     with pytest.raises(ValueError, match=r"'optimzer.lr' .* top-level keys are \[.*'optimizer'"):
-        check_search_space(cfg, {"optimzer.lr": FloatDistribution(0.1, 0.2)}, [], splits)
-    check_search_space(  # group choices, appended keys and Hydra's settings pass
+        check_search_keys(cfg, ["optimzer.lr=interval(0.1, 0.2)"])
+    # group choices, appended keys and Hydra's settings pass
+    check_search_keys(cfg, ["model=mlp,cnn", "+extra=interval(0, 1)", "hydra.job.name=x"])
+    check_search_space(
         cfg,
         {"model": CategoricalDistribution(["mlp", "cnn"]), "+extra": FloatDistribution(0, 1)},
-        ["hydra.job.name"],
         splits,
     )
     with pytest.raises(ValueError, match="reaches 'fast'"):
         space = {"objective": CategoricalDistribution(["last", "fast"])}
-        check_search_space(cfg, space, [], splits)
+        check_search_space(cfg, space, splits)
 
 
 @pytest.mark.parametrize(
@@ -316,7 +318,7 @@ def test_range_ends_are_built_by_the_components_that_would_refuse_them(
 ):
     cfg = compose_cfg("optimizer=gao", *tiny)
     with pytest.raises(ValueError, match=message):
-        check_search_space(cfg, {key: distribution}, [], build_dataset(cfg))
+        check_search_space(cfg, {key: distribution}, build_dataset(cfg))
 
 
 def test_each_sweep_process_claims_its_own_directory(tmp_path):

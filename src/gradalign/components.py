@@ -48,7 +48,37 @@ def build(group: str, node: DictConfig, *args: Any, **kwargs: Any) -> Any:
     """
     spec = OmegaConf.to_container(node, resolve=True)
     label = spec.pop("name", None)
+    target = _locate(spec.get("_target_"))
+    if target is not None:
+        _check_kinds(group, label, spec, target, spec)
     return _instantiate(group, label, spec, spec, *args, **kwargs)
+
+
+def _check_kinds(
+    group: str, label: Any, shown: dict[str, Any], target: Callable[..., Any], values: dict
+) -> None:
+    """Raise ConfigError for a value of ``values`` that is text where ``target``'s default for
+    it is a number or a bool (``optimizer.lr=''``): the constructor would fail on an operator,
+    with a message that names neither the key nor what it takes."""
+    try:
+        parameters = inspect.signature(target).parameters
+    except (TypeError, ValueError):  # no signature to read (a builtin)
+        return
+    for key, value in values.items():
+        default = parameters[key].default if key in parameters else None
+        if not isinstance(value, str) or default is None or default is inspect.Parameter.empty:
+            continue
+        if isinstance(default, bool):
+            reason = f"{key}={value!r} is invalid: must be true or false"
+            raise _refusal(group, label, shown, reason)
+        if is_number(default):
+            name = getattr(target, "__name__", target)
+            raise _refusal(
+                group,
+                label,
+                shown,
+                f"{key}={value!r} is invalid: must be a number ({name}'s default: {default!r})",
+            )
 
 
 def _instantiate(
@@ -164,6 +194,8 @@ def build_optimizer(
     own = _parameters(target)[0]
     mine = {k: v for k, v in spec.items() if k in own}
     theirs = {k: v for k, v in spec.items() if k not in own and k not in ("_target_", "base")}
+    _check_kinds("optimizer", label, spec, target, mine)
+    _check_kinds("optimizer", label, spec, base or target, theirs)
     ignored = ignored_keywords(base or target, theirs)  # a base takes what target does not name
     if ignored:
         named = ", ".join(sorted(_parameters(base or target)[0] - {"params"}))

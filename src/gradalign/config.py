@@ -9,10 +9,13 @@ sets, models, optimizers) validate their own arguments when they are built
 
 from __future__ import annotations
 
+import difflib
+import functools
 import hashlib
 import json
 import math
 import os
+import shutil
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -21,6 +24,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
 from gradalign.checks import UserError, is_int, is_number
+from gradalign.credentials import mask
 
 # Keys that say where and how things run, not what is computed: never logged as params nor hashed.
 NOT_PARAMS = ("paths", "tracking", "parallel", "reference", "dataset.cache_dir")
@@ -66,6 +70,27 @@ def _is_url(value: Any) -> bool:
     return isinstance(value, str) and value.startswith(("http://", "https://"))
 
 
+def _is_name(value: Any) -> bool:
+    return isinstance(value, str) and 0 < len(value) <= MAX_EXPERIMENT_NAME
+
+
+# MLflow's limit on an experiment's name (mlflow.utils.validation.MAX_EXPERIMENT_NAME_LENGTH),
+# checked here, before MLflow is imported.
+MAX_EXPERIMENT_NAME = 500
+# The forms of a store URL (dialect://...), and the SQLAlchemy dialects among them: the databases
+# MLflow's tracking store and Optuna's storage run on.
+DATABASES = ("sqlite", "postgresql", "mysql", "mssql")
+TRACKING_STORES = (
+    "sqlite:///<file>, postgresql://..., mysql://..., mssql://... or http(s)://<server>"
+)
+# The top-level keys of conf/config.yaml whose every key the pipeline reads: a key it does not
+# know (``+trainer.epoch=3``, a typo of epochs) would be ignored, so it is refused. (``search``
+# and ``reference`` are free-form: ranges and published values a preset adds.)
+CLOSED_NODES = ("trainer", "seed", "tracking", "paths")
+# The config groups of conf/config.yaml's defaults list: top-level keys besides its own.
+GROUPS = ("dataset", "model", "optimizer", "parallel", "experiment")
+
+
 # (key, check, what is allowed); a rule applies when its key is present in the config.
 _RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("trainer.epochs", lambda v: is_int(v) and v >= 1, "an integer >= 1"),
@@ -91,6 +116,16 @@ _RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("tracking.run_id", lambda v: v is None or isinstance(v, str), "null or a run id"),
     ("tracking.ui_url", lambda v: v is None or _is_url(v), "null or an http(s):// URL"),
     ("tracking.default_ui_url", _is_url, "an http(s):// URL"),
+    (
+        "tracking.experiment",
+        _is_name,
+        f"an MLflow experiment name of 1 to {MAX_EXPERIMENT_NAME} characters",
+    ),
+    (
+        "tracking.uri",
+        lambda v: v is None or store_form(v) is not None,
+        f"null ($MLFLOW_TRACKING_URI, else tracking.default_uri) or {TRACKING_STORES}",
+    ),
     ("tracking.optuna_storage", lambda v: v is None or isinstance(v, str), "null or a storage"),
     ("tracking.optuna_study", lambda v: v is None or isinstance(v, str), "null or a study name"),
     ("parallel.workers", lambda v: is_int(v) and v >= 1, "an integer >= 1"),
@@ -119,6 +154,18 @@ def anchored_uri(uri: str, root: str | Path) -> str:
     return f"{prefix}{Path(root).resolve() / path}"
 
 
+def discard_output_dir(folder: Path, *own: str) -> None:
+    """Remove the output folder of a command that was refused or stopped before anything ran
+    (Hydra makes it before the task starts), if it holds only what Hydra put there (.hydra/,
+    the job's log, multirun.yaml) and the files named ``own``; a folder holding anything else
+    is left as it is."""
+    hydra_made = {".hydra", "multirun.yaml", *own}
+    if folder.is_dir() and all(
+        entry.name in hydra_made or entry.suffix == ".log" for entry in folder.iterdir()
+    ):
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def hydra_quoted(path: Path) -> str:
     """``path`` as a quoted value of a Hydra override (a comma, a space or a bracket in it
     would otherwise make a sweep over several values or a parse error)."""
@@ -126,14 +173,85 @@ def hydra_quoted(path: Path) -> str:
 
 
 def validate(cfg: DictConfig) -> None:
-    """Raise ConfigError on the first invalid setting, naming key, value and what is allowed."""
+    """Raise ConfigError on the first invalid setting, naming key, value and what is allowed:
+    a key the pipeline does not know (``check_known_keys``), a value a rule refuses, a store
+    whose database driver is not installed, a number that is not finite."""
+    check_known_keys(cfg)
     for key, check, allowed in _RULES:
         value = OmegaConf.select(cfg, key, default=_ABSENT)
         if value is not _ABSENT and not check(value):
-            raise ConfigError(f"invalid config value {key}={value!r}: must be {allowed}")
+            raise ConfigError(f"invalid config value {mask(f'{key}={value!r}')}: must be {allowed}")
+    uri = OmegaConf.select(cfg, "tracking.uri", default=None)
+    if uri is not None:
+        check_driver("tracking.uri", uri)
     for key, value in flatten(cfg, exclude=("hydra",)).items():
         if not all(math.isfinite(number) for number in _numbers(value)):
             raise ConfigError(f"invalid config value {key}={value!r}: must be finite numbers")
+
+
+@functools.cache
+def _known_keys(root: str) -> dict[str, list[str]]:
+    """The keys conf/config.yaml (under ``root``) gives each of CLOSED_NODES, and at its top."""
+    composition_root = OmegaConf.load(Path(root) / "conf" / "config.yaml")
+    known = {node: sorted(composition_root[node]) for node in CLOSED_NODES}
+    top = set(composition_root) - {"defaults"}
+    known[""] = sorted(top | set(GROUPS) | {"hydra"})
+    return known
+
+
+def check_known_keys(cfg: DictConfig) -> None:
+    """Raise ConfigError naming a key that conf/config.yaml does not have, under one of
+    CLOSED_NODES or at the top (an appended ``+trainer.epoch=3`` would be ignored), with the
+    closest known key and the allowed ones."""
+    root = OmegaConf.select(cfg, "paths.root", default=None)
+    if root is None or not (Path(root) / "conf" / "config.yaml").is_file():
+        return  # not composed from a checkout's conf/ (a config built in code)
+    for node, allowed in _known_keys(str(root)).items():
+        keys = cfg.keys() if not node else (OmegaConf.select(cfg, node) or {}).keys()
+        for key in keys:
+            if key not in allowed:
+                dotted = f"{node}.{key}" if node else str(key)
+                close = difflib.get_close_matches(str(key), allowed, n=1)
+                hint = f" (did you mean {node + '.' if node else ''}{close[0]}?)" if close else ""
+                where = f"{node} has" if node else "the top-level keys are"
+                raise ConfigError(
+                    f"unknown config key {dotted}{hint}: nothing reads it; {where} {allowed}"
+                )
+
+
+def store_form(url: Any) -> str | None:
+    """The kind of store a URL names (``http``, or a SQLAlchemy dialect of DATABASES), or None
+    when it names none (``foo://bar``, ``file:./x``, ``''``, a plain path)."""
+    if not isinstance(url, str):
+        return None
+    if url.startswith(("http://", "https://")) and len(url.split("://", 1)[1]) > 0:
+        return "http"
+    if url.startswith("sqlite:///") and len(url) > len("sqlite:///"):
+        return "sqlite"
+    scheme, separator, rest = url.partition("://")
+    dialect = scheme.split("+", 1)[0]
+    if separator and rest and dialect in DATABASES and dialect != "sqlite":
+        return dialect
+    return None
+
+
+def check_driver(key: str, url: str) -> None:
+    """Raise ConfigError if the database URL ``url`` (the value of ``key``) needs a driver that
+    is not installed (``mysql://`` without mysqlclient); SQLite and servers need none."""
+    if store_form(url) in (None, "http", "sqlite"):
+        return
+    from sqlalchemy.engine import make_url  # only a database server's URL pays for its import
+
+    try:
+        make_url(url).get_dialect().import_dbapi()
+    except ImportError as error:
+        extra = " (PostgreSQL: pip install 'gradalign[postgres]')" if "postgres" in url else ""
+        raise ConfigError(
+            f"invalid config value {key}={mask(url)!r}: its database driver is not installed "
+            f"({error}); install it{extra}, or use another store"
+        ) from None
+    except Exception as error:  # SQLAlchemy's refusal of the URL itself (a bad port, say)
+        raise ConfigError(f"invalid config value {key}={mask(url)!r}: {error}") from None
 
 
 def _numbers(value: Any) -> Iterable[float]:

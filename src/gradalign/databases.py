@@ -40,6 +40,7 @@ from filelock import FileLock
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, InterfaceError, OperationalError
 
+from gradalign.checks import UserError
 from gradalign.credentials import mask
 
 log = logging.getLogger(__name__)
@@ -69,7 +70,7 @@ class LockTimeout(RuntimeError):
     """An advisory lock was not granted in time: another process holds it."""
 
 
-class StoreUnavailable(RuntimeError):
+class StoreUnavailable(UserError, RuntimeError):
     """A store (Optuna's storage, MLflow's store) cannot be used now: the message names it
     (its password masked) and says what to do."""
 
@@ -91,11 +92,25 @@ def sqlite_file(url: str) -> Path | None:
     return Path(url[len(_SQLITE) :]).resolve() if url.startswith(_SQLITE) else None
 
 
-def file_lock(path: Path) -> contextlib.AbstractContextManager[Any]:
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
     """Exclusive lock on the file ``path`` (created if absent), across processes of this
-    machine."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return FileLock(path)
+    machine; StoreUnavailable naming the folder when the lock file cannot be created there (a
+    read-only folder or file system)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(path)
+        lock.acquire()
+    except OSError as error:
+        raise StoreUnavailable(
+            f"store folder {path.parent} is not writable: cannot create the lock file "
+            f"{path.name} ({error.strerror or error}); make the folder writable, or use a store "
+            "elsewhere"
+        ) from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def sqlite_lock(db: Path) -> contextlib.AbstractContextManager[None]:
@@ -124,7 +139,14 @@ def exclusive(url: str, name: str, timeout_s: float) -> Iterator[None]:
     from psycopg import errors
 
     dsn = parsed.set(drivername="postgresql").render_as_string(hide_password=False)
-    with psycopg.connect(dsn, autocommit=True) as connection:
+
+    def connect() -> psycopg.Connection:
+        try:
+            return psycopg.connect(dsn, autocommit=True)
+        except psycopg.OperationalError as error:  # a server down or restarting: transient
+            raise OperationalError("connect", None, error) from None
+
+    with retrying(mask(url), timeout_s, connect) as connection:
         connection.execute(
             "SELECT set_config('lock_timeout', %s, false)", (f"{int(timeout_s * 1000)}ms",)
         )
@@ -214,6 +236,8 @@ def is_transient(error: BaseException) -> bool:
     another writer; not a full disk, a read-only or damaged file, nor a bad query."""
     seen: BaseException | None = error
     while seen is not None:
+        if isinstance(seen, StoreUnavailable):  # waited for already, by an inner retrying
+            return False
         if isinstance(seen, OperationalError | InterfaceError) or (
             isinstance(seen, DBAPIError) and seen.connection_invalidated
         ):

@@ -33,7 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from gradalign import per_model, processes
 from gradalign.components import build, build_dataset, build_model, build_optimizer
-from gradalign.config import config_hash, flatten, validate
+from gradalign.config import ConfigError, config_hash, flatten, validate
 from gradalign.data import Splits
 from gradalign.optim import GradientAlignmentOptimizer
 from gradalign.progress import EpochProgress
@@ -49,7 +49,10 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("trainer.device=cuda but CUDA is not available: use auto or cpu")
+        raise ConfigError(
+            "invalid config value trainer.device='cuda': CUDA is not available to this torch "
+            f"({torch.__version__}): use auto (cuda when available) or cpu"
+        )
     return torch.device(device)
 
 

@@ -204,6 +204,12 @@ class GradientAlignmentOptimizer(Optimizer):
         **base_kwargs: Any,
     ) -> None:
         per_model = not isinstance(beta, int | float)
+        if isinstance(beta, str | bytes) or (
+            per_model and not all(isinstance(b, int | float) for b in beta)
+        ):
+            raise ValueError(
+                f"beta={beta!r} is invalid: must be a number in [0, 1), or one per model"
+            )
         betas = [float(b) for b in beta] if per_model else [float(beta)]
         _validate(betas, target, granularity, min_scale, cos_eps, stack_dims)
         _refuse_misplaced_arguments(params_or_optimizer, base, base_kwargs)

@@ -12,6 +12,15 @@ from typing import Any
 
 from gradalign import processes
 from gradalign.checks import UserError
+from gradalign.credentials import mask
+
+EXIT_INTERRUPTED = 130  # as train.py's
+# What a rerun of each command reuses, for the line of an interrupted one.
+RESUMES = {
+    "report.py": "the final runs that finished are reused, the rest trained",
+    "study.py": "the sweeps' finished trials are kept (outputs/studies/optuna.db) and the "
+    "finished final runs reused",
+}
 
 
 def run_command(
@@ -27,8 +36,9 @@ def run_command(
     settings, run, print the path of the markdown page ``run`` wrote.
 
     What the user must fix (a UserError: a bad setting, a missing sweep, a name taken, a failed
-    sweep's log) ends with ``error: ...`` on stderr and exit status 2; anything else is a bug or
-    an accident and keeps its traceback.
+    sweep's log, a store that cannot be used) ends with ``error: ...`` on stderr and exit status
+    2; Ctrl-C or SIGTERM with one line saying what is kept, exit status 130; anything else is a
+    bug or an accident and keeps its traceback.
     """
     parser = argparse.ArgumentParser(
         description=description, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -37,11 +47,24 @@ def run_command(
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     processes.adopt()  # its sweeps and final-run workers stop when it is gone
+    from gradalign.tracking import Terminated, sigterm_raises  # MLflow: after --help
+
     try:
-        settings = settings_from_args(root, args, shlex.join(["python", script, *argv]))
-        out_dir = run(settings)
+        with sigterm_raises():
+            settings = settings_from_args(root, args, shlex.join(["python", script, *argv]))
+            out_dir = run(settings)
     except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {mask(str(error))}", file=sys.stderr)
         return 2
+    except (KeyboardInterrupt, Terminated) as error:
+        run_id = getattr(error, "mlflow_run_id", None)
+        kind = "Ctrl-C" if isinstance(error, KeyboardInterrupt) else "SIGTERM"
+        ended = f"report run {run_id} and the runs" if run_id else "the runs"
+        print(
+            f"interrupted ({kind}): {ended} it had open are marked KILLED in MLflow; run the "
+            f"same command again to go on: {RESUMES.get(script, RESUMES['report.py'])}",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED
     print(out_dir)
     return 0

@@ -16,6 +16,7 @@ import concurrent.futures
 import dataclasses
 import logging
 import multiprocessing
+import signal
 from collections.abc import Sequence
 
 from omegaconf import DictConfig
@@ -73,6 +74,13 @@ def _train(job: FinalJob, parent_run_id: str) -> str:
     return run_id
 
 
+def _leave_ctrl_c_to_the_report() -> None:
+    """A worker ignores Ctrl-C (SIGINT reaches the whole terminal's process group): the report
+    process stops its workers with SIGTERM, and each ends its run KILLED, without a traceback
+    of a worker interrupted while it waited for its next job."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def workers_worth_starting(estimates_s: Sequence[float], workers: int) -> int:
     """How many processes to train jobs of these estimated durations in: ``workers`` (at most
     one per job) when that saves more time than starting them costs, else 1 (this process)."""
@@ -108,7 +116,9 @@ def train(jobs: Sequence[FinalJob], *, parent_run_id: str, workers: int) -> list
             record(i, _train(job, parent_run_id))
         return [run_ids[i] for i in range(len(jobs))]
     context = multiprocessing.get_context("spawn")
-    pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=context)
+    pool = concurrent.futures.ProcessPoolExecutor(
+        workers, mp_context=context, initializer=_leave_ctrl_c_to_the_report
+    )
     try:
         futures = {pool.submit(_train, job, parent_run_id): i for i, job in enumerate(jobs)}
         for future in concurrent.futures.as_completed(futures):

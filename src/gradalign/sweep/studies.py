@@ -45,9 +45,10 @@ KEY_ATTR = "gradalign.study_key"
 _SQLITE = "sqlite:///"
 
 
-def check_storage(url: str) -> None:
+def check_storage(url: str, wait_s: float) -> None:
     """Raise ValueError unless ``url`` can hold Optuna studies: for a SQLite file, its directory
-    exists and the file is absent, empty, or an Optuna database."""
+    exists and the file is absent, empty, or an Optuna database; StoreUnavailable if another
+    process keeps it locked for ``wait_s``."""
     if not url.startswith(_SQLITE):
         return
     path = Path(url[len(_SQLITE) :])
@@ -59,8 +60,17 @@ def check_storage(url: str) -> None:
     if not path.exists():
         return
     try:
-        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+        connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=wait_s)
+        with contextlib.closing(connection) as db:
             tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master")}
+    except sqlite3.OperationalError as error:
+        if "locked" not in str(error):
+            raise ValueError(f"hydra.sweeper.storage={url} cannot be read ({error})") from None
+        raise databases.StoreUnavailable(
+            f"Optuna storage {url} is locked by another process ({error}; waited "
+            f"{wait_s:g} s): the study in it is kept; let that process finish (or stop it), "
+            "then rerun the same command"
+        ) from None
     except sqlite3.DatabaseError as error:
         raise ValueError(
             f"hydra.sweeper.storage={url} is not a readable SQLite database ({error}); "

@@ -52,9 +52,8 @@ from optuna.study import Study
 from optuna.trial import Trial, TrialState
 
 from gradalign import credentials, databases, processes, tracking
-from gradalign.checks import is_int, is_number
 from gradalign.components import build_dataset
-from gradalign.config import anchored_uri, hydra_quoted, validate
+from gradalign.config import anchored_uri, discard_output_dir, hydra_quoted
 from gradalign.schema import Tag
 from gradalign.sweep import search_space, slurm, summary
 from gradalign.sweep.checks import check_search_space, check_trial_config
@@ -62,6 +61,7 @@ from gradalign.sweep.pruning import JOURNAL, build_pruner, prunes
 from gradalign.sweep.runs import create_trial_run, open_parent, trial_run_finder
 from gradalign.sweep.sampler import build_sampler
 from gradalign.sweep.search_space import SearchSpace
+from gradalign.sweep.settings import NOT_STARTED, direction_name, search_overrides
 from gradalign.sweep.studies import (
     check_not_merged,
     check_storage,
@@ -75,7 +75,6 @@ log = logging.getLogger(__name__)
 CLAIM = ".sweep_claim"  # created atomically in the sweep directory by the sweep that owns it
 STOP_CHILDREN_S = 30.0  # how long an interrupted sweep waits for its workers to end their runs
 EXIT_INTERRUPTED = 130  # as a single run's (train.py)
-DIRECTIONS = ("minimize", "maximize")
 
 
 class SweepEnded(Exception):
@@ -201,6 +200,8 @@ class OptunaSweep:
         try:
             self._sweep(arguments)
         except SweepEnded as ended:
+            if isinstance(ended, SweepNotStarted):  # nothing ran: its directory goes too
+                discard_output_dir(Path(self.config.hydra.sweep.dir), CLAIM)
             print(credentials.mask(str(ended)), file=sys.stderr)
             raise SystemExit(ended.status) from None
         except (KeyboardInterrupt, tracking.Terminated):
@@ -215,7 +216,7 @@ class OptunaSweep:
             key = self.study.user_attrs.get("gradalign.study_key") if self.study_name else None
             self.parent_run_id = open_parent(self.config, key)
         except (ValueError, databases.StoreUnavailable) as error:
-            raise SweepNotStarted(f"sweep not started, no trial run: {error}") from error
+            raise SweepNotStarted(f"{NOT_STARTED}: {error}") from error
         summary.announce(self.config, self.parent_run_id, self.n_trials)
         log.info("Study name: %s", self.study.study_name)
         log.info("Storage: %s", self.storage)  # its password masked (credentials.mask_logs)
@@ -243,43 +244,21 @@ class OptunaSweep:
     def _check(self, arguments: list[str]) -> SearchSpace:
         """Check the settings, the search space and the MLflow store; the search space. Raises
         ValueError (or StoreUnavailable) with the one line that says what is wrong."""
-        direction, rate = self.settings["direction"], self.budget_rate
-        direction = getattr(direction, "name", direction)  # the schema's default is an Enum
-        self.settings["direction"] = direction
-        if self.settings["search_space"] is not None:
-            raise ValueError(
-                "hydra.sweeper.search_space is not supported (hydra-optuna-sweeper deprecated "
-                "it): write the search space as hydra.sweeper.params"
-            )
-        if OmegaConf.is_config(direction) or direction not in DIRECTIONS:
-            raise ValueError(
-                f"invalid config value hydra.sweeper.direction={direction!r}: must be one of "
-                f"{list(DIRECTIONS)} (a trial has one objective)"
-            )
-        for key, value in (("n_trials", self.n_trials), ("n_jobs", self.n_jobs)):
-            if not (is_int(value) and value >= 1):
-                raise ValueError(
-                    f"invalid config value hydra.sweeper.{key}={value!r}: must be an integer >= 1"
-                )
-        if not (is_number(rate) and 0.0 <= rate <= 1.0):
-            raise ValueError(
-                f"invalid config value hydra.sweeper.max_failure_rate={rate!r}: must be a number "
-                "in [0, 1]"
-            )
+        # The settings and the search space's keys were checked before the heavy imports
+        # (gradalign.sweep.settings.check_sweep, called by the plugin shim).
+        self.settings["direction"] = direction_name(self.settings["direction"])
         self.pruner = build_pruner(self.pruner_config)
-        validate(self.config)
         splits = build_dataset(self.config)
         check_trial_config(self.config, splits)
-        params = [f"{k!s}={v}" for k, v in (self.params or {}).items()]
-        space = search_space.parse([*params, *arguments])
-        check_search_space(self.config, space.distributions, space.fixed, splits)
+        space = search_space.parse(search_overrides(self.params, arguments))
+        check_search_space(self.config, space.distributions, splits)
         self.sampler = build_sampler(self.sampler_config, self.seed)
         if getattr(self.sampler, "func", None) is GridSampler:  # a partial, to complete
             grid = space.grid()
             self.sampler = self.sampler(grid)
             self.n_trials = min(self.n_trials, math.prod(len(v) for v in grid.values()))
         if self.storage is not None:
-            check_storage(self.storage)
+            check_storage(self.storage, self._wait_s)
             databases.check_separate(self.storage, tracking.tracking_uri(self.config.tracking))
         tracking.connect(self.config.tracking)  # reachable; the experiment created once, here
         return space
@@ -298,11 +277,6 @@ class OptunaSweep:
                 storage=self.backend, direction=self.settings["direction"], **options
             )
             return
-        if self.study_name is None:
-            raise ValueError(
-                f"hydra.sweeper.storage={self.storage} needs hydra.sweeper.study_name: the name "
-                "the study is stored and resumed under"
-            )
         self.backend = self._optuna(lambda: open_storage(self.storage, self._wait_s))
         identity = study_identity(self.config, space)
         self.study, new = self._optuna(

@@ -43,7 +43,7 @@ from omegaconf import DictConfig
 from sqlalchemy.exc import SQLAlchemyError
 
 from gradalign import databases
-from gradalign.config import anchored_uri
+from gradalign.config import ConfigError, anchored_uri
 from gradalign.credentials import mask
 from gradalign.tracking.labels import experiment_tags
 
@@ -82,6 +82,9 @@ class _HandledMessages(logging.Filter):
 
 
 logging.getLogger("mlflow.store.db.utils").addFilter(_HandledMessages())
+# urllib3 warns of each retry of MLflow's HTTP calls (ten lines before a server's refusal is
+# raised); the call's outcome is what the user sees, in one line.
+logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
 
 
 def tracking_uri(tracking: DictConfig) -> str:
@@ -140,14 +143,24 @@ def _retrying(uri: str, wait_s: float, call: Callable[..., Any], *args: Any, **k
     try:
         return databases.retrying(f"MLflow store {uri}", wait_s, attempt, TrackingUnavailable)
     except (MlflowException, SQLAlchemyError) as error:
-        if not any(fault in str(error) for fault in databases.PERMANENT):
+        fault = next((f for f in databases.PERMANENT if f in str(error)), None)
+        if fault is None:
             raise
-        reason = str(error).splitlines()[0]
-        raise TrackingUnavailable(
-            f"MLflow store {uri} could not be written ({reason}): its disk may be full or "
-            "the file read-only or damaged; fix that, then python -m gradalign.doctor "
-            "ends the runs left open"
-        ) from None
+        raise TrackingUnavailable(f"MLflow store {uri} {_FAULTS[fault]}") from None
+
+
+_DOCTOR = "then python -m gradalign.doctor ends the runs this left open"
+# What each of SQLite's permanent faults (databases.PERMANENT) means, and what to do.
+_FAULTS = {
+    "database or disk is full": f"could not be written (database or disk is full): free space on "
+    f"its disk, {_DOCTOR}",
+    "attempt to write a readonly database": "could not be written (attempt to write a readonly "
+    f"database): make the file and its folder writable, {_DOCTOR}",
+    "disk I/O error": f"could not be read or written (disk I/O error): check its disk, {_DOCTOR}",
+    "database disk image is malformed": "is damaged (database disk image is malformed): no "
+    "command can use it. Move it aside (its runs stay in the moved file; sqlite3's .recover "
+    "may save them into a new one) or restore a backup, then rerun; a new store starts empty",
+}
 
 
 class _RetryingClient:
@@ -247,13 +260,30 @@ def _create_store(url: str) -> None:
     keeping no connection to it open (MLflow's documented pool setting), so it can be moved."""
     previous = os.environ.get(_POOL_CLASS)
     os.environ[_POOL_CLASS] = "NullPool"
+    quiet = _quiet(("mlflow.store.db.utils", "alembic"))  # its migrations' INFO lines
     try:
-        MlflowClient(tracking_uri=url)
+        with quiet:
+            MlflowClient(tracking_uri=url)
     finally:
         if previous is None:
             del os.environ[_POOL_CLASS]
         else:
             os.environ[_POOL_CLASS] = previous
+
+
+@contextlib.contextmanager
+def _quiet(names: Sequence[str]) -> Iterator[None]:
+    """The loggers ``names`` at WARNING for the block (a new store's creation logs a line per
+    migration step, which says nothing a user needs)."""
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
 
 
 def schema_revision(db: Path) -> str | None:
@@ -331,8 +361,9 @@ def experiment_id(uri: str, wait_s: float, name: str) -> str:
                 raise
             experiment = mlflow.get_experiment_by_name(name)
     if experiment.lifecycle_stage != "active":
-        raise ValueError(
-            f"MLflow experiment {name!r} is deleted in {uri}: restore it or set "
+        raise ConfigError(
+            f"invalid config value tracking.experiment={name!r}: the MLflow experiment is "
+            f"deleted in {mask(uri)}: restore it (mlflow experiments restore) or set "
             "tracking.experiment to another name"
         )
     for key, value in experiment_tags().items():

@@ -46,17 +46,37 @@ if OptunaSweeperConf is not None:
 
 
 class GradalignOptunaSweeper(Sweeper):
-    """Takes the settings of GradalignOptunaSweeperConf (gradalign.sweep.sweeper.OptunaSweep)."""
+    """Takes the settings of GradalignOptunaSweeperConf (gradalign.sweep.sweeper.OptunaSweep).
+    The settings, the config and the search space are checked first
+    (gradalign.sweep.settings.check_sweep): a bad one is refused in one line, exit status 2,
+    before the sweep is built (its imports take seconds) and before its directory is made."""
 
     def __init__(self, **settings: Any) -> None:
-        from gradalign.sweep.sweeper import OptunaSweep
-
-        self.sweep_ = OptunaSweep(**settings)
+        self.settings = settings
 
     def setup(
         self, *, hydra_context: HydraContext, task_function: TaskFunction, config: Any
     ) -> None:
-        self.sweep_.setup(hydra_context=hydra_context, task_function=task_function, config=config)
+        self.context = {
+            "hydra_context": hydra_context,
+            "task_function": task_function,
+            "config": config,
+        }
 
     def sweep(self, arguments: list[str]) -> None:
-        return self.sweep_.sweep(arguments)
+        import sys
+
+        from gradalign.config import ConfigError
+        from gradalign.credentials import mask
+        from gradalign.sweep.settings import NOT_STARTED, check_sweep
+
+        try:
+            check_sweep(self.settings, self.context["config"], arguments)
+        except ConfigError as error:
+            print(mask(f"{NOT_STARTED}: {error}"), file=sys.stderr)
+            raise SystemExit(2) from None
+        from gradalign.sweep.sweeper import OptunaSweep
+
+        sweep = OptunaSweep(**self.settings)
+        sweep.setup(**self.context)
+        return sweep.sweep(arguments)
