@@ -13,22 +13,23 @@ paired seeds than --min-pairs a comparison is a smoke run: its numbers, no verdi
 import sys
 from pathlib import Path
 
-from gradalign.report.build import MARKDOWN, write_report
 from gradalign.report.cli import run_command
-from gradalign.report.settings import add_report_arguments, report_settings_from_args
+from gradalign.report.settings import ReportSettings, add_report_arguments, report_settings_from_args
 
 ROOT = Path(__file__).resolve().parent
 
 
+def report(settings: ReportSettings) -> Path:
+    """Write the report; its markdown page. (torch and MLflow are imported here, after the
+    flags are read: --help and a bad flag answer at once.)"""
+    from gradalign.report.build import MARKDOWN, write_report
+
+    return write_report(settings).out_dir / MARKDOWN
+
+
 def main(argv: list[str]) -> int:
     return run_command(
-        argv,
-        __doc__,
-        add_report_arguments,
-        report_settings_from_args,
-        lambda settings: write_report(settings).out_dir / MARKDOWN,
-        ROOT,
-        "report.py",
+        argv, __doc__, add_report_arguments, report_settings_from_args, report, ROOT, "report.py"
     )
 
 

@@ -18,15 +18,22 @@ import sys
 from pathlib import Path
 
 from gradalign.report.cli import run_command
-from gradalign.report.settings import add_study_arguments, study_settings_from_args
-from gradalign.report.study import run_study
+from gradalign.report.settings import StudySettings, add_study_arguments, study_settings_from_args
 
 ROOT = Path(__file__).resolve().parent
 
 
+def study(settings: StudySettings) -> Path:
+    """Run the study; its page. (torch, MLflow and Optuna are imported here, after the flags
+    are read: --help and a bad flag answer at once.)"""
+    from gradalign.report.study import run_study
+
+    return run_study(settings)
+
+
 def main(argv: list[str]) -> int:
     return run_command(
-        argv, __doc__, add_study_arguments, study_settings_from_args, run_study, ROOT, "study.py"
+        argv, __doc__, add_study_arguments, study_settings_from_args, study, ROOT, "study.py"
     )
 
 

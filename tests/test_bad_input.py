@@ -5,14 +5,22 @@ needs no process of its own."""
 
 from __future__ import annotations
 
+import errno
 import importlib.util
+import os
 import sqlite3
 import sys
 
+import filelock
+import optuna
 import pytest
 import torch
-from bad_inputs import CASES, Case
+from bad_inputs import CASES, SWEEP, Case
 from helpers import train_in_process
+from mlflow.tracking import MlflowClient
+from sqlalchemy.exc import OperationalError
+
+from gradalign import databases
 
 sys.path.insert(0, str(__import__("helpers").REPO_ROOT / "benchmarks"))
 from battery import closed_port, fill  # noqa: E402
@@ -65,3 +73,103 @@ def test_a_bad_command_line_ends_in_one_true_line_and_leaves_nothing(
         assert lines[0].startswith(prefix), err
     assert runs_in(db) == 0  # no run, no FAILED parent
     assert not [p for p in outputs.glob("*/*") if p.is_dir()]  # no runs/<time>/, multirun/<time>/
+
+
+def damaged_store(db):
+    """An MLflow store at ``db`` whose runs table has a damaged page: it opens, and reading or
+    writing a run finds SQLite's "database disk image is malformed"."""
+    client = MlflowClient(f"sqlite:///{db}")
+    experiment = client.create_experiment("gradient-alignment", artifact_location=str(db.parent))
+    for _ in range(30):  # the runs table over several pages
+        client.log_param(client.create_run(experiment).info.run_id, "x", "y" * 100)
+    with sqlite3.connect(db) as con:
+        size = con.execute("PRAGMA page_size").fetchone()[0]
+        root = con.execute("SELECT rootpage FROM sqlite_master WHERE name = 'runs'").fetchone()[0]
+    with open(db, "r+b") as file:
+        file.seek((root - 1) * size)
+        file.write(b"\x0d" + b"\xff" * 64)  # a leaf page header pointing nowhere
+
+
+def test_a_damaged_store_is_named_damaged_with_what_to_do(monkeypatch, capsys, tmp_path, tiny):
+    db = tmp_path / "mlflow.db"
+    damaged_store(db)
+    capsys.readouterr()  # what making it printed
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
+    code = train_in_process(monkeypatch, *tiny, f"paths.outputs={tmp_path / 'out'}")
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    (line,) = lines
+    assert line.startswith(f"error: MLflow store sqlite:///{db} is damaged (database disk image")
+    assert "Move it aside" in line and "doctor" not in line  # the doctor cannot open it either
+    assert not list((tmp_path / "out").glob("runs/*"))
+
+
+def test_a_store_folder_that_is_read_only_is_one_line_naming_it(
+    monkeypatch, capsys, tmp_path, tiny
+):
+    db = tmp_path / "store" / "mlflow.db"
+    db.parent.mkdir()
+
+    def read_only(self, *args, **kwargs):  # as the lock file's open fails on a read-only mount
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(self.lock_file))
+
+    monkeypatch.setattr(filelock.FileLock, "acquire", read_only)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
+    code = train_in_process(monkeypatch, *tiny, f"paths.outputs={tmp_path / 'out'}")
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err
+    assert err.strip() == (
+        f"error: store folder {db.parent} is not writable: cannot create the lock file "
+        "mlflow.db.lock (Read-only file system); make the folder writable, or use a store "
+        "elsewhere"
+    )
+    assert not db.exists()
+
+
+def test_a_stored_study_another_process_keeps_locked_says_so_and_never_to_move_away(
+    monkeypatch, capsys, tmp_path, tiny
+):
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    optuna.create_study(study_name="k", storage=storage)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    holder = sqlite3.connect(tmp_path / "optuna.db", timeout=0)
+    holder.execute("BEGIN EXCLUSIVE")  # another process writing to it
+    try:
+        code = train_in_process(
+            monkeypatch,
+            *SWEEP,
+            *tiny,
+            f"hydra.sweeper.storage={storage}",
+            "hydra.sweeper.study_name=k",
+            "tracking.store_wait_s=1",
+            f"paths.outputs={tmp_path / 'out'}",
+        )
+    finally:
+        holder.rollback()
+        holder.close()
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1] == (
+        f"sweep not started, no trial run: Optuna storage {storage} is locked by another process "
+        "(database is locked; waited 1 s): the study in it is kept; let that process finish (or "
+        "stop it), then rerun the same command"
+    )
+    assert "another file" not in err
+    assert len(optuna.load_study(study_name="k", storage=storage).trials) == 0
+    assert not list((tmp_path / "out").glob("multirun/*"))
+
+
+def test_a_permanent_store_fault_names_sqlites_reason_not_sqlalchemys_note():
+    def full():  # as SQLAlchemy raises it from a query's autoflush
+        raise OperationalError(
+            "INSERT ...", {}, sqlite3.OperationalError("database or disk is full")
+        ) from None
+
+    with pytest.raises(databases.StoreUnavailable) as raised:
+        databases.retrying("Optuna storage sqlite:///x.db", 5.0, full)
+    assert str(raised.value).startswith(
+        "Optuna storage sqlite:///x.db could not be written (database or disk is full): free "
+        "space on its disk, then python -m gradalign.doctor"
+    )

@@ -9,6 +9,7 @@ sets, models, optimizers) validate their own arguments when they are built
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import functools
 import hashlib
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from gradalign.checks import UserError, is_int, is_number
@@ -35,8 +37,8 @@ NOT_HASHED = (*NOT_PARAMS, "seed", "trainer.device", "trainer.threads")
 
 def register_resolvers(repo_root: str | Path) -> None:
     """Register ``${repo_root:}``, which conf/config.yaml uses to anchor outputs, data and MLflow,
-    and ``${cpu_count:}``, the cores this process may run on (the parallel presets' default
-    number of workers).
+    ``${cpu_count:}``, the cores this process may run on (the parallel presets' default number
+    of workers), and ``${options:GROUP}`` (``options``).
 
     Entry points call this with their own directory, so paths do not depend on the working
     directory nor on Hydra's run directory.
@@ -44,6 +46,16 @@ def register_resolvers(repo_root: str | Path) -> None:
     root = str(Path(repo_root).resolve())
     OmegaConf.register_new_resolver("repo_root", lambda: root, replace=True)
     OmegaConf.register_new_resolver("cpu_count", lambda: len(os.sched_getaffinity(0)), replace=True)
+    OmegaConf.register_new_resolver("options", lambda group: options(root, group), replace=True)
+
+
+def options(root: str | Path, group: str) -> str:
+    """The options of config group ``group`` (its files in ``root``/conf/, and those a plugin
+    registered, such as hydra/sweeper/sampler's), for train.py's --help: ``${options:model}``."""
+    names = {path.stem for path in (Path(root) / "conf" / group).glob("*.yaml")}
+    with contextlib.suppress(OSError, ValueError):  # a group no plugin registered
+        names |= {name.removesuffix(".yaml") for name in ConfigStore.instance().list(group)}
+    return ", ".join(sorted(names))
 
 
 def repo_root() -> Path:

@@ -61,6 +61,18 @@ PERMANENT = (
     "attempt to write a readonly database",
     "database disk image is malformed",
 )
+_DOCTOR = "then python -m gradalign.doctor ends what this left open"
+# What each of PERMANENT means, and what to do.
+FAULTS = {
+    "database or disk is full": "could not be written (database or disk is full): free space "
+    f"on its disk, {_DOCTOR}",
+    "attempt to write a readonly database": "could not be written (attempt to write a readonly "
+    f"database): make the file and its folder writable, {_DOCTOR}",
+    "disk I/O error": f"could not be read or written (disk I/O error): check its disk, {_DOCTOR}",
+    "database disk image is malformed": "is damaged (database disk image is malformed): no "
+    "command can use it. Move it aside (its records stay in the moved file; sqlite3's .recover "
+    "may save them into a new one) or restore a backup, then rerun; a new store starts empty",
+}
 # Waits between attempts of a call that met a transient fault, with up to as much again at random
 # (writers that collided do not retry in step); the last one repeats until the deadline.
 RETRY_WAITS_S = (0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 6.4, 12.8)
@@ -230,6 +242,17 @@ def created_aside(db: Path, create: Callable[[str], None]) -> None:
             left.unlink(missing_ok=True)
 
 
+def permanent_fault(error: BaseException) -> str | None:
+    """Which of PERMANENT ``error`` (or an error it was raised from) is, if any."""
+    seen: BaseException | None = error
+    while seen is not None:
+        found = next((fault for fault in PERMANENT if fault in str(seen)), None)
+        if found is not None:
+            return found
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
 def is_transient(error: BaseException) -> bool:
     """Whether ``error`` (or an error it was raised from) is a database that did not answer now
     but may soon: a connection refused or lost (a server restarting), or a SQLite file locked by
@@ -254,15 +277,22 @@ def retrying(
 ) -> T:
     """``call()``, again after a backoff while it fails with a transient database error
     (``is_transient``), until ``wait_s`` have passed; then ``unavailable`` naming ``what`` (the
-    store), the last error and what to do. Retry only calls that are safe to repeat: a write
-    whose transaction failed was rolled back whole."""
+    store), the last error and what to do. A fault no retry changes (a full disk, a read-only
+    or damaged file: ``permanent_fault``) is ``unavailable`` at once, naming SQLite's own
+    reason. Retry only calls that are safe to repeat: a write whose transaction failed was
+    rolled back whole."""
     deadline = time.monotonic() + wait_s
     attempt = 0
     while True:
         attempt += 1
         try:
             return call()
+        except StoreUnavailable:
+            raise
         except Exception as error:
+            fault = permanent_fault(error)
+            if fault is not None:
+                raise unavailable(f"{what} {FAULTS[fault]}") from None
             if not is_transient(error):
                 raise
             reason = str(getattr(error, "orig", None) or error).strip().splitlines()[0]

@@ -24,7 +24,6 @@ import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
-from scipy import optimize, special, stats
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,6 +131,8 @@ def paired_test(baseline: Sequence[float], other: Sequence[float], alpha: float)
     mean, sd = float(d.mean()), float(d.std(ddof=1))
     if sd == 0:  # every seed moved by the same amount: no variance to test against
         return PairedTest(n, mean, sd, (mean, mean), nan, nan, nan, nan, nan)
+    from scipy import stats  # here, not at the top: report.py --help answers without SciPy
+
     t_res = stats.ttest_rel(oth, base)
     ci = t_res.confidence_interval(1 - alpha)
     w_res = stats.wilcoxon(oth, base)
@@ -183,6 +184,8 @@ def t_test_power(d_z: float, n: int, alpha: float) -> float:
     tail probabilities integrated over V's quantiles (to ~1e-6; scipy's noncentral t returns
     NaN for large noncentralities).
     """
+    from scipy import special, stats
+
     df = n - 1
     critical = stats.t.ppf(1 - alpha / 2, df)
     scaled = critical * np.sqrt(stats.chi2.ppf(_QUANTILES, df) / df)
@@ -196,6 +199,8 @@ def detectable_effect(n: int, alpha: float, power: float = 0.8) -> float:
     (1.68 for n = 5, alpha = 0.05, power 0.8)."""
     if n < 2:
         return math.inf
+    from scipy import optimize
+
     return float(optimize.brentq(lambda d: t_test_power(d, n, alpha) - power, 1e-6, 1e3))
 
 

@@ -420,7 +420,7 @@ class OptunaSweep:
         write would wait again). The sweep's last line: the store, what is left, how to resume."""
         left = ""
         if isinstance(error, tracking.TrackingUnavailable):
-            left = (
+            left = self._counted() + (
                 f" Its MLflow parent run {self.parent_run_id} and the trials in flight are left "
                 "RUNNING: python -m gradalign.doctor ends them once the store answers."
             )
@@ -434,8 +434,17 @@ class OptunaSweep:
                 tracking.failure_reason(error),
             )
             if not ended:
-                left = f" Its MLflow parent run {self.parent_run_id} is left RUNNING."
+                left += f" Its MLflow parent run {self.parent_run_id} is left RUNNING."
         return f"sweep stopped: {error}.{left} {self._resume_hint()}"
+
+    def _counted(self) -> str:
+        """`` Its study holds 3 trials: 2 complete, ...``, as its storage has them (nothing when
+        that cannot be read either)."""
+        try:
+            return f" Its study holds {summary.summarize(self.study).counts_text()}."
+        except Exception as error:
+            log.warning("could not count the study's trials: %s", error)
+            return ""
 
     def _settle_in_flight(self, reason: str) -> None:
         """Stop the launcher's workers (SIGTERM; SLURM jobs: scancel), then record each trial

@@ -131,7 +131,7 @@ def _retrying(uri: str, wait_s: float, call: Callable[..., Any], *args: Any, **k
     backoff while the store is locked or its server does not answer, until ``wait_s`` have
     passed (``databases.retrying``); then TrackingUnavailable naming the store. A store that
     cannot take a write (a full disk, a read-only or damaged file) is TrackingUnavailable at
-    once.
+    once, with SQLite's reason and what to do (databases.FAULTS).
 
     Safe for writes: a failed transaction is rolled back whole before MLflow raises.
     """
@@ -140,27 +140,7 @@ def _retrying(uri: str, wait_s: float, call: Callable[..., Any], *args: Any, **k
         with _signals_held():
             return call(*args, **kwargs)
 
-    try:
-        return databases.retrying(f"MLflow store {uri}", wait_s, attempt, TrackingUnavailable)
-    except (MlflowException, SQLAlchemyError) as error:
-        fault = next((f for f in databases.PERMANENT if f in str(error)), None)
-        if fault is None:
-            raise
-        raise TrackingUnavailable(f"MLflow store {uri} {_FAULTS[fault]}") from None
-
-
-_DOCTOR = "then python -m gradalign.doctor ends the runs this left open"
-# What each of SQLite's permanent faults (databases.PERMANENT) means, and what to do.
-_FAULTS = {
-    "database or disk is full": f"could not be written (database or disk is full): free space on "
-    f"its disk, {_DOCTOR}",
-    "attempt to write a readonly database": "could not be written (attempt to write a readonly "
-    f"database): make the file and its folder writable, {_DOCTOR}",
-    "disk I/O error": f"could not be read or written (disk I/O error): check its disk, {_DOCTOR}",
-    "database disk image is malformed": "is damaged (database disk image is malformed): no "
-    "command can use it. Move it aside (its runs stay in the moved file; sqlite3's .recover "
-    "may save them into a new one) or restore a backup, then rerun; a new store starts empty",
-}
+    return databases.retrying(f"MLflow store {uri}", wait_s, attempt, TrackingUnavailable)
 
 
 class _RetryingClient:
