@@ -14,7 +14,11 @@ import sys
 from pathlib import Path
 
 from gradalign.report.cli import run_command
-from gradalign.report.settings import ReportSettings, add_report_arguments, report_settings_from_args
+from gradalign.report.settings import (
+    ReportSettings,
+    add_report_arguments,
+    report_settings_from_args,
+)
 
 ROOT = Path(__file__).resolve().parent
 

@@ -173,3 +173,48 @@ def test_a_permanent_store_fault_names_sqlites_reason_not_sqlalchemys_note():
         "Optuna storage sqlite:///x.db could not be written (database or disk is full): free "
         "space on its disk, then python -m gradalign.doctor"
     )
+
+
+def test_a_disk_that_fills_mid_sweep_stops_it_with_the_true_count_in_one_line(
+    monkeypatch, capsys, tmp_path, tiny
+):
+    """The Optuna storage's disk fills as the third trial is recorded: the sweep's one line
+    names SQLite's reason and counts what the study holds (2 complete, 1 running), never that
+    its trials could not be counted or that none ran."""
+    from gradalign.sweep import sweeper
+
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    recorded = []
+
+    def record_until_full(study, trial, outcome):
+        if len(recorded) == 2:
+            raise OperationalError(
+                "UPDATE trials ...", {}, sqlite3.OperationalError("database or disk is full")
+            )
+        recorded.append(trial.number)
+        return real_record(study, trial, outcome)
+
+    real_record = sweeper.record
+    monkeypatch.setattr(sweeper, "record", record_until_full)
+    code = train_in_process(
+        monkeypatch,
+        "-m",
+        "hydra.sweeper.n_trials=3",
+        *tiny,
+        f"hydra.sweeper.storage={storage}",
+        "hydra.sweeper.study_name=full",
+        f"paths.outputs={tmp_path / 'out'}",
+    )
+    captured = capsys.readouterr()
+    assert code == 1 and "Traceback" not in captured.err, captured.err
+    (line,) = [line for line in captured.err.splitlines() if line.startswith("sweep ")]
+    assert line.startswith(
+        f"sweep stopped: Optuna storage {storage} could not be written (database or disk is "
+        "full): free space on its disk"
+    ), line
+    assert (
+        "Its study holds 3 trials: 2 complete, 0 diverged, 0 failed, 0 pruned, 1 running." in line
+    )
+    assert "could not be counted" not in captured.out + captured.err
+    assert line.endswith("hydra.sweeper.study_name=full " + f"paths.outputs={tmp_path / 'out'}")

@@ -597,7 +597,9 @@ def test_a_store_that_keeps_refusing_a_dataset_fails_the_run_with_its_error(tmp_
         raise MlflowException("disk I/O error")
 
     monkeypatch.setattr(MlflowClient, "log_inputs", refusing)
-    unwritable = pytest.raises(tracking.TrackingUnavailable, match=r"could not be read or written \(disk I/O")
+    unwritable = pytest.raises(
+        tracking.TrackingUnavailable, match=r"could not be read or written \(disk I/O"
+    )
     with (
         unwritable,
         tracking.start_run(cfg, run_name="r", tags={}, params={}, dataset=dataset_record()),

@@ -289,8 +289,9 @@ def finish(
     """The sweep process's last words on its parent run: ``record`` the study's summary (when a
     trial was asked), end the parent with ``status`` unless another process still works in it
     (``storage``: the Optuna database whose lock serialises that, see close_sweep_parent), and
-    print end_line. Store failures are logged, not raised: the sweep's own outcome is
-    what the user must see. Whether the parent could be written."""
+    print end_line (not without ``study``: a sweep its storage stopped counts its trials in its
+    own last line). Store failures are logged, not raised: the sweep's own outcome is what the
+    user must see. Whether the parent could be written."""
     found = None
     try:
         if study is not None:
@@ -301,7 +302,8 @@ def finish(
         )
     try:
         tracking.close_sweep_parent(cfg.tracking, parent_run_id, status, reason, storage=storage)
-        print(end_line(cfg, parent_run_id, found, RunStatus.to_string(status)), flush=True)
+        if study is not None:
+            print(end_line(cfg, parent_run_id, found, RunStatus.to_string(status)), flush=True)
     except Exception as error:
         log.warning("could not end the sweep's MLflow parent run %s: %s", parent_run_id, error)
         return False

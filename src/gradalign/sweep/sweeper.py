@@ -426,6 +426,7 @@ class OptunaSweep:
             )
         else:
             self.in_flight = []  # their trials stay RUNNING in the storage: a resume settles them
+            left = self._counted()  # a full disk still reads
             ended = summary.finish(
                 self.config,
                 self.parent_run_id,
