@@ -8,9 +8,11 @@ import dataclasses
 import html
 import json
 import math
+import os
 import re
 import shlex
 import shutil
+import signal
 import time
 import uuid
 from pathlib import Path
@@ -28,6 +30,7 @@ from gradalign.checks import UserError
 from gradalign.config import ConfigError, config_hash, flatten
 from gradalign.experiment import run_experiment
 from gradalign.report import build as report_build
+from gradalign.report import cli as report_cli
 from gradalign.report import finals as report_finals
 from gradalign.report import keys
 from gradalign.report.build import FIGURE, MARKDOWN, write_report
@@ -800,3 +803,40 @@ def test_only_the_users_errors_become_one_line_anything_else_keeps_its_traceback
         command([], RuntimeError("mat1 and mat2 shapes cannot be multiplied (2x3 and 4x5)"))
     with pytest.raises(torch.OutOfMemoryError):
         command([], torch.OutOfMemoryError("CUDA out of memory"))
+
+
+@pytest.mark.parametrize("script", ["report.py", "study.py"])
+def test_ctrl_c_or_sigterm_ends_report_and_study_in_one_line_and_exit_130(
+    capsys, monkeypatch, script
+):
+    """Ctrl-C while report.py trains its final runs, or SIGTERM to study.py: one line that says
+    what is kept and how to go on, exit status 130, no traceback (issue 26: a KeyboardInterrupt
+    traceback, and no line at all)."""
+    monkeypatch.delenv(processes.OWNER_ENV, raising=False)  # run_command adopts this process
+
+    def command(run):
+        return run_command([], "doc", add_report_arguments, report_settings_from_args, run,
+                           REPO_ROOT, script)  # fmt: skip
+
+    def ctrl_c(settings):
+        error = KeyboardInterrupt()
+        error.mlflow_run_id = "abc123"  # as tracking marks the run it ended KILLED
+        raise error
+
+    def sigterm(settings):
+        os.kill(os.getpid(), signal.SIGTERM)  # a real signal: sigterm_raises turns it to an error
+        time.sleep(5)
+        raise AssertionError("SIGTERM did not stop it")
+
+    again = "run the same command again to go on: "
+    assert command(ctrl_c) == 130
+    assert capsys.readouterr().err == (
+        "interrupted (Ctrl-C): report run abc123 and the runs it had open are marked KILLED in "
+        f"MLflow; {again}{report_cli.RESUMES[script]}\n"
+    )
+    assert command(sigterm) == 130
+    assert capsys.readouterr().err == (
+        "interrupted (SIGTERM): the runs it had open are marked KILLED in MLflow; "
+        f"{again}{report_cli.RESUMES[script]}\n"
+    )
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # given back as it was
