@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import importlib.util
+import logging
 import os
 import sqlite3
 import sys
@@ -218,3 +219,17 @@ def test_a_disk_that_fills_mid_sweep_stops_it_with_the_true_count_in_one_line(
     )
     assert "could not be counted" not in captured.out + captured.err
     assert line.endswith("hydra.sweeper.study_name=full " + f"paths.outputs={tmp_path / 'out'}")
+
+
+def test_a_tracking_server_that_went_away_is_not_preceded_by_urllib3_retry_warnings(caplog):
+    """MLflow retries a call to a server that was killed (MLFLOW_HTTP_REQUEST_MAX_RETRIES):
+    urllib3 would warn of each retry, lines before the one that says what happened."""
+    from mlflow.exceptions import MlflowException
+
+    from gradalign import tracking  # noqa: F401 (what quiets urllib3)
+
+    caplog.set_level(logging.WARNING)
+    client = MlflowClient(f"http://127.0.0.1:{closed_port()}")
+    with pytest.raises(MlflowException, match="Max retries exceeded"):
+        client.search_experiments()
+    assert not [r for r in caplog.records if r.name.startswith("urllib3")], caplog.text
