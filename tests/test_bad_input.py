@@ -233,3 +233,29 @@ def test_a_tracking_server_that_went_away_is_not_preceded_by_urllib3_retry_warni
     with pytest.raises(MlflowException, match="Max retries exceeded"):
         client.search_experiments()
     assert not [r for r in caplog.records if r.name.startswith("urllib3")], caplog.text
+
+
+@pytest.mark.parametrize("sweep", [False, True], ids=["run", "sweep"])
+def test_a_deleted_experiment_is_one_line_that_says_how_to_restore_it(
+    monkeypatch, capsys, tmp_path, tiny, sweep
+):
+    """Its name exists in the store, deleted: MLflow would refuse each run of it; one line
+    instead, before any run or output folder."""
+    db = tmp_path / "mlflow.db"
+    client = MlflowClient(f"sqlite:///{db}")
+    client.delete_experiment(client.create_experiment("gone"))
+    capsys.readouterr()  # what making the store printed
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
+    outputs = tmp_path / "out"
+    argv = [*(SWEEP if sweep else ()), *tiny, "tracking.experiment=gone"]
+    code = train_in_process(monkeypatch, *argv, f"paths.outputs={outputs}")
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].endswith(
+        f"invalid config value tracking.experiment='gone': the MLflow experiment is deleted in "
+        f"sqlite:///{db}: restore it (mlflow experiments restore) or set tracking.experiment "
+        "to another name"
+    ), err
+    assert runs_in(db) == 0
+    assert not [p for p in outputs.glob("*/*") if p.is_dir()]
