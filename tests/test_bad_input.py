@@ -17,7 +17,7 @@ import optuna
 import pytest
 import torch
 from bad_inputs import CASES, SWEEP, Case
-from helpers import train_in_process
+from helpers import REPO_ROOT, train_in_process
 from mlflow.tracking import MlflowClient
 from sqlalchemy.exc import OperationalError
 
@@ -259,3 +259,28 @@ def test_a_deleted_experiment_is_one_line_that_says_how_to_restore_it(
     ), err
     assert runs_in(db) == 0
     assert not [p for p in outputs.glob("*/*") if p.is_dir()]
+
+
+def test_a_storage_in_a_missing_directory_is_refused_with_the_settings(compose_cfg, tmp_path):
+    """Before the sweep's imports (the plugin shim's check_sweep), not 15-20 s later; a relative
+    path is named as it is anchored, at the repository root."""
+    from gradalign.config import ConfigError
+    from gradalign.sweep.settings import check_sweep
+
+    cfg = compose_cfg()
+    settings = {
+        "direction": "minimize",
+        "n_trials": 2,
+        "n_jobs": 1,
+        "max_failure_rate": 0.2,
+        "storage": "sqlite:///no-such-dir/optuna.db",
+        "study_name": "s",
+    }
+    where = REPO_ROOT / "no-such-dir"
+    with pytest.raises(ConfigError) as refused:
+        check_sweep(settings, cfg, [])
+    assert str(refused.value) == (
+        f"hydra.sweeper.storage=sqlite:///{where}/optuna.db: directory {where} does not exist "
+        "(a relative path is taken from the repository root); create it or fix the path"
+    )
+    check_sweep({**settings, "storage": f"sqlite:///{tmp_path}/optuna.db"}, cfg, [])  # it exists

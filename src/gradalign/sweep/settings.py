@@ -16,13 +16,14 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from gradalign.checks import is_int, is_number
-from gradalign.config import ConfigError, check_driver, store_form, validate
+from gradalign.config import ConfigError, anchored_uri, check_driver, store_form, validate
 from gradalign.credentials import mask
 
 # The sweep's one line when it refuses to start (exit status 2).
 NOT_STARTED = "sweep not started, no trial run"
 DIRECTIONS = ("minimize", "maximize")
 STORAGES = "sqlite:///<file>, postgresql://..., mysql://..."
+SQLITE = "sqlite:///"
 _MISSING = object()
 
 
@@ -55,7 +56,7 @@ def check_sweep(settings: Mapping[str, Any], cfg: DictConfig, arguments: Sequenc
             f"invalid config value hydra.sweeper.max_failure_rate={rate!r}: must be a number in "
             "[0, 1]"
         )
-    _check_storage(settings.get("storage"), settings.get("study_name"))
+    _check_storage(settings.get("storage"), settings.get("study_name"), cfg.paths.root)
     check_search_keys(cfg, search_overrides(settings.get("params"), arguments))
 
 
@@ -68,9 +69,10 @@ def _plain(value: Any) -> Any:
     return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
 
 
-def _check_storage(storage: Any, study_name: Any) -> None:
-    """A storage is null (the study in memory) or a database URL whose driver is installed, and
-    has a study name to be stored and resumed under."""
+def _check_storage(storage: Any, study_name: Any, root: str) -> None:
+    """A storage is null (the study in memory) or a database URL whose driver is installed (a
+    SQLite file's directory exists; a relative path is taken from ``root``), and has a study
+    name to be stored and resumed under."""
     if study_name is not None and not (isinstance(study_name, str) and study_name.strip()):
         raise ConfigError(
             f"invalid config value hydra.sweeper.study_name={study_name!r}: must be a name (the "
@@ -84,10 +86,24 @@ def _check_storage(storage: Any, study_name: Any) -> None:
             f"(the study in memory) or a database URL: {STORAGES}"
         )
     check_driver("hydra.sweeper.storage", storage)
+    check_storage_dir(anchored_uri(storage, root))
     if study_name is None:
         raise ConfigError(
             f"hydra.sweeper.storage={mask(storage)} needs hydra.sweeper.study_name: the name the "
             "study is stored and resumed under"
+        )
+
+
+def check_storage_dir(url: str) -> None:
+    """Raise ConfigError if the SQLite storage ``url`` (its path anchored) names a file in a
+    directory that does not exist: a mistyped path is an error, never a new empty study."""
+    if not url.startswith(SQLITE):
+        return
+    path = Path(url[len(SQLITE) :])
+    if not path.parent.is_dir():
+        raise ConfigError(
+            f"hydra.sweeper.storage={url}: directory {path.parent} does not exist (a relative "
+            "path is taken from the repository root); create it or fix the path"
         )
 
 

@@ -38,25 +38,21 @@ from gradalign.config import NOT_HASHED, flatten
 from gradalign.credentials import mask
 from gradalign.schema import Stage, Tag
 from gradalign.sweep.search_space import SearchSpace, identity_settings
+from gradalign.sweep.settings import SQLITE, check_storage_dir
 from gradalign.tracking.store import TrackingUnavailable, check_schema
 
 IDENTITY_ATTR = "gradalign.config"
 KEY_ATTR = "gradalign.study_key"
-_SQLITE = "sqlite:///"
 
 
 def check_storage(url: str, wait_s: float) -> None:
     """Raise ValueError unless ``url`` can hold Optuna studies: for a SQLite file, its directory
     exists and the file is absent, empty, or an Optuna database; StoreUnavailable if another
     process keeps it locked for ``wait_s``."""
-    if not url.startswith(_SQLITE):
+    if not url.startswith(SQLITE):
         return
-    path = Path(url[len(_SQLITE) :])
-    if not path.parent.is_dir():
-        raise ValueError(
-            f"hydra.sweeper.storage={url}: directory {path.parent} does not exist (a relative "
-            "path is taken from the repository root); create it or fix the path"
-        )
+    check_storage_dir(url)
+    path = Path(url[len(SQLITE) :])
     if not path.exists():
         return
     try:
