@@ -2,6 +2,8 @@
 ``_target_`` and works with every other (cases derived from conf/), and a constructor's refusal
 reads as one ConfigError naming the group and the value."""
 
+import math
+
 import pytest
 import torch
 from helpers import options
@@ -13,6 +15,7 @@ from gradalign.components import (
     build_dataset,
     build_model,
     build_optimizer,
+    build_scheduler,
     check_fits,
     ignored_keywords,
 )
@@ -20,6 +23,7 @@ from gradalign.config import ConfigError
 from gradalign.data import Splits
 from gradalign.models.linear import Linear
 from gradalign.models.transformer import Transformer
+from gradalign.training import fit
 
 
 @pytest.fixture(scope="module")
@@ -341,3 +345,77 @@ def test_each_library_optimizer_trains_a_tracked_run(compose_cfg, tiny, mlflow_u
     assert run.data.params["optimizer._target_"] == cfg.optimizer._target_
     assert run.data.params["optimizer.lr"] == str(cfg.optimizer.lr)
     assert [e.epoch for e in history.epochs] == [1, 2] and not history.diverged
+
+
+def scheduled_lr(node, lr, epoch):
+    """The lr that epoch ``epoch`` (1-based) trains with under the scheduler config ``node``,
+    from the formula in its YAML (independent of torch's implementation)."""
+    if node.name == "cosine":
+        return (
+            node.eta_min
+            + (lr - node.eta_min) * (1 + math.cos(math.pi * (epoch - 1) / node.T_max)) / 2
+        )
+    assert node.name == "warmup"
+    progress = min(epoch - 1, node.total_iters) / node.total_iters
+    return lr * (node.start_factor + (node.end_factor - node.start_factor) * progress)
+
+
+@pytest.mark.parametrize("name", [n for n in options("scheduler") if n != "none"])
+def test_every_scheduler_drives_the_base_optimizers_lr_under_gao(compose_cfg, name):
+    """GAO's param_groups are its base's: a scheduler built over GAO sets the lr the base
+    steps with, epoch by epoch, as the scheduler's config says (EpochMetrics.lr records it)."""
+    cfg = compose_cfg("optimizer=gao", f"scheduler={name}", "trainer.epochs=7")
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(40, 6, generator=g), torch.randint(0, 3, (40,), generator=g)
+    splits = Splits(x, y, x[:8], y[:8], x[:8], y[:8], n_classes=3)
+    model = Linear(input_shape=[6], n_classes=3)
+    optimizer = build_optimizer(cfg, model.parameters())
+    scheduler = build_scheduler(cfg, optimizer)
+    base_lrs = []
+
+    history = fit(
+        model,
+        optimizer,
+        splits,
+        epochs=7,
+        batch_size=10,
+        data_seed=0,
+        device="cpu",
+        scheduler=scheduler,
+        on_epoch=lambda e: base_lrs.append(optimizer.base.param_groups[0]["lr"]),
+    )
+    expected = [scheduled_lr(cfg.scheduler, cfg.optimizer.lr, e) for e in range(1, 9)]
+    assert [e.lr for e in history.epochs] == pytest.approx(expected[:7], rel=1e-12)
+    # after each epoch's scheduler step, the base holds the next epoch's lr
+    assert base_lrs == pytest.approx(expected[1:], rel=1e-12)
+    assert len(set(expected)) > 2  # the schedule moves the lr
+
+
+def test_no_scheduler_by_default(compose_cfg):
+    cfg = compose_cfg()
+    assert (
+        build_scheduler(cfg, torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)) is None
+    )
+
+
+def test_a_scheduler_that_needs_a_metric_is_refused_in_one_line(compose_cfg):
+    cfg = compose_cfg(
+        "scheduler=cosine",
+        "scheduler._target_=torch.optim.lr_scheduler.ReduceLROnPlateau",
+        "~scheduler.T_max",
+        "~scheduler.eta_min",
+    )
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    with pytest.raises(ConfigError) as info:
+        build_scheduler(cfg, optimizer)
+    assert str(info.value) == (
+        "invalid scheduler config 'cosine': _target_='torch.optim.lr_scheduler.ReduceLROnPlateau'"
+        " is not a torch.optim.lr_scheduler.LRScheduler stepped without a metric"
+    )
+
+
+def test_a_scheduler_refusing_its_arguments_is_a_config_error(compose_cfg):
+    cfg = compose_cfg("scheduler=warmup", "scheduler.start_factor=0")
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    with pytest.raises(ConfigError, match=r"invalid scheduler config 'warmup' \(.*start_factor=0"):
+        build_scheduler(cfg, optimizer)

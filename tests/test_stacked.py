@@ -199,6 +199,16 @@ def test_a_model_vmap_cannot_batch_is_refused(configs, splits):
         seeded_stack_and_optimizer(cfgs, splits, "cpu")
 
 
+def test_a_scheduled_config_is_refused_stacked_in_one_line(configs, splits):
+    cfgs = configs("optimizer=adam", "scheduler=cosine")
+    message = (
+        "scheduler 'cosine' cannot train stacked: it steps one optimizer's lr, where stacked "
+        "models hold one lr each (gradalign.per_model)"
+    )
+    with pytest.raises(NotStackable, match=f"^{re.escape(message)}$"):
+        seeded_stack_and_optimizer(cfgs, splits, "cpu")
+
+
 def transformers(dropout):
     torch.manual_seed(0)
     return [Transformer([8], 5, width=16, layers=1, heads=2, dropout=dropout) for _ in SEEDS]

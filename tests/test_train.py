@@ -44,6 +44,7 @@ def test_short_run_is_tracked(compose_cfg, tiny, client, model, optimizer):
     assert run.info.run_name == f"{optimizer} lr={lr} (single)"
     tags = run.data.tags
     assert (tags["optimizer"], tags["stage"]) == (optimizer, "single")
+    assert tags["scheduler"] == "none" and Metric.LR not in run.data.metrics
     assert len(tags["config_hash"]) == len(tags["init_hash"]) == 12 and tags["git_commit"]
     # MLflow's own columns: Source, the git commit, the description with the outcome first
     assert tags["mlflow.source.name"] == "train.py" and tags["mlflow.source.type"] == "LOCAL"
@@ -80,6 +81,22 @@ def test_short_run_is_tracked(compose_cfg, tiny, client, model, optimizer):
         assert alignment == names and names
     else:
         assert not alignment
+
+
+def test_a_scheduled_run_is_tracked_with_its_scheduler_and_each_epochs_lr(
+    compose_cfg, tiny, client
+):
+    cfg = compose_cfg("optimizer=gao", "scheduler=warmup", "scheduler.total_iters=4", *tiny)
+    history, run_id = experiment.run_experiment(cfg)
+
+    run = client.get_run(run_id)
+    assert run.data.tags["scheduler"] == "warmup"
+    assert run.data.params["scheduler._target_"] == "torch.optim.lr_scheduler.LinearLR"
+    assert run.data.params["scheduler.total_iters"] == "4"
+    lrs = sorted((m.step, m.value) for m in client.get_metric_history(run_id, Metric.LR))
+    # lr * (0.1 + 0.9 * (epoch - 1) / 4) for epochs 1 and 2
+    assert lrs == [(1, pytest.approx(0.001)), (2, pytest.approx(0.00325))]
+    assert [e.lr for e in history.epochs] == [v for _, v in lrs]
 
 
 def test_objective_kind_and_seeds(compose_cfg, tiny):

@@ -294,6 +294,16 @@ def test_lr_scheduler_sets_each_epochs_learning_rate(splits):
     assert lrs == pytest.approx([0.05, 0.025, 0.0125])
 
 
+def test_each_epoch_records_the_lr_it_trained_with_under_a_scheduler(splits):
+    net = model()
+    optimizer = torch.optim.Adam(net.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+    history = run(net, optimizer, splits, epochs=3, scheduler=scheduler)
+    assert [e.lr for e in history.epochs] == pytest.approx([0.1, 0.05, 0.025])
+    unscheduled = run(model(), torch.optim.Adam(net.parameters(), lr=0.1), splits, epochs=2)
+    assert [e.lr for e in unscheduled.epochs] == [None, None]  # the configured lr throughout
+
+
 def test_history_objective():
     epoch = EpochMetrics(1, 1.0, 2.0, 0.5, 2.1, 0.4, 0.01, {})
     later = dataclasses.replace(epoch, epoch=2, val_loss=3.0)

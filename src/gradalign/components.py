@@ -1,12 +1,12 @@
-"""Components built from config: a data set, a model and an optimizer, each from the config
-node whose ``_target_`` names its function or class.
+"""Components built from config: a data set, a model, an optimizer and its lr scheduler, each
+from the config node whose ``_target_`` names its function or class.
 
 The node's keys other than ``_target_`` and ``name`` (a label for tags) are the constructor's
 arguments; the pipeline adds what only it knows: the model's ``input_shape`` and ``n_classes``
-(from the data) and the optimizer's parameters. A constructor's refusal of its arguments (a
-ValueError, TypeError, IndexError or KeyError) is reported as a ``ConfigError`` naming the group
-and the option, so a bad value reads the same whichever component refused it; anything else (a
-full disk) passes through as it is.
+(from the data), the optimizer's parameters and the scheduler's optimizer. A constructor's
+refusal of its arguments (a ValueError, TypeError, IndexError or KeyError) is reported as a
+``ConfigError`` naming the group and the option, so a bad value reads the same whichever
+component refused it; anything else (a full disk) passes through as it is.
 
 A model and a data set know nothing of each other, so a built model is run once on two
 validation examples: a model that cannot read the data set's inputs (token ids into a linear
@@ -216,6 +216,27 @@ def build_optimizer(
             f"lr={configured!r} that runs record: set the option that rescales it"
         )
     return optimizer
+
+
+def build_scheduler(
+    cfg: DictConfig, optimizer: torch.optim.Optimizer
+) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """``cfg.scheduler`` over ``optimizer``, stepped once per epoch by the training loop; None
+    for ``scheduler=none`` (a node without ``_target_``). Over GAO it drives the base's lr (GAO's
+    param_groups are its base's). Raises ConfigError, also for a scheduler whose ``step`` needs
+    a metric (ReduceLROnPlateau), which the loop does not pass."""
+    node = OmegaConf.select(cfg, "scheduler")
+    if node is None or "_target_" not in node:
+        return None
+    scheduler = build("scheduler", node, optimizer)
+    if not isinstance(scheduler, torch.optim.lr_scheduler.LRScheduler) or isinstance(
+        scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau
+    ):
+        raise ConfigError(
+            f"invalid scheduler config {node.get('name')!r}: _target_={node._target_!r} is not "
+            "a torch.optim.lr_scheduler.LRScheduler stepped without a metric"
+        )
+    return scheduler
 
 
 def ignored_keywords(target: Callable[..., Any], keywords: Iterable[str]) -> list[str]:

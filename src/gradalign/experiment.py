@@ -32,7 +32,13 @@ from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
 from gradalign import per_model, processes
-from gradalign.components import build, build_dataset, build_model, build_optimizer
+from gradalign.components import (
+    build,
+    build_dataset,
+    build_model,
+    build_optimizer,
+    build_scheduler,
+)
 from gradalign.config import ConfigError, config_hash, flatten, validate
 from gradalign.data import Splits
 from gradalign.optim import GradientAlignmentOptimizer
@@ -230,6 +236,11 @@ def stack_and_optimizer(
             "configs to train stacked must be equal but for their seeds and per-model optimizer "
             "values (gradalign.per_model)"
         )
+    if OmegaConf.select(cfgs[0], "scheduler._target_") is not None:
+        raise NotStackable(
+            f"scheduler {cfgs[0].scheduler.name!r} cannot train stacked: it steps one "
+            "optimizer's lr, where stacked models hold one lr each (gradalign.per_model)"
+        )
     models = [model.to(device) for model in models]
     reason = model_refusal(models, splits.x_val[:2].to(device))
     if reason is not None:
@@ -268,8 +279,10 @@ def fit_as_configured(
     device: str,
     on_epoch: Callable[[EpochMetrics], None] | None = None,
     should_stop: Callable[[History], bool] | None = None,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
 ) -> History:
-    """Train ``model`` with ``optimizer`` on ``splits`` as a run of ``cfg`` does (cfg.trainer's
+    """Train ``model`` with ``optimizer`` (and its lr ``scheduler``, built by
+    ``components.build_scheduler``) on ``splits`` as a run of ``cfg`` does (cfg.trainer's
     budget and evaluation, cfg.seed.data's batch order), untracked; ``should_stop`` as in
     ``training.fit``."""
     return fit(
@@ -279,6 +292,7 @@ def fit_as_configured(
         **_budget(cfg),
         data_seed=cfg.seed.data,
         device=device,
+        scheduler=scheduler,
         on_epoch=on_epoch,
         should_stop=should_stop,
     )
@@ -336,6 +350,7 @@ def _run_record(
 
     tags = {
         Tag.OPTIMIZER: cfg.optimizer.name,
+        Tag.SCHEDULER: OmegaConf.select(cfg, "scheduler.name", default=None) or "none",
         Tag.STAGE: stage,
         Tag.CONFIG_HASH: config_hash(cfg),
         Tag.INIT_HASH: init_hash(model),
@@ -362,14 +377,16 @@ def _run_record(
 class PreparedRun:
     """A run of ``cfg`` ready to train: its seeded, untrained model and the optimizer over it
     (what it trains alone; trained stacked, the stack gets an optimizer of its own), the
-    arguments of its MLflow run (``tracking.start_run``), and whether to stop it early (a sweep
-    trial's pruner, see ``training.fit``)."""
+    arguments of its MLflow run (``tracking.start_run``), whether to stop it early (a sweep
+    trial's pruner, see ``training.fit``), and the optimizer's lr scheduler (None: none; a run
+    with one trains alone)."""
 
     cfg: DictConfig
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     record: dict[str, Any]
     should_stop: Callable[[History], bool] | None = None
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
 
 
 def prepare_run(
@@ -387,11 +404,12 @@ def prepare_run(
     run's name, description and artifacts come from the Hydra job this is called in; see
     ``run_experiment`` for the arguments."""
     model, optimizer = seeded_model_and_optimizer(cfg, splits)
+    scheduler = build_scheduler(cfg, optimizer)
     from gradalign import tracking  # MLflow: only once the config is known to build
 
     tracking.connect(cfg.tracking)
     record = _run_record(cfg, splits, model, stage, parent_run_id, extra_tags, searched)
-    return PreparedRun(cfg, model, optimizer, record, should_stop)
+    return PreparedRun(cfg, model, optimizer, record, should_stop, scheduler)
 
 
 def run_experiment(
@@ -441,7 +459,14 @@ def train_alone(run: PreparedRun, splits: Splits, device: torch.device) -> tuple
 
         try:
             history = fit_as_configured(
-                cfg, run.model, run.optimizer, splits, device, on_epoch, run.should_stop
+                cfg,
+                run.model,
+                run.optimizer,
+                splits,
+                device,
+                on_epoch,
+                run.should_stop,
+                run.scheduler,
             )
         finally:
             progress.close()

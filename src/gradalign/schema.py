@@ -28,6 +28,7 @@ class Tag:
 
     STAGE: Final = "stage"
     OPTIMIZER: Final = "optimizer"  # the optimizer config's name (adam, gao, ...)
+    SCHEDULER: Final = "scheduler"  # the lr scheduler config's name (none, cosine, warmup)
     CONFIG_HASH: Final = "config_hash"  # what a run computes, without seeds, paths, tracking
     INIT_HASH: Final = "init_hash"  # the model's initial weights
     GIT_COMMIT: Final = "git_commit"
@@ -79,6 +80,7 @@ class Metric:
     TEST_LOSS: Final = "loss/test"
     TEST_ACC: Final = "accuracy/test"
     EPOCH_TIME: Final = "epoch_time"
+    LR: Final = "lr"  # with a scheduler: the lr the epoch trained with
     ALIGNMENT_PREFIX: Final = "scale/"  # scale/<parameter name>: GAO's mean alignment scale
     # The keys of runs logged before the per-epoch metrics were renamed (readers fall back to
     # them): new key -> old key, and the old prefix of the scales.

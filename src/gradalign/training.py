@@ -34,6 +34,8 @@ class EpochMetrics:
 
     ``alignment`` maps parameter names to the mean GAO scale over the epoch's steps ({} for
     optimizers without ``last_scales``); a NaN scale (no gradient in a step) makes the mean NaN.
+    ``lr``: with a scheduler, the lr every step of the epoch trained with (the optimizer's first
+    param group's); None without one (the configured lr throughout).
     """
 
     epoch: int
@@ -44,6 +46,7 @@ class EpochMetrics:
     test_acc: float
     epoch_time: float
     alignment: dict[str, float]
+    lr: float | None = None
 
 
 @dataclasses.dataclass
@@ -120,7 +123,9 @@ def fit(
     optimizer's parameter references stay valid. Each epoch visits every training sample once in
     the order of one ``torch.randperm`` drawn from a CPU generator seeded with ``data_seed``
     (independent of the global RNG), in batches of ``batch_size`` with the last one partial.
-    ``scheduler.step()`` (no argument) is called once per epoch after its optimizer steps.
+    ``scheduler.step()`` (no argument) is called once per epoch after its optimizer steps, so
+    an epoch's steps share one lr (``EpochMetrics.lr``) and a schedule's length is in epochs,
+    whatever the batch size.
     Val and test metrics are computed in eval mode, without gradients: full-batch (the exact mean
     over samples, or over positions for (N, T) targets) when ``eval_batch_size`` is None, else in
     batches of ``eval_batch_size`` in data order, each metric the unweighted mean of the batch
@@ -154,6 +159,7 @@ def fit(
         order = torch.randperm(n_train, generator=generator).to(device)
         losses = []
         scales = ScaleMean()
+        lr = None if scheduler is None else float(optimizer.param_groups[0]["lr"])
         for idx in order.split(batch_size):
             optimizer.zero_grad()
             loss = loss_fn(model(data.x_train[idx]), data.y_train[idx])
@@ -175,7 +181,7 @@ def fit(
         if (mean := scales.mean()) is not None:
             parts.append(mean)
         values = torch.cat(parts).tolist()  # the epoch's single host synchronisation
-        metrics = epoch_outcome(epoch, values, step_losses, time.perf_counter() - start, names)
+        metrics = epoch_outcome(epoch, values, step_losses, time.perf_counter() - start, names, lr)
         if isinstance(metrics, str):
             return History(completed, True, metrics)
         completed.append(metrics)
@@ -193,10 +199,11 @@ def epoch_outcome(
     step_losses: torch.Tensor,
     epoch_time: float,
     names: list[str] | None,
+    lr: float | None = None,
 ) -> EpochMetrics | str:
     """An epoch's metrics from its ``values`` [train loss, val loss, val acc, test loss, test
-    acc, *mean scales] and its per-step train losses; the reason instead when it diverged (a
-    non-finite train or val loss)."""
+    acc, *mean scales], its per-step train losses and its ``lr``; the reason instead when it
+    diverged (a non-finite train or val loss)."""
     train_loss, val_loss, val_acc, test_loss, test_acc, *scales_mean = values
     if not math.isfinite(train_loss):
         return _train_divergence(epoch, step_losses)
@@ -211,6 +218,7 @@ def epoch_outcome(
         test_acc=test_acc,
         epoch_time=epoch_time,
         alignment=_alignment(names, scales_mean),
+        lr=lr,
     )
 
 

@@ -11,7 +11,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from optuna.distributions import BaseDistribution, CategoricalDistribution
 
-from gradalign.components import build_dataset, build_model, build_optimizer
+from gradalign.components import build_dataset, build_model, build_optimizer, build_scheduler
 from gradalign.config import validate
 from gradalign.data import Splits
 from gradalign.experiment import resolve_device
@@ -28,10 +28,11 @@ def _range_ends(distribution: BaseDistribution) -> list[Any]:
 
 def check_trial_config(cfg: DictConfig, splits: Splits) -> None:
     """Raise ValueError (a ConfigError) unless a trial of ``cfg`` can start: its config
-    validates and its model and optimizer accept their arguments (built on ``splits``' shape)."""
+    validates and its model, optimizer and lr scheduler accept their arguments (built on
+    ``splits``' shape)."""
     validate(cfg)
     resolve_device(cfg.trainer.device)
-    build_optimizer(cfg, build_model(cfg, splits).parameters())
+    build_scheduler(cfg, build_optimizer(cfg, build_model(cfg, splits).parameters()))
 
 
 def check_search_space(

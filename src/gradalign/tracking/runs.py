@@ -267,6 +267,8 @@ class Run:
             M.EPOCH_TIME: metrics.epoch_time,
             **{f"{M.ALIGNMENT_PREFIX}{name}": s for name, s in metrics.alignment.items()},
         }
+        if metrics.lr is not None:
+            values[M.LR] = metrics.lr
         timestamp = _now_ms()
         self._pending += [Metric(k, v, timestamp, metrics.epoch) for k, v in values.items()]
         if time.perf_counter() - self._last_flush >= self.flush_interval_s:
