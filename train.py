@@ -46,6 +46,7 @@ from gradalign.config import (  # noqa: E402
     validate,
 )
 from gradalign.credentials import mask, mask_logs  # noqa: E402
+from gradalign.hydra_compat import VERSION_BASE  # noqa: E402
 
 register_resolvers(Path(__file__).resolve().parent)
 # Exit statuses of a single run that did not finish: a setting or store the user must fix, a fit
@@ -53,7 +54,7 @@ register_resolvers(Path(__file__).resolve().parent)
 EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 3, 130
 
 
-@hydra.main(config_path="conf", config_name="config", version_base="1.3")
+@hydra.main(config_path="conf", config_name="config", **VERSION_BASE)
 def main(cfg: DictConfig) -> object:
     """Run the composed experiment (see the module docstring): in a sweep, one trial, whose
     outcome (gradalign.sweep.trial.Outcome) goes back to the sweep; alone, one run, whose

@@ -131,10 +131,11 @@ def bare_child(values: list[dict[str, str]], root: Path, overrides: list[str]) -
 
     from gradalign.components import build_dataset, build_model, build_optimizer
     from gradalign.config import register_resolvers
+    from gradalign.hydra_compat import VERSION_BASE
     from gradalign.training import fit
 
     register_resolvers(root)
-    with initialize_config_dir(config_dir=str(root / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(root / "conf"), **VERSION_BASE):
         base = compose("config", overrides=overrides)
     if base.trainer.threads is not None:
         torch.set_num_threads(base.trainer.threads)

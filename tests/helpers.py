@@ -12,6 +12,7 @@ from hydra import compose, initialize_config_dir
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
+from gradalign.hydra_compat import VERSION_BASE
 from gradalign.schema import Metric
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -42,7 +43,7 @@ def options(group: str) -> list[str]:
 
 def compose_config(*overrides: str, hydra: bool = False) -> DictConfig:
     """conf/config.yaml composed with ``overrides``, as train.py composes it."""
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF), **VERSION_BASE):
         return compose("config", overrides=list(overrides), return_hydra_config=hydra)
 
 

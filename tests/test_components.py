@@ -9,7 +9,7 @@ import torch
 from helpers import options
 from omegaconf import OmegaConf
 
-from gradalign import GradientAlignmentOptimizer
+from gradalign import GradientAlignmentOptimizer, hydra_compat
 from gradalign.components import (
     build,
     build_dataset,
@@ -21,6 +21,7 @@ from gradalign.components import (
 )
 from gradalign.config import ConfigError
 from gradalign.data import Splits
+from gradalign.hydra_compat import TRUSTED_TARGETS
 from gradalign.models.linear import Linear
 from gradalign.models.transformer import Transformer
 from gradalign.training import fit
@@ -158,9 +159,31 @@ def test_every_optimizer_builds_with_every_setting_and_steps(compose_cfg, name):
     assert not torch.equal(layer.weight, before)
 
 
-def test_name_is_a_label_not_an_argument():
+@pytest.fixture
+def trusted_dict(monkeypatch):
+    """builtins.dict as a trusted target (Hydra 1.4 resolves only those): a component that
+    returns its arguments."""
+    monkeypatch.setattr(hydra_compat, "TRUSTED_TARGETS", (*TRUSTED_TARGETS, "builtins.dict"))
+
+
+def test_name_is_a_label_not_an_argument(trusted_dict):
     built = build("model", OmegaConf.create({"_target_": "builtins.dict", "name": "x", "a": 1}))
     assert built == {"a": 1}
+
+
+def test_a_target_outside_the_trusted_packages_is_one_line_on_hydra_1_4():
+    """Hydra 1.4 resolves a _target_ only in the packages trusted code names (its execution
+    whitelist, which Hydra 1.5 enforces); Hydra 1.3 resolves any."""
+    node = OmegaConf.create({"_target_": "builtins.dict", "name": "x", "a": 1})
+    if not hydra_compat.HYDRA_14:
+        assert build("model", node) == {"a": 1}
+        return
+    with pytest.raises(ConfigError) as info:
+        build("model", node)
+    assert str(info.value) == (
+        "invalid model config 'x' (model.a=1): Target 'builtins.dict' is not in the Hydra "
+        "execution whitelist."
+    )
 
 
 @pytest.mark.parametrize(
@@ -220,7 +243,7 @@ def test_dataset_refusals_are_config_errors(compose_cfg, cache, overrides, needl
     assert "invalid dataset config 'mnist1d'" in str(info.value) and needle in str(info.value)
 
 
-def test_a_target_that_does_not_return_splits_is_refused(compose_cfg):
+def test_a_target_that_does_not_return_splits_is_refused(compose_cfg, trusted_dict):
     cfg = compose_cfg("dataset._target_=builtins.dict", "~dataset.generation")
     with pytest.raises(ConfigError, match="returned dict, not gradalign.data.Splits"):
         build_dataset(cfg)

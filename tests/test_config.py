@@ -5,13 +5,21 @@ option adds its cases, and no test lists the options."""
 
 import os
 import re
+import warnings
 
 import pytest
 from helpers import CONF, REPO_ROOT, options
 from omegaconf import OmegaConf
 from optuna.distributions import FloatDistribution
 
-from gradalign.config import ConfigError, anchored_uri, config_hash, flatten, validate
+from gradalign.config import (
+    ConfigError,
+    anchored_uri,
+    config_hash,
+    flatten,
+    register_resolvers,
+    validate,
+)
 from gradalign.sweep.search_space import parse
 from gradalign.tracking import tracking_uri
 
@@ -41,6 +49,17 @@ def test_every_option_of_every_group_composes_and_validates(compose_cfg, group, 
     node = OmegaConf.select(cfg, group)  # None for a preset (@package _global_)
     if node is not None and "_target_" in node:  # a component: named for tags after its file
         assert node.name == option
+
+
+def test_resolvers_and_composition_warn_on_neither_hydra(compose_cfg):
+    """gradalign.hydra_compat's spellings: Hydra 1.3 warns without version_base="1.3", Hydra 1.4
+    with any version_base; OmegaConf 2.4 deprecates register_new_resolver, which 2.3 needs."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        register_resolvers(REPO_ROOT)
+        cfg = compose_cfg("optimizer=gao", "scheduler=cosine")
+        assert cfg.paths.data_cache == f"{REPO_ROOT.resolve()}/.cache/data"
+        assert cfg.scheduler.T_max == cfg.trainer.epochs
 
 
 @pytest.mark.parametrize("optimizer", options("optimizer"))

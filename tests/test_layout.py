@@ -4,11 +4,16 @@ the optimizer's import loads torch but none of the pipeline's dependencies, so t
 drops into any PyTorch project."""
 
 import ast
+import importlib.util
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from helpers import REPO_ROOT
+
+from gradalign.hydra_compat import VERSION_BASE
 
 PACKAGE = REPO_ROOT / "src" / "gradalign"
 # Rank of each top-level module or subpackage: a module imports only modules of lower rank (and
@@ -16,6 +21,7 @@ PACKAGE = REPO_ROOT / "src" / "gradalign"
 RANKS = {
     "optim": 0,
     "checks": 0,
+    "hydra_compat": 0,
     "schema": 0,
     "processes": 0,
     "credentials": 0,
@@ -98,12 +104,10 @@ def test_the_package_and_its_config_module_load_neither_torch_nor_mlflow():
     assert not _loaded_after("import gradalign.config") & {"torch", "mlflow", "optuna"}
 
 
-HYDRA_APP = """
-import sys
-sys.modules["hydra_plugins.hydra_optuna_sweeper"] = None  # as if it were not installed
+HYDRA_APP = f"""
 import hydra
 
-@hydra.main(version_base=None, config_path=None)
+@hydra.main(config_path=None, **{VERSION_BASE!r})
 def main(cfg):
     print("ran")
 
@@ -113,11 +117,22 @@ main()
 
 def test_the_plugin_shims_are_silent_in_any_hydra_app_when_the_study_is_not_installed(tmp_path):
     """gradalign's Hydra plugins are installed with the optimizer: a Hydra app of the user's own,
-    in an environment without the study's hydra-optuna-sweeper, must not hear of them."""
+    in an environment without the study's hydra-optuna-sweeper, must not hear of them. The
+    environment: Hydra, its dependencies and gradalign alone on the path (no site-packages, so
+    neither the sweeper's modules nor its entry points, which Hydra 1.4 loads too)."""
+    site = tmp_path / "site"
+    site.mkdir()
+    for name in ("hydra", "omegaconf", "yaml", "antlr4", "packaging"):  # antlr4: Hydra 1.3's
+        spec = importlib.util.find_spec(name)
+        if spec is not None:
+            (site / name).symlink_to(Path(spec.origin).parent)
+    (site / "gradalign").symlink_to(PACKAGE)
+    (site / "hydra_plugins").symlink_to(REPO_ROOT / "src" / "hydra_plugins")
     (tmp_path / "app.py").write_text(HYDRA_APP)
     result = subprocess.run(
-        [sys.executable, "app.py", f"hydra.run.dir={tmp_path / 'out'}"],
+        [sys.executable, "-S", "app.py", f"hydra.run.dir={tmp_path / 'out'}"],
         cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(site)},
         capture_output=True,
         text=True,
         timeout=120,

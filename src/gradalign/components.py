@@ -36,6 +36,7 @@ from omegaconf import DictConfig, OmegaConf
 from gradalign.checks import is_number
 from gradalign.config import ConfigError
 from gradalign.data import Splits
+from gradalign.hydra_compat import trusted
 from gradalign.optim import resolve_base
 
 _ARGUMENT_ERRORS = (ValueError, TypeError, IndexError, KeyError)
@@ -87,8 +88,10 @@ def _instantiate(
     """``spec`` (the node ``shown``, or a part of it) instantiated with ``args`` and ``kwargs``;
     a refusal of its arguments is a ConfigError naming ``group``, ``label`` and ``shown``."""
     try:
-        return instantiate(spec, *args, _convert_="all", **kwargs)
-    except InstantiationException as error:
+        return instantiate(spec, *args, _convert_="all", **trusted(), **kwargs)
+    except _ARGUMENT_ERRORS as error:  # Hydra 1.4 raises the target's own error
+        raise _refusal(group, label, shown, error) from None
+    except InstantiationException as error:  # Hydra 1.3 wraps it
         cause = error.__cause__
         if isinstance(cause, ImportError):
             raise ConfigError(
@@ -97,7 +100,8 @@ def _instantiate(
             ) from None
         if cause is not None and not isinstance(cause, _ARGUMENT_ERRORS):
             raise cause from None  # not a config problem (a full disk, a bug): as it is
-        raise _refusal(group, label, shown, cause or error) from None
+        # (no cause: Hydra's own refusal, e.g. Hydra 1.4's of a target outside TRUSTED_TARGETS)
+        raise _refusal(group, label, shown, cause or str(error).splitlines()[0]) from None
 
 
 def _refusal(group: str, label: Any, spec: dict[str, Any], reason: Any) -> ConfigError:

@@ -27,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from gradalign.checks import UserError, is_int, is_number
 from gradalign.credentials import mask
+from gradalign.hydra_compat import VERSION_BASE, register_resolver
 
 # Keys that say where and how things run, not what is computed: never logged as params nor hashed.
 NOT_PARAMS = ("paths", "tracking", "parallel", "reference", "dataset.cache_dir")
@@ -44,9 +45,9 @@ def register_resolvers(repo_root: str | Path) -> None:
     directory nor on Hydra's run directory.
     """
     root = str(Path(repo_root).resolve())
-    OmegaConf.register_new_resolver("repo_root", lambda: root, replace=True)
-    OmegaConf.register_new_resolver("cpu_count", lambda: len(os.sched_getaffinity(0)), replace=True)
-    OmegaConf.register_new_resolver("options", lambda group: options(root, group), replace=True)
+    register_resolver("repo_root", lambda: root)
+    register_resolver("cpu_count", lambda: len(os.sched_getaffinity(0)))
+    register_resolver("options", lambda group: options(root, group))
 
 
 def options(root: str | Path, group: str) -> str:
@@ -150,7 +151,7 @@ def checkout_config(overrides: Iterable[str]) -> DictConfig:
     composes it: what the command-line tools (doctor, ui) read the store's settings from."""
     root = repo_root()
     register_resolvers(root)
-    with initialize_config_dir(config_dir=str(root / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(root / "conf"), **VERSION_BASE):
         return compose("config", overrides=list(overrides))
 
 

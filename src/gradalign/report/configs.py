@@ -20,6 +20,7 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from gradalign.config import NOT_HASHED, ConfigError, flatten, validate
+from gradalign.hydra_compat import VERSION_BASE
 from gradalign.schema import Param
 
 # One thread per process: results do not depend on the core count, and parallel runs do not
@@ -36,7 +37,7 @@ def _compose(conf_dir: Path, overrides: Sequence[str], hydra: bool = False) -> D
 def _composed(conf_dir: Path, overrides: tuple[str, ...], hydra: bool) -> DictConfig:
     """Each composition once per process: a study composes the same ones for every part it
     reports, and one Hydra composition costs far more than a copy."""
-    with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(conf_dir), **VERSION_BASE):
         try:
             return compose("config", overrides=list(overrides), return_hydra_config=hydra)
         except HydraException as error:

@@ -26,6 +26,7 @@ from optuna.pruners import BasePruner, NopPruner
 from optuna.samplers import RandomSampler
 from optuna.trial import Trial
 
+from gradalign.hydra_compat import trusted
 from gradalign.training import History
 
 JOURNAL = (
@@ -53,7 +54,7 @@ def build_pruner(node: Mapping[str, Any] | None) -> BasePruner:
             "successive_halving|hyperband)"
         )
     try:
-        return instantiate(spec, _convert_="all")
+        return instantiate(spec, _convert_="all", **trusted())
     except Exception as error:
         cause = error.__cause__ or error
         arguments = {k: v for k, v in spec.items() if k != "_target_"}

@@ -4,9 +4,11 @@ and a TPE sampler that resumes a stored study without repeating itself.
 
 hydra-optuna-sweeper 1.3.0's sampler configs were written for Optuna 2.10: they pass arguments
 current Optuna deprecates (each a FutureWarning) even at their defaults, and name
-``MOTPESampler``, which Optuna 4 removed (its TPE samples several objectives itself).
-``build_sampler`` drops the deprecated arguments that still hold their defaults, maps MOTPE to
-TPE, and gives every sampler the sweep's seed unless its own config sets one.
+``MOTPESampler``, which Optuna 4 removed (its TPE samples several objectives itself; 1.4's
+motpe config names a function that says so). ``build_sampler`` drops the deprecated arguments
+that still hold their defaults, maps motpe to TPE on both, and gives every sampler the sweep's
+seed unless its own config sets one (1.4's nsgaii and nsgaiii name factory functions that pass
+it on).
 """
 
 from __future__ import annotations
@@ -16,15 +18,20 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-from hydra.utils import get_class, instantiate
+from hydra.utils import get_object, instantiate
 from optuna.distributions import BaseDistribution
 from optuna.samplers import TPESampler
 from optuna.study import Study
 from optuna.trial import FrozenTrial
 
+from gradalign.hydra_compat import trusted
+
 log = logging.getLogger(__name__)
-_TPE, _MOTPE, _CMAES = (
-    f"optuna.samplers.{name}" for name in ("TPESampler", "MOTPESampler", "CmaEsSampler")
+_TPE, _CMAES = (f"optuna.samplers.{name}" for name in ("TPESampler", "CmaEsSampler"))
+# motpe's target in hydra-optuna-sweeper 1.3 and in 1.4
+_MOTPE = (
+    "optuna.samplers.MOTPESampler",
+    "hydra_plugins.hydra_optuna_sweeper.config.raise_motpe_removed",
 )
 # Arguments the stock configs always pass that current Optuna deprecates, with the values that
 # leave Optuna's behaviour as it is: dropped when they hold those values.
@@ -72,7 +79,7 @@ def build_sampler(node: Mapping[str, Any], seed: int | None) -> Any:
     ``functools.partial`` for the grid sampler, as the stock sweeper expects)."""
     spec = dict(node)
     target = spec.pop("_target_")
-    if target == _MOTPE:
+    if target in _MOTPE:
         log.info("sampler=motpe: Optuna >= 4 samples several objectives with TPE")
         spec["n_ei_candidates"] = spec.pop("n_ehvi_candidates", 24)
         target = _TPE
@@ -83,8 +90,10 @@ def build_sampler(node: Mapping[str, Any], seed: int | None) -> Any:
         spec.pop("warn_independent_sampling", None)  # it only ever warned for multivariate TPE
     if target == _CMAES and spec.get("restart_strategy") is None:
         spec.pop("inc_popsize", None)  # without a restart strategy it does nothing
-    cls = ResumableTPESampler if target == _TPE else get_class(target)
-    if spec.get("seed") is None and "seed" in inspect.signature(cls).parameters:
+    make = ResumableTPESampler if target == _TPE else get_object(target)  # a class or a factory
+    if spec.get("seed") is None and (
+        "seed" in spec or "seed" in inspect.signature(make).parameters
+    ):
         spec["seed"] = seed
-    spec["_target_"] = f"{cls.__module__}.{cls.__qualname__}"
-    return instantiate(spec)
+    spec["_target_"] = f"{make.__module__}.{make.__qualname__}"
+    return instantiate(spec, **trusted())

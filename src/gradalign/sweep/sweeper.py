@@ -54,6 +54,7 @@ from optuna.trial import Trial, TrialState
 from gradalign import credentials, databases, processes, tracking
 from gradalign.components import build_dataset
 from gradalign.config import anchored_uri, discard_output_dir, hydra_quoted
+from gradalign.hydra_compat import trusted
 from gradalign.schema import Tag
 from gradalign.sweep import search_space, slurm, summary
 from gradalign.sweep.checks import check_search_space, check_trial_config
@@ -159,7 +160,11 @@ class OptunaSweep:
         self.n_trials, self.n_jobs, self.budget_rate = n_trials, n_jobs, max_failure_rate
         self.params = params
         self.extend = (
-            instantiate({"_target_": custom_search_space, "_partial_": True})
+            # the setting names the function to run: trusted as Hydra trusts a plugin it loads
+            instantiate(
+                {"_target_": custom_search_space, "_partial_": True},
+                **trusted(custom_search_space),
+            )
             if (custom_search_space)
             else None
         )
