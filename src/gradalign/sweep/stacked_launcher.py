@@ -80,7 +80,7 @@ def launch(
         log.info("\t#%d : %s", idx, " ".join(filter_overrides(overrides)))
         sweep_config = hydra_context.config_loader.load_sweep_config(config, list(overrides))
         with open_dict(sweep_config):
-            sweep_config.hydra.job.id = idx
+            sweep_config.hydra.job.id = str(idx)  # JobConf.id is a str (OmegaConf 2.4 warns)
             sweep_config.hydra.job.num = idx
         returns.append(
             run_job(
