@@ -15,6 +15,7 @@
 #   make suite-quick                             # the same with one-epoch runs: a smoke run
 #   make ui                                      # MLflow's UI of mlruns/, printing the links to the runs
 #   make test-slow                               # the slow suite (.ci/run starts its servers)
+#   make test-hydra14                            # the fast suite on Hydra 1.4.0rc3, in .venv-hydra14
 # torch is installed first, by pip, at requirements.txt's pin: the pin picks the version, not the
 # build. Where pip's index offers CUDA builds (PyPI on Linux), ask for the CPU one with
 #   make study TORCH_INDEX=https://download.pytorch.org/whl/cpu
@@ -25,6 +26,8 @@ PYTHON3 ?= python3
 VENV ?= .venv
 # The index torch comes from (empty: pip's own).
 TORCH_INDEX ?=
+# A file of uv --override pins applied over requirements.txt (test-hydra14's).
+OVERRIDE ?=
 # Empty: conf/report.yaml's optimizers and baseline.
 OPTIMIZERS ?=
 BASELINE ?=
@@ -38,18 +41,20 @@ export PATH := $(VIRTUAL_ENV)/bin:$(PATH)
 TORCH = $(shell grep -m1 '^torch==' requirements.txt)
 PICK = $(if $(strip $(OPTIMIZERS)),--optimizers $(OPTIMIZERS)) $(if $(BASELINE),--baseline $(BASELINE))
 
-.PHONY: study study-quick report replica audit suite suite-quick ui test test-slow lint
+.PHONY: study study-quick report replica audit suite suite-quick ui test test-slow lint fast test-hydra14
 
-$(VENV)/.study: requirements.txt pyproject.toml
+$(VENV)/.study: requirements.txt pyproject.toml $(OVERRIDE)
 	@$(PYTHON3) -c 'import sys; sys.version_info >= (3, 11) or sys.exit("make: gradalign needs Python >= 3.11; $(PYTHON3) is " + sys.version.split()[0] + ": pass PYTHON3=python3.11 (or newer)")'
 	test -x $(PY) || $(PYTHON3) -m venv $(VENV)
 	$(PY) -m pip install --quiet uv
 	$(PY) -m pip install --quiet $(TORCH) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
-	$(PY) -m uv pip install --quiet --python $(PY) --compile-bytecode -r requirements.txt
+	$(PY) -m uv pip install --quiet --python $(PY) --compile-bytecode -r requirements.txt \
+		$(if $(OVERRIDE),--override $(OVERRIDE))
 	touch $@
 
-$(VENV)/.test: $(VENV)/.study requirements-ci.txt
-	$(PY) -m uv pip install --quiet --python $(PY) --compile-bytecode -r requirements-ci.txt
+$(VENV)/.test: $(VENV)/.study requirements-ci.txt $(OVERRIDE)
+	$(PY) -m uv pip install --quiet --python $(PY) --compile-bytecode -r requirements-ci.txt \
+		$(if $(OVERRIDE),--override $(OVERRIDE))
 	touch $@
 
 study: $(VENV)/.study
@@ -80,8 +85,14 @@ lint: $(VENV)/.test
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
-test: lint
+test: lint fast
+
+fast: $(VENV)/.test
 	$(PY) -m pytest
+
+# The fast suite on Hydra 1.4 (requirements-hydra14.txt over the pinned set), in a venv of its own.
+test-hydra14:
+	$(MAKE) --no-print-directory fast VENV=.venv-hydra14 OVERRIDE=requirements-hydra14.txt
 
 test-slow: $(VENV)/.test
 	$(PY) -m pytest -m slow
