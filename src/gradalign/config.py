@@ -101,7 +101,7 @@ TRACKING_STORES = (
 # and ``reference`` are free-form: ranges and published values a preset adds.)
 CLOSED_NODES = ("trainer", "seed", "tracking", "paths")
 # The config groups of conf/config.yaml's defaults list: top-level keys besides its own.
-GROUPS = ("dataset", "model", "optimizer", "parallel", "experiment")
+GROUPS = ("dataset", "model", "optimizer", "scheduler", "parallel", "experiment")
 
 
 # (key, check, what is allowed); a rule applies when its key is present in the config.
