@@ -9,11 +9,13 @@ import os
 import pickle
 import re
 import socket
+import threading
 from pathlib import Path
 
 import optuna
 import pytest
 from helpers import asked_lrs, train_in_process
+from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.samplers import TPESampler
@@ -24,6 +26,7 @@ from gradalign.components import build_dataset
 from gradalign.schema import Metric
 from gradalign.sweep import search_space, summary
 from gradalign.sweep.checks import check_search_space
+from gradalign.sweep.runs import open_parent
 from gradalign.sweep.sampler import ResumableTPESampler
 from gradalign.sweep.settings import check_search_keys
 from gradalign.sweep.sweeper import CLAIM, claim_sweep_dir
@@ -518,3 +521,39 @@ def test_a_summary_counts_trials_by_outcome_and_follows_the_best_so_far(tmp_path
     assert summary.best_text(summary.summarize(optuna.create_study())) == (
         "no trial completed with a finite objective"
     )
+
+
+def test_two_processes_ending_one_study_together_leave_the_newer_count(
+    monkeypatch, tmp_path, compose_cfg
+):
+    """Two sweep processes of one study end at once: the first reads the study while the
+    other's last trial still runs, then draws its figure slowly; the other tells that trial
+    and writes its summary. The parent keeps the count read last (3 pruned), never the older
+    one written late (2)."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    (tmp_path / "s").mkdir()
+    cfg = compose_cfg(f"tracking.uri={uri}", f"hydra.sweep.dir={tmp_path / 's'}", hydra=True)
+    parent_run_id = open_parent(cfg)
+    study = optuna.create_study()
+    for _ in range(2):
+        study.tell(study.ask(), state=TrialState.PRUNED)
+    last = study.ask()
+    draw, drawing, released = summary.history_figure, threading.Event(), threading.Event()
+
+    def slowly(*args, **kwargs):
+        if threading.current_thread() is first:
+            drawing.set()
+            released.wait(timeout=3)  # the other process writes meanwhile, if it may
+        return draw(*args, **kwargs)
+
+    monkeypatch.setattr(summary, "history_figure", slowly)
+    ending = (cfg, parent_run_id, study, RunStatus.FINISHED, None)
+    first = threading.Thread(target=summary.finish, args=ending)
+    first.start()
+    assert drawing.wait(timeout=60)
+    study.tell(last, state=TrialState.PRUNED)
+    summary.finish(*ending)
+    released.set()
+    first.join(timeout=60)
+    metrics = MlflowClient(uri).get_run(parent_run_id).data.metrics
+    assert metrics[Metric.TRIALS_PRUNED] == 3

@@ -288,20 +288,30 @@ def finish(
 ) -> bool:
     """The sweep process's last words on its parent run: ``record`` the study's summary (when a
     trial was asked), end the parent with ``status`` unless another process still works in it
-    (``storage``: the Optuna database whose lock serialises that, see close_sweep_parent), and
+    (``storage``: the Optuna database whose lock serialises both, see close_sweep_parent), and
     print end_line (not without ``study``: a sweep its storage stopped counts its trials in its
     own last line). Store failures are logged, not raised: the sweep's own outcome is what the
     user must see. Whether the parent could be written."""
     found = None
-    try:
-        if study is not None:
+
+    def summarize() -> None:
+        nonlocal found
+        try:
             found = record(cfg, parent_run_id, study)
-    except Exception as error:
-        log.warning(
-            "could not write the sweep's summary on MLflow run %s: %s", parent_run_id, error
-        )
+        except Exception as error:
+            log.warning(
+                "could not write the sweep's summary on MLflow run %s: %s", parent_run_id, error
+            )
+
     try:
-        tracking.close_sweep_parent(cfg.tracking, parent_run_id, status, reason, storage=storage)
+        tracking.close_sweep_parent(
+            cfg.tracking,
+            parent_run_id,
+            status,
+            reason,
+            storage=storage,
+            first=summarize if study is not None else None,
+        )
         if study is not None:
             print(end_line(cfg, parent_run_id, found, RunStatus.to_string(status)), flush=True)
     except Exception as error:

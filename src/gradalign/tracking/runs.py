@@ -25,7 +25,7 @@ import signal
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -201,17 +201,23 @@ def close_sweep_parent(
     status: int,
     failure_reason: str | None = None,
     storage: str | None = None,
+    first: Callable[[], None] | None = None,
 ) -> bool:
     """Unregister this process as an owner of the sweep parent ``run_id``; if no other owner
     is alive (owners on other hosts count as alive), end the parent with ``status`` (and tag
     failure_reason). Whether it was ended.
 
     Under the lock ``open_sweep_parent`` takes (``storage`` as there): two owners leaving at
-    once would each see the other and leave the parent RUNNING."""
+    once would each see the other and leave the parent RUNNING. ``first()`` (the sweep's
+    summary of its study) runs under the same lock, so that the summary read last is the
+    summary written last: two processes summarising a shared study at once could otherwise
+    write an older count over a newer one."""
     mlflow, _ = connect(tracking)
     sweep_id = mlflow.get_run(run_id).data.tags.get(Tag.SWEEP_ID, run_id)
     try:
         with _parents_lock(tracking, tracking_uri(tracking), sweep_id, storage):
+            if first is not None:
+                first()
             return _leave_parent(mlflow, run_id, status, failure_reason)
     except databases.LockTimeout as error:
         raise TrackingUnavailable(f"sweep parent: {error}") from None
