@@ -130,14 +130,17 @@ def test_scancel_ends_the_runs_killed_stops_the_sweep_and_the_study_resumes(tmp_
     for run_id, epochs in logged.items():  # each job ended its own run, on SLURM's SIGTERM
         run = client.get_run(run_id)
         assert run.info.status == "KILLED"
-        assert run.data.tags["failure_reason"] == "interrupted (Terminated)"  # not the sweep's
+        assert run.data.tags["failure_reason"] == "interrupted (Terminated)"  # the job's own
         assert len(client.get_metric_history(run_id, Metric.VAL_LOSS)) >= epochs
     before = study_trials(storage, "on-slurm")
     assert [t.state for t in before] == [TrialState.FAIL] * 2
-    for trial in before:
-        assert trial.user_attrs["failure_reason"].startswith("stopped by SLURM: Job ")
-    _, (parent,) = runs(uri, "sweep_parent")
+    for trial in before:  # one record: the trial's reason is its run's, in both stores
+        run = client.get_run(trial.user_attrs["mlflow_run_id"])
+        assert trial.user_attrs["failure_reason"] == run.data.tags["failure_reason"]
+    _, (parent,) = runs(uri, "sweep_parent")  # the sweep's reason names SLURM's job state
     assert parent.info.status == "KILLED"
+    assert parent.data.tags["failure_reason"].startswith("stopped by SLURM: Job ")
+    assert scancelled in parent.data.tags["failure_reason"]
 
     resumed = subprocess.run(
         slurm_command(tmp_path / "second", storage, "hydra.sweeper.n_trials=2", *SAME_STUDY),
