@@ -356,9 +356,50 @@ def test_a_trial_that_finished_before_a_kill_9_is_complete_after_resume_or_docto
             "study 'k': 1 trial(s) left RUNNING by a process that is gone, recorded from their "
             "MLflow runs: 1 complete (trials [0])"
         ) in resumed.stderr
+        assert (  # the study's budget is 2 trials: 1 more, not 2
+            "study 'k': 1 of 2 trials done (hydra.sweeper.n_trials, the study's budget), running "
+            "the 1 missing"
+        ) in resumed.stderr
     trials = assert_stores_agree(uri, storage)
     assert trials[0].value == run.data.metrics[Metric.OBJECTIVE]
-    assert len(trials) == (1 if repair == "doctor" else 3)
+    assert len(trials) == (1 if repair == "doctor" else 2)
+
+
+def test_writes_whose_reply_a_restart_lost_make_no_second_trial_or_run(tmp_path):
+    """A server restart exactly as the store commits: the sweep sees an error for a write that
+    was made, and retries. The first trial asked is committed unanswered: it is failed at once
+    and never counted (the budget of 2 still gets 2 results). The sweep's parent and a trial's
+    run, created unanswered, are found again rather than made twice."""
+    uri, storage = stores(tmp_path)
+    done = subprocess.run(
+        sweep_command(tmp_path, storage, "hydra.sweeper.n_trials=2"),
+        env=with_fault(environment(uri), "lost_replies"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    said = done.stdout + done.stderr
+    assert said.count("server closed the connection unexpectedly (attempt 1); retrying") == 3
+    trials = assert_stores_agree(uri, storage)
+    assert [t.state for t in trials.values()] == [
+        TrialState.FAIL,
+        TrialState.COMPLETE,
+        TrialState.COMPLETE,
+    ]
+    assert trials[0].user_attrs["failure_reason"] == (
+        "its ask was interrupted by a store fault and asked again"
+    )
+    assert "mlflow_run_id" not in trials[0].user_attrs
+    (parent,) = [r for r in runs(uri) if r.data.tags.get("stage") == "sweep_parent"]
+    assert parent.data.params["sweeper.n_trials"] == "2"
+    assert parent.info.status == "FINISHED"
+    assert parent.data.metrics[Metric.TRIALS_COMPLETE] == 2
+    assert parent.data.metrics[Metric.TRIALS_FAILED] == 1
+    trial_runs = [r for r in runs(uri) if r.data.tags.get("stage") == "sweep"]
+    assert sorted(r.data.tags["optuna_trial"] for r in trial_runs) == ["1", "2"]
+    assert {trials[int(r.data.tags["optuna_trial"])].user_attrs["mlflow_run_id"] for r in
+            trial_runs} == {r.info.run_id for r in trial_runs}  # fmt: skip
 
 
 def test_ctrl_c_after_a_stacked_batch_trained_records_its_trials_complete(tmp_path):
@@ -379,9 +420,15 @@ def test_ctrl_c_after_a_stacked_batch_trained_records_its_trials_complete(tmp_pa
     assert interrupted.stderr.strip().splitlines()[-1].startswith("interrupted: the study 'k'")
     trials = assert_stores_agree(uri, storage)
     assert [t.state for t in trials.values()] == [TrialState.COMPLETE] * 3
-    resumed = subprocess.run(command, env=environment(uri), capture_output=True, timeout=600)
-    assert resumed.returncode == 0
-    assert len(assert_stores_agree(uri, storage)) == 6
+    resumed = subprocess.run(
+        command, env=environment(uri), capture_output=True, text=True, timeout=600
+    )
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert (
+        "study 'k': 3 of 3 trials done (hydra.sweeper.n_trials, the study's budget), so no "
+        "trial runs; a larger hydra.sweeper.n_trials adds trials"
+    ) in resumed.stderr
+    assert len(assert_stores_agree(uri, storage)) == 3
 
 
 def test_a_kill_9_while_the_mlflow_store_is_created_leaves_none_and_the_next_run_works(tmp_path):

@@ -26,6 +26,7 @@ RANKS = {
     "processes": 0,
     "credentials": 0,
     "config": 1,
+    "budget": 1,
     "databases": 1,
     "data": 1,
     "models": 1,

@@ -148,7 +148,7 @@ def test_two_sweeps_share_a_fresh_postgres_study_and_a_postgres_tracking_server(
         command = sweep_command(
             tmp_path / "sweep",
             "optimizer=gao",
-            "hydra.sweeper.n_trials=3",
+            "hydra.sweeper.n_trials=6",  # the study's budget, which both processes fill
             "trainer.epochs=2",
             f"hydra.sweeper.storage={storage}",
             "hydra.sweeper.study_name=shared-pg",

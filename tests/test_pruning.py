@@ -250,7 +250,7 @@ def test_a_resumed_study_prunes_against_the_trials_stored_before(monkeypatch, tm
     )
     first = [*argv, f"hydra.sweep.dir={tmp_path / 'a'}", "hydra.sweeper.n_trials=2"]
     assert train_in_process(monkeypatch, *first) == 0  # the two trials the median needs
-    resumed = [*argv, f"hydra.sweep.dir={tmp_path / 'b'}", "hydra.sweeper.n_trials=3"]
+    resumed = [*argv, f"hydra.sweep.dir={tmp_path / 'b'}", "hydra.sweeper.n_trials=5"]  # 3 more
     assert train_in_process(monkeypatch, *resumed) == 0
     trials = optuna.load_study(study_name="r", storage=storage).trials
     assert [t.state.name for t in trials] == STATES

@@ -171,12 +171,13 @@ def test_parallel_launcher_runs_trials_at_once_and_tracks_every_one(tmp_path, pr
 
 def test_two_sweep_processes_share_one_study_and_one_parent(tmp_path):
     """The idle-free pattern: independent `train.py -m` processes on one Optuna storage, here
-    started together with the same sweep directory (the second claims <dir>-1)."""
+    started together with the same sweep directory (the second claims <dir>-1), fill the
+    study's one budget (n_trials) together, never past it."""
     uri, storage = sqlite_uri(tmp_path), f"sqlite:///{tmp_path / 'optuna.db'}"
     command = sweep_command(
         tmp_path / "sweep",
         "optimizer=gao",
-        "hydra.sweeper.n_trials=3",
+        "hydra.sweeper.n_trials=6",
         "trainer.epochs=2",
         f"hydra.sweeper.storage={storage}",
         "hydra.sweeper.study_name=shared",
@@ -184,7 +185,7 @@ def test_two_sweep_processes_share_one_study_and_one_parent(tmp_path):
     run_together(command, environment(uri), copies=2, timeout=300)
 
     trials = study_trials(storage, "shared")
-    assert len(trials) == 6  # 3 + 3
+    assert len(trials) == 6  # the study's budget, not 6 per process
     sweep_runs = assert_complete_and_tracked(uri, trials, epochs=2)
     _, (parent,) = runs(uri, "sweep_parent")
     assert parent.data.tags["sweep_id"] == "optuna:shared"
@@ -289,7 +290,8 @@ def test_interrupted_sweep_ends_killed_and_resumes_without_repeating_trials(tmp_
     assert [t.state for t in before] == [TrialState.COMPLETE, TrialState.FAIL]
     assert before[1].user_attrs["failure_reason"] == f"interrupted ({reason})"
 
-    run(sweep_command(tmp_path / "second", "hydra.sweeper.n_trials=2", *overrides), uri)
+    # a budget of 3: 1 trial done, so the 2 missing run
+    run(sweep_command(tmp_path / "second", "hydra.sweeper.n_trials=3", *overrides), uri)
     after = study_trials(storage, "resume")
     assert after[0].params == before[0].params and after[0].value == before[0].value
     assert [t.state for t in after[2:]] == [TrialState.COMPLETE] * 2

@@ -186,10 +186,10 @@ def test_a_stacked_sweep_resumes_its_stored_study(monkeypatch, tmp_path, tiny):
     ]
     first = [*argv, "hydra.sweeper.n_trials=3", f"hydra.sweep.dir={tmp_path / 'a'}"]
     assert train_in_process(monkeypatch, *first) == 0
-    resumed = [*argv, "hydra.sweeper.n_trials=2", f"hydra.sweep.dir={tmp_path / 'b'}"]
+    resumed = [*argv, "hydra.sweeper.n_trials=5", f"hydra.sweep.dir={tmp_path / 'b'}"]
     assert train_in_process(monkeypatch, *resumed) == 0
     trials = optuna.load_study(study_name="r", storage=storage).trials
-    assert [t.number for t in trials] == [0, 1, 2, 3, 4]  # 3, then 2 more
+    assert [t.number for t in trials] == [0, 1, 2, 3, 4]  # 3, then the budget of 5 grown by 2
     assert all(t.state == TrialState.COMPLETE for t in trials)
     sweep_runs = runs(uri, f"tags.stage = '{Stage.SWEEP}'")
     assert sorted(int(r.data.tags[Tag.OPTUNA_TRIAL]) for r in sweep_runs) == [0, 1, 2, 3, 4]

@@ -27,6 +27,7 @@ from gradalign.report.study import (
     part_settings,
     run_sweeps,
     study_label,
+    sweep_commands,
     sweep_of,
     trials_left,
 )
@@ -190,9 +191,15 @@ def test_trials_left_counts_the_completed_trials_of_each_stored_study(tmp_path):
     for value in (1.0, 2.0):
         study.tell(study.ask(), value)
     study.tell(study.ask(), state=optuna.trial.TrialState.FAIL)  # does not count
-    study.ask()  # RUNNING (a killed sweep's): does not count
+    study.ask()  # RUNNING (a killed sweep's): not done, its sweep completes it from MLflow
     assert trials_left(storage, [adam, gao], 5) == {adam: 5, gao: 3}
     assert trials_left(storage, [gao], 2) == {gao: 0}
+    # each sweep started gets the study's budget, not what is missing: the sweep loop runs
+    # the missing trials itself (3 here; given n_trials=3 it would run 1)
+    commands = sweep_commands(REPO_ROOT, tmp_path, [adam, gao], 5)
+    assert [c for c in commands[gao.study_name] if "n_trials" in c] == ["hydra.sweeper.n_trials=5"]
+    assert "hydra.sweeper.n_trials=5" in commands[adam.study_name]
+    assert sweep_commands(REPO_ROOT, tmp_path, [adam, gao], 2).keys() == {adam.study_name}
 
 
 def test_a_failing_sweep_stops_the_others_and_shows_its_log(tmp_path):

@@ -84,8 +84,8 @@ def stores(tmp_path, tiny):
 
 
 def failing_fits(monkeypatch, *plan):
-    """Make the k-th fit of this process do plan[k]: "ok", "raise" (after logging its first
-    epoch), or "diverge" (its optimizer's lr set to 1e6 first)."""
+    """Make the k-th fit of this process do plan[k]: "ok", "raise" or "interrupt" (Ctrl-C)
+    after logging its first epoch, or "diverge" (its optimizer's lr set to 1e6 first)."""
     real, calls = experiment.fit, []
 
     def fit(model, optimizer, *args, on_epoch, **kwargs):
@@ -99,6 +99,8 @@ def failing_fits(monkeypatch, *plan):
             on_epoch(metrics)
             if what == "raise":
                 raise RuntimeError("disk on fire")
+            if what == "interrupt":
+                raise KeyboardInterrupt
 
         return real(model, optimizer, *args, on_epoch=raising, **kwargs)
 
@@ -108,14 +110,16 @@ def failing_fits(monkeypatch, *plan):
 def test_failed_and_diverged_trials_are_recorded_in_both_systems_and_the_sweep_goes_on(
     monkeypatch, capsys, stores
 ):
+    """A raised trial is no result: the sweep goes on, and runs another in its place (the
+    budget, n_trials=2, counts results); a diverged trial is one."""
     overrides, trials, sweep_runs = stores
     failing_fits(monkeypatch, "ok", "raise", "diverge")
     code = train_in_process(
         monkeypatch,
         "-m",
         "optimizer=sgd",
-        "hydra.sweeper.n_trials=3",
-        "hydra.sweeper.max_failure_rate=0.34",
+        "hydra.sweeper.n_trials=2",
+        "hydra.sweeper.max_failure_rate=0.5",
         *overrides,
     )
     assert code == 0
@@ -192,7 +196,7 @@ def check_parent_summary(capsys, client, runs, best):
     assert {"params.`optimizer.lr`", "params.`optimizer.momentum`"} <= set(runs["selectedColumns"])
 
     out = capsys.readouterr().out.splitlines()
-    assert out[0].startswith("sweep of sgd: 3 trials, outputs in ")
+    assert out[0].startswith("sweep of sgd: 2 trials, outputs in ")
     assert out[1].startswith(f"MLflow parent run {parent.info.run_id}, its trials at http://")
     assert out[-1].startswith(
         "sweep FINISHED: 3 trials: 1 complete, 1 diverged, 1 failed, 0 pruned; "
@@ -403,14 +407,14 @@ def test_a_study_name_belongs_to_one_configuration(monkeypatch, capsys, stores):
     assert "optimizer.name: gao in the study, adam now" in err
     assert len(trials()) == before  # nothing added to the GAO study
     resumed = train_in_process(
-        monkeypatch, "-m", "optimizer=gao", "hydra.sweeper.n_trials=1", *overrides
+        monkeypatch, "-m", "optimizer=gao", "hydra.sweeper.n_trials=2", *overrides
     )
     assert resumed == 0 and len(trials()) == before + 1  # the same configuration resumes
 
 
-def sweep_once(monkeypatch, overrides, *extra):
+def sweep_once(monkeypatch, overrides, *extra, budget=1):
     return train_in_process(
-        monkeypatch, "-m", "optimizer=sgd", "hydra.sweeper.n_trials=1", *overrides, *extra
+        monkeypatch, "-m", "optimizer=sgd", f"hydra.sweeper.n_trials={budget}", *overrides, *extra
     )
 
 
@@ -423,7 +427,7 @@ def test_a_stored_study_resumes_after_its_mlflow_store_moved_and_keeps_its_paren
     (tmp_path / "mlflow.db").rename(tmp_path / "moved.db")
     moved = [o for o in overrides if not o.startswith("tracking.uri=")]
     moved.append(f"tracking.uri=sqlite:///{tmp_path / 'moved.db'}")
-    assert sweep_once(monkeypatch, moved) == 0
+    assert sweep_once(monkeypatch, moved, budget=2) == 0
     assert [t.number for t in trials()] == [0, 1]
     runs = MlflowClient(f"sqlite:///{tmp_path / 'moved.db'}").search_runs(
         ["1"], "tags.stage = 'sweep'", order_by=["tags.optuna_trial"]
@@ -454,6 +458,38 @@ def test_a_new_study_beside_the_mlflow_sweep_of_its_name_is_refused_never_merged
     assert len(sweep_runs()) == 1 and trials() == []  # nothing merged under the old parent
 
 
+def test_a_rerun_completes_the_studys_budget_and_a_larger_one_adds_trials(
+    monkeypatch, capsys, stores
+):
+    """hydra.sweeper.n_trials is the study's budget. Interrupted at its second trial, a sweep
+    of 3 is resumed by the same command, which runs the 2 trials missing (the interrupted one
+    is no result), not 3 more; run again, it runs none; a larger n_trials adds trials."""
+    overrides, trials, sweep_runs = stores
+    failing_fits(monkeypatch, "ok", "interrupt", "ok", "ok", "ok")
+    assert sweep_once(monkeypatch, overrides, budget=3) == 130
+    assert [t.state for t in trials()] == [TrialState.COMPLETE, TrialState.FAIL]
+    capsys.readouterr()
+    assert sweep_once(monkeypatch, overrides, budget=3) == 0
+    said = capsys.readouterr()
+    assert (
+        "study 's': 1 of 3 trials done (hydra.sweeper.n_trials, the study's budget), running "
+        "the 2 missing" in said.err.splitlines()
+    )
+    assert "2 trials, outputs in" in said.out
+    complete = [TrialState.COMPLETE] * 2
+    assert [t.state for t in trials()] == [TrialState.COMPLETE, TrialState.FAIL, *complete]
+    assert sweep_once(monkeypatch, overrides, budget=3) == 0
+    assert (
+        "study 's': 3 of 3 trials done (hydra.sweeper.n_trials, the study's budget), so no "
+        "trial runs; a larger hydra.sweeper.n_trials adds trials"
+        in capsys.readouterr().err.splitlines()
+    )
+    assert len(trials()) == 4
+    assert sweep_once(monkeypatch, overrides, budget=4) == 0  # the explicit way to add
+    assert [t.state for t in trials()][4:] == [TrialState.COMPLETE]
+    assert [r.info.status for r in sweep_runs()] == ["FINISHED", "KILLED", *["FINISHED"] * 3]
+
+
 def test_a_sweep_whose_every_trial_diverged_fails(monkeypatch, capsys, stores):
     overrides, trials, sweep_runs = stores
     failing_fits(monkeypatch, "diverge", "diverge")
@@ -470,11 +506,11 @@ def test_a_relative_storage_is_taken_from_the_repository_root_whatever_the_cwd(
 ):
     root = tmp_path / "repo"
     (root / "outputs").mkdir(parents=True)
-    for cwd in ("first", "second"):  # a resume from another working directory
+    for budget, cwd in enumerate(("first", "second"), 1):  # a resume from another directory
         (tmp_path / cwd).mkdir()
         monkeypatch.chdir(tmp_path / cwd)
         code = train_in_process(
-            monkeypatch, "-m", *tiny, "trainer.epochs=1", "hydra.sweeper.n_trials=1",
+            monkeypatch, "-m", *tiny, "trainer.epochs=1", f"hydra.sweeper.n_trials={budget}",
             f"paths.root={root}", f"hydra.sweep.dir={tmp_path / cwd / 's'}",
             f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
             "hydra.sweeper.storage=sqlite:///outputs/optuna.db", "hydra.sweeper.study_name=rel",

@@ -172,7 +172,9 @@ def exclusive(url: str, name: str, timeout_s: float) -> Iterator[None]:
         try:
             yield
         finally:
-            connection.execute("SELECT pg_advisory_unlock(%s)", (lock_key(name),))
+            # A server that restarted meanwhile has ended the connection, and the lock with it.
+            with contextlib.suppress(psycopg.OperationalError):
+                connection.execute("SELECT pg_advisory_unlock(%s)", (lock_key(name),))
 
 
 def store_lock(url: str, name: str, timeout_s: float) -> contextlib.AbstractContextManager[Any]:

@@ -33,12 +33,13 @@ from omegaconf import DictConfig
 from optuna.trial import TrialState
 
 from gradalign import processes, tracking
+from gradalign.budget import OWNER
 from gradalign.config import anchored_uri, checkout_config, repo_root
 from gradalign.credentials import MASK, mask
 from gradalign.schema import Param, Stage, Tag
 from gradalign.sweep.runs import trial_run_finder
 from gradalign.sweep.studies import open_storage
-from gradalign.sweep.trial import COMPLETE, DIVERGED, FAILED, OWNER, PRUNED, settle
+from gradalign.sweep.trial import COMPLETE, DIVERGED, FAILED, PRUNED, settle
 
 log = logging.getLogger(__name__)
 REASON = "its process {owner} is gone (ended by python -m gradalign.doctor)"

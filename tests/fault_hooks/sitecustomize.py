@@ -9,7 +9,11 @@ once that module is imported:
 - ``interrupt_after_stacked_batch``: a sweep process gets Ctrl-C (SIGINT) as soon as its first
   stacked batch trained: every run of the batch FINISHED, no trial told;
 - ``kill_in_migration``: any process kills itself halfway through creating a database schema
-  (alembic's 10th revision step), as a kill -9 at that moment would.
+  (alembic's 10th revision step), as a kill -9 at that moment would;
+- ``lost_replies``: in a sweep process, the first Optuna trial created and the first MLflow
+  runs created (the sweep's parent, a trial's) are committed, and then the connection fails as
+  if the server restarted before it answered: the caller sees a transient error for a write
+  that was made.
 """
 
 import importlib.abc
@@ -78,9 +82,44 @@ def kill_in_migration(migration):
     migration.HeadMaintainer.update_to_step = killing
 
 
+def lose_reply(owner, name, when):
+    """Make ``owner.name`` commit and then raise a transient database error, the first time
+    ``when(*args, **kwargs)`` holds."""
+    from sqlalchemy.exc import OperationalError
+
+    write, lost = getattr(owner, name), []
+
+    def committed_unanswered(*args, **kwargs):
+        result = write(*args, **kwargs)
+        if not lost and when(*args, **kwargs):
+            lost.append(name)
+            reason = Exception("server closed the connection unexpectedly")
+            raise OperationalError(f"{name} (its reply lost)", {}, reason)
+        return result
+
+    setattr(owner, name, committed_unanswered)
+
+
+def lost_trial_reply(storage):
+    # what Optuna's cached storage calls to create a trial
+    lose_reply(storage.RDBStorage, "_create_new_trial", lambda *args, **kwargs: True)
+
+
+def lost_run_replies(sqlalchemy_store):
+    def stage(kwargs):
+        return {tag.key: tag.value for tag in kwargs.get("tags") or []}.get("stage")
+
+    store = sqlalchemy_store.SqlAlchemyStore
+    lose_reply(store, "create_run", lambda *args, **kwargs: stage(kwargs) == "sweep_parent")
+    lose_reply(store, "create_run", lambda *args, **kwargs: stage(kwargs) == "sweep")
+
+
 if FAULT == "kill_after_job" and SWEEP:
     after_import("hydra.core.utils", kill_after_job)
 elif FAULT == "interrupt_after_stacked_batch" and SWEEP:
     after_import("gradalign.experiment", interrupt_after_stacked_batch)
 elif FAULT == "kill_in_migration":
     after_import("alembic.runtime.migration", kill_in_migration)
+elif FAULT == "lost_replies" and SWEEP:
+    after_import("optuna.storages._rdb.storage", lost_trial_reply)
+    after_import("mlflow.store.tracking.sqlalchemy_store", lost_run_replies)

@@ -28,9 +28,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import optuna
-from optuna.trial import TrialState
 
 from gradalign import tracking
+from gradalign.budget import budget
 from gradalign.checks import UserError
 from gradalign.config import hydra_quoted, register_resolvers
 from gradalign.report.audit import write_audit
@@ -84,8 +84,9 @@ class Sweep:
         return f"optuna:{self.study_name}"
 
     def command(self, root: Path, trials: int, folder: Path) -> list[str]:
-        """The train.py command that runs ``trials`` more trials of the sweep, its study
-        stored in ``folder``/optuna.db and its outputs in a folder of its own there."""
+        """The train.py command of the sweep with a budget of ``trials`` (it runs those its
+        study misses), its study stored in ``folder``/optuna.db and its outputs in a folder of
+        its own there."""
         storage = f"sqlite:///{folder / 'optuna.db'}"
         return sweep_command(
             self.optimizer,
@@ -162,22 +163,35 @@ def sweep_of(
 
 
 def trials_left(storage: Path, sweeps: Sequence[Sweep], trials: int) -> dict[Sweep, int]:
-    """How many of its ``trials`` each sweep's stored study still has to run: all of them for a
-    new study, fewer once some completed or were pruned (an earlier or interrupted run of the
-    study)."""
+    """How many of its budget of ``trials`` each sweep's stored study still misses: all of
+    them for a new study, fewer once some are done (gradalign.budget, as the sweep loop counts
+    them); a sweep with none missing is not started. A trial left RUNNING (by a killed sweep)
+    is not done: the sweep, started, completes it from MLflow and counts again."""
     if not storage.exists():
         return dict.fromkeys(sweeps, trials)
     opened = optuna.storages.RDBStorage(f"sqlite:///{storage}")  # once: each opening checks it
     stored = {study.study_name for study in opened.get_all_studies()}
     left = {}
     for sweep in sweeps:
-        done = 0
+        left[sweep] = trials
         if sweep.study_name in stored:
             study = optuna.load_study(study_name=sweep.study_name, storage=opened)
-            finished = (TrialState.COMPLETE, TrialState.PRUNED)
-            done = len(study.get_trials(deepcopy=False, states=finished))
-        left[sweep] = max(0, trials - done)
+            left[sweep] = max(0, trials - budget(study, trials).done)
     return left
+
+
+def sweep_commands(
+    root: Path, folder: Path, sweeps: Sequence[Sweep], trials: int
+) -> dict[str, list[str]]:
+    """The commands of the ``sweeps`` whose study in ``folder``/optuna.db misses some of its
+    budget of ``trials``, by study name: each with that budget, of which the sweep loop runs
+    the trials missing (a study never grows past its budget by being rerun)."""
+    left = trials_left(folder / "optuna.db", sweeps, trials)
+    return {
+        sweep.study_name: sweep.command(root, trials, folder)
+        for sweep, missing in left.items()
+        if missing > 0
+    }
 
 
 def run_sweeps(
@@ -264,13 +278,9 @@ def run_study(settings: StudySettings) -> Path:
             for o in part_report.optimizers
         )  # each part's report takes its best runs from the study's own sweeps
         parts[part.name] = dataclasses.replace(part_report, sweeps=own)
-    left = trials_left(folder / "optuna.db", list(studies.values()), settings.trials)
-    commands = {
-        sweep.study_name: sweep.command(report.root, trials, folder)
-        for sweep, trials in left.items()
-        if trials > 0
-    }
-    log.info("study %s: %d sweep(s), %d stored already", name, len(left), len(left) - len(commands))
+    commands = sweep_commands(report.root, folder, list(studies.values()), settings.trials)
+    stored = len(studies) - len(commands)
+    log.info("study %s: %d sweep(s), %d stored already", name, len(studies), stored)
     start = time.perf_counter()
     budgets = dict.fromkeys(commands, settings.trials)
     with SweepProgress(folder / "optuna.db", budgets) as progress:

@@ -52,7 +52,8 @@ def trial_tags(cfg: DictConfig, sweep_dir: str | Path, sweeper: DictConfig) -> d
 def create_trial_run(cfg: DictConfig, parent_run_id: str, number: int) -> str:
     """Create the MLflow run of trial ``number`` of the sweep that ``cfg`` (the sweep process's
     config) runs, RUNNING under its parent and owned by this process until the trial's job
-    takes it over (start_run with resume_run_id); its id."""
+    takes it over (start_run with resume_run_id); its id. Once, whatever the store's faults:
+    the trial's number under its sweep is the run's key."""
     mlflow, experiment = tracking.connect(cfg.tracking)
     tags = {
         **trial_tags(cfg, cfg.hydra.sweep.dir, cfg.hydra.sweeper),
@@ -63,7 +64,8 @@ def create_trial_run(cfg: DictConfig, parent_run_id: str, number: int) -> str:
         MlflowTag.PARENT_RUN_ID: parent_run_id,
     }
     name = f"{cfg.optimizer.name} (trial {number})"
-    return mlflow.create_run(experiment, tags=tags, run_name=name).info.run_id
+    key = {k: tags[k] for k in (Tag.SWEEP_ID, Tag.STAGE, Tag.OPTUNA_TRIAL)}
+    return mlflow.create_run_once(experiment, tags=tags, run_name=name, key=key)
 
 
 def trial_run_finder(tracking_cfg: DictConfig, key: str) -> Any:

@@ -326,7 +326,8 @@ def interrupted_line(storage: Any, study_name: str | None) -> str:
     if isinstance(storage, str) and study_name:
         return (
             f"interrupted: the study {study_name!r} is stored in {storage}; resume it with the "
-            "same command (hydra.sweeper.n_trials counts the trials to run now)"
+            "same command (it runs the trials missing to hydra.sweeper.n_trials, the study's "
+            "budget)"
         )
     return (
         "interrupted: the study was in memory, so a rerun starts a new one (set "

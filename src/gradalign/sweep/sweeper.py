@@ -8,9 +8,12 @@ its search-space grammar: gradalign.sweep.search_space) and runs, on Optuna's as
    builds: gradalign.sweep.checks), the MLflow store; then open the study (a stored one is
    claimed for this configuration: gradalign.sweep.studies) and complete from MLflow the trials
    a killed process of it left RUNNING (``_settle_left``), and open the sweep's MLflow parent.
-2. **Ask** a batch of ``n_jobs`` trials. Each gets its values, its owner (this process), and
-   its MLflow run, created now, RUNNING under the parent, whose id the trial records (user attr
-   ``mlflow_run_id``) before anything runs.
+2. **Ask** a batch of ``n_jobs`` trials, or fewer: as many as the study's budget
+   (``n_trials``: its results in all, gradalign.budget) still misses, counted before each
+   batch (in the study's turn: processes sharing it fill one budget), so a rerun completes an
+   interrupted study and runs none in a complete one. Each gets its values, its owner (this
+   process), and its MLflow run, created now, RUNNING under the parent, whose id the trial
+   records (user attr ``mlflow_run_id``) before anything runs.
 3. **Launch** the batch through the configured launcher (serial, stacked, joblib, submitit,
    SLURM). Each job trains into its run, ends it with its outcome, and returns the outcome
    (gradalign.sweep.trial.run_trial).
@@ -29,6 +32,7 @@ or ``python -m gradalign.doctor``, completes them from MLflow the same way.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -52,6 +56,7 @@ from optuna.study import Study
 from optuna.trial import Trial, TrialState
 
 from gradalign import credentials, databases, processes, tracking
+from gradalign.budget import OWNER, Budget, budget
 from gradalign.components import build_dataset
 from gradalign.config import anchored_uri, discard_output_dir, hydra_quoted
 from gradalign.hydra_compat import trusted
@@ -70,7 +75,14 @@ from gradalign.sweep.studies import (
     open_storage,
     study_identity,
 )
-from gradalign.sweep.trial import FAILED, OWNER, RUN_ID, Outcome, failed, record, settle
+from gradalign.sweep.trial import (
+    FAILED,
+    RUN_ID,
+    Outcome,
+    failed,
+    record,
+    settle,
+)
 
 log = logging.getLogger(__name__)
 CLAIM = ".sweep_claim"  # created atomically in the sweep directory by the sweep that owns it
@@ -218,11 +230,14 @@ class OptunaSweep:
             space = self._check(arguments)
             self._open_study(space)
             self._settle_left()
+            counted = self._budget()
+            if self.storage is not None and (counted.done or counted.running):
+                print(counted.line(self.study.study_name), file=sys.stderr, flush=True)
             key = self.study.user_attrs.get("gradalign.study_key") if self.study_name else None
             self.parent_run_id = open_parent(self.config, key)
         except (ValueError, databases.StoreUnavailable) as error:
             raise SweepNotStarted(f"{NOT_STARTED}: {error}") from error
-        summary.announce(self.config, self.parent_run_id, self.n_trials)
+        summary.announce(self.config, self.parent_run_id, counted.left)
         log.info("Study name: %s", self.study.study_name)
         log.info("Storage: %s", self.storage)  # its password masked (credentials.mask_logs)
         log.info("Sampler: %s", type(self.sampler).__name__)
@@ -301,19 +316,20 @@ class OptunaSweep:
 
     def _settle_left(self) -> None:
         """Complete from MLflow the trials of the stored study that a process of it, now gone,
-        left RUNNING, and say so in one line."""
+        left RUNNING, and fail those no process took (asked, then a kill before their owner was
+        written); say so in one line."""
         if self.study_name is None or self.storage is None:
             return
-        gone = [
-            trial
-            for trial in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-            if processes.owner_alive(trial.user_attrs.get(OWNER, "")) is False
-        ]
-        if not gone:
-            return
-        find = trial_run_finder(self.config.tracking, f"optuna:{self.study_name}")
-        client = tracking.store_client(self.config.tracking)
-        done = settle(self.study, self.backend, gone, client, find)
+        with self._study_turn():  # no process is between its ask and its owner
+            gone = [
+                trial
+                for trial in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+                if processes.owner_alive(trial.user_attrs.get(OWNER, "")) is False
+            ]
+            find = trial_run_finder(self.config.tracking, f"optuna:{self.study_name}")
+            client = tracking.store_client(self.config.tracking)
+            done = settle(self.study, self.backend, gone, client, find)
+            done |= self._fail_unowned("its sweep process stopped before it took the trial")
         if done:
             kinds = [outcome.kind for outcome in done.values()]
             counts = ", ".join(f"{kinds.count(k)} {k}" for k in dict.fromkeys(kinds))
@@ -327,10 +343,12 @@ class OptunaSweep:
     # --- the loop ------------------------------------------------------------------------------
 
     def _loop(self, space: SearchSpace) -> None:
+        """Ask, launch and record batches until the study holds its budget (``n_trials``)."""
         failures = 0
-        left = self.n_trials
-        while left > 0:
-            self.in_flight = [self._ask(space) for _ in range(min(self.n_jobs, left))]
+        while True:
+            self.in_flight = self._ask_batch(space)
+            if not self.in_flight:
+                break
             overrides = [self._job_overrides(pending, space) for pending in self.in_flight]
             try:
                 returns = self.launcher.launch(overrides, initial_job_idx=self.job_idx)
@@ -354,18 +372,74 @@ class OptunaSweep:
                     f"n_trials={self.n_trials} allows ({allowed}); the last batch's first: "
                     f"{first}"
                 )
-            left -= len(returns)
         self._write_results()
 
-    def _ask(self, space: SearchSpace) -> Pending:
-        """A new trial with its values, its owner and its MLflow run (created now)."""
-        trial = self._optuna(lambda: self.study.ask(space.distributions))
+    def _budget(self) -> Budget:
+        """The study's trials counted against its budget, ``n_trials`` (gradalign.budget):
+        results and trials in flight count, failed ones do not (a resume runs others)."""
+        return self._optuna(lambda: budget(self.study, self.n_trials))
+
+    def _ask_batch(self, space: SearchSpace) -> list[Pending]:
+        """The next batch: up to ``n_jobs`` trials, no more than the study lacks to its budget,
+        each with its values, its owner and its MLflow run. Asked in the study's turn, so that
+        processes sharing it never ask past its budget, and a trial without an owner is always
+        a leftover (see ``_ask``)."""
+        with self._study_turn():
+            trials = [self._ask(space) for _ in range(min(self.n_jobs, self._budget().left))]
+        return [Pending(trial, self._create_run(trial)) for trial in trials]
+
+    def _ask(self, space: SearchSpace) -> Trial:
+        """A new trial with its values and its owner (this process).
+
+        Optuna's ask is several writes (the trial, then each value). A store fault during one
+        of them leaves a RUNNING trial that no process owns, and the retried ask makes another:
+        the leftover is failed at once, so that it is never counted nor left RUNNING."""
+        attempts = 0
+
+        def ask() -> Trial:
+            nonlocal attempts
+            attempts += 1
+            return self.study.ask(space.distributions)
+
+        trial = self._optuna(ask)
+        if attempts > 1:
+            reason = "its ask was interrupted by a store fault and asked again"
+            self._fail_unowned(reason, keep=trial.number)
         if self.extend is not None:
             self.extend(self.config, trial)
         self._optuna(lambda: trial.set_user_attr(OWNER, processes.owner_token()))
+        return trial
+
+    def _create_run(self, trial: Trial) -> str:
+        """Create the trial's MLflow run and write its id on the trial."""
         run_id = create_trial_run(self.config, self.parent_run_id, trial.number)
         self._optuna(lambda: trial.set_user_attr(RUN_ID, run_id))
-        return Pending(trial, run_id)
+        return run_id
+
+    def _fail_unowned(self, reason: str, keep: int | None = None) -> dict[int, Outcome]:
+        """Fail the study's RUNNING trials that no process owns (asked, but a kill or a store
+        fault came before their owner was written), but trial ``keep`` (just asked). Only in
+        the study's turn: outside it, a trial another process has just asked has no owner
+        yet."""
+        unowned = [
+            trial
+            for trial in self._optuna(
+                lambda: self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            )
+            if OWNER not in trial.user_attrs and trial.number != keep
+        ]
+        client = tracking.store_client(self.config.tracking)
+        return self._optuna(
+            lambda: settle(self.study, self.backend, unowned, client, lambda _: None, force=reason)
+        )
+
+    def _study_turn(self) -> Any:
+        """The lock under which processes sharing the stored study ask trials (none for a study
+        only this process works in)."""
+        if self.storage is None:
+            return contextlib.nullcontext()
+        name = f"gradalign:asks {self.study_name}"
+        return databases.store_lock(self.storage, name, self._wait_s)
 
     def _job_overrides(self, pending: Pending, space: SearchSpace) -> list[str]:
         """The overrides of the trial's job: its values, the fixed ones, and where it reports."""

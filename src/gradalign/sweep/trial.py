@@ -38,10 +38,9 @@ from gradalign.schema import Metric, Stage, Tag
 log = logging.getLogger(__name__)
 
 COMPLETE, DIVERGED, PRUNED, FAILED = "complete", "diverged", "pruned", "failed"
-# The user attrs a trial carries (docs/tracking.md).
-RUN_ID, OWNER, FAILURE_REASON, DIVERGED_ATTR, PRUNED_EPOCH = (
+# The user attrs a trial carries (docs/tracking.md; its owner's, ``owner``: gradalign.budget).
+RUN_ID, FAILURE_REASON, DIVERGED_ATTR, PRUNED_EPOCH = (
     "mlflow_run_id",
-    "owner",
     "failure_reason",
     "diverged",
     "pruned_epoch",

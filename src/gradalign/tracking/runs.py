@@ -179,12 +179,14 @@ def open_sweep_parent(
             mlflow, experiment = connect(tracking)
             parents = _parents(mlflow, experiment, sweep_id)
             if not parents:
-                parent_tags = {**tags, Tag.STAGE: Stage.SWEEP_PARENT, Tag.SWEEP_ID: sweep_id}
-                created = mlflow.create_run(experiment, tags=masked(parent_tags), run_name=run_name)
-                log_batch(mlflow, created.info.run_id, params=params)
+                key = {Tag.STAGE: Stage.SWEEP_PARENT, Tag.SWEEP_ID: sweep_id}
+                created = mlflow.create_run_once(
+                    experiment, tags=masked({**tags, **key}), run_name=run_name, key=key
+                )
+                log_batch(mlflow, created, params=params)
                 parents = _parents(mlflow, experiment, sweep_id)
                 for duplicate in parents[1:]:
-                    if duplicate.info.run_id == created.info.run_id:
+                    if duplicate.info.run_id == created:
                         mlflow.delete_run(duplicate.info.run_id)
             run_id = parents[0].info.run_id
             mlflow.update_run(run_id, status="RUNNING")

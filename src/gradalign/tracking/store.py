@@ -157,6 +157,27 @@ class _RetryingClient:
             return attribute
         return functools.partial(_retrying, self._uri, self._wait_s, attribute)
 
+    def create_run_once(
+        self, experiment_id: str, *, tags: Mapping[str, str], run_name: str, key: Mapping[str, str]
+    ) -> str:
+        """Create a run with ``tags`` (which include ``key``: tags no other run has) and
+        ``run_name``; its id. Exactly once: a fault can hide whether the store created it (a
+        server that restarted as it committed), so each retry first looks for the run by
+        ``key``."""
+        attempts = 0
+
+        def create() -> str:
+            nonlocal attempts
+            attempts += 1
+            if attempts > 1:
+                found = self._client.search_runs([experiment_id], tag_filter(key), max_results=1)
+                if found:
+                    return found[0].info.run_id
+            created = self._client.create_run(experiment_id, tags=tags, run_name=run_name)
+            return created.info.run_id
+
+        return _retrying(self._uri, self._wait_s, create)
+
 
 def check_reachable(uri: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
     """Raise TrackingUnavailable unless the tracking server at ``uri`` answers its ``/health``
