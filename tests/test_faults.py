@@ -327,6 +327,15 @@ def stores(tmp_path):
     return f"sqlite:///{tmp_path / 'mlflow.db'}", f"sqlite:///{tmp_path / 'optuna.db'}"
 
 
+def resume(command, uri):
+    """Run a sweep's ``command`` again (it resumes its stored study); what it said on stderr."""
+    resumed = subprocess.run(
+        command, env=environment(uri), capture_output=True, text=True, timeout=600
+    )
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    return resumed.stderr
+
+
 @pytest.mark.parametrize("repair", ["doctor", "resume"])
 def test_a_trial_that_finished_before_a_kill_9_is_complete_after_resume_or_doctor(tmp_path, repair):
     """Killed after the trial's MLflow run ended FINISHED and before Optuna was told: the trial
@@ -348,18 +357,15 @@ def test_a_trial_that_finished_before_a_kill_9_is_complete_after_resume_or_docto
         said = doctor(uri, storage)
         assert f"trial 0 of study k -> COMPLETE {run.data.metrics[Metric.OBJECTIVE]:.4g}" in said
     else:
-        resumed = subprocess.run(
-            command, env=environment(uri), capture_output=True, text=True, timeout=600
-        )
-        assert resumed.returncode == 0, resumed.stderr[-2000:]
+        said = resume(command, uri)
         assert (
             "study 'k': 1 trial(s) left RUNNING by a process that is gone, recorded from their "
             "MLflow runs: 1 complete (trials [0])"
-        ) in resumed.stderr
+        ) in said
         assert (  # the study's budget is 2 trials: 1 more, not 2
             "study 'k': 1 of 2 trials done (hydra.sweeper.n_trials, the study's budget), running "
             "the 1 missing"
-        ) in resumed.stderr
+        ) in said
     trials = assert_stores_agree(uri, storage)
     assert trials[0].value == run.data.metrics[Metric.OBJECTIVE]
     assert len(trials) == (1 if repair == "doctor" else 2)
@@ -420,14 +426,10 @@ def test_ctrl_c_after_a_stacked_batch_trained_records_its_trials_complete(tmp_pa
     assert interrupted.stderr.strip().splitlines()[-1].startswith("interrupted: the study 'k'")
     trials = assert_stores_agree(uri, storage)
     assert [t.state for t in trials.values()] == [TrialState.COMPLETE] * 3
-    resumed = subprocess.run(
-        command, env=environment(uri), capture_output=True, text=True, timeout=600
-    )
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert (
         "study 'k': 3 of 3 trials done (hydra.sweeper.n_trials, the study's budget), so no "
         "trial runs; a larger hydra.sweeper.n_trials adds trials"
-    ) in resumed.stderr
+    ) in resume(command, uri)
     assert len(assert_stores_agree(uri, storage)) == 3
 
 
