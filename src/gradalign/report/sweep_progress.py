@@ -24,7 +24,8 @@ from optuna.trial import TrialState
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-COUNTED = (TrialState.COMPLETE, TrialState.PRUNED)  # what n_trials counts (trials_left too)
+from gradalign.budget import DONE  # what n_trials counts, as the sweep loop counts it
+
 PLAIN_INTERVAL_S = 60.0  # the least time between two plain lines of one sweep
 
 
@@ -86,7 +87,7 @@ class SweepProgress:
             study = optuna.load_study(study_name=name, storage=self.opened)
         except KeyError:  # the sweep has not created its study yet
             return 0, None
-        trials = study.get_trials(deepcopy=False, states=COUNTED)
+        trials = study.get_trials(deepcopy=False, states=DONE)
         values = [
             t.value
             for t in trials
