@@ -56,15 +56,19 @@ def children() -> list[psutil.Process]:
 
 def stop_children(timeout_s: float) -> list[int]:
     """Send SIGTERM to this process's children and wait up to ``timeout_s`` for those that do
-    not ignore it (a loky resource tracker does) to exit; the pids still alive then."""
+    not ignore it (a resource tracker does) to exit; the pids still alive then. The children are
+    not reaped: their exit status stays for whoever started them (a ``ProcessPoolExecutor``
+    takes a child reaped by someone else for a live one and waits for it forever)."""
     targets = []
     for child in children():
         with contextlib.suppress(psutil.Error):  # exited meanwhile
             if signal.SIGTERM not in _ignored(child):
                 child.terminate()
                 targets.append(child)
-    _, alive = psutil.wait_procs(targets, timeout=timeout_s)
-    return [child.pid for child in alive if _live(child)]
+    deadline = time.monotonic() + timeout_s
+    while (alive := [child for child in targets if _live(child)]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return [child.pid for child in alive]
 
 
 def _ignored(process: psutil.Process) -> set[int]:
