@@ -10,9 +10,11 @@ from scipy import stats
 
 from gradalign.report import claims, suite
 from gradalign.report.stats import (
+    PairedTest,
     Verdict,
     compare,
     detectable_effect,
+    format_p,
     judge,
     mean_std,
     min_wilcoxon_p,
@@ -166,3 +168,22 @@ def test_compare_tests_every_optimizer_but_the_baseline():
     assert "best_epoch" not in result[0].tests
     assert result[0].sentence.startswith("gao is significantly better")
     assert result[0].verdict is Verdict.BETTER
+
+
+def test_a_p_value_is_never_rounded_across_alpha():
+    """The default study of 2026-12-07: paired t p = 0.04996 printed as "0.05" beside
+    "significantly better"."""
+    assert format_p(0.04996037603584113, 0.05) == "0.04996"
+    assert format_p(0.0499999, 0.05) == "0.0499999"
+    assert format_p(0.0500004, 0.05) == "0.05"  # not below alpha: "0.05" is on its side
+    assert format_p(0.0123456, 0.05) == "0.0123"
+    assert format_p(0.00999, 0.01) == "0.00999"
+    assert format_p(0.0099996, 0.01) == "0.0099996"
+    assert format_p(math.nan, 0.05) == "nan"
+    recorded = PairedTest(  # the study's numbers, as its report computed them
+        n=5, mean_diff=-0.02449, sd_diff=0.01972, ci=(-0.04898, -6.833e-06), t=-2.777,
+        p_t=0.04996037603584113, w=1.0, p_w=0.125, d_z=-1.242,
+    )  # fmt: skip
+    words = verdict("gao", "adam", "best_val_loss", recorded, 0.05)
+    assert words.startswith("gao is significantly better than adam on min val loss")
+    assert "paired t p = 0.04996, Wilcoxon p = 0.125," in words

@@ -29,7 +29,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from gradalign.report.finals import FinalResult
-from gradalign.report.stats import PairedTest, Verdict, judge, paired_test
+from gradalign.report.stats import PairedTest, Verdict, format_p, judge, paired_test
 from gradalign.schema import Metric
 
 
@@ -118,7 +118,9 @@ def check(
     test = paired_test(theirs, ours, alpha)
     found = judge(test, alpha, not claim.lower, min_pairs=min_pairs, smoke=smoke)
     verdict = _word(claim, ours, test, found)
-    return Check(claim, ours, theirs, test, verdict, _text(claim, ours, theirs, test, verdict))
+    return Check(
+        claim, ours, theirs, test, verdict, _text(claim, ours, theirs, test, verdict, alpha)
+    )
 
 
 def _word(claim: Claim, values: Sequence[float], test: PairedTest, found: Verdict) -> str:
@@ -146,6 +148,7 @@ def _text(
     theirs: Sequence[float],
     test: PairedTest,
     verdict: str,
+    alpha: float,
 ) -> str:
     """The cell of the claims table: the verdict and the numbers behind it."""
     if not ours:
@@ -170,4 +173,4 @@ def _text(
     )
     if verdict == WORDS[Verdict.SMOKE]:  # numbers, but no test statistic to read as a verdict
         return f"{interval}, n = {test.n}"
-    return f"{interval}, p = {test.p:.2g}, d_z = {test.d_z:+.2f}, n = {test.n}"
+    return f"{interval}, p = {format_p(test.p, alpha)}, d_z = {test.d_z:+.2f}, n = {test.n}"

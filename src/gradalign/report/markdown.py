@@ -21,6 +21,7 @@ from gradalign.report.stats import (
     MeanStd,
     Verdict,
     detectable_effect,
+    format_p,
     is_smoke,
     min_wilcoxon_p,
     smoke_reason,
@@ -44,6 +45,11 @@ def _summary(outcome: str, s: MeanStd, n_total: int) -> str:
 
 def _number(x: float, spec: str = ".3g") -> str:
     return "—" if not math.isfinite(x) else format(x, spec)
+
+
+def _statistic(key: str, x: float, alpha: float) -> str:
+    """A paired test's statistic ``key`` for the table; p values by ``format_p``."""
+    return format_p(x, alpha) if key.startswith("p_") and math.isfinite(x) else _number(x)
 
 
 def _param(value: str) -> str:
@@ -202,7 +208,10 @@ def render(
                     f"[{_number(t.ci[0], '+.4g')}, {_number(t.ci[1], '+.4g')}]"
                     if math.isfinite(t.ci[0])
                     else "—",
-                    *(_number(getattr(t, key)) if tested else "—" for key, _ in COLUMNS),
+                    *(
+                        _statistic(key, getattr(t, key), settings.alpha) if tested else "—"
+                        for key, _ in COLUMNS
+                    ),
                 ]
             )
     level = f"{1 - settings.alpha:.0%} CI"

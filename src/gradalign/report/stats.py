@@ -109,6 +109,16 @@ class PairedTest:
         return self.p_t
 
 
+def format_p(p: float, alpha: float) -> str:
+    """``p`` to 3 significant digits, or as many more as keep it on its side of ``alpha``: a
+    p of 0.04996 read as "0.05" beside "significant" would contradict its own verdict."""
+    for digits in range(3, 17):
+        text = f"{p:.{digits}g}"
+        if not math.isfinite(p) or (float(text) < alpha) == (p < alpha):
+            return text
+    return repr(p)
+
+
 TEST = "paired t-test"  # the test ``PairedTest.p`` comes from, as the pages name it
 # The paired tests' columns in report.md: (PairedTest attribute, header); and the statistics
 # each comparison logs to MLflow as metrics ``<optimizer>/<outcome>/<attribute>``.
@@ -289,8 +299,9 @@ def sentence(
     level = f"{1 - alpha:.0%} CI"
     numbers = (
         f"mean difference {optimizer} - {baseline} = {test.mean_diff:+.4g} "
-        f"({level} [{test.ci[0]:+.4g}, {test.ci[1]:+.4g}]), paired t p = {test.p_t:.3g}, "
-        f"Wilcoxon p = {test.p_w:.3g}, d_z = {test.d_z:+.2f}, n = {test.n}"
+        f"({level} [{test.ci[0]:+.4g}, {test.ci[1]:+.4g}]), "
+        f"paired t p = {format_p(test.p_t, alpha)}, "
+        f"Wilcoxon p = {format_p(test.p_w, alpha)}, d_z = {test.d_z:+.2f}, n = {test.n}"
     )
     floor = min_wilcoxon_p(test.n)
     if floor >= alpha:

@@ -43,6 +43,7 @@ from gradalign.report.stats import (
     PairedTest,
     Verdict,
     detectable_effect,
+    format_p,
     holm,
     judge,
     mean_std,
@@ -272,7 +273,7 @@ def render(
                 f"{e.test.mean_diff:+.4g} [{e.test.ci[0]:+.4g}, {e.test.ci[1]:+.4g}]",
                 f"{rel[0]:+.2f}% [{rel[1]:+.2f}, {rel[2]:+.2f}]",
                 *(
-                    (f"{e.test.d_z:+.2f}", f"{e.test.p:.3g}", f"{e.p_holm:.3g}")
+                    (f"{e.test.d_z:+.2f}", format_p(e.test.p, alpha), format_p(e.p_holm, alpha))
                     if tested
                     else ("—", "—", "—")
                 ),
