@@ -34,9 +34,9 @@ def measure(tree: Path, overrides: list[str], fits: int) -> dict:
     import torch
 
     import gradalign
-    from gradalign.components import build_dataset
+    from gradalign.components import build_dataset, build_optimizer
     from gradalign.config import register_resolvers
-    from gradalign.experiment import seeded_model_and_optimizer
+    from gradalign.experiment import seeded_model
     from gradalign.report.configs import compose_config
     from gradalign.training import fit
 
@@ -48,7 +48,8 @@ def measure(tree: Path, overrides: list[str], fits: int) -> dict:
     splits = build_dataset(cfg)
     times = []
     for i in range(fits + 1):
-        model, optimizer = seeded_model_and_optimizer(cfg, splits)
+        model = seeded_model(cfg, splits)
+        optimizer = build_optimizer(cfg, model.parameters())
         start = time.process_time()
         fit(
             model,

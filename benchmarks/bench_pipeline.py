@@ -62,13 +62,10 @@ class MlflowTimer:
 def trial_overhead(repeats: int) -> None:
     import torch
 
-    from gradalign.components import build_dataset
+    from gradalign.components import build_dataset, build_optimizer
     from gradalign.config import register_resolvers
-    from gradalign.experiment import (
-        fit_as_configured,
-        run_experiment,
-        seeded_model_and_optimizer,
-    )
+    from gradalign.experiment import run_experiment, seeded_model
+    from gradalign.training import fit
 
     register_resolvers(ROOT)
     timer = MlflowTimer()
@@ -87,8 +84,19 @@ def trial_overhead(repeats: int) -> None:
         bare, tracked, mlflow = [], [], []
         for _ in range(repeats):  # interleaved, so drifting machine load hits both alike
             start = time.perf_counter()
-            model, optimizer = seeded_model_and_optimizer(cfg, splits)
-            fit_as_configured(cfg, model, optimizer, splits, device="cpu")
+            model = seeded_model(cfg, splits)
+            optimizer = build_optimizer(cfg, model.parameters())
+            trainer = cfg.trainer
+            fit(
+                model,
+                optimizer,
+                splits,
+                epochs=trainer.epochs,
+                batch_size=trainer.batch_size,
+                eval_batch_size=trainer.eval_batch_size,
+                data_seed=cfg.seed.data,
+                device="cpu",
+            )
             bare.append(time.perf_counter() - start)
             timer.seconds = 0.0
             start = time.perf_counter()

@@ -38,16 +38,13 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from gradalign.components import build_dataset
+from gradalign.components import build_dataset, build_optimizer
 from gradalign.config import register_resolvers
-from gradalign.experiment import (
-    fit_as_configured,
-    fit_stacked_as_configured,
-    seeded_model_and_optimizer,
-    seeded_stack_and_optimizer,
-)
+from gradalign.data import Splits
+from gradalign.experiment import seeded_model, stack_and_optimizer
 from gradalign.report.configs import compose_config, seeded
-from gradalign.training import History
+from gradalign.schema import Metric
+from gradalign.training import History, Models, fit_models
 
 ROOT = Path(__file__).resolve().parents[1]
 # The trial the issue measured serially and stacked (#28): GAO's best of a default sweep.
@@ -67,8 +64,9 @@ def serial(cfg: DictConfig, threads: int = 1) -> History:
     torch.set_num_threads(threads)
     try:
         splits = build_dataset(cfg)
-        model, optimizer = seeded_model_and_optimizer(cfg, splits)
-        return fit_as_configured(cfg, model, optimizer, splits, "cpu")
+        model = seeded_model(cfg, splits)
+        optimizer = build_optimizer(cfg, model.parameters())
+        return trained([cfg], Models(model), optimizer, splits)
     finally:
         torch.set_num_threads(before)
 
@@ -82,14 +80,34 @@ def stacked(cfg: DictConfig, size: int) -> History:
         other.optimizer.lr = cfg.optimizer.lr * factor
         cfgs.append(other)
     splits = build_dataset(cfg)
-    stack, optimizer = seeded_stack_and_optimizer(cfgs, splits, "cpu")
-    return fit_stacked_as_configured(cfgs, stack, optimizer, splits, "cpu")[0]
+    models = [seeded_model(one, splits) for one in cfgs]
+    stack, optimizer = stack_and_optimizer(cfgs, models, splits, "cpu")
+    return trained(cfgs, stack, optimizer, splits)
+
+
+def trained(
+    cfgs: list[DictConfig], models: Models, optimizer: torch.optim.Optimizer, splits: Splits
+) -> History:
+    """The history of model 0 of ``models`` (runs of ``cfgs``) trained by the epoch engine as
+    a run of them is: cfg.trainer's budget and evaluation, each one's seed.data."""
+    trainer = cfgs[0].trainer
+    histories = fit_models(
+        models,
+        optimizer,
+        splits,
+        epochs=trainer.epochs,
+        batch_size=trainer.batch_size,
+        eval_batch_size=trainer.eval_batch_size,
+        data_seeds=[cfg.seed.data for cfg in cfgs],
+        device="cpu",
+    )
+    return histories[0]
 
 
 def first_difference(history: History, reference: History) -> str:
     """The first epoch whose val loss differs from the reference's by more than DIFFERS."""
     for mine, theirs in zip(history.epochs, reference.epochs, strict=True):
-        if abs(mine.val_loss - theirs.val_loss) > DIFFERS:
+        if abs(mine[Metric.VAL_LOSS] - theirs[Metric.VAL_LOSS]) > DIFFERS:
             return str(mine.epoch)
     return "none"
 

@@ -14,26 +14,30 @@ from omegaconf import DictConfig, OmegaConf
 
 from gradalign.hydra_compat import VERSION_BASE
 from gradalign.schema import Metric
+from gradalign.training import EpochMetrics
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONF = REPO_ROOT / "conf"
 TRAIN = [sys.executable, str(REPO_ROOT / "train.py")]
 EXPERIMENT = OmegaConf.load(CONF / "config.yaml").tracking.experiment
-# The per-epoch metrics every training run logs.
-EPOCH_METRICS = (
-    Metric.TRAIN_LOSS,
-    Metric.VAL_LOSS,
-    Metric.VAL_ACC,
-    Metric.TEST_LOSS,
-    Metric.TEST_ACC,
-    Metric.EPOCH_TIME,
-)
 # What no view of a smoke run may say: the words of a verdict ("val loss" is not one; a loss as
 # a suite's result is, counted or in a table cell).
 SIGNIFICANCE = re.compile(
     r"significan|\bholds\b|contradicted|not shown|\bpartly\b|\bwins?\b|\bties?\b|\blosses\b"
     r"|\| loss \||\d loss\b"
 )
+
+
+def epoch_metrics(n: int, val_loss: float, train_loss: float = 1.0) -> EpochMetrics:
+    """Epoch ``n``'s metrics with every per-epoch key: the losses given, the others fixed."""
+    values = dict.fromkeys(Metric.PER_EPOCH, 0.5)
+    return EpochMetrics(n, {**values, Metric.TRAIN_LOSS: train_loss, Metric.VAL_LOSS: val_loss})
+
+
+def scales(metrics: EpochMetrics) -> dict[str, float]:
+    """An epoch's mean GAO scales by parameter name (its ``scale/<name>`` values)."""
+    prefix = Metric.ALIGNMENT_PREFIX
+    return {k.removeprefix(prefix): v for k, v in metrics.values.items() if k.startswith(prefix)}
 
 
 def options(group: str) -> list[str]:

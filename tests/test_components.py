@@ -24,6 +24,7 @@ from gradalign.data import Splits
 from gradalign.hydra_compat import TRUSTED_TARGETS
 from gradalign.models.linear import Linear
 from gradalign.models.transformer import Transformer
+from gradalign.schema import Metric
 from gradalign.training import fit
 
 
@@ -386,7 +387,7 @@ def scheduled_lr(node, lr, epoch):
 @pytest.mark.parametrize("name", [n for n in options("scheduler") if n != "none"])
 def test_every_scheduler_drives_the_base_optimizers_lr_under_gao(compose_cfg, name):
     """GAO's param_groups are its base's: a scheduler built over GAO sets the lr the base
-    steps with, epoch by epoch, as the scheduler's config says (EpochMetrics.lr records it)."""
+    steps with, epoch by epoch, as the scheduler's config says (each epoch's Metric.LR)."""
     cfg = compose_cfg("optimizer=gao", f"scheduler={name}", "trainer.epochs=7")
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(40, 6, generator=g), torch.randint(0, 3, (40,), generator=g)
@@ -408,7 +409,7 @@ def test_every_scheduler_drives_the_base_optimizers_lr_under_gao(compose_cfg, na
         on_epoch=lambda e: base_lrs.append(optimizer.base.param_groups[0]["lr"]),
     )
     expected = [scheduled_lr(cfg.scheduler, cfg.optimizer.lr, e) for e in range(1, 9)]
-    assert [e.lr for e in history.epochs] == pytest.approx(expected[:7], rel=1e-12)
+    assert [e[Metric.LR] for e in history.epochs] == pytest.approx(expected[:7], rel=1e-12)
     # after each epoch's scheduler step, the base holds the next epoch's lr
     assert base_lrs == pytest.approx(expected[1:], rel=1e-12)
     assert len(set(expected)) > 2  # the schedule moves the lr

@@ -1,6 +1,7 @@
 """What the epoch engine must never change: the per-epoch metrics of plain and stacked fits, bit
 for bit. Recorded (tests/fixtures/epoch_values.json) from the two loops of main at a4b2925
-(``training.fit`` and ``stacked.fit_stacked``) before one engine replaced them; every case here
+(``training.fit`` and ``stacked.fit_stacked``) before one engine (``training.fit_models``)
+replaced them; every case here
 must give exactly the recorded values (epoch time aside), divergence reasons and stops.
 
     python tests/test_epoch_values.py    # record the fixture again (only on purpose)
@@ -12,12 +13,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import scales
 from test_training import make_splits, sequence_splits, transformer
 
 from gradalign import GradientAlignmentOptimizer as GAO
 from gradalign.models.mlp import MLP
-from gradalign.stacked import Stack, fit_stacked
-from gradalign.training import fit
+from gradalign.schema import Metric
+from gradalign.stacked import Stack
+from gradalign.training import fit, fit_models
 
 FIXTURE = Path(__file__).parent / "fixtures" / "epoch_values.json"
 BATCH = 50
@@ -43,12 +46,12 @@ def record(history):
         epochs.append(
             {
                 "epoch": e.epoch,
-                "train_loss": e.train_loss,
-                "val_loss": e.val_loss,
-                "val_acc": e.val_acc,
-                "test_loss": e.test_loss,
-                "test_acc": e.test_acc,
-                "alignment": e.alignment,
+                "train_loss": e[Metric.TRAIN_LOSS],
+                "val_loss": e[Metric.VAL_LOSS],
+                "val_acc": e[Metric.VAL_ACC],
+                "test_loss": e[Metric.TEST_LOSS],
+                "test_acc": e[Metric.TEST_ACC],
+                "alignment": scales(e),
             }
         )
     return {
@@ -66,7 +69,7 @@ def plain(net, optimizer, data, epochs=3, **options):
 def stacked(models, make_optimizer, data, epochs=3, **options):
     stack = Stack(models)
     optimizer = make_optimizer(list(stack.params.values()))
-    histories = fit_stacked(stack, optimizer, data, epochs=epochs, device="cpu", **options)
+    histories = fit_models(stack, optimizer, data, epochs=epochs, device="cpu", **options)
     return [record(h) for h in histories]
 
 

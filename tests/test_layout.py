@@ -1,5 +1,6 @@
 """The architecture, checked: imports point one way (optim <- stacked_adam, per_model, data,
-models <- training <- stacked <- experiment <- sweep, report; report never imports sweep), and
+models <- training <- stacked <- tracking <- records <- experiment <- sweep, report; report
+never imports sweep), and
 the optimizer's import loads torch but none of the pipeline's dependencies, so the optimizer
 drops into any PyTorch project."""
 
@@ -37,12 +38,13 @@ RANKS = {
     "progress": 3,
     "stacked": 3,
     "tracking": 3,
-    "experiment": 4,
-    "sweep": 5,
-    "report": 5,
-    "doctor": 6,
-    "ui": 5,
-    "stores": 6,  # above sweep: it opens Optuna storages as sweeps do
+    "records": 4,
+    "experiment": 5,
+    "sweep": 6,
+    "report": 6,
+    "doctor": 7,
+    "ui": 6,
+    "stores": 7,  # above sweep: it opens Optuna storages as sweeps do
 }
 PIPELINE_DEPENDENCIES = ("mlflow", "hydra", "optuna", "omegaconf", "scipy", "matplotlib", "mnist1d")
 

@@ -10,7 +10,15 @@ import subprocess
 
 import optuna
 import pytest
-from helpers import REPO_ROOT, TRAIN, compose_config, options, runs, train_in_process
+from helpers import (
+    REPO_ROOT,
+    TRAIN,
+    compose_config,
+    epoch_metrics,
+    options,
+    runs,
+    train_in_process,
+)
 from mlflow.tracking import MlflowClient
 from optuna.pruners import (
     HyperbandPruner,
@@ -22,13 +30,13 @@ from optuna.pruners import (
 from optuna.trial import TrialState
 
 from gradalign import experiment, processes
-from gradalign.components import build_dataset
-from gradalign.experiment import seeded_model_and_optimizer
+from gradalign.components import build_dataset, build_optimizer
+from gradalign.experiment import seeded_model
 from gradalign.report.study import Sweep, trials_left
 from gradalign.schema import Metric, Stage, Tag
 from gradalign.sweep.pruning import JOURNAL, EpochPruning, build_pruner
 from gradalign.sweep.studies import open_storage
-from gradalign.training import EpochMetrics, History, fit
+from gradalign.training import History, fit
 
 PRUNERS = {
     "none": NopPruner,
@@ -96,7 +104,8 @@ def test_fit_stops_after_the_epoch_should_stop_says_and_not_at_the_last(compose_
         return should_stop
 
     def run(should_stop):
-        model, optimizer = seeded_model_and_optimizer(cfg, splits)
+        model = seeded_model(cfg, splits)
+        optimizer = build_optimizer(cfg, model.parameters())
         return fit(
             model, optimizer, splits, epochs=4, batch_size=100, data_seed=0, device="cpu",
             should_stop=should_stop,
@@ -108,11 +117,13 @@ def test_fit_stops_after_the_epoch_should_stop_says_and_not_at_the_last(compose_
     seen.clear()
     full = run(stop_at(4))  # asked at the last epoch too, but a finished fit is not "stopped"
     assert not full.stopped and len(full.epochs) == 4 and seen[-1] == [1, 2, 3, 4]
-    assert [m.val_loss for m in full.epochs[:2]] == [m.val_loss for m in stopped.epochs]
+    assert [m[Metric.VAL_LOSS] for m in full.epochs[:2]] == [
+        m[Metric.VAL_LOSS] for m in stopped.epochs
+    ]
 
 
 def epochs_of(*val_losses):
-    return [EpochMetrics(i, v, v, 0.5, v, 0.5, 0.0, {}) for i, v in enumerate(val_losses, 1)]
+    return [epoch_metrics(i, v, train_loss=v) for i, v in enumerate(val_losses, 1)]
 
 
 @pytest.mark.parametrize(("objective", "expected"), [("last", [3, 1, 2]), ("best", [3, 1, 1])])
@@ -127,24 +138,25 @@ def test_each_epoch_reports_the_objective_so_far(objective, expected):
 
 
 def planned_fits(monkeypatch, *plans):
-    """Make the k-th fit of this process log val losses plans[k], one per epoch, asking its
-    should_stop after each as training.fit does."""
+    """Make the k-th fit of this process (one model each) log val losses plans[k], one per
+    epoch, asking its should_stop after each as training.fit_models does."""
     calls = []
 
-    def planned(model, optimizer, splits, *, epochs, on_epoch, should_stop, **kwargs):
+    def planned(models, optimizer, splits, *, epochs, on_epoch, should_stop, **kwargs):
+        (stopping,) = should_stop
         plan = plans[len(calls)]
         calls.append(plan)
         assert len(plan) == epochs
         done = []
         for metrics in epochs_of(*plan):
             done.append(metrics)
-            on_epoch(metrics)
-            stop = should_stop is not None and should_stop(History(done, False, None))
+            on_epoch(0, metrics)
+            stop = stopping is not None and stopping(History(done, False, None))
             if stop and metrics.epoch < epochs:
-                return History(done, False, None, stopped=True)
-        return History(done, False, None)
+                return [History(done, False, None, stopped=True)]
+        return [History(done, False, None)]
 
-    monkeypatch.setattr(experiment, "fit", planned)
+    monkeypatch.setattr(experiment, "fit_models", planned)
     return calls
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import optuna
 import pytest
-from helpers import EPOCH_METRICS, REPO_ROOT
+from helpers import REPO_ROOT
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 from services import mlflow_server
@@ -105,7 +105,7 @@ def assert_complete_and_tracked(uri, trials, epochs):
         assert trial.user_attrs["mlflow_run_id"] == tracked.info.run_id
         for key, value in trial.params.items():
             assert float(tracked.data.params[key]) == value, key
-        for key in EPOCH_METRICS:
+        for key in Metric.PER_EPOCH:
             steps = sorted(m.step for m in client.get_metric_history(tracked.info.run_id, key))
             assert steps == list(range(1, epochs + 1)), key
     return sweep_runs

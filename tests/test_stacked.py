@@ -9,32 +9,29 @@ stacked tensor) reduce in another order, so results differ in the last bits (a f
 """
 
 import copy
+import functools
 import math
 import re
 
 import pytest
 import torch
+from helpers import scales
 from omegaconf import OmegaConf
 from torch import nn
 
 from gradalign import GradientAlignmentOptimizer as GAO
-from gradalign.components import build_dataset
-from gradalign.experiment import (
-    fit_as_configured,
-    fit_stacked_as_configured,
-    init_hash,
-    seeded_model,
-    seeded_model_and_optimizer,
-    seeded_stack_and_optimizer,
-)
+from gradalign.components import build_dataset, build_optimizer
+from gradalign.experiment import seeded_model, stack_and_optimizer
 from gradalign.models.mlp import MLP
 from gradalign.models.transformer import Transformer
+from gradalign.records import init_hash
+from gradalign.schema import Metric
 from gradalign.stacked import NotStackable, Stack, model_refusal, optimizer_refusal
-from gradalign.training import History
+from gradalign.training import History, Models, fit_models
 
 TOL = {"rtol": 1e-5, "atol": 1e-6}
 SEEDS = (1, 2, 3)
-FIELDS = ("train_loss", "val_loss", "val_acc", "test_loss", "test_acc")
+FIELDS = (Metric.TRAIN_LOSS, Metric.VAL_LOSS, Metric.VAL_ACC, Metric.TEST_LOSS, Metric.TEST_ACC)
 OPTIMIZERS = {
     "adam": ["optimizer=adam"],
     "adam-eval-batches": ["optimizer=adam", "trainer.eval_batch_size=70"],
@@ -86,14 +83,43 @@ def splits(configs):
     return build_dataset(configs("optimizer=adam")[0])
 
 
+def seeded_stack(cfgs, splits):
+    """The seeded models of ``cfgs`` stacked, and their optimizer, as experiment.train has them."""
+    return stack_and_optimizer(cfgs, [seeded_model(cfg, splits) for cfg in cfgs], splits, "cpu")
+
+
+def fit_as(cfgs, models, optimizer, splits, on_epoch=None, should_stop=None):
+    """``models`` (runs of ``cfgs``) trained by the engine as experiment.train trains them."""
+    trainer = cfgs[0].trainer
+    return fit_models(
+        models,
+        optimizer,
+        splits,
+        epochs=trainer.epochs,
+        batch_size=trainer.batch_size,
+        eval_batch_size=trainer.eval_batch_size,
+        data_seeds=[cfg.seed.data for cfg in cfgs],
+        device="cpu",
+        on_epoch=on_epoch,
+        should_stop=should_stop,
+    )
+
+
+def trained_alone(cfg, splits, on_epoch=None, should_stop=None):
+    """The run of ``cfg`` trained alone: (model, history); ``on_epoch(model, metrics)``."""
+    model = seeded_model(cfg, splits)
+    optimizer = build_optimizer(cfg, model.parameters())
+    hook = None if on_epoch is None else lambda _, metrics: on_epoch(model, metrics)
+    (history,) = fit_as([cfg], Models(model), optimizer, splits, hook, [should_stop])
+    return model, history
+
+
 def one_by_one(cfgs, splits, on_epoch=None):
-    """The unstacked runs, as run_experiment trains them: (model, history) per config."""
-    runs = []
-    for k, cfg in enumerate(cfgs):
-        model, optimizer = seeded_model_and_optimizer(cfg, splits)
-        hook = None if on_epoch is None else (lambda m, k=k, net=model: on_epoch(k, net, m))
-        runs.append((model, fit_as_configured(cfg, model, optimizer, splits, "cpu", hook)))
-    return runs
+    """The unstacked runs: (model, history) per config; ``on_epoch(k, model, metrics)``."""
+    return [
+        trained_alone(cfg, splits, None if on_epoch is None else functools.partial(on_epoch, k))
+        for k, cfg in enumerate(cfgs)
+    ]
 
 
 def assert_same_history(stacked, alone):
@@ -105,10 +131,10 @@ def assert_same_history(stacked, alone):
     assert [e.epoch for e in stacked.epochs] == [e.epoch for e in alone.epochs]
     for mine, theirs in zip(stacked.epochs, alone.epochs, strict=True):
         for field in FIELDS:
-            assert close(getattr(mine, field), getattr(theirs, field)), field
-        assert mine.alignment.keys() == theirs.alignment.keys()
-        for name, scale in theirs.alignment.items():
-            assert close(mine.alignment[name], scale), name
+            assert close(mine[field], theirs[field]), field
+        assert scales(mine).keys() == scales(theirs).keys()
+        for name, scale in scales(theirs).items():
+            assert close(scales(mine)[name], scale), name
 
 
 def close(a, b):
@@ -126,23 +152,23 @@ def assert_same_weights(stacked_model, model):
 @pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
 def test_stacked_runs_equal_the_runs_one_by_one(configs, splits, optimizer):
     cfgs = configs(*OPTIMIZERS[optimizer])
-    stack, opt = seeded_stack_and_optimizer(cfgs, splits, "cpu")
-    histories = fit_stacked_as_configured(cfgs, stack, opt, splits, "cpu")
+    stack, opt = seeded_stack(cfgs, splits)
+    histories = fit_as(cfgs, stack, opt, splits)
     alone = one_by_one(cfgs, splits)
     for history, model, (single_model, single) in zip(histories, stack.models, alone, strict=True):
         assert len(history.epochs) == 3 and not history.diverged
         assert_same_history(history, single)
         assert_same_weights(model, single_model)
     if optimizer.startswith("gao"):
-        assert histories[0].epochs[-1].alignment  # the per-model scales were recorded ...
-        assert histories[0].epochs[-1].alignment != histories[1].epochs[-1].alignment  # ... own
-    first = [h.epochs[0].train_loss for h in histories]
+        assert scales(histories[0].epochs[-1])  # the per-model scales were recorded ...
+        assert scales(histories[0].epochs[-1]) != scales(histories[1].epochs[-1])  # ... own
+    first = [h.epochs[0][Metric.TRAIN_LOSS] for h in histories]
     assert len(set(first)) == len(SEEDS)  # the seeds' runs are not copies of one another
 
 
 def test_each_model_starts_from_its_unstacked_runs_weights(configs, splits):
     cfgs = configs("optimizer=gao")
-    stack, _ = seeded_stack_and_optimizer(cfgs, splits, "cpu")
+    stack, _ = seeded_stack(cfgs, splits)
     hashes = [init_hash(seeded_model(cfg, splits)) for cfg in cfgs]
     assert [init_hash(model) for model in stack.models] == hashes
     assert len(set(hashes)) == len(cfgs)
@@ -155,9 +181,9 @@ def test_each_model_follows_its_own_data_order(configs, splits):
     """Equal initial weights, different seed.data: the runs differ, each as its own fit; equal
     seed.data as well: the runs are identical."""
     cfgs = configs("optimizer=adam", seeds=(1, 1, 1), data_seeds=(1, 2, 1))
-    stack, opt = seeded_stack_and_optimizer(cfgs, splits, "cpu")
-    histories = fit_stacked_as_configured(cfgs, stack, opt, splits, "cpu")
-    a, b, c = (h.epochs[0].train_loss for h in histories)
+    stack, opt = seeded_stack(cfgs, splits)
+    histories = fit_as(cfgs, stack, opt, splits)
+    a, b, c = (h.epochs[0][Metric.TRAIN_LOSS] for h in histories)
     assert abs(a - b) > 1e-4
     assert a == c
     for history, (_, single) in zip(histories, one_by_one(cfgs, splits), strict=True):
@@ -180,8 +206,8 @@ def test_a_diverging_model_stops_alone(configs, splits, optimizer):
             with torch.no_grad():
                 model.get_parameter("layers.0.weight").fill_(math.nan)
 
-    stack, opt = seeded_stack_and_optimizer(cfgs, splits, "cpu")
-    histories = fit_stacked_as_configured(cfgs, stack, opt, splits, "cpu", poison_stacked)
+    stack, opt = seeded_stack(cfgs, splits)
+    histories = fit_as(cfgs, stack, opt, splits, poison_stacked)
     alone = one_by_one(cfgs, splits, poison_alone)
     assert histories[1].diverged and [e.epoch for e in histories[1].epochs] == [1]
     assert histories[1].reason == "non-finite train loss (nan) at epoch 2 step 1"
@@ -196,7 +222,7 @@ def test_a_model_vmap_cannot_batch_is_refused(configs, splits):
     cfgs = configs("optimizer=adam", "model=gru")
     message = "model 'gru' cannot train stacked: torch.func.vmap cannot run it: Batching rule"
     with pytest.raises(NotStackable, match=re.escape(message)):
-        seeded_stack_and_optimizer(cfgs, splits, "cpu")
+        seeded_stack(cfgs, splits)
 
 
 def test_a_scheduled_config_is_refused_stacked_in_one_line(configs, splits):
@@ -206,7 +232,7 @@ def test_a_scheduled_config_is_refused_stacked_in_one_line(configs, splits):
         "models hold one lr each (gradalign.per_model)"
     )
     with pytest.raises(NotStackable, match=f"^{re.escape(message)}$"):
-        seeded_stack_and_optimizer(cfgs, splits, "cpu")
+        seeded_stack(cfgs, splits)
 
 
 def transformers(dropout):
@@ -246,7 +272,7 @@ def test_optimizers_that_cannot_stack_say_why():
 def test_configs_that_differ_beyond_their_seeds_are_not_stacked(configs, splits):
     cfgs = [*configs("optimizer=adam", seeds=(1,)), *configs("optimizer=gao", seeds=(2,))]
     with pytest.raises(ValueError, match="equal but for their seeds"):
-        seeded_stack_and_optimizer(cfgs, splits, "cpu")
+        seeded_stack(cfgs, splits)
 
 
 # --- models with hyperparameters of their own (a sweep's trials) -----------------------------
@@ -365,8 +391,8 @@ def trial_configs(configs, name):
 @pytest.mark.parametrize("name", list(TRIALS))
 def test_trials_with_their_own_values_train_stacked_as_they_would_alone(configs, splits, name):
     cfgs = trial_configs(configs, name)
-    stack, opt = seeded_stack_and_optimizer(cfgs, splits, "cpu")
-    histories = fit_stacked_as_configured(cfgs, stack, opt, splits, "cpu")
+    stack, opt = seeded_stack(cfgs, splits)
+    histories = fit_as(cfgs, stack, opt, splits)
     for history, model, (single_model, single) in zip(
         histories, stack.models, one_by_one(cfgs, splits), strict=True
     ):
@@ -383,8 +409,8 @@ def test_a_model_whose_should_stop_says_so_ends_alone(configs, splits):
         return history.epochs[-1].epoch == 2
 
     should_stop = [None, stop_model_1_at_epoch_2, None]
-    stack, opt = seeded_stack_and_optimizer(cfgs, splits, "cpu")
-    histories = fit_stacked_as_configured(cfgs, stack, opt, splits, "cpu", None, should_stop)
+    stack, opt = seeded_stack(cfgs, splits)
+    histories = fit_as(cfgs, stack, opt, splits, None, should_stop)
     assert asked == [1, 2]
     assert [len(h.epochs) for h in histories] == [3, 2, 3]
     assert [h.stopped for h in histories] == [False, True, False]
@@ -397,9 +423,8 @@ def test_a_model_whose_should_stop_says_so_ends_alone(configs, splits):
     assert all(
         v.shape[0] == 2 for entry in opt.state.values() for v in entry.values() if v.dim() > 0
     )
-    model, single_opt = seeded_model_and_optimizer(cfgs[1], splits)
     stop_at_2 = lambda history: history.epochs[-1].epoch == 2  # noqa: E731
-    fit_as_configured(cfgs[1], model, single_opt, splits, "cpu", None, stop_at_2)
+    model, _ = trained_alone(cfgs[1], splits, should_stop=stop_at_2)
     assert_same_weights(stack.models[1], model)  # its weights as it left
 
 

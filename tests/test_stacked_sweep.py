@@ -9,7 +9,7 @@ import math
 
 import optuna
 import pytest
-from helpers import runs, train_in_process
+from helpers import epoch_metrics, runs, train_in_process
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
@@ -17,7 +17,7 @@ from gradalign import experiment
 from gradalign.schema import Metric, Stage, Tag
 from gradalign.sweep.pruning import JOURNAL
 from gradalign.sweep.studies import open_storage
-from gradalign.training import EpochMetrics, History
+from gradalign.training import History
 
 RTOL = 1e-5
 
@@ -109,7 +109,7 @@ PLANS = (
 
 def planned_stacked_fits(monkeypatch):
     """Replace the stacked fit: model k of each call (its trials in order) follows the next
-    plan's val losses, reporting and stopping as fit_stacked does."""
+    plan's val losses, reporting and stopping as training.fit_models does."""
     plans = iter(PLANS)
 
     def planned(stack, optimizer, splits, *, epochs, data_seeds, on_epoch, should_stop, **_):
@@ -120,14 +120,14 @@ def planned_stacked_fits(monkeypatch):
                 if history.stopped:
                     continue
                 value = losses[k][epoch - 1]
-                metrics = EpochMetrics(epoch, value, value, 0.5, value, 0.5, 0.1, {})
+                metrics = epoch_metrics(epoch, value, train_loss=value)
                 history.epochs.append(metrics)
                 on_epoch(k, metrics)
                 if should_stop[k] is not None and should_stop[k](history) and epoch < epochs:
                     history.stopped = True
         return histories
 
-    monkeypatch.setattr(experiment, "fit_stacked", planned)
+    monkeypatch.setattr(experiment, "fit_models", planned)
 
 
 def test_a_stacked_sweep_prunes_each_trial_against_the_earlier_batches(monkeypatch, tmp_path, tiny):

@@ -86,25 +86,25 @@ def stores(tmp_path, tiny):
 def failing_fits(monkeypatch, *plan):
     """Make the k-th fit of this process do plan[k]: "ok", "raise" or "interrupt" (Ctrl-C)
     after logging its first epoch, or "diverge" (its optimizer's lr set to 1e6 first)."""
-    real, calls = experiment.fit, []
+    real, calls = experiment.fit_models, []
 
-    def fit(model, optimizer, *args, on_epoch, **kwargs):
+    def fit(models, optimizer, *args, on_epoch, **kwargs):
         what = plan[len(calls)]
         calls.append(what)
         if what == "diverge":
             for group in optimizer.param_groups:
                 group["lr"] = 1e6
 
-        def raising(metrics):
-            on_epoch(metrics)
+        def raising(k, metrics):
+            on_epoch(k, metrics)
             if what == "raise":
                 raise RuntimeError("disk on fire")
             if what == "interrupt":
                 raise KeyboardInterrupt
 
-        return real(model, optimizer, *args, on_epoch=raising, **kwargs)
+        return real(models, optimizer, *args, on_epoch=raising, **kwargs)
 
-    monkeypatch.setattr(experiment, "fit", fit)
+    monkeypatch.setattr(experiment, "fit_models", fit)
 
 
 def test_failed_and_diverged_trials_are_recorded_in_both_systems_and_the_sweep_goes_on(
@@ -267,7 +267,7 @@ def free_port():
 def test_bad_settings_fail_before_the_first_trial(monkeypatch, capsys, stores, override, message):
     overrides, trials, sweep_runs = stores
     port = str(free_port())
-    monkeypatch.setattr(experiment, "fit", lambda *a, **k: pytest.fail("a trial ran"))
+    monkeypatch.setattr(experiment, "fit_models", lambda *a, **k: pytest.fail("a trial ran"))
     code = train_in_process(
         monkeypatch, "-m", "optimizer=gao", *overrides, override.replace("PORT", port)
     )

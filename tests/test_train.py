@@ -12,13 +12,12 @@ import subprocess
 import sys
 
 import pytest
-from helpers import EPOCH_METRICS, REPO_ROOT, train_in_process
+from helpers import REPO_ROOT, epoch_metrics, scales, train_in_process
 from mlflow.tracking import MlflowClient
 
 from gradalign import experiment, processes, tracking
 from gradalign.progress import EpochProgress
 from gradalign.schema import Metric
-from gradalign.training import EpochMetrics
 
 
 @pytest.fixture(scope="module")
@@ -72,12 +71,14 @@ def test_short_run_is_tracked(compose_cfg, tiny, client, model, optimizer):
     assert metrics["objective"] == pytest.approx(history.objective("last"))
     assert metrics["best_val_loss"] == pytest.approx(history.best_val_loss)
     assert metrics["best_epoch"] == history.best_epoch
-    for key in EPOCH_METRICS:
+    alignment = {k for k in metrics if k.startswith(Metric.ALIGNMENT_PREFIX)}
+    summaries = {Metric.OBJECTIVE, Metric.BEST_VAL_LOSS, Metric.BEST_EPOCH}
+    assert set(metrics) == {*Metric.PER_EPOCH, *alignment, *summaries}  # what the schema says
+    for key in [*Metric.PER_EPOCH, *alignment]:
         steps = [m.step for m in client.get_metric_history(run_id, key)]
         assert sorted(steps) == [1, 2], key
-    alignment = {k for k in metrics if k.startswith(Metric.ALIGNMENT_PREFIX)}
     if optimizer == "gao":
-        names = {f"{Metric.ALIGNMENT_PREFIX}{name}" for name in history.epochs[0].alignment}
+        names = {f"{Metric.ALIGNMENT_PREFIX}{name}" for name in scales(history.epochs[0])}
         assert alignment == names and names
     else:
         assert not alignment
@@ -96,7 +97,7 @@ def test_a_scheduled_run_is_tracked_with_its_scheduler_and_each_epochs_lr(
     lrs = sorted((m.step, m.value) for m in client.get_metric_history(run_id, Metric.LR))
     # lr * (0.1 + 0.9 * (epoch - 1) / 4) for epochs 1 and 2
     assert lrs == [(1, pytest.approx(0.001)), (2, pytest.approx(0.00325))]
-    assert [e.lr for e in history.epochs] == [v for _, v in lrs]
+    assert [e[Metric.LR] for e in history.epochs] == [v for _, v in lrs]
 
 
 def test_objective_kind_and_seeds(compose_cfg, tiny):
@@ -104,7 +105,9 @@ def test_objective_kind_and_seeds(compose_cfg, tiny):
     again, _ = experiment.run_experiment(compose_cfg("objective=best", *tiny))
     other_data, _ = experiment.run_experiment(compose_cfg("seed.data=1", *tiny))
     other_init, _ = experiment.run_experiment(compose_cfg("seed.model=1", *tiny))
-    losses = [[e.train_loss for e in h.epochs] for h in (best, again, other_data, other_init)]
+    losses = [
+        [e[Metric.TRAIN_LOSS] for e in h.epochs] for h in (best, again, other_data, other_init)
+    ]
     assert losses[0] == losses[1]  # same seeds: same run
     assert losses[2] != losses[0] and losses[3] != losses[0]
 
@@ -160,16 +163,16 @@ def test_bad_optimizer_argument_fails_before_any_run(compose_cfg, tiny, client):
 
 def raise_in_first_epoch(monkeypatch, exception):
     """Make fit raise ``exception`` from its first on_epoch call (after metrics were logged)."""
-    real_fit = experiment.fit
+    real_fit = experiment.fit_models
 
     def fit(*args, on_epoch, **kwargs):
-        def raising(metrics):
-            on_epoch(metrics)
+        def raising(k, metrics):
+            on_epoch(k, metrics)
             raise exception
 
         return real_fit(*args, on_epoch=raising, **kwargs)
 
-    monkeypatch.setattr(experiment, "fit", fit)
+    monkeypatch.setattr(experiment, "fit_models", fit)
 
 
 def last_run(client):
@@ -217,16 +220,16 @@ def test_unreachable_tracking_server_fails_fast_before_any_run(compose_cfg, tiny
 
 
 def test_sigterm_ends_run_killed_and_restores_the_handler(compose_cfg, tiny, client, monkeypatch):
-    real_fit = experiment.fit
+    real_fit = experiment.fit_models
 
     def fit(*args, on_epoch, **kwargs):
-        def sigterm(metrics):
-            on_epoch(metrics)
+        def sigterm(k, metrics):
+            on_epoch(k, metrics)
             os.kill(os.getpid(), signal.SIGTERM)
 
         return real_fit(*args, on_epoch=sigterm, **kwargs)
 
-    monkeypatch.setattr(experiment, "fit", fit)
+    monkeypatch.setattr(experiment, "fit_models", fit)
     before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(tracking.Terminated):
         experiment.run_experiment(compose_cfg(*tiny))
@@ -264,7 +267,7 @@ class Terminal(io.StringIO):
 
 
 def epoch(n, val_loss=1.5):
-    return EpochMetrics(n, 1.0, val_loss, 0.5, 1.6, 0.4, 0.01, {})
+    return epoch_metrics(n, val_loss)
 
 
 def test_progress_line_on_a_terminal_only():

@@ -1,12 +1,12 @@
 """gradalign.training: the history, determinism, data order, divergence, alignment, schedulers."""
 
-import dataclasses
 import math
 import re
 
 import numpy as np
 import pytest
 import torch
+from helpers import REPO_ROOT, epoch_metrics, scales
 from torch import nn
 from torch.nn import functional as F
 
@@ -14,8 +14,10 @@ from gradalign.data import Splits
 from gradalign.data.mnist1d import load_mnist1d
 from gradalign.models.mlp import MLP
 from gradalign.models.transformer import Transformer
+from gradalign.schema import Metric
 from gradalign.training import EpochMetrics, History, fit
 
+DOCS_TRACKING = REPO_ROOT / "docs" / "tracking.md"
 N_TRAIN, BATCH = 230, 50  # 5 steps per epoch, the last one partial (30 samples)
 
 
@@ -55,7 +57,8 @@ def run(net, optimizer, data, epochs=3, data_seed=0, **kwargs):
 
 
 def losses(history):
-    return [(e.train_loss, e.val_loss, e.val_acc, e.test_loss, e.test_acc) for e in history.epochs]
+    """Every epoch's values but its wall time."""
+    return [[v for k, v in e.values.items() if k != Metric.EPOCH_TIME] for e in history.epochs]
 
 
 def test_history_has_one_complete_entry_per_epoch(splits):
@@ -69,11 +72,11 @@ def test_history_has_one_complete_entry_per_epoch(splits):
     assert seen == history.epochs
     for e in history.epochs:
         assert isinstance(e, EpochMetrics)
-        values = [e.train_loss, e.val_loss, e.val_acc, e.test_loss, e.test_acc, e.epoch_time]
-        assert all(isinstance(v, float) and math.isfinite(v) for v in values)
-        assert 0.0 <= e.val_acc <= 1.0 and 0.0 <= e.test_acc <= 1.0 and e.epoch_time > 0
-        assert e.alignment == {}
-    val = [e.val_loss for e in history.epochs]
+        assert set(e.values) == set(Metric.PER_EPOCH)  # no scales: Adam has none
+        assert all(isinstance(v, float) and math.isfinite(v) for v in e.values.values())
+        assert 0.0 <= e[Metric.VAL_ACC] <= 1.0 and 0.0 <= e[Metric.TEST_ACC] <= 1.0
+        assert e[Metric.EPOCH_TIME] > 0 and scales(e) == {}
+    val = [e[Metric.VAL_LOSS] for e in history.epochs]
     assert history.objective("last") == val[-1]
     assert history.objective("best") == history.best_val_loss == min(val)
     assert history.best_epoch == 1 + val.index(min(val))
@@ -87,9 +90,9 @@ def test_metrics_are_sample_means(splits):
     (e,) = history.epochs
     with torch.no_grad():
         for x, y, loss, acc in [
-            (splits.x_train, splits.y_train, e.train_loss, None),
-            (splits.x_val, splits.y_val, e.val_loss, e.val_acc),
-            (splits.x_test, splits.y_test, e.test_loss, e.test_acc),
+            (splits.x_train, splits.y_train, e[Metric.TRAIN_LOSS], None),
+            (splits.x_val, splits.y_val, e[Metric.VAL_LOSS], e[Metric.VAL_ACC]),
+            (splits.x_test, splits.y_test, e[Metric.TEST_LOSS], e[Metric.TEST_ACC]),
         ]:
             logits = net(x)
             assert loss == pytest.approx(F.cross_entropy(logits, y).item(), rel=1e-6)
@@ -151,7 +154,7 @@ def test_data_seed_changes_the_order_not_the_initial_weights(splits):
         run(net, torch.optim.Adam(net.parameters(), lr=1e-2), splits, data_seed=seed)
         for net, seed in zip(nets, (0, 1), strict=True)
     )
-    assert h0.epochs[0].train_loss != h1.epochs[0].train_loss
+    assert h0.epochs[0][Metric.TRAIN_LOSS] != h1.epochs[0][Metric.TRAIN_LOSS]
 
 
 def test_adam_lowers_val_loss_on_mnist1d(tmp_path):
@@ -172,7 +175,7 @@ def test_adam_lowers_val_loss_on_mnist1d(tmp_path):
         device="cpu",
     )
     assert history.best_val_loss < initial - 0.5
-    assert max(e.val_acc for e in history.epochs) > 0.35  # chance is 0.1
+    assert max(e[Metric.VAL_ACC] for e in history.epochs) > 0.35  # chance is 0.1
 
 
 class FailsAt(nn.Module):
@@ -248,7 +251,7 @@ def test_constant_alignment_is_reported_per_parameter_name(splits):
     )
     names = [name for name, _ in net.named_parameters()]
     for e in history.epochs:
-        assert e.alignment == {name: 0.5 for name in names}
+        assert scales(e) == {name: 0.5 for name in names}
 
 
 def test_alignment_is_the_mean_over_each_epochs_steps(splits):
@@ -258,7 +261,7 @@ def test_alignment_is_the_mean_over_each_epochs_steps(splits):
     history = run(net, Scaling(base, float), splits, epochs=2)
     names = [name for name, _ in net.named_parameters()] + ["param4"]
     # steps 1..5 in epoch 1 (mean 3), 6..10 in epoch 2 (mean 8)
-    assert [e.alignment for e in history.epochs] == [
+    assert [scales(e) for e in history.epochs] == [
         dict.fromkeys(names, 3.0),
         dict.fromkeys(names, 8.0),
     ]
@@ -299,14 +302,14 @@ def test_each_epoch_records_the_lr_it_trained_with_under_a_scheduler(splits):
     optimizer = torch.optim.Adam(net.parameters(), lr=0.1)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
     history = run(net, optimizer, splits, epochs=3, scheduler=scheduler)
-    assert [e.lr for e in history.epochs] == pytest.approx([0.1, 0.05, 0.025])
+    assert [e[Metric.LR] for e in history.epochs] == pytest.approx([0.1, 0.05, 0.025])
     unscheduled = run(model(), torch.optim.Adam(net.parameters(), lr=0.1), splits, epochs=2)
-    assert [e.lr for e in unscheduled.epochs] == [None, None]  # the configured lr throughout
+    assert [Metric.LR in e.values for e in unscheduled.epochs] == [False, False]  # none logged
 
 
 def test_history_objective():
-    epoch = EpochMetrics(1, 1.0, 2.0, 0.5, 2.1, 0.4, 0.01, {})
-    later = dataclasses.replace(epoch, epoch=2, val_loss=3.0)
+    epoch = epoch_metrics(1, 2.0)
+    later = epoch_metrics(2, 3.0)
     history = History([epoch, later], diverged=False, reason=None)
     assert (history.objective("last"), history.objective("best")) == (3.0, 2.0)
     assert history.best_epoch == 1
@@ -340,7 +343,7 @@ def test_fit_on_cuda_matches_its_own_rerun(splits):
             fit(net, optimizer, splits, epochs=3, batch_size=BATCH, data_seed=5, device="cuda")
         )
         assert next(net.parameters()).is_cuda
-    assert not histories[0].diverged and histories[0].epochs[-1].alignment["layers.0.weight"] == 0.5
+    assert not histories[0].diverged and scales(histories[0].epochs[-1])["layers.0.weight"] == 0.5
     assert losses(histories[0]) == pytest.approx(losses(histories[1]), rel=1e-5)
 
 
@@ -366,8 +369,8 @@ def test_eval_batch_size_gives_the_mean_of_the_batch_means(splits, eval_batch_si
     )
     (e,) = history.epochs
     for x, y, loss, acc in [
-        (splits.x_val, splits.y_val, e.val_loss, e.val_acc),
-        (splits.x_test, splits.y_test, e.test_loss, e.test_acc),
+        (splits.x_val, splits.y_val, e[Metric.VAL_LOSS], e[Metric.VAL_ACC]),
+        (splits.x_test, splits.y_test, e[Metric.TEST_LOSS], e[Metric.TEST_ACC]),
     ]:
         batch_losses, batch_accs = [], []
         with torch.no_grad():
@@ -393,7 +396,7 @@ def test_full_batch_evaluation_is_the_exact_sample_mean(splits):
         results.append(run(net, optimizer, splits, 1, eval_batch_size=eval_batch_size).epochs[0])
     with torch.no_grad():
         expected = cross_entropy_by_hand(net(splits.x_val), splits.y_val)
-    assert [r.val_loss for r in results] == pytest.approx([expected] * 3, rel=1e-6)
+    assert [r[Metric.VAL_LOSS] for r in results] == pytest.approx([expected] * 3, rel=1e-6)
 
 
 @pytest.mark.parametrize("eval_batch_size", [0, 2.5, True])
@@ -435,7 +438,7 @@ def test_sequence_targets_are_scored_per_position():
             net, torch.optim.SGD(net.parameters(), lr=0.0), data, 1, eval_batch_size=eval_batch_size
         ).epochs
         with torch.no_grad():
-            assert e.train_loss == pytest.approx(
+            assert e[Metric.TRAIN_LOSS] == pytest.approx(
                 cross_entropy_by_hand(net(data.x_train), data.y_train), rel=1e-6
             )
             batches = [(data.x_val[i : i + 15], data.y_val[i : i + 15]) for i in range(0, 40, 15)]
@@ -443,8 +446,8 @@ def test_sequence_targets_are_scored_per_position():
                 batches = [(data.x_val, data.y_val)]
             expected_loss = np.mean([cross_entropy_by_hand(net(x), y) for x, y in batches])
             expected_acc = np.mean([accuracy_by_hand(net(x), y) for x, y in batches])
-        assert e.val_loss == pytest.approx(expected_loss, rel=1e-6)
-        assert e.val_acc == pytest.approx(expected_acc, rel=1e-6)
+        assert e[Metric.VAL_LOSS] == pytest.approx(expected_loss, rel=1e-6)
+        assert e[Metric.VAL_ACC] == pytest.approx(expected_acc, rel=1e-6)
 
 
 def test_a_sequence_model_learns_the_next_token():
@@ -455,4 +458,14 @@ def test_a_sequence_model_learns_the_next_token():
     history = run(net, torch.optim.Adam(net.parameters(), lr=1e-2), data, epochs=15)
     assert initial == pytest.approx(math.log(VOCAB), abs=0.1)  # a uniform start
     assert history.best_val_loss < math.log(2) + 0.25  # near the data's ln 2 per token
-    assert history.epochs[-1].val_acc > 0.4
+    assert history.epochs[-1][Metric.VAL_ACC] > 0.4
+
+
+def test_every_per_epoch_metric_has_its_line_in_docs_tracking_md():
+    """A per-epoch metric is its key in schema.Metric.PER_EPOCH, its computation in the engine
+    (the key set of every epoch is checked above and, as logged to MLflow, in test_train) and
+    its row in docs/tracking.md's table of metrics."""
+    rows = [line for line in DOCS_TRACKING.read_text().splitlines() if line.startswith("| `")]
+    documented = {key for row in rows for key in re.findall(r"`([^`]+)`", row.split("|")[1])}
+    assert set(Metric.PER_EPOCH) <= documented
+    assert f"{Metric.ALIGNMENT_PREFIX}<parameter name>" in documented

@@ -9,6 +9,7 @@ import socket
 
 import optuna
 import pytest
+from helpers import epoch_metrics
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
@@ -16,7 +17,7 @@ from optuna.trial import TrialState
 from gradalign import processes, tracking
 from gradalign.schema import Metric as M
 from gradalign.sweep.trial import Outcome, outcome_of_history, outcome_of_run, settle
-from gradalign.training import EpochMetrics, History
+from gradalign.training import History
 
 GONE = f"{socket.gethostname()}:1:0.00"  # pid 1 did not start at 0: a process that is gone
 
@@ -28,7 +29,7 @@ def test_an_owner_that_is_no_process_token_is_unknown_not_gone():
 
 
 def epoch(n, val_loss):
-    return EpochMetrics(n, 1.0, val_loss, 0.5, 2.0, 0.4, 0.01, {})
+    return epoch_metrics(n, val_loss)
 
 
 @pytest.fixture

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from typing import TextIO
 
+from gradalign.schema import Metric
 from gradalign.training import EpochMetrics
 
 
@@ -30,7 +31,7 @@ class EpochProgress:
         bar = "=" * done + " " * (self.width - done)
         self.stream.write(
             f"\r{self.label}  epoch {metrics.epoch}/{self.epochs} [{bar}]"
-            f"  val_loss {metrics.val_loss:.4f}\x1b[K"
+            f"  val_loss {metrics[Metric.VAL_LOSS]:.4f}\x1b[K"
         )
         self.stream.flush()
 

@@ -82,6 +82,9 @@ class Metric:
     EPOCH_TIME: Final = "epoch_time"
     LR: Final = "lr"  # with a scheduler: the lr the epoch trained with
     ALIGNMENT_PREFIX: Final = "scale/"  # scale/<parameter name>: GAO's mean alignment scale
+    # What the epoch engine (gradalign.training) computes for every epoch and a run logs (with
+    # the scales of an optimizer exposing last_scales); docs/tracking.md has a line for each.
+    PER_EPOCH: Final = (TRAIN_LOSS, VAL_LOSS, VAL_ACC, TEST_LOSS, TEST_ACC, EPOCH_TIME)
     # The keys of runs logged before the per-epoch metrics were renamed (readers fall back to
     # them): new key -> old key, and the old prefix of the scales.
     LEGACY: Final = {

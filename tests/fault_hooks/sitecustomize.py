@@ -1,7 +1,7 @@
 """Faults at exact moments, for tests/test_faults.py: a process started with this directory on
 PYTHONPATH and ``$GRADALIGN_FAULT`` set runs one of these (Python imports ``sitecustomize`` at
 start-up). Each patches a dependency's function (never gradalign's, so the same fault hits any
-version of the pipeline; gradalign's ``experiment.train_together`` has kept its name and place)
+version of the pipeline; gradalign's ``experiment.train`` has kept its name and place)
 once that module is imported:
 
 - ``kill_after_job``: a sweep process kills itself (SIGKILL) as soon as its first Hydra job
@@ -59,14 +59,20 @@ def kill_after_job(utils):
 
 
 def interrupt_after_stacked_batch(experiment):
-    train_together = experiment.train_together
+    train = experiment.train
+    calls = []  # the calls under way: train calls itself for runs that cannot stack
 
     def interrupting(*args, **kwargs):
-        results = train_together(*args, **kwargs)
-        signal.raise_signal(signal.SIGINT)
+        calls.append(args)
+        try:
+            results = train(*args, **kwargs)
+        finally:
+            calls.pop()
+        if not calls:
+            signal.raise_signal(signal.SIGINT)
         return results
 
-    experiment.train_together = interrupting
+    experiment.train = interrupting
 
 
 def kill_in_migration(migration):

@@ -26,7 +26,7 @@ from omegaconf import DictConfig
 from gradalign import processes, tracking
 from gradalign.checks import UserError
 from gradalign.config import config_hash, flatten, register_resolvers
-from gradalign.experiment import source_tags
+from gradalign.records import source_tags
 from gradalign.report import keys, page
 from gradalign.report.configs import (
     Composition,

@@ -15,7 +15,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from gradalign import tracking
-from gradalign.experiment import git_tags
+from gradalign.records import git_tags
 from gradalign.report.build import Report, report_target, write_report
 from gradalign.report.configs import compose_optimizer
 from gradalign.report.settings import ReportSettings, StudySettings

@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from gradalign import processes, tracking
 from gradalign.config import flatten
-from gradalign.experiment import source_tags
+from gradalign.records import source_tags
 from gradalign.schema import Metric, MlflowTag, Param, Stage, Tag
 from gradalign.tracking import labels
 

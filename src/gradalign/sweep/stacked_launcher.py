@@ -8,7 +8,7 @@ Hydra's ``run_job`` as the basic launcher runs it (its config composed, its outp
 the config checked, the model seeded, the MLflow run's name, tags and description taken from the
 job (``experiment.prepare_run``), the pruner's reporting opened. Then the prepared trials that
 can train together (``per_model.stack_key``: equal but for the values the sampler chose for the
-optimizer) are trained as one stacked model (``experiment.train_together``), each with its own
+optimizer) are trained as one stacked model (``experiment.train``), each with its own
 hyperparameters, data order, pruner and MLflow run, and each job's return value is what
 train.py's would have been (an ``Outcome``, gradalign.sweep.trial). A trial whose preparation
 raised is FAILED alone; an error while a group trains fails that group's trials.
@@ -37,7 +37,7 @@ from hydra.types import HydraContext
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from gradalign.config import validate
-from gradalign.experiment import PreparedRun, prepare_process, prepare_run, train_together
+from gradalign.experiment import PreparedRun, prepare_process, prepare_run, train
 from gradalign.per_model import stack_key
 from gradalign.sweep.trial import log_outcome, outcome_of_history, trial_options
 
@@ -116,7 +116,7 @@ def _train_group(jobs: Sequence[JobReturn], device: Any, splits: Any, several: b
             numbers[0],
         )
     try:
-        results = train_together(runs, splits, device)
+        results = train(runs, splits, device)
     except Exception as error:
         for job in jobs:
             job.return_value, job.status = error, JobStatus.FAILED

@@ -108,7 +108,7 @@ def outcome_line(history: History, objective: float) -> str:
     last = history.epochs[-1]
     return (
         f"**{M.OBJECTIVE} {objective:.4f}** · {M.BEST_VAL_LOSS} {history.best_val_loss:.4f} "
-        f"(epoch {history.best_epoch}) · test accuracy {last.test_acc:.2%} at epoch {last.epoch}"
+        f"(epoch {history.best_epoch}) · test accuracy {last[M.TEST_ACC]:.2%} at epoch {last.epoch}"
     )
 
 
@@ -266,19 +266,8 @@ class Run:
 
     def log_epoch(self, metrics: EpochMetrics) -> None:
         """Record one epoch (step = epoch); send the buffer if flush_interval_s has passed."""
-        values = {
-            M.TRAIN_LOSS: metrics.train_loss,
-            M.VAL_LOSS: metrics.val_loss,
-            M.VAL_ACC: metrics.val_acc,
-            M.TEST_LOSS: metrics.test_loss,
-            M.TEST_ACC: metrics.test_acc,
-            M.EPOCH_TIME: metrics.epoch_time,
-            **{f"{M.ALIGNMENT_PREFIX}{name}": s for name, s in metrics.alignment.items()},
-        }
-        if metrics.lr is not None:
-            values[M.LR] = metrics.lr
         timestamp = _now_ms()
-        self._pending += [Metric(k, v, timestamp, metrics.epoch) for k, v in values.items()]
+        self._pending += [Metric(k, v, timestamp, metrics.epoch) for k, v in metrics.values.items()]
         if time.perf_counter() - self._last_flush >= self.flush_interval_s:
             self._flush()
 
