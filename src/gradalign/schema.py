@@ -1,7 +1,7 @@
 """The MLflow contract: the names every writer and reader of the tracking store agrees on.
 
 A run's stage, its tag keys and its metric keys are spelled here once. The writers
-(gradalign.tracking, gradalign.experiment, gradalign.sweep, gradalign.report.build) and the
+(gradalign.tracking, gradalign.records, gradalign.sweep, gradalign.report.build) and the
 readers (gradalign.report.runs, the tests, a user's own queries) import them, so renaming one is
 one edit and cannot silently break a reader. docs/tracking.md describes the same schema for
 people.

@@ -1,4 +1,10 @@
-"""The training loop: fit a classifier on in-memory splits and return its per-epoch history.
+"""The epoch engine: train classifiers on in-memory splits and return their per-epoch history.
+
+One engine (``fit_models``) trains K models as one: ``Models`` holds one plain model,
+``stacked.Stack`` K models stacked into one (a sweep's batch of trials); ``fit`` is the engine
+for one model. Each epoch's values travel by name, keyed by ``schema.Metric`` (``EpochMetrics``):
+a per-epoch metric is its key in ``Metric.PER_EPOCH``, its computation here, and its line in
+docs/tracking.md; the MLflow run logs what the engine computed.
 
 Targets are class labels of shape (N,) with logits (N, classes), or per-position targets of shape
 (N, T) with logits (N, T, classes) (a language model's next characters): the loss is then the
