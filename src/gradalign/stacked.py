@@ -80,11 +80,13 @@ class Stack(Models):
 
         return vmap(one)(self.params, self.buffers)
 
-    def backward(self, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn) -> torch.Tensor:
+    def backward(
+        self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, loss_fn: LossFn
+    ) -> torch.Tensor:
         def one(params: dict, buffers: dict, xk: torch.Tensor, yk: torch.Tensor) -> torch.Tensor:
             return loss_fn(self._call(params, buffers, xk), yk)
 
-        loss = vmap(one)(self.params, self.buffers, x, y)
+        loss = vmap(one)(self.params, self.buffers, x[idx], y[idx])
         loss.sum().backward()  # model k's parameters get the gradient of its own loss only
         return loss.detach()
 

@@ -100,10 +100,14 @@ class Models:
     def train(self, mode: bool = True) -> None:
         self.models[0].train(mode)
 
-    def backward(self, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn) -> torch.Tensor:
-        """(K,): each active model's loss on its own batch (x[k], y[k]), after computing its
-        gradients (each model's parameters get the gradient of its own loss only)."""
-        loss = loss_fn(self.models[0](x[0]), y[0])
+    def backward(
+        self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, loss_fn: LossFn
+    ) -> torch.Tensor:
+        """(K,): each active model's loss on its own batch, the rows ``idx[k]`` of (x, y), after
+        computing its gradients (each model's parameters get the gradient of its own loss
+        only)."""
+        rows = idx[0]  # a 1-d index: indexing by (1, B) and then taking [0] is slower
+        loss = loss_fn(self.models[0](x[rows]), y[rows])
         loss.backward()
         return loss.detach().view(1)
 
@@ -223,7 +227,7 @@ def fit_models(
         lr = None if scheduler is None else float(optimizer.param_groups[0]["lr"])
         for idx in orders.to(device).split(batch_size, dim=1):
             optimizer.zero_grad()
-            losses.append(models.backward(data.x_train[idx], data.y_train[idx], loss_fn))
+            losses.append(models.backward(data.x_train, data.y_train, idx, loss_fn))
             optimizer.step()
             if names is not None and (step_scales := optimizer.last_scales) is not None:
                 if scale_sum is None:
