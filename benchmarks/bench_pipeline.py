@@ -64,8 +64,8 @@ def trial_overhead(repeats: int) -> None:
 
     from gradalign.components import build_dataset, build_optimizer
     from gradalign.config import register_resolvers
-    from gradalign.experiment import run_experiment, seeded_model
-    from gradalign.training import fit
+    from gradalign.experiment import fit_as_configured, run_experiment, seeded_model
+    from gradalign.training import Models
 
     register_resolvers(ROOT)
     timer = MlflowTimer()
@@ -86,17 +86,7 @@ def trial_overhead(repeats: int) -> None:
             start = time.perf_counter()
             model = seeded_model(cfg, splits)
             optimizer = build_optimizer(cfg, model.parameters())
-            trainer = cfg.trainer
-            fit(
-                model,
-                optimizer,
-                splits,
-                epochs=trainer.epochs,
-                batch_size=trainer.batch_size,
-                eval_batch_size=trainer.eval_batch_size,
-                data_seed=cfg.seed.data,
-                device="cpu",
-            )
+            fit_as_configured([cfg], Models(model), optimizer, splits, "cpu")
             bare.append(time.perf_counter() - start)
             timer.seconds = 0.0
             start = time.perf_counter()

@@ -40,11 +40,10 @@ from omegaconf import DictConfig
 
 from gradalign.components import build_dataset, build_optimizer
 from gradalign.config import register_resolvers
-from gradalign.data import Splits
-from gradalign.experiment import seeded_model, stack_and_optimizer
+from gradalign.experiment import fit_as_configured, seeded_model, stack_and_optimizer
 from gradalign.report.configs import compose_config, seeded
 from gradalign.schema import Metric
-from gradalign.training import History, Models, fit_models
+from gradalign.training import History, Models
 
 ROOT = Path(__file__).resolve().parents[1]
 # The trial the issue measured serially and stacked (#28): GAO's best of a default sweep.
@@ -66,7 +65,7 @@ def serial(cfg: DictConfig, threads: int = 1) -> History:
         splits = build_dataset(cfg)
         model = seeded_model(cfg, splits)
         optimizer = build_optimizer(cfg, model.parameters())
-        return trained([cfg], Models(model), optimizer, splits)
+        return fit_as_configured([cfg], Models(model), optimizer, splits, "cpu")[0]
     finally:
         torch.set_num_threads(before)
 
@@ -82,26 +81,7 @@ def stacked(cfg: DictConfig, size: int) -> History:
     splits = build_dataset(cfg)
     models = [seeded_model(one, splits) for one in cfgs]
     stack, optimizer = stack_and_optimizer(cfgs, models, splits, "cpu")
-    return trained(cfgs, stack, optimizer, splits)
-
-
-def trained(
-    cfgs: list[DictConfig], models: Models, optimizer: torch.optim.Optimizer, splits: Splits
-) -> History:
-    """The history of model 0 of ``models`` (runs of ``cfgs``) trained by the epoch engine as
-    a run of them is: cfg.trainer's budget and evaluation, each one's seed.data."""
-    trainer = cfgs[0].trainer
-    histories = fit_models(
-        models,
-        optimizer,
-        splits,
-        epochs=trainer.epochs,
-        batch_size=trainer.batch_size,
-        eval_batch_size=trainer.eval_batch_size,
-        data_seeds=[cfg.seed.data for cfg in cfgs],
-        device="cpu",
-    )
-    return histories[0]
+    return fit_as_configured(cfgs, stack, optimizer, splits, "cpu")[0]
 
 
 def first_difference(history: History, reference: History) -> str:

@@ -21,13 +21,13 @@ from torch import nn
 
 from gradalign import GradientAlignmentOptimizer as GAO
 from gradalign.components import build_dataset, build_optimizer
-from gradalign.experiment import seeded_model, stack_and_optimizer
+from gradalign.experiment import fit_as_configured, seeded_model, stack_and_optimizer
 from gradalign.models.mlp import MLP
 from gradalign.models.transformer import Transformer
 from gradalign.records import init_hash
 from gradalign.schema import Metric
 from gradalign.stacked import NotStackable, Stack, model_refusal, optimizer_refusal
-from gradalign.training import History, Models, fit_models
+from gradalign.training import History, Models
 
 TOL = {"rtol": 1e-5, "atol": 1e-6}
 SEEDS = (1, 2, 3)
@@ -90,18 +90,8 @@ def seeded_stack(cfgs, splits):
 
 def fit_as(cfgs, models, optimizer, splits, on_epoch=None, should_stop=None):
     """``models`` (runs of ``cfgs``) trained by the engine as experiment.train trains them."""
-    trainer = cfgs[0].trainer
-    return fit_models(
-        models,
-        optimizer,
-        splits,
-        epochs=trainer.epochs,
-        batch_size=trainer.batch_size,
-        eval_batch_size=trainer.eval_batch_size,
-        data_seeds=[cfg.seed.data for cfg in cfgs],
-        device="cpu",
-        on_epoch=on_epoch,
-        should_stop=should_stop,
+    return fit_as_configured(
+        cfgs, models, optimizer, splits, "cpu", on_epoch=on_epoch, should_stop=should_stop
     )
 
 

@@ -43,25 +43,30 @@ from gradalign.training import EpochMetrics, History, Models, fit_models
 log = logging.getLogger(__name__)
 
 
-def prepare_process(cfg: DictConfig) -> tuple[torch.device, Splits]:
-    """Validate ``cfg``, set this process up as a run of it does, and build its data set: the
-    device (trainer.device; "auto": cuda when available) and the splits its runs train on."""
-    validate(cfg)
-    processes.adopt()  # a worker stops when the process that started it is gone
-    device = cfg.trainer.device
+def resolve_device(device: str) -> torch.device:
+    """trainer.device as a torch.device ("auto": cuda when available); cuda must be available."""
     if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    elif device == "cuda" and not torch.cuda.is_available():
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError(
             "invalid config value trainer.device='cuda': CUDA is not available to this torch "
             f"({torch.__version__}): use auto (cuda when available) or cpu"
         )
+    return torch.device(device)
+
+
+def prepare_process(cfg: DictConfig) -> tuple[torch.device, Splits]:
+    """Validate ``cfg``, set this process up as a run of it does, and build its data set: the
+    device and the splits its runs train on."""
+    validate(cfg)
+    processes.adopt()  # a worker stops when the process that started it is gone
+    device = resolve_device(cfg.trainer.device)
     if cfg.trainer.threads is not None:
         torch.set_num_threads(cfg.trainer.threads)
     splits = build_dataset(cfg)
     if splits.val_is_test:
         log.warning("validation = the test split: what this run selects, it selects on test data")
-    return torch.device(device), splits
+    return device, splits
 
 
 def seeded_model(cfg: DictConfig, splits: Splits) -> torch.nn.Module:
@@ -185,6 +190,36 @@ def run_experiment(
     return history, run_id
 
 
+def fit_as_configured(
+    cfgs: Sequence[DictConfig],
+    models: Models,
+    optimizer: torch.optim.Optimizer,
+    splits: Splits,
+    device: torch.device | str,
+    *,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    on_epoch: Callable[[int, EpochMetrics], None] | None = None,
+    should_stop: Sequence[Callable[[History], bool] | None] | None = None,
+) -> list[History]:
+    """``models`` (model k: a run of ``cfgs[k]``) trained by the epoch engine as runs of
+    ``cfgs`` train, untracked: cfg.trainer's budget and evaluation, each run's cfg.seed.data
+    batch order; the rest as ``training.fit_models`` takes it."""
+    trainer = cfgs[0].trainer
+    return fit_models(
+        models,
+        optimizer,
+        splits,
+        epochs=trainer.epochs,
+        batch_size=trainer.batch_size,
+        eval_batch_size=trainer.eval_batch_size,
+        data_seeds=[cfg.seed.data for cfg in cfgs],
+        device=device,
+        scheduler=scheduler,
+        on_epoch=on_epoch,
+        should_stop=should_stop,
+    )
+
+
 def train(
     runs: Sequence[PreparedRun], splits: Splits, device: torch.device
 ) -> list[tuple[History, str]]:
@@ -207,8 +242,7 @@ def train(
             log.info("training %d runs one by one, not stacked: %s", len(runs), refusal)
             return [result for run in runs for result in train([run], splits, device)]
         label = f"{first.record['run_name']} and {len(runs) - 1} more, stacked"
-    trainer = first.cfg.trainer
-    progress = EpochProgress(label, trainer.epochs)
+    progress = EpochProgress(label, first.cfg.trainer.epochs)
     with contextlib.ExitStack() as opened:  # an error ends every run, as start_run says
         tracked = [
             opened.enter_context(tracking.start_run(run.cfg.tracking, **run.record)) for run in runs
@@ -219,15 +253,12 @@ def train(
             progress.update(metrics)
 
         try:
-            histories = fit_models(
+            histories = fit_as_configured(
+                [run.cfg for run in runs],
                 models,
                 optimizer,
                 splits,
-                epochs=trainer.epochs,
-                batch_size=trainer.batch_size,
-                eval_batch_size=trainer.eval_batch_size,
-                data_seeds=[run.cfg.seed.data for run in runs],
-                device=device,
+                device,
                 scheduler=first.scheduler,  # a run with one trains alone (NotStackable)
                 on_epoch=on_epoch,
                 should_stop=[run.should_stop for run in runs],
