@@ -1,10 +1,12 @@
 """What several test modules share: where the repository and its conf/ are, the options of a
-config group as conf/ has them, composing a config as train.py does, and reading MLflow runs."""
+config group as conf/ has them, a free local port, composing a config as train.py does, and
+reading MLflow runs."""
 
 from __future__ import annotations
 
 import re
 import runpy
+import socket
 import sys
 from pathlib import Path
 
@@ -38,6 +40,13 @@ def scales(metrics: EpochMetrics) -> dict[str, float]:
     """An epoch's mean GAO scales by parameter name (its ``scale/<name>`` values)."""
     prefix = Metric.ALIGNMENT_PREFIX
     return {k.removeprefix(prefix): v for k, v in metrics.values.items() if k.startswith(prefix)}
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that no process listens on now (for a server a test starts)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def options(group: str) -> list[str]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,17 +19,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers import free_port
 from sqlalchemy.engine import make_url
 
 POSTGRES_ENV = "GRADALIGN_TEST_POSTGRES"  # URL of a role with CREATEDB (.ci/run sets it)
 API_PROBE = "/api/2.0/mlflow/experiments/search?max_results=1"
 SERVER_START_S = 240  # an mlflow server takes 20-30 s to answer on a loaded 2-core machine
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @contextlib.contextmanager

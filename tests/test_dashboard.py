@@ -3,7 +3,6 @@ README's command serves a study a sweep stored, and its HTTP API lists the study
 
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -12,14 +11,9 @@ from pathlib import Path
 
 import optuna
 import pytest
+from helpers import free_port
 
 pytestmark = pytest.mark.slow
-
-
-def free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def get(url):

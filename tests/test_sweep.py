@@ -8,13 +8,12 @@ import math
 import os
 import pickle
 import re
-import socket
 import threading
 from pathlib import Path
 
 import optuna
 import pytest
-from helpers import asked_lrs, train_in_process
+from helpers import asked_lrs, free_port, train_in_process
 from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
@@ -224,12 +223,6 @@ def test_the_sweep_stops_once_more_trials_failed_than_the_budget_allows(
     )
     assert [t.state for t in trials()] == [TrialState.FAIL, TrialState.FAIL]
     assert [r.info.status for r in sweep_runs()] == ["FAILED", "FAILED"]
-
-
-def free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.mark.parametrize(

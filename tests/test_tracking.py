@@ -15,6 +15,7 @@ import threading
 import time
 
 import pytest
+from helpers import free_port
 from mlflow.entities import Metric, RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, TEMPORARILY_UNAVAILABLE
@@ -510,12 +511,6 @@ def http_server(status):
     finally:
         server.shutdown()
         server.server_close()
-
-
-def free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def test_a_tracking_server_is_probed_before_use():

@@ -26,7 +26,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from helpers import REPO_ROOT, TRAIN
+from helpers import REPO_ROOT, TRAIN, free_port
 from mlflow.tracking import MlflowClient
 
 from gradalign.schema import Metric, Stage, Tag
@@ -43,12 +43,6 @@ NO_ASSISTANT = (
     "localStorage.setItem('mlflow.assistant.fab.autoOpenedOnFirstLoad_v1', 'true');"
     "localStorage.setItem('mlflow.assistant.panelOpen_v1', 'false');"
 )
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def printed_link(text: str, after: str) -> str:
