@@ -49,9 +49,6 @@ from gradalign.credentials import mask, mask_logs  # noqa: E402
 from gradalign.hydra_compat import VERSION_BASE  # noqa: E402
 
 register_resolvers(Path(__file__).resolve().parent)
-# Exit statuses of a single run that did not finish: a setting or store the user must fix, a fit
-# that diverged (a result: its run is FAILED, tag diverged), and an interruption.
-EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 3, 130
 
 
 @hydra.main(config_path="conf", config_name="config", **VERSION_BASE)
@@ -81,7 +78,9 @@ def main(cfg: DictConfig) -> object:
     outcome = outcome_of_history(history, cfg.objective)
     log_outcome(cfg, outcome, run_id)
     if history.diverged:
-        sys.exit(_say(f"diverged: {history.reason}; MLflow run {run_id} FAILED", EXIT_DIVERGED))
+        sys.exit(
+            _say(f"diverged: {history.reason}; MLflow run {run_id} FAILED", processes.EXIT_DIVERGED)
+        )
     return outcome.value
 
 
@@ -92,11 +91,13 @@ def _exit_status(error: BaseException) -> int | None:
     tracking = sys.modules.get("gradalign.tracking")
     stopped = (KeyboardInterrupt, tracking.Terminated) if tracking else (KeyboardInterrupt,)
     if isinstance(error, UserError):  # a bad value (ConfigError), a store to fix
-        return _say(f"error: {mask(str(error))}", EXIT_BAD_INPUT)
+        return _say(f"error: {mask(str(error))}", processes.EXIT_BAD_INPUT)
     if isinstance(error, stopped):
         run = getattr(error, "mlflow_run_id", None)
         where = f"MLflow run {run} marked KILLED" if run else "no MLflow run was opened"
-        return _say(f"interrupted: {where}; run the same command to train again", EXIT_INTERRUPTED)
+        return _say(
+            f"interrupted: {where}; run the same command to train again", processes.EXIT_INTERRUPTED
+        )
     return None
 
 

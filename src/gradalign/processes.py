@@ -33,6 +33,10 @@ import time
 import psutil
 
 log = logging.getLogger(__name__)
+# Exit statuses of the commands (train.py alone and as a sweep, report.py, study.py) that did not
+# finish: a setting or store the user must fix, a fit that diverged (a result: its run is FAILED,
+# tag diverged), an interruption (as a shell reports Ctrl-C).
+EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 3, 130
 
 OWNER_ENV = "GRADALIGN_OWNER"
 OWNER_JOB_ENV = "GRADALIGN_OWNER_SLURM_JOB"  # the owner's SLURM job ("" outside SLURM)

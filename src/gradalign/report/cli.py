@@ -14,7 +14,6 @@ from gradalign import processes
 from gradalign.checks import UserError
 from gradalign.credentials import mask
 
-EXIT_INTERRUPTED = 130  # as train.py's
 # What a rerun of each command reuses, for the line of an interrupted one.
 RESUMES = {
     "report.py": "the final runs that finished are reused, the rest trained",
@@ -55,7 +54,7 @@ def run_command(
             out_dir = run(settings)
     except UserError as error:
         print(f"error: {mask(str(error))}", file=sys.stderr)
-        return 2
+        return processes.EXIT_BAD_INPUT
     except (KeyboardInterrupt, Terminated) as error:
         run_id = getattr(error, "mlflow_run_id", None)
         kind = "Ctrl-C" if isinstance(error, KeyboardInterrupt) else "SIGTERM"
@@ -65,6 +64,6 @@ def run_command(
             f"same command again to go on: {RESUMES.get(script, RESUMES['report.py'])}",
             file=sys.stderr,
         )
-        return EXIT_INTERRUPTED
+        return processes.EXIT_INTERRUPTED
     print(out_dir)
     return 0

@@ -87,7 +87,6 @@ from gradalign.sweep.trial import (
 log = logging.getLogger(__name__)
 CLAIM = ".sweep_claim"  # created atomically in the sweep directory by the sweep that owns it
 STOP_CHILDREN_S = 30.0  # how long an interrupted sweep waits for its workers to end their runs
-EXIT_INTERRUPTED = 130  # as a single run's (train.py)
 
 
 class SweepEnded(Exception):
@@ -100,7 +99,7 @@ class SweepEnded(Exception):
 class SweepNotStarted(SweepEnded):
     """Refused before its first trial: an invalid setting, an unusable store."""
 
-    status = 2
+    status = processes.EXIT_BAD_INPUT
 
 
 class SweepStopped(SweepEnded):
@@ -223,7 +222,7 @@ class OptunaSweep:
             raise SystemExit(ended.status) from None
         except (KeyboardInterrupt, tracking.Terminated):
             print(summary.interrupted_line(self.storage, self.study_name), file=sys.stderr)
-            raise SystemExit(EXIT_INTERRUPTED) from None
+            raise SystemExit(processes.EXIT_INTERRUPTED) from None
 
     def _sweep(self, arguments: list[str]) -> None:
         try:
