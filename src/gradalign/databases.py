@@ -31,17 +31,28 @@ import hashlib
 import logging
 import os
 import random
+import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from filelock import FileLock
+from sqlalchemy import create_engine, text
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import (
+    ArgumentError,
+    DBAPIError,
+    InterfaceError,
+    OperationalError,
+    SQLAlchemyError,
+)
 
 from gradalign.checks import UserError
 from gradalign.credentials import mask
+
+if TYPE_CHECKING:
+    from alembic.script import ScriptDirectory
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -326,3 +337,53 @@ def check_separate(optuna_url: str, mlflow_url: str) -> None:
             "both keep their schema revision in a table alembic_version, so each needs its own "
             "database (CREATE DATABASE optuna; CREATE DATABASE mlflow)"
         )
+
+
+def schema_revision(url: str) -> str | None:
+    """The alembic revision of the schema in the database at ``url`` (Optuna and MLflow each
+    keep theirs in ``alembic_version``), read without changing anything: a SQLite file is opened
+    read-only and never created. None for a database with no schema yet."""
+    db = sqlite_file(url)
+    if db is not None and not db.is_file():
+        return None
+    engine = (
+        create_engine(url)
+        if db is None
+        else create_engine(
+            "sqlite://", creator=lambda: sqlite3.connect(f"{db.as_uri()}?mode=ro", uri=True)
+        )
+    )
+    try:
+        with engine.connect() as connection:
+            return connection.execute(text("SELECT version_num FROM alembic_version")).scalar()
+    except SQLAlchemyError:  # no such table (an empty database), or not a database at all
+        return None
+    finally:
+        engine.dispose()
+
+
+def check_schema(
+    url: str,
+    script: ScriptDirectory,
+    program: str,
+    upgrade: str,
+    unavailable: type[StoreUnavailable] = StoreUnavailable,
+) -> None:
+    """Raise ``unavailable`` if the database at ``url`` has a schema other than the installed
+    ``program``'s head revision (in ``script``), naming the command that upgrades it: an older
+    schema would otherwise be migrated silently, one way, on first use."""
+    current = schema_revision(url)
+    head = script.get_current_head()
+    if current is None or current == head:
+        return
+    where = mask(url)
+    if current in {revision.revision for revision in script.walk_revisions()}:
+        raise unavailable(
+            f"{where} was written by an older {program} (schema {current}; the installed one "
+            f"needs {head}, and would migrate it one way, so the older one can no longer read "
+            f"it). Back it up, then run: {upgrade}"
+        )
+    raise unavailable(
+        f"{where} was written by a newer {program} (schema {current} is unknown to the "
+        "installed one): install that version, or use another store"
+    )

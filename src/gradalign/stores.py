@@ -21,27 +21,12 @@ import logging
 import sys
 from collections.abc import Iterable
 
-from sqlalchemy import create_engine, text
-from sqlalchemy.exc import SQLAlchemyError
-
 from gradalign import databases, tracking
 from gradalign.config import anchored_uri, repo_root
 from gradalign.credentials import mask
 from gradalign.sweep.studies import open_storage
 
 WAIT_S = 300.0  # default of --wait-s: MLflow's schema takes seconds to make on a loaded server
-
-
-def schema_revision(url: str) -> str | None:
-    """The alembic revision of the schema in the database at ``url``; None if it has none."""
-    engine = create_engine(url)
-    try:
-        with engine.connect() as connection:
-            return connection.execute(text("SELECT version_num FROM alembic_version")).scalar()
-    except SQLAlchemyError:  # no such table: an empty database
-        return None
-    finally:
-        engine.dispose()
 
 
 def init(optuna_url: str | None, mlflow_url: str | None, wait_s: float) -> list[str]:
@@ -62,9 +47,9 @@ def init(optuna_url: str | None, mlflow_url: str | None, wait_s: float) -> list[
         if not url:
             continue
         try:
-            before = schema_revision(url)
+            before = databases.schema_revision(url)
             create(url)
-            after = schema_revision(url)
+            after = databases.schema_revision(url)
         except (ValueError, tracking.TrackingUnavailable):
             raise
         except Exception as error:  # the driver's: a server that is down, a wrong password

@@ -39,7 +39,6 @@ from gradalign.credentials import mask
 from gradalign.schema import Stage, Tag
 from gradalign.sweep.search_space import SearchSpace, identity_settings
 from gradalign.sweep.settings import SQLITE, check_storage_dir
-from gradalign.tracking.store import TrackingUnavailable, check_schema
 
 IDENTITY_ATTR = "gradalign.config"
 KEY_ATTR = "gradalign.study_key"
@@ -80,8 +79,8 @@ def check_storage(url: str, wait_s: float) -> None:
         )
     script = ScriptDirectory(str(Path(optuna.storages._rdb.__file__).parent / "alembic"))
     try:
-        check_schema(path, script, "Optuna", f"optuna storage upgrade --storage {url}")
-    except TrackingUnavailable as error:
+        databases.check_schema(url, script, "Optuna", f"optuna storage upgrade --storage {url}")
+    except databases.StoreUnavailable as error:
         raise ValueError(f"hydra.sweeper.storage: {error}") from None
 
 

@@ -24,7 +24,6 @@ import logging
 import os
 import shlex
 import signal
-import sqlite3
 import threading
 import urllib.error
 import urllib.parse
@@ -248,7 +247,7 @@ def client(uri: str, wait_s: float) -> MlflowClient:
             databases.created_aside(db, _create_store)  # whole, or no file at all
         except (SQLAlchemyError, MlflowException, OSError) as error:
             raise TrackingUnavailable(_unusable(db, error)) from None
-        _check_mlflow_schema(db, uri)
+        _check_mlflow_schema(uri)
         try:
             opened = _retrying(uri, wait_s, MlflowClient, tracking_uri=uri)
         except (SQLAlchemyError, MlflowException) as error:
@@ -287,48 +286,11 @@ def _quiet(names: Sequence[str]) -> Iterator[None]:
             logger.setLevel(level)
 
 
-def schema_revision(db: Path) -> str | None:
-    """The alembic revision a SQLite store's schema is at, read without changing the file; None
-    for a file that does not exist yet or has no schema (the library will create it)."""
-    if not db.is_file():
-        return None
-    try:
-        with contextlib.closing(
-            sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True)
-        ) as con:
-            row = con.execute("SELECT version_num FROM alembic_version").fetchone()
-    except sqlite3.OperationalError:  # no such table: an empty file, not yet initialised
-        return None
-    except sqlite3.DatabaseError:  # not a database: MLflow says so, in _unusable
-        return None
-    return row[0] if row else None
-
-
-def check_schema(db: Path, script: ScriptDirectory, program: str, upgrade: str) -> None:
-    """Raise TrackingUnavailable if the store ``db`` has a schema other than the installed
-    ``program``'s head revision (in ``script``), naming the command that upgrades it: an older
-    schema would otherwise be migrated silently, one way, on first use."""
-    current = schema_revision(db)
-    head = script.get_current_head()
-    if current is None or current == head:
-        return
-    if current in {revision.revision for revision in script.walk_revisions()}:
-        raise TrackingUnavailable(
-            f"{db} was written by an older {program} (schema {current}; the installed one needs "
-            f"{head}, and would migrate it one way, so the older one can no longer read it). "
-            f"Back the file up, then run: {upgrade}"
-        )
-    raise TrackingUnavailable(
-        f"{db} was written by a newer {program} (schema {current} is unknown to the installed "
-        "one): install that version, or use another store"
-    )
-
-
-def _check_mlflow_schema(db: Path, uri: str) -> None:
+def _check_mlflow_schema(uri: str) -> None:
     from mlflow.store.db.utils import _get_alembic_config  # MLflow's migrations (no public API)
 
     script = ScriptDirectory.from_config(_get_alembic_config(db_url=""))
-    check_schema(db, script, "MLflow", f"mlflow db upgrade {uri}")
+    databases.check_schema(uri, script, "MLflow", f"mlflow db upgrade {uri}", TrackingUnavailable)
 
 
 def _unusable(db: Path, error: Exception) -> str:
