@@ -8,7 +8,7 @@ import re
 import warnings
 
 import pytest
-from helpers import CONF, REPO_ROOT, options
+from helpers import CONF, REPO_ROOT, options, train_in_process
 from omegaconf import OmegaConf
 from optuna.distributions import FloatDistribution
 
@@ -268,3 +268,58 @@ def test_config_hash_ignores_seeds_and_where_things_go_but_not_what_is_computed(
         assert config_hash(compose_cfg(override)) == base, override
     for override in ["optimizer.lr=0.1", "model=cnn", "trainer.epochs=3", "optimizer=gao"]:
         assert config_hash(compose_cfg(override)) != base, override
+
+
+def counted_validations(monkeypatch) -> list[int]:
+    """Record each validation that checks a config's rules (not one that finds it validated)."""
+    from gradalign import config
+
+    (key, check, allowed), *rest = config._RULES
+    assert key == "trainer.epochs"  # a key every composed config has: checked once per run
+    checked: list[int] = []
+
+    def counted(value):
+        checked.append(value)
+        return check(value)
+
+    monkeypatch.setattr(config, "_RULES", ((key, counted, allowed), *rest))
+    return checked
+
+
+def test_a_plain_run_validates_its_config_once(monkeypatch, tmp_path, tiny):
+    checked = counted_validations(monkeypatch)
+    code = train_in_process(
+        monkeypatch,
+        *tiny,
+        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    )
+    assert code == 0
+    assert checked == [2]  # train.py's check; run_experiment finds the config validated
+
+
+def test_a_stacked_sweep_validates_each_config_once(monkeypatch, tmp_path, tiny):
+    checked = counted_validations(monkeypatch)
+    code = train_in_process(
+        monkeypatch,
+        "-m",
+        "optimizer=adam",  # searches optimizer.lr only
+        "parallel=stacked",
+        "parallel.workers=2",
+        *tiny,
+        "hydra.sweeper.n_trials=2",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+    )
+    assert code == 0
+    # The sweep's config, the two ends of the lr range (checked before the first trial), and
+    # each trial's config: five configs, each checked once.
+    assert checked == [2] * 5
+
+
+def test_a_validated_config_that_changes_is_checked_again(compose_cfg):
+    cfg = compose_cfg()
+    validate(cfg)
+    cfg.trainer.epochs = 0
+    with pytest.raises(ConfigError, match=r"trainer.epochs=0: must be an integer >= 1"):
+        validate(cfg)

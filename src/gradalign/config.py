@@ -17,6 +17,7 @@ import json
 import math
 import os
 import shutil
+import weakref
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,8 @@ NOT_PARAMS = ("paths", "tracking", "parallel", "reference", "dataset.cache_dir")
 # Also left out of the config hash: seeds (the report matches them separately) and execution
 # settings that do not change what a run computes.
 NOT_HASHED = (*NOT_PARAMS, "seed", "trainer.device", "trainer.threads")
+# The configs this process validated (by id, dropped with the config): their text then.
+_VALIDATED: dict[int, str] = {}
 
 
 def register_resolvers(repo_root: str | Path) -> None:
@@ -188,7 +191,16 @@ def hydra_quoted(path: Path) -> str:
 def validate(cfg: DictConfig) -> None:
     """Raise ConfigError on the first invalid setting, naming key, value and what is allowed:
     a key the pipeline does not know (``check_known_keys``), a value a rule refuses, a store
-    whose database driver is not installed, a number that is not finite."""
+    whose database driver is not installed, a number that is not finite.
+
+    Each entry validates what it is given before it does anything (train.py before torch is
+    imported, ``experiment.run_experiment`` for a caller of the library, a sweep's trial before
+    it is prepared), and one entry calls the next with the same config: so a config this
+    process validated, and that has not changed since, is not checked again.
+    """
+    text = str(cfg)
+    if _VALIDATED.get(id(cfg)) == text:
+        return
     check_known_keys(cfg)
     for key, check, allowed in _RULES:
         value = OmegaConf.select(cfg, key, default=_ABSENT)
@@ -200,6 +212,9 @@ def validate(cfg: DictConfig) -> None:
     for key, value in flatten(cfg, exclude=("hydra",)).items():
         if not all(math.isfinite(number) for number in _numbers(value)):
             raise ConfigError(f"invalid config value {key}={value!r}: must be finite numbers")
+    if id(cfg) not in _VALIDATED:
+        weakref.finalize(cfg, _VALIDATED.pop, id(cfg), None)
+    _VALIDATED[id(cfg)] = text
 
 
 @functools.cache
