@@ -170,8 +170,10 @@ def check_parent_summary(capsys, client, runs, best):
     note = tags["mlflow.note.content"]
     assert note.startswith(f"**best objective {best.value:.4f} at trial 0 (lr={lr} ")
     assert f"/runs/{runs[0].info.run_id}?" in note and "1 complete, 1 diverged, 1 failed" in note
-    assert "optimization_history.png" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"optimization_history.png", "optimization_slice.png"} <= artifacts
     assert f"optimization_history.png&run_uuid={parent.info.run_id})" in note
+    assert f"optimization_slice.png&run_uuid={parent.info.run_id})" in note
 
     experiment_tags = client.get_experiment(parent.info.experiment_id).tags
     [view] = [json.loads(v) for k, v in experiment_tags.items() if "sharedViewState.sweep-" in k]
@@ -545,8 +547,9 @@ def test_a_summary_counts_trials_by_outcome_and_follows_the_best_so_far(tmp_path
     assert found.log_keys == {"optimizer.lr"}
     assert summary.best_text(found) == "best objective 1.2000 at trial 1 (lr=0.01 beta=0.9)"
     assert found.counts_text() == "6 trials: 3 complete, 1 diverged, 1 failed, 1 pruned"
-    figure = summary.history_figure(found, tmp_path / "history.png", "title")
-    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    figures = summary.history_figures(study, tmp_path, "title")
+    assert figures == [tmp_path / name for name in summary.FIGURES]
+    assert all(figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for figure in figures)
     assert summary.best_text(summary.summarize(optuna.create_study())) == (
         "no trial completed with a finite objective"
     )

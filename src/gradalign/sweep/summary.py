@@ -5,8 +5,8 @@ At the end, from the Optuna study (every trial of it, those of other processes s
 included), the parent run gets: the trials by outcome and the best objective as metrics, the
 objective of each trial and the best so far as metric series (step = trial number), the best
 trial's run and values as tags (not params: MLflow never changes a param, and a resumed study
-can find a better trial), an optimisation-history figure, a description that shows all of it,
-and a name that says the best values. docs/tracking.md lists the keys.
+can find a better trial), Optuna's optimisation-history and slice plots, a description that
+shows all of it, and a name that says the best values. docs/tracking.md lists the keys.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import dataclasses
 import logging
 import math
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ from gradalign.sweep.runs import parent_label, sweep_view_key
 from gradalign.tracking.labels import artifact_image, run_link, runs_link, values_text
 
 log = logging.getLogger(__name__)
-FIGURE = "optimization_history.png"
+FIGURES = ("optimization_history.png", "optimization_slice.png")
 OUTCOMES = ("complete", "diverged", "failed", "pruned", "running")
 _COUNT_METRICS = {
     "complete": Metric.TRIALS_COMPLETE,
@@ -120,52 +121,30 @@ def summarize(study: Study) -> SweepSummary:
     return SweepSummary(records, study.direction == StudyDirection.MINIMIZE, frozenset(log_keys))
 
 
-def history_figure(summary: SweepSummary, path: Path, title: str) -> Path:
-    """Draw the optimisation history to ``path``: each trial's objective and the best so far,
-    then the objective against each searched number (on a log axis where the search was)."""
-    from matplotlib.figure import Figure  # only when a sweep ends: 0.5 s of import
-    from matplotlib.ticker import MaxNLocator
+def history_figures(study: Study, folder: Path, title: str) -> list[Path]:
+    """Optuna's plots of ``study`` in ``folder`` (FIGURES): its optimisation history (each
+    trial's objective and the best so far) and its slice plot (the objective against each
+    searched value, on a log axis where the search was). Diverged trials (objective inf) are
+    left out of both, without Optuna's warning for each: the description counts them."""
+    import matplotlib  # only when a sweep ends: 0.5 s of import
+    from matplotlib import pyplot as plt
+    from optuna.exceptions import ExperimentalWarning
+    from optuna.visualization import matplotlib as plots
 
-    keys = dict.fromkeys(k for t in summary.trials for k in t.params)  # search-space order
-    numeric = [
-        key
-        for key in keys
-        if all(isinstance(t.params.get(key, 0.0), int | float) for t in summary.trials)
-    ]
-    fig = Figure(figsize=(4.5 * (1 + len(numeric)), 3.6), layout="constrained")
-    axes = fig.subplots(1, 1 + len(numeric), squeeze=False)[0]
-    rows = summary.best_so_far()
-    history = axes[0]
-    if rows:
-        numbers, values, best = zip(*rows, strict=True)
-        history.plot(numbers, values, "o", alpha=0.6, label="trial objective")
-        history.step(numbers, best, where="post", color="C3", label="best so far")
-        history.legend()
-    diverged = [t.number for t in summary.trials if t.outcome == "diverged"]
-    if diverged:
-        for number in diverged:
-            history.axvline(number, color="0.6", linestyle=":", linewidth=1)
-        history.text(0.01, 0.98, "dotted: diverged", transform=history.transAxes, va="top")
-    history.xaxis.set_major_locator(MaxNLocator(integer=True))
-    history.set_xlabel("trial")
-    history.set_ylabel(Metric.OBJECTIVE)
-    history.set_title("optimisation history")
-    complete = [t for t in summary.trials if t.outcome == "complete"]
-    best = summary.best
-    for ax, key in zip(axes[1:], numeric, strict=True):
-        ax.plot([t.params[key] for t in complete], [t.value for t in complete], "o", alpha=0.6)
-        if best is not None:
-            ax.plot([best.params[key]], [best.value], "*", color="C3", markersize=14, label="best")
-            ax.legend()
-        if key in summary.log_keys:
-            ax.set_xscale("log")
-        ax.set_xlabel(key + (" (log)" if key in summary.log_keys else ""))
-        ax.set_ylabel(Metric.OBJECTIVE)
-    for ax in axes:
-        ax.grid(alpha=0.3)
-    fig.suptitle(title)
-    fig.savefig(path, dpi=80)
-    return path
+    logging.getLogger("optuna.visualization._utils").setLevel(logging.ERROR)
+    paths = []
+    with matplotlib.rc_context(), warnings.catch_warnings():  # Optuna's style stays in here
+        warnings.simplefilter("ignore", ExperimentalWarning)
+        for name, plot in zip(
+            FIGURES, (plots.plot_optimization_history, plots.plot_slice), strict=True
+        ):
+            axes = plot(study, target_name=Metric.OBJECTIVE)
+            figure = (axes.flat[0] if hasattr(axes, "flat") else axes).figure
+            figure.suptitle(title)
+            figure.savefig(folder / name, dpi=80)
+            plt.close(figure)
+            paths.append(folder / name)
+    return paths
 
 
 def best_text(summary: SweepSummary) -> str:
@@ -182,7 +161,7 @@ def describe(
     summary: SweepSummary, experiment_id: str, parent_run_id: str, sweep: str, view: str
 ) -> str:
     """The parent run's description: the best trial first, the counts and the link to the
-    saved ``view`` of the trials, then the figure."""
+    saved ``view`` of the trials, then the figures."""
     best = summary.best
     first = f"**{best_text(summary)}**"
     if best is not None and best.run_id:
@@ -192,7 +171,8 @@ def describe(
         [
             first,
             f"{summary.counts_text()}. Sweep `{sweep}`: {trials} nest under this run.",
-            artifact_image(parent_run_id, FIGURE, "optimisation history"),
+            artifact_image(parent_run_id, FIGURES[0], "optimisation history"),
+            artifact_image(parent_run_id, FIGURES[1], "objective against each searched value"),
         ]
     )
 
@@ -217,8 +197,8 @@ def record(cfg: DictConfig, parent_run_id: str, study: Study) -> SweepSummary:
     client, experiment = tracking.connect(cfg.tracking)
     sweep_dir = Path(cfg.hydra.sweep.dir)
     label = parent_label(cfg)
-    figure = history_figure(summary, sweep_dir / FIGURE, f"{cfg.optimizer.name} sweep {label}")
-    client.log_artifact(parent_run_id, str(figure))
+    for figure in history_figures(study, sweep_dir, f"{cfg.optimizer.name} sweep {label}"):
+        client.log_artifact(parent_run_id, str(figure))
     timestamp = int(time.time() * 1000)
     metrics = _new_history(client, parent_run_id, summary) + [
         MlflowMetric(key, summary.count(outcome), timestamp, 0)
