@@ -310,7 +310,8 @@ def test_a_store_another_process_keeps_locked_ends_a_run_in_bounded_time(tmp_pat
     assert_nothing_running(f"sqlite:///{db}")
 
 
-def sweep_command(tmp_path, storage, *overrides):
+def stored_sweep_command(tmp_path, storage, *overrides):
+    """train.py -m of a tiny study ``k`` kept in ``storage``, its sweep directory tmp_path/s."""
     return [
         *TRAIN,
         "-m",
@@ -343,7 +344,7 @@ def test_a_trial_that_finished_before_a_kill_9_is_complete_after_resume_or_docto
     """Killed after the trial's MLflow run ended FINISHED and before Optuna was told: the trial
     is COMPLETE with the run's objective, never FAIL."""
     uri, storage = stores(tmp_path)
-    command = sweep_command(tmp_path, storage, "hydra.sweeper.n_trials=2")
+    command = stored_sweep_command(tmp_path, storage, "hydra.sweeper.n_trials=2")
     killed = subprocess.run(
         command,
         env=with_fault(environment(uri), "kill_after_job"),
@@ -380,7 +381,7 @@ def test_writes_whose_reply_a_restart_lost_make_no_second_trial_or_run(tmp_path)
     run, created unanswered, are found again rather than made twice."""
     uri, storage = stores(tmp_path)
     done = subprocess.run(
-        sweep_command(tmp_path, storage, "hydra.sweeper.n_trials=2"),
+        stored_sweep_command(tmp_path, storage, "hydra.sweeper.n_trials=2"),
         env=with_fault(environment(uri), "lost_replies"),
         capture_output=True,
         text=True,
@@ -414,7 +415,7 @@ def test_ctrl_c_after_a_stacked_batch_trained_records_its_trials_complete(tmp_pa
     """Ctrl-C after a stacked batch's runs ended FINISHED, before Optuna was told (make study's
     stacked sweeps): the trials are COMPLETE, not FAIL, and the study resumes."""
     uri, storage = stores(tmp_path)
-    command = sweep_command(
+    command = stored_sweep_command(
         tmp_path, storage, "parallel=stacked", "parallel.workers=3", "hydra.sweeper.n_trials=3"
     )
     interrupted = subprocess.run(
@@ -483,7 +484,7 @@ def test_the_sweeps_of_a_study_killed_as_it_starts_them_stop_within_10_s(tmp_pat
 
 def test_submitit_jobs_whose_sweep_died_before_they_started_stop_within_10_s(tmp_path):
     uri, storage = stores(tmp_path)
-    command = sweep_command(
+    command = stored_sweep_command(
         tmp_path,
         storage,
         "parallel=submitit_local",
@@ -510,7 +511,7 @@ def test_submitit_jobs_whose_sweep_died_before_they_started_stop_within_10_s(tmp
 
 def test_a_store_locked_mid_sweep_stops_it_with_one_line_that_says_what_is_left(tmp_path):
     uri, storage = stores(tmp_path)
-    command = sweep_command(
+    command = stored_sweep_command(
         tmp_path, storage, "hydra.sweeper.n_trials=50", "tracking.store_wait_s=5"
     )
     sweep = subprocess.Popen(

@@ -544,7 +544,6 @@ def test_a_summary_counts_trials_by_outcome_and_follows_the_best_so_far(tmp_path
     assert counts == {"complete": 3, "diverged": 1, "failed": 1, "pruned": 1, "running": 0}
     assert (found.best.number, found.best.value, found.best.run_id) == (1, 1.2, "run1")
     assert found.best_so_far() == [(0, 1.5, 1.5), (1, 1.2, 1.2), (5, 1.3, 1.2)]
-    assert found.log_keys == {"optimizer.lr"}
     assert summary.best_text(found) == "best objective 1.2000 at trial 1 (lr=0.01 beta=0.9)"
     assert found.counts_text() == "6 trials: 3 complete, 1 diverged, 1 failed, 1 pruned"
     figures = summary.history_figures(study, tmp_path, "title")

@@ -22,23 +22,23 @@ from typing import Any
 from mlflow.entities import Metric as MlflowMetric
 from mlflow.entities import RunStatus
 from omegaconf import DictConfig
-from optuna.distributions import FloatDistribution, IntDistribution
 from optuna.study import Study, StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
 from gradalign import tracking
 from gradalign.schema import Metric, MlflowTag, Tag
 from gradalign.sweep.runs import parent_label, sweep_view_key
+from gradalign.sweep.trial import COMPLETE, DIVERGED, FAILED, PRUNED, RUNNING
 from gradalign.tracking.labels import artifact_image, run_link, runs_link, values_text
 
 log = logging.getLogger(__name__)
 FIGURES = ("optimization_history.png", "optimization_slice.png")
-OUTCOMES = ("complete", "diverged", "failed", "pruned", "running")
+OUTCOMES = (COMPLETE, DIVERGED, FAILED, PRUNED, RUNNING)  # a trial as the summary counts it
 _COUNT_METRICS = {
-    "complete": Metric.TRIALS_COMPLETE,
-    "diverged": Metric.TRIALS_DIVERGED,
-    "failed": Metric.TRIALS_FAILED,
-    "pruned": Metric.TRIALS_PRUNED,
+    COMPLETE: Metric.TRIALS_COMPLETE,
+    DIVERGED: Metric.TRIALS_DIVERGED,
+    FAILED: Metric.TRIALS_FAILED,
+    PRUNED: Metric.TRIALS_PRUNED,
 }
 
 
@@ -56,11 +56,10 @@ class TrialRecord:
 
 @dataclasses.dataclass(frozen=True)
 class SweepSummary:
-    """A study's trials in number order, its direction, and the searched keys on a log scale."""
+    """A study's trials in number order, and its direction."""
 
     trials: list[TrialRecord]
     minimize: bool
-    log_keys: frozenset[str]
 
     def count(self, outcome: str) -> int:
         return sum(trial.outcome == outcome for trial in self.trials)
@@ -69,14 +68,14 @@ class SweepSummary:
     def best(self) -> TrialRecord | None:
         """The complete trial with the best objective (the first on ties), or None."""
         sign = 1 if self.minimize else -1
-        complete = [t for t in self.trials if t.outcome == "complete"]
+        complete = [t for t in self.trials if t.outcome == COMPLETE]
         return min(complete, key=lambda t: (sign * t.value, t.number), default=None)
 
     def best_so_far(self) -> list[tuple[int, float, float]]:
         """(trial number, its objective, the best objective up to it) of each complete trial."""
         rows, best = [], None
         for trial in self.trials:
-            if trial.outcome != "complete":
+            if trial.outcome != COMPLETE:
                 continue
             better = best is None or (trial.value < best if self.minimize else trial.value > best)
             best = trial.value if better else best
@@ -85,29 +84,23 @@ class SweepSummary:
 
     def counts_text(self) -> str:
         """``30 trials: 27 complete, 2 diverged, 1 failed, 0 pruned``."""
-        parts = [f"{self.count(o)} {o}" for o in OUTCOMES if o != "running" or self.count(o)]
+        parts = [f"{self.count(o)} {o}" for o in OUTCOMES if o != RUNNING or self.count(o)]
         return f"{len(self.trials)} trials: " + ", ".join(parts)
 
 
 def _outcome(trial: FrozenTrial) -> str:
     if trial.state == TrialState.COMPLETE:
-        return "complete" if trial.value is not None and math.isfinite(trial.value) else "diverged"
+        return COMPLETE if trial.value is not None and math.isfinite(trial.value) else DIVERGED
     if trial.state == TrialState.PRUNED:
-        return "pruned"
+        return PRUNED
     if trial.state == TrialState.FAIL:
-        return "failed"
-    return "running"
+        return FAILED
+    return RUNNING
 
 
 def summarize(study: Study) -> SweepSummary:
     """The summary of ``study``'s trials as its storage has them now."""
     trials = study.get_trials(deepcopy=False)
-    log_keys = {
-        key
-        for trial in trials
-        for key, distribution in trial.distributions.items()
-        if isinstance(distribution, FloatDistribution | IntDistribution) and distribution.log
-    }
     records = [
         TrialRecord(
             number=t.number,
@@ -118,7 +111,7 @@ def summarize(study: Study) -> SweepSummary:
         )
         for t in sorted(trials, key=lambda t: t.number)
     ]
-    return SweepSummary(records, study.direction == StudyDirection.MINIMIZE, frozenset(log_keys))
+    return SweepSummary(records, study.direction == StudyDirection.MINIMIZE)
 
 
 def history_figures(study: Study, folder: Path, title: str) -> list[Path]:

@@ -37,7 +37,8 @@ from gradalign.schema import Metric, Stage, Tag
 
 log = logging.getLogger(__name__)
 
-COMPLETE, DIVERGED, PRUNED, FAILED = "complete", "diverged", "pruned", "failed"
+# What a trial came to (Outcome.kind), and what one still running is.
+COMPLETE, DIVERGED, PRUNED, FAILED, RUNNING = "complete", "diverged", "pruned", "failed", "running"
 # The user attrs a trial carries (docs/tracking.md; its owner's, ``owner``: gradalign.budget).
 RUN_ID, FAILURE_REASON, DIVERGED_ATTR, PRUNED_EPOCH = (
     "mlflow_run_id",
