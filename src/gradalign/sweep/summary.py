@@ -121,13 +121,12 @@ def history_figures(study: Study, folder: Path, title: str) -> list[Path]:
     left out of both, without Optuna's warning for each: the description counts them."""
     import matplotlib  # only when a sweep ends: 0.5 s of import
     from matplotlib import pyplot as plt
-    from optuna.exceptions import ExperimentalWarning
     from optuna.visualization import matplotlib as plots
 
     logging.getLogger("optuna.visualization._utils").setLevel(logging.ERROR)
     paths = []
     with matplotlib.rc_context(), warnings.catch_warnings():  # Optuna's style stays in here
-        warnings.simplefilter("ignore", ExperimentalWarning)
+        warnings.simplefilter("ignore")  # experimental API, an axis of one trial: not the user's
         for name, plot in zip(
             FIGURES, (plots.plot_optimization_history, plots.plot_slice), strict=True
         ):
