@@ -166,3 +166,28 @@ def test_a_new_sqlite_store_is_whole_or_absent_whatever_stops_its_creation(tmp_p
     before = db.read_bytes()
     databases.created_aside(db, lambda url: pytest.fail("a store that exists is made again"))
     assert db.read_bytes() == before
+
+
+def test_a_sqlite_store_s_schema_revision_is_read_without_touching_it(tmp_path):
+    folder = tmp_path / "a dir?#"  # characters a SQLite URI would otherwise take as its own
+    folder.mkdir()
+    absent, junk, storage = folder / "absent.db", folder / "junk.db", folder / "optuna.db"
+    assert databases.schema_revision(f"sqlite:///{absent}") is None
+    assert not absent.exists()  # read-only: never created
+    junk.write_text("not a database")
+    assert databases.schema_revision(f"sqlite:///{junk}") is None
+    optuna.create_study(storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    (tmp_path / "optuna.db").rename(storage)
+    before = hashlib.sha256(storage.read_bytes()).hexdigest()
+    assert databases.schema_revision(f"sqlite:///{storage}") == "v3.2.0.a"  # Optuna 5's head
+    assert hashlib.sha256(storage.read_bytes()).hexdigest() == before
+
+
+def test_stores_init_creates_each_sqlite_schema_once(tmp_path):
+    from gradalign import stores
+
+    optuna_url, mlflow_url = f"sqlite:///{tmp_path / 'optuna.db'}", f"sqlite:///{tmp_path / 'm.db'}"
+    first = stores.init(optuna_url, mlflow_url, wait_s=60)
+    assert [line.endswith("(created)") for line in first] == [True, True]
+    again = stores.init(optuna_url, mlflow_url, wait_s=60)
+    assert again == [line.replace("(created)", "(already there)") for line in first]
