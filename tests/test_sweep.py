@@ -569,7 +569,7 @@ def test_two_processes_ending_one_study_together_leave_the_newer_count(
     for _ in range(2):
         study.tell(study.ask(), state=TrialState.PRUNED)
     last = study.ask()
-    draw, drawing, released = summary.history_figure, threading.Event(), threading.Event()
+    draw, drawing, released = summary.history_figures, threading.Event(), threading.Event()
 
     def slowly(*args, **kwargs):
         if threading.current_thread() is first:
@@ -577,7 +577,7 @@ def test_two_processes_ending_one_study_together_leave_the_newer_count(
             released.wait(timeout=3)  # the other process writes meanwhile, if it may
         return draw(*args, **kwargs)
 
-    monkeypatch.setattr(summary, "history_figure", slowly)
+    monkeypatch.setattr(summary, "history_figures", slowly)
     ending = (cfg, parent_run_id, study, RunStatus.FINISHED, None)
     first = threading.Thread(target=summary.finish, args=ending)
     first.start()

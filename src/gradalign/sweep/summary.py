@@ -184,7 +184,7 @@ def _new_history(client: Any, parent_run_id: str, summary: SweepSummary) -> list
 
 def record(cfg: DictConfig, parent_run_id: str, study: Study) -> SweepSummary:
     """Write ``study``'s summary on the sweep's parent run (see the module docstring), the
-    figure also into the sweep directory; the summary."""
+    figures also into the sweep directory; the summary."""
     summary = summarize(study)
     client, experiment = tracking.connect(cfg.tracking)
     sweep_dir = Path(cfg.hydra.sweep.dir)
