@@ -45,7 +45,7 @@ from gradalign.report.configs import (
 )
 from gradalign.report.finals import workers_worth_starting
 from gradalign.report.html import to_html
-from gradalign.report.runs import RUN_ID_ATTR, Budget, MissingSweepError, curves, final_runs
+from gradalign.report.runs import RUN_ID_ATTR, MissingSweepError, TuningBudget, curves, final_runs
 from gradalign.report.settings import (
     ReportSettings,
     add_report_arguments,
@@ -205,7 +205,7 @@ def test_a_sweeps_best_is_its_best_complete_trial(store):
         "failed": 3,
         "unfinished": 0,
     }
-    assert choice.budget == Budget(4)  # complete, diverged, pruned: what n_trials counts
+    assert choice.budget == TuningBudget(4)  # complete, diverged, pruned: what n_trials counts
     assert (choice.other_sweeps, choice.other_settings) == ((), 1)
     assert choice.outcomes_from.startswith("MLflow (its study was not stored)")
     assert choice_of(uri, overrides, "adam", direction="maximize").value == 1.5
@@ -220,7 +220,7 @@ def test_each_optimizer_gets_its_latest_complete_sweep_never_a_pool(store):
     killed = sweep(uri, overrides, "gao", [0.002], status="KILLED")  # interrupted, newest
     sweep(uri, overrides, "adam", [0.01, 0.02])
     choice = choice_of(uri, overrides, "gao")
-    assert (choice.sweep_id, choice.value, choice.budget) == (latest, 0.005, Budget(2))
+    assert (choice.sweep_id, choice.value, choice.budget) == (latest, 0.005, TuningBudget(2))
     assert choice.other_sweeps == (f"{killed} (KILLED, 1 trial)", f"{older} (FINISHED, 2 trials)")
     picked = choice_of(uri, overrides, "gao", sweeps=[older])  # selected explicitly
     assert (picked.sweep_id, picked.value) == (older, 0.001)
@@ -260,7 +260,7 @@ def test_only_the_trials_their_optuna_study_completed_count(store, tmp_path):
         "failed": 1,
         "unfinished": 1,
     }
-    assert (choice.budget, choice.outcomes_from) == (Budget(2), "its Optuna study")
+    assert (choice.budget, choice.outcomes_from) == (TuningBudget(2), "its Optuna study")
     storage.unlink()  # the study is gone: MLflow is all there is
     choice = choice_of(uri, overrides, "adam", sweeps=[study])
     assert choice.run_id == runs[1] and choice.outcomes_from.startswith("MLflow (its storage")

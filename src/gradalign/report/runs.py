@@ -6,7 +6,7 @@ A comparison is fair only if every optimizer was tuned with the same budget, so 
 takes each optimizer's best from one sweep (``Sweep``: the trial runs of one ``sweep_id``, and
 its parent run), chosen explicitly (``sweep_id``: a study's own sweeps, or ``--sweeps``) or
 else the latest complete sweep of that optimizer with the report's settings; it never pools
-the runs of several sweeps. A sweep's budget (``Budget``) is the trials it counts towards its
+the runs of several sweeps. A sweep's budget (``TuningBudget``) is the trials it counts towards its
 ``n_trials`` (complete, diverged, pruned) and its pruner. Each trial counts by the outcome its
 Optuna study records when the study is stored (a trial FAIL in Optuna is not a candidate,
 whatever its MLflow run says); a sweep whose study was in memory is read from MLflow alone.
@@ -60,7 +60,7 @@ def _trials(n: int) -> str:
 
 
 @dataclasses.dataclass(frozen=True)
-class Budget:
+class TuningBudget:
     """What a sweep spent on tuning: the trials it counts towards its n_trials (complete,
     diverged and pruned ones; a failed trial is run again) and its pruner (``none``, or the
     class name: a pruned sweep trains fewer epochs per trial)."""
@@ -135,7 +135,7 @@ class SweepChoice:
     """The best trial run of one optimizer's selected sweep, and what the sweep holds.
 
     ``counts``: the sweep's trials by TRIAL_KINDS (read from its Optuna study when stored, else
-    from MLflow: ``outcomes_from``); ``budget``: what it spent (Budget); ``other_sweeps``: the
+    from MLflow: ``outcomes_from``); ``budget``: what it spent (TuningBudget); ``other_sweeps``: the
     optimizer's other sweeps with the report's settings, latest first, as ``Sweep.describe``
     says them (never pooled); ``other_settings``: its sweeps made with other settings;
     ``seconds_per_epoch``: the best run's wall time per epoch, all overheads included;
@@ -148,7 +148,7 @@ class SweepChoice:
     value: float
     params: dict[str, str]
     counts: dict[str, int]
-    budget: Budget
+    budget: TuningBudget
     outcomes_from: str
     other_sweeps: tuple[str, ...]
     other_settings: int
@@ -381,7 +381,7 @@ def best_sweep_run(
         value=best.data.metrics[metric],
         params=optimizer_params(best.data.params),
         counts=counts,
-        budget=Budget(sum(counts[k] for k in COUNTED), sweep.pruner),
+        budget=TuningBudget(sum(counts[k] for k in COUNTED), sweep.pruner),
         outcomes_from=source,
         other_sweeps=tuple(s.describe() for s in others),
         other_settings=sum(s.settings != context for s in sweeps.values()),
