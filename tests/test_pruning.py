@@ -347,7 +347,8 @@ def test_parallel_trials_report_through_the_journal_the_sweeper_provides(
 def test_processes_sharing_a_study_prune_against_each_others_trials(tmp_path, tiny):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    common = [*TRAIN, "-m", *tiny, *REAL, "hydra.sweeper.n_trials=4", f"tracking.uri={uri}",
+    # n_trials is the shared study's whole budget: the two processes fill its 8 trials together
+    common = [*TRAIN, "-m", *tiny, *REAL, "hydra.sweeper.n_trials=8", f"tracking.uri={uri}",
               f"hydra.sweeper.storage={storage}", "hydra.sweeper.study_name=shared"]  # fmt: skip
     processes = [
         subprocess.Popen(
