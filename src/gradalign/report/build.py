@@ -168,7 +168,7 @@ def plan(settings: ReportSettings) -> Plan:
         except MissingSweepError as error:
             missing.append(str(error))
     if missing:
-        raise MissingSweepError("\n".join(missing))
+        raise MissingSweepError("; ".join(missing))  # one line, every optimizer missing
     check_budgets(choices, settings.unequal_budgets)
 
     finals = {
