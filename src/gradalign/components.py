@@ -105,12 +105,10 @@ def _instantiate(
 
 
 def _refusal(group: str, label: Any, spec: dict[str, Any], reason: Any) -> ConfigError:
-    return ConfigError(f"invalid {group} config {label!r} ({_settings(group, spec)}): {reason}")
-
-
-def _settings(group: str, spec: dict[str, Any]) -> str:
-    """A node's arguments as the overrides that set them: ``optimizer.lr=-1, ...``."""
-    return ", ".join(f"{group}.{k}={v!r}" for k, v in spec.items() if k != "_target_")
+    """The ConfigError of ``reason``, showing the node's arguments as the overrides that set
+    them: ``invalid optimizer config 'adam' (optimizer.lr=-1, ...): <reason>``."""
+    settings = ", ".join(f"{group}.{k}={v!r}" for k, v in spec.items() if k != "_target_")
+    return ConfigError(f"invalid {group} config {label!r} ({settings}): {reason}")
 
 
 def build_dataset(cfg: DictConfig) -> Splits:
@@ -208,7 +206,7 @@ def build_optimizer(
             f"one of its parameters ({named}) nor an option its code reads"
         )
     if base is not None and "base" not in own:  # a wrapper of an optimizer instance
-        inner = make({"_target_": _path(base), **theirs}, params)
+        inner = make({"_target_": f"{base.__module__}.{base.__qualname__}", **theirs}, params)
         optimizer = make({"_target_": spec["_target_"], **mine}, inner, **options)
     else:
         optimizer = make(spec, params, **options)
@@ -303,7 +301,3 @@ def _locate(path: Any) -> Callable[..., Any] | None:
         return getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError, ValueError):
         return None
-
-
-def _path(obj: Callable[..., Any]) -> str:
-    return f"{obj.__module__}.{obj.__qualname__}"

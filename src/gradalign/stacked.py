@@ -29,7 +29,7 @@ from torch.func import functional_call, stack_module_state, vmap
 
 from gradalign.optim import GradientAlignmentOptimizer, keep_models
 from gradalign.stacked_adam import StackedAdam, StackedAdamW
-from gradalign.training import LossFn, Models, batch_metrics
+from gradalign.training import Models, batch_metrics, cross_entropy
 
 # Optimizers whose update of an element depends on that element's own history only, so one
 # instance over stacked tensors is K independent instances (with shared hyperparameters, or,
@@ -74,17 +74,15 @@ class Stack(Models):
         ``shared``."""
         return vmap(self._call, in_dims=(0, 0, None if shared else 0))(self.params, self.buffers, x)
 
-    def metrics(self, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn) -> torch.Tensor:
+    def metrics(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         def one(params: dict, buffers: dict) -> torch.Tensor:
-            return batch_metrics(self._call(params, buffers, x), y, loss_fn)
+            return batch_metrics(self._call(params, buffers, x), y)
 
         return vmap(one)(self.params, self.buffers)
 
-    def backward(
-        self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, loss_fn: LossFn
-    ) -> torch.Tensor:
+    def backward(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         def one(params: dict, buffers: dict, xk: torch.Tensor, yk: torch.Tensor) -> torch.Tensor:
-            return loss_fn(self._call(params, buffers, xk), yk)
+            return cross_entropy(self._call(params, buffers, xk), yk)
 
         loss = vmap(one)(self.params, self.buffers, x[idx], y[idx])
         loss.sum().backward()  # model k's parameters get the gradient of its own loss only

@@ -32,8 +32,6 @@ from gradalign.checks import positive_int
 from gradalign.data import Splits
 from gradalign.schema import Metric
 
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
 
 @dataclasses.dataclass(frozen=True)
 class EpochMetrics:
@@ -100,20 +98,18 @@ class Models:
     def train(self, mode: bool = True) -> None:
         self.models[0].train(mode)
 
-    def backward(
-        self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, loss_fn: LossFn
-    ) -> torch.Tensor:
+    def backward(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """(K,): each active model's loss on its own batch, the rows ``idx[k]`` of (x, y), after
         computing its gradients (each model's parameters get the gradient of its own loss
         only)."""
         rows = idx[0]  # a 1-d index: indexing by (1, B) and then taking [0] is slower
-        loss = loss_fn(self.models[0](x[rows]), y[rows])
+        loss = cross_entropy(self.models[0](x[rows]), y[rows])
         loss.backward()
         return loss.detach().view(1)
 
-    def metrics(self, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn) -> torch.Tensor:
+    def metrics(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """(K, 2): each active model's [mean loss, accuracy] on the shared batch (x, y)."""
-        return batch_metrics(self.models[0](x), y, loss_fn).view(1, 2)
+        return batch_metrics(self.models[0](x), y).view(1, 2)
 
     def keep(self, kept: Sequence[int], optimizer: torch.optim.Optimizer) -> None:
         """Go on with the models ``kept`` only (with one model, never asked)."""
@@ -214,7 +210,6 @@ def fit_models(
     batch_sizes = batch_sizes.to(device)
     generators = [torch.Generator().manual_seed(seed) for seed in data_seeds]
     names = _parameter_names(models, optimizer) if hasattr(optimizer, "last_scales") else None
-    loss_fn = loss_function(data.y_train)
     histories = [History([], False, None) for _ in range(n_models)]
 
     models.train()
@@ -227,7 +222,7 @@ def fit_models(
         lr = None if scheduler is None else float(optimizer.param_groups[0]["lr"])
         for idx in orders.to(device).split(batch_size, dim=1):
             optimizer.zero_grad()
-            losses.append(models.backward(data.x_train, data.y_train, idx, loss_fn))
+            losses.append(models.backward(data.x_train, data.y_train, idx))
             optimizer.step()
             if names is not None and (step_scales := optimizer.last_scales) is not None:
                 if scale_sum is None:
@@ -240,8 +235,8 @@ def fit_models(
         step_losses = torch.stack(losses)  # (steps, K)
         models.train(False)
         with torch.no_grad():
-            val = _evaluate(models, data.x_val, data.y_val, eval_batch_size, loss_fn)
-            test = _evaluate(models, data.x_test, data.y_test, eval_batch_size, loss_fn)
+            val = _evaluate(models, data.x_val, data.y_val, eval_batch_size)
+            test = _evaluate(models, data.x_test, data.y_test, eval_batch_size)
         models.train()
         columns = {  # each (K,) on the device, by metric key
             Metric.TRAIN_LOSS: (step_losses * batch_sizes).sum(0) / n_train,
@@ -290,30 +285,27 @@ def fit_models(
     return histories
 
 
-def loss_function(targets: torch.Tensor) -> LossFn:
-    """The cross-entropy for ``targets``: over examples (N,), or over all positions (N, T)."""
-    return F.cross_entropy if targets.dim() == 1 else _positions_cross_entropy
-
-
-def _positions_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over every position: logits (N, T, classes), targets (N, T)."""
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over every prediction: one per example, logits (N, classes) for
+    targets (N,), or one per position, logits (N, T, classes) for targets (N, T) (a language
+    model's next tokens). For (N,) targets the flattening is a no-op."""
     return F.cross_entropy(logits.flatten(0, -2), targets.flatten())
 
 
 def _evaluate(
-    models: Models, x: torch.Tensor, y: torch.Tensor, batch_size: int | None, loss_fn: LossFn
+    models: Models, x: torch.Tensor, y: torch.Tensor, batch_size: int | None
 ) -> torch.Tensor:
     """(K, 2): each model's [cross-entropy, accuracy] on the device: of the full batch when
     ``batch_size`` is None, else the mean of the batch means over batches of ``batch_size``."""
     if batch_size is None:
-        return models.metrics(x, y, loss_fn)
+        return models.metrics(x, y)
     batches = zip(x.split(batch_size), y.split(batch_size), strict=True)
-    return torch.stack([models.metrics(xb, yb, loss_fn) for xb, yb in batches]).mean(dim=0)
+    return torch.stack([models.metrics(xb, yb) for xb, yb in batches]).mean(dim=0)
 
 
-def batch_metrics(logits: torch.Tensor, y: torch.Tensor, loss_fn: LossFn) -> torch.Tensor:
+def batch_metrics(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """[mean cross-entropy, accuracy] of one batch (per position for (N, T) targets)."""
-    loss = loss_fn(logits, y)
+    loss = cross_entropy(logits, y)
     accuracy = (logits.argmax(dim=-1) == y).to(loss.dtype).mean()
     return torch.stack([loss, accuracy])
 

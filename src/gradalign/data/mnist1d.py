@@ -25,10 +25,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from gradalign.checks import fraction, is_int
 from gradalign.data.npz import write_npz_atomically
-from gradalign.data.splits import Splits, carve_validation, test_as_validation
+from gradalign.data.splits import Splits, carve_validation
 
 # Names of mnist1d's generation arguments (the keys of get_dataset_args() except the download
 # `url`). Only the names live here; their defaults come from mnist1d at generation time.
@@ -82,12 +83,13 @@ def load_mnist1d(
     arrays = _read_cache(path, key)
     if arrays is None:
         arrays = _generate(overrides)
-        _write_cache(path, key, overrides, arrays)
+        # the key, and the overrides for provenance, beside the arrays
+        generation = np.array(json.dumps(overrides))
+        write_npz_atomically(path, key=np.array(key), generation=generation, **arrays)
     n_classes = 1 + int(max(arrays["y"].max(), arrays["y_test"].max()))
-    if validation == "test":
-        return test_as_validation(
-            arrays["x"], arrays["y"], arrays["x_test"], arrays["y_test"], n_classes=n_classes
-        )
+    if validation == "test":  # trains on all of the train set, validates on the test set
+        x, y, x_test, y_test = (torch.from_numpy(arrays[name]) for name in _ARRAY_KEYS)
+        return Splits(x, y, x_test, y_test, x_test, y_test, n_classes, val_is_test=True)
     return carve_validation(
         arrays["x"],
         arrays["y"],
@@ -199,12 +201,3 @@ def _check_arrays(arrays: Mapping[str, np.ndarray]) -> None:
             raise ValueError(f"unexpected shapes {x.shape}/{y.shape} for {x_name}/{y_name}")
     if arrays["x"].shape[1] != arrays["x_test"].shape[1]:
         raise ValueError("train and test sequence lengths differ")
-
-
-def _write_cache(
-    path: Path, key: str, overrides: Mapping[str, Any], arrays: Mapping[str, np.ndarray]
-) -> None:
-    """Write the arrays, the key and the overrides (for provenance) atomically."""
-    write_npz_atomically(
-        path, key=np.array(key), generation=np.array(json.dumps(overrides)), **arrays
-    )

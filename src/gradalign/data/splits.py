@@ -43,16 +43,6 @@ class Splits:
         )
 
 
-def test_as_validation(
-    x: np.ndarray, y: np.ndarray, x_test: np.ndarray, y_test: np.ndarray, *, n_classes: int
-) -> Splits:
-    """Splits that train on all of the train arrays and validate on the test arrays: the
-    protocol of a study that selects on its test set (``val_is_test``), kept to reproduce one."""
-    train_x, train_y = torch.from_numpy(x), torch.from_numpy(y)
-    test_x, test_y = torch.from_numpy(x_test), torch.from_numpy(y_test)
-    return Splits(train_x, train_y, test_x, test_y, test_x, test_y, n_classes, val_is_test=True)
-
-
 def carve_validation(
     x: np.ndarray,
     y: np.ndarray,

@@ -9,6 +9,7 @@ inputs and of the predictions alike.
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
@@ -38,18 +39,6 @@ class CausalSelfAttention(nn.Module):
         return self.proj(y.transpose(1, 2).reshape(n, t, width))
 
 
-class FeedForward(nn.Module):
-    """Position-wise: width -> 4 * width, GELU, -> width."""
-
-    def __init__(self, width: int) -> None:
-        super().__init__()
-        self.fc = nn.Linear(width, 4 * width)
-        self.proj = nn.Linear(4 * width, width)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(F.gelu(self.fc(x)))
-
-
 class Block(nn.Module):
     """x + attention(norm1(x)), then x + feed_forward(norm2(x)); dropout on each branch."""
 
@@ -58,7 +47,11 @@ class Block(nn.Module):
         self.norm1 = nn.LayerNorm(width)
         self.attention = CausalSelfAttention(width, heads, dropout)
         self.norm2 = nn.LayerNorm(width)
-        self.feed_forward = FeedForward(width)
+        self.feed_forward = nn.Sequential(  # position-wise: width -> 4 * width, GELU, -> width
+            OrderedDict(
+                fc=nn.Linear(width, 4 * width), gelu=nn.GELU(), proj=nn.Linear(4 * width, width)
+            )
+        )
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
