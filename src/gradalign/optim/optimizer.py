@@ -500,15 +500,16 @@ class GradientAlignmentOptimizer(Optimizer):
         if self.stack_dims or self.granularity == "row":
             grads = functional.readable(grads)
             self._update_emas(emas, grads)
-            shapes = [p.shape for p in batch.params]
-            if self.stack_dims:
-                scales, means = functional.stacked_scales(
-                    grads, emas, shapes, self.stack_dims, self.granularity, *cosine
-                )
-            else:
-                scales, means = functional.row_scales(
-                    grads, emas, shapes, *cosine, batch.row_sums, batch.mean_sums
-                )
+            scales, means = functional.slice_scales(
+                grads,
+                emas,
+                [p.shape for p in batch.params],
+                self.stack_dims,
+                self.granularity,
+                *cosine,
+                batch.row_sums,
+                batch.mean_sums,
+            )
             self._record(means, batch.indices, batch.n_params, device)
             return Scales(None, scales)
         flat_grads = [g if g.dim() == 1 else g.reshape(-1) for g in grads]
