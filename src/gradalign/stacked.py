@@ -27,7 +27,8 @@ import torch
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
-from gradalign.optim import GradientAlignmentOptimizer, keep_models
+from gradalign.optim import GradientAlignmentOptimizer
+from gradalign.optim.stacking import keep_models
 from gradalign.stacked_adam import StackedAdam, StackedAdamW
 from gradalign.training import Models, batch_metrics, cross_entropy
 

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-from gradalign.optim import keep_stacked
+from gradalign.optim.stacking import keep_stacked
 
 PerModel = float | Sequence[float]
 _HYPERPARAMETERS = ("lr", "beta1", "beta2", "eps", "weight_decay")

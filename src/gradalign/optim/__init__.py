@@ -19,7 +19,8 @@ The package imports torch only, so it can be dropped into any PyTorch project:
 - ``functional``: the step's arithmetic on lists of tensors;
 - ``reference``: ``ReferenceGAO``, GAO written plainly: the definition the optimizer is tested
   against (complex tensors read as real views, non-finite gradient elements read as 0);
-- ``sharding``: FSDP2 (DTensor) parameters; ``stacking``: stacked models.
+- ``sharding``: FSDP2 (DTensor) parameters; ``stacking``: stacked models (the pipeline's
+  stacked sweeps cut an optimizer's state with it).
 """
 
 from gradalign.optim.optimizer import (
@@ -28,13 +29,10 @@ from gradalign.optim.optimizer import (
     GradientAlignmentOptimizer,
     resolve_base,
 )
-from gradalign.optim.stacking import keep_models, keep_stacked
 
 __all__ = [
     "GRANULARITIES",
     "TARGETS",
     "GradientAlignmentOptimizer",
-    "keep_models",
-    "keep_stacked",
     "resolve_base",
 ]

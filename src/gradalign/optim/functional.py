@@ -109,45 +109,7 @@ def tensor_scales(
     return cosine_scales(products, min_scale, eps)
 
 
-def row_scales(
-    grads: list[torch.Tensor],
-    emas: list[torch.Tensor],
-    shapes: list[torch.Size],
-    min_scale: float,
-    eps: float,
-    row_sums: Layouts = None,
-    mean_sums: Layouts = None,
-) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """One scale per output unit (slice along dim 0) of each tensor whose parameter (of
-    ``shapes``) has >= 2 dims (one for a 0/1-d one), shaped to broadcast over the gradient, and
-    each parameter's mean scale. The cosines of all rows are one ``cosine_scales`` call
-    (elementwise: the same bits as one per tensor). Under FSDP2 a gradient is a shard of the
-    parameter: ``row_sums`` lay out its rows' products, ``mean_sums`` its row scales' sum."""
-    by_rows = [len(shape) >= 2 for shape in shapes]
-    rows = [g.shape[0] if r else 1 for g, r in zip(grads, by_rows, strict=True)]
-    products = []
-    for g, m, n in zip(grads, emas, rows, strict=True):
-        shape = (n, g.numel() // n if n else 0)  # an FSDP2 shard may hold no row at all
-        g_rows, m_rows = g.reshape(shape), m.reshape(shape)
-        dot, grad_square = (g_rows * m_rows).sum(1), g_rows.square().sum(1)
-        products.append(torch.stack([dot, grad_square, m_rows.square().sum(1)]))
-    products = torch.cat(products, 1)
-    if row_sums is not None:
-        per_row_sums = [s for s, n in zip(row_sums, rows, strict=True) for _ in range(n)]
-        products = sum_over_shards(products, per_row_sums)
-    per_row = cosine_scales(products, min_scale, eps).split(rows)
-    scales = [
-        s.view((n,) + (1,) * (g.dim() - 1) if r else ())
-        for s, n, g, r in zip(per_row, rows, grads, by_rows, strict=True)
-    ]
-    sums = torch.stack([s.sum() for s in per_row]).view(1, -1)
-    if mean_sums is not None:
-        sums = sum_over_shards(sums, mean_sums)
-    counts = [shape[0] if r else 1 for shape, r in zip(shapes, by_rows, strict=True)]
-    return scales, sums.view(-1) / torch.tensor(counts, dtype=sums.dtype, device=sums.device)
-
-
-def stacked_scales(
+def slice_scales(
     grads: list[torch.Tensor],
     emas: list[torch.Tensor],
     shapes: list[torch.Size],
@@ -155,12 +117,18 @@ def stacked_scales(
     granularity: str,
     min_scale: float,
     eps: float,
+    row_sums: Layouts = None,
+    mean_sums: Layouts = None,
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Per-model scales of stacked tensors (the leading ``stack_dims`` dims of the parameters,
-    of ``shapes``, index models), shaped to broadcast over each gradient, and each parameter's
-    mean scale per model, shaped (parameters, *models). Each tensor is cut into the slices that
-    get one cosine (a model's tensor, or a model's row) and all their cosines are one
-    ``cosine_scales`` call."""
+    """The scales of a step that cuts tensors into slices, each slice one cosine: per model
+    (the leading ``stack_dims`` dims of the parameters, of ``shapes``, index models) and, for
+    ``"row"``, per output unit (the next dim, of a parameter with one beyond it; a 0/1-d
+    parameter's own tensor is one "row"); for ``"global"`` one cosine per model over all its
+    tensors. Returns the scales shaped to broadcast over each gradient, and each parameter's
+    mean scale per model, shaped (parameters, *models). The cosines of all slices are one
+    ``cosine_scales`` call (elementwise: the same bits as one per tensor). Under FSDP2
+    (``stack_dims=0``) a gradient is a shard of the parameter: ``row_sums`` lay out its rows'
+    products, ``mean_sums`` its row scales' sum."""
     models = tuple(grads[0].shape[:stack_dims])
     n_models = math.prod(models)
     leads = [
@@ -170,20 +138,30 @@ def stacked_scales(
     slices, products = [], []
     for g, m, lead in zip(grads, emas, leads, strict=True):
         n = math.prod(g.shape[:lead])
-        g_rows, m_rows = g.reshape(n, -1), m.reshape(n, -1)
+        shape = (n, g.numel() // n if n else 0)  # an FSDP2 shard may hold no row at all
+        g_rows, m_rows = g.reshape(shape), m.reshape(shape)
         dot, grad_square = (g_rows * m_rows).sum(1), g_rows.square().sum(1)
         products.append(torch.stack([dot, grad_square, m_rows.square().sum(1)]))
         slices.append(n)
     products = torch.cat(products, 1)
+    if row_sums is not None:
+        per_row_sums = [s for s, n in zip(row_sums, slices, strict=True) for _ in range(n)]
+        products = sum_over_shards(products, per_row_sums)
     if granularity == "global":  # each tensor is one slice per model: add them up
         scale = cosine_scales(products.view(3, len(grads), n_models).sum(1), min_scale, eps)
         per_slice = [scale] * len(grads)
         means = scale.expand(len(grads), n_models)
     else:
         per_slice = cosine_scales(products, min_scale, eps).split(slices)
-        means = torch.stack([s.view(n_models, -1).mean(1) for s in per_slice])
+        sums = torch.stack([s.view(n_models, -1).sum(1) for s in per_slice])
+        if mean_sums is not None:  # sharded, so one model: (parameters, 1) as one row
+            sums = sum_over_shards(sums.view(1, -1), mean_sums).view(-1, 1)
+        counts = [
+            math.prod(shape[stack_dims:lead]) for shape, lead in zip(shapes, leads, strict=True)
+        ]
+        means = sums / torch.tensor(counts, dtype=sums.dtype, device=sums.device).view(-1, 1)
     scales = [
-        s.view(*g.shape[:lead], *(1,) * (g.dim() - lead))
+        s.view(tuple(g.shape[:lead]) + (1,) * (g.dim() - lead))
         for s, g, lead in zip(per_slice, grads, leads, strict=True)
     ]
     return scales, means.view(len(grads), *models)

@@ -21,16 +21,7 @@ from torch.optim import Optimizer
 
 from gradalign.optim import functional
 from gradalign.optim.functional import Scales, complex_like, ema_dtype, new_ema, real
-from gradalign.optim.sharding import (
-    any_dim,
-    dim_0,
-    is_dtensor,
-    like,
-    local,
-    not_dim_0,
-    refuse_fsdp1,
-    shard_sums,
-)
+from gradalign.optim.sharding import is_dtensor, like, local, refuse_fsdp1, shard_sums
 from gradalign.optim.stacking import keep_models, stack_shape
 
 TARGETS = ("grad", "update")
@@ -486,9 +477,10 @@ class GradientAlignmentOptimizer(Optimizer):
 
     def _align(self, batch: _Batch) -> Scales:
         """Update the EMAs, record ``last_scales`` and return the parameters' scales."""
-        device = batch.grads[0].device if batch.grads else _any_device(self._params())
+        params = self._params()
+        device = batch.grads[0].device if batch.grads else params[0].device if params else None
         if not batch.params:  # no gradient at all: every scale NaN, as for each absent one
-            models = self._models_shape() if self.stack_dims else ()
+            models = stack_shape(params, self.stack_dims) or ()
             self._record(torch.empty((0, *models), device=device), [], batch.n_params, device)
             return Scales(None, [])
         emas = batch.emas  # in the EMA's dtype: float32 for low-precision parameters
@@ -500,15 +492,16 @@ class GradientAlignmentOptimizer(Optimizer):
         if self.stack_dims or self.granularity == "row":
             grads = functional.readable(grads)
             self._update_emas(emas, grads)
-            shapes = [p.shape for p in batch.params]
-            if self.stack_dims:
-                scales, means = functional.stacked_scales(
-                    grads, emas, shapes, self.stack_dims, self.granularity, *cosine
-                )
-            else:
-                scales, means = functional.row_scales(
-                    grads, emas, shapes, *cosine, batch.row_sums, batch.mean_sums
-                )
+            scales, means = functional.slice_scales(
+                grads,
+                emas,
+                [p.shape for p in batch.params],
+                self.stack_dims,
+                self.granularity,
+                *cosine,
+                batch.row_sums,
+                batch.mean_sums,
+            )
             self._record(means, batch.indices, batch.n_params, device)
             return Scales(None, scales)
         flat_grads = [g if g.dim() == 1 else g.reshape(-1) for g in grads]
@@ -586,10 +579,6 @@ class GradientAlignmentOptimizer(Optimizer):
             self._ema_weight_views[key] = weights
         return weights
 
-    def _models_shape(self) -> tuple[int, ...]:
-        """The models' grid: the leading ``stack_dims`` dims of the parameters."""
-        return stack_shape(self._params(), self.stack_dims) or ()
-
 
 class _Batch:
     """What a step acts on: the parameters that have a gradient, in ``param_groups`` order, with
@@ -619,20 +608,14 @@ class _Batch:
             shard_sums(p, g, m) if is_dtensor(p, g) else None
             for p, g, m in zip(self.params, self.param_grads, self.emas, strict=True)
         ]
-        self.sharded = any(layouts)
+        self.sharded = any(layout is not None for layout in layouts)
         self.values = [real(local(p)) for p in self.params]
         self.grads = [real(local(g)) for g in self.param_grads]
         self.emas = [real(local(m)) for m in self.emas]
-        if not self.sharded:
-            return
-        # Which sharded tensor dims the local sums of a tensor, of one of its rows, and of its row
-        # scales run over (a 0/1-d tensor has one "row": the whole tensor).
-        self.tensor_sums, self.row_sums, self.mean_sums = [], [], []
-        for layout, p in zip(layouts, self.params, strict=True):
-            by_rows = p.dim() >= 2
-            self.tensor_sums.append(layout and layout(any_dim))
-            self.row_sums.append(layout and layout(not_dim_0 if by_rows else any_dim))
-            self.mean_sums.append(layout(dim_0) if layout and by_rows else None)
+        if self.sharded:  # of each tensor: how its local sums, its rows' and its row scales' add up
+            whole = (None, None, None)
+            sums = zip(*(layout or whole for layout in layouts), strict=True)
+            self.tensor_sums, self.row_sums, self.mean_sums = map(list, sums)
 
     def as_param_grads(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
         """Gradients computed on the batch's tensors (local shards, real views) as gradients of
@@ -663,7 +646,3 @@ def _without_emas(state_dict: dict[str, Any]) -> dict[str, Any]:
         elif rest := {k: v for k, v in entry.items() if k != _EMA_KEY}:
             state[key] = rest
     return {**state_dict, "state": state}
-
-
-def _any_device(params: list[torch.Tensor]) -> torch.device | None:
-    return params[0].device if params else None

@@ -4,7 +4,7 @@ other shards, and FSDP1's flat shards, which cannot give a tensor's cosine at al
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -24,18 +24,6 @@ def refuse_fsdp1(params: Iterable[torch.Tensor]) -> None:
                 "not the tensor's. Shard with torch.distributed.fsdp.fully_shard (FSDP2) instead, "
                 "or use DDP."
             )
-
-
-def any_dim(dim: int) -> bool:
-    return True
-
-
-def not_dim_0(dim: int) -> bool:
-    return dim != 0
-
-
-def dim_0(dim: int) -> bool:
-    return dim == 0
 
 
 def _dtensor_type() -> type | None:
@@ -74,9 +62,10 @@ def like(t: torch.Tensor, local_tensor: torch.Tensor) -> torch.Tensor:
 
 def shard_sums(
     p: torch.Tensor, grad: torch.Tensor, ema: torch.Tensor
-) -> Callable[[Callable[[int], bool]], ShardSum | None]:
-    """For a DTensor parameter, a function of a predicate on tensor dims giving the mesh dims that
-    shard such a dim (their local sums must be added up); checks that the layouts fit GAO."""
+) -> tuple[ShardSum | None, ShardSum | None, ShardSum | None]:
+    """For a DTensor parameter, the layouts over which local sums add up to the whole's: of the
+    tensor, of one of its rows (a slice along dim 0; a 0/1-d tensor is one row) and of its row
+    scales (None: nothing to add up). Checks that the layouts fit GAO."""
     if not all(is_dtensor(t) for t in (p, grad, ema)):
         raise TypeError(
             "a DTensor parameter needs a DTensor gradient and EMA, and a DTensor gradient a "
@@ -89,12 +78,15 @@ def shard_sums(
             f"must be laid out like it ({p.placements})"
         )
     dims = [_sharded_dim(placement) for placement in p.placements]
+    sharded = [i for i, dim in enumerate(dims) if dim is not None]  # mesh dims
+    if p.dim() < 2:  # one row: the tensor, whose one scale needs no sum
+        return _layout(p, sharded), _layout(p, sharded), None
+    rows = [i for i in sharded if dims[i] != 0]  # a row is split by the dims past dim 0
+    return _layout(p, sharded), _layout(p, rows), _layout(p, [i for i in sharded if dims[i] == 0])
 
-    def sums(keep: Callable[[int], bool]) -> ShardSum | None:
-        mesh_dims = tuple(i for i, dim in enumerate(dims) if dim is not None and keep(dim))
-        return (p.device_mesh, mesh_dims) if mesh_dims else None
 
-    return sums
+def _layout(p: torch.Tensor, mesh_dims: list[int]) -> ShardSum | None:
+    return (p.device_mesh, tuple(mesh_dims)) if mesh_dims else None
 
 
 def _sharded_dim(placement: Any) -> int | None:
