@@ -31,9 +31,10 @@ from gradalign.report import keys, page
 from gradalign.report.configs import (
     Composition,
     compose_optimizer,
-    config_context,
     final_config,
     hyperparameters,
+    logged_params,
+    run_context,
     seeded,
     sweep_command,
 )
@@ -158,7 +159,7 @@ def plan(settings: ReportSettings) -> Plan:
             choices[name] = best_sweep_run(
                 sweeps[name],
                 name,
-                config_context(composition.cfg),
+                run_context(logged_params(composition.cfg)),
                 metric=settings.metric,
                 direction=settings.direction,
                 root=settings.root,
