@@ -32,7 +32,7 @@ from optuna.trial import TrialState
 from gradalign import experiment, processes
 from gradalign.components import build_dataset, build_optimizer
 from gradalign.experiment import seeded_model
-from gradalign.report.study import Sweep, trials_left
+from gradalign.report.study import StudySweep, trials_left
 from gradalign.schema import Metric, Stage, Tag
 from gradalign.sweep.pruning import JOURNAL, EpochPruning, build_pruner
 from gradalign.sweep.studies import open_storage
@@ -273,7 +273,7 @@ def test_a_resumed_study_prunes_against_the_trials_stored_before(monkeypatch, tm
 
 def test_study_py_sweeps_with_a_pruner_only_when_asked(tmp_path):
     overrides = ("trainer.epochs=3",)
-    plain, pruned = Sweep("gao", overrides, 0), Sweep("gao", overrides, 0, "median")
+    plain, pruned = StudySweep("gao", overrides, 0), StudySweep("gao", overrides, 0, "median")
     assert plain.study_name != pruned.study_name
     digest = hashlib.sha256(b'[["trainer.epochs=3"], 0]').hexdigest()[:10]
     assert plain.study_name == f"gao-{digest}"  # unpruned studies keep their stored names

@@ -22,7 +22,7 @@ from gradalign.checks import UserError
 from gradalign.report import sweep_progress
 from gradalign.report.settings import add_study_arguments, study_settings_from_args
 from gradalign.report.study import (
-    Sweep,
+    StudySweep,
     named,
     part_settings,
     run_sweeps,
@@ -84,12 +84,12 @@ def test_the_audit_preset_has_its_parts_and_columns():
 
 
 def test_a_sweep_is_named_by_what_it_sweeps():
-    sweep = Sweep("gao", ("experiment=seed_note",), 0)
-    assert sweep.study_name == Sweep("gao", ("experiment=seed_note",), 0).study_name
+    sweep = StudySweep("gao", ("experiment=seed_note",), 0)
+    assert sweep.study_name == StudySweep("gao", ("experiment=seed_note",), 0).study_name
     others = {
-        Sweep("gao", (), 0),
-        Sweep("gao", ("experiment=seed_note",), 1),
-        Sweep("adam", ("experiment=seed_note",), 0),
+        StudySweep("gao", (), 0),
+        StudySweep("gao", ("experiment=seed_note",), 1),
+        StudySweep("adam", ("experiment=seed_note",), 0),
     }
     assert sweep.study_name not in {s.study_name for s in others}
     assert sweep.study_name.startswith("gao-") and sweep.sweep_id == f"optuna:{sweep.study_name}"
@@ -98,7 +98,7 @@ def test_a_sweep_is_named_by_what_it_sweeps():
 def test_sweep_commands_are_train_py_multiruns_in_their_own_folders(tmp_path):
     report = parse("--quick", "--", "model=cnn").report
     root = tmp_path / "runs, 'best' (1)"  # a comma or bracket unquoted breaks a Hydra override
-    sweep = Sweep("gao", report.overrides_of("gao"), 2)
+    sweep = StudySweep("gao", report.overrides_of("gao"), 2)
     command = sweep.command(REPO_ROOT, 4, root)
     assert command[:3] == [sys.executable, str(REPO_ROOT / "train.py"), "optimizer=gao"]
     assert command[-1] == "-m"
@@ -117,7 +117,10 @@ def test_the_default_study_sweeps_stacked_in_studies_of_its_own(tmp_path):
     settings = parse()
     assert settings.parallel == "stacked"
     overrides = settings.report.overrides_of("gao")
-    serial, stacked = Sweep("gao", overrides, 0), Sweep("gao", overrides, 0, "none", "stacked")
+    serial, stacked = (
+        StudySweep("gao", overrides, 0),
+        StudySweep("gao", overrides, 0, "none", "stacked"),
+    )
     digest = hashlib.sha256(json.dumps([list(overrides), 0]).encode()).hexdigest()[:10]
     assert serial.study_name == f"gao-{digest}" != stacked.study_name
     assert "parallel=stacked" in stacked.command(REPO_ROOT, 4, tmp_path)
@@ -146,7 +149,7 @@ def test_studies_are_named_so_that_a_person_tells_them_apart(tmp_path):
         return [s.study_name for s in named(tmp_path / "none.db", labels).values()]
 
     default = names()
-    key = Sweep("gao", parse().report.overrides_of("gao"), 0, "none", "stacked").key
+    key = StudySweep("gao", parse().report.overrides_of("gao"), 0, "none", "stacked").key
     assert default == [f"default.adam-{key[4:]}", f"default.{key}"]
     assert [n.split(".")[0] for n in names("--quick")] == ["default-quick"] * 2
     audit = names("--preset", "seed_note_audit")
@@ -164,14 +167,15 @@ def test_a_stored_study_is_found_under_the_name_it_has_and_resumed(tmp_path):
     storage = tmp_path / "optuna.db"
     url = f"sqlite:///{storage}"
     adam, gao = (
-        Sweep("adam", ("experiment=seed_note",), 0),
-        Sweep("gao", ("experiment=seed_note",), 0),
+        StudySweep("adam", ("experiment=seed_note",), 0),
+        StudySweep("gao", ("experiment=seed_note",), 0),
     )
     legacy = optuna.create_study(study_name=gao.key, storage=url)  # gao-<digest>, as before
     for value in (1.0, 2.0):
         legacy.tell(legacy.ask(), value)
     optuna.create_study(study_name=f"seed_note.{adam.key}", storage=url)  # the replica's
-    optuna.create_study(study_name=f"x.{Sweep('adam', (), 0).key}", storage=url)  # another sweep
+    other = StudySweep("adam", (), 0)  # another sweep
+    optuna.create_study(study_name=f"x.{other.key}", storage=url)
     studies = named(storage, {adam: "seed_note_audit-a", gao: "seed_note_audit-a"})
     assert studies[gao].study_name == gao.key and studies[gao] == gao
     assert studies[adam].study_name == f"seed_note.{adam.key}"
@@ -179,13 +183,13 @@ def test_a_stored_study_is_found_under_the_name_it_has_and_resumed(tmp_path):
     command = studies[gao].command(REPO_ROOT, 3, tmp_path)
     assert f"hydra.sweeper.study_name={gao.key}" in command
     assert studies[gao].sweep_id == f"optuna:{gao.key}"  # where the report finds its trials
-    fresh = named(storage, {Sweep("gao", (), 5): "default"})
-    assert [s.study_name for s in fresh.values()] == [f"default.{Sweep('gao', (), 5).key}"]
+    fresh = named(storage, {StudySweep("gao", (), 5): "default"})
+    assert [s.study_name for s in fresh.values()] == [f"default.{StudySweep('gao', (), 5).key}"]
 
 
 def test_trials_left_counts_the_completed_trials_of_each_stored_study(tmp_path):
     storage = tmp_path / "optuna.db"
-    adam, gao = Sweep("adam", (), 0), Sweep("gao", (), 0)
+    adam, gao = StudySweep("adam", (), 0), StudySweep("gao", (), 0)
     assert trials_left(storage, [adam, gao], 5) == {adam: 5, gao: 5}
     study = optuna.create_study(study_name=gao.study_name, storage=f"sqlite:///{storage}")
     for value in (1.0, 2.0):

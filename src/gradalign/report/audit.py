@@ -9,25 +9,21 @@ the study's MLflow run (gradalign.report.summary).
 
 from __future__ import annotations
 
-import datetime
 import logging
 import math
-import os
-import platform
 from collections.abc import Mapping
 from pathlib import Path
 
-import torch
 from matplotlib.figure import Figure
 from omegaconf import OmegaConf
 
 from gradalign.report.build import Report
 from gradalign.report.claims import CLAIMS, WORDS, Check, check
 from gradalign.report.markdown import table
-from gradalign.report.plots import band
+from gradalign.report.plots import panel
 from gradalign.report.settings import ReportSettings, StudySettings
 from gradalign.report.stats import TEST, Verdict, detectable_effect, smoke_reason
-from gradalign.report.summary import summary_run
+from gradalign.report.summary import provenance, summary_run
 from gradalign.schema import Metric, Tag
 
 log = logging.getLogger(__name__)
@@ -116,21 +112,12 @@ def plot_parts(
     fig = Figure(figsize=(4.2 * columns, 3.3 * rows), layout="constrained")
     axes = fig.subplots(rows, columns, squeeze=False).flatten()
     for ax, (part, report) in zip(axes, reports.items(), strict=False):
-        for optimizer in parts[part].optimizers:
-            curves = [
-                [math.log(v) for v in r.curves[Metric.VAL_LOSS]]
-                for r in report.finals
-                if r.optimizer == optimizer
-            ]
-            epochs, mean, low, high = band(curves)
-            (line,) = ax.plot(epochs, [math.exp(v) for v in mean], label=optimizer)
-            ax.fill_between(epochs, [math.exp(v) for v in low], [math.exp(v) for v in high],
-                            color=line.get_color(), alpha=0.25, linewidth=0)  # fmt: skip
-        ax.set_yscale("log")
-        ax.set_title(f"{part}: {len(parts[part].seeds)} seed(s)")
-        ax.set_xlabel("epoch")
-        ax.grid(alpha=0.3)
-        ax.legend()
+        runs = {
+            optimizer: [r.curves for r in report.finals if r.optimizer == optimizer]
+            for optimizer in parts[part].optimizers
+        }
+        title = f"{part}: {len(parts[part].seeds)} seed(s)"
+        panel(ax, runs, Metric.VAL_LOSS, title, log=True)
     for ax in axes[len(reports) :]:
         ax.set_visible(False)
     fig.suptitle("validation loss of the final runs, per part of the audit")
@@ -187,14 +174,7 @@ def render(
     lines = [
         f"# Audit `{name}`{' (SMOKE RUN)' if smoke else ''}: the claims, part by part",
         "",
-        f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
-        f"- command: `{settings.report.command}`"
-        if settings.report.command
-        else "- command: (called from Python)",
-        f"- machine: {platform.machine()} {platform.processor() or 'cpu'}, "
-        f"{os.cpu_count()} core(s), torch {torch.__version__}, one thread per run",
-        f"- MLflow run `{run_id}` (stage `study`); the parts' reports nest under it",
-        f"- preset: conf/study/{settings.preset}.yaml, {settings.trials} trials per sweep",
+        *provenance(settings, run_id, "the parts' reports"),
         "",
         "## The claims",
         "",

@@ -31,9 +31,10 @@ from gradalign.report import keys, page
 from gradalign.report.configs import (
     Composition,
     compose_optimizer,
-    config_context,
     final_config,
     hyperparameters,
+    logged_params,
+    run_context,
     seeded,
     sweep_command,
 )
@@ -158,7 +159,7 @@ def plan(settings: ReportSettings) -> Plan:
             choices[name] = best_sweep_run(
                 sweeps[name],
                 name,
-                config_context(composition.cfg),
+                run_context(logged_params(composition.cfg)),
                 metric=settings.metric,
                 direction=settings.direction,
                 root=settings.root,
@@ -474,12 +475,12 @@ def write_report(settings: ReportSettings, parent_run_id: str | None = None) -> 
         (out_dir / HTML).write_text(to_html(text, out_dir, header["title"]))
         _log_summary(run, summaries, comparisons)
         run.client.log_artifacts(run.run_id, str(out_dir))
-        page.tag_finals(run.client, results, out_dir.name, run.run_id)
         page.save_view(
             run.client,
             the_plan.experiment_id,
             out_dir.name,
             run.run_id,
+            results,
             sorted({k for c in the_plan.compositions.values() for k in c.searched}),
             settings.primary,
         )

@@ -121,11 +121,6 @@ def logged_params(cfg: DictConfig) -> dict[str, str]:
     return {key: str(value) for key, value in flatten(cfg).items()}
 
 
-def config_context(cfg: DictConfig) -> dict[str, str]:
-    """``run_context`` of the params a run of ``cfg`` logs (values as MLflow stores them: str)."""
-    return run_context(logged_params(cfg))
-
-
 def optimizer_params(params: Mapping[str, str]) -> dict[str, str]:
     """The ``optimizer.*`` entries of a run's logged params."""
     return {k: v for k, v in params.items() if k.startswith(Param.OPTIMIZER_PREFIX)}

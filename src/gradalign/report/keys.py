@@ -42,6 +42,13 @@ class Key:
     yaml: bool = True
     param: bool = True
 
+    def names(self, root: str | Path) -> list[str]:
+        """The names its values must be: the configs of its conf/ group (the stems of
+        ``conf/<group>/*.yaml``), else its ``choices``; empty when any value of its type is."""
+        if self.group is None:
+            return list(self.choices)
+        return sorted(path.stem for path in (Path(root) / "conf" / self.group).glob("*.yaml"))
+
 
 def key(help: str, *, default: Any = dataclasses.MISSING, **options: Any) -> Any:
     """A dataclass field that is a settings key (``options``: the other fields of Key); a
@@ -65,11 +72,6 @@ def keys(cls: type) -> dict[str, tuple[Key, Any, bool]]:
     return found
 
 
-def conf_names(root: str | Path, group: str) -> list[str]:
-    """The names of the configs of a conf/ group: the stems of ``conf/<group>/*.yaml``."""
-    return sorted(path.stem for path in (Path(root) / "conf" / group).glob("*.yaml"))
-
-
 def fail(name: str, value: Any, allowed: str) -> NoReturn:
     """Refuse setting ``name``'s ``value``, saying what is ``allowed``."""
     raise ConfigError(f"invalid setting {name}={value!r}: must be {allowed}")
@@ -91,7 +93,7 @@ def check(name: str, value: Any, spec: Key, kind: Any, nullable: bool, root: str
         if not nullable:
             fail(name, value, spec.allowed or "set (not null)")
         return None
-    names = conf_names(root, spec.group) if spec.group else list(spec.choices)
+    names = spec.names(root)
     if typing.get_origin(kind) is tuple:
         element = typing.get_args(kind)[0]
         ok, what = _SCALARS[element]
@@ -156,7 +158,7 @@ def add_flags(
     for name, (spec, kind, _) in keys(cls).items():
         if not spec.flag:
             continue
-        names = conf_names(root, spec.group) if spec.group else list(spec.choices)
+        names = spec.names(root)
         shown = "null" if defaults.get(name) is None else defaults[name]
         if isinstance(shown, Sequence) and not isinstance(shown, str):
             shown = " ".join(map(str, shown))

@@ -27,15 +27,6 @@ def view_key(report_name: str) -> str:
     return f"report-{report_name}"
 
 
-def tag_finals(
-    client: MlflowClient, results: Sequence[FinalResult], report_name: str, report_run_id: str
-) -> None:
-    """Tag every final run the report used (trained or reused) as used by it."""
-    for result in results:
-        tags = {f"{Tag.REPORTED_IN_PREFIX}{report_name}": report_run_id}
-        log_batch(client, result.run_id, tags=tags)
-
-
 # The charts of each tested per-seed outcome (gradalign.report.stats.TESTED): the curve it is
 # read from, and the outcome itself where the final runs log it.
 OUTCOME_CHARTS = {
@@ -51,12 +42,17 @@ def save_view(
     experiment_id: str,
     report_name: str,
     report_run_id: str,
+    results: Sequence[FinalResult],
     searched: Sequence[str],
     primary: str,
 ) -> None:
-    """Store the saved view "Report <name>: final runs by optimizer" on the experiment; its
-    chart view opens on the verdict's outcome ``primary`` (then the loss and accuracy curves);
-    and add the searched values to the experiment's view of all runs."""
+    """Tag every final run the report used (trained or reused) as used by it, and store the
+    saved view "Report <name>: final runs by optimizer" that lists exactly those on the
+    experiment; its chart view opens on the verdict's outcome ``primary`` (then the loss and
+    accuracy curves); and add the searched values to the experiment's view of all runs."""
+    for result in results:
+        tags = {f"{Tag.REPORTED_IN_PREFIX}{report_name}": report_run_id}
+        log_batch(client, result.run_id, tags=tags)
     metrics = (Metric.BEST_VAL_LOSS, Metric.BEST_EPOCH, Metric.VAL_LOSS, Metric.TEST_ACC)
     params = [labels.column("params", key) for key in searched]
     first = labels.ChartSection(f"the verdict's outcome: {primary}", OUTCOME_CHARTS[primary], 2)

@@ -40,7 +40,7 @@ def band(rows: Sequence[Sequence[float]]) -> tuple[np.ndarray, np.ndarray, np.nd
     return np.arange(1, length + 1), mean, mean - half, mean + half
 
 
-def _panel(
+def panel(
     ax: Axes, runs: Mapping[str, Sequence[Curves]], key: str, title: str, log: bool = False
 ) -> None:
     """Mean and band per optimizer; with ``log``, both of the log values (a geometric mean), on a
@@ -102,15 +102,15 @@ def plot_convergence(runs: Mapping[str, Sequence[Curves]], path: Path, *, title:
     fig = Figure(figsize=(11, 7.5))
     fig.subplots_adjust(left=0.07, right=0.98, bottom=0.07, top=0.9, wspace=0.2, hspace=0.3)
     (val_loss, train_loss), (val_acc, alignment) = fig.subplots(2, 2)
-    _panel(val_loss, runs, Metric.VAL_LOSS, f"val loss (band: {BAND})")
-    _panel(
+    panel(val_loss, runs, Metric.VAL_LOSS, f"val loss (band: {BAND})")
+    panel(
         train_loss,
         runs,
         Metric.TRAIN_LOSS,
         "train loss (geometric mean, band in log space)",
         log=True,
     )
-    _panel(val_acc, runs, Metric.VAL_ACC, "val accuracy")
+    panel(val_acc, runs, Metric.VAL_ACC, "val accuracy")
     colors = {name: line.get_color() for name, line in zip(runs, val_loss.get_lines(), strict=True)}
     _alignment_panel(alignment, runs, colors)
     for ax in (val_loss, train_loss, val_acc, alignment):

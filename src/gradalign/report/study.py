@@ -50,7 +50,7 @@ SUMMARIES = {"audit": write_audit, "suite": write_suite}
 
 
 @dataclasses.dataclass(frozen=True)
-class Sweep:
+class StudySweep:
     """One optimizer's sweep with given training overrides, sampler seed, trial pruner and
     parallel preset (which decides how many trials the sampler draws before it sees results),
     and the name of its study once known (``named``; not part of what the sweep is)."""
@@ -110,7 +110,7 @@ def study_label(settings: StudySettings, part: Part) -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "_", "-".join(words))
 
 
-def named(storage: Path, labels: Mapping[Sweep, str]) -> dict[Sweep, Sweep]:
+def named(storage: Path, labels: Mapping[StudySweep, str]) -> dict[StudySweep, StudySweep]:
     """Each sweep of ``labels`` (sweep -> its study_label) with the name of its study: the one
     it is stored under (its key, for a study stored before labels; ``<label>.<key>`` with the
     label of the study that first needed it: another study's sweep is reused), else
@@ -157,12 +157,12 @@ def sweep_of(
     part: Part,
     pruner: str = "none",
     parallel: str = "serial",
-) -> Sweep:
+) -> StudySweep:
     """The sweep that tunes ``optimizer`` for the part whose report is ``report``."""
-    return Sweep(optimizer, report.overrides_of(optimizer), part.sweep_seed, pruner, parallel)
+    return StudySweep(optimizer, report.overrides_of(optimizer), part.sweep_seed, pruner, parallel)
 
 
-def trials_left(storage: Path, sweeps: Sequence[Sweep], trials: int) -> dict[Sweep, int]:
+def trials_left(storage: Path, sweeps: Sequence[StudySweep], trials: int) -> dict[StudySweep, int]:
     """How many of its budget of ``trials`` each sweep's stored study still misses: all of
     them for a new study, fewer once some are done (gradalign.budget, as the sweep loop counts
     them); a sweep with none missing is not started. A trial left RUNNING (by a killed sweep)
@@ -181,7 +181,7 @@ def trials_left(storage: Path, sweeps: Sequence[Sweep], trials: int) -> dict[Swe
 
 
 def sweep_commands(
-    root: Path, folder: Path, sweeps: Sequence[Sweep], trials: int
+    root: Path, folder: Path, sweeps: Sequence[StudySweep], trials: int
 ) -> dict[str, list[str]]:
     """The commands of the ``sweeps`` whose study in ``folder``/optuna.db misses some of its
     budget of ``trials``, by study name: each with that budget, of which the sweep loop runs

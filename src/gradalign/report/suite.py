@@ -21,16 +21,12 @@ preset (conf/experiment/) and a part of the suite's study preset.
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import functools
 import logging
 import math
-import os
-import platform
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import torch
 from matplotlib.figure import Figure
 from omegaconf import OmegaConf
 
@@ -49,7 +45,7 @@ from gradalign.report.stats import (
     mean_std,
     smoke_reason,
 )
-from gradalign.report.summary import summary_run
+from gradalign.report.summary import provenance, summary_run
 from gradalign.schema import Tag
 
 log = logging.getLogger(__name__)
@@ -200,14 +196,13 @@ def render(
         f"# Workload suite `{name}`{' (SMOKE RUN)' if smoke else ''}: "
         f"{', '.join(counts)} against {baseline}",
         "",
-        f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
-        f"- command: `{report.command}`" if report.command else "- command: (called from Python)",
-        f"- machine: {platform.machine()} {platform.processor() or 'cpu'}, "
-        f"{os.cpu_count()} core(s), torch {torch.__version__}, one thread per run",
-        f"- MLflow run `{run_id}` (stage `study`); the workloads' reports nest under it",
-        f"- preset: conf/study/{settings.preset}.yaml, {settings.trials} trials per sweep; "
-        f"primary outcome {label}, alpha = {alpha:g}, Holm-corrected over "
-        f"{sum(not math.isnan(e.p_holm) for e in found)} comparisons",
+        *provenance(
+            settings,
+            run_id,
+            "the workloads' reports",
+            f"; primary outcome {label}, alpha = {alpha:g}, Holm-corrected over "
+            f"{sum(not math.isnan(e.p_holm) for e in found)} comparisons",
+        ),
         "",
     ]
     if smoke:

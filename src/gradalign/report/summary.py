@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
 import logging
+import os
+import platform
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
+import torch
 from omegaconf import DictConfig
 
 from gradalign import tracking
@@ -74,3 +78,18 @@ def summary_run(
         reports = {part: write_report(s, parent_run_id=run.run_id) for part, s in parts.items()}
         yield SummaryRun(run, folder, reports, cfg)
         run.client.log_artifacts(run.run_id, str(folder))
+
+
+def provenance(settings: StudySettings, run_id: str, nested: str, details: str = "") -> list[str]:
+    """The lines under a summary page's title: when, by which command, on which machine, its
+    MLflow run (under which the ``nested`` reports are), and its preset (then ``details``)."""
+    command = settings.report.command
+    return [
+        f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
+        f"- command: `{command}`" if command else "- command: (called from Python)",
+        f"- machine: {platform.machine()} {platform.processor() or 'cpu'}, "
+        f"{os.cpu_count()} core(s), torch {torch.__version__}, one thread per run",
+        f"- MLflow run `{run_id}` (stage `study`); {nested} nest under it",
+        f"- preset: conf/study/{settings.preset}.yaml, {settings.trials} trials per sweep"
+        + details,
+    ]
