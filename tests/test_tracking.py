@@ -254,7 +254,8 @@ def test_widening_a_view_appends_the_columns_it_lacks_and_keeps_a_person_s():
 
 def test_an_experiment_lists_all_its_runs_with_objective_val_loss_and_searched_values(tmp_path):
     cfg = store(tmp_path)
-    client, experiment = tracking.connect(cfg)
+    connected = tracking.connect(cfg)
+    client, experiment = connected.client, connected.experiment_id
     tags = client.get_experiment(experiment).tags
     runs = json.loads(json.loads(tags["mlflow.sharedViewState.runs"])["state"])
     assert runs["searchFilter"] == ""  # every run, a sweep's trials under its parent
@@ -282,8 +283,8 @@ def test_gradalign_ui_links_each_experiment_of_the_pipeline_to_its_runs(tmp_path
         "  no gradalign runs yet (python train.py makes some); experiments: "
         "http://h:5000/#/experiments?workflowType=machine_learning"
     ]
-    _, first = tracking.connect(cfg)
-    _, second = tracking.connect(OmegaConf.merge(cfg, {"experiment": "exp-quick"}))
+    first = tracking.connect(cfg).experiment_id
+    second = tracking.connect(OmegaConf.merge(cfg, {"experiment": "exp-quick"})).experiment_id
     client.create_experiment("someone else's")  # no view of ours: not listed, as Default
     assert ui.landing_lines(client, "http://h:5000") == [
         f"  {name}: http://h:5000/#/experiments/{eid}/runs?workflowType=machine_learning"

@@ -17,6 +17,7 @@ from gradalign.tracking.runs import (
     start_run,
 )
 from gradalign.tracking.store import (
+    Store,
     TrackingUnavailable,
     check_reachable,
     client,
@@ -25,7 +26,6 @@ from gradalign.tracking.store import (
     log_batch,
     quoted,
     serve_command,
-    store_client,
     tag_filter,
     tracking_uri,
     ui_url,
@@ -51,7 +51,7 @@ __all__ = [
     "serve_command",
     "sigterm_raises",
     "start_run",
-    "store_client",
+    "Store",
     "close_sweep_parent",
     "open_sweep_parent",
     "tag_filter",

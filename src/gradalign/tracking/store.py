@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import functools
 import logging
 import os
@@ -257,33 +258,24 @@ def client(uri: str, wait_s: float) -> MlflowClient:
 
 def _create_store(url: str) -> None:
     """Create the MLflow store at the SQLite ``url`` (its schema and default experiment),
-    keeping no connection to it open (MLflow's documented pool setting), so it can be moved."""
+    keeping no connection to it open (MLflow's documented pool setting), so it can be moved.
+    MLflow's and alembic's loggers are held at WARNING meanwhile: a new store's creation logs
+    a line per migration step, which says nothing a user needs."""
     previous = os.environ.get(_POOL_CLASS)
     os.environ[_POOL_CLASS] = "NullPool"
-    quiet = _quiet(("mlflow.store.db.utils", "alembic"))  # its migrations' INFO lines
-    try:
-        with quiet:
-            MlflowClient(tracking_uri=url)
-    finally:
-        if previous is None:
-            del os.environ[_POOL_CLASS]
-        else:
-            os.environ[_POOL_CLASS] = previous
-
-
-@contextlib.contextmanager
-def _quiet(names: Sequence[str]) -> Iterator[None]:
-    """The loggers ``names`` at WARNING for the block (a new store's creation logs a line per
-    migration step, which says nothing a user needs)."""
-    loggers = [logging.getLogger(name) for name in names]
+    loggers = [logging.getLogger(name) for name in ("mlflow.store.db.utils", "alembic")]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
         logger.setLevel(logging.WARNING)
     try:
-        yield
+        MlflowClient(tracking_uri=url)
     finally:
         for logger, level in zip(loggers, levels, strict=True):
             logger.setLevel(level)
+        if previous is None:
+            del os.environ[_POOL_CLASS]
+        else:
+            os.environ[_POOL_CLASS] = previous
 
 
 def _check_mlflow_schema(uri: str) -> None:
@@ -302,6 +294,28 @@ def _unusable(db: Path, error: Exception) -> str:
         f"MLflow store {db} cannot be opened ({reason}): it is not an MLflow SQLite database or "
         f"it is damaged. Move it aside (mv {db} {db}.broken) or point tracking.uri elsewhere"
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class Store:
+    """The MLflow store and experiment a process writes to: made by ``connect`` at the
+    process's entry and passed down, so no caller derives the client or experiment again."""
+
+    uri: str
+    wait_s: float  # how long a call waits for a locked or restarting store (tracking.store_wait_s)
+    experiment: str  # its name
+    experiment_id: str
+    client: MlflowClient
+
+
+def connect(tracking: DictConfig) -> Store:
+    """The configured store and experiment (created if absent); see ``client`` and
+    ``experiment_id``, which make each once per process."""
+    uri = tracking_uri(tracking)
+    wait_s = tracking.store_wait_s
+    mlflow = client(uri, wait_s)
+    experiment = experiment_id(uri, wait_s, tracking.experiment)
+    return Store(uri, wait_s, tracking.experiment, experiment, mlflow)
 
 
 @functools.cache
@@ -356,19 +370,6 @@ def serve_command(tracking: DictConfig) -> str | None:
         return None
     chosen = f" -- {shlex.quote(f'tracking.uri={uri}')}" if tracking.uri else ""
     return mask(f"python -m gradalign.ui{chosen}")
-
-
-def store_client(tracking: DictConfig) -> MlflowClient:
-    """The client of the configured store; see ``client``."""
-    return client(tracking_uri(tracking), tracking.store_wait_s)
-
-
-def connect(tracking: DictConfig) -> tuple[MlflowClient, str]:
-    """(client, experiment id) of the configured store and experiment; see ``client``."""
-    uri = tracking_uri(tracking)
-    return client(uri, tracking.store_wait_s), experiment_id(
-        uri, tracking.store_wait_s, tracking.experiment
-    )
 
 
 def log_batch(
