@@ -236,26 +236,19 @@ def _leave_parent(
     return True
 
 
+@dataclasses.dataclass
 class Run:
     """An open MLflow run: params and per-epoch metrics are buffered and flushed in batches."""
 
-    def __init__(
-        self,
-        client: MlflowClient,
-        run_id: str,
-        *,
-        params: Mapping[str, Any],
-        flush_interval_s: float,
-        description: str | None = None,
-    ):
-        self.client = client
-        self.run_id = run_id
-        self.flush_interval_s = flush_interval_s
-        self.description = description  # what the run is; its end puts the outcome above it
-        self.ended = False
-        self._params: Mapping[str, Any] | None = params  # sent with the first flush
-        self._pending: list[Metric] = []
-        self._last_flush = time.perf_counter()
+    client: MlflowClient
+    run_id: str
+    _: dataclasses.KW_ONLY
+    params: Mapping[str, Any] | None  # sent with the first flush, then None
+    flush_interval_s: float
+    description: str | None = None  # what the run is; its end puts the outcome above it
+    ended: bool = dataclasses.field(default=False, init=False)
+    _pending: list[Metric] = dataclasses.field(default_factory=list, init=False)
+    _last_flush: float = dataclasses.field(default_factory=time.perf_counter, init=False)
 
     def log_epoch(self, metrics: EpochMetrics) -> None:
         """Record one epoch (step = epoch); send the buffer if flush_interval_s has passed."""
@@ -269,8 +262,8 @@ class Run:
         log_batch(self.client, self.run_id, metrics=_summary_metrics(values), tags=tags)
 
     def _flush(self, tags: Mapping[str, str] | None = None) -> None:
-        log_batch(self.client, self.run_id, metrics=self._pending, params=self._params, tags=tags)
-        self._pending, self._params = [], None
+        log_batch(self.client, self.run_id, metrics=self._pending, params=self.params, tags=tags)
+        self._pending, self.params = [], None
         self._last_flush = time.perf_counter()
 
     def finish(self, history: History, objective: float) -> None:

@@ -69,19 +69,18 @@ class TrackingUnavailable(databases.StoreUnavailable):
     and what to do."""
 
 
-class _HandledMessages(logging.Filter):
-    """Drop MLflow's error tracebacks for store faults this module handles: a locked SQLite
-    store or a database server that went away (the call is retried, and one warning line says
-    so) and one that cannot take a write (TrackingUnavailable says so in one line)."""
+def _unhandled(record: logging.LogRecord) -> bool:
+    """Whether to keep an MLflow log record: not the error tracebacks of store faults this
+    module handles, a locked SQLite store or a database server that went away (the call is
+    retried, and one warning line says so) and one that cannot take a write
+    (TrackingUnavailable says so in one line)."""
+    error = record.exc_info[1] if record.exc_info else None
+    if error is not None and databases.is_transient(error):
+        return False
+    return not any(fault in record.getMessage() for fault in databases.PERMANENT)
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        error = record.exc_info[1] if record.exc_info else None
-        if error is not None and databases.is_transient(error):
-            return False
-        return not any(fault in record.getMessage() for fault in databases.PERMANENT)
 
-
-logging.getLogger("mlflow.store.db.utils").addFilter(_HandledMessages())
+logging.getLogger("mlflow.store.db.utils").addFilter(_unhandled)
 # urllib3 warns of each retry of MLflow's HTTP calls (ten lines before a server's refusal is
 # raised); the call's outcome is what the user sees, in one line.
 logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
@@ -143,13 +142,13 @@ def _retrying(uri: str, wait_s: float, call: Callable[..., Any], *args: Any, **k
     return databases.retrying(f"MLflow store {uri}", wait_s, attempt, TrackingUnavailable)
 
 
+@dataclasses.dataclass(frozen=True)
 class _RetryingClient:
     """An MlflowClient whose every method retries while the SQLite store is locked."""
 
-    def __init__(self, client: MlflowClient, uri: str, wait_s: float):
-        self._client = client
-        self._uri = uri
-        self._wait_s = wait_s
+    _client: MlflowClient
+    _uri: str
+    _wait_s: float
 
     def __getattr__(self, name: str) -> Any:
         attribute = getattr(self._client, name)
@@ -243,7 +242,7 @@ def client(uri: str, wait_s: float) -> MlflowClient:
             f"MLflow store {uri}: directory {db.parent} does not exist (a relative path is taken "
             "from the repository root). Create it, or fix tracking.uri / MLFLOW_TRACKING_URI"
         )
-    with databases.sqlite_lock(db):  # a process creating the schema holds it
+    with databases.store_lock(uri, databases.SCHEMA, wait_s):  # held while a schema is made
         try:
             databases.created_aside(db, _create_store)  # whole, or no file at all
         except (SQLAlchemyError, MlflowException, OSError) as error:
