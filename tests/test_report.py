@@ -25,7 +25,7 @@ from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
-from gradalign import processes, schema, tracking
+from gradalign import processes, schema
 from gradalign.checks import UserError
 from gradalign.config import ConfigError, config_hash, flatten
 from gradalign.experiment import run_experiment
@@ -53,6 +53,7 @@ from gradalign.report.settings import (
     report_settings_from_args,
 )
 from gradalign.sweep import trial as sweep_trial
+from gradalign.tracking import store as tracking_store
 
 
 @pytest.fixture
@@ -64,7 +65,7 @@ def store(tmp_path, tiny):
 
 
 def experiment_id(uri):
-    return tracking.experiment_id(uri, 60, EXPERIMENT)
+    return tracking_store.experiment_id(uri, 60, EXPERIMENT)
 
 
 @dataclasses.dataclass(frozen=True)

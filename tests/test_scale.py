@@ -21,6 +21,7 @@ from services import mlflow_server
 
 from gradalign import tracking
 from gradalign.schema import Metric
+from gradalign.tracking.store import experiment_id
 
 pytestmark = pytest.mark.slow
 SEARCHED = {"adam": {"optimizer.lr"}, "gao": {"optimizer.lr", "optimizer.beta"}}
@@ -364,7 +365,7 @@ def test_a_store_locked_by_another_writer_delays_a_run_but_loses_nothing(tmp_pat
     """Locked longer than the 20 s MLflow lets SQLite wait, so the retry carries the call."""
     uri = sqlite_uri(tmp_path)
     client = tracking.client(uri, 60)
-    experiment = tracking.experiment_id(uri, 60, "locked")
+    experiment = experiment_id(uri, 60, "locked")
     other = sqlite3.connect(tmp_path / "mlflow.db", timeout=0, check_same_thread=False)
     other.execute("BEGIN EXCLUSIVE")
     release = threading.Timer(22.0, other.commit)

@@ -67,7 +67,7 @@ def store(tmp_path, experiment="exp"):
 
 def test_sqlite_experiment_keeps_artifacts_beside_the_database(tmp_path):
     cfg = store(tmp_path)
-    experiment_id = tracking.experiment_id(cfg.uri, 60, cfg.experiment)
+    experiment_id = tracking_store.experiment_id(cfg.uri, 60, cfg.experiment)
     location = MlflowClient(cfg.uri).get_experiment(experiment_id).artifact_location
     assert location.removeprefix("file://") == str(tmp_path / "store" / "artifacts")
 
@@ -83,7 +83,7 @@ def test_experiment_created_concurrently_is_fetched(tmp_path, monkeypatch):
         return None if len(lookups) == 1 else real(self, name)
 
     monkeypatch.setattr(MlflowClient, "get_experiment_by_name", stale_then_real)
-    assert tracking.experiment_id(cfg.uri, 60, cfg.experiment) == other
+    assert tracking_store.experiment_id(cfg.uri, 60, cfg.experiment) == other
 
 
 def test_deleted_experiment_is_a_clear_error(tmp_path):
@@ -91,12 +91,12 @@ def test_deleted_experiment_is_a_clear_error(tmp_path):
     client = MlflowClient(cfg.uri)
     client.delete_experiment(client.create_experiment("gone"))
     with pytest.raises(ValueError, match="deleted"):
-        tracking.experiment_id(cfg.uri, 60, "gone")
+        tracking_store.experiment_id(cfg.uri, 60, "gone")
 
 
 def test_the_experiment_opens_for_model_training_and_a_users_description_stays(tmp_path):
     cfg = store(tmp_path)
-    created = tracking.experiment_id(cfg.uri, 60, cfg.experiment)
+    created = tracking_store.experiment_id(cfg.uri, 60, cfg.experiment)
     tags = MlflowClient(cfg.uri).get_experiment(created).tags
     assert tags["mlflow.experimentKind"] == "custom_model_development"
     assert tags["mlflow.note.content"].startswith("Optimizer comparisons tracked by gradalign")
@@ -117,7 +117,7 @@ def test_the_experiment_opens_for_model_training_and_a_users_description_stays(t
     assert json.loads(views["reports"]["state"])["searchFilter"] == "tags.stage = 'report'"
     client = MlflowClient(cfg.uri)
     theirs = client.create_experiment("theirs", tags={"mlflow.note.content": "my notes"})
-    tracking.experiment_id(cfg.uri, 60, "theirs")  # first used by the pipeline
+    tracking_store.experiment_id(cfg.uri, 60, "theirs")  # first used by the pipeline
     tags = client.get_experiment(theirs).tags
     assert tags["mlflow.note.content"] == "my notes"
     assert tags["mlflow.experimentKind"] == "custom_model_development"
@@ -254,7 +254,8 @@ def test_widening_a_view_appends_the_columns_it_lacks_and_keeps_a_person_s():
 
 def test_an_experiment_lists_all_its_runs_with_objective_val_loss_and_searched_values(tmp_path):
     cfg = store(tmp_path)
-    client, experiment = tracking.connect(cfg)
+    connected = tracking.connect(cfg)
+    client, experiment = connected.client, connected.experiment_id
     tags = client.get_experiment(experiment).tags
     runs = json.loads(json.loads(tags["mlflow.sharedViewState.runs"])["state"])
     assert runs["searchFilter"] == ""  # every run, a sweep's trials under its parent
@@ -282,8 +283,8 @@ def test_gradalign_ui_links_each_experiment_of_the_pipeline_to_its_runs(tmp_path
         "  no gradalign runs yet (python train.py makes some); experiments: "
         "http://h:5000/#/experiments?workflowType=machine_learning"
     ]
-    _, first = tracking.connect(cfg)
-    _, second = tracking.connect(OmegaConf.merge(cfg, {"experiment": "exp-quick"}))
+    first = tracking.connect(cfg).experiment_id
+    second = tracking.connect(OmegaConf.merge(cfg, {"experiment": "exp-quick"})).experiment_id
     client.create_experiment("someone else's")  # no view of ours: not listed, as Default
     assert ui.landing_lines(client, "http://h:5000") == [
         f"  {name}: http://h:5000/#/experiments/{eid}/runs?workflowType=machine_learning"
@@ -332,7 +333,7 @@ def parent(cfg, sweep_id):
 def parent_in_fresh_process(cfg, sweep_id, queue):
     """What another sweep process sharing the study does: no cached client or experiment."""
     tracking.client.cache_clear()
-    tracking.experiment_id.cache_clear()
+    tracking_store.experiment_id.cache_clear()
     queue.put((parent(cfg, sweep_id), processes.owner_token()))
 
 
@@ -387,7 +388,7 @@ def test_a_sweep_parent_ends_when_its_last_live_owner_leaves(tmp_path):
 def test_of_two_parents_made_at_once_every_process_keeps_the_oldest(tmp_path):
     cfg = store(tmp_path)
     client = MlflowClient(cfg.uri)
-    experiment = tracking.experiment_id(cfg.uri, 60, cfg.experiment)
+    experiment = tracking_store.experiment_id(cfg.uri, 60, cfg.experiment)
     tags = {"stage": "sweep_parent", "sweep_id": "s"}
     older = client.create_run(experiment, tags=tags, start_time=1000).info.run_id
     client.create_run(experiment, tags=tags, start_time=2000)
@@ -515,17 +516,17 @@ def http_server(status):
 
 def test_a_tracking_server_is_probed_before_use():
     with http_server(200) as uri:
-        tracking.check_reachable(uri)
+        tracking_store.check_reachable(uri)
     with http_server(401) as uri:
-        tracking.check_reachable(uri)  # answered; credentials are MLflow's business
+        tracking_store.check_reachable(uri)  # answered; credentials are MLflow's business
     with http_server(404) as uri, pytest.raises(tracking.TrackingUnavailable, match="HTTP 404"):
-        tracking.check_reachable(uri)
+        tracking_store.check_reachable(uri)
     uri = f"http://127.0.0.1:{free_port()}"
     start = time.monotonic()
     with pytest.raises(tracking.TrackingUnavailable, match=f"{uri} .*unreachable.*Nothing was"):
         tracking.client(uri, 60)
     assert time.monotonic() - start < 5
-    tracking.check_reachable("sqlite:///nowhere/mlflow.db")  # not a server: nothing to probe
+    tracking_store.check_reachable("sqlite:///nowhere/mlflow.db")  # not a server: nothing to probe
 
 
 def test_a_signal_during_a_store_call_is_delivered_after_it():
@@ -562,7 +563,7 @@ def test_a_run_that_loses_the_race_to_insert_its_dataset_logs_it_again(tmp_path,
     logs its input again, finds the winner's row, and trains."""
     cfg = store(tmp_path)
     client = MlflowClient(cfg.uri)
-    experiment = tracking.experiment_id(cfg.uri, 60, cfg.experiment)
+    experiment = tracking_store.experiment_id(cfg.uri, 60, cfg.experiment)
     winner = client.create_run(experiment).info.run_id
     attempts = []
     log_inputs = MlflowClient.log_inputs
@@ -600,6 +601,6 @@ def test_a_store_that_keeps_refusing_a_dataset_fails_the_run_with_its_error(tmp_
         tracking.start_run(cfg, run_name="r", tags={}, params={}, dataset=dataset_record()),
     ):
         raise AssertionError("the run must not start without its input")
-    (run,) = MlflowClient(cfg.uri).search_runs([tracking.experiment_id(cfg.uri, 60, "exp")])
+    (run,) = MlflowClient(cfg.uri).search_runs([tracking_store.experiment_id(cfg.uri, 60, "exp")])
     assert run.info.status == "FAILED"
     assert run.data.tags["failure_reason"].startswith("TrackingUnavailable: MLflow store sqlite")

@@ -38,28 +38,24 @@ def masked(values: Mapping[str, Any]) -> dict[str, Any]:
     return {key: mask(value) if isinstance(value, str) else value for key, value in values.items()}
 
 
-def _mask_record(record: logging.LogRecord) -> None:
-    """Mask ``record``'s message and traceback in place."""
-    message = record.getMessage()
-    clean = mask(message)
-    if clean != message:
-        record.msg, record.args = clean, None
-    if record.exc_info and not record.exc_text:  # what a handler's formatter would print
-        record.exc_text = logging.Formatter().formatException(record.exc_info)
-    if record.exc_text:
-        record.exc_text = mask(record.exc_text)
-
-
 def mask_logs() -> None:
-    """Mask passwords in every log record this process creates, whatever logger and handler
-    (Hydra replaces the handlers for each job and each launch). Idempotent."""
+    """Mask passwords in every log record this process creates (its message and traceback),
+    whatever logger and handler (Hydra replaces the handlers for each job and each launch).
+    Idempotent."""
     factory = logging.getLogRecordFactory()
     if getattr(factory, "masks_passwords", False):
         return
 
     def masking_factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
         record = factory(*args, **kwargs)
-        _mask_record(record)
+        message = record.getMessage()
+        clean = mask(message)
+        if clean != message:
+            record.msg, record.args = clean, None
+        if record.exc_info and not record.exc_text:  # what a handler's formatter would print
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = mask(record.exc_text)
         return record
 
     masking_factory.masks_passwords = True

@@ -10,7 +10,7 @@ database itself, can. ``exclusive(url, name)`` takes one (on its own connection,
 transactions are not involved); ``schema_created(url, create)`` creates a schema under it and
 retries the race with a process that does not take it (an ``mlflow server`` starting at the same
 moment, say). On a SQLite file, processes on one machine take turns under a file lock beside it
-(``sqlite_lock``): two sweeps starting together on a new Optuna storage would otherwise both
+(``store_lock``): two sweeps starting together on a new Optuna storage would otherwise both
 create its tables, and one fail on ``alembic_version``. A new SQLite store is made beside its
 final name and renamed into place once its schema is complete (``created_aside``), so a process
 killed while making it leaves no file, never a half-made one. For any other URL both just run.
@@ -136,11 +136,6 @@ def file_lock(path: Path) -> Iterator[None]:
         lock.release()
 
 
-def sqlite_lock(db: Path) -> contextlib.AbstractContextManager[None]:
-    """The lock held while the schema of the SQLite file ``db`` is created or checked."""
-    return file_lock(db.parent / f"{db.name}.lock")
-
-
 def lock_key(name: str) -> int:
     """The signed 64-bit advisory-lock key of ``name``, the same in every process."""
     return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
@@ -191,10 +186,11 @@ def exclusive(url: str, name: str, timeout_s: float) -> Iterator[None]:
 def store_lock(url: str, name: str, timeout_s: float) -> contextlib.AbstractContextManager[Any]:
     """The lock ``name`` of the store at ``url``, for work one process at a time may do on it:
     a PostgreSQL advisory lock (across machines; LockTimeout after ``timeout_s``), a file lock
-    beside a SQLite file (on one machine), or none for any other store."""
+    beside a SQLite file (``<name of the file>.lock``, on one machine, whatever ``name``), or
+    none for any other store."""
     db = sqlite_file(url)
     if db is not None:
-        return sqlite_lock(db)
+        return file_lock(db.parent / f"{db.name}.lock")
     return exclusive(url, name, timeout_s)
 
 
@@ -216,7 +212,7 @@ def schema_created(url: str, create: Callable[[], T], timeout_s: float) -> T:
     """``create()`` (which opens the store at ``url``, creating its schema if there is none)
     under the lock ``SCHEMA`` of a PostgreSQL database, again after a pause when it lost the
     creation race to a process that does not take the lock; its result. On a SQLite file the
-    lock is ``sqlite_lock``'s."""
+    lock is the file lock beside it (``store_lock``)."""
     with store_lock(url, SCHEMA, timeout_s):
         for attempt in range(1, RACE_ATTEMPTS + 1):
             try:
@@ -240,7 +236,7 @@ def created_aside(db: Path, create: Callable[[str], None]) -> None:
     """Make the SQLite store ``db`` whole or not at all: ``create(url)`` builds it at a temporary
     name beside ``db`` (and must leave no connection open on it), which is then renamed to
     ``db``. A ``db`` that exists and is not empty is left alone; an empty one (a file touched, or
-    one a process that was killed left) is replaced. Call it under ``sqlite_lock(db)``:
+    one a process that was killed left) is replaced. Call it under ``store_lock``:
     leftovers of a killed creator are removed first."""
     if db.is_file() and db.stat().st_size > 0:
         return

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import optuna
 from mlflow.entities import ViewType
+from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 from optuna.trial import TrialState
 
@@ -81,11 +82,12 @@ def clean_runs(client, experiment_ids: Sequence[str], dry_run: bool) -> tuple[li
     return done, storages
 
 
-def clean_trials(storage: str, tracking_cfg: DictConfig, dry_run: bool) -> list[str]:
+def clean_trials(
+    storage: str, client: MlflowClient, tracking_cfg: DictConfig, dry_run: bool
+) -> list[str]:
     """Complete from MLflow the RUNNING trials of every study in ``storage`` whose sweep process
-    is gone (their runs in the configured MLflow store)."""
+    is gone (their runs in the configured MLflow store, ``client``'s)."""
     done = []
-    client = tracking.store_client(tracking_cfg)
     opened = open_storage(storage, tracking_cfg.store_wait_s)
     for summary in optuna.get_all_study_summaries(opened):
         study = optuna.load_study(study_name=summary.study_name, storage=opened)
@@ -132,7 +134,7 @@ def main(argv: Iterable[str]) -> int:
         root = repo_root()
         cfg = checkout_config(args.overrides)
         uri = tracking.tracking_uri(cfg.tracking)
-        client = tracking.store_client(cfg.tracking)
+        client = tracking.client(uri, cfg.tracking.store_wait_s)
         experiments = [e.experiment_id for e in client.search_experiments()]
         lines, storages = clean_runs(client, experiments, args.dry_run)
         for storage in storages_to_clean(storages, args.storage, root):
@@ -140,7 +142,7 @@ def main(argv: Iterable[str]) -> int:
                 lines.append(f"skipped Optuna storage {storage}: pass it with --storage URL")
                 continue
             try:
-                lines += clean_trials(storage, cfg.tracking, args.dry_run)
+                lines += clean_trials(storage, client, cfg.tracking, args.dry_run)
             except Exception as error:  # a storage that moved or went away: say so, go on
                 lines.append(f"skipped Optuna storage {mask(storage)}: {mask(str(error))}")
     except (ValueError, tracking.TrackingUnavailable) as error:

@@ -145,7 +145,7 @@ def main(argv: Iterable[str]) -> int:
         uri = tracking.tracking_uri(cfg.tracking)
         if uri.startswith(("http://", "https://")):
             base = tracking.ui_url(cfg.tracking)
-            lines = landing_lines(tracking.store_client(cfg.tracking), base)
+            lines = landing_lines(tracking.client(uri, cfg.tracking.store_wait_s), base)
             print(
                 f"MLflow store {mask(uri)} is a tracking server; its UI, the runs of:",
                 *lines,

@@ -138,7 +138,7 @@ def plan(settings: ReportSettings) -> Plan:
     }
     first = compositions[settings.baseline].cfg
     uri = tracking.tracking_uri(first.tracking)
-    client = tracking.store_client(first.tracking)
+    client = tracking.client(uri, first.tracking.store_wait_s)
     experiment = client.get_experiment_by_name(first.tracking.experiment)
     if experiment is None or experiment.lifecycle_stage != "active":
         commands = "\n".join(

@@ -63,9 +63,9 @@ def summary_run(
     (``<kind> <name>``)."""
     first = next(iter(parts.values()))
     cfg = compose_optimizer(first.conf_dir, first.baseline, first.overrides_of(first.baseline)).cfg
-    client, experiment = tracking.connect(cfg.tracking)
+    store = tracking.connect(cfg.tracking)
     folder, resume = report_target(
-        client, experiment, Path(cfg.paths.outputs), name, stage=Stage.STUDY
+        store.client, store.experiment_id, Path(cfg.paths.outputs), name, stage=Stage.STUDY
     )
     tags = {Tag.STAGE: Stage.STUDY, Tag.REPORT_NAME: name, **git_tags(str(first.root))}
     params = {

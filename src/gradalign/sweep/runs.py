@@ -54,7 +54,7 @@ def create_trial_run(cfg: DictConfig, parent_run_id: str, number: int) -> str:
     config) runs, RUNNING under its parent and owned by this process until the trial's job
     takes it over (start_run with resume_run_id); its id. Once, whatever the store's faults:
     the trial's number under its sweep is the run's key."""
-    mlflow, experiment = tracking.connect(cfg.tracking)
+    store = tracking.connect(cfg.tracking)
     tags = {
         **trial_tags(cfg, cfg.hydra.sweep.dir, cfg.hydra.sweeper),
         Tag.OPTUNA_TRIAL: str(number),
@@ -65,7 +65,7 @@ def create_trial_run(cfg: DictConfig, parent_run_id: str, number: int) -> str:
     }
     name = f"{cfg.optimizer.name} (trial {number})"
     key = {k: tags[k] for k in (Tag.SWEEP_ID, Tag.STAGE, Tag.OPTUNA_TRIAL)}
-    return mlflow.create_run_once(experiment, tags=tags, run_name=name, key=key)
+    return store.client.create_run_once(store.experiment_id, tags=tags, run_name=name, key=key)
 
 
 def trial_run_finder(tracking_cfg: DictConfig, key: str) -> Any:
@@ -77,9 +77,11 @@ def trial_run_finder(tracking_cfg: DictConfig, key: str) -> Any:
     def find(trial: Any) -> str | None:
         if RUN_ID in trial.user_attrs:
             return trial.user_attrs[RUN_ID]
-        mlflow, experiment = tracking.connect(tracking_cfg)
+        store = tracking.connect(tracking_cfg)
         tags = {Tag.SWEEP_ID: key, Tag.STAGE: Stage.SWEEP, Tag.OPTUNA_TRIAL: str(trial.number)}
-        found = mlflow.search_runs([experiment], tracking.tag_filter(tags), max_results=1)
+        found = store.client.search_runs(
+            [store.experiment_id], tracking.tag_filter(tags), max_results=1
+        )
         return found[0].info.run_id if found else None
 
     return find
@@ -109,7 +111,7 @@ def save_sweep_view(cfg: DictConfig) -> None:
     first), with the data set and the searched values as columns, its chart view opening on
     the parallel coordinates of the searched values and the objective over every trial; and
     add the searched values to the experiment's view of all runs."""
-    mlflow, experiment = tracking.connect(cfg.tracking)
+    store = tracking.connect(cfg.tracking)
     key = sweep_id(Path(cfg.paths.root), Path(cfg.hydra.sweep.dir), cfg.hydra.sweeper)
     metrics = (Metric.OBJECTIVE, Metric.BEST_VAL_LOSS, Metric.BEST_EPOCH, Metric.TEST_ACC)
     searched = [labels.column("params", k) for k in _searched(cfg)]
@@ -130,8 +132,8 @@ def save_sweep_view(cfg: DictConfig) -> None:
         sections=[labels.ChartSection(f"{Metric.OBJECTIVE} by searched values", (chart,), 1, 480)],
         all_runs_in_charts=True,
     )
-    mlflow.set_experiment_tag(experiment, tag, value)
-    labels.widen_view(mlflow, experiment, labels.RUNS_VIEW, searched)
+    store.client.set_experiment_tag(store.experiment_id, tag, value)
+    labels.widen_view(store.client, store.experiment_id, labels.RUNS_VIEW, searched)
 
 
 def open_parent(cfg: DictConfig, study_key: str | None = None) -> str:
@@ -164,7 +166,6 @@ def open_parent(cfg: DictConfig, study_key: str | None = None) -> str:
         storage=OmegaConf.select(sweeper, "storage"),
     )
     if study_key is not None:
-        mlflow, _ = tracking.connect(cfg.tracking)
-        mlflow.set_tag(run_id, Tag.STUDY_KEY, study_key)
+        tracking.connect(cfg.tracking).client.set_tag(run_id, Tag.STUDY_KEY, study_key)
     save_sweep_view(cfg)
     return run_id

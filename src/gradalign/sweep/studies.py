@@ -199,9 +199,9 @@ def check_not_merged(tracking_cfg: DictConfig, study: optuna.Study, new: bool, u
         return
     key = parent.data.tags.get(Tag.STUDY_KEY)
     if key is None and new:
-        mlflow, experiment = tracking.connect(tracking_cfg)
-        trial_runs = mlflow.search_runs(
-            [experiment],
+        store = tracking.connect(tracking_cfg)
+        trial_runs = store.client.search_runs(
+            [store.experiment_id],
             tracking.tag_filter(
                 {Tag.STAGE: Stage.SWEEP, Tag.SWEEP_ID: f"optuna:{study.study_name}"}
             ),

@@ -186,7 +186,8 @@ def record(cfg: DictConfig, parent_run_id: str, study: Study) -> SweepSummary:
     """Write ``study``'s summary on the sweep's parent run (see the module docstring), the
     figures also into the sweep directory; the summary."""
     summary = summarize(study)
-    client, experiment = tracking.connect(cfg.tracking)
+    store = tracking.connect(cfg.tracking)
+    client = store.client
     sweep_dir = Path(cfg.hydra.sweep.dir)
     label = parent_label(cfg)
     for figure in history_figures(study, sweep_dir, f"{cfg.optimizer.name} sweep {label}"):
@@ -197,7 +198,7 @@ def record(cfg: DictConfig, parent_run_id: str, study: Study) -> SweepSummary:
         for outcome, key in _COUNT_METRICS.items()
     ]
     best = summary.best
-    note = describe(summary, experiment, parent_run_id, label, sweep_view_key(cfg))
+    note = describe(summary, store.experiment_id, parent_run_id, label, sweep_view_key(cfg))
     tags = {MlflowTag.NOTE: note}
     if best is not None:
         tags[Tag.BEST_TRIAL] = str(best.number)
@@ -215,7 +216,7 @@ def record(cfg: DictConfig, parent_run_id: str, study: Study) -> SweepSummary:
 def start_lines(cfg: DictConfig, parent_run_id: str, n_trials: int) -> list[str]:
     """What a sweep prints before its first trial: where its outputs go, and its MLflow parent
     with the link to its trials in the UI (and how to serve the UI of a local store)."""
-    _, experiment = tracking.connect(cfg.tracking)
+    experiment = tracking.connect(cfg.tracking).experiment_id
     base = tracking.ui_url(cfg.tracking)
     lines = [
         f"sweep of {cfg.optimizer.name}: {n_trials} trials, outputs in {cfg.hydra.sweep.dir}",
@@ -230,7 +231,7 @@ def start_lines(cfg: DictConfig, parent_run_id: str, n_trials: int) -> list[str]
 
 def end_line(cfg: DictConfig, parent_run_id: str, summary: SweepSummary | None, status: str) -> str:
     """The line a sweep prints when it ends: its status, trials, best, and the parent's page."""
-    _, experiment = tracking.connect(cfg.tracking)
+    experiment = tracking.connect(cfg.tracking).experiment_id
     page = tracking.run_link(tracking.ui_url(cfg.tracking), experiment, parent_run_id)
     found = (
         f"{summary.counts_text()}; {best_text(summary)}"

@@ -184,6 +184,7 @@ class OptunaSweep:
         self.study: Study | None = None
         self.backend: BaseStorage | None = None  # the study's storage, opened
         self.parent_run_id: str | None = None
+        self.store: tracking.Store | None = None  # the MLflow store, once it answered
         self.job_storage: str | None = None  # where a pruned sweep's jobs find their study
         self.job_idx = 0
 
@@ -279,7 +280,7 @@ class OptunaSweep:
         if self.storage is not None:
             check_storage(self.storage, self._wait_s)
             databases.check_separate(self.storage, tracking.tracking_uri(self.config.tracking))
-        tracking.connect(self.config.tracking)  # reachable; the experiment created once, here
+        self.store = tracking.connect(self.config.tracking)  # the experiment created once, here
         return space
 
     def _open_study(self, space: SearchSpace) -> None:
@@ -326,7 +327,7 @@ class OptunaSweep:
                 if processes.owner_alive(trial.user_attrs.get(OWNER, "")) is False
             ]
             find = trial_run_finder(self.config.tracking, f"optuna:{self.study_name}")
-            client = tracking.store_client(self.config.tracking)
+            client = self.store.client
             done = settle(self.study, self.backend, gone, client, find)
             done |= self._fail_unowned("its sweep process stopped before it took the trial")
         if done:
@@ -427,7 +428,7 @@ class OptunaSweep:
             )
             if OWNER not in trial.user_attrs and trial.number != keep
         ]
-        client = tracking.store_client(self.config.tracking)
+        client = self.store.client
         return self._optuna(
             lambda: settle(self.study, self.backend, unowned, client, lambda _: None, force=reason)
         )
@@ -474,7 +475,7 @@ class OptunaSweep:
         """Record ``outcome`` in both stores: a failed trial's run is ended FAILED if its job
         could not end it, then Optuna is told."""
         if outcome.kind == FAILED:
-            client = tracking.store_client(self.config.tracking)
+            client = self.store.client
             if client.get_run(pending.run_id).info.status == "RUNNING":
                 client.set_tag(pending.run_id, Tag.FAILURE_REASON, outcome.reason)
                 client.set_terminated(pending.run_id, "FAILED")
@@ -539,7 +540,7 @@ class OptunaSweep:
         try:
             frozen = self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
             mine = [trial for trial in frozen if trial.number in runs]
-            client = tracking.store_client(self.config.tracking)
+            client = self.store.client
             done = settle(
                 self.study,
                 self.backend,

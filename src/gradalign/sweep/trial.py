@@ -148,7 +148,7 @@ def log_outcome(cfg: DictConfig, outcome: Outcome, run_id: str) -> None:
         text = f"pruned at epoch {outcome.pruned_epoch}"
     else:
         text = f"{outcome.kind} ({outcome.reason})"
-    _, experiment = tracking.connect(cfg.tracking)
+    experiment = tracking.connect(cfg.tracking).experiment_id
     page = tracking.run_link(tracking.ui_url(cfg.tracking), experiment, run_id)
     log.info("%s  mlflow run %s: %s", text, run_id, page)
 

@@ -38,13 +38,7 @@ from gradalign import databases, processes
 from gradalign.credentials import mask, masked, masked_copy
 from gradalign.schema import Metric as M
 from gradalign.schema import MlflowTag, Stage, Tag
-from gradalign.tracking.store import (
-    TrackingUnavailable,
-    connect,
-    log_batch,
-    tag_filter,
-    tracking_uri,
-)
+from gradalign.tracking.store import Store, TrackingUnavailable, connect, log_batch, tag_filter
 from gradalign.training import EpochMetrics, History
 
 log = logging.getLogger(__name__)
@@ -112,10 +106,10 @@ def outcome_line(history: History, objective: float) -> str:
     )
 
 
-def _parents(mlflow: MlflowClient, experiment: str, sweep_id: str) -> list[Any]:
+def _parents(store: Store, sweep_id: str) -> list[Any]:
     """The parent runs of sweep ``sweep_id``, oldest first (normally one)."""
-    found = mlflow.search_runs(
-        [experiment],
+    found = store.client.search_runs(
+        [store.experiment_id],
         tag_filter({Tag.STAGE: Stage.SWEEP_PARENT, Tag.SWEEP_ID: sweep_id}),
         max_results=100,
     )
@@ -125,8 +119,7 @@ def _parents(mlflow: MlflowClient, experiment: str, sweep_id: str) -> list[Any]:
 def find_sweep_parent(tracking: DictConfig, sweep_id: str) -> Any:
     """The parent run of sweep ``sweep_id`` (the oldest, if processes on several machines made
     one each), or None."""
-    mlflow, experiment = connect(tracking)
-    parents = _parents(mlflow, experiment, sweep_id)
+    parents = _parents(connect(tracking), sweep_id)
     return parents[0] if parents else None
 
 
@@ -136,20 +129,20 @@ def _owner_key(token: str) -> str:
 
 
 def _parents_lock(
-    tracking: DictConfig, uri: str, sweep_id: str, storage: str | None
+    store: Store, sweep_id: str, storage: str | None
 ) -> contextlib.AbstractContextManager[None]:
     """The lock under which sweep processes look for sweep ``sweep_id``'s parent and create it:
     the advisory lock of a PostgreSQL database they all use (the MLflow store, else the Optuna
     ``storage`` of a shared study), which works across machines; else a file lock on this
     machine, beside a SQLite store or in the temporary directory."""
-    name = f"gradalign:sweep-parent {tracking.experiment} {sweep_id}"
-    for url in (uri, storage):
+    name = f"gradalign:sweep-parent {store.experiment} {sweep_id}"
+    for url in (store.uri, storage):
         if url and databases.postgres_url(url) is not None:
-            return databases.exclusive(url, name, tracking.store_wait_s)
-    db = databases.sqlite_file(uri)
+            return databases.exclusive(url, name, store.wait_s)
+    db = databases.sqlite_file(store.uri)
     if db is not None:
         return databases.file_lock(db.parent / f"{db.name}.parents.lock")
-    digest = hashlib.sha256(f"{uri} {name}".encode()).hexdigest()
+    digest = hashlib.sha256(f"{store.uri} {name}".encode()).hexdigest()
     return databases.file_lock(
         Path(tempfile.gettempdir()) / "gradalign-locks" / f"{digest[:16]}.lock"
     )
@@ -173,18 +166,18 @@ def open_sweep_parent(
     several machines with no such database may each create one, so every process then keeps
     the oldest parent and deletes its own younger duplicate.
     """
-    uri = tracking_uri(tracking)
+    store = connect(tracking)
+    mlflow = store.client
     try:
-        with _parents_lock(tracking, uri, sweep_id, storage):
-            mlflow, experiment = connect(tracking)
-            parents = _parents(mlflow, experiment, sweep_id)
+        with _parents_lock(store, sweep_id, storage):
+            parents = _parents(store, sweep_id)
             if not parents:
                 key = {Tag.STAGE: Stage.SWEEP_PARENT, Tag.SWEEP_ID: sweep_id}
                 created = mlflow.create_run_once(
-                    experiment, tags=masked({**tags, **key}), run_name=run_name, key=key
+                    store.experiment_id, tags=masked({**tags, **key}), run_name=run_name, key=key
                 )
                 log_batch(mlflow, created, params=params)
-                parents = _parents(mlflow, experiment, sweep_id)
+                parents = _parents(store, sweep_id)
                 for duplicate in parents[1:]:
                     if duplicate.info.run_id == created:
                         mlflow.delete_run(duplicate.info.run_id)
@@ -214,13 +207,13 @@ def close_sweep_parent(
     summary of its study) runs under the same lock, so that the summary read last is the
     summary written last: two processes summarising a shared study at once could otherwise
     write an older count over a newer one."""
-    mlflow, _ = connect(tracking)
-    sweep_id = mlflow.get_run(run_id).data.tags.get(Tag.SWEEP_ID, run_id)
+    store = connect(tracking)
+    sweep_id = store.client.get_run(run_id).data.tags.get(Tag.SWEEP_ID, run_id)
     try:
-        with _parents_lock(tracking, tracking_uri(tracking), sweep_id, storage):
+        with _parents_lock(store, sweep_id, storage):
             if first is not None:
                 first()
-            return _leave_parent(mlflow, run_id, status, failure_reason)
+            return _leave_parent(store.client, run_id, status, failure_reason)
     except databases.LockTimeout as error:
         raise TrackingUnavailable(f"sweep parent: {error}") from None
 
@@ -243,26 +236,19 @@ def _leave_parent(
     return True
 
 
+@dataclasses.dataclass
 class Run:
     """An open MLflow run: params and per-epoch metrics are buffered and flushed in batches."""
 
-    def __init__(
-        self,
-        client: MlflowClient,
-        run_id: str,
-        *,
-        params: Mapping[str, Any],
-        flush_interval_s: float,
-        description: str | None = None,
-    ):
-        self.client = client
-        self.run_id = run_id
-        self.flush_interval_s = flush_interval_s
-        self.description = description  # what the run is; its end puts the outcome above it
-        self.ended = False
-        self._params: Mapping[str, Any] | None = params  # sent with the first flush
-        self._pending: list[Metric] = []
-        self._last_flush = time.perf_counter()
+    client: MlflowClient
+    run_id: str
+    _: dataclasses.KW_ONLY
+    params: Mapping[str, Any] | None  # sent with the first flush, then None
+    flush_interval_s: float
+    description: str | None = None  # what the run is; its end puts the outcome above it
+    ended: bool = dataclasses.field(default=False, init=False)
+    _pending: list[Metric] = dataclasses.field(default_factory=list, init=False)
+    _last_flush: float = dataclasses.field(default_factory=time.perf_counter, init=False)
 
     def log_epoch(self, metrics: EpochMetrics) -> None:
         """Record one epoch (step = epoch); send the buffer if flush_interval_s has passed."""
@@ -276,8 +262,8 @@ class Run:
         log_batch(self.client, self.run_id, metrics=_summary_metrics(values), tags=tags)
 
     def _flush(self, tags: Mapping[str, str] | None = None) -> None:
-        log_batch(self.client, self.run_id, metrics=self._pending, params=self._params, tags=tags)
-        self._pending, self._params = [], None
+        log_batch(self.client, self.run_id, metrics=self._pending, params=self.params, tags=tags)
+        self._pending, self.params = [], None
         self._last_flush = time.perf_counter()
 
     def finish(self, history: History, objective: float) -> None:
@@ -391,7 +377,8 @@ def start_run(
     while the run is being ended, the store's error is raised instead (the run is left for
     ``python -m gradalign.doctor``), after a log line naming the run.
     """
-    mlflow, experiment = connect(tracking)
+    store = connect(tracking)
+    mlflow = store.client
     run_tags = {**tags, Tag.OWNER: processes.owner_token()}
     if parent_run_id is not None:
         run_tags[MlflowTag.PARENT_RUN_ID] = parent_run_id
@@ -405,7 +392,9 @@ def start_run(
         mlflow.update_run(run_id, status="RUNNING")
         log_batch(mlflow, run_id, tags=run_tags)
     else:
-        run_id = mlflow.create_run(experiment, tags=masked(run_tags), run_name=run_name).info.run_id
+        run_id = mlflow.create_run(
+            store.experiment_id, tags=masked(run_tags), run_name=run_name
+        ).info.run_id
     run = Run(
         mlflow,
         run_id,

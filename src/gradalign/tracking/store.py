@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import functools
 import logging
 import os
@@ -68,19 +69,18 @@ class TrackingUnavailable(databases.StoreUnavailable):
     and what to do."""
 
 
-class _HandledMessages(logging.Filter):
-    """Drop MLflow's error tracebacks for store faults this module handles: a locked SQLite
-    store or a database server that went away (the call is retried, and one warning line says
-    so) and one that cannot take a write (TrackingUnavailable says so in one line)."""
+def _unhandled(record: logging.LogRecord) -> bool:
+    """Whether to keep an MLflow log record: not the error tracebacks of store faults this
+    module handles, a locked SQLite store or a database server that went away (the call is
+    retried, and one warning line says so) and one that cannot take a write
+    (TrackingUnavailable says so in one line)."""
+    error = record.exc_info[1] if record.exc_info else None
+    if error is not None and databases.is_transient(error):
+        return False
+    return not any(fault in record.getMessage() for fault in databases.PERMANENT)
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        error = record.exc_info[1] if record.exc_info else None
-        if error is not None and databases.is_transient(error):
-            return False
-        return not any(fault in record.getMessage() for fault in databases.PERMANENT)
 
-
-logging.getLogger("mlflow.store.db.utils").addFilter(_HandledMessages())
+logging.getLogger("mlflow.store.db.utils").addFilter(_unhandled)
 # urllib3 warns of each retry of MLflow's HTTP calls (ten lines before a server's refusal is
 # raised); the call's outcome is what the user sees, in one line.
 logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
@@ -142,13 +142,13 @@ def _retrying(uri: str, wait_s: float, call: Callable[..., Any], *args: Any, **k
     return databases.retrying(f"MLflow store {uri}", wait_s, attempt, TrackingUnavailable)
 
 
+@dataclasses.dataclass(frozen=True)
 class _RetryingClient:
     """An MlflowClient whose every method retries while the SQLite store is locked."""
 
-    def __init__(self, client: MlflowClient, uri: str, wait_s: float):
-        self._client = client
-        self._uri = uri
-        self._wait_s = wait_s
+    _client: MlflowClient
+    _uri: str
+    _wait_s: float
 
     def __getattr__(self, name: str) -> Any:
         attribute = getattr(self._client, name)
@@ -242,7 +242,7 @@ def client(uri: str, wait_s: float) -> MlflowClient:
             f"MLflow store {uri}: directory {db.parent} does not exist (a relative path is taken "
             "from the repository root). Create it, or fix tracking.uri / MLFLOW_TRACKING_URI"
         )
-    with databases.sqlite_lock(db):  # a process creating the schema holds it
+    with databases.store_lock(uri, databases.SCHEMA, wait_s):  # held while a schema is made
         try:
             databases.created_aside(db, _create_store)  # whole, or no file at all
         except (SQLAlchemyError, MlflowException, OSError) as error:
@@ -257,33 +257,24 @@ def client(uri: str, wait_s: float) -> MlflowClient:
 
 def _create_store(url: str) -> None:
     """Create the MLflow store at the SQLite ``url`` (its schema and default experiment),
-    keeping no connection to it open (MLflow's documented pool setting), so it can be moved."""
+    keeping no connection to it open (MLflow's documented pool setting), so it can be moved.
+    MLflow's and alembic's loggers are held at WARNING meanwhile: a new store's creation logs
+    a line per migration step, which says nothing a user needs."""
     previous = os.environ.get(_POOL_CLASS)
     os.environ[_POOL_CLASS] = "NullPool"
-    quiet = _quiet(("mlflow.store.db.utils", "alembic"))  # its migrations' INFO lines
-    try:
-        with quiet:
-            MlflowClient(tracking_uri=url)
-    finally:
-        if previous is None:
-            del os.environ[_POOL_CLASS]
-        else:
-            os.environ[_POOL_CLASS] = previous
-
-
-@contextlib.contextmanager
-def _quiet(names: Sequence[str]) -> Iterator[None]:
-    """The loggers ``names`` at WARNING for the block (a new store's creation logs a line per
-    migration step, which says nothing a user needs)."""
-    loggers = [logging.getLogger(name) for name in names]
+    loggers = [logging.getLogger(name) for name in ("mlflow.store.db.utils", "alembic")]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
         logger.setLevel(logging.WARNING)
     try:
-        yield
+        MlflowClient(tracking_uri=url)
     finally:
         for logger, level in zip(loggers, levels, strict=True):
             logger.setLevel(level)
+        if previous is None:
+            del os.environ[_POOL_CLASS]
+        else:
+            os.environ[_POOL_CLASS] = previous
 
 
 def _check_mlflow_schema(uri: str) -> None:
@@ -302,6 +293,28 @@ def _unusable(db: Path, error: Exception) -> str:
         f"MLflow store {db} cannot be opened ({reason}): it is not an MLflow SQLite database or "
         f"it is damaged. Move it aside (mv {db} {db}.broken) or point tracking.uri elsewhere"
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class Store:
+    """The MLflow store and experiment a process writes to: made by ``connect`` at the
+    process's entry and passed down, so no caller derives the client or experiment again."""
+
+    uri: str
+    wait_s: float  # how long a call waits for a locked or restarting store (tracking.store_wait_s)
+    experiment: str  # its name
+    experiment_id: str
+    client: MlflowClient
+
+
+def connect(tracking: DictConfig) -> Store:
+    """The configured store and experiment (created if absent); see ``client`` and
+    ``experiment_id``, which make each once per process."""
+    uri = tracking_uri(tracking)
+    wait_s = tracking.store_wait_s
+    mlflow = client(uri, wait_s)
+    experiment = experiment_id(uri, wait_s, tracking.experiment)
+    return Store(uri, wait_s, tracking.experiment, experiment, mlflow)
 
 
 @functools.cache
@@ -356,19 +369,6 @@ def serve_command(tracking: DictConfig) -> str | None:
         return None
     chosen = f" -- {shlex.quote(f'tracking.uri={uri}')}" if tracking.uri else ""
     return mask(f"python -m gradalign.ui{chosen}")
-
-
-def store_client(tracking: DictConfig) -> MlflowClient:
-    """The client of the configured store; see ``client``."""
-    return client(tracking_uri(tracking), tracking.store_wait_s)
-
-
-def connect(tracking: DictConfig) -> tuple[MlflowClient, str]:
-    """(client, experiment id) of the configured store and experiment; see ``client``."""
-    uri = tracking_uri(tracking)
-    return client(uri, tracking.store_wait_s), experiment_id(
-        uri, tracking.store_wait_s, tracking.experiment
-    )
 
 
 def log_batch(
