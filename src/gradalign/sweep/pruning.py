@@ -86,14 +86,14 @@ def trial_pruning(cfg: DictConfig, sweeper: DictConfig) -> Callable[[History], b
     sweep's ``hydra.sweeper``), or None when its sweep does not prune. The job reports to its
     trial, RUNNING in the sweep, through the study's storage (a database URL or a journal file:
     gradalign.sweep.studies.open_storage), and its study judges it with the sweep's pruner."""
-    from gradalign.sweep.studies import open_storage
-
     tracking = cfg.tracking
     if tracking.optuna_storage is None:
         return None
     pruner = build_pruner(OmegaConf.select(sweeper, "pruner"))
     if not prunes(pruner):
         return None
+    from gradalign.sweep.studies import open_storage  # a pruned trial's job only
+
     storage = open_storage(tracking.optuna_storage, tracking.store_wait_s)
     study_id = storage.get_study_id_from_name(tracking.optuna_study)
     trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, tracking.optuna_trial)
