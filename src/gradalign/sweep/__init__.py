@@ -1,4 +1,3 @@
-"""Sweeps (``python train.py -m``): hydra-optuna-sweeper's loop with gradalign's safeguards
-(``sweeper``), a TPE sampler that resumes without repeating itself (``sampler``), and a sweep's
-records in MLflow (``runs``). Hydra reaches the sweeper through the plugin shim in
-``hydra_plugins.gradalign_sweeper``."""
+"""Sweeps (``python train.py -m``): gradalign's own Optuna loop, which owns each trial from ask
+to record (``sweeper``; one trial in both stores: ``trial``), behind hydra-optuna-sweeper's
+settings. Hydra reaches it through the plugin shim in ``hydra_plugins.gradalign_sweeper``."""

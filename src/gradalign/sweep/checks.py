@@ -6,7 +6,6 @@ are checked before: gradalign.sweep.settings.)"""
 from __future__ import annotations
 
 import copy
-from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from optuna.distributions import BaseDistribution, CategoricalDistribution
@@ -15,15 +14,7 @@ from gradalign.components import build_dataset, build_model, build_optimizer, bu
 from gradalign.config import validate
 from gradalign.data import Splits
 from gradalign.experiment import resolve_device
-from gradalign.sweep.settings import own_keys
-
-
-def _range_ends(distribution: BaseDistribution) -> list[Any]:
-    """The values a distribution can produce at its extremes (both ends of a range, which
-    current Optuna includes; all choices of a categorical)."""
-    if isinstance(distribution, CategoricalDistribution):
-        return list(distribution.choices)
-    return [distribution.low, distribution.high]
+from gradalign.sweep.settings import own_key
 
 
 def check_trial_config(cfg: DictConfig, splits: Splits) -> None:
@@ -45,9 +36,15 @@ def check_search_space(
     and what is allowed. (That every searched or ``fixed`` key exists is checked before:
     gradalign.sweep.settings.check_search_keys.)"""
     for key, distribution in distributions.items():
-        if not own_keys(cfg, [key]) or isinstance(OmegaConf.select(cfg, key), DictConfig):
+        if not own_key(cfg, key) or isinstance(OmegaConf.select(cfg, key), DictConfig):
             continue  # a config group choice (model=mlp,cnn) composes its own values
-        for value in _range_ends(distribution):
+        # the values it can produce at its extremes: both ends of a range (which current
+        # Optuna includes), every choice of a categorical
+        if isinstance(distribution, CategoricalDistribution):
+            ends = list(distribution.choices)
+        else:
+            ends = [distribution.low, distribution.high]
+        for value in ends:
             trial_cfg = copy.deepcopy(cfg)
             OmegaConf.update(trial_cfg, key, value, force_add=False)
             try:

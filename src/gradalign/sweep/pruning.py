@@ -16,6 +16,7 @@ this happens: no storage, no report, the sweep as before.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -29,9 +30,8 @@ from optuna.trial import Trial
 from gradalign.hydra_compat import trusted
 from gradalign.training import History
 
-JOURNAL = (
-    "optuna-journal.log"  # in the sweep directory: the study of a pruned sweep without storage
-)
+# In the sweep directory: the study of a pruned sweep without a storage.
+JOURNAL = "optuna-journal.log"
 
 
 def build_pruner(node: Mapping[str, Any] | None) -> BasePruner:
@@ -68,29 +68,13 @@ def prunes(pruner: BasePruner) -> bool:
     return not isinstance(pruner, NopPruner)
 
 
-def open_trial(spec: str, study_name: str, number: int, pruner: BasePruner, wait_s: float) -> Trial:
-    """Trial ``number`` of study ``study_name`` in storage ``spec`` (a database URL or a journal
-    file: gradalign.sweep.studies.open_storage), RUNNING in the sweep, for a job to report to:
-    its study judges it with ``pruner``."""
-    from gradalign.sweep.studies import open_storage
-
-    storage = open_storage(spec, wait_s)
-    study_id = storage.get_study_id_from_name(study_name)
-    trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, number)
-    # The sampler of the job's copy of the study is never used: the sweep process samples.
-    study = optuna.load_study(
-        study_name=study_name, storage=storage, pruner=pruner, sampler=RandomSampler()
-    )
-    return Trial(study, trial_id)
-
-
+@dataclasses.dataclass
 class EpochPruning:
     """A fit's ``should_stop`` for a pruned sweep's trial: report the objective of the history
     so far at step = its last epoch, and stop when the trial's pruner says so."""
 
-    def __init__(self, trial: Trial, objective: str):
-        self.trial = trial
-        self.objective = objective
+    trial: Trial
+    objective: str
 
     def __call__(self, history: History) -> bool:
         self.trial.report(history.objective(self.objective), history.epochs[-1].epoch)
@@ -99,18 +83,22 @@ class EpochPruning:
 
 def trial_pruning(cfg: DictConfig, sweeper: DictConfig) -> Callable[[History], bool] | None:
     """The ``should_stop`` of a sweep trial's job (``cfg``: its config; ``sweeper``: the
-    sweep's ``hydra.sweeper``), or None when its sweep does not prune."""
+    sweep's ``hydra.sweeper``), or None when its sweep does not prune. The job reports to its
+    trial, RUNNING in the sweep, through the study's storage (a database URL or a journal file:
+    gradalign.sweep.studies.open_storage), and its study judges it with the sweep's pruner."""
     tracking = cfg.tracking
     if tracking.optuna_storage is None:
         return None
     pruner = build_pruner(OmegaConf.select(sweeper, "pruner"))
     if not prunes(pruner):
         return None
-    trial = open_trial(
-        tracking.optuna_storage,
-        tracking.optuna_study,
-        tracking.optuna_trial,
-        pruner,
-        tracking.store_wait_s,
+    from gradalign.sweep.studies import open_storage  # a pruned trial's job only
+
+    storage = open_storage(tracking.optuna_storage, tracking.store_wait_s)
+    study_id = storage.get_study_id_from_name(tracking.optuna_study)
+    trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, tracking.optuna_trial)
+    # The sampler of the job's copy of the study is never used: the sweep process samples.
+    study = optuna.load_study(
+        study_name=tracking.optuna_study, storage=storage, pruner=pruner, sampler=RandomSampler()
     )
-    return EpochPruning(trial, cfg.objective)
+    return EpochPruning(Trial(study, trial_id), cfg.objective)

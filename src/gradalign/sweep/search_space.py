@@ -16,7 +16,7 @@ own override parser, map to Optuna as hydra-optuna-sweeper documents it:
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from typing import Any
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -93,15 +93,3 @@ def _values(key: str, distribution: BaseDistribution) -> list[Any]:
         )
     count = round((distribution.high - distribution.low) / distribution.step) + 1
     return [distribution.low + i * distribution.step for i in range(count)]
-
-
-def identity_settings(fixed: Mapping[str, str], excluded: Iterable[str]) -> dict[str, str]:
-    """The fixed values that say what a sweep computes: all but the keys under ``excluded``
-    (where and how things run: tracking, paths, ...) and Hydra's own settings."""
-    prefixes = tuple(f"{key}." for key in (*excluded, "hydra"))
-    skipped = {*excluded, "hydra"}
-    return {
-        key: value
-        for key, value in fixed.items()
-        if key.lstrip("+~") not in skipped and not key.lstrip("+~").startswith(prefixes)
-    }

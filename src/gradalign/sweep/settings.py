@@ -40,8 +40,10 @@ def check_sweep(settings: Mapping[str, Any], cfg: DictConfig, arguments: Sequenc
         )
     direction = direction_name(settings.get("direction"))
     if not isinstance(direction, str) or direction not in DIRECTIONS:
+        if OmegaConf.is_config(direction):  # a list of directions, shown as written
+            direction = OmegaConf.to_container(direction)
         raise ConfigError(
-            f"invalid config value hydra.sweeper.direction={_plain(direction)!r}: must be one "
+            f"invalid config value hydra.sweeper.direction={direction!r}: must be one "
             f"of {list(DIRECTIONS)} (a trial has one objective)"
         )
     for key in ("n_trials", "n_jobs"):
@@ -63,10 +65,6 @@ def check_sweep(settings: Mapping[str, Any], cfg: DictConfig, arguments: Sequenc
 def direction_name(direction: Any) -> Any:
     """A direction as its name: hydra-optuna-sweeper's schema gives an Enum."""
     return getattr(direction, "name", direction)
-
-
-def _plain(value: Any) -> Any:
-    return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
 
 
 def _check_storage(storage: Any, study_name: Any, root: str) -> None:
@@ -113,16 +111,12 @@ def search_overrides(params: Mapping[str, Any] | None, arguments: Sequence[str])
     return [*(f"{key!s}={value}" for key, value in (params or {}).items()), *arguments]
 
 
-def _own_key(key: str, cfg: DictConfig) -> bool:
-    """False for appended (+) or deleted (~) keys, Hydra's settings and config group choices
-    (``model=cnn``, ``experiment=seed_note``: composed, not set), which need no check."""
+def own_key(cfg: DictConfig, key: str) -> bool:
+    """Whether a sweep sets ``key`` in ``cfg`` itself: False for appended (+) or deleted (~)
+    keys, Hydra's settings and config group choices (``model=cnn``, ``experiment=seed_note``:
+    composed, not set), which need no check."""
     group = Path(cfg.paths.root) / "conf" / key.replace(".", "/")
     return not key.startswith(("+", "~", "hydra.")) and not group.is_dir()
-
-
-def own_keys(cfg: DictConfig, keys: Sequence[str]) -> list[str]:
-    """The ``keys`` a sweep sets in ``cfg`` itself (see ``_own_key``)."""
-    return [key for key in keys if _own_key(key, cfg)]
 
 
 def check_search_keys(cfg: DictConfig, overrides: Sequence[str]) -> None:
@@ -135,8 +129,8 @@ def check_search_keys(cfg: DictConfig, overrides: Sequence[str]) -> None:
         space = parse(overrides)
     except ValueError as error:
         raise ConfigError(str(error)) from None
-    for key in own_keys(cfg, [*space.distributions, *space.fixed]):
-        if OmegaConf.select(cfg, key, default=_MISSING) is _MISSING:
+    for key in [*space.distributions, *space.fixed]:
+        if own_key(cfg, key) and OmegaConf.select(cfg, key, default=_MISSING) is _MISSING:
             parent = key.rpartition(".")[0]  # the deepest node of the key that exists
             while parent and not isinstance(OmegaConf.select(cfg, parent), DictConfig):
                 parent = parent.rpartition(".")[0]

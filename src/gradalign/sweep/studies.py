@@ -37,7 +37,7 @@ from gradalign import databases, tracking
 from gradalign.config import NOT_HASHED, flatten
 from gradalign.credentials import mask
 from gradalign.schema import Stage, Tag
-from gradalign.sweep.search_space import SearchSpace, identity_settings
+from gradalign.sweep.search_space import SearchSpace
 from gradalign.sweep.settings import SQLITE, check_storage_dir
 
 IDENTITY_ATTR = "gradalign.config"
@@ -122,10 +122,23 @@ def study_identity(cfg: DictConfig, space: SearchSpace) -> dict[str, Any]:
         for key, value in flatten(cfg, (*NOT_HASHED, "hydra")).items()
         if key not in space.distributions
     }
-    settings |= identity_settings(space.fixed, NOT_HASHED)
+    settings |= _computing(space.fixed)
     return {
         "config": settings,
         "search_space": {key: str(d) for key, d in sorted(space.distributions.items())},
+    }
+
+
+def _computing(fixed: Mapping[str, str]) -> dict[str, str]:
+    """The fixed values that say what a sweep computes: all but the keys under
+    ``config.NOT_HASHED`` (where and how things run: tracking, paths, ...) and Hydra's own
+    settings."""
+    skipped = {*NOT_HASHED, "hydra"}
+    prefixes = tuple(f"{key}." for key in skipped)
+    return {
+        key: value
+        for key, value in fixed.items()
+        if key.lstrip("+~") not in skipped and not key.lstrip("+~").startswith(prefixes)
     }
 
 
@@ -178,7 +191,7 @@ def _differences(stored: Mapping[str, Any], current: Mapping[str, Any]) -> list[
     for part in ("config", "search_space"):
         old, new = stored.get(part, {}), current.get(part, {})
         if part == "config":
-            old = identity_settings(old, NOT_HASHED)
+            old = _computing(old)
         for key in sorted(set(old) | set(new)):
             if old.get(key) != new.get(key):
                 label = key if part == "config" else f"search space of {key}"

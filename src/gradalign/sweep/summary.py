@@ -182,7 +182,7 @@ def _new_history(client: Any, parent_run_id: str, summary: SweepSummary) -> list
     return points
 
 
-def record(cfg: DictConfig, parent_run_id: str, study: Study) -> SweepSummary:
+def write_summary(cfg: DictConfig, parent_run_id: str, study: Study) -> SweepSummary:
     """Write ``study``'s summary on the sweep's parent run (see the module docstring), the
     figures also into the sweep directory; the summary."""
     summary = summarize(study)
@@ -213,22 +213,6 @@ def record(cfg: DictConfig, parent_run_id: str, study: Study) -> SweepSummary:
     return summary
 
 
-def start_lines(cfg: DictConfig, parent_run_id: str, n_trials: int) -> list[str]:
-    """What a sweep prints before its first trial: where its outputs go, and its MLflow parent
-    with the link to its trials in the UI (and how to serve the UI of a local store)."""
-    experiment = tracking.connect(cfg.tracking).experiment_id
-    base = tracking.ui_url(cfg.tracking)
-    lines = [
-        f"sweep of {cfg.optimizer.name}: {n_trials} trials, outputs in {cfg.hydra.sweep.dir}",
-        f"MLflow parent run {parent_run_id}, its trials at "
-        f"{tracking.runs_link(base, experiment, sweep_view_key(cfg))}",
-    ]
-    serve = tracking.serve_command(cfg.tracking)
-    if serve is not None and not cfg.tracking.ui_url:
-        lines.append(f"  (serve the UI with: {serve})")
-    return lines
-
-
 def end_line(cfg: DictConfig, parent_run_id: str, summary: SweepSummary | None, status: str) -> str:
     """The line a sweep prints when it ends: its status, trials, best, and the parent's page."""
     experiment = tracking.connect(cfg.tracking).experiment_id
@@ -242,9 +226,20 @@ def end_line(cfg: DictConfig, parent_run_id: str, summary: SweepSummary | None, 
 
 
 def announce(cfg: DictConfig, parent_run_id: str, n_trials: int) -> None:
-    """Print start_lines (a store that fails here is logged: the sweep goes on)."""
+    """Print what a sweep says before its first trial: where its outputs go, and its MLflow
+    parent with the link to its trials in the UI (and how to serve the UI of a local store). A
+    store that fails here is logged: the sweep goes on."""
     try:
-        lines = start_lines(cfg, parent_run_id, n_trials)
+        experiment = tracking.connect(cfg.tracking).experiment_id
+        base = tracking.ui_url(cfg.tracking)
+        lines = [
+            f"sweep of {cfg.optimizer.name}: {n_trials} trials, outputs in {cfg.hydra.sweep.dir}",
+            f"MLflow parent run {parent_run_id}, its trials at "
+            f"{tracking.runs_link(base, experiment, sweep_view_key(cfg))}",
+        ]
+        serve = tracking.serve_command(cfg.tracking)
+        if serve is not None and not cfg.tracking.ui_url:
+            lines.append(f"  (serve the UI with: {serve})")
     except Exception as error:
         log.warning("could not make the sweep's MLflow link: %s", error)
         return
@@ -259,7 +254,7 @@ def finish(
     reason: str | None,
     storage: str | None = None,
 ) -> bool:
-    """The sweep process's last words on its parent run: ``record`` the study's summary (when a
+    """The sweep process's last words on its parent run: write the study's summary (when a
     trial was asked), end the parent with ``status`` unless another process still works in it
     (``storage``: the Optuna database whose lock serialises both, see close_sweep_parent), and
     print end_line (not without ``study``: a sweep its storage stopped counts its trials in its
@@ -267,10 +262,10 @@ def finish(
     user must see. Whether the parent could be written."""
     found = None
 
-    def summarize() -> None:
+    def write() -> None:
         nonlocal found
         try:
-            found = record(cfg, parent_run_id, study)
+            found = write_summary(cfg, parent_run_id, study)
         except Exception as error:
             log.warning(
                 "could not write the sweep's summary on MLflow run %s: %s", parent_run_id, error
@@ -283,7 +278,7 @@ def finish(
             status,
             reason,
             storage=storage,
-            first=summarize if study is not None else None,
+            first=write if study is not None else None,
         )
         if study is not None:
             print(end_line(cfg, parent_run_id, found, RunStatus.to_string(status)), flush=True)

@@ -77,9 +77,9 @@ from gradalign.sweep.studies import (
 )
 from gradalign.sweep.trial import (
     FAILED,
+    PRUNED,
     RUN_ID,
     Outcome,
-    failed,
     record,
     settle,
 )
@@ -90,8 +90,11 @@ STOP_CHILDREN_S = 30.0  # how long an interrupted sweep waits for its workers to
 
 
 class SweepEnded(Exception):
-    """A sweep that ends without a result: printed as its one line (no traceback, no hint to
-    set HYDRA_FULL_ERROR), and the process exits with ``status``."""
+    """A sweep that ends without a result: stopped before its last trial (more trials raised
+    than the failure budget allows, SLURM cancelled jobs, a store stayed down: the message says
+    which and how to resume), or ran but found no usable configuration (every trial diverged).
+    Printed as its one line (no traceback, no hint to set HYDRA_FULL_ERROR), and the process
+    exits with ``status``."""
 
     status = 1
 
@@ -100,15 +103,6 @@ class SweepNotStarted(SweepEnded):
     """Refused before its first trial: an invalid setting, an unusable store."""
 
     status = processes.EXIT_BAD_INPUT
-
-
-class SweepStopped(SweepEnded):
-    """Stopped before its last trial: more trials raised than the failure budget allows, SLURM
-    cancelled jobs, or a store stayed down; the message says which and how to resume."""
-
-
-class SweepFailed(SweepEnded):
-    """The sweep ran but found no usable configuration (every trial diverged)."""
 
 
 def claim_sweep_dir(requested: Path) -> Path:
@@ -159,13 +153,8 @@ class OptunaSweep:
         search_space: Any = None,
         pruner: Any = None,
     ) -> None:
-        self.settings = {
-            "direction": direction,
-            "n_trials": n_trials,
-            "n_jobs": n_jobs,
-            "max_failure_rate": max_failure_rate,
-            "search_space": search_space,  # hydra-optuna-sweeper 1.3's deprecated form
-        }
+        # search_space (hydra-optuna-sweeper 1.3's deprecated form) was refused by check_sweep
+        self.direction = direction
         self.sampler_config, self.seed = sampler, seed
         self.storage, self.study_name = storage, study_name
         self.n_trials, self.n_jobs, self.budget_rate = n_trials, n_jobs, max_failure_rate
@@ -247,12 +236,12 @@ class OptunaSweep:
                 self._check_some_trial_converged()
             except slurm.JobsStopped as error:
                 self._end(RunStatus.KILLED, f"stopped by SLURM: {error}")
-                raise SweepStopped(
+                raise SweepEnded(
                     f"sweep stopped: {error}. Its trials in flight are recorded from their MLflow "
                     f"runs; {self._resume_hint()}"
                 ) from None
             except databases.StoreUnavailable as error:
-                raise SweepStopped(self._store_down(error)) from None
+                raise SweepEnded(self._store_down(error)) from None
             except (KeyboardInterrupt, tracking.Terminated) as error:
                 self._end(RunStatus.KILLED, tracking.interruption_reason(error))
                 raise
@@ -266,7 +255,7 @@ class OptunaSweep:
         ValueError (or StoreUnavailable) with the one line that says what is wrong."""
         # The settings and the search space's keys were checked before the heavy imports
         # (gradalign.sweep.settings.check_sweep, called by the plugin shim).
-        self.settings["direction"] = direction_name(self.settings["direction"])
+        self.direction = direction_name(self.direction)
         self.pruner = build_pruner(self.pruner_config)
         splits = build_dataset(self.config)
         check_trial_config(self.config, splits)
@@ -294,7 +283,7 @@ class OptunaSweep:
                 log.info("pruning: the study is kept in %s", self.job_storage)
                 self.backend = open_storage(self.job_storage, self._wait_s)
             self.study = optuna.create_study(
-                storage=self.backend, direction=self.settings["direction"], **options
+                storage=self.backend, direction=self.direction, **options
             )
             return
         self.backend = self._optuna(lambda: open_storage(self.storage, self._wait_s))
@@ -304,7 +293,7 @@ class OptunaSweep:
                 self.backend,
                 self.storage,
                 self.study_name,
-                [self.settings["direction"]],
+                [self.direction],
                 identity,
                 self._wait_s,
                 **options,
@@ -366,7 +355,7 @@ class OptunaSweep:
             allowed = int(self.budget_rate * self.n_trials)
             if failures > allowed:
                 first = next(o.reason for o in outcomes if o.kind == FAILED)
-                raise SweepStopped(
+                raise SweepEnded(
                     f"sweep stopped: {failures} trials raised, more than "
                     f"hydra.sweeper.max_failure_rate={self.budget_rate:g} of "
                     f"n_trials={self.n_trials} allows ({allowed}); the last batch's first: "
@@ -468,8 +457,8 @@ class OptunaSweep:
         except databases.StoreUnavailable:
             raise  # a store that stays down stops the sweep: every trial would fail
         except Exception as error:
-            return failed(tracking.failure_reason(error))
-        return failed(f"its job returned {value!r}, not an Outcome")
+            return Outcome(FAILED, reason=tracking.failure_reason(error))
+        return Outcome(FAILED, reason=f"its job returned {value!r}, not an Outcome")
 
     def _record(self, pending: Pending, outcome: Outcome) -> None:
         """Record ``outcome`` in both stores: a failed trial's run is ended FAILED if its job
@@ -560,14 +549,13 @@ class OptunaSweep:
         )
 
     def _check_some_trial_converged(self) -> None:
-        """Raise SweepFailed when no trial of the study has a finite objective: every one of
+        """Raise SweepEnded when no trial of the study has a finite objective: every one of
         them diverged, and the sweep found nothing."""
-        trials = self.study.get_trials(deepcopy=False)
-        values = [t.value for t in trials if t.state != TrialState.PRUNED]
-        finite = [v for v in values if v is not None and math.isfinite(v)]
-        if values and not finite:
-            raise SweepFailed(
-                f"sweep failed: all {len(values)} trials diverged (non-finite loss), so there is "
+        found = summary.summarize(self.study)
+        tried = len(found.trials) - found.count(PRUNED)
+        if tried and found.best is None:
+            raise SweepEnded(
+                f"sweep failed: all {tried} trials diverged (non-finite loss), so there is "
                 "no best configuration; narrow the search space (e.g. a lower top of "
                 "optimizer.lr)"
             )

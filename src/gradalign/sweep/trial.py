@@ -71,10 +71,6 @@ class Outcome:
         return attrs
 
 
-def failed(reason: str) -> Outcome:
-    return Outcome(FAILED, reason=reason)
-
-
 def outcome_of_history(history: Any, objective: str) -> Outcome:
     """The outcome of a job that trained ``history`` (a ``training.History``) with objective
     rule ``objective`` (cfg.objective); the job's run ended as ``tracking.Run.finish`` says."""
@@ -97,10 +93,10 @@ def outcome_of_run(run: Any) -> Outcome | None:
             return Outcome(PRUNED, pruned_epoch=int(tags[Tag.PRUNED_EPOCH]))
         if Metric.OBJECTIVE in run.data.metrics:
             return Outcome(COMPLETE, run.data.metrics[Metric.OBJECTIVE])
-        return failed("its MLflow run finished without an objective")
+        return Outcome(FAILED, reason="its MLflow run finished without an objective")
     if status == "FAILED" and tags.get(Tag.DIVERGED) == "true":
         return Outcome(DIVERGED, math.inf, reason or "non-finite objective")
-    return failed(reason or f"its MLflow run ended {status}")
+    return Outcome(FAILED, reason=reason or f"its MLflow run ended {status}")
 
 
 def run_trial(cfg: DictConfig) -> Outcome:
@@ -195,12 +191,14 @@ def settle(
         run_id = find_run(frozen)
         run = client.get_run(run_id) if run_id else None
         if run is None:
-            outcome = failed(force or "its sweep process stopped before the trial's run began")
+            outcome = Outcome(
+                FAILED, reason=force or "its sweep process stopped before the trial's run began"
+            )
         elif run.info.status == "RUNNING":
             owner = run.data.tags.get(Tag.OWNER, "")
             if force is None and not (owner and processes.owner_alive(owner) is False):
                 continue
-            outcome = failed(force or f"interrupted: its process {owner} is gone")
+            outcome = Outcome(FAILED, reason=force or f"interrupted: its process {owner} is gone")
             if not dry_run:
                 client.set_tag(run_id, Tag.FAILURE_REASON, outcome.reason)
                 client.set_terminated(run_id, "KILLED")

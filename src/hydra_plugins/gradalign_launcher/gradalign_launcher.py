@@ -7,7 +7,7 @@ imports the implementation (torch, MLflow) only when a batch is launched.
 """
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -27,14 +27,14 @@ ConfigStore.instance().store(
 )
 
 
+@dataclass
 class StackedLauncher(Launcher):
     """Launches each batch through ``gradalign.sweep.stacked_launcher.launch``, keeping the
     data sets it built for the next batches."""
 
-    def __init__(self) -> None:
-        self.hydra_context: HydraContext | None = None
-        self.config: DictConfig | None = None
-        self.processes: dict[str, Any] = {}  # prepared (device, splits) by data set settings
+    hydra_context: HydraContext | None = None
+    config: DictConfig | None = None
+    processes: dict[str, Any] = field(default_factory=dict)  # (device, splits) by data set
 
     def setup(
         self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig
