@@ -143,7 +143,11 @@ def test_a_sweep_parent_records_no_password(tmp_path):
     cfg = store(tmp_path)
     url = f"postgresql://ci:{SECRET}@h/optuna"
     run_id = tracking.open_sweep_parent(
-        cfg, sweep_id="optuna:s", run_name="p", tags={"t": url}, params={"sweeper.storage": url}
+        tracking.connect(cfg),
+        sweep_id="optuna:s",
+        run_name="p",
+        tags={"t": url},
+        params={"sweeper.storage": url},
     )
     data = MlflowClient(cfg.uri).get_run(run_id).data
     assert data.params["sweeper.storage"] == data.tags["t"] == "postgresql://ci:***@h/optuna"

@@ -20,7 +20,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from optuna.samplers import TPESampler
 from optuna.trial import TrialState
 
-from gradalign import experiment
+from gradalign import experiment, tracking
 from gradalign.components import build_dataset
 from gradalign.schema import Metric
 from gradalign.sweep import search_space, summary
@@ -564,7 +564,8 @@ def test_two_processes_ending_one_study_together_leave_the_newer_count(
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     (tmp_path / "s").mkdir()
     cfg = compose_cfg(f"tracking.uri={uri}", f"hydra.sweep.dir={tmp_path / 's'}", hydra=True)
-    parent_run_id = open_parent(cfg)
+    store = tracking.connect(cfg.tracking)
+    parent_run_id = open_parent(store, cfg)
     study = optuna.create_study()
     for _ in range(2):
         study.tell(study.ask(), state=TrialState.PRUNED)
@@ -578,7 +579,7 @@ def test_two_processes_ending_one_study_together_leave_the_newer_count(
         return draw(*args, **kwargs)
 
     monkeypatch.setattr(summary, "history_figures", slowly)
-    ending = (cfg, parent_run_id, study, RunStatus.FINISHED, None)
+    ending = (store, cfg, parent_run_id, study, RunStatus.FINISHED, None)
     first = threading.Thread(target=summary.finish, args=ending)
     first.start()
     assert drawing.wait(timeout=60)

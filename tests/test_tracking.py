@@ -322,7 +322,7 @@ def test_a_saved_view_is_the_ui_s_own_envelope():
 
 def parent(cfg, sweep_id):
     return tracking.open_sweep_parent(
-        cfg,
+        tracking.connect(cfg),
         sweep_id=sweep_id,
         run_name="sweep",
         tags={"optimizer": "gao"},
@@ -370,15 +370,17 @@ def test_a_sweep_parent_ends_when_its_last_live_owner_leaves(tmp_path):
     alive, gone = processes.owner_token(1), f"{socket.gethostname()}:1:0"  # pid 1 outlives us
     client.set_tag(run_id, "owner.other.1", alive)
     client.set_tag(run_id, "owner.gone.1", gone)
-    assert not tracking.close_sweep_parent(cfg, run_id, RunStatus.FINISHED)
+    assert not tracking.close_sweep_parent(tracking.connect(cfg), run_id, RunStatus.FINISHED)
     run = client.get_run(run_id)
     assert run.info.status == "RUNNING"  # another sweep process still works in it
     assert f"owner.{socket.gethostname()}.{os.getpid()}" not in run.data.tags
     client.set_tag(run_id, "owner.remote.7", "elsewhere:7:1")  # another host: cannot be seen
-    assert not tracking.close_sweep_parent(cfg, run_id, RunStatus.FINISHED)
+    assert not tracking.close_sweep_parent(tracking.connect(cfg), run_id, RunStatus.FINISHED)
     client.delete_tag(run_id, "owner.remote.7")
     client.set_tag(run_id, "owner.other.1", f"{socket.gethostname()}:1:0")  # now gone too
-    assert tracking.close_sweep_parent(cfg, run_id, RunStatus.KILLED, "interrupted")
+    assert tracking.close_sweep_parent(
+        tracking.connect(cfg), run_id, RunStatus.KILLED, "interrupted"
+    )
     run = client.get_run(run_id)
     assert run.info.status == "KILLED" and run.data.tags["failure_reason"] == "interrupted"
     assert parent(cfg, "s") == run_id  # a resumed sweep reopens it

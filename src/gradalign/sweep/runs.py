@@ -49,12 +49,13 @@ def trial_tags(cfg: DictConfig, sweep_dir: str | Path, sweeper: DictConfig) -> d
     return tags
 
 
-def create_trial_run(cfg: DictConfig, parent_run_id: str, number: int) -> str:
+def create_trial_run(
+    store: tracking.Store, cfg: DictConfig, parent_run_id: str, number: int
+) -> str:
     """Create the MLflow run of trial ``number`` of the sweep that ``cfg`` (the sweep process's
     config) runs, RUNNING under its parent and owned by this process until the trial's job
     takes it over (start_run with resume_run_id); its id. Once, whatever the store's faults:
     the trial's number under its sweep is the run's key."""
-    store = tracking.connect(cfg.tracking)
     tags = {
         **trial_tags(cfg, cfg.hydra.sweep.dir, cfg.hydra.sweeper),
         Tag.OPTUNA_TRIAL: str(number),
@@ -106,12 +107,11 @@ def _searched(cfg: DictConfig) -> list[str]:
     return sorted(OmegaConf.select(cfg.hydra.sweeper, "params") or {})
 
 
-def save_sweep_view(cfg: DictConfig) -> None:
+def save_sweep_view(store: tracking.Store, cfg: DictConfig) -> None:
     """Store the saved view of the sweep's trials on the experiment: sorted by objective (best
     first), with the data set and the searched values as columns, its chart view opening on
     the parallel coordinates of the searched values and the objective over every trial; and
     add the searched values to the experiment's view of all runs."""
-    store = tracking.connect(cfg.tracking)
     key = sweep_id(Path(cfg.paths.root), Path(cfg.hydra.sweep.dir), cfg.hydra.sweeper)
     metrics = (Metric.OBJECTIVE, Metric.BEST_VAL_LOSS, Metric.BEST_EPOCH, Metric.TEST_ACC)
     searched = [labels.column("params", k) for k in _searched(cfg)]
@@ -136,7 +136,7 @@ def save_sweep_view(cfg: DictConfig) -> None:
     labels.widen_view(store.client, store.experiment_id, labels.RUNS_VIEW, searched)
 
 
-def open_parent(cfg: DictConfig, study_key: str | None = None) -> str:
+def open_parent(store: tracking.Store, cfg: DictConfig, study_key: str | None = None) -> str:
     """The run id of the MLflow parent run of the sweep that ``cfg`` (the sweep process's
     config, with its ``hydra`` node) runs, opened for this process (see
     ``tracking.open_sweep_parent``, which the Optuna storage of a shared study serialises), with
@@ -154,7 +154,7 @@ def open_parent(cfg: DictConfig, study_key: str | None = None) -> str:
         "best trial and optimisation history are shown here."
     )
     run_id = tracking.open_sweep_parent(
-        cfg.tracking,
+        store,
         sweep_id=key,
         run_name=f"{cfg.optimizer.name} sweep {label}",
         tags={
@@ -166,6 +166,6 @@ def open_parent(cfg: DictConfig, study_key: str | None = None) -> str:
         storage=OmegaConf.select(sweeper, "storage"),
     )
     if study_key is not None:
-        tracking.connect(cfg.tracking).client.set_tag(run_id, Tag.STUDY_KEY, study_key)
-    save_sweep_view(cfg)
+        store.client.set_tag(run_id, Tag.STUDY_KEY, study_key)
+    save_sweep_view(store, cfg)
     return run_id

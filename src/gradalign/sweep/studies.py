@@ -202,17 +202,16 @@ def _differences(stored: Mapping[str, Any], current: Mapping[str, Any]) -> list[
     return found
 
 
-def check_not_merged(tracking_cfg: DictConfig, study: optuna.Study, new: bool, url: str) -> None:
+def check_not_merged(store: tracking.Store, study: optuna.Study, new: bool, url: str) -> None:
     """Raise ValueError if the MLflow store holds a sweep of ``study``'s name that belongs to
     another study: one whose parent carries another study key, or, for a study this sweep has
     just created, a parent with trials already (the storage that held their study was deleted
     or replaced)."""
-    parent = tracking.find_sweep_parent(tracking_cfg, f"optuna:{study.study_name}")
+    parent = tracking.find_sweep_parent(store, f"optuna:{study.study_name}")
     if parent is None:
         return
     key = parent.data.tags.get(Tag.STUDY_KEY)
     if key is None and new:
-        store = tracking.connect(tracking_cfg)
         trial_runs = store.client.search_runs(
             [store.experiment_id],
             tracking.tag_filter(
@@ -226,7 +225,7 @@ def check_not_merged(tracking_cfg: DictConfig, study: optuna.Study, new: bool, u
         return
     raise ValueError(
         f"hydra.sweeper.study_name={study.study_name}: the MLflow store "
-        f"{tracking.tracking_uri(tracking_cfg)} holds a sweep of that name (parent run "
+        f"{store.uri} holds a sweep of that name (parent run "
         f"{parent.info.run_id}) whose Optuna study is not the one in {mask(url)} (that storage "
         "was replaced, or lost the study): point hydra.sweeper.storage at the study's storage, "
         "or use another hydra.sweeper.study_name"

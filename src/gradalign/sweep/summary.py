@@ -182,11 +182,12 @@ def _new_history(client: Any, parent_run_id: str, summary: SweepSummary) -> list
     return points
 
 
-def write_summary(cfg: DictConfig, parent_run_id: str, study: Study) -> SweepSummary:
+def write_summary(
+    store: tracking.Store, cfg: DictConfig, parent_run_id: str, study: Study
+) -> SweepSummary:
     """Write ``study``'s summary on the sweep's parent run (see the module docstring), the
     figures also into the sweep directory; the summary."""
     summary = summarize(study)
-    store = tracking.connect(cfg.tracking)
     client = store.client
     sweep_dir = Path(cfg.hydra.sweep.dir)
     label = parent_label(cfg)
@@ -213,10 +214,15 @@ def write_summary(cfg: DictConfig, parent_run_id: str, study: Study) -> SweepSum
     return summary
 
 
-def end_line(cfg: DictConfig, parent_run_id: str, summary: SweepSummary | None, status: str) -> str:
+def end_line(
+    store: tracking.Store,
+    cfg: DictConfig,
+    parent_run_id: str,
+    summary: SweepSummary | None,
+    status: str,
+) -> str:
     """The line a sweep prints when it ends: its status, trials, best, and the parent's page."""
-    experiment = tracking.connect(cfg.tracking).experiment_id
-    page = tracking.run_link(tracking.ui_url(cfg.tracking), experiment, parent_run_id)
+    page = tracking.run_link(tracking.ui_url(cfg.tracking), store.experiment_id, parent_run_id)
     found = (
         f"{summary.counts_text()}; {best_text(summary)}"
         if summary
@@ -225,17 +231,16 @@ def end_line(cfg: DictConfig, parent_run_id: str, summary: SweepSummary | None, 
     return f"sweep {status}: {found}; MLflow parent {page}"
 
 
-def announce(cfg: DictConfig, parent_run_id: str, n_trials: int) -> None:
+def announce(store: tracking.Store, cfg: DictConfig, parent_run_id: str, n_trials: int) -> None:
     """Print what a sweep says before its first trial: where its outputs go, and its MLflow
     parent with the link to its trials in the UI (and how to serve the UI of a local store). A
     store that fails here is logged: the sweep goes on."""
     try:
-        experiment = tracking.connect(cfg.tracking).experiment_id
         base = tracking.ui_url(cfg.tracking)
         lines = [
             f"sweep of {cfg.optimizer.name}: {n_trials} trials, outputs in {cfg.hydra.sweep.dir}",
             f"MLflow parent run {parent_run_id}, its trials at "
-            f"{tracking.runs_link(base, experiment, sweep_view_key(cfg))}",
+            f"{tracking.runs_link(base, store.experiment_id, sweep_view_key(cfg))}",
         ]
         serve = tracking.serve_command(cfg.tracking)
         if serve is not None and not cfg.tracking.ui_url:
@@ -247,6 +252,7 @@ def announce(cfg: DictConfig, parent_run_id: str, n_trials: int) -> None:
 
 
 def finish(
+    store: tracking.Store,
     cfg: DictConfig,
     parent_run_id: str,
     study: Study | None,
@@ -265,7 +271,7 @@ def finish(
     def write() -> None:
         nonlocal found
         try:
-            found = write_summary(cfg, parent_run_id, study)
+            found = write_summary(store, cfg, parent_run_id, study)
         except Exception as error:
             log.warning(
                 "could not write the sweep's summary on MLflow run %s: %s", parent_run_id, error
@@ -273,7 +279,7 @@ def finish(
 
     try:
         tracking.close_sweep_parent(
-            cfg.tracking,
+            store,
             parent_run_id,
             status,
             reason,
@@ -281,7 +287,10 @@ def finish(
             first=write if study is not None else None,
         )
         if study is not None:
-            print(end_line(cfg, parent_run_id, found, RunStatus.to_string(status)), flush=True)
+            print(
+                end_line(store, cfg, parent_run_id, found, RunStatus.to_string(status)),
+                flush=True,
+            )
     except Exception as error:
         log.warning("could not end the sweep's MLflow parent run %s: %s", parent_run_id, error)
         return False

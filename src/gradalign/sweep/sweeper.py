@@ -173,7 +173,7 @@ class OptunaSweep:
         self.study: Study | None = None
         self.backend: BaseStorage | None = None  # the study's storage, opened
         self.parent_run_id: str | None = None
-        self.store: tracking.Store | None = None  # the MLflow store, once it answered
+        self.store: tracking.Store  # the MLflow store, once it answered (made by _check)
         self.job_storage: str | None = None  # where a pruned sweep's jobs find their study
         self.job_idx = 0
 
@@ -223,10 +223,10 @@ class OptunaSweep:
             if self.storage is not None and (counted.done or counted.running):
                 print(counted.line(self.study.study_name), file=sys.stderr, flush=True)
             key = self.study.user_attrs.get("gradalign.study_key") if self.study_name else None
-            self.parent_run_id = open_parent(self.config, key)
+            self.parent_run_id = open_parent(self.store, self.config, key)
         except (ValueError, databases.StoreUnavailable) as error:
             raise SweepNotStarted(f"{NOT_STARTED}: {error}") from error
-        summary.announce(self.config, self.parent_run_id, counted.left)
+        summary.announce(self.store, self.config, self.parent_run_id, counted.left)
         log.info("Study name: %s", self.study.study_name)
         log.info("Storage: %s", self.storage)  # its password masked (credentials.mask_logs)
         log.info("Sampler: %s", type(self.sampler).__name__)
@@ -299,7 +299,7 @@ class OptunaSweep:
                 **options,
             )
         )
-        check_not_merged(self.config.tracking, self.study, new, self.storage)
+        check_not_merged(self.store, self.study, new, self.storage)
         if prunes(self.pruner):
             self.job_storage = self.storage
 
@@ -401,7 +401,7 @@ class OptunaSweep:
 
     def _create_run(self, trial: Trial) -> str:
         """Create the trial's MLflow run and write its id on the trial."""
-        run_id = create_trial_run(self.config, self.parent_run_id, trial.number)
+        run_id = create_trial_run(self.store, self.config, self.parent_run_id, trial.number)
         self._optuna(lambda: trial.set_user_attr(RUN_ID, run_id))
         return run_id
 
@@ -480,7 +480,9 @@ class OptunaSweep:
         if self.in_flight:
             self._settle_in_flight(reason or "interrupted")
         storage = self.storage if isinstance(self.storage, str) else None
-        summary.finish(self.config, self.parent_run_id, self.study, status, reason, storage)
+        summary.finish(
+            self.store, self.config, self.parent_run_id, self.study, status, reason, storage
+        )
 
     def _store_down(self, error: databases.StoreUnavailable) -> str:
         """End what can be ended after a store stayed down past its wait (``error``): with the
@@ -496,6 +498,7 @@ class OptunaSweep:
             self.in_flight = []  # their trials stay RUNNING in the storage: a resume settles them
             left = self._counted()  # a full disk still reads
             ended = summary.finish(
+                self.store,
                 self.config,
                 self.parent_run_id,
                 None,

@@ -116,10 +116,10 @@ def _parents(store: Store, sweep_id: str) -> list[Any]:
     return sorted(found, key=lambda run: (run.info.start_time, run.info.run_id))
 
 
-def find_sweep_parent(tracking: DictConfig, sweep_id: str) -> Any:
+def find_sweep_parent(store: Store, sweep_id: str) -> Any:
     """The parent run of sweep ``sweep_id`` (the oldest, if processes on several machines made
     one each), or None."""
-    parents = _parents(connect(tracking), sweep_id)
+    parents = _parents(store, sweep_id)
     return parents[0] if parents else None
 
 
@@ -149,7 +149,7 @@ def _parents_lock(
 
 
 def open_sweep_parent(
-    tracking: DictConfig,
+    store: Store,
     *,
     sweep_id: str,
     run_name: str,
@@ -166,7 +166,6 @@ def open_sweep_parent(
     several machines with no such database may each create one, so every process then keeps
     the oldest parent and deletes its own younger duplicate.
     """
-    store = connect(tracking)
     mlflow = store.client
     try:
         with _parents_lock(store, sweep_id, storage):
@@ -191,7 +190,7 @@ def open_sweep_parent(
 
 
 def close_sweep_parent(
-    tracking: DictConfig,
+    store: Store,
     run_id: str,
     status: int,
     failure_reason: str | None = None,
@@ -207,7 +206,6 @@ def close_sweep_parent(
     summary of its study) runs under the same lock, so that the summary read last is the
     summary written last: two processes summarising a shared study at once could otherwise
     write an older count over a newer one."""
-    store = connect(tracking)
     sweep_id = store.client.get_run(run_id).data.tags.get(Tag.SWEEP_ID, run_id)
     try:
         with _parents_lock(store, sweep_id, storage):
