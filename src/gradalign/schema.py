@@ -107,6 +107,9 @@ class Metric:
     TRIALS_DIVERGED: Final = "trials_diverged"  # finished, objective inf (the fit diverged)
     TRIALS_FAILED: Final = "trials_failed"  # raised, or were interrupted
     TRIALS_PRUNED: Final = "trials_pruned"
+    # A report run's comparison <optimizer>/<outcome>/<this>: the p its verdict rests on
+    # (gradalign.report.stats.PairedTest.p), the one the Reports view shows.
+    DECIDING_P: Final = "p_t"
 
 
 class MlflowTag:

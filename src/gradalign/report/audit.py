@@ -64,7 +64,7 @@ def write_audit(settings: StudySettings, name: str, parts: Mapping[str, ReportSe
             for key, c in per_claim.items():
                 stats = {"mean_diff": c.test.mean_diff}
                 if c.verdict != SMOKE:
-                    stats |= {"p_t": c.test.p, "d_z": c.test.d_z}
+                    stats |= {Metric.DECIDING_P: c.test.p, "d_z": c.test.d_z}
                 values |= {f"{part}/{key}/{stat}": value for stat, value in stats.items()}
         verdicts = {
             f"{Tag.VERDICT_PREFIX}{part}/{key}": c.verdict

@@ -105,7 +105,8 @@ class PairedTest:
 
     @property
     def p(self) -> float:
-        """The p value the verdict rests on: the paired t-test's."""
+        """The p value the verdict rests on: the paired t-test's (logged as
+        schema.Metric.DECIDING_P)."""
         return self.p_t
 
 

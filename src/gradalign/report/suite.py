@@ -46,7 +46,7 @@ from gradalign.report.stats import (
     smoke_reason,
 )
 from gradalign.report.summary import provenance, summary_run
-from gradalign.schema import Tag
+from gradalign.schema import Metric, Tag
 
 log = logging.getLogger(__name__)
 MARKDOWN, FIGURE = "suite.md", "suite_forest.png"
@@ -322,7 +322,7 @@ def write_suite(settings: StudySettings, name: str, parts: Mapping[str, ReportSe
                 "relative_diff": e.relative[0],
             }
             if e.result != SMOKE:
-                stats |= {"d_z": e.test.d_z, "p_t": e.test.p, "p_holm": e.p_holm}
+                stats |= {"d_z": e.test.d_z, Metric.DECIDING_P: e.test.p, "p_holm": e.p_holm}
             values |= {f"{e.workload}/{e.optimizer}/{k}": v for k, v in stats.items()}
         smoke = all(e.result == SMOKE for e in found)
         for optimizer, count in tally(found).items():

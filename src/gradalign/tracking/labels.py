@@ -288,12 +288,12 @@ def widen_view(client: Any, experiment_id: str, key: str, columns: Sequence[str]
 
 def verdict_columns(optimizer: str, outcome: str) -> list[str]:
     """The Reports view's columns of one comparison: the effect on the verdict's ``outcome``
-    (the mean paired difference, optimizer - baseline), its confidence interval, the paired t
-    test's p, and the verdict's sentence (the report run's metrics and tags)."""
+    (the mean paired difference, optimizer - baseline), its confidence interval, the p it rests
+    on, and the verdict's sentence (the report run's metrics and tags)."""
     return [
         column("metrics", f"{optimizer}/{outcome}/mean_diff"),
         column("tags", f"{Tag.CI_PREFIX}{optimizer}"),
-        column("metrics", f"{optimizer}/{outcome}/p_t"),
+        column("metrics", f"{optimizer}/{outcome}/{Metric.DECIDING_P}"),
         column("tags", f"{Tag.VERDICT_PREFIX}{optimizer}"),
     ]
 
