@@ -297,8 +297,9 @@ def _unusable(db: Path, error: Exception) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Store:
-    """The MLflow store and experiment a process writes to: made by ``connect`` at the
-    process's entry and passed down, so no caller derives the client or experiment again."""
+    """The MLflow store and experiment a process writes to, made by ``connect`` (its client
+    and experiment once per process). The sweeper makes it in its pre-flight check and passes
+    it to every write of its own; a job and the report call ``connect`` where they start."""
 
     uri: str
     wait_s: float  # how long a call waits for a locked or restarting store (tracking.store_wait_s)
