@@ -35,6 +35,15 @@ NOT_PARAMS = ("paths", "tracking", "parallel", "reference", "dataset.cache_dir")
 # Also left out of the config hash: seeds (the report matches them separately) and execution
 # settings that do not change what a run computes.
 NOT_HASHED = (*NOT_PARAMS, "seed", "trainer.device", "trainer.threads")
+
+
+def hashed(key: str, also: tuple[str, ...] = ()) -> bool:
+    """Whether the dotted key ``key`` (an override's leading + or ~ ignored) says what a run
+    computes: it is under none of NOT_HASHED's keys, nor of ``also``'s."""
+    plain = key.lstrip("+~")
+    return not any(plain == k or plain.startswith(f"{k}.") for k in (*NOT_HASHED, *also))
+
+
 # The configs this process validated (by id, dropped with the config): their text then.
 _VALIDATED: dict[int, str] = {}
 

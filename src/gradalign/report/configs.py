@@ -19,7 +19,7 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from gradalign.config import NOT_HASHED, ConfigError, flatten, validate
+from gradalign.config import ConfigError, flatten, hashed, validate
 from gradalign.hydra_compat import VERSION_BASE
 from gradalign.schema import Param
 
@@ -108,11 +108,8 @@ def compose_optimizer(conf_dir: Path, optimizer: str, overrides: Sequence[str]) 
 
 def run_context(params: Mapping[str, str]) -> dict[str, str]:
     """The logged params of a run that a comparable run must share: hashed and non-optimizer."""
-    unhashed = tuple(f"{key}." for key in NOT_HASHED)
     return {
-        k: v
-        for k, v in params.items()
-        if k not in NOT_HASHED and not k.startswith((*unhashed, Param.OPTIMIZER_PREFIX))
+        k: v for k, v in params.items() if hashed(k) and not k.startswith(Param.OPTIMIZER_PREFIX)
     }
 
 

@@ -34,7 +34,7 @@ from optuna.storages import BaseStorage, JournalStorage, RDBStorage
 from optuna.storages.journal import JournalFileBackend
 
 from gradalign import databases, tracking
-from gradalign.config import NOT_HASHED, flatten
+from gradalign.config import NOT_HASHED, flatten, hashed
 from gradalign.credentials import mask
 from gradalign.schema import Stage, Tag
 from gradalign.sweep.search_space import SearchSpace
@@ -133,13 +133,7 @@ def _computing(fixed: Mapping[str, str]) -> dict[str, str]:
     """The fixed values that say what a sweep computes: all but the keys under
     ``config.NOT_HASHED`` (where and how things run: tracking, paths, ...) and Hydra's own
     settings."""
-    skipped = {*NOT_HASHED, "hydra"}
-    prefixes = tuple(f"{key}." for key in skipped)
-    return {
-        key: value
-        for key, value in fixed.items()
-        if key.lstrip("+~") not in skipped and not key.lstrip("+~").startswith(prefixes)
-    }
+    return {key: value for key, value in fixed.items() if hashed(key, also=("hydra",))}
 
 
 def claim_study(
