@@ -60,6 +60,14 @@ def descendants(pid):
         return []
 
 
+def command_line(process):
+    """``process``'s command line, or "" once it has exited (a zombie has none to read)."""
+    try:
+        return " ".join(process.cmdline())
+    except psutil.Error:
+        return ""
+
+
 def alive(processes):
     left = []
     for process in processes:
@@ -497,7 +505,7 @@ def test_submitit_jobs_whose_sweep_died_before_they_started_stop_within_10_s(tmp
     )
 
     def jobs_starting():
-        return [p for p in descendants(sweep.pid) if "submitit" in " ".join(p.cmdline())]
+        return [p for p in descendants(sweep.pid) if "submitit" in command_line(p)]
 
     jobs = wait_until(jobs_starting, 300, "submitit starting the jobs")
     assert not running_runs(uri, "sweep")  # no job has begun training yet
