@@ -9,8 +9,7 @@ import optuna
 import pytest
 from sqlalchemy.exc import IntegrityError
 
-from gradalign import databases
-from gradalign.sweep import studies
+from gradalign import databases, optuna_storage
 
 
 @pytest.mark.parametrize(
@@ -117,7 +116,7 @@ def _open_after(barrier, url, opener, results):
 
 
 def _lock_and_open(url):
-    studies.open_storage(url, 60)
+    optuna_storage.open_storage(url, 60)
 
 
 def _open_bare(url):

@@ -35,6 +35,7 @@ RANKS = {
     "stacked_adam": 1,
     "training": 2,
     "components": 2,
+    "optuna_storage": 2,
     "progress": 3,
     "stacked": 3,
     "tracking": 3,
@@ -44,7 +45,7 @@ RANKS = {
     "report": 6,
     "doctor": 7,
     "ui": 6,
-    "stores": 7,  # above sweep: it opens Optuna storages as sweeps do
+    "stores": 4,
 }
 PIPELINE_DEPENDENCIES = ("mlflow", "hydra", "optuna", "omegaconf", "scipy", "matplotlib", "mnist1d")
 

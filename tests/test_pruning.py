@@ -32,10 +32,10 @@ from optuna.trial import TrialState
 from gradalign import experiment, processes
 from gradalign.components import build_dataset, build_optimizer
 from gradalign.experiment import seeded_model
+from gradalign.optuna_storage import open_storage
 from gradalign.report.study import StudySweep, trials_left
 from gradalign.schema import Metric, Stage, Tag
 from gradalign.sweep.pruning import JOURNAL, EpochPruning, build_pruner
-from gradalign.sweep.studies import open_storage
 from gradalign.training import History, fit
 
 PRUNERS = {
@@ -285,7 +285,7 @@ def test_study_py_sweeps_with_a_pruner_only_when_asked(tmp_path):
     trial = study.ask()
     trial.report(2.0, 1)
     study.tell(trial, state=TrialState.PRUNED)  # a pruned trial is done: not swept again
-    assert trials_left(storage, [pruned], 5) == {pruned: 3}
+    assert trials_left(open_storage(f"sqlite:///{storage}", 5), [pruned], 5) == {pruned: 3}
 
 
 def test_study_py_refuses_an_unknown_pruner(capsys, monkeypatch):

@@ -14,9 +14,9 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from gradalign import experiment
+from gradalign.optuna_storage import open_storage
 from gradalign.schema import Metric, Stage, Tag
 from gradalign.sweep.pruning import JOURNAL
-from gradalign.sweep.studies import open_storage
 from gradalign.training import History
 
 RTOL = 1e-5

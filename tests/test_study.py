@@ -17,11 +17,14 @@ import optuna
 import pytest
 from helpers import REPO_ROOT, SIGNIFICANCE, runs
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from optuna.storages import InMemoryStorage
 
 from gradalign.checks import UserError
+from gradalign.optuna_storage import open_storage
 from gradalign.report import sweep_progress
 from gradalign.report.settings import add_study_arguments, study_settings_from_args
 from gradalign.report.study import (
+    STORAGE,
     StudySweep,
     named,
     part_settings,
@@ -146,7 +149,7 @@ def test_studies_are_named_so_that_a_person_tells_them_apart(tmp_path):
             for optimizer in report.optimizers:
                 sweep = sweep_of(report, optimizer, part, settings.pruner, settings.parallel)
                 labels.setdefault(sweep, study_label(settings, part))
-        return [s.study_name for s in named(tmp_path / "none.db", labels).values()]
+        return [s.study_name for s in named(InMemoryStorage(), labels).values()]
 
     default = names()
     key = StudySweep("gao", parse().report.overrides_of("gao"), 0, "none", "stacked").key
@@ -158,7 +161,6 @@ def test_studies_are_named_so_that_a_person_tells_them_apart(tmp_path):
     suite = names("--preset", "suite", "--quick")
     assert suite[0].startswith("suite-quick-mnist1d_mlp.adam-")
     assert len(set(default + names("--quick") + audit + suite)) == 2 + 2 + 10 + 15
-    assert not (tmp_path / "none.db").exists()  # naming reads a storage, never makes one
 
 
 def test_a_stored_study_is_found_under_the_name_it_has_and_resumed(tmp_path):
@@ -176,22 +178,23 @@ def test_a_stored_study_is_found_under_the_name_it_has_and_resumed(tmp_path):
     optuna.create_study(study_name=f"seed_note.{adam.key}", storage=url)  # the replica's
     other = StudySweep("adam", (), 0)  # another sweep
     optuna.create_study(study_name=f"x.{other.key}", storage=url)
-    studies = named(storage, {adam: "seed_note_audit-a", gao: "seed_note_audit-a"})
+    opened = open_storage(url, 5)  # as run_study opens it, once
+    studies = named(opened, {adam: "seed_note_audit-a", gao: "seed_note_audit-a"})
     assert studies[gao].study_name == gao.key and studies[gao] == gao
     assert studies[adam].study_name == f"seed_note.{adam.key}"
-    assert trials_left(storage, list(studies.values()), 5) == {adam: 5, gao: 3}
+    assert trials_left(opened, list(studies.values()), 5) == {adam: 5, gao: 3}
     command = studies[gao].command(REPO_ROOT, 3, tmp_path)
     assert f"hydra.sweeper.study_name={gao.key}" in command
     assert studies[gao].sweep_id == f"optuna:{gao.key}"  # where the report finds its trials
-    fresh = named(storage, {StudySweep("gao", (), 5): "default"})
+    fresh = named(opened, {StudySweep("gao", (), 5): "default"})
     assert [s.study_name for s in fresh.values()] == [f"default.{StudySweep('gao', (), 5).key}"]
 
 
 def test_trials_left_counts_the_completed_trials_of_each_stored_study(tmp_path):
-    storage = tmp_path / "optuna.db"
+    storage = open_storage(f"sqlite:///{tmp_path / STORAGE}", 5)
     adam, gao = StudySweep("adam", (), 0), StudySweep("gao", (), 0)
     assert trials_left(storage, [adam, gao], 5) == {adam: 5, gao: 5}
-    study = optuna.create_study(study_name=gao.study_name, storage=f"sqlite:///{storage}")
+    study = optuna.create_study(study_name=gao.study_name, storage=storage)
     for value in (1.0, 2.0):
         study.tell(study.ask(), value)
     study.tell(study.ask(), state=optuna.trial.TrialState.FAIL)  # does not count
@@ -200,10 +203,10 @@ def test_trials_left_counts_the_completed_trials_of_each_stored_study(tmp_path):
     assert trials_left(storage, [gao], 2) == {gao: 0}
     # each sweep started gets the study's budget, not what is missing: the sweep loop runs
     # the missing trials itself (3 here; given n_trials=3 it would run 1)
-    commands = sweep_commands(REPO_ROOT, tmp_path, [adam, gao], 5)
+    commands = sweep_commands(REPO_ROOT, tmp_path, storage, [adam, gao], 5)
     assert [c for c in commands[gao.study_name] if "n_trials" in c] == ["hydra.sweeper.n_trials=5"]
     assert "hydra.sweeper.n_trials=5" in commands[adam.study_name]
-    assert sweep_commands(REPO_ROOT, tmp_path, [adam, gao], 2).keys() == {adam.study_name}
+    assert sweep_commands(REPO_ROOT, tmp_path, storage, [adam, gao], 2).keys() == {adam.study_name}
 
 
 def test_a_failing_sweep_stops_the_others_and_shows_its_log(tmp_path):
@@ -225,10 +228,9 @@ def test_sweep_progress_in_a_log_is_a_few_plain_lines(tmp_path, monkeypatch):
     the time left at the rate of the trials this run saw end."""
     clock = [0.0]
     monkeypatch.setattr(sweep_progress.time, "monotonic", lambda: clock[0])
-    storage, stream = tmp_path / "optuna.db", io.StringIO()
-    progress = sweep_progress.SweepProgress(storage, {"a": 4, "b": 2}, stream)
+    url, stream = f"sqlite:///{tmp_path / STORAGE}", io.StringIO()
+    progress = sweep_progress.SweepProgress(open_storage(url, 5), {"a": 4, "b": 2}, stream)
     progress.update()  # neither sweep has created its study yet
-    url = f"sqlite:///{storage}"
     a = optuna.create_study(study_name="a", storage=url)
     for value in (1.5, 1.2, float("inf")):  # inf: diverged, counted, never the best
         a.tell(a.ask(), value)
@@ -260,7 +262,8 @@ def test_sweep_progress_on_a_terminal_rewrites_one_line_per_sweep(tmp_path):
             return True
 
     stream = Terminal()
-    with sweep_progress.SweepProgress(tmp_path / "optuna.db", {"a": 4, "b": 2}, stream) as shown:
+    storage = open_storage(f"sqlite:///{tmp_path / STORAGE}", 5)
+    with sweep_progress.SweepProgress(storage, {"a": 4, "b": 2}, stream) as shown:
         shown.update()
         shown.update()
     text = stream.getvalue()
@@ -270,13 +273,13 @@ def test_sweep_progress_on_a_terminal_rewrites_one_line_per_sweep(tmp_path):
 
 def test_run_sweeps_shows_each_sweeps_progress_from_its_study(tmp_path, monkeypatch):
     monkeypatch.setattr("gradalign.report.study.PROGRESS_S", 0.0)
-    storage, stream = tmp_path / "optuna.db", io.StringIO()
+    url, stream = f"sqlite:///{tmp_path / STORAGE}", io.StringIO()
     script = (
         "import optuna, time; "
-        f"s = optuna.create_study(study_name='s', storage='sqlite:///{storage}'); "
+        f"s = optuna.create_study(study_name='s', storage='{url}'); "
         "[s.tell(s.ask(), v) for v in (0.3, 0.2)]; time.sleep(1)"
     )
-    progress = sweep_progress.SweepProgress(storage, {"s": 2}, stream, interval_s=0.0)
+    progress = sweep_progress.SweepProgress(open_storage(url, 5), {"s": 2}, stream, interval_s=0.0)
     with progress:
         run_sweeps({"s": [sys.executable, "-c", script]}, tmp_path, jobs=1, progress=progress)
     lines = stream.getvalue().splitlines()

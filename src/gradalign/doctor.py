@@ -37,9 +37,9 @@ from gradalign import processes, tracking
 from gradalign.budget import OWNER
 from gradalign.config import anchored_uri, checkout_config, repo_root
 from gradalign.credentials import MASK, mask
+from gradalign.optuna_storage import open_storage
 from gradalign.schema import Param, Stage, Tag
 from gradalign.sweep.runs import trial_run_finder
-from gradalign.sweep.studies import open_storage
 from gradalign.sweep.trial import COMPLETE, DIVERGED, FAILED, PRUNED, settle
 
 log = logging.getLogger(__name__)

@@ -24,7 +24,7 @@ from collections.abc import Iterable
 from gradalign import databases, tracking
 from gradalign.config import anchored_uri, repo_root
 from gradalign.credentials import mask
-from gradalign.sweep.studies import open_storage
+from gradalign.optuna_storage import open_storage
 
 WAIT_S = 300.0  # default of --wait-s: MLflow's schema takes seconds to make on a loaded server
 

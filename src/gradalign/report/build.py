@@ -163,6 +163,7 @@ def plan(settings: ReportSettings) -> Plan:
                 metric=settings.metric,
                 direction=settings.direction,
                 root=settings.root,
+                wait_s=first.tracking.store_wait_s,
                 overrides=settings.overrides_of(name),
                 sweep_id=given.get(name),
             )

@@ -27,11 +27,13 @@ from pathlib import Path
 import optuna
 from mlflow.entities import Run, ViewType
 from mlflow.tracking import MlflowClient
+from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 
 from gradalign.checks import UserError
 from gradalign.config import anchored_uri
 from gradalign.credentials import MASK
+from gradalign.optuna_storage import open_storage
 from gradalign.report.configs import optimizer_params, run_context, sweep_command
 from gradalign.schema import Metric, Param, Stage, Tag
 from gradalign.tracking import tag_filter
@@ -297,29 +299,34 @@ def _trial_kind(trial: optuna.trial.FrozenTrial) -> str:
     return "failed" if trial.state == TrialState.FAIL else "unfinished"
 
 
-def _stored_trials(sweep: Sweep, root: Path) -> list[optuna.trial.FrozenTrial] | str:
-    """The trials of the sweep's stored Optuna study, or why they cannot be read."""
+def _stored_trials(sweep: Sweep, root: Path, wait_s: float) -> list[optuna.trial.FrozenTrial] | str:
+    """The trials of the sweep's stored Optuna study (its storage opened as the sweep opened
+    it, waiting up to ``wait_s`` for a process creating it), or why they cannot be read."""
     url, name = sweep.param("storage"), sweep.param("study_name")
     url = anchored_uri(url, root).replace(f":{MASK}@", "@")  # libpq: PGPASSWORD, ~/.pgpass
     if url.startswith("sqlite:///") and not Path(url[len("sqlite:///") :]).is_file():
         return f"its storage {url} is gone"
     try:
-        storage = optuna.storages.RDBStorage(url)
+        storage = open_storage(url, wait_s)
         try:
             study_id = storage.get_study_id_from_name(name)
             return storage.get_all_trials(study_id, deepcopy=False)
         finally:
-            storage.engine.dispose()
+            if isinstance(storage, RDBStorage):
+                storage.engine.dispose()  # no connection held while the report trains
     except Exception as error:  # a store that moved, went away, or asks for a password
         return f"its storage {url} cannot be read ({type(error).__name__}: {error})"
 
 
-def trial_kinds(sweep: Sweep, root: Path) -> tuple[list[tuple[str, Run | None]], str]:
+def trial_kinds(
+    sweep: Sweep, root: Path, wait_s: float
+) -> tuple[list[tuple[str, Run | None]], str]:
     """Each trial of ``sweep``: its kind (TRIAL_KINDS) and its MLflow run (None: it has none);
     and where the kinds come from: its Optuna study when stored and readable (``root``
-    anchors a relative SQLite storage), else MLflow (said why)."""
+    anchors a relative SQLite storage; ``wait_s`` as for the MLflow store), else MLflow (said
+    why)."""
     stored = sweep.sweep_id.startswith("optuna:") and sweep.param("storage") is not None
-    trials = _stored_trials(sweep, root) if stored else "its study was not stored"
+    trials = _stored_trials(sweep, root, wait_s) if stored else "its study was not stored"
     if isinstance(trials, str):
         if stored:
             log.warning("sweep %s: trial outcomes read from MLflow: %s", sweep.sweep_id, trials)
@@ -343,6 +350,7 @@ def best_sweep_run(
     metric: str,
     direction: str,
     root: Path,
+    wait_s: float,
     overrides: Sequence[str] = (),
     sweep_id: str | None = None,
 ) -> SweepChoice:
@@ -351,7 +359,7 @@ def best_sweep_run(
     stored) whose run FINISHED with a finite ``metric``. Ties go to the earliest run. Raises
     MissingSweepError when there is no such sweep or no such trial."""
     sweep = select_sweep(sweeps, optimizer, context, sweep_id=sweep_id, overrides=overrides)
-    kinds, source = trial_kinds(sweep, root)
+    kinds, source = trial_kinds(sweep, root, wait_s)
     counts = {kind: sum(k == kind for k, _ in kinds) for kind in TRIAL_KINDS}
     candidates = [
         run

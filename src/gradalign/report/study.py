@@ -28,11 +28,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import optuna
+from optuna.storages import BaseStorage
 
 from gradalign import tracking
 from gradalign.budget import budget
 from gradalign.checks import UserError
 from gradalign.config import hydra_quoted, register_resolvers
+from gradalign.optuna_storage import open_storage
 from gradalign.report.audit import write_audit
 from gradalign.report.build import MARKDOWN, write_report
 from gradalign.report.configs import compose_optimizer, sweep_command
@@ -44,6 +46,7 @@ log = logging.getLogger(__name__)
 TAIL = 40  # lines of a failed sweep's log shown
 PROGRESS_S = 2.0  # how often the sweeps' progress is read from their studies
 STUDIES = "studies"  # under paths.outputs: the Optuna storage and the sweeps' logs and folders
+STORAGE = "optuna.db"  # in STUDIES: every sweep's study
 # The page a study of several parts ends with (StudySettings.summary): each writes every part's
 # report, then its own page, and returns the page.
 SUMMARIES = {"audit": write_audit, "suite": write_suite}
@@ -87,7 +90,7 @@ class StudySweep:
         """The train.py command of the sweep with a budget of ``trials`` (it runs those its
         study misses), its study stored in ``folder``/optuna.db and its outputs in a folder of
         its own there."""
-        storage = f"sqlite:///{folder / 'optuna.db'}"
+        storage = f"sqlite:///{folder / STORAGE}"
         return sweep_command(
             self.optimizer,
             self.overrides,
@@ -110,15 +113,12 @@ def study_label(settings: StudySettings, part: Part) -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "_", "-".join(words))
 
 
-def named(storage: Path, labels: Mapping[StudySweep, str]) -> dict[StudySweep, StudySweep]:
+def named(storage: BaseStorage, labels: Mapping[StudySweep, str]) -> dict[StudySweep, StudySweep]:
     """Each sweep of ``labels`` (sweep -> its study_label) with the name of its study: the one
     it is stored under (its key, for a study stored before labels; ``<label>.<key>`` with the
     label of the study that first needed it: another study's sweep is reused), else
     ``<label>.<key>``, e.g. ``default-quick.gao-1a2b3c4d5e``."""
-    stored: set[str] = set()
-    if storage.exists():
-        opened = optuna.storages.RDBStorage(f"sqlite:///{storage}")
-        stored = {study.study_name for study in opened.get_all_studies()}
+    stored = {study.study_name for study in storage.get_all_studies()}
     result = {}
     for sweep, label in labels.items():
         mine = f"{label}.{sweep.key}"
@@ -162,31 +162,30 @@ def sweep_of(
     return StudySweep(optimizer, report.overrides_of(optimizer), part.sweep_seed, pruner, parallel)
 
 
-def trials_left(storage: Path, sweeps: Sequence[StudySweep], trials: int) -> dict[StudySweep, int]:
+def trials_left(
+    storage: BaseStorage, sweeps: Sequence[StudySweep], trials: int
+) -> dict[StudySweep, int]:
     """How many of its budget of ``trials`` each sweep's stored study still misses: all of
     them for a new study, fewer once some are done (gradalign.budget, as the sweep loop counts
     them); a sweep with none missing is not started. A trial left RUNNING (by a killed sweep)
     is not done: the sweep, started, completes it from MLflow and counts again."""
-    if not storage.exists():
-        return dict.fromkeys(sweeps, trials)
-    opened = optuna.storages.RDBStorage(f"sqlite:///{storage}")  # once: each opening checks it
-    stored = {study.study_name for study in opened.get_all_studies()}
+    stored = {study.study_name for study in storage.get_all_studies()}
     left = {}
     for sweep in sweeps:
         left[sweep] = trials
         if sweep.study_name in stored:
-            study = optuna.load_study(study_name=sweep.study_name, storage=opened)
+            study = optuna.load_study(study_name=sweep.study_name, storage=storage)
             left[sweep] = max(0, trials - budget(study, trials).done)
     return left
 
 
 def sweep_commands(
-    root: Path, folder: Path, sweeps: Sequence[StudySweep], trials: int
+    root: Path, folder: Path, storage: BaseStorage, sweeps: Sequence[StudySweep], trials: int
 ) -> dict[str, list[str]]:
-    """The commands of the ``sweeps`` whose study in ``folder``/optuna.db misses some of its
-    budget of ``trials``, by study name: each with that budget, of which the sweep loop runs
-    the trials missing (a study never grows past its budget by being rerun)."""
-    left = trials_left(folder / "optuna.db", sweeps, trials)
+    """The commands of the ``sweeps`` whose study in ``storage`` (``folder``/optuna.db) misses
+    some of its budget of ``trials``, by study name: each with that budget, of which the sweep
+    loop runs the trials missing (a study never grows past its budget by being rerun)."""
+    left = trials_left(storage, sweeps, trials)
     return {
         sweep.study_name: sweep.command(root, trials, folder)
         for sweep, missing in left.items()
@@ -270,7 +269,9 @@ def run_study(settings: StudySettings) -> Path:
     tracking.connect(first.tracking)
     folder = Path(first.paths.outputs) / STUDIES
     folder.mkdir(parents=True, exist_ok=True)
-    studies = named(folder / "optuna.db", labels)
+    # made here, before any sweep starts, as the sweeps make it: whole, one process at a time
+    storage = open_storage(f"sqlite:///{folder / STORAGE}", first.tracking.store_wait_s)
+    studies = named(storage, labels)
     for part in settings.parts:
         part_report = parts[part.name]
         own = tuple(
@@ -278,12 +279,12 @@ def run_study(settings: StudySettings) -> Path:
             for o in part_report.optimizers
         )  # each part's report takes its best runs from the study's own sweeps
         parts[part.name] = dataclasses.replace(part_report, sweeps=own)
-    commands = sweep_commands(report.root, folder, list(studies.values()), settings.trials)
+    commands = sweep_commands(report.root, folder, storage, list(studies.values()), settings.trials)
     stored = len(studies) - len(commands)
     log.info("study %s: %d sweep(s), %d stored already", name, len(studies), stored)
     start = time.perf_counter()
     budgets = dict.fromkeys(commands, settings.trials)
-    with SweepProgress(folder / "optuna.db", budgets) as progress:
+    with SweepProgress(storage, budgets) as progress:
         run_sweeps(commands, folder, report.jobs, progress)
     swept = time.perf_counter()
     log.info("sweeps: %.1f s", swept - start)

@@ -14,11 +14,11 @@ import math
 import sys
 import time
 from collections.abc import Mapping
-from pathlib import Path
 from typing import TextIO
 
 import optuna
 import sqlalchemy.exc
+from optuna.storages import BaseStorage
 from optuna.study import StudyDirection
 from optuna.trial import TrialState
 from tqdm import tqdm
@@ -40,12 +40,12 @@ def _duration(seconds: float) -> str:
 
 class SweepProgress:
     """The progress of the sweeps ``budgets`` names (Optuna study name -> the trials it runs to,
-    its ``n_trials``) in the SQLite storage ``storage``, written to ``stream`` (stderr) by
+    its ``n_trials``) in the Optuna ``storage``, written to ``stream`` (stderr) by
     ``update`` and ended by ``close``."""
 
     def __init__(
         self,
-        storage: Path,
+        storage: BaseStorage,
         budgets: Mapping[str, int],
         stream: TextIO | None = None,
         interval_s: float = PLAIN_INTERVAL_S,
@@ -59,9 +59,6 @@ class SweepProgress:
         self.shown: dict[str, tuple[int, float]] = {}  # last plain line: (done, when)
         self.bars: dict[str, tqdm] = {}
         self.known: dict[str, tuple[int, float | None]] = {}
-        # Opened (created if new) here, before any sweep starts, so that no sweep races this
-        # reader to create the storage's tables.
-        self.opened = optuna.storages.RDBStorage(f"sqlite:///{storage}")
         self._logging = logging_redirect_tqdm() if self.terminal else None
 
     def __enter__(self) -> SweepProgress:
@@ -84,7 +81,7 @@ class SweepProgress:
 
     def _read(self, name: str) -> tuple[int, float | None]:
         try:
-            study = optuna.load_study(study_name=name, storage=self.opened)
+            study = optuna.load_study(study_name=name, storage=self.storage)
         except KeyError:  # the sweep has not created its study yet
             return 0, None
         trials = study.get_trials(deepcopy=False, states=DONE)
@@ -146,4 +143,3 @@ class SweepProgress:
             self.update(tuple(self.shown) + tuple(self.bars), final=True)
         for bar in self.bars.values():
             bar.close()
-        self.opened.engine.dispose()

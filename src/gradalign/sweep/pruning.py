@@ -85,14 +85,14 @@ def trial_pruning(cfg: DictConfig, sweeper: DictConfig) -> Callable[[History], b
     """The ``should_stop`` of a sweep trial's job (``cfg``: its config; ``sweeper``: the
     sweep's ``hydra.sweeper``), or None when its sweep does not prune. The job reports to its
     trial, RUNNING in the sweep, through the study's storage (a database URL or a journal file:
-    gradalign.sweep.studies.open_storage), and its study judges it with the sweep's pruner."""
+    gradalign.optuna_storage.open_storage), and its study judges it with the sweep's pruner."""
     tracking = cfg.tracking
     if tracking.optuna_storage is None:
         return None
     pruner = build_pruner(OmegaConf.select(sweeper, "pruner"))
     if not prunes(pruner):
         return None
-    from gradalign.sweep.studies import open_storage  # a pruned trial's job only
+    from gradalign.optuna_storage import open_storage  # a pruned trial's job only
 
     storage = open_storage(tracking.optuna_storage, tracking.store_wait_s)
     study_id = storage.get_study_id_from_name(tracking.optuna_study)

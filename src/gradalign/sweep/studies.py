@@ -1,4 +1,4 @@
-"""Optuna studies kept in a storage: opening a storage, and the study a sweep may work in.
+"""Optuna studies kept in a storage: the study a sweep may work in.
 
 A study name is a promise that its trials are comparable: resuming it, or sharing it between
 processes, with another optimizer, model, data set, budget or search space would mix results
@@ -12,9 +12,7 @@ MLflow carries (tag ``optuna_study_key``): a study that is new, or another one o
 (a deleted or replaced storage file), beside an MLflow store that already holds a sweep of that
 name is refused, never merged into the old sweep's parent.
 
-Storages: a database URL (``sqlite:///...``, ``postgresql+psycopg://...``), opened with pooled
-connections checked before use, its schema created once (gradalign.databases), a new SQLite file
-whole or not at all; or a journal file (a pruned sweep without a storage).
+Storages are opened by gradalign.optuna_storage, as every other process that reads them.
 """
 
 from __future__ import annotations
@@ -30,8 +28,7 @@ import optuna
 import optuna.storages._rdb  # where Optuna keeps its schema migrations
 from alembic.script import ScriptDirectory
 from omegaconf import DictConfig
-from optuna.storages import BaseStorage, JournalStorage, RDBStorage
-from optuna.storages.journal import JournalFileBackend
+from optuna.storages import BaseStorage
 
 from gradalign import databases, tracking
 from gradalign.config import NOT_HASHED, flatten, hashed
@@ -81,35 +78,6 @@ def check_storage(url: str, wait_s: float) -> None:
     try:
         databases.check_schema(url, script, "Optuna", f"optuna storage upgrade --storage {url}")
     except databases.StoreUnavailable as error:
-        raise ValueError(f"hydra.sweeper.storage: {error}") from None
-
-
-def _rdb(url: str) -> RDBStorage:
-    """Optuna's storage at the database ``url``, its pooled connections checked before use (a
-    database server that restarted has closed them)."""
-    return RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
-
-
-def _create_rdb(url: str) -> None:
-    _rdb(url).engine.dispose()  # the schema made, no connection left open on the file
-
-
-def open_storage(spec: str, wait_s: float) -> BaseStorage:
-    """The Optuna storage ``spec``: a database URL (its schema created if the database has
-    none, by one process at a time, waiting up to ``wait_s`` for another creator; a new SQLite
-    file made aside and renamed into place), or the path of a journal file."""
-    if "://" not in spec:
-        return JournalStorage(JournalFileBackend(spec))
-    db = databases.sqlite_file(spec)
-
-    def create() -> RDBStorage:
-        if db is not None:
-            databases.created_aside(db, _create_rdb)
-        return _rdb(spec)
-
-    try:
-        return databases.schema_created(spec, create, wait_s)
-    except databases.LockTimeout as error:
         raise ValueError(f"hydra.sweeper.storage: {error}") from None
 
 

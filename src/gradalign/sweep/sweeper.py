@@ -60,6 +60,7 @@ from gradalign.budget import OWNER, Budget, budget
 from gradalign.components import build_dataset
 from gradalign.config import anchored_uri, discard_output_dir, hydra_quoted
 from gradalign.hydra_compat import trusted
+from gradalign.optuna_storage import open_storage
 from gradalign.schema import Tag
 from gradalign.sweep import search_space, slurm, summary
 from gradalign.sweep.checks import check_search_space, check_trial_config
@@ -72,7 +73,6 @@ from gradalign.sweep.studies import (
     check_not_merged,
     check_storage,
     claim_study,
-    open_storage,
     study_identity,
 )
 from gradalign.sweep.trial import (
