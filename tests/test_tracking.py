@@ -543,6 +543,9 @@ def test_a_signal_during_a_store_call_is_delivered_after_it():
         done.append(True)
         return "logged"
 
+    # Python's own Ctrl-C handler, whatever this process inherited (a shell's background job
+    # starts with SIGINT ignored, and Python then installs none)
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: terminated.append(signum))
     try:
         with pytest.raises(KeyboardInterrupt):
@@ -551,6 +554,7 @@ def test_a_signal_during_a_store_call_is_delivered_after_it():
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     finally:
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
 
 
 def dataset_record(name="mnist1d"):
