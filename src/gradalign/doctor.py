@@ -98,7 +98,10 @@ def clean_trials(
         ]
         if not gone:
             continue
-        find = trial_run_finder(tracking_cfg, f"optuna:{summary.study_name}")
+        # connected only if a trial needs a search: connect creates the experiment
+        find = trial_run_finder(
+            lambda: tracking.connect(tracking_cfg), f"optuna:{summary.study_name}"
+        )
         outcomes = settle(study, opened, gone, client, find, dry_run=dry_run)
         for number, outcome in sorted(outcomes.items()):
             state = STATES[outcome.kind]

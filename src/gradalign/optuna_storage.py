@@ -10,6 +10,9 @@ gradalign.databases, so that a plain training run never loads Optuna.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 from optuna.storages import BaseStorage, JournalStorage, RDBStorage
 from optuna.storages.journal import JournalFileBackend
 
@@ -43,3 +46,15 @@ def open_storage(spec: str, wait_s: float) -> BaseStorage:
         return databases.schema_created(spec, create, wait_s)
     except databases.LockTimeout as error:
         raise ValueError(f"hydra.sweeper.storage: {error}") from None
+
+
+@contextlib.contextmanager
+def opened(spec: str, wait_s: float) -> Iterator[BaseStorage]:
+    """``open_storage(spec, wait_s)`` for the block, its pooled connections closed when the block
+    ends (a reader holds none while the report trains after it)."""
+    storage = open_storage(spec, wait_s)
+    try:
+        yield storage
+    finally:
+        if isinstance(storage, RDBStorage):
+            storage.engine.dispose()

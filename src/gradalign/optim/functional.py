@@ -153,13 +153,15 @@ def slice_scales(
         means = scale.expand(len(grads), n_models)
     else:
         per_slice = cosine_scales(products, min_scale, eps).split(slices)
-        sums = torch.stack([s.view(n_models, -1).sum(1) for s in per_slice])
-        if mean_sums is not None:  # sharded, so one model: (parameters, 1) as one row
+        if mean_sums is None:
+            means = torch.stack([s.view(n_models, -1).mean(1) for s in per_slice])
+        else:  # sharded, so one model: add the shards' sums, then divide by the rows
+            sums = torch.stack([s.view(n_models, -1).sum(1) for s in per_slice])
             sums = sum_over_shards(sums.view(1, -1), mean_sums).view(-1, 1)
-        counts = [
-            math.prod(shape[stack_dims:lead]) for shape, lead in zip(shapes, leads, strict=True)
-        ]
-        means = sums / torch.tensor(counts, dtype=sums.dtype, device=sums.device).view(-1, 1)
+            counts = [
+                math.prod(shape[stack_dims:lead]) for shape, lead in zip(shapes, leads, strict=True)
+            ]
+            means = sums / torch.tensor(counts, dtype=sums.dtype, device=sums.device).view(-1, 1)
     scales = [
         s.view(tuple(g.shape[:lead]) + (1,) * (g.dim() - lead))
         for s, g, lead in zip(per_slice, grads, leads, strict=True)

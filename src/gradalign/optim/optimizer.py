@@ -477,12 +477,13 @@ class GradientAlignmentOptimizer(Optimizer):
 
     def _align(self, batch: _Batch) -> Scales:
         """Update the EMAs, record ``last_scales`` and return the parameters' scales."""
-        params = self._params()
-        device = batch.grads[0].device if batch.grads else params[0].device if params else None
         if not batch.params:  # no gradient at all: every scale NaN, as for each absent one
+            params = self._params()
+            device = params[0].device if params else None
             models = stack_shape(params, self.stack_dims) or ()
             self._record(torch.empty((0, *models), device=device), [], batch.n_params, device)
             return Scales(None, [])
+        device = batch.grads[0].device
         emas = batch.emas  # in the EMA's dtype: float32 for low-precision parameters
         grads = [
             g if g.dtype == m.dtype else g.to(m.dtype)

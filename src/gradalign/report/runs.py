@@ -27,13 +27,12 @@ from pathlib import Path
 import optuna
 from mlflow.entities import Run, ViewType
 from mlflow.tracking import MlflowClient
-from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 
 from gradalign.checks import UserError
 from gradalign.config import anchored_uri
 from gradalign.credentials import MASK
-from gradalign.optuna_storage import open_storage
+from gradalign.optuna_storage import opened
 from gradalign.report.configs import optimizer_params, run_context, sweep_command
 from gradalign.schema import Metric, Param, Stage, Tag
 from gradalign.tracking import tag_filter
@@ -307,13 +306,9 @@ def _stored_trials(sweep: Sweep, root: Path, wait_s: float) -> list[optuna.trial
     if url.startswith("sqlite:///") and not Path(url[len("sqlite:///") :]).is_file():
         return f"its storage {url} is gone"
     try:
-        storage = open_storage(url, wait_s)
-        try:
+        with opened(url, wait_s) as storage:
             study_id = storage.get_study_id_from_name(name)
             return storage.get_all_trials(study_id, deepcopy=False)
-        finally:
-            if isinstance(storage, RDBStorage):
-                storage.engine.dispose()  # no connection held while the report trains
     except Exception as error:  # a store that moved, went away, or asks for a password
         return f"its storage {url} cannot be read ({type(error).__name__}: {error})"
 

@@ -34,7 +34,7 @@ from gradalign import tracking
 from gradalign.budget import budget
 from gradalign.checks import UserError
 from gradalign.config import hydra_quoted, register_resolvers
-from gradalign.optuna_storage import open_storage
+from gradalign.optuna_storage import opened
 from gradalign.report.audit import write_audit
 from gradalign.report.build import MARKDOWN, write_report
 from gradalign.report.configs import compose_optimizer, sweep_command
@@ -270,22 +270,25 @@ def run_study(settings: StudySettings) -> Path:
     folder = Path(first.paths.outputs) / STUDIES
     folder.mkdir(parents=True, exist_ok=True)
     # made here, before any sweep starts, as the sweeps make it: whole, one process at a time
-    storage = open_storage(f"sqlite:///{folder / STORAGE}", first.tracking.store_wait_s)
-    studies = named(storage, labels)
-    for part in settings.parts:
-        part_report = parts[part.name]
-        own = tuple(
-            studies[sweep_of(part_report, o, part, settings.pruner, settings.parallel)].sweep_id
-            for o in part_report.optimizers
-        )  # each part's report takes its best runs from the study's own sweeps
-        parts[part.name] = dataclasses.replace(part_report, sweeps=own)
-    commands = sweep_commands(report.root, folder, storage, list(studies.values()), settings.trials)
-    stored = len(studies) - len(commands)
-    log.info("study %s: %d sweep(s), %d stored already", name, len(studies), stored)
-    start = time.perf_counter()
-    budgets = dict.fromkeys(commands, settings.trials)
-    with SweepProgress(storage, budgets) as progress:
-        run_sweeps(commands, folder, report.jobs, progress)
+    url = f"sqlite:///{folder / STORAGE}"
+    with opened(url, first.tracking.store_wait_s) as storage:
+        studies = named(storage, labels)
+        for part in settings.parts:
+            part_report = parts[part.name]
+            own = tuple(
+                studies[sweep_of(part_report, o, part, settings.pruner, settings.parallel)].sweep_id
+                for o in part_report.optimizers
+            )  # each part's report takes its best runs from the study's own sweeps
+            parts[part.name] = dataclasses.replace(part_report, sweeps=own)
+        commands = sweep_commands(
+            report.root, folder, storage, list(studies.values()), settings.trials
+        )
+        stored = len(studies) - len(commands)
+        log.info("study %s: %d sweep(s), %d stored already", name, len(studies), stored)
+        start = time.perf_counter()
+        budgets = dict.fromkeys(commands, settings.trials)
+        with SweepProgress(storage, budgets) as progress:
+            run_sweeps(commands, folder, report.jobs, progress)
     swept = time.perf_counter()
     log.info("sweeps: %.1f s", swept - start)
     if len(parts) == 1:

@@ -9,6 +9,7 @@ sweep directory.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -69,16 +70,17 @@ def create_trial_run(
     return store.client.create_run_once(store.experiment_id, tags=tags, run_name=name, key=key)
 
 
-def trial_run_finder(tracking_cfg: DictConfig, key: str) -> Any:
+def trial_run_finder(store_of: Callable[[], tracking.Store], key: str) -> Any:
     """``find(trial)``: the MLflow run id of a trial (a FrozenTrial) of sweep ``key`` (its
     sweep_id): its user attr ``mlflow_run_id``, else (trials of older sweeps) the run tagged with
-    its number in the sweep; None if it has none."""
+    its number in the sweep, searched in the store ``store_of()`` gives (asked only then); None
+    if it has none."""
     from gradalign.sweep.trial import RUN_ID
 
     def find(trial: Any) -> str | None:
         if RUN_ID in trial.user_attrs:
             return trial.user_attrs[RUN_ID]
-        store = tracking.connect(tracking_cfg)
+        store = store_of()
         tags = {Tag.SWEEP_ID: key, Tag.STAGE: Stage.SWEEP, Tag.OPTUNA_TRIAL: str(trial.number)}
         found = store.client.search_runs(
             [store.experiment_id], tracking.tag_filter(tags), max_results=1

@@ -315,7 +315,7 @@ class OptunaSweep:
                 for trial in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
                 if processes.owner_alive(trial.user_attrs.get(OWNER, "")) is False
             ]
-            find = trial_run_finder(self.config.tracking, f"optuna:{self.study_name}")
+            find = trial_run_finder(lambda: self.store, f"optuna:{self.study_name}")
             client = self.store.client
             done = settle(self.study, self.backend, gone, client, find)
             done |= self._fail_unowned("its sweep process stopped before it took the trial")
